@@ -1,0 +1,68 @@
+# Red Dwarf. `make demo` and `make test` set up everything they need on a fresh Debian 12 machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+APT_PACKAGES := lxc debootstrap mariadb-server mariadb-client mariadb-backup tgt libiscsi-bin \
+	e2fsprogs zstd sysbench iproute2 rsync memcached
+PROTOS := $(wildcard protos/reddwarf/v1/*.proto)
+GEN_STAMP := gen/reddwarf/v1/.stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup apt venv gen test test-fast demo demo-stop bench chaos lint clean
+
+setup: apt venv gen $(VENV)/.installed
+
+# apt-get only when something is missing, so a warm machine pays nothing.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  systemctl disable --now mariadb tgt memcached >/dev/null 2>&1 || true; \
+	fi
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+venv: $(VENV)/bin/python
+	@$(PY) -c 'import grpc_tools, mypy_protobuf' 2>/dev/null || $(PIP) install -q grpcio-tools mypy-protobuf googleapis-common-protos
+
+# Generated code is not committed: it is produced here from protos/ and imported as reddwarf.v1.
+gen: venv $(GEN_STAMP)
+$(GEN_STAMP): $(PROTOS)
+	rm -rf gen && mkdir -p gen
+	$(PY) tools/gen_protos.py
+	touch $@
+
+$(VENV)/.installed: pyproject.toml setup.py $(GEN_STAMP)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Local loop: everything but the slow end-to-end tests.
+test-fast: setup
+	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m reddwarf.client.demo up
+
+demo-stop:
+	$(PY) -m reddwarf.client.demo down
+
+bench: setup
+	$(PY) -m bench.run
+
+chaos: setup
+	$(VENV)/bin/pytest tests/chaos --chaos-full
+
+lint: setup
+	$(VENV)/bin/ruff check common server hostd agent clients tests bench
+	$(VENV)/bin/mypy common server hostd agent clients
+
+clean:
+	rm -rf $(VENV) gen build *.egg-info

@@ -1,0 +1,1 @@
+"""Red Dwarf clients."""

@@ -1,0 +1,225 @@
+"""The control server's state: SQLAlchemy 2 models for every table (SQLite, MariaDB or PostgreSQL).
+
+This module is the state contract the server's modules share, as the protos are between processes.
+Schema changes go through an Alembic migration in server/migrations. Secrets are never stored in
+clear: tokens and enrollment tokens are kept as SHA-256 hashes; root passwords are not kept at all.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, BigInteger, String, Text, \
+    UniqueConstraint, Index
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(255), default="")
+    quota_instances: Mapped[int] = mapped_column(Integer, default=10)
+    quota_memory_mb: Mapped[int] = mapped_column(BigInteger, default=32768)
+    quota_volume_gb: Mapped[int] = mapped_column(BigInteger, default=200)
+    quota_backups: Mapped[int] = mapped_column(Integer, default=50)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    # hex SHA-256 of the secret; the secret itself is shown once and never stored.
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(String(255), default="")
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Flavor(Base):
+    __tablename__ = "flavors"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(255))
+    memory_mb: Mapped[int] = mapped_column(BigInteger)
+    swap_mb: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_shares: Mapped[int] = mapped_column(Integer, default=1024)
+    cpu_limit_millicores: Mapped[int] = mapped_column(Integer, default=0)
+    max_processes: Mapped[int] = mapped_column(Integer, default=512)
+    max_open_files: Mapped[int] = mapped_column(Integer, default=0)
+    io_weight: Mapped[int] = mapped_column(Integer, default=500)
+    io_iops: Mapped[int] = mapped_column(Integer, default=0)
+    io_bytes_per_sec: Mapped[int] = mapped_column(BigInteger, default=0)
+    default_volume_gb: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class Datastore(Base):
+    __tablename__ = "datastores"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    default_version: Mapped[str] = mapped_column(String(64))
+
+
+class DatastoreVersion(Base):
+    __tablename__ = "datastore_versions"
+    __table_args__ = (UniqueConstraint("datastore_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    datastore_id: Mapped[str] = mapped_column(ForeignKey("datastores.id", ondelete="CASCADE"))
+    version: Mapped[str] = mapped_column(String(64))
+    packages: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(255))
+    # "up", "down", "draining"
+    state: Mapped[str] = mapped_column(String(16), default="up")
+    container_driver: Mapped[str] = mapped_column(String(32), default="")
+    volume_driver: Mapped[str] = mapped_column(String(32), default="")
+    memory_mb_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    storage_gb_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    storage_gb_free: Mapped[int] = mapped_column(BigInteger, default=0)
+    containers: Mapped[int] = mapped_column(Integer, default=0)
+    memory_overcommit: Mapped[float] = mapped_column(Float, default=0.0)
+    storage_overcommit: Mapped[float] = mapped_column(Float, default=0.0)
+    last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (UniqueConstraint("tenant_id", "request_id"), Index("ix_instances_tenant", "tenant_id"))
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    display_name: Mapped[str] = mapped_column(String(255))
+    # The stored status: BUILD/ACTIVE/... as the InstanceStatus enum names. The status users see is
+    # derived from it, the running task and the guest's heartbeat (see server/instances.py).
+    status: Mapped[str] = mapped_column(String(32), default="BUILD")
+    flavor_id: Mapped[str] = mapped_column(ForeignKey("flavors.id"))
+    volume_size_gb: Mapped[int] = mapped_column(Integer)
+    datastore: Mapped[str] = mapped_column(String(64))
+    datastore_version: Mapped[str] = mapped_column(String(64))
+    host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    address: Mapped[str] = mapped_column(String(255), default="")
+    port: Mapped[int] = mapped_column(Integer, default=0)
+    task_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    fault_message: Mapped[str] = mapped_column(Text, default="")
+    fault_details: Mapped[str] = mapped_column(Text, default="")
+    fault_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Last GuestHealth as protobuf JSON (MessageToDict), and when it arrived.
+    health: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    health_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    root_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    restored_from: Mapped[str] = mapped_column(String(36), default="")
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The create request's initial databases/users, kept until prepare ran (passwords are dropped then).
+    create_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_state_lease", "state", "lease_expires"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # "instances/{id}" / "backups/{id}"
+    resource: Mapped[str] = mapped_column(String(128), index=True)
+    # "pending", "running", "succeeded", "failed", "cancelled"
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    current_step: Mapped[str] = mapped_column(String(64), default="")
+    # [{"step": str, "state": str, "started": iso, "finished": iso|None, "detail": str}]
+    steps: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # What the steps need and what they produced (host chosen, container id, ...); never secrets.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    progress_percent: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    fault_message: Mapped[str] = mapped_column(Text, default="")
+    fault_details: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class Backup(Base):
+    __tablename__ = "backups"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    display_name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str] = mapped_column(Text, default="")
+    # NEW, BUILDING, SAVING, COMPLETED, FAILED, DELETE_FAILED
+    status: Mapped[str] = mapped_column(String(16), default="NEW")
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("backups.id"), nullable=True)
+    kind: Mapped[str] = mapped_column(String(16), default="full")
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    datastore: Mapped[str] = mapped_column(String(64), default="")
+    datastore_version: Mapped[str] = mapped_column(String(64), default="")
+    # [{"table": "db.t", "checksum": int}]
+    checksums: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    to_lsn: Mapped[str] = mapped_column(String(32), default="")
+    location: Mapped[str] = mapped_column(String(1024), default="")
+    verify_status: Mapped[str] = mapped_column(String(16), default="NOT_VERIFIED")
+    verify_detail: Mapped[str] = mapped_column(Text, default="")
+    fault_message: Mapped[str] = mapped_column(Text, default="")
+    fault_details: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class BackupSchedule(Base):
+    __tablename__ = "backup_schedules"
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    interval_seconds: Mapped[int] = mapped_column(BigInteger)
+    keep: Mapped[int] = mapped_column(Integer)
+    full_every: Mapped[int] = mapped_column(Integer, default=1)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    next_run: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Certificate(Base):
+    __tablename__ = "certificates"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    identity: Mapped[str] = mapped_column(String(255), index=True)  # spiffe://reddwarf/{role}/{id}
+    role: Mapped[str] = mapped_column(String(32))
+    subject_id: Mapped[str] = mapped_column(String(128))
+    not_after: Mapped[dt.datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    revoke_reason: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    used_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AgentCommand(Base):
+    """Commands sent to guest agents: so a replay after a reconnect or a server restart reuses the id."""
+    __tablename__ = "agent_commands"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # "sent", "succeeded", "failed"
+    state: Mapped[str] = mapped_column(String(16), default="sent")
+    # Serialized CommandResult (never carries passwords: root credentials are not persisted).
+    result: Mapped[bytes | None] = mapped_column(nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
