@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(GEN_STAMP)
 	touch $@
 
 test: setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	REDDWARF_LEAK_CHECK=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Local loop: everything but the slow end-to-end tests.
 test-fast: setup

@@ -1,0 +1,59 @@
+"""`make bench`: runs every benchmark module in bench/ and writes their figures to docs/BENCHMARKS.md.
+
+Each benchmark is a module runnable as `python -m bench.<name>` that prints a markdown section (a heading,
+a table with our figure next to the baseline measured in the same run, and the target). This runner adds
+the date, the machine and the exact command, so every figure in the file says how it was produced.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+
+BENCHMARKS = [
+    ("hostd_bench", "containers and volumes: hostd vs raw lxc-copy/lxc-start and truncate/mkfs/mount"),
+    ("provision_bench", "create→ACTIVE vs the raw floor"),
+    ("agent_streams", "1,000 agent streams on one server"),
+    ("backup_bench", "backup/restore MB/s vs raw mariadb-backup"),
+    ("gateway_bench", "REST gateway overhead vs gRPC"),
+    ("isolation_bench", "noisy neighbour and container vs bare"),
+]
+
+
+def main() -> int:
+    only = set(sys.argv[1:])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = os.cpu_count()
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    sections = [
+        "# Red Dwarf benchmarks\n",
+        f"Produced by `make bench` on {now}; machine: {platform.platform()}, {cpu} CPUs, {mem_gb:.0f} GiB. "
+        "Every figure sits next to a baseline measured in the same run, because these machines are noisy.\n",
+    ]
+    failed = 0
+    for name, what in BENCHMARKS:
+        if only and name not in only:
+            continue
+        path = os.path.join(root, "bench", f"{name}.py")
+        if not os.path.exists(path):
+            sections.append(f"## {what}\n\nNot written yet (`bench/{name}.py` is missing).\n")
+            continue
+        cmd = [sys.executable, "-m", f"bench.{name}"]
+        print(f"== {name}", flush=True)
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=3600)
+        print(proc.stdout[-4000:], proc.stderr[-2000:], sep="\n", flush=True)
+        body = proc.stdout.strip() if proc.returncode == 0 else (
+            f"## {what}\n\nFAILED (exit {proc.returncode}):\n\n```\n{proc.stderr.strip()[-1500:]}\n```")
+        failed += proc.returncode != 0
+        sections.append(f"{body}\n\nCommand: `.venv/bin/python -m bench.{name}` (run by `make bench`), {now}.\n")
+    os.makedirs(os.path.join(root, "docs"), exist_ok=True)
+    with open(os.path.join(root, "docs", "BENCHMARKS.md"), "w") as f:
+        f.write("\n".join(sections))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
