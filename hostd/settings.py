@@ -1,0 +1,82 @@
+"""hostd's one typed settings object: loaded once at start (flags / JSON file), passed down everywhere."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    """Bridge-mode networking: hostd owns one bridge and hands out addresses from a pool."""
+
+    name: str = "rdbr0"
+    # CIDR of the bridge; the first host address is the bridge (gateway), containers get the rest.
+    cidr: str = "10.77.0.0/24"
+    # Network namespace the bridge lives in ("" = the host's); tests use a namespace of their own.
+    netns: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host_id: str = "local"
+    listen_address: str = "127.0.0.1:7443"
+    # Everything hostd persists (JSON state, host-side volume mounts). Default derived from host_id.
+    state_dir: str = ""
+    # lxcpath of this hostd's containers: each hostd (and each test) its own container namespace.
+    lxc_path: str = "/var/lib/reddwarf/lxc"
+    # lxcpath where OS templates are built once and shared by every hostd on the machine.
+    template_lxc_path: str = "/var/lib/reddwarf/templates"
+    # Where loop volume files live (may be shared storage for migration between hosts).
+    storage_path: str = "/var/lib/reddwarf/volumes"
+    # Wheelhouse the template's agent venv is installed from (pip download on the host).
+    wheelhouse: str = "/var/cache/reddwarf/wheelhouse"
+    # Default template name; "" means the recipe-hash name from reddwarf.hostd.template.
+    template: str = ""
+    container_prefix: str = "rd-"
+    container_driver: str = "lxc"
+    volume_driver: str = "loop"
+    # Host-mode mysqld ports are allocated from [port_min, port_max].
+    port_min: int = 33060
+    port_max: int = 33999
+    bridge: BridgeSettings = field(default_factory=BridgeSettings)
+    # mTLS: this hostd's certificate/key, the CA bundle and an optional CRL (PEM).
+    cert_path: str = ""
+    key_path: str = ""
+    ca_path: str = ""
+    crl_path: str = ""
+    # iSCSI target (tgtd) control: IQN prefix and portal.
+    iscsi_iqn_prefix: str = "iqn.2024-01.reddwarf"
+    iscsi_portal: str = "127.0.0.1:3260"
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.state_dir:
+            object.__setattr__(self, "state_dir", f"/var/lib/reddwarf/hostd/{self.host_id}")
+
+    @property
+    def volumes_mount_dir(self) -> str:
+        """Host-side mount points of attached volumes (then bind-mounted into containers)."""
+        return os.path.join(self.state_dir, "mnt")
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.state_dir, "state.json")
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> Settings:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown hostd settings: {sorted(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("bridge"), dict):
+            values["bridge"] = BridgeSettings(**values["bridge"])
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> Settings:
+        with open(path) as f:
+            data = json.load(f)
+        return replace(cls.from_mapping(data), **overrides)
