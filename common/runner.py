@@ -97,11 +97,13 @@ async def run_async(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ch
 
 async def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
                 stdout: int | None = subprocess.DEVNULL,
-                stderr: int | None = subprocess.DEVNULL) -> asyncio.subprocess.Process:
+                stderr: int | None = subprocess.DEVNULL,
+                stdin: int | None = subprocess.DEVNULL) -> asyncio.subprocess.Process:
     """Starts a long-running child (a daemon an agent supervises): logged like `run`, but not awaited.
-    The caller owns the process: it must wait for it, and kill it on shutdown."""
+    The caller owns the process: it must wait for it, and kill it on shutdown. stdin/stdout may be pipe
+    fds, so streaming pipelines (mariadb-backup | zstd) are built from spawned children."""
     full_env = None if env is None else {**os.environ, **env}
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=stdout,
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout,
                                                 stderr=stderr, env=full_env, cwd=cwd)
     log.info("spawned argv=%s pid=%s", shlex.join(argv), proc.pid)
     return proc
