@@ -173,7 +173,7 @@ class ContainerDriver(abc.ABC):
     def exec(self, cid: str, argv: list[str], timeout: int) -> ExecResult: ...
 
     @abc.abstractmethod
-    def set_mount(self, cid: str, mount: VolumeMount | None) -> None:
+    def set_mount(self, cid: str, mount: VolumeMount | None, limits: Limits | None = None) -> None:
         """Sets (or clears) the data volume's bind mount; takes effect at the next start."""
 
     @abc.abstractmethod

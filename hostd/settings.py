@@ -35,6 +35,10 @@ class Settings:
     # Default template name; "" means the recipe-hash name from reddwarf.hostd.template.
     template: str = ""
     container_prefix: str = "rd-"
+    # PID 1 of every container; "" = the guest agent (firstboot.INIT_CMD). Tests use a stand-in.
+    agent_init_cmd: str = ""
+    # Address reported for host-mode containers (where the instance's mysqld is reachable).
+    advertise_address: str = "127.0.0.1"
     container_driver: str = "lxc"
     volume_driver: str = "loop"
     # Host-mode mysqld ports are allocated from [port_min, port_max].

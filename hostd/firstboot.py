@@ -1,0 +1,97 @@
+"""FirstBoot: what hostd writes into a new container's root filesystem so its guest agent can start.
+
+The agreed file format (the agent engineer reads exactly this):
+
+  /etc/reddwarf/agent.json   mode 0600, root-owned, a JSON object with keys
+      server_address     str   the control server's agent endpoint, "host:port"
+      ca_pem_path        str   "/etc/reddwarf/ca.pem" (the deployment CA, PEM, mode 0644)
+      enrollment_token   str   one-time token; the agent makes its own key and sends a CSR with it
+      instance_id        str   the instance uuid this agent serves
+      heartbeat_seconds  int   seconds between heartbeats (default 10 when the request says 0)
+      mysql_port         int   port mysqld must listen on (host mode: allocated by hostd per container)
+      datadir            str   where the data volume is mounted, default "/var/lib/mysql"
+      state_dir          str   "/var/lib/reddwarf-agent" (the agent's own key, cert, and state)
+      bind_address       str   the address mysqld should bind ("0.0.0.0" in bridge mode, "127.0.0.1"
+                               or the host's address in host mode)
+
+  /opt/reddwarf/lib/reddwarf/{agent,common,v1}/   the agent code, copied from the host's installed
+      packages (no reddwarf/__init__.py: a namespace package). Run with PYTHONPATH=/opt/reddwarf/lib by
+      /opt/reddwarf/venv/bin/python (the template's venv holds grpcio, protobuf, pymysql, ... at the
+      host's versions): `python -m reddwarf.agent.main --config /etc/reddwarf/agent.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+from .containers import Bootstrap
+
+AGENT_JSON = "etc/reddwarf/agent.json"
+CA_PEM = "etc/reddwarf/ca.pem"
+LIB_DIR = "opt/reddwarf/lib"
+AGENT_STATE_DIR = "/var/lib/reddwarf-agent"
+AGENT_PACKAGES = ("agent", "common", "v1")
+DEFAULT_HEARTBEAT = 10
+INIT_CMD = "/opt/reddwarf/venv/bin/python -m reddwarf.agent.main --config /etc/reddwarf/agent.json"
+INIT_ENV = ("PYTHONPATH=/opt/reddwarf/lib", "PYTHONUNBUFFERED=1")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server_address: str
+    ca_pem_path: str
+    enrollment_token: str
+    instance_id: str
+    heartbeat_seconds: int
+    mysql_port: int
+    datadir: str
+    state_dir: str
+    bind_address: str
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def agent_config(bootstrap: Bootstrap, mysql_port: int, datadir: str, bind_address: str) -> AgentConfig:
+    return AgentConfig(server_address=bootstrap.server_address, ca_pem_path="/" + CA_PEM,
+                       enrollment_token=bootstrap.enrollment_token, instance_id=bootstrap.instance_id,
+                       heartbeat_seconds=bootstrap.heartbeat_seconds or DEFAULT_HEARTBEAT,
+                       mysql_port=mysql_port, datadir=datadir, state_dir=AGENT_STATE_DIR,
+                       bind_address=bind_address)
+
+
+def _package_dir(sub: str) -> str | None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"reddwarf.{sub}")
+    except ImportError:
+        return None
+    return os.path.dirname(mod.__file__) if getattr(mod, "__file__", None) else None
+
+
+def write_firstboot(rootfs_upper: str, config: AgentConfig, ca_pem: str) -> None:
+    """Writes the bootstrap and the agent code into `rootfs_upper` (the container's own layer)."""
+    etc = os.path.join(rootfs_upper, "etc/reddwarf")
+    os.makedirs(etc, mode=0o755, exist_ok=True)
+    ca_path = os.path.join(rootfs_upper, CA_PEM)
+    with open(ca_path, "w") as f:
+        f.write(ca_pem)
+    os.chmod(ca_path, 0o644)
+    path = os.path.join(rootfs_upper, AGENT_JSON)
+    # Created 0600 from the start: the enrollment token is never world-readable, not even briefly.
+    fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(config.to_json())
+    os.replace(path + ".tmp", path)
+    lib = os.path.join(rootfs_upper, LIB_DIR, "reddwarf")
+    os.makedirs(lib, exist_ok=True)
+    for sub in AGENT_PACKAGES:
+        src = _package_dir(sub)
+        if src is None:
+            continue  # the agent package may not exist yet on a development host
+        shutil.copytree(src, os.path.join(lib, sub), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".stamp"))
+    os.makedirs(os.path.join(rootfs_upper, AGENT_STATE_DIR.lstrip("/")), mode=0o700, exist_ok=True)
