@@ -1,0 +1,457 @@
+"""Backups and restores of the local mysqld: mariadb-backup's xbstream, compressed by zstd, hashed, streamed.
+
+The bytes never rest in the guest on the way out (mariadb-backup | zstd | SHA-256 | upload), and on the way
+back every stream is hashed and compared with the digest the server recorded BEFORE anything touches the
+datadir. A failed restore puts the previous datadir back and starts mysqld on it again.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import pymysql
+from reddwarf.common import runner
+from reddwarf.common.errors import FailedPrecondition, Internal, InvalidArgument, RedDwarfError
+from reddwarf.common.log import bind
+from reddwarf.common.names import quote_ident
+from reddwarf.v1 import agent_pb2, database_pb2
+
+log = logging.getLogger("reddwarf.agent.backup")
+
+# gRPC's default message limit is 4 MiB; 1 MiB chunks keep the stream responsive and the overhead small.
+CHUNK_BYTES = 1 << 20
+SYSTEM_DATABASES = ("mysql", "information_schema", "performance_schema", "sys")
+_LSN_RE = re.compile(r"^[0-9]{1,20}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+
+Upload = Callable[[AsyncIterator[agent_pb2.BackupChunk]], Awaitable[agent_pb2.UploadBackupResponse]]
+Download = Callable[[str], AsyncIterator[agent_pb2.BackupChunk]]
+Progress = Callable[[int, str, int], Awaitable[None]]
+
+
+class BackupIntegrityError(FailedPrecondition):
+    """A stored backup's bytes are not the bytes that were backed up (Trove's silent bad restore)."""
+
+
+@dataclass(frozen=True)
+class MysqlAccess:
+    """How to reach the local mysqld. The password is passed to tools only in a 0600 option file."""
+    socket: str
+    user: str
+    password: str
+    datadir: str
+    defaults_file: str = ""
+
+    def __repr__(self) -> str:  # never print the password
+        return f"MysqlAccess(socket={self.socket!r}, user={self.user!r}, datadir={self.datadir!r})"
+
+
+@dataclass(frozen=True)
+class BackupSettings:
+    """Tuning knobs; the agent's settings object fills them."""
+    zstd_level: int = 1
+    zstd_threads: int = 0  # 0 = one per core
+    backup_timeout: float = 6 * 3600.0
+    prepare_timeout: float = 6 * 3600.0
+    # Where restores download and prepare; default: beside the datadir (same filesystem: moves are renames).
+    work_dir: str = ""
+    progress_interval: float = 1.0
+
+
+@dataclass
+class _Pipeline:
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    async def kill(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        for proc in self.procs:
+            with contextlib.suppress(Exception):
+                await proc.wait()
+
+
+def _tail(path: str, limit: int = 1500) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _validate_backup_id(backup_id: str, field_name: str = "backup_id") -> str:
+    if not isinstance(backup_id, str) or not _ID_RE.match(backup_id):
+        raise InvalidArgument("backup id must be 1..64 letters, digits, '-' or '_'", field=field_name)
+    return backup_id
+
+
+def _dir_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _proc_read_bytes(pid: int) -> int:
+    """Bytes a child has read so far (/proc/<pid>/io rchar): zstd's input, i.e. the raw xbstream size."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+class BackupRunner:
+    """Makes and restores backups of one local mysqld."""
+
+    def __init__(self, access: MysqlAccess, stop_mysqld: Callable[[], Awaitable[None]],
+                 start_mysqld: Callable[[], Awaitable[None]], settings: BackupSettings | None = None) -> None:
+        self.access = access
+        self.stop_mysqld = stop_mysqld
+        self.start_mysqld = start_mysqld
+        self.settings = settings or BackupSettings()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _work_parent(self) -> str:
+        return self.settings.work_dir or os.path.dirname(os.path.abspath(self.access.datadir))
+
+    def _write_option_file(self, tmp: str) -> str:
+        """A 0600 option file with the credentials (never argv): includes the instance's my.cnf if any."""
+        path = os.path.join(tmp, "client.cnf")
+        lines = []
+        if self.access.defaults_file:
+            lines.append(f"!include {self.access.defaults_file}")
+        for group in ("client", "mariadb-backup"):
+            lines += [f"[{group}]", f"user={self.access.user}", f"socket={self.access.socket}"]
+            if self.access.password:
+                lines.append(f"password={self.access.password}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return path
+
+    def _connect(self) -> pymysql.connections.Connection:
+        return pymysql.connect(unix_socket=self.access.socket, user=self.access.user,
+                               password=self.access.password, autocommit=True, connect_timeout=10)
+
+    # ------------------------------------------------------------------ checksums
+
+    def _table_checksums_sync(self) -> list[database_pb2.TableChecksum]:
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT TABLE_SCHEMA, TABLE_NAME FROM information_schema.TABLES "
+                    "WHERE TABLE_TYPE = 'BASE TABLE' AND TABLE_SCHEMA NOT IN (%s, %s, %s, %s) "
+                    "ORDER BY TABLE_SCHEMA, TABLE_NAME", SYSTEM_DATABASES)
+                tables = [(str(s), str(t)) for s, t in cur.fetchall()]
+                out = []
+                for schema, table in tables:
+                    # Identifiers come from the server's own catalog; quoted all the same.
+                    cur.execute(f"CHECKSUM TABLE {quote_ident(schema)}.{quote_ident(table)}")
+                    row = cur.fetchone()
+                    value = int(row[1]) if row and row[1] is not None else 0
+                    # CHECKSUM TABLE is unsigned 64-bit; the proto field is int64.
+                    if value >= 1 << 63:
+                        value -= 1 << 64
+                    out.append(database_pb2.TableChecksum(table=f"{schema}.{table}", checksum=value))
+                return out
+        finally:
+            conn.close()
+
+    async def table_checksums(self) -> list[database_pb2.TableChecksum]:
+        """CHECKSUM TABLE of every non-system base table, sorted by "db.table"."""
+        try:
+            return await asyncio.to_thread(self._table_checksums_sync)
+        except pymysql.MySQLError as exc:
+            raise FailedPrecondition(f"cannot take table checksums: {exc}") from exc
+
+    def _version_sync(self) -> str:
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT VERSION()")
+                row = cur.fetchone()
+                return str(row[0]).split("-")[0] if row else ""
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ backup
+
+    async def backup(self, backup_id: str, incremental_from_lsn: str, upload: Upload,
+                     progress: Progress) -> agent_pb2.BackupResult:
+        """Streams a full (or, given the parent's to_lsn, incremental) backup to `upload`.
+
+        The last chunk carries the SHA-256 only when both mariadb-backup and zstd succeeded, so a failed
+        or cut-off backup can never be committed by the server."""
+        _validate_backup_id(backup_id)
+        if incremental_from_lsn and not _LSN_RE.match(incremental_from_lsn):
+            raise InvalidArgument("incremental_from_lsn must be a decimal LSN", field="incremental_from_lsn")
+        blog = bind(log, {"backup": backup_id})
+        tmp = tempfile.mkdtemp(prefix=f"reddwarf-backup-{backup_id}-")
+        pipeline = _Pipeline()
+        digest = hashlib.sha256()
+        sent = 0
+        started = time.monotonic()
+        try:
+            version = await asyncio.to_thread(self._version_sync)
+            # Checksums just before the copy: equal to the backup's point in time when no writes run
+            # meanwhile (the verify step compares them with a restored copy).
+            checksums = await self.table_checksums()
+            option_file = self._write_option_file(tmp)
+            lsn_dir = os.path.join(tmp, "lsn")
+            os.mkdir(lsn_dir)
+            argv = ["mariadb-backup", f"--defaults-file={option_file}", "--backup", "--stream=xbstream",
+                    f"--datadir={self.access.datadir}", f"--target-dir={os.path.join(tmp, 'target')}",
+                    f"--extra-lsndir={lsn_dir}", f"--tmpdir={tmp}"]
+            if incremental_from_lsn:
+                argv.append(f"--incremental-lsn={incremental_from_lsn}")
+            total_estimate = max(1, await asyncio.to_thread(_dir_size, self.access.datadir))
+            err_path = os.path.join(tmp, "mariadb-backup.log")
+            zerr_path = os.path.join(tmp, "zstd.log")
+            read_fd, write_fd = os.pipe()
+            try:
+                with open(err_path, "wb") as err_f, open(zerr_path, "wb") as zerr_f:
+                    pipeline.procs.append(await runner.spawn(argv, stdout=write_fd, stderr=err_f.fileno()))
+                    pipeline.procs.append(await runner.spawn(
+                        ["zstd", "-q", "-c", f"-{self.settings.zstd_level}", f"-T{self.settings.zstd_threads}"],
+                        stdin=read_fd, stdout=subprocess.PIPE, stderr=zerr_f.fileno()))
+            finally:
+                os.close(read_fd)
+                os.close(write_fd)
+            mb, zstd = pipeline.procs
+            assert zstd.stdout is not None
+            zout = zstd.stdout
+            await progress(0, "backup started", 0)
+
+            async def chunks() -> AsyncIterator[agent_pb2.BackupChunk]:
+                nonlocal sent
+                first = True
+                buf = bytearray()
+                last_report = time.monotonic()
+                while True:
+                    data = await zout.read(CHUNK_BYTES)
+                    if data:
+                        buf += data
+                        if len(buf) < CHUNK_BYTES:
+                            continue
+                    if not buf and data:
+                        continue
+                    if buf:
+                        payload = bytes(buf)
+                        buf.clear()
+                        digest.update(payload)
+                        sent += len(payload)
+                        yield agent_pb2.BackupChunk(backup_id=backup_id if first else "", data=payload)
+                        first = False
+                        now = time.monotonic()
+                        if now - last_report >= self.settings.progress_interval:
+                            last_report = now
+                            raw = _proc_read_bytes(zstd.pid)
+                            await progress(min(99, int(raw * 100 / total_estimate)), "backing up", raw)
+                    if not data:
+                        break
+                rc_mb = await asyncio.wait_for(mb.wait(), self.settings.backup_timeout)
+                rc_z = await zstd.wait()
+                if rc_mb != 0:
+                    raise Internal(f"mariadb-backup exited {rc_mb}: {_tail(err_path)}")
+                if rc_z != 0:
+                    raise Internal(f"zstd exited {rc_z}: {_tail(zerr_path)}")
+                # Only now, with every byte produced successfully, does the stream say it is complete.
+                yield agent_pb2.BackupChunk(backup_id=backup_id if first else "", data=b"",
+                                            sha256=digest.hexdigest())
+
+            gen = chunks()
+            try:
+                response = await asyncio.wait_for(upload(gen), self.settings.backup_timeout)
+            finally:
+                await gen.aclose()
+            sha = digest.hexdigest()
+            if response.sha256 != sha or response.size_bytes != sent:
+                raise Internal(f"the server stored {response.size_bytes} bytes with SHA-256 {response.sha256}, "
+                               f"the agent sent {sent} bytes with SHA-256 {sha}")
+            to_lsn = _parse_checkpoints(os.path.join(lsn_dir, "xtrabackup_checkpoints")).get("to_lsn", "")
+            if not to_lsn:
+                raise Internal("mariadb-backup wrote no to_lsn in xtrabackup_checkpoints")
+            await progress(100, "backup complete", sent)
+            blog.info("backup done size=%s sha256=%s seconds=%.1f incremental=%s", sent, sha,
+                      time.monotonic() - started, bool(incremental_from_lsn))
+            return agent_pb2.BackupResult(size_bytes=sent, sha256=sha, checksums=checksums, to_lsn=to_lsn,
+                                          datastore_version=version)
+        except RedDwarfError:
+            raise
+        except TimeoutError as exc:
+            raise Internal(f"backup {backup_id} timed out") from exc
+        except (OSError, pymysql.MySQLError) as exc:
+            raise Internal(f"backup {backup_id} failed: {exc}") from exc
+        finally:
+            await pipeline.kill()
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ restore
+
+    async def _download_verified(self, backup_id: str, expected: str, path: str, download: Download) -> int:
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "wb") as f:
+            async for chunk in download(backup_id):
+                if chunk.data:
+                    digest.update(chunk.data)
+                    size += len(chunk.data)
+                    await asyncio.to_thread(f.write, chunk.data)
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise BackupIntegrityError(
+                f"backup {backup_id} is corrupt: expected SHA-256 {expected}, the stored stream has {actual}; "
+                "nothing was restored", field="sha256")
+        return size
+
+    async def _extract(self, archive: str, dest: str, tmp: str) -> None:
+        os.makedirs(dest)
+        pipeline = _Pipeline()
+        zerr, xerr = os.path.join(tmp, "unzstd.log"), os.path.join(tmp, "mbstream.log")
+        read_fd, write_fd = os.pipe()
+        try:
+            with open(zerr, "wb") as zf, open(xerr, "wb") as xf, open(archive, "rb") as src:
+                try:
+                    pipeline.procs.append(await runner.spawn(["zstd", "-q", "-d", "-c"], stdin=src.fileno(),
+                                                             stdout=write_fd, stderr=zf.fileno()))
+                    pipeline.procs.append(await runner.spawn(["mbstream", "-x", "-C", dest], stdin=read_fd,
+                                                             stderr=xf.fileno()))
+                finally:
+                    os.close(read_fd)
+                    os.close(write_fd)
+            rcs = [await asyncio.wait_for(p.wait(), self.settings.prepare_timeout) for p in pipeline.procs]
+            if rcs[0] != 0:
+                raise Internal(f"zstd -d exited {rcs[0]}: {_tail(zerr)}")
+            if rcs[1] != 0:
+                raise Internal(f"mbstream -x exited {rcs[1]}: {_tail(xerr)}")
+        finally:
+            await pipeline.kill()
+
+    async def restore(self, backup_ids: Sequence[str], sha256s: Sequence[str], download: Download,
+                      progress: Progress) -> None:
+        """Replaces the datadir with the given chain (full first, then incrementals in order)."""
+        if not backup_ids:
+            raise InvalidArgument("at least one backup id is required", field="backup_ids")
+        if len(backup_ids) != len(sha256s):
+            raise InvalidArgument("one sha256 per backup id is required", field="sha256")
+        for i, (bid, sha) in enumerate(zip(backup_ids, sha256s)):
+            _validate_backup_id(bid, f"backup_ids[{i}]")
+            if not _SHA_RE.match(sha or ""):
+                raise InvalidArgument("sha256 must be 64 lowercase hex digits", field=f"sha256[{i}]")
+        rlog = bind(log, {"backup": backup_ids[-1]})
+        work_parent = self._work_parent()
+        tmp = tempfile.mkdtemp(prefix="reddwarf-restore-", dir=work_parent)
+        datadir = os.path.abspath(self.access.datadir)
+        try:
+            # 1. Download and verify every stream first: a corrupt one stops us before any change.
+            archives = []
+            n = len(backup_ids)
+            for i, (bid, sha) in enumerate(zip(backup_ids, sha256s)):
+                path = os.path.join(tmp, f"{i:03d}-{bid}.xbstream.zst")
+                size = await self._download_verified(bid, sha, path, download)
+                archives.append(path)
+                await progress(int(30 * (i + 1) / n), f"downloaded and verified {bid}", size)
+            # 2. Extract and prepare outside the datadir.
+            dirs = []
+            for i, path in enumerate(archives):
+                dest = os.path.join(tmp, f"x{i:03d}")
+                await self._extract(path, dest, tmp)
+                os.unlink(path)  # keep disk use to one copy of the data
+                dirs.append(dest)
+            await progress(45, "extracted", 0)
+            full = dirs[0]
+            await runner.run_async(["mariadb-backup", "--prepare", f"--target-dir={full}"],
+                                   timeout=self.settings.prepare_timeout)
+            for inc in dirs[1:]:
+                await runner.run_async(["mariadb-backup", "--prepare", f"--target-dir={full}",
+                                        f"--incremental-dir={inc}"], timeout=self.settings.prepare_timeout)
+                shutil.rmtree(inc, ignore_errors=True)
+            await progress(70, "prepared", 0)
+            # 3. Swap the datadir, keeping the old one until mysqld runs on the new.
+            await self._swap_datadir(full, datadir, tmp, rlog)
+            await progress(100, "restore complete", 0)
+        except RedDwarfError:
+            raise
+        except runner.CommandError as exc:
+            raise Internal(f"restore failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise Internal("restore timed out") from exc
+        except OSError as exc:
+            raise Internal(f"restore failed: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def _swap_datadir(self, prepared: str, datadir: str, tmp: str, rlog: logging.LoggerAdapter) -> None:
+        st = os.stat(datadir)
+        aside = os.path.join(tmp, "previous-datadir")
+        os.mkdir(aside)
+        await self.stop_mysqld()
+        moved: list[str] = []
+        try:
+            # Entry by entry, so a datadir that is a volume's mount point works too.
+            for name in os.listdir(datadir):
+                shutil.move(os.path.join(datadir, name), os.path.join(aside, name))
+                moved.append(name)
+            same_fs = os.stat(prepared).st_dev == st.st_dev
+            await runner.run_async(["mariadb-backup", "--move-back" if same_fs else "--copy-back",
+                                    f"--target-dir={prepared}", f"--datadir={datadir}"],
+                                   timeout=self.settings.prepare_timeout)
+            await asyncio.to_thread(_chown_tree, datadir, st.st_uid, st.st_gid)
+            await self.start_mysqld()
+        except BaseException:
+            rlog.warning("restore failed; putting the previous datadir back")
+            for name in os.listdir(datadir):
+                p = os.path.join(datadir, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(p)
+            for name in moved:
+                shutil.move(os.path.join(aside, name), os.path.join(datadir, name))
+            with contextlib.suppress(Exception):
+                await self.start_mysqld()
+            raise
+
+
+def _chown_tree(path: str, uid: int, gid: int) -> None:
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, gid)
+
+
+def _parse_checkpoints(path: str) -> dict[str, str]:
+    """xtrabackup_checkpoints: `backup_type = full-backuped`, `from_lsn = 0`, `to_lsn = 123`, ..."""
+    out: dict[str, str] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, sep, value = line.partition("=")
+                if sep:
+                    out[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return out
