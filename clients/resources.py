@@ -1,0 +1,158 @@
+"""Request building shared by the sync and asyncio clients: resource names and the request messages.
+
+Both clients accept bare ids ("abc") or full resource names ("instances/abc") wherever a resource is named,
+so a value copied from any output works as input.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from reddwarf.v1 import admin_pb2 as apb
+from reddwarf.v1 import common_pb2 as cpb
+from reddwarf.v1 import database_pb2 as pb
+
+from .config import ClientConfig
+
+# Instances reach these and stay there unless someone acts; wait_for stops on them.
+FAILED_STATUSES = frozenset({pb.ERROR, pb.FAILED})
+
+
+@dataclass(frozen=True)
+class DatabaseSpec:
+    name: str
+    character_set: str = ""
+    collation: str = ""
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    name: str
+    password: str = field(repr=False)
+    host: str = "%"
+    databases: tuple[str, ...] = ()
+
+
+def resource(collection: str, ident: str) -> str:
+    """"x" -> "instances/x"; "instances/x" stays as it is."""
+    prefix = collection + "/"
+    return ident if ident.startswith(prefix) else prefix + ident
+
+
+def instance_name(ident: str) -> str:
+    return resource("instances", ident)
+
+
+def user_name(instance: str, user: str, host: str = "%") -> str:
+    if user.startswith("instances/"):
+        return user
+    at = user if "@" in user else f"{user}@{host}"
+    return f"{instance_name(instance)}/users/{at}"
+
+
+def database_name(instance: str, database: str) -> str:
+    if database.startswith("instances/"):
+        return database
+    return f"{instance_name(instance)}/databases/{database}"
+
+
+def short_id(name: str) -> str:
+    """"instances/abc" -> "abc"."""
+    return name.rsplit("/", 1)[-1]
+
+
+def instance_status(status: str | int) -> int:
+    """Accepts "ACTIVE" or pb.ACTIVE."""
+    if isinstance(status, int):
+        return status
+    try:
+        return pb.InstanceStatus.Value(status.upper())
+    except ValueError:
+        raise ValueError(f"unknown instance status {status!r}; one of "
+                         + ", ".join(pb.InstanceStatus.keys()[1:])) from None
+
+
+def status_name(status: int) -> str:
+    return pb.InstanceStatus.Name(status)
+
+
+def _database(d: str | DatabaseSpec | cpb.Database) -> cpb.Database:
+    if isinstance(d, cpb.Database):
+        return d
+    if isinstance(d, str):
+        return cpb.Database(database=d)
+    return cpb.Database(database=d.name, character_set=d.character_set, collation=d.collation)
+
+
+def _user(u: UserSpec | cpb.User) -> cpb.User:
+    if isinstance(u, cpb.User):
+        return u
+    return cpb.User(user=u.name, password=u.password, host=u.host, databases=list(u.databases))
+
+
+def create_instance_request(name: str, flavor: str, size_gb: int, *,
+                            databases: Iterable[str | DatabaseSpec | cpb.Database] = (),
+                            users: Iterable[UserSpec | cpb.User] = (), datastore: str = "",
+                            datastore_version: str = "", restore_from: str | None = None,
+                            request_id: str = "") -> pb.CreateInstanceRequest:
+    return pb.CreateInstanceRequest(
+        instance=pb.Instance(display_name=name, flavor=flavor, volume=pb.Volume(size_gb=size_gb),
+                             datastore=datastore, datastore_version=datastore_version),
+        databases=[_database(d) for d in databases], users=[_user(u) for u in users],
+        restore_from_backup=resource("backups", restore_from) if restore_from else "",
+        request_id=request_id)
+
+
+def create_database_request(instance: str, database: str | DatabaseSpec | cpb.Database
+                            ) -> pb.CreateDatabaseRequest:
+    return pb.CreateDatabaseRequest(parent=instance_name(instance), database=_database(database))
+
+
+def create_user_request(instance: str, user: UserSpec | cpb.User) -> pb.CreateUserRequest:
+    return pb.CreateUserRequest(parent=instance_name(instance), user=_user(user))
+
+
+def update_user_request(instance: str, user: str, host: str = "%", *, password: str | None = None,
+                        new_user: str | None = None, new_host: str | None = None) -> pb.UpdateUserRequest:
+    return pb.UpdateUserRequest(name=user_name(instance, user, host), password=password or "",
+                                new_user=new_user or "", new_host=new_host or "")
+
+
+def create_backup_request(instance: str, name: str, description: str = "",
+                          parent: str | None = None) -> pb.CreateBackupRequest:
+    return pb.CreateBackupRequest(backup=pb.Backup(
+        display_name=name, description=description, instance=instance_name(instance),
+        parent=resource("backups", parent) if parent else ""))
+
+
+def quota(instances: int | None = None, memory_mb: int | None = None, volume_gb: int | None = None,
+          backups: int | None = None, base: apb.Quota | None = None) -> apb.Quota:
+    """A Quota with the given limits changed from base (-1 = unlimited)."""
+    q = apb.Quota()
+    if base is not None:
+        q.CopyFrom(base)
+    for key, value in (("instances", instances), ("memory_mb", memory_mb), ("volume_gb", volume_gb),
+                       ("backups", backups)):
+        if value is not None:
+            setattr(q, key, value)
+    return q
+
+
+def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
+    def read(path: str | None) -> bytes | None:
+        return Path(path).expanduser().read_bytes() if path else None
+    return grpc.ssl_channel_credentials(root_certificates=read(config.ca), private_key=read(config.key),
+                                        certificate_chain=read(config.cert))
+
+
+def channel_options(config: ClientConfig) -> Sequence[tuple[str, str | int]]:
+    options: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if config.server_name:
+        options.append(("grpc.ssl_target_name_override", config.server_name))
+    return options
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()

@@ -1,0 +1,352 @@
+"""The synchronous SDK: typed calls over the generated stubs, SDK exceptions instead of grpc.RpcError.
+
+    from reddwarf.client import Client
+    with Client.from_env() as rd:                      # ~/.config/reddwarf/config.yaml or REDDWARF_*
+        inst = rd.create_instance("shop", "small", 2, databases=["shop"])
+        rd.wait_for(inst.id, "ACTIVE", timeout=600)
+
+Results are the proto messages (reddwarf.v1.database_pb2 / admin_pb2). List methods follow every page.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Self, TypeVar
+
+import grpc
+from google.protobuf import message as _message
+from reddwarf.v1 import admin_pb2 as apb
+from reddwarf.v1 import admin_pb2_grpc as apb_grpc
+from reddwarf.v1 import common_pb2 as cpb
+from reddwarf.v1 import database_pb2 as pb
+from reddwarf.v1 import database_pb2_grpc as pb_grpc
+
+from . import resources as r
+from .config import ClientConfig, load_config
+from .errors import InstanceFailed, InstanceGone, Unimplemented, WaitTimeout, from_rpc_error
+
+M = TypeVar("M", bound=_message.Message)
+
+
+class Client:
+    """One channel to the control server. Thread-safe like the grpc channel it wraps."""
+
+    def __init__(self, config: ClientConfig, *, channel: grpc.Channel | None = None) -> None:
+        self.config = config
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.secure_channel(
+            config.endpoint, r.channel_credentials(config), options=r.channel_options(config))
+        self._metadata = r.call_metadata(config.token)
+        self.catalog = pb_grpc.CatalogStub(self._channel)
+        self.instances = pb_grpc.InstancesStub(self._channel)
+        self.databases = pb_grpc.DatabasesStub(self._channel)
+        self.users = pb_grpc.UsersStub(self._channel)
+        self.root = pb_grpc.RootStub(self._channel)
+        self.backups = pb_grpc.BackupsStub(self._channel)
+        self.admin = apb_grpc.AdminStub(self._channel)
+
+    @classmethod
+    def from_env(cls, **explicit: Any) -> Client:
+        """Config file < REDDWARF_* environment < explicit keyword arguments (see config.load_config)."""
+        return cls(load_config(**explicit))
+
+    def with_token(self, token: str | None) -> Client:
+        """The same channel, calling as another tenant (the gateway uses one per request)."""
+        return Client(ClientConfig(**{**self.config.__dict__, "token": token}), channel=self._channel)
+
+    def close(self) -> None:
+        if self._owns_channel:
+            self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _call(self, method: Callable[..., M], request: _message.Message, timeout: float | None = None) -> M:
+        try:
+            return method(request, metadata=self._metadata,
+                          timeout=self.config.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def _pages(self, method: Callable[..., Any], request: Any, field: str, page_size: int = 0) -> Iterator[Any]:
+        request.page_size = page_size
+        while True:
+            response = self._call(method, request)
+            yield from getattr(response, field)
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    # ------------------------------------------------------------------ catalog
+
+    def get_caller(self) -> pb.Caller:
+        return self._call(self.catalog.GetCaller, pb.GetCallerRequest())
+
+    def list_flavors(self, page_size: int = 0) -> list[pb.Flavor]:
+        return list(self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(), "flavors", page_size))
+
+    def get_flavor(self, flavor: str) -> pb.Flavor:
+        return self._call(self.catalog.GetFlavor, pb.GetFlavorRequest(name=r.resource("flavors", flavor)))
+
+    def list_datastores(self, page_size: int = 0) -> list[pb.Datastore]:
+        return list(self._pages(self.catalog.ListDatastores, pb.ListDatastoresRequest(), "datastores",
+                                page_size))
+
+    def get_datastore(self, datastore: str) -> pb.Datastore:
+        return self._call(self.catalog.GetDatastore,
+                          pb.GetDatastoreRequest(name=r.resource("datastores", datastore)))
+
+    # ------------------------------------------------------------------ instances
+
+    def create_instance(self, name: str, flavor: str, size_gb: int, *,
+                        databases: Iterable[str | r.DatabaseSpec | cpb.Database] = (),
+                        users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
+                        datastore_version: str = "", restore_from: str | None = None,
+                        request_id: str = "") -> pb.Instance:
+        return self._call(self.instances.CreateInstance, r.create_instance_request(
+            name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
+            datastore_version=datastore_version, restore_from=restore_from, request_id=request_id))
+
+    def get_instance(self, instance: str) -> pb.Instance:
+        return self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
+
+    def list_instances(self, status: str | int | None = None, page_size: int = 0) -> Iterator[pb.Instance]:
+        request = pb.ListInstancesRequest(status=r.instance_status(status) if status is not None else 0)
+        return self._pages(self.instances.ListInstances, request, "instances", page_size)
+
+    def delete_instance(self, instance: str) -> pb.Instance:
+        return self._call(self.instances.DeleteInstance, pb.DeleteInstanceRequest(name=r.instance_name(instance)))
+
+    def restart_instance(self, instance: str) -> pb.Instance:
+        return self._call(self.instances.RestartInstance,
+                          pb.RestartInstanceRequest(name=r.instance_name(instance)))
+
+    restart = restart_instance
+
+    def resize_flavor(self, instance: str, flavor: str) -> pb.Instance:
+        return self._call(self.instances.ResizeInstance,
+                          pb.ResizeInstanceRequest(name=r.instance_name(instance), flavor=flavor))
+
+    def resize_volume(self, instance: str, size_gb: int) -> pb.Instance:
+        return self._call(self.instances.ResizeVolume,
+                          pb.ResizeVolumeRequest(name=r.instance_name(instance), size_gb=size_gb))
+
+    def watch_instance(self, instance: str, timeout: float | None = None) -> Iterator[pb.InstanceEvent]:
+        """Events until the instance is deleted (or timeout seconds pass: then WaitTimeout)."""
+        stream = self.instances.WatchInstance(pb.WatchInstanceRequest(name=r.instance_name(instance)),
+                                              metadata=self._metadata, timeout=timeout)
+        try:
+            yield from stream
+        except grpc.RpcError as exc:
+            err = from_rpc_error(exc)
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                raise WaitTimeout(f"no end of watch on {instance} within {timeout}s") from None
+            raise err from None
+        finally:
+            stream.cancel()
+
+    def wait_for(self, instance: str, status: str | int = "ACTIVE", timeout: float = 600.0,
+                 poll_interval: float = 2.0,
+                 on_event: Callable[[pb.Instance], None] | None = None) -> pb.Instance:
+        """Blocks until the instance has `status`, following WatchInstance (polling GetInstance when the
+        server does not implement it). Raises InstanceFailed on ERROR/FAILED, WaitTimeout on timeout."""
+        wanted = r.instance_status(status)
+        deadline = time.monotonic() + timeout
+
+        def check(inst: pb.Instance) -> bool:
+            if on_event is not None:
+                on_event(inst)
+            if inst.status == wanted:
+                return True
+            if inst.status in r.FAILED_STATUSES and wanted not in r.FAILED_STATUSES:
+                detail = f": {inst.fault.message}" if inst.fault.message else ""
+                raise InstanceFailed(f"instance {inst.id or instance} went to {r.status_name(inst.status)}"
+                                     f"{detail}")
+            return False
+
+        try:
+            for event in self.watch_instance(instance, timeout=timeout):
+                if check(event.instance):
+                    return event.instance
+            raise InstanceGone(f"instance {instance} was deleted while waiting")
+        except Unimplemented:
+            pass
+        while True:
+            inst = self.get_instance(instance)
+            if check(inst):
+                return inst
+            if time.monotonic() + poll_interval > deadline:
+                raise WaitTimeout(f"instance {instance} is {r.status_name(inst.status)}, not "
+                                  f"{r.status_name(wanted)}, after {timeout}s")
+            time.sleep(poll_interval)
+
+    # ------------------------------------------------------------------ databases
+
+    def create_database(self, instance: str, database: str | r.DatabaseSpec | cpb.Database) -> cpb.Database:
+        return self._call(self.databases.CreateDatabase, r.create_database_request(instance, database))
+
+    def list_databases(self, instance: str) -> list[cpb.Database]:
+        return list(self._pages(self.databases.ListDatabases,
+                                pb.ListDatabasesRequest(parent=r.instance_name(instance)), "databases"))
+
+    def delete_database(self, instance: str, database: str) -> None:
+        self._call(self.databases.DeleteDatabase,
+                   pb.DeleteDatabaseRequest(name=r.database_name(instance, database)))
+
+    # ------------------------------------------------------------------ users
+
+    def create_user(self, instance: str, user: str, password: str, host: str = "%",
+                    databases: Iterable[str] = ()) -> cpb.User:
+        return self._call(self.users.CreateUser, r.create_user_request(
+            instance, r.UserSpec(user, password, host, tuple(databases))))
+
+    def get_user(self, instance: str, user: str, host: str = "%") -> cpb.User:
+        return self._call(self.users.GetUser, pb.GetUserRequest(name=r.user_name(instance, user, host)))
+
+    def list_users(self, instance: str) -> list[cpb.User]:
+        return list(self._pages(self.users.ListUsers, pb.ListUsersRequest(parent=r.instance_name(instance)),
+                                "users"))
+
+    def delete_user(self, instance: str, user: str, host: str = "%") -> None:
+        self._call(self.users.DeleteUser, pb.DeleteUserRequest(name=r.user_name(instance, user, host)))
+
+    def update_user(self, instance: str, user: str, host: str = "%", *, password: str | None = None,
+                    new_user: str | None = None, new_host: str | None = None) -> cpb.User:
+        return self._call(self.users.UpdateUser, r.update_user_request(
+            instance, user, host, password=password, new_user=new_user, new_host=new_host))
+
+    def change_password(self, instance: str, user: str, password: str, host: str = "%") -> cpb.User:
+        return self.update_user(instance, user, host, password=password)
+
+    def grant_access(self, instance: str, user: str, databases: Iterable[str], host: str = "%") -> cpb.User:
+        return self._call(self.users.GrantAccess, pb.GrantAccessRequest(
+            name=r.user_name(instance, user, host), databases=list(databases)))
+
+    def revoke_access(self, instance: str, user: str, database: str, host: str = "%") -> cpb.User:
+        return self._call(self.users.RevokeAccess, pb.RevokeAccessRequest(
+            name=r.user_name(instance, user, host), database=database))
+
+    def list_access(self, instance: str, user: str, host: str = "%") -> list[str]:
+        return list(self._call(self.users.ListAccess,
+                               pb.ListAccessRequest(name=r.user_name(instance, user, host))).databases)
+
+    # ------------------------------------------------------------------ root
+
+    def enable_root(self, instance: str) -> pb.RootCredentials:
+        return self._call(self.root.EnableRoot, pb.EnableRootRequest(name=r.instance_name(instance)))
+
+    def disable_root(self, instance: str) -> None:
+        self._call(self.root.DisableRoot, pb.DisableRootRequest(name=r.instance_name(instance)))
+
+    def root_enabled(self, instance: str) -> bool:
+        return self._call(self.root.GetRootStatus, pb.GetRootStatusRequest(name=r.instance_name(instance))).enabled
+
+    # ------------------------------------------------------------------ backups
+
+    def create_backup(self, instance: str, name: str, description: str = "",
+                      parent: str | None = None) -> pb.Backup:
+        return self._call(self.backups.CreateBackup, r.create_backup_request(instance, name, description, parent))
+
+    def get_backup(self, backup: str) -> pb.Backup:
+        return self._call(self.backups.GetBackup, pb.GetBackupRequest(name=r.resource("backups", backup)))
+
+    def list_backups(self, instance: str | None = None, page_size: int = 0) -> Iterator[pb.Backup]:
+        request = pb.ListBackupsRequest(instance=r.instance_name(instance) if instance else "")
+        return self._pages(self.backups.ListBackups, request, "backups", page_size)
+
+    def delete_backup(self, backup: str, cascade: bool = False) -> None:
+        self._call(self.backups.DeleteBackup,
+                   pb.DeleteBackupRequest(name=r.resource("backups", backup), cascade=cascade))
+
+    def verify_backup(self, backup: str) -> pb.Backup:
+        return self._call(self.backups.VerifyBackup, pb.VerifyBackupRequest(name=r.resource("backups", backup)))
+
+    def set_backup_schedule(self, instance: str, interval_seconds: int, keep: int,
+                            full_every: int = 0) -> pb.BackupSchedule:
+        return self._call(self.backups.SetBackupSchedule, pb.SetBackupScheduleRequest(
+            instance=r.instance_name(instance), schedule=pb.BackupSchedule(
+                interval_seconds=interval_seconds, keep=keep, full_every=full_every)))
+
+    def get_backup_schedule(self, instance: str) -> pb.BackupSchedule:
+        return self._call(self.backups.GetBackupSchedule,
+                          pb.GetBackupScheduleRequest(instance=r.instance_name(instance)))
+
+    # ------------------------------------------------------------------ admin: hosts, tasks
+
+    def register_host(self, host_id: str, address: str, memory_overcommit: float = 0.0,
+                      storage_overcommit: float = 0.0) -> apb.Host:
+        return self._call(self.admin.RegisterHost, apb.RegisterHostRequest(host=apb.Host(
+            id=host_id, address=address, memory_overcommit=memory_overcommit,
+            storage_overcommit=storage_overcommit)))
+
+    def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "", hostd_port: int = 0) -> apb.Host:
+        return self._call(self.admin.EnrollHost, apb.EnrollHostRequest(
+            id=host_id, ssh_target=ssh_target, ssh_key_path=ssh_key_path, hostd_port=hostd_port),
+            timeout=max(self.config.timeout, 600.0))
+
+    def get_host(self, host: str) -> apb.Host:
+        return self._call(self.admin.GetHost, apb.GetHostRequest(name=r.resource("hosts", host)))
+
+    def list_hosts(self) -> list[apb.Host]:
+        return list(self._pages(self.admin.ListHosts, apb.ListHostsRequest(), "hosts"))
+
+    def drain_host(self, host: str, drain: bool = True) -> apb.Host:
+        return self._call(self.admin.DrainHost, apb.DrainHostRequest(name=r.resource("hosts", host), drain=drain))
+
+    def delete_host(self, host: str) -> None:
+        self._call(self.admin.DeleteHost, apb.DeleteHostRequest(name=r.resource("hosts", host)))
+
+    def get_task(self, task: str) -> apb.Task:
+        return self._call(self.admin.GetTask, apb.GetTaskRequest(name=r.resource("tasks", task)))
+
+    def list_tasks(self, resource: str = "", state: int = 0) -> Iterator[apb.Task]:
+        return self._pages(self.admin.ListTasks, apb.ListTasksRequest(resource=resource, state=state), "tasks")
+
+    # ------------------------------------------------------------------ admin: tenants, tokens, quotas
+
+    def create_tenant(self, tenant_id: str, display_name: str = "", quota: apb.Quota | None = None) -> apb.Tenant:
+        return self._call(self.admin.CreateTenant, apb.CreateTenantRequest(
+            tenant=apb.Tenant(id=tenant_id, display_name=display_name, quota=quota)))
+
+    def get_tenant(self, tenant: str) -> apb.Tenant:
+        return self._call(self.admin.GetTenant, apb.GetTenantRequest(name=r.resource("tenants", tenant)))
+
+    def list_tenants(self) -> list[apb.Tenant]:
+        return list(self._pages(self.admin.ListTenants, apb.ListTenantsRequest(), "tenants"))
+
+    def delete_tenant(self, tenant: str) -> None:
+        self._call(self.admin.DeleteTenant, apb.DeleteTenantRequest(name=r.resource("tenants", tenant)))
+
+    def create_token(self, tenant: str, description: str = "", admin: bool = False,
+                     ttl_seconds: int = 0) -> apb.Token:
+        return self._call(self.admin.CreateToken, apb.CreateTokenRequest(
+            tenant=r.resource("tenants", tenant), description=description, admin=admin, ttl_seconds=ttl_seconds))
+
+    def revoke_token(self, token: str) -> None:
+        """token: "tenants/{tenant}/tokens/{id}"."""
+        self._call(self.admin.RevokeToken, apb.RevokeTokenRequest(name=token))
+
+    def get_quota(self, tenant: str) -> apb.QuotaUsage:
+        return self._call(self.admin.GetQuota, apb.GetQuotaRequest(tenant=r.resource("tenants", tenant)))
+
+    def update_quota(self, tenant: str, quota: apb.Quota) -> apb.QuotaUsage:
+        return self._call(self.admin.UpdateQuota,
+                          apb.UpdateQuotaRequest(tenant=r.resource("tenants", tenant), quota=quota))
+
+    # ------------------------------------------------------------------ admin: certificates
+
+    def issue_certificate(self, role: str, ident: str, csr_pem: str, days: int = 0) -> apb.Certificate:
+        return self._call(self.admin.IssueCertificate, apb.IssueCertificateRequest(
+            role=role, id=ident, csr_pem=csr_pem, days=days))
+
+    def revoke_certificate(self, serial: str, reason: str = "") -> apb.Certificate:
+        return self._call(self.admin.RevokeCertificate, apb.RevokeCertificateRequest(serial=serial, reason=reason))
+
+    def list_certificates(self) -> list[apb.Certificate]:
+        return list(self._pages(self.admin.ListCertificates, apb.ListCertificatesRequest(), "certificates"))
+
