@@ -20,6 +20,8 @@ from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
 from reddwarf.v1 import database_pb2_grpc as pb_grpc
 
+from .certs import TestPki
+
 TOKEN = "tok-demo"
 
 
@@ -134,7 +136,8 @@ class Instances(pb_grpc.InstancesServicer):
 
 
 @contextmanager
-def fake_api(n_flavors: int = 7) -> Iterator[tuple[str, FakeState]]:
+def fake_api(pki: TestPki, n_flavors: int = 7) -> Iterator[tuple[str, FakeState]]:
+    """Serves on 127.0.0.1 with mTLS (client certificates from pki's CA required)."""
     state = FakeState(flavors=[
         pb.Flavor(name=f"flavors/f{i}", id=f"f{i}", display_name=f"Flavor {i}",
                   limits=cpb.Limits(memory_mb=256 * (i + 1), cpu_shares=1024, max_processes=200),
@@ -142,7 +145,9 @@ def fake_api(n_flavors: int = 7) -> Iterator[tuple[str, FakeState]]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_CatalogServicer_to_server(Catalog(state), server)
     pb_grpc.add_InstancesServicer_to_server(Instances(state), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
+                                        root_certificates=pki.ca.read_bytes(), require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", creds)
     server.start()
     try:
         yield f"127.0.0.1:{port}", state

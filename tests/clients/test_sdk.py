@@ -13,6 +13,7 @@ from reddwarf.client import (
     InvalidArgument,
     NotFound,
     Unauthenticated,
+    Unavailable,
     WaitTimeout,
     load_config,
 )
@@ -73,11 +74,9 @@ def test_wait_for_times_out_with_wait_timeout(client: Client) -> None:
         client.wait_for(inst.id, "RESIZE", timeout=1)
 
 
-async def test_async_client_maps_errors_and_pages_the_same(api: tuple[str, FakeState]) -> None:
-    endpoint, _state = api
-    channel = grpc.aio.insecure_channel(endpoint)
+async def test_async_client_maps_errors_and_pages_the_same(client_config: ClientConfig) -> None:
+    rd = AsyncClient(client_config)
     try:
-        rd = AsyncClient(ClientConfig(endpoint=endpoint, token=TOKEN, timeout=5), channel=channel)
         assert len(await rd.list_flavors(page_size=2)) == 7
         with pytest.raises(NotFound) as caught:
             await rd.get_flavor("nope")
@@ -85,7 +84,7 @@ async def test_async_client_maps_errors_and_pages_the_same(api: tuple[str, FakeS
         inst = await rd.create_instance("a", "f0", 1)
         assert (await rd.wait_for(inst.id, "ACTIVE", timeout=10)).status == 2
     finally:
-        await channel.close()
+        await rd.close()
 
 
 def test_config_precedence_is_file_then_env_then_arguments(tmp_path: Path) -> None:
@@ -106,6 +105,12 @@ def test_config_without_endpoint_or_with_unknown_keys_is_refused(tmp_path: Path)
     bad.write_text("endpoint: x:1\npasword: oops\n")
     with pytest.raises(ConfigError, match="pasword"):
         load_config(path=bad, env={})
+
+
+def test_a_client_without_a_certificate_is_refused_by_the_mtls_port(client_config: ClientConfig) -> None:
+    no_cert = ClientConfig(endpoint=client_config.endpoint, ca=client_config.ca, token=TOKEN, timeout=3)
+    with Client(no_cert) as rd, pytest.raises(Unavailable):
+        rd.list_flavors()
 
 
 def test_sync_and_async_clients_offer_the_same_calls() -> None:
