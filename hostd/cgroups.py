@@ -33,7 +33,7 @@ class CgroupLayout:
             base = os.path.join(self.root, "cpu" if controller == "cpu" else controller)
             return os.path.exists(os.path.join(base, key))
         if key.startswith(("cpu.", "io.", "memory.", "pids.")):
-            ctrls = open(os.path.join(self.root, "cgroup.controllers")).read().split()
+            ctrls = _read_text(os.path.join(self.root, "cgroup.controllers")).split()
             return key.split(".", 1)[0] in ctrls
         return False
 
@@ -153,9 +153,21 @@ def apply_live(layout: CgroupLayout, pid: int, limits: Limits, device: str = "")
     raise OSError(errno.EINVAL, f"cgroup rejected {pending}")
 
 
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return _read_text(path).splitlines()
+    except OSError:
+        return []
+
+
 def _read_int(path: str, default: int = 0) -> int:
     try:
-        text = open(path).read().strip()
+        text = _read_text(path).strip()
     except OSError:
         return default
     if text == "max":
@@ -168,27 +180,21 @@ def _read_int(path: str, default: int = 0) -> int:
 
 def _read_kv(path: str) -> dict[str, int]:
     out: dict[str, int] = {}
-    try:
-        for line in open(path):
-            parts = line.split()
-            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-                out[parts[0]] = int(parts[1])
-    except OSError:
-        pass
+    for line in _lines(path):
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            out[parts[0]] = int(parts[1])
     return out
 
 
 def _blkio_bytes_v1(path: str) -> tuple[int, int]:
     read = write = 0
-    try:
-        for line in open(path):
-            parts = line.split()
-            if len(parts) == 3 and parts[1] == "Read":
-                read += int(parts[2])
-            elif len(parts) == 3 and parts[1] == "Write":
-                write += int(parts[2])
-    except OSError:
-        pass
+    for line in _lines(path):
+        parts = line.split()
+        if len(parts) == 3 and parts[1] == "Read":
+            read += int(parts[2])
+        elif len(parts) == 3 and parts[1] == "Write":
+            write += int(parts[2])
     return read, write
 
 
@@ -200,9 +206,10 @@ def read_usage(layout: CgroupLayout, cid: str, pid: int, limits: Limits) -> Usag
     rows: list[Beancounter] = []
     if layout.version == "v1":
         m = dirs["memory"]
-        # With memsw == memory (no swap) the memsw counter is the one that trips first: either is a
-        # refused charge at the memory barrier, so the memory row reports the larger.
-        failcnt = max(_read_int(f"{m}/memory.failcnt"), _read_int(f"{m}/memory.memsw.failcnt"))
+        # A refused charge shows in memory.failcnt or (memsw == memory, no swap) memory.memsw.failcnt, and
+        # some kernels do not count it at all when the charge ends in an OOM kill: report the largest.
+        failcnt = max(_read_int(f"{m}/memory.failcnt"), _read_int(f"{m}/memory.memsw.failcnt"),
+                      _read_kv(f"{m}/memory.oom_control").get("oom_kill", 0))
         rows.append(Beancounter("memory", _read_int(f"{m}/memory.usage_in_bytes"),
                                 _read_int(f"{m}/memory.max_usage_in_bytes"), mem_limit, mem_limit, failcnt))
         if layout.swap_accounting:
@@ -219,7 +226,7 @@ def read_usage(layout: CgroupLayout, cid: str, pid: int, limits: Limits) -> Usag
         events = _read_kv(f"{d}/memory.events")
         rows.append(Beancounter("memory", _read_int(f"{d}/memory.current"),
                                 _read_int(f"{d}/memory.peak", _read_int(f"{d}/memory.current")),
-                                mem_limit, mem_limit, events.get("max", 0)))
+                                mem_limit, mem_limit, max(events.get("max", 0), events.get("oom_kill", 0))))
         swap_events = _read_kv(f"{d}/memory.swap.events")
         rows.append(Beancounter("swap", _read_int(f"{d}/memory.swap.current"),
                                 _read_int(f"{d}/memory.swap.peak", _read_int(f"{d}/memory.swap.current")),
@@ -229,14 +236,11 @@ def read_usage(layout: CgroupLayout, cid: str, pid: int, limits: Limits) -> Usag
         cpu_ns = cpu_stat.get("usage_usec", 0) * 1000
         throttled = cpu_stat.get("nr_throttled", 0)
         rd = wr = 0
-        try:
-            for line in open(f"{d}/io.stat"):
-                for tok in line.split()[1:]:
-                    k, _, v = tok.partition("=")
-                    rd += int(v) if k == "rbytes" else 0
-                    wr += int(v) if k == "wbytes" else 0
-        except OSError:
-            pass
+        for line in _lines(f"{d}/io.stat"):
+            for tok in line.split()[1:]:
+                k, _, v = tok.partition("=")
+                rd += int(v) if k == "rbytes" else 0
+                wr += int(v) if k == "wbytes" else 0
     pids_now = _read_int(f"{p}/pids.current")
     rows.append(Beancounter("numproc", pids_now, _read_int(f"{p}/pids.peak", pids_now), limits.max_processes,
                             limits.max_processes, _read_kv(f"{p}/pids.events").get("max", 0)))

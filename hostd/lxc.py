@@ -14,8 +14,16 @@ from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, run
 
 from . import cgroups, firstboot
-from .containers import (ContainerDriver, ContainerSpec, ContainerStatus, ExecResult, Limits, NetworkPlan,
-                         Usage, VolumeMount)
+from .containers import (
+    ContainerDriver,
+    ContainerSpec,
+    ContainerStatus,
+    ExecResult,
+    Limits,
+    NetworkPlan,
+    Usage,
+    VolumeMount,
+)
 from .settings import Settings
 
 log = logging.getLogger("reddwarf.hostd.lxc")
@@ -158,7 +166,7 @@ class LxcDriver(ContainerDriver):
         pid = int(pid_text) if pid_text.isdigit() else 0
         if state not in ("RUNNING", "FROZEN"):
             state, pid = "STOPPED", 0
-        return ContainerStatus(state, pid if pid > 0 else 0)
+        return ContainerStatus(state, max(0, pid))
 
     def _require(self, cid: str) -> None:
         if not self.exists(cid):

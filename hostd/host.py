@@ -1,0 +1,376 @@
+"""The host: hostd's operations over its drivers and its durable state, free of gRPC.
+
+Every operation is idempotent by id: repeating a create with the same parameters returns what exists, the
+same id with other parameters is AlreadyExists, deleting what is absent is NotFound. Inputs are validated
+before anything changes. Callers serialise mutations (the service holds one lock around them).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+from dataclasses import asdict, dataclass
+
+from reddwarf.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+
+from . import network
+from .cgroups import CgroupLayout
+from .containers import (
+    Bootstrap,
+    ContainerDriver,
+    ContainerSpec,
+    ContainerStatus,
+    ExecResult,
+    Limits,
+    NetworkPlan,
+    Usage,
+    VolumeMount,
+    validate_id,
+)
+from .loop import device_numbers
+from .settings import Settings
+from .state import ContainerRecord, HostState, VolumeRecord
+from .volumes import GIB, VolumeDriver, VolumeInfo
+
+log = logging.getLogger("reddwarf.hostd.host")
+
+DEFAULT_DATADIR = "/var/lib/mysql"
+MAX_VOLUME_GB = 16 * 1024
+
+
+@dataclass(frozen=True)
+class CreateContainer:
+    id: str
+    limits: Limits
+    bootstrap: Bootstrap
+    network_mode: str = "host"
+    volume_id: str = ""
+    datadir: str = ""
+    template: str = ""
+
+    def fingerprint(self) -> str:
+        data = asdict(self)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ContainerView:
+    record: ContainerRecord
+    status: ContainerStatus
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    record: VolumeRecord
+    info: VolumeInfo
+
+
+@dataclass(frozen=True)
+class CapacityView:
+    host_id: str
+    memory_mb_total: int
+    memory_mb_allocated: int
+    cpus: int
+    storage_gb_total: int
+    storage_gb_free: int
+    storage_gb_allocated: int
+    containers: int
+    container_driver: str
+    volume_driver: str
+    cgroup_version: str
+
+
+def _validate_path(value: str, field: str) -> str:
+    if not value.startswith("/") or posixpath.normpath(value) != value or value == "/" or "\n" in value \
+            or " " in value:
+        raise InvalidArgument(f"{field} must be an absolute, normalised path without spaces, got {value!r}",
+                              field=field)
+    return value
+
+
+class Host:
+    def __init__(self, settings: Settings, containers: ContainerDriver, volumes: VolumeDriver,
+                 layout: CgroupLayout | None, default_template: str) -> None:
+        self.settings = settings
+        self.containers = containers
+        self.volumes = volumes
+        self.layout = layout
+        self.default_template = default_template
+        self.state = HostState.load(settings.state_file)
+
+    # ------------------------------------------------------------------ containers
+    def create_container(self, req: CreateContainer) -> ContainerView:
+        validate_id(req.id, "container.id")
+        req.limits.validate("container.limits")
+        if req.network_mode not in ("host", "bridge"):
+            raise InvalidArgument("container.network_mode must be NETWORK_HOST or NETWORK_BRIDGE",
+                                  field="container.network_mode")
+        b = req.bootstrap
+        missing = [(f"container.bootstrap.{n}", "required") for n, v in
+                   (("server_address", b.server_address), ("instance_id", b.instance_id),
+                    ("enrollment_token", b.enrollment_token), ("ca_pem", b.ca_pem)) if not v]
+        if missing:
+            raise InvalidArgument(f"{missing[0][0]} is required", violations=missing)
+        if b.heartbeat_seconds < 0 or b.heartbeat_seconds > 3600:
+            raise InvalidArgument("container.bootstrap.heartbeat_seconds must be 0..3600",
+                                  field="container.bootstrap.heartbeat_seconds")
+        datadir = _validate_path(req.datadir or DEFAULT_DATADIR, "container.datadir")
+        template = req.template or self.default_template
+        if not all(c.isalnum() or c in "-_." for c in template):
+            raise InvalidArgument(f"container.template {template!r} is not a template name",
+                                  field="container.template")
+        fingerprint = req.fingerprint()
+        existing = self.state.containers.get(req.id)
+        if existing is not None:
+            if existing.fingerprint != fingerprint:
+                raise AlreadyExists(f"container {req.id} exists with other parameters", field="container.id")
+            self.containers.create(self._spec(existing, b))  # finishes a create a crash interrupted
+            return self.get_container(req.id)
+        if req.id in self.containers.list_names():
+            raise AlreadyExists(f"an unmanaged container {req.id} exists on this host", field="container.id")
+        mount: VolumeMount | None = None
+        if req.volume_id:
+            vol = self._volume(req.volume_id, "container.volume_id")
+            if vol.attached_to and vol.attached_to != req.id:
+                raise FailedPrecondition(f"volume {vol.id} is attached to {vol.attached_to}",
+                                         field="container.volume_id")
+        if req.network_mode == "host":
+            port = network.allocate_port(self.settings.port_min, self.settings.port_max,
+                                         {c.port for c in self.state.containers.values()})
+            address = self.settings.advertise_address
+        else:
+            address, _, _ = network.allocate_address(
+                self.settings.bridge.cidr,
+                {c.address for c in self.state.containers.values() if c.network_mode == "bridge"})
+            port = network.MYSQL_PORT
+        rec = ContainerRecord(id=req.id, limits=req.limits, network_mode=req.network_mode, address=address,
+                              port=port, template=template, datadir=datadir, volume_id=req.volume_id,
+                              fingerprint=fingerprint, driver=self.containers.name)
+        if req.volume_id:
+            mount = self._mount_for(req.volume_id, datadir)
+        self.containers.create(self._spec(rec, b, mount))
+        self.state.put_container(rec)
+        if req.volume_id:
+            self.state.put_volume(self.state.volumes[req.volume_id].with_(attached_to=req.id,
+                                                                           container_path=datadir))
+        log.info("container created", extra={"instance": req.id, "network": req.network_mode, "port": port})
+        return self.get_container(req.id)
+
+    def _spec(self, rec: ContainerRecord, b: Bootstrap, mount: VolumeMount | None = None) -> ContainerSpec:
+        if rec.network_mode == "bridge":
+            _, plen, gw = network.allocate_address(self.settings.bridge.cidr, ())
+            plan = NetworkPlan("bridge", rec.address, rec.port, self.settings.bridge.name, plen, gw)
+        else:
+            plan = NetworkPlan("host", rec.address, rec.port)
+        if mount is None and rec.volume_id and rec.volume_id in self.state.volumes:
+            mount = self._mount_for(rec.volume_id, rec.datadir)
+        return ContainerSpec(id=rec.id, limits=rec.limits, bootstrap=b, network=plan, template=rec.template,
+                             datadir=rec.datadir, mount=mount)
+
+    def _mount_for(self, vid: str, path: str) -> VolumeMount:
+        vol = self.state.volumes[vid]
+        info = self.volumes.info(vid, vol.locator)
+        if not info.mount_path:
+            info = self.volumes.activate(vid, vol.locator)
+        return VolumeMount(host_path=info.mount_path, container_path=path,
+                           device=device_numbers(info.device) if info.device.startswith("/dev/") else "")
+
+    def _container(self, cid: str, field: str = "id") -> ContainerRecord:
+        validate_id(cid, field)
+        rec = self.state.containers.get(cid)
+        if rec is None:
+            raise NotFound(f"container {cid} is not managed by this host", field=field)
+        return rec
+
+    def get_container(self, cid: str) -> ContainerView:
+        rec = self._container(cid)
+        return ContainerView(rec, self.containers.status(cid))
+
+    def list_containers(self) -> tuple[list[ContainerView], list[str]]:
+        views = [ContainerView(r, self.containers.status(r.id)) for r in self.state.containers.values()]
+        unmanaged = [n for n in self.containers.list_names() if n not in self.state.containers]
+        return views, unmanaged
+
+    def start_container(self, cid: str) -> ContainerView:
+        rec = self._container(cid)
+        return ContainerView(rec, self.containers.start(cid))
+
+    def stop_container(self, cid: str, timeout: int) -> ContainerView:
+        rec = self._container(cid)
+        if timeout < 0 or timeout > 3600:
+            raise InvalidArgument("timeout_seconds must be 0..3600", field="timeout_seconds")
+        return ContainerView(rec, self.containers.stop(cid, timeout))
+
+    def delete_container(self, cid: str) -> None:
+        rec = self._container(cid)
+        self.containers.destroy(cid)
+        if rec.volume_id in self.state.volumes:
+            self.state.put_volume(self.state.volumes[rec.volume_id].with_(attached_to="", container_path=""))
+        self.state.drop_container(cid)
+        log.info("container deleted", extra={"instance": cid})
+
+    def set_limits(self, cid: str, limits: Limits) -> ContainerView:
+        rec = self._container(cid)
+        limits.validate("limits")
+        mount = self._mount_for(rec.volume_id, rec.datadir) if rec.volume_id in self.state.volumes else None
+        self.containers.set_limits(cid, limits, mount)
+        self.state.put_container(rec.with_(limits=limits))
+        return self.get_container(cid)
+
+    def usage(self, cid: str) -> Usage:
+        rec = self._container(cid)
+        return self.containers.usage(cid, rec.limits)
+
+    def exec(self, cid: str, argv: list[str], timeout: int) -> ExecResult:
+        self._container(cid)
+        if not argv:
+            raise InvalidArgument("argv must not be empty", field="argv")
+        if timeout < 0 or timeout > 3600:
+            raise InvalidArgument("timeout_seconds must be 0..3600", field="timeout_seconds")
+        return self.containers.exec(cid, argv, timeout)
+
+    # ------------------------------------------------------------------ volumes
+    def _volume(self, vid: str, field: str = "id") -> VolumeRecord:
+        validate_id(vid, field)
+        rec = self.state.volumes.get(vid)
+        if rec is None:
+            raise NotFound(f"volume {vid} is not managed by this host", field=field)
+        return rec
+
+    def _check_space(self, needed_gb: int, field: str) -> None:
+        free = self.volumes.free_bytes()
+        if needed_gb * GIB > free:
+            raise ResourceExhausted(f"{field}: {needed_gb} GiB asked, {free // GIB} GiB free in storage",
+                                    field=field)
+
+    def create_volume(self, vid: str, size_gb: int) -> VolumeView:
+        validate_id(vid, "volume.id")
+        if not 1 <= size_gb <= MAX_VOLUME_GB:
+            raise InvalidArgument(f"volume.size_gb must be 1..{MAX_VOLUME_GB}, got {size_gb}",
+                                  field="volume.size_gb")
+        existing = self.state.volumes.get(vid)
+        if existing is not None:
+            if existing.size_gb != size_gb:
+                raise AlreadyExists(f"volume {vid} exists with size {existing.size_gb} GiB", field="volume.id")
+            return self.get_volume(vid)
+        locator = self._locator_for(vid)
+        if locator in self.volumes.list_locators():
+            raise AlreadyExists(f"an unmanaged backing store for {vid} exists; adopt it instead",
+                                field="volume.id")
+        self._check_space(size_gb, "volume.size_gb")
+        info = self.volumes.create(vid, size_gb)
+        self.state.put_volume(VolumeRecord(id=vid, size_gb=size_gb, driver=self.volumes.name,
+                                           locator=info.locator))
+        return self.get_volume(vid)
+
+    def _locator_for(self, vid: str) -> str:
+        fn = getattr(self.volumes, "locator_for", None)
+        return fn(vid) if fn else ""
+
+    def get_volume(self, vid: str) -> VolumeView:
+        rec = self._volume(vid)
+        return VolumeView(rec, self.volumes.info(vid, rec.locator))
+
+    def list_volumes(self) -> tuple[list[VolumeView], list[str]]:
+        views = [VolumeView(r, self.volumes.info(r.id, r.locator)) for r in self.state.volumes.values()]
+        tracked = {r.locator for r in self.state.volumes.values()}
+        return views, [loc for loc in self.volumes.list_locators() if loc not in tracked]
+
+    def resize_volume(self, vid: str, size_gb: int) -> VolumeView:
+        rec = self._volume(vid)
+        if size_gb == rec.size_gb:
+            return self.get_volume(vid)  # a replayed resize is done already
+        if not rec.size_gb < size_gb <= MAX_VOLUME_GB:
+            raise InvalidArgument(f"size_gb must be larger than the current {rec.size_gb} GiB "
+                                  f"(and at most {MAX_VOLUME_GB}), got {size_gb}", field="size_gb")
+        self._check_space(size_gb - rec.size_gb, "size_gb")
+        self.volumes.resize(vid, rec.locator, size_gb)
+        self.state.put_volume(rec.with_(size_gb=size_gb))
+        return self.get_volume(vid)
+
+    def attach_volume(self, vid: str, cid: str, mount_path: str) -> VolumeView:
+        rec = self._volume(vid)
+        crec = self._container(cid, "container_id")
+        path = _validate_path(mount_path or crec.datadir, "mount_path")
+        if rec.attached_to == cid and rec.container_path == path:
+            return self.get_volume(vid)
+        if rec.attached_to:
+            raise FailedPrecondition(f"volume {vid} is attached to {rec.attached_to}", field="id")
+        if crec.volume_id and crec.volume_id != vid and crec.volume_id in self.state.volumes:
+            raise FailedPrecondition(f"container {cid} already has volume {crec.volume_id}",
+                                     field="container_id")
+        self.containers.set_mount(cid, self._mount_for(vid, path), crec.limits)
+        self.state.put_container(crec.with_(volume_id=vid, datadir=path))
+        self.state.put_volume(rec.with_(attached_to=cid, container_path=path))
+        return self.get_volume(vid)
+
+    def detach_volume(self, vid: str) -> VolumeView:
+        rec = self._volume(vid)
+        if not rec.attached_to:
+            return self.get_volume(vid)
+        crec = self.state.containers.get(rec.attached_to)
+        if crec is not None:
+            self.containers.set_mount(crec.id, None, crec.limits)
+            self.state.put_container(crec.with_(volume_id=""))
+        self.state.put_volume(rec.with_(attached_to="", container_path=""))
+        return self.get_volume(vid)
+
+    def delete_volume(self, vid: str, keep_data: bool) -> None:
+        rec = self._volume(vid)
+        if rec.attached_to:
+            raise FailedPrecondition(f"volume {vid} is attached to {rec.attached_to}; detach it first",
+                                     field="id")
+        if keep_data:
+            self.volumes.deactivate(vid, rec.locator)
+        else:
+            self.volumes.delete(vid, rec.locator)
+        self.state.drop_volume(vid)
+        log.info("volume deleted", extra={"volume": vid, "keep_data": keep_data})
+
+    def adopt_volume(self, vid: str, locator: str) -> VolumeView:
+        validate_id(vid, "id")
+        if not locator:
+            raise InvalidArgument("locator is required", field="locator")
+        existing = self.state.volumes.get(vid)
+        if existing is not None:
+            if existing.locator != locator:
+                raise AlreadyExists(f"volume {vid} exists with another locator", field="id")
+            return self.get_volume(vid)
+        if self.volumes.name == "loop":
+            # Only files in our storage path: a caller must not make hostd mount an arbitrary host file.
+            root = os.path.realpath(self.settings.storage_path) + "/"
+            if not os.path.realpath(locator).startswith(root) or not locator.endswith(".img"):
+                raise InvalidArgument(f"locator must be a .img file under {root}", field="locator")
+            if not os.path.exists(locator):
+                raise NotFound(f"no backing file at {locator}", field="locator")
+        if any(r.locator == locator for r in self.state.volumes.values()):
+            raise AlreadyExists("that locator is already tracked under another id", field="locator")
+        info = self.volumes.activate(vid, locator)
+        self.state.put_volume(VolumeRecord(id=vid, size_gb=info.size_gb, driver=self.volumes.name,
+                                           locator=locator))
+        log.info("volume adopted", extra={"volume": vid})
+        return self.get_volume(vid)
+
+    # ------------------------------------------------------------------ capacity
+    def capacity(self) -> CapacityView:
+        mem_kb = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_kb = int(line.split()[1])
+        return CapacityView(
+            host_id=self.settings.host_id, memory_mb_total=mem_kb // 1024,
+            memory_mb_allocated=sum(c.limits.memory_mb for c in self.state.containers.values()),
+            cpus=os.cpu_count() or 1, storage_gb_total=self.volumes.total_bytes() // GIB,
+            storage_gb_free=self.volumes.free_bytes() // GIB,
+            storage_gb_allocated=sum(v.size_gb for v in self.state.volumes.values()),
+            containers=len(self.state.containers), container_driver=self.containers.name,
+            volume_driver=self.volumes.name, cgroup_version=self.layout.version if self.layout else "")

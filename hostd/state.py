@@ -1,0 +1,103 @@
+"""hostd's durable memory: what it was asked to keep (containers, volumes), as JSON in the state dir.
+
+Written atomically (temp file + fsync + rename) after every change, so a crash leaves either the old or the
+new state, never half of one. Anything found on the host that is not in here is "unmanaged".
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .containers import Limits
+
+
+@dataclass(frozen=True)
+class ContainerRecord:
+    id: str
+    limits: Limits
+    network_mode: str  # "host" | "bridge"
+    address: str
+    port: int
+    template: str
+    datadir: str
+    volume_id: str
+    # sha256 over the create request's parameters: same id + other parameters => ALREADY_EXISTS.
+    fingerprint: str
+    driver: str = "lxc"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ContainerRecord:
+        return cls(**{**d, "limits": Limits(**d["limits"])})
+
+    def with_(self, **changes: Any) -> ContainerRecord:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    id: str
+    size_gb: int
+    driver: str
+    locator: str
+    attached_to: str = ""
+    container_path: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VolumeRecord:
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> VolumeRecord:
+        return replace(self, **changes)
+
+
+@dataclass
+class HostState:
+    path: str
+    containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    volumes: dict[str, VolumeRecord] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str) -> HostState:
+        state = cls(path)
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+            state.containers = {k: ContainerRecord.from_dict(v) for k, v in data.get("containers", {}).items()}
+            state.volumes = {k: VolumeRecord.from_dict(v) for k, v in data.get("volumes", {}).items()}
+        return state
+
+    def save(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        data = {"containers": {k: v.to_dict() for k, v in sorted(self.containers.items())},
+                "volumes": {k: v.to_dict() for k, v in sorted(self.volumes.items())}}
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def put_container(self, rec: ContainerRecord) -> None:
+        self.containers[rec.id] = rec
+        self.save()
+
+    def drop_container(self, cid: str) -> None:
+        self.containers.pop(cid, None)
+        self.save()
+
+    def put_volume(self, rec: VolumeRecord) -> None:
+        self.volumes[rec.id] = rec
+        self.save()
+
+    def drop_volume(self, vid: str) -> None:
+        self.volumes.pop(vid, None)
+        self.save()

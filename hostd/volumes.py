@@ -1,0 +1,58 @@
+"""The volume concept: where an instance's datadir lives, independent of its container, and the driver
+interface (loop default, iSCSI). A volume is mounted on the host under the state dir and bind-mounted into
+its container, so it outlives the container and can be released here and adopted by another host."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    id: str
+    size_gb: int
+    driver: str
+    locator: str  # backing file path, or "iqn:lun" for iSCSI
+    device: str = ""  # /dev/loopN or /dev/sdX while active here
+    mount_path: str = ""  # host-side mount point while active here
+    fs_bytes_total: int = 0
+    fs_bytes_used: int = 0
+
+
+class VolumeDriver(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def create(self, vid: str, size_gb: int) -> VolumeInfo:
+        """Makes the backing store and an ext4 filesystem, and activates it (device + host mount)."""
+
+    @abc.abstractmethod
+    def activate(self, vid: str, locator: str) -> VolumeInfo:
+        """Makes an existing backing store usable here (device + host mount); idempotent."""
+
+    @abc.abstractmethod
+    def deactivate(self, vid: str, locator: str) -> None:
+        """Unmounts and releases the device, keeping the data; idempotent."""
+
+    @abc.abstractmethod
+    def delete(self, vid: str, locator: str) -> None:
+        """Deactivates and destroys the backing store; idempotent."""
+
+    @abc.abstractmethod
+    def resize(self, vid: str, locator: str, size_gb: int) -> VolumeInfo:
+        """Grows backing store and filesystem online (mounted, possibly in use)."""
+
+    @abc.abstractmethod
+    def info(self, vid: str, locator: str) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    def list_locators(self) -> list[str]:
+        """Every backing store of ours in storage, tracked or not (for reconciliation)."""
+
+    @abc.abstractmethod
+    def free_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    def total_bytes(self) -> int: ...
