@@ -9,6 +9,7 @@ import pytest
 
 from tests.fixtures import leaks
 from tests.fixtures.mariadb import MariaDB, mariadb_server
+from tests.fixtures.pki import TestPki, make_test_pki
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +17,12 @@ def mariadb() -> Iterator[MariaDB]:
     """One real MariaDB server for the whole session (tests make their own databases in it)."""
     with mariadb_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """A real CA for the session: `pki.files(role, id)`, `pki.foreign_files(...)`, `pki.expired_files(...)`."""
+    return make_test_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,285 @@
+"""The deployment's certificate authority: every process proves who it is with a certificate from it.
+
+Identity lives in one place only, the URI SAN `spiffe://reddwarf/<role>/<id>` of a certificate signed by
+this CA; nothing a peer *says* (a header, a Hello field, a CSR subject) is trusted over it. Keys are EC
+P-256. The CA directory holds:
+
+    ca.pem          the CA certificate (distributed to every process)
+    ca.key          the CA key, mode 0600, never leaves the control server's host
+    crl.pem         the signed revocation list, rewritten on every revoke
+    revoked.json    serials revoked so far (the source of crl.pem)
+
+Serial numbers are random 159-bit integers (RFC 5280 §4.1.2.2 allows up to 20 octets), so two servers
+sharing a CA never need shared bookkeeping to avoid collisions.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import InvalidArgument, NotFound
+
+ROLES = ("server", "host", "instance", "admin", "client", "gateway")
+SPIFFE_PREFIX = "spiffe://reddwarf/"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_URI = re.compile(r"^spiffe://reddwarf/([a-z]+)/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    id: str
+    serial: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"{SPIFFE_PREFIX}{self.role}/{self.id}"
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert_pem: bytes
+    key_pem: bytes  # empty when signing a CSR: the requester kept its key
+    serial: int
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths of one process's certificate, key and the CA that vouches for peers."""
+    cert: Path
+    key: Path
+    ca: Path
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        return self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+
+
+def validate_role_id(role: str, id: str) -> None:
+    if role not in ROLES:
+        raise InvalidArgument(f"role must be one of {', '.join(ROLES)}", field="role")
+    if not _ID.match(id or ""):
+        raise InvalidArgument("id must be 1-128 characters of letters, digits, '.', '_' or '-'",
+                              field="id")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Atomic write with the final mode set before the file becomes visible."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def make_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
+    """A fresh key and a CSR for it: what a guest agent makes so its private key never leaves the guest."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+           .sign(key, hashes.SHA256()))
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
+
+
+def identity_from_cert(pem: bytes | str) -> Identity:
+    """The identity a certificate proves. Raises InvalidArgument if it carries none (or several)."""
+    if isinstance(pem, str):
+        pem = pem.encode()
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise InvalidArgument("certificate has no subject alternative name", field="certificate")
+    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+            if u.startswith(SPIFFE_PREFIX)]
+    if len(uris) != 1:
+        raise InvalidArgument("certificate must carry exactly one spiffe://reddwarf/ URI",
+                              field="certificate")
+    m = _URI.match(uris[0])
+    if not m or m.group(1) not in ROLES:
+        raise InvalidArgument(f"certificate identity {uris[0]!r} is not a Red Dwarf identity",
+                              field="certificate")
+    return Identity(m.group(1), m.group(2), cert.serial_number)
+
+
+class CertificateAuthority:
+    def __init__(self, directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        self.dir = directory
+        self._cert = cert
+        self._key = key
+        self.cert_pem: bytes = cert.public_bytes(serialization.Encoding.PEM)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, directory: str | Path, name: str = "Red Dwarf CA", days: int = 3650
+             ) -> CertificateAuthority:
+        d = Path(directory)
+        if (d / "ca.key").exists():
+            raise InvalidArgument(f"a CA already exists in {d}", field="directory")
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Red Dwarf")])
+        now = _now()
+        cert = (x509.CertificateBuilder()
+                .subject_name(subject).issuer_name(subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                             content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False,
+                                             encipher_only=False, decipher_only=False), critical=True)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                .sign(key, hashes.SHA256()))
+        _write(d / "ca.key", _key_pem(key), 0o600)
+        _write(d / "ca.pem", cert.public_bytes(serialization.Encoding.PEM))
+        ca = cls(d, cert, key)
+        ca._write_crl([])
+        return ca
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CertificateAuthority:
+        d = Path(directory)
+        if not (d / "ca.key").exists():
+            raise NotFound(f"no CA in {d} (run `reddwarf pki init` or `reddwarf-server init`)",
+                           field="directory")
+        cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((d / "ca.key").read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cls(d, cert, key)
+
+    @classmethod
+    def ensure(cls, directory: str | Path) -> CertificateAuthority:
+        d = Path(directory)
+        return cls.load(d) if (d / "ca.key").exists() else cls.init(d)
+
+    # -- issuing ---------------------------------------------------------------------------------
+    def issue(self, role: str, id: str, days: int = 365, dns_names: Iterable[str] = (),
+              ip_addresses: Iterable[str] = (), not_before: dt.datetime | None = None) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued = self._sign(key.public_key(), role, id, days, dns_names, ip_addresses, not_before)
+        return Issued(issued.cert_pem, _key_pem(key), issued.serial, issued.not_after)
+
+    def sign_csr(self, csr_pem: bytes, role: str, id: str, days: int = 365) -> Issued:
+        """Sign the CSR's public key for (role, id); whatever identity the CSR names is ignored."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as e:
+            raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem")
+        if not csr.is_signature_valid:
+            raise InvalidArgument("certificate request signature is invalid", field="csr_pem")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("certificate request must use an EC key", field="csr_pem")
+        return self._sign(public_key, role, id, days, (), (), None)
+
+    def _sign(self, public_key: ec.EllipticCurvePublicKey, role: str, id: str, days: int,
+              dns_names: Iterable[str], ip_addresses: Iterable[str],
+              not_before: dt.datetime | None) -> Issued:
+        validate_role_id(role, id)
+        if not 1 <= days <= 3650:
+            raise InvalidArgument("days must be between 1 and 3650", field="days")
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"{SPIFFE_PREFIX}{role}/{id}")]
+        dns = list(dns_names)
+        ips = list(ip_addresses)
+        if role in ("server", "host"):
+            # Peers dial them on loopback or by address: make both verifiable.
+            dns = ["localhost", *[n for n in dns if n != "localhost"]]
+            ips = ["127.0.0.1", *[i for i in ips if i != "127.0.0.1"]]
+        sans += [x509.DNSName(n) for n in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        start = not_before or (_now() - dt.timedelta(minutes=5))
+        end = start + dt.timedelta(days=days)
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if role in ("server", "host"):
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        serial = x509.random_serial_number()
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}/{id}"[:64])]))
+                .issuer_name(self._cert.subject)
+                .public_key(public_key)
+                .serial_number(serial)
+                .not_valid_before(start)
+                .not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                               critical=False)
+                .sign(self._key, hashes.SHA256()))
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), b"", serial, end)
+
+    def write_identity(self, directory: str | Path, name: str, role: str, id: str, days: int = 365,
+                       dns_names: Iterable[str] = (), ip_addresses: Iterable[str] = ()) -> TlsFiles:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        issued = self.issue(role, id, days, dns_names, ip_addresses)
+        files = TlsFiles(d / f"{name}.pem", d / f"{name}.key", d / "ca.pem")
+        _write(files.key, issued.key_pem, 0o600)
+        _write(files.cert, issued.cert_pem)
+        _write(files.ca, self.cert_pem)
+        return files
+
+    # -- revocation ------------------------------------------------------------------------------
+    def revoked_serials(self) -> list[int]:
+        path = self.dir / "revoked.json"
+        return [int(s) for s in json.loads(path.read_text())] if path.exists() else []
+
+    def revoke(self, serial: int) -> None:
+        serials = self.revoked_serials()
+        if serial not in serials:
+            serials.append(serial)
+            _write(self.dir / "revoked.json", json.dumps([str(s) for s in serials]).encode())
+        self._write_crl(serials)
+
+    def crl_pem(self) -> bytes:
+        return (self.dir / "crl.pem").read_bytes()
+
+    def _write_crl(self, serials: list[int]) -> None:
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder()
+                   .issuer_name(self._cert.subject)
+                   .last_update(now - dt.timedelta(minutes=5))
+                   .next_update(now + dt.timedelta(days=7)))
+        for s in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build())
+        crl = builder.sign(self._key, hashes.SHA256())
+        _write(self.dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+
+
+def revoked_in_crl(crl_pem: bytes, ca_pem: bytes) -> frozenset[int]:
+    """Serials listed in a CRL, after checking the CRL was signed by the CA (a forged CRL is refused)."""
+    crl = x509.load_pem_x509_crl(crl_pem)
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise InvalidArgument("revocation list is not signed by the CA", field="crl")
+    return frozenset(r.serial_number for r in crl)
