@@ -1,0 +1,223 @@
+"""The blueprint's two promises, measured: containers keep MySQL near bare-metal speed, and beancounter
+limits keep a bad neighbour from hurting others.
+
+1. Container vs bare: sysbench oltp_read_only against mariadbd in an LXC container made by hostd's LXC
+   driver (overlay snapshot of the instance template, cgroup limits) and against a bare mariadbd on the
+   host with the same my.cnf, same data size, same client, one after the other in this run.
+2. Noisy neighbour: a victim container running sysbench oltp_read_write, first alone, then while an
+   aggressor container on its flavor's limits burns CPU, allocates memory past its limit and writes to
+   disk. Victim QPS with the neighbour is compared with its solo QPS.
+
+Targets (issue 8): container >= 95% of bare; victim >= 80% of solo.
+
+Run: `.venv/bin/python -m bench.isolation_bench [--seconds N]` (as root; builds the template if missing).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pymysql
+from reddwarf.hostd import template
+from reddwarf.hostd.containers import Bootstrap, ContainerSpec, Limits, NetworkPlan, VolumeMount
+from reddwarf.hostd.lxc import LxcDriver
+from reddwarf.hostd.settings import Settings
+
+MY_CNF = """[mariadbd]
+user = root
+datadir = {root}/data
+socket = {root}/mysqld.sock
+pid-file = {root}/mysqld.pid
+log-error = {root}/error.log
+skip-networking
+skip-log-bin
+innodb_buffer_pool_size = 256M
+innodb_log_file_size = 64M
+innodb_flush_log_at_trx_commit = 2
+max_connections = 64
+"""
+
+# PID 1 of a bench container: initialise the datadir then become mariadbd (no agent: we measure MySQL).
+START_MYSQL = """#!/bin/sh
+set -e
+[ -d /srv/rd/data/mysql ] || mariadb-install-db --defaults-file=/srv/rd/my.cnf --user=root \
+  --auth-root-authentication-method=normal --skip-test-db >/srv/rd/install.log 2>&1
+exec mariadbd --defaults-file=/srv/rd/my.cnf
+"""
+
+# PID 1 of the aggressor: everything a bad neighbour does, inside its own limits.
+AGGRESSOR = """#!/bin/sh
+for i in 1 2 3 4; do ( while :; do :; done ) & done
+( while :; do /opt/reddwarf/venv/bin/python -c "b=[bytearray(1<<20) for _ in range(2048)]" 2>/dev/null; done ) &
+( while :; do dd if=/dev/zero of=/srv/rd/junk bs=1M count=512 oflag=direct 2>/dev/null; rm -f /srv/rd/junk; done ) &
+wait
+"""
+
+SYSBENCH_TABLES = 4
+SYSBENCH_ROWS = 50_000
+
+
+def sysbench(test: str, socket: str, seconds: int, action: str = "run", threads: int = 2) -> float:
+    args = ["sysbench", test, f"--mysql-socket={socket}", "--mysql-user=root", "--mysql-db=sbtest",
+            f"--tables={SYSBENCH_TABLES}", f"--table-size={SYSBENCH_ROWS}", f"--threads={threads}",
+            f"--time={seconds}", "--report-interval=0", action]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=seconds + 600).stdout
+    if action != "run":
+        return 0.0
+    m = re.search(r"queries:\s+\d+\s+\(([\d.]+) per sec", out)
+    if not m:
+        raise RuntimeError(f"cannot read QPS from sysbench output:\n{out[-1500:]}")
+    return float(m.group(1))
+
+
+def wait_socket(socket: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pymysql.connect(unix_socket=socket, user="root", password="").close()
+            return
+        except pymysql.err.OperationalError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mariadbd on {socket} did not become ready") from None
+            time.sleep(0.2)
+
+
+def prepare_data(socket: str) -> None:
+    conn = pymysql.connect(unix_socket=socket, user="root", password="", autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute("CREATE DATABASE IF NOT EXISTS sbtest")
+    conn.close()
+    sysbench("oltp_read_write", socket, 10, action="prepare", threads=SYSBENCH_TABLES)
+
+
+def write_root(root: str, script: str) -> None:
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "my.cnf"), "w") as f:
+        f.write(MY_CNF.format(root="/srv/rd"))
+    with open(os.path.join(root, "start.sh"), "w") as f:
+        f.write(script)
+    os.chmod(os.path.join(root, "start.sh"), 0o755)
+
+
+class Bench:
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.settings = Settings(host_id="bench", state_dir=os.path.join(work, "state"),
+                                 lxc_path=os.path.join(work, "lxc"), container_prefix="rdbench-",
+                                 agent_init_cmd="/bin/sh /srv/rd/start.sh")
+        self.driver = LxcDriver(self.settings)
+        self.template = template.build_template(self.settings)
+        self.containers: list[str] = []
+
+    def container(self, name: str, limits: Limits, script: str) -> str:
+        root = os.path.join(self.work, name)
+        write_root(root, script)
+        cid = f"{name}-{uuid.uuid4().hex[:6]}"
+        spec = ContainerSpec(id=cid, limits=limits.validate(),
+                             bootstrap=Bootstrap("127.0.0.1:1", "", "unused", cid),
+                             network=NetworkPlan("host", "127.0.0.1", 0), template=self.template,
+                             mount=VolumeMount(root, "/srv/rd"))
+        self.containers.append(cid)
+        self.driver.create(spec)
+        self.driver.start(cid)
+        return os.path.join(root, "mysqld.sock")
+
+    def close(self) -> None:
+        for cid in self.containers:
+            self.driver.destroy(cid)
+
+
+def bare_mysqld(root: str) -> subprocess.Popen[bytes]:
+    os.makedirs(root, exist_ok=True)
+    cnf = os.path.join(root, "my.cnf")
+    with open(cnf, "w") as f:
+        f.write(MY_CNF.format(root=root))
+    subprocess.run(["mariadb-install-db", f"--defaults-file={cnf}", "--user=root",
+                    "--auth-root-authentication-method=normal", "--skip-test-db"],
+                   check=True, capture_output=True, timeout=180)
+    return subprocess.Popen(["mariadbd", f"--defaults-file={cnf}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=20)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="reddwarf-isolation-", dir="/var/tmp")
+    bench: Bench | None = None
+    bare: subprocess.Popen[bytes] | None = None
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        bench = Bench(work)
+        roomy = Limits(memory_mb=1024, cpu_shares=1024, max_processes=512, io_weight=500)
+
+        # 1. container vs bare, same config, one after the other.
+        bare_root = os.path.join(work, "bare")
+        bare = bare_mysqld(bare_root)
+        wait_socket(os.path.join(bare_root, "mysqld.sock"))
+        prepare_data(os.path.join(bare_root, "mysqld.sock"))
+        bare_qps = sysbench("oltp_read_only", os.path.join(bare_root, "mysqld.sock"), args.seconds)
+        stop(bare)
+        bare = None
+
+        sock = bench.container("solo", roomy, START_MYSQL)
+        wait_socket(sock)
+        prepare_data(sock)
+        ct_qps = sysbench("oltp_read_only", sock, args.seconds)
+        rows.append(("oltp_read_only QPS: container vs bare mariadbd", f"{ct_qps:,.0f}", f"{bare_qps:,.0f}",
+                     f"{100 * ct_qps / bare_qps:.0f}% (target >= 95%)"))
+
+        # 2. noisy neighbour: the same container is the victim.
+        solo_qps = sysbench("oltp_read_write", sock, args.seconds)
+        bad = Limits(memory_mb=256, swap_mb=0, cpu_shares=256, cpu_limit_millicores=500,
+                     max_processes=64, io_weight=100)
+        bench.container("aggressor", bad, AGGRESSOR)
+        time.sleep(3)  # let the neighbour reach its limits
+        noisy_qps = sysbench("oltp_read_write", sock, args.seconds)
+        aggressor = bench.containers[-1]
+        usage = bench.driver.usage(aggressor, bad)
+        mem = next((b for b in usage.beancounters if b.resource in ("physpages", "memory")), None)
+        failcnt = mem.failcnt if mem else 0
+        cpu = next((b for b in usage.beancounters if b.resource == "cpu"), None)
+        throttled = cpu.failcnt if cpu else 0
+        rows.append(("oltp_read_write QPS: victim with a noisy neighbour vs alone", f"{noisy_qps:,.0f}",
+                     f"{solo_qps:,.0f}", f"{100 * noisy_qps / solo_qps:.0f}% (target >= 80%)"))
+        print("## Isolation: container vs bare, and the noisy neighbour\n")
+        print(f"sysbench {SYSBENCH_TABLES} tables x {SYSBENCH_ROWS:,} rows, 2 threads, {args.seconds} s per run; "
+              "both mariadbd use the same my.cnf (256 MB buffer pool). The aggressor runs 4 CPU burners, "
+              "a memory hog past its 256 MB limit and direct-IO writes, on limits cpu_shares=256, "
+              f"cap 0.5 CPU, io_weight=100 (its beancounters during the run: memory failcnt {failcnt}, "
+              f"CPU throttled periods {throttled}); "
+              "the victim has cpu_shares=1024, io_weight=500.\n")
+        print("| measure | Red Dwarf | baseline (same run) | ratio |")
+        print("|---|---|---|---|")
+        for r in rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} |")
+        return 0
+    finally:
+        if bare is not None:
+            stop(bare)
+        if bench is not None:
+            bench.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
