@@ -1,0 +1,381 @@
+"""The Admin service: tenants and their tokens and quotas, hosts, tasks, certificates. Admin principals only
+(enforced by server/auth.py before any of this runs)."""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import uuid
+
+import grpc
+from google.protobuf import empty_pb2
+from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
+from reddwarf.common.pki import identity_from_cert, validate_role_id
+from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from . import models
+from .app import App
+from .auth import current_principal, hash_secret, new_secret, serial_hex
+from .catalog import resource_id, ts
+from .pagination import Paginator
+
+log = logging.getLogger("reddwarf.server.admin")
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+LIVE = ("DELETED",)
+TASK_STATES = {"pending": admin_pb2.TASK_PENDING, "running": admin_pb2.TASK_RUNNING,
+               "succeeded": admin_pb2.TASK_SUCCEEDED, "failed": admin_pb2.TASK_FAILED,
+               "cancelled": admin_pb2.TASK_CANCELLED}
+HOST_STATES = {"up": admin_pb2.HOST_UP, "down": admin_pb2.HOST_DOWN, "draining": admin_pb2.HOST_DRAINING}
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def quota_usage(s: Session, t: models.Tenant) -> admin_pb2.QuotaUsage:
+    live = (models.Instance.tenant_id == t.id) & (models.Instance.deleted_at.is_(None))
+    count = s.scalar(select(func.count()).select_from(models.Instance).where(live)) or 0
+    volume = s.scalar(select(func.coalesce(func.sum(models.Instance.volume_size_gb), 0)).where(live)) or 0
+    memory = s.scalar(select(func.coalesce(func.sum(models.Flavor.memory_mb), 0)).select_from(models.Instance)
+                      .join(models.Flavor, models.Flavor.id == models.Instance.flavor_id).where(live)) or 0
+    backups = s.scalar(select(func.count()).select_from(models.Backup).where(
+        models.Backup.tenant_id == t.id, models.Backup.status != "DELETED")) or 0
+    return admin_pb2.QuotaUsage(
+        limit=admin_pb2.Quota(instances=t.quota_instances, memory_mb=t.quota_memory_mb,
+                              volume_gb=t.quota_volume_gb, backups=t.quota_backups),
+        in_use=admin_pb2.Quota(instances=count, memory_mb=memory, volume_gb=volume, backups=backups))
+
+
+def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
+    return admin_pb2.Tenant(name=f"tenants/{t.id}", id=t.id, display_name=t.display_name,
+                            quota=admin_pb2.Quota(instances=t.quota_instances, memory_mb=t.quota_memory_mb,
+                                                  volume_gb=t.quota_volume_gb, backups=t.quota_backups),
+                            create_time=ts(t.created_at))
+
+
+def host_pb(h: models.Host) -> admin_pb2.Host:
+    return admin_pb2.Host(
+        name=f"hosts/{h.id}", id=h.id, address=h.address, state=HOST_STATES.get(h.state, 0),
+        container_driver=h.container_driver, volume_driver=h.volume_driver, last_seen=ts(h.last_seen),
+        memory_overcommit=h.memory_overcommit, storage_overcommit=h.storage_overcommit,
+        capacity=admin_pb2.HostCapacity(memory_mb_total=h.memory_mb_total, cpus=h.cpus,
+                                        storage_gb_total=h.storage_gb_total, storage_gb_free=h.storage_gb_free,
+                                        containers=h.containers))
+
+
+def task_pb(t: models.Task) -> admin_pb2.Task:
+    steps = []
+    for st in t.steps or []:
+        steps.append(admin_pb2.TaskStep(
+            step=st.get("step", ""), state=TASK_STATES.get(st.get("state", ""), 0), detail=st.get("detail", ""),
+            started=ts(dt.datetime.fromisoformat(st["started"])) if st.get("started") else None,
+            finished=ts(dt.datetime.fromisoformat(st["finished"])) if st.get("finished") else None))
+    fault = (common_pb2.Fault(message=t.fault_message, details=t.fault_details, created=ts(t.updated_at))
+             if t.fault_message else None)
+    return admin_pb2.Task(name=f"tasks/{t.id}", id=t.id, kind=t.kind, resource=t.resource,
+                          state=TASK_STATES.get(t.state, 0), current_step=t.current_step, steps=steps,
+                          attempts=t.attempts, lease_owner=t.lease_owner or "", lease_expires=ts(t.lease_expires),
+                          create_time=ts(t.created_at), update_time=ts(t.updated_at), fault=fault)
+
+
+def cert_pb(c: models.Certificate, pem: str = "", ca_pem: str = "") -> admin_pb2.Certificate:
+    return admin_pb2.Certificate(identity=c.identity, serial=c.serial, certificate_pem=pem, ca_pem=ca_pem,
+                                 not_after=ts(c.not_after), revoked=c.revoked_at is not None)
+
+
+def record_certificate(s: Session, cert_pem: bytes, not_after: dt.datetime) -> models.Certificate:
+    ident = identity_from_cert(cert_pem)
+    row = models.Certificate(serial=serial_hex(ident.serial), identity=ident.uri, role=ident.role,
+                             subject_id=ident.id, not_after=not_after.replace(tzinfo=None))
+    s.add(row)
+    return row
+
+
+def revoke_identity(app: App, s: Session, identity_uri: str, reason: str) -> int:
+    """Revokes every live certificate of an identity (e.g. a deleted instance's). Returns how many."""
+    rows = s.scalars(select(models.Certificate).where(models.Certificate.identity == identity_uri,
+                                                      models.Certificate.revoked_at.is_(None))).all()
+    for row in rows:
+        row.revoked_at = now()
+        row.revoke_reason = reason
+        app.ca.revoke(int(row.serial, 16))
+    return len(rows)
+
+
+def _quota_values(q: admin_pb2.Quota, field: str) -> None:
+    for name in ("instances", "memory_mb", "volume_gb", "backups"):
+        v = getattr(q, name)
+        if v < 0 or v > 10**9:
+            raise InvalidArgument(f"{field}.{name} must be between 0 and 1e9", field=f"{field}.{name}")
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, app: App, paginator: Paginator) -> None:
+        self.app = app
+        self.pages = paginator
+
+    def _list(self, method: str, context, request, query, convert, filter: str = ""):  # type: ignore[no-untyped-def]
+        p = current_principal(context)
+        page = self.pages.page(method, p.caller_key, request.page_size, request.page_token, filter)
+        with self.app.sessions() as s:
+            rows = s.scalars(query.offset(page.offset).limit(page.size + 1)).all()
+            items = [convert(r) for r in rows[:page.size]]
+        return items, self.pages.next_token(method, p.caller_key, page, len(rows) > page.size, filter)
+
+    # -- tenants, tokens, quotas -----------------------------------------------------------------
+    @grpc_edge
+    async def CreateTenant(self, request, context):  # type: ignore[no-untyped-def]
+        t = request.tenant
+        if not TENANT_ID.match(t.id):
+            raise InvalidArgument("tenant.id must be 1-63 lowercase letters, digits or '-'", field="tenant.id")
+        if len(t.display_name) > 255:
+            raise InvalidArgument("tenant.display_name is longer than 255 characters", field="tenant.display_name")
+        q = self.app.settings.default_quota
+        if t.HasField("quota"):
+            _quota_values(t.quota, "tenant.quota")
+        with self.app.sessions() as s, s.begin():
+            if s.get(models.Tenant, t.id) is not None:
+                raise AlreadyExists(f"tenant {t.id!r} already exists", field="tenant.id")
+            row = models.Tenant(
+                id=t.id, display_name=t.display_name or t.id,
+                quota_instances=t.quota.instances if t.HasField("quota") else q.instances,
+                quota_memory_mb=t.quota.memory_mb if t.HasField("quota") else q.memory_mb,
+                quota_volume_gb=t.quota.volume_gb if t.HasField("quota") else q.volume_gb,
+                quota_backups=t.quota.backups if t.HasField("quota") else q.backups)
+            s.add(row)
+            s.flush()
+            return tenant_pb(row)
+
+    @grpc_edge
+    async def GetTenant(self, request, context):  # type: ignore[no-untyped-def]
+        tid = resource_id(request.name, "tenants", "name")
+        with self.app.sessions() as s:
+            row = s.get(models.Tenant, tid)
+            if row is None:
+                raise NotFound(f"tenant {tid!r} does not exist", field="name")
+            return tenant_pb(row)
+
+    @grpc_edge
+    async def ListTenants(self, request, context):  # type: ignore[no-untyped-def]
+        items, token = self._list("ListTenants", context, request,
+                                  select(models.Tenant).order_by(models.Tenant.id), tenant_pb)
+        return admin_pb2.ListTenantsResponse(tenants=items, next_page_token=token)
+
+    @grpc_edge
+    async def DeleteTenant(self, request, context):  # type: ignore[no-untyped-def]
+        tid = resource_id(request.name, "tenants", "name")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Tenant, tid)
+            if row is None:
+                raise NotFound(f"tenant {tid!r} does not exist", field="name")
+            if tid == "admin":
+                raise FailedPrecondition("the admin tenant cannot be deleted", field="name")
+            live = s.scalar(select(func.count()).select_from(models.Instance).where(
+                models.Instance.tenant_id == tid, models.Instance.deleted_at.is_(None)))
+            if live:
+                raise FailedPrecondition(f"tenant {tid!r} still has {live} instance(s); delete them first",
+                                         field="name")
+            for tok in s.scalars(select(models.Token).where(models.Token.tenant_id == tid)):
+                s.delete(tok)
+            s.delete(row)
+        return empty_pb2.Empty()
+
+    @grpc_edge
+    async def CreateToken(self, request, context):  # type: ignore[no-untyped-def]
+        tid = resource_id(request.tenant, "tenants", "tenant")
+        if request.ttl_seconds < 0:
+            raise InvalidArgument("ttl_seconds must not be negative", field="ttl_seconds")
+        if len(request.description) > 255:
+            raise InvalidArgument("description is longer than 255 characters", field="description")
+        secret = new_secret()
+        with self.app.sessions() as s, s.begin():
+            if s.get(models.Tenant, tid) is None:
+                raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
+            row = models.Token(id=str(uuid.uuid4()), tenant_id=tid, secret_hash=hash_secret(secret),
+                               description=request.description, admin=request.admin,
+                               expires_at=now() + dt.timedelta(seconds=request.ttl_seconds)
+                               if request.ttl_seconds else None)
+            s.add(row)
+        return admin_pb2.Token(name=f"tenants/{tid}/tokens/{row.id}", id=row.id, secret=secret,
+                               description=row.description, admin=row.admin, expire_time=ts(row.expires_at))
+
+    @grpc_edge
+    async def RevokeToken(self, request, context):  # type: ignore[no-untyped-def]
+        tid = request.name.rsplit("/", 1)[-1]
+        if not tid:
+            raise InvalidArgument("name must be tenants/<tenant>/tokens/<id>", field="name")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Token, tid)
+            if row is None:
+                raise NotFound(f"token {tid!r} does not exist", field="name")
+            row.revoked_at = row.revoked_at or now()
+        return empty_pb2.Empty()
+
+    @grpc_edge
+    async def GetQuota(self, request, context):  # type: ignore[no-untyped-def]
+        tid = resource_id(request.tenant, "tenants", "tenant")
+        with self.app.sessions() as s:
+            row = s.get(models.Tenant, tid)
+            if row is None:
+                raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
+            return quota_usage(s, row)
+
+    @grpc_edge
+    async def UpdateQuota(self, request, context):  # type: ignore[no-untyped-def]
+        tid = resource_id(request.tenant, "tenants", "tenant")
+        _quota_values(request.quota, "quota")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Tenant, tid)
+            if row is None:
+                raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
+            row.quota_instances = request.quota.instances
+            row.quota_memory_mb = request.quota.memory_mb
+            row.quota_volume_gb = request.quota.volume_gb
+            row.quota_backups = request.quota.backups
+            s.flush()
+            return quota_usage(s, row)
+
+    # -- hosts -----------------------------------------------------------------------------------
+    @grpc_edge
+    async def RegisterHost(self, request, context):  # type: ignore[no-untyped-def]
+        h = request.host
+        if not HOST_ID.match(h.id):
+            raise InvalidArgument("host.id must be 1-64 lowercase letters, digits or '-'", field="host.id")
+        if not ADDRESS.match(h.address) or not 0 < int(h.address.rsplit(":", 1)[1]) < 65536:
+            raise InvalidArgument("host.address must be host:port", field="host.address")
+        for name in ("memory_overcommit", "storage_overcommit"):
+            if not 0 <= getattr(h, name) <= 10:
+                raise InvalidArgument(f"host.{name} must be between 0 and 10", field=f"host.{name}")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Host, h.id)
+            if row is not None and row.address != h.address:
+                raise AlreadyExists(f"host {h.id!r} is registered at {row.address}", field="host.id")
+            if row is None:
+                row = models.Host(id=h.id, address=h.address, state="up",
+                                  memory_overcommit=h.memory_overcommit or self.app.settings.memory_overcommit,
+                                  storage_overcommit=h.storage_overcommit or self.app.settings.storage_overcommit)
+                s.add(row)
+                s.flush()
+            result = host_pb(row)
+        if self.app.hosts is not None:  # fill capacity at once when the scheduler is wired
+            try:
+                await self.app.hosts.refresh(h.id)
+                with self.app.sessions() as s:
+                    result = host_pb(s.get(models.Host, h.id))
+            except Exception as exc:  # noqa: BLE001 - registered anyway; the refresh loop retries
+                log.warning("host capacity refresh failed", extra={"host": h.id, "error": str(exc)})
+        return result
+
+    @grpc_edge
+    async def EnrollHost(self, request, context):  # type: ignore[no-untyped-def]
+        from reddwarf.common.errors import RedDwarfError
+
+        class Unimplemented(RedDwarfError):
+            code = grpc.StatusCode.UNIMPLEMENTED
+        raise Unimplemented("EnrollHost (install hostd over SSH) is not implemented; install hostd on the "
+                            "host, issue it a host certificate and use RegisterHost")
+
+    @grpc_edge
+    async def GetHost(self, request, context):  # type: ignore[no-untyped-def]
+        hid = resource_id(request.name, "hosts", "name")
+        with self.app.sessions() as s:
+            row = s.get(models.Host, hid)
+            if row is None:
+                raise NotFound(f"host {hid!r} does not exist", field="name")
+            return host_pb(row)
+
+    @grpc_edge
+    async def ListHosts(self, request, context):  # type: ignore[no-untyped-def]
+        items, token = self._list("ListHosts", context, request, select(models.Host).order_by(models.Host.id),
+                                  host_pb)
+        return admin_pb2.ListHostsResponse(hosts=items, next_page_token=token)
+
+    @grpc_edge
+    async def DrainHost(self, request, context):  # type: ignore[no-untyped-def]
+        hid = resource_id(request.name, "hosts", "name")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Host, hid)
+            if row is None:
+                raise NotFound(f"host {hid!r} does not exist", field="name")
+            row.state = "draining" if request.drain else "up"
+            s.flush()
+            return host_pb(row)
+
+    @grpc_edge
+    async def DeleteHost(self, request, context):  # type: ignore[no-untyped-def]
+        hid = resource_id(request.name, "hosts", "name")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Host, hid)
+            if row is None:
+                raise NotFound(f"host {hid!r} does not exist", field="name")
+            live = s.scalar(select(func.count()).select_from(models.Instance).where(
+                models.Instance.host_id == hid, models.Instance.deleted_at.is_(None)))
+            if live:
+                raise FailedPrecondition(f"host {hid!r} still runs {live} instance(s)", field="name")
+            s.delete(row)
+        return empty_pb2.Empty()
+
+    # -- tasks -----------------------------------------------------------------------------------
+    @grpc_edge
+    async def GetTask(self, request, context):  # type: ignore[no-untyped-def]
+        tid = resource_id(request.name, "tasks", "name")
+        with self.app.sessions() as s:
+            row = s.get(models.Task, tid)
+            if row is None:
+                raise NotFound(f"task {tid!r} does not exist", field="name")
+            return task_pb(row)
+
+    @grpc_edge
+    async def ListTasks(self, request, context):  # type: ignore[no-untyped-def]
+        q = select(models.Task).order_by(models.Task.created_at.desc(), models.Task.id)
+        if request.resource:
+            q = q.where(models.Task.resource == request.resource)
+        if request.state:
+            names = {v: k for k, v in TASK_STATES.items()}
+            if request.state not in names:
+                raise InvalidArgument("state is not a task state", field="state")
+            q = q.where(models.Task.state == names[request.state])
+        items, token = self._list("ListTasks", context, request, q, task_pb,
+                                  filter=f"{request.resource}|{request.state}")
+        return admin_pb2.ListTasksResponse(tasks=items, next_page_token=token)
+
+    # -- certificates ----------------------------------------------------------------------------
+    @grpc_edge
+    async def IssueCertificate(self, request, context):  # type: ignore[no-untyped-def]
+        validate_role_id(request.role, request.id)
+        days = request.days or 365
+        if request.csr_pem:
+            issued = self.app.ca.sign_csr(request.csr_pem.encode(), request.role, request.id, days)
+        else:
+            # No CSR: the key is made here and returned once in certificate_pem after the certificate.
+            issued = self.app.ca.issue(request.role, request.id, days)
+        with self.app.sessions() as s, s.begin():
+            row = record_certificate(s, issued.cert_pem, issued.not_after)
+        pem = issued.cert_pem.decode() + issued.key_pem.decode()
+        return cert_pb(row, pem, self.app.ca.cert_pem.decode())
+
+    @grpc_edge
+    async def RevokeCertificate(self, request, context):  # type: ignore[no-untyped-def]
+        serial = request.serial.lower().removeprefix("0x")
+        if not re.fullmatch(r"[0-9a-f]{1,64}", serial):
+            raise InvalidArgument("serial must be the certificate's serial in hex", field="serial")
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Certificate, serial)
+            if row is None:
+                raise NotFound(f"no certificate with serial {serial} was issued here", field="serial")
+            if row.revoked_at is None:
+                row.revoked_at = now()
+                row.revoke_reason = request.reason[:255]
+                self.app.ca.revoke(int(serial, 16))
+            return cert_pb(row)
+
+    @grpc_edge
+    async def ListCertificates(self, request, context):  # type: ignore[no-untyped-def]
+        items, token = self._list("ListCertificates", context, request,
+                                  select(models.Certificate).order_by(models.Certificate.created_at,
+                                                                      models.Certificate.serial), cert_pb)
+        return admin_pb2.ListCertificatesResponse(certificates=items, next_page_token=token)

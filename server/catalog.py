@@ -1,0 +1,118 @@
+"""The Catalog service: flavors (named limit sets), datastores and their versions, and who the caller is."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from reddwarf.common.errors import InvalidArgument, NotFound, grpc_edge
+from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
+from sqlalchemy import select
+
+from . import models
+from .app import App
+from .auth import current_principal
+from .pagination import Paginator
+
+
+def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value)
+    return t
+
+
+def limits_of(f: models.Flavor) -> common_pb2.Limits:
+    return common_pb2.Limits(memory_mb=f.memory_mb, swap_mb=f.swap_mb, cpu_shares=f.cpu_shares,
+                             cpu_limit_millicores=f.cpu_limit_millicores, max_processes=f.max_processes,
+                             max_open_files=f.max_open_files, io_weight=f.io_weight, io_iops=f.io_iops,
+                             io_bytes_per_sec=f.io_bytes_per_sec)
+
+
+def flavor_pb(f: models.Flavor) -> database_pb2.Flavor:
+    return database_pb2.Flavor(name=f"flavors/{f.id}", id=f.id, display_name=f.display_name,
+                               limits=limits_of(f), default_volume_gb=f.default_volume_gb)
+
+
+def resource_id(name: str, collection: str, field: str) -> str:
+    """Accepts `collection/id` or a bare id (Trove clients send bare ids)."""
+    if not name:
+        raise InvalidArgument(f"{field} is required", field=field)
+    prefix = f"{collection}/"
+    rid = name.removeprefix(prefix)
+    if not rid or "/" in rid or len(rid) > 64:
+        raise InvalidArgument(f"{field} must be `{collection}/<id>`, got {name!r}", field=field)
+    return rid
+
+
+class CatalogServicer(database_pb2_grpc.CatalogServicer):
+    def __init__(self, app: App, paginator: Paginator) -> None:
+        self.app = app
+        self.pages = paginator
+
+    def _datastore_pb(self, s: Any, d: models.Datastore) -> database_pb2.Datastore:
+        versions = s.scalars(select(models.DatastoreVersion).where(
+            models.DatastoreVersion.datastore_id == d.id).order_by(models.DatastoreVersion.version)).all()
+        return database_pb2.Datastore(
+            name=f"datastores/{d.id}", id=d.id, default_version=d.default_version,
+            versions=[database_pb2.DatastoreVersion(name=f"datastores/{d.id}/versions/{v.version}",
+                                                    version=v.version, packages=list(v.packages or []),
+                                                    active=v.active) for v in versions])
+
+    @grpc_edge
+    async def ListFlavors(self, request: database_pb2.ListFlavorsRequest,
+                          context: grpc.aio.ServicerContext) -> database_pb2.ListFlavorsResponse:
+        p = current_principal(context)
+        page = self.pages.page("ListFlavors", p.caller_key, request.page_size, request.page_token)
+
+        def q() -> database_pb2.ListFlavorsResponse:
+            with self.app.sessions() as s:
+                rows = s.scalars(select(models.Flavor).order_by(models.Flavor.memory_mb, models.Flavor.id)
+                                 .offset(page.offset).limit(page.size + 1)).all()
+            return database_pb2.ListFlavorsResponse(
+                flavors=[flavor_pb(f) for f in rows[:page.size]],
+                next_page_token=self.pages.next_token("ListFlavors", p.caller_key, page, len(rows) > page.size))
+        return await asyncio.to_thread(q)
+
+    @grpc_edge
+    async def GetFlavor(self, request: database_pb2.GetFlavorRequest,
+                        context: grpc.aio.ServicerContext) -> database_pb2.Flavor:
+        fid = resource_id(request.name, "flavors", "name")
+        with self.app.sessions() as s:
+            f = s.get(models.Flavor, fid)
+            if f is None:
+                raise NotFound(f"flavor {fid!r} does not exist", field="name")
+            return flavor_pb(f)
+
+    @grpc_edge
+    async def ListDatastores(self, request: database_pb2.ListDatastoresRequest,
+                             context: grpc.aio.ServicerContext) -> database_pb2.ListDatastoresResponse:
+        p = current_principal(context)
+        page = self.pages.page("ListDatastores", p.caller_key, request.page_size, request.page_token)
+        with self.app.sessions() as s:
+            rows = s.scalars(select(models.Datastore).order_by(models.Datastore.id)
+                             .offset(page.offset).limit(page.size + 1)).all()
+            return database_pb2.ListDatastoresResponse(
+                datastores=[self._datastore_pb(s, d) for d in rows[:page.size]],
+                next_page_token=self.pages.next_token("ListDatastores", p.caller_key, page,
+                                                      len(rows) > page.size))
+
+    @grpc_edge
+    async def GetDatastore(self, request: database_pb2.GetDatastoreRequest,
+                           context: grpc.aio.ServicerContext) -> database_pb2.Datastore:
+        did = resource_id(request.name, "datastores", "name")
+        with self.app.sessions() as s:
+            d = s.get(models.Datastore, did)
+            if d is None:
+                raise NotFound(f"datastore {did!r} does not exist", field="name")
+            return self._datastore_pb(s, d)
+
+    @grpc_edge
+    async def GetCaller(self, request: database_pb2.GetCallerRequest,
+                        context: grpc.aio.ServicerContext) -> database_pb2.Caller:
+        p = current_principal(context)
+        return database_pb2.Caller(tenant=f"tenants/{p.tenant_id}" if p.tenant_id else "", admin=p.admin,
+                                   identity=p.identity.uri)

@@ -1,0 +1,232 @@
+"""`reddwarf-server`: `init` prepares a deployment (CA, the server's certificate, the state database, the
+seeded catalog, the admin tenant, token and certificate); `serve` runs the three ports:
+
+  api     public + admin API, mTLS required, callers identified by server/auth.py
+  agent   the guest agents' streams, mTLS with instance certificates
+  enroll  one-time-token enrollment, server-only TLS (the agent has no certificate yet)
+
+`wire(app)` is the one place that says which servicers and background loops run.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from reddwarf.common.log import setup as setup_logging
+from reddwarf.common.pki import CertificateAuthority, TlsFiles
+from reddwarf.common.tls import server_credentials
+from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
+
+from . import db, models
+from .admin import AdminServicer, record_certificate
+from .app import App
+from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new_secret
+from .catalog import CatalogServicer
+from .pagination import Paginator
+from .settings import Settings
+
+log = logging.getLogger("reddwarf.server")
+
+AddFn = Callable[[Any, grpc.aio.Server], None]
+
+
+@dataclass
+class Wiring:
+    api: list[tuple[AddFn, Any, str]] = field(default_factory=list)      # (add_fn, servicer, service name)
+    agent: list[tuple[AddFn, Any, str]] = field(default_factory=list)
+    enroll: list[tuple[AddFn, Any, str]] = field(default_factory=list)
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+def _full_name(pb2: Any, service: str) -> str:
+    return pb2.DESCRIPTOR.services_by_name[service].full_name
+
+
+def wire(app: App, paginator: Paginator) -> Wiring:
+    w = Wiring()
+    w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator),
+                  _full_name(database_pb2, "Catalog")))
+    w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator),
+                  _full_name(admin_pb2, "Admin")))
+    # The provisioning, guest-agent and backup parts register themselves here.
+    for module in ("reddwarf.server.provisioning",):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app, paginator, w)
+    return w
+
+
+def secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(make())
+    return path.read_bytes()
+
+
+def build_app(settings: Settings) -> App:
+    ca = CertificateAuthority.load(settings.pki_dir)
+    engine = db.make_engine(settings.db_url)
+    tls_dir = settings.server_tls_dir
+    return App(settings=settings, engine=engine, sessions=db.session_factory(engine), ca=ca,
+               tls=TlsFiles(tls_dir / "server.pem", tls_dir / "server.key", tls_dir / "ca.pem"))
+
+
+# -- init --------------------------------------------------------------------------------------------
+def init(settings: Settings, out: Any = sys.stdout) -> None:
+    sd = Path(settings.state_dir)
+    sd.mkdir(parents=True, exist_ok=True)
+    os.chmod(sd, 0o700)
+    ca = CertificateAuthority.ensure(settings.pki_dir)
+    db.upgrade(settings.db_url)
+    engine = db.make_engine(settings.db_url)
+    sessions = db.session_factory(engine)
+    secret_file(sd / "secret", lambda: secrets.token_bytes(32))
+
+    def identity(directory: Path, name: str, role: str, id: str) -> TlsFiles:
+        files = TlsFiles(directory / f"{name}.pem", directory / f"{name}.key", directory / "ca.pem")
+        if not files.cert.exists():
+            files = ca.write_identity(directory, name, role, id)
+            from cryptography import x509
+            from reddwarf.common.pki import identity_from_cert
+            not_after = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
+            with sessions() as s, s.begin():
+                record_certificate(s, files.cert.read_bytes(), not_after)
+            identity_from_cert(files.cert.read_bytes())
+        return files
+
+    identity(settings.server_tls_dir, "server", "server", settings.name)
+    admin_files = identity(sd / "admin", "admin", "admin", "admin")
+    identity(sd / "admin", "client", "client", "cli")
+    identity(sd / "admin", "gateway", "gateway", "gateway")
+    with sessions() as s, s.begin():
+        db.seed(s)
+        token_path = sd / "admin.token"
+        if s.get(models.Tenant, ADMIN_TENANT) is None:
+            q = settings.default_quota
+            s.add(models.Tenant(id=ADMIN_TENANT, display_name="operators", quota_instances=q.instances,
+                                quota_memory_mb=q.memory_mb, quota_volume_gb=q.volume_gb, quota_backups=q.backups))
+            s.flush()
+        if not token_path.exists():
+            import uuid
+            secret = new_secret()
+            s.add(models.Token(id=str(uuid.uuid4()), tenant_id=ADMIN_TENANT, secret_hash=hash_secret(secret),
+                               description="created by reddwarf-server init", admin=True))
+            fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret + "\n")
+            print(f"admin token (shown once; also in {token_path}, mode 0600): {secret}", file=out)
+    engine.dispose()
+    print(f"state: {settings.db_url}\nCA: {settings.pki_dir}/ca.pem\nadmin certificate: {admin_files.cert}\n"
+          f"API: {settings.api_listen}", file=out)
+
+
+# -- serve -------------------------------------------------------------------------------------------
+def _tls(app: App) -> tuple[bytes, bytes, bytes]:
+    return app.tls.read()
+
+
+async def serve(settings: Settings) -> None:
+    app = build_app(settings)
+    paginator = Paginator(secret_file(Path(settings.state_dir) / "secret", lambda: secrets.token_bytes(32)))
+    wiring = wire(app, paginator)
+    cert, key, ca = _tls(app)
+
+    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions))])
+    names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+    for add, servicer, name in wiring.api:
+        add(servicer, api)
+        names.append(name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api)
+    reflection.enable_server_reflection(names, api)
+    api.add_secure_port(settings.api_listen, server_credentials(cert, key, ca, require_client_auth=True))
+    servers = [api]
+
+    if wiring.agent:
+        agent = grpc.aio.server()
+        for add, servicer, _ in wiring.agent:
+            add(servicer, agent)
+        agent.add_secure_port(settings.agent_listen, server_credentials(cert, key, ca, require_client_auth=True))
+        servers.append(agent)
+    if wiring.enroll:
+        enroll = grpc.aio.server()
+        for add, servicer, _ in wiring.enroll:
+            add(servicer, enroll)
+        # Server-only TLS: the enrolling agent has no certificate yet; its one-time token is the credential.
+        enroll.add_secure_port(settings.enroll_listen, server_credentials(cert, key, None,
+                                                                          require_client_auth=False))
+        servers.append(enroll)
+
+    for s in servers:
+        await s.start()
+    for svc in [""] + names:
+        await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
+    tasks = [asyncio.create_task(bg(), name=getattr(bg, "__name__", "background")) for bg in wiring.background]
+    log.info("serving", extra={"api": settings.api_listen, "agent": settings.agent_listen if wiring.agent else "",
+                               "enroll": settings.enroll_listen if wiring.enroll else ""})
+    print(f"reddwarf-server ready api={settings.api_listen}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in done:
+        if t is not waiter and t.exception() is not None:
+            log.error("background loop died", exc_info=t.exception())
+    log.info("stopping")
+    await health_servicer.enter_graceful_shutdown()
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(BaseException):
+            await t
+    await asyncio.gather(*(s.stop(5) for s in servers))
+    for fn in wiring.on_stop:
+        with contextlib.suppress(Exception):
+            await fn()
+    app.engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reddwarf-server")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "init"])
+    parser.add_argument("--config", help="YAML settings file (or REDDWARF_CONFIG)")
+    parser.add_argument("--state-dir")
+    parser.add_argument("--db-url")
+    parser.add_argument("--api-listen")
+    parser.add_argument("--agent-listen")
+    parser.add_argument("--enroll-listen")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    settings = Settings.load(args.config, overrides=overrides)
+    setup_logging("reddwarf-server", settings.log_level)
+    if args.command == "init":
+        init(settings)
+        return 0
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

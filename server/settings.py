@@ -1,0 +1,93 @@
+"""The control server's settings: one typed object, loaded once (YAML file, then REDDWARF_* environment,
+then command-line overrides) and passed down. Nothing deeper in the server reads the environment."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from reddwarf.common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Quota:
+    instances: int = 10
+    memory_mb: int = 16384
+    volume_gb: int = 200
+    backups: int = 50
+
+
+@dataclass(frozen=True)
+class Settings:
+    state_dir: str = "/var/lib/reddwarf/server"
+    db_url: str = ""                       # default: sqlite under state_dir
+    name: str = "control"                  # this server's id in its certificate and in task leases
+    api_listen: str = "127.0.0.1:8779"     # public + admin API (mTLS)
+    agent_listen: str = "127.0.0.1:8780"   # guest agents' streams (mTLS, instance certificates)
+    enroll_listen: str = "127.0.0.1:8781"  # one-time-token enrollment (server-only TLS)
+    agent_public_address: str = ""         # what guests dial; default agent_listen
+    enroll_public_address: str = ""        # default enroll_listen
+    pki_dir: str = ""                      # default <state_dir>/pki
+    backup_dir: str = ""                   # default <state_dir>/backups
+    heartbeat_seconds: int = 5
+    heartbeat_expiry_seconds: int = 20
+    task_lease_seconds: int = 30
+    task_workers: int = 8
+    capacity_refresh_seconds: int = 30
+    memory_overcommit: float = 1.0
+    storage_overcommit: float = 1.0
+    max_volume_gb: int = 1024
+    default_quota: Quota = field(default_factory=Quota)
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        sd = self.state_dir
+        defaults = {"db_url": f"sqlite:///{sd}/state.db", "pki_dir": f"{sd}/pki",
+                    "backup_dir": f"{sd}/backups", "agent_public_address": self.agent_listen,
+                    "enroll_public_address": self.enroll_listen}
+        for key, value in defaults.items():
+            if not getattr(self, key):
+                object.__setattr__(self, key, value)
+        for key in ("api_listen", "agent_listen", "enroll_listen"):
+            host, sep, port = getattr(self, key).rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise InvalidArgument(f"{key} must be host:port, got {getattr(self, key)!r}", field=key)
+
+    @property
+    def server_tls_dir(self) -> Path:
+        return Path(self.state_dir) / "tls"
+
+    @classmethod
+    def load(cls, config_path: str | None = None, env: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data: dict[str, Any] = {}
+        path = config_path or env.get("REDDWARF_CONFIG")
+        if path:
+            with open(path) as f:
+                data.update(yaml.safe_load(f) or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in names.items():
+            value = env.get(f"REDDWARF_{name.upper()}")
+            if value is not None and name != "default_quota":
+                data[name] = value
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        unknown = set(data) - set(names)
+        if unknown:
+            raise InvalidArgument(f"unknown settings: {', '.join(sorted(unknown))}", field="config")
+        out: dict[str, Any] = {}
+        for name, value in data.items():
+            kind = names[name].type
+            if name == "default_quota":
+                out[name] = Quota(**value) if isinstance(value, dict) else value
+            elif kind == "int":
+                out[name] = int(value)
+            elif kind == "float":
+                out[name] = float(value)
+            else:
+                out[name] = str(value)
+        return cls(**out)
