@@ -25,6 +25,7 @@ import time
 import uuid
 
 import pymysql
+
 from reddwarf.hostd import template
 from reddwarf.hostd.containers import Bootstrap, ContainerSpec, Limits, NetworkPlan, VolumeMount
 from reddwarf.hostd.lxc import LxcDriver

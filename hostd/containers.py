@@ -71,6 +71,7 @@ class Bootstrap:
     enrollment_token: str
     instance_id: str
     heartbeat_seconds: int = 0
+    enroll_address: str = ""
 
     def __repr__(self) -> str:  # never print the token
         return f"Bootstrap(server_address={self.server_address!r}, instance_id={self.instance_id!r})"

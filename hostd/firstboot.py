@@ -11,6 +11,7 @@ The agreed file format (the agent engineer reads exactly this):
       mysql_port         int   port mysqld must listen on (host mode: allocated by hostd per container)
       datadir            str   where the data volume is mounted, default "/var/lib/mysql"
       state_dir          str   "/var/lib/reddwarf-agent" (the agent's own key, cert, and state)
+      enroll_address     str   the server's enrollment endpoint "host:port" (server-only TLS)
       bind_address       str   the address mysqld should bind ("0.0.0.0" in bridge mode, "127.0.0.1"
                                or the host's address in host mode)
 
@@ -49,6 +50,7 @@ class AgentConfig:
     datadir: str
     state_dir: str
     bind_address: str
+    enroll_address: str = ""
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -59,7 +61,7 @@ def agent_config(bootstrap: Bootstrap, mysql_port: int, datadir: str, bind_addre
                        enrollment_token=bootstrap.enrollment_token, instance_id=bootstrap.instance_id,
                        heartbeat_seconds=bootstrap.heartbeat_seconds or DEFAULT_HEARTBEAT,
                        mysql_port=mysql_port, datadir=datadir, state_dir=AGENT_STATE_DIR,
-                       bind_address=bind_address)
+                       bind_address=bind_address, enroll_address=bootstrap.enroll_address)
 
 
 def _package_dir(sub: str) -> str | None:

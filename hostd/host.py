@@ -35,7 +35,7 @@ from .containers import (
     VolumeMount,
     validate_id,
 )
-from .loop import device_numbers
+from .loop import OnlineResizeDenied, device_numbers
 from .settings import Settings
 from .state import ContainerRecord, HostState, VolumeRecord
 from .volumes import GIB, VolumeDriver, VolumeInfo
@@ -292,9 +292,29 @@ class Host:
             raise InvalidArgument(f"size_gb must be larger than the current {rec.size_gb} GiB "
                                   f"(and at most {MAX_VOLUME_GB}), got {size_gb}", field="size_gb")
         self._check_space(size_gb - rec.size_gb, "size_gb")
-        self.volumes.resize(vid, rec.locator, size_gb)
+        try:
+            self.volumes.resize(vid, rec.locator, size_gb)
+        except OnlineResizeDenied:
+            self._grow_offline(rec)
         self.state.put_volume(rec.with_(size_gb=size_gb))
         return self.get_volume(vid)
+
+    def _grow_offline(self, rec: VolumeRecord) -> None:
+        """Online grow refused by the kernel: stop the container using the volume, grow the unmounted
+        filesystem, and bring both back (a restart of mysqld, like Trove's resize)."""
+        was_running = bool(rec.attached_to) and self.containers.status(rec.attached_to).state == "RUNNING"
+        if was_running:
+            self.containers.stop(rec.attached_to, 30)
+        self.volumes.deactivate(rec.id, rec.locator)
+        grow = getattr(self.volumes, "grow_offline", None)
+        if grow is None:
+            raise FailedPrecondition(f"volume driver {self.volumes.name} cannot grow offline", field="size_gb")
+        grow(rec.id, rec.locator)
+        self.volumes.activate(rec.id, rec.locator)
+        if was_running:
+            self.containers.start(rec.attached_to)
+        log.info("volume grown offline", extra={"volume": rec.id, "restarted": rec.attached_to if was_running
+                                                else ""})
 
     def attach_volume(self, vid: str, cid: str, mount_path: str) -> VolumeView:
         rec = self._volume(vid)

@@ -9,11 +9,12 @@ import uuid
 
 import grpc
 from google.protobuf import empty_pb2
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
 from reddwarf.common.pki import identity_from_cert, validate_role_id
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from . import models
 from .app import App

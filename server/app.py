@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+
+from reddwarf.common.pki import CertificateAuthority, TlsFiles
 
 if TYPE_CHECKING:
     from .settings import Settings

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
 from reddwarf.common.errors import PermissionDenied, RedDwarfError, Unauthenticated, abort
 from reddwarf.common.pki import Identity
 from reddwarf.common.tls import peer_identity
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
 from . import models
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from sqlalchemy import select
+
 from reddwarf.common.errors import InvalidArgument, NotFound, grpc_edge
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
-from sqlalchemy import select
 
 from . import models
 from .app import App

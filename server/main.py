@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from reddwarf.common.log import setup as setup_logging
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.common.tls import server_credentials
@@ -106,6 +107,7 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
         if not files.cert.exists():
             files = ca.write_identity(directory, name, role, id)
             from cryptography import x509
+
             from reddwarf.common.pki import identity_from_cert
             not_after = x509.load_pem_x509_certificate(files.cert.read_bytes()).not_valid_after_utc
             with sessions() as s, s.begin():

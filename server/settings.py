@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from reddwarf.common.errors import InvalidArgument
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from reddwarf.common import tls
 from reddwarf.common.errors import InvalidArgument
 from reddwarf.common.pki import CertificateAuthority, identity_from_cert, make_key_and_csr

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
 from reddwarf.common.pki import TlsFiles, _write
 from reddwarf.server import db
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
