@@ -1,0 +1,287 @@
+"""The server's side of the guest agents: who is connected, routing commands to exactly one instance, their
+results, progress and heartbeats; enrollment.
+
+Trust: a stream is accepted only from a certificate with role `instance` whose id equals the Hello's
+instance id (and is not revoked). Commands for instance A are only ever written to A's stream, so a
+compromised guest neither sees nor answers another tenant's commands. The registry holds no database
+handle: callbacks given at construction connect it to the state (health, silence, revocation).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from reddwarf.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    abort,
+    from_status_pb,
+    grpc_edge,
+)
+from reddwarf.common.tls import peer_identity
+from reddwarf.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+log = logging.getLogger("reddwarf.server.agents")
+
+ProgressCb = Callable[[agent_pb2.Progress], Awaitable[None] | None]
+
+
+@dataclass
+class _Conn:
+    instance_id: str
+    hello: agent_pb2.Hello
+    outbox: asyncio.Queue[agent_pb2.ServerMessage | None] = field(default_factory=asyncio.Queue)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Pending:
+    instance_id: str
+    command: agent_pb2.Command
+    future: asyncio.Future[agent_pb2.CommandResult]
+    on_progress: ProgressCb | None
+
+
+class AgentRegistry:
+    def __init__(self, on_health: Callable[[str, common_pb2.GuestHealth], Awaitable[None]] | None = None,
+                 on_silent: Callable[[str], Awaitable[None]] | None = None,
+                 is_revoked: Callable[[int], bool] = lambda serial: False,
+                 heartbeat_seconds: int = 5, heartbeat_expiry: float = 20.0) -> None:
+        self.on_health = on_health
+        self.on_silent = on_silent
+        self.is_revoked = is_revoked
+        self.heartbeat_seconds = heartbeat_seconds
+        self.heartbeat_expiry = heartbeat_expiry
+        self._conns: dict[str, _Conn] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._hello_waiters: dict[str, list[asyncio.Future[agent_pb2.Hello]]] = {}
+        self._health: dict[str, common_pb2.GuestHealth] = {}
+        self._silent_reported: set[str] = set()
+
+    # -- used by the rest of the server ----------------------------------------------------------
+    def is_connected(self, instance_id: str) -> bool:
+        return instance_id in self._conns
+
+    def last_health(self, instance_id: str) -> common_pb2.GuestHealth | None:
+        return self._health.get(instance_id)
+
+    async def wait_for_hello(self, instance_id: str, timeout: float) -> agent_pb2.Hello:
+        conn = self._conns.get(instance_id)
+        if conn is not None:
+            return conn.hello
+        fut: asyncio.Future[agent_pb2.Hello] = asyncio.get_running_loop().create_future()
+        self._hello_waiters.setdefault(instance_id, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the guest agent of {instance_id} did not connect within {timeout:.0f}s",
+                                   field="instance") from None
+        finally:
+            waiters = self._hello_waiters.get(instance_id, [])
+            if fut in waiters:
+                waiters.remove(fut)
+
+    async def call(self, instance_id: str, command: agent_pb2.Command, timeout: float,
+                   on_progress: ProgressCb | None = None) -> agent_pb2.CommandResult:
+        """Runs a command on that instance's agent and returns its result; a failed result is raised as the
+        domain error it carries. The command id makes it idempotent: pass the same id to retry safely."""
+        if not command.command_id:
+            command.command_id = str(uuid.uuid4())
+        cid = command.command_id
+        existing = self._pending.get(cid)
+        if existing is not None and existing.instance_id != instance_id:
+            raise InvalidArgument("command id already used for another instance", field="command_id")
+        fut: asyncio.Future[agent_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = _Pending(instance_id, command, fut, on_progress)
+        conn = self._conns.get(instance_id)
+        if conn is not None:
+            await conn.outbox.put(agent_pb2.ServerMessage(command=command))
+        # else: sent when the agent (re)connects, if it does before the deadline
+        try:
+            result = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the guest agent of {instance_id} did not finish "
+                                   f"{command.WhichOneof('command')} within {timeout:.0f}s", field="instance") from None
+        finally:
+            self._pending.pop(cid, None)
+        err = from_status_pb(result.status)
+        if err is not None:
+            raise err
+        return result
+
+    async def run(self) -> None:
+        """Watchdog: an instance whose heartbeats stopped is reported once (the server marks it SHUTDOWN)."""
+        while True:
+            await asyncio.sleep(max(0.5, self.heartbeat_seconds / 2))
+            now = time.monotonic()
+            for iid, conn in list(self._conns.items()):
+                if now - conn.last_seen > self.heartbeat_expiry and iid not in self._silent_reported:
+                    self._silent_reported.add(iid)
+                    log.warning("guest silent", extra={"instance": iid})
+                    if self.on_silent is not None:
+                        with contextlib.suppress(Exception):
+                            await self.on_silent(iid)
+
+    def disconnect(self, instance_id: str) -> None:
+        """Drops an instance's stream (e.g. its certificate was revoked at delete)."""
+        conn = self._conns.pop(instance_id, None)
+        if conn is not None:
+            conn.outbox.put_nowait(None)
+
+    # -- used by the servicer --------------------------------------------------------------------
+    async def _attach(self, conn: _Conn) -> None:
+        old = self._conns.get(conn.instance_id)
+        if old is not None:
+            old.outbox.put_nowait(None)  # a newer stream of the same agent wins
+        self._conns[conn.instance_id] = conn
+        self._silent_reported.discard(conn.instance_id)
+        pending = [p for p in self._pending.values() if p.instance_id == conn.instance_id]
+        await conn.outbox.put(agent_pb2.ServerMessage(welcome=agent_pb2.Welcome(
+            heartbeat_seconds=self.heartbeat_seconds, pending_command_ids=[p.command.command_id for p in pending])))
+        for p in pending:  # re-sent with the same id: the agent answers from its record if it already ran
+            await conn.outbox.put(agent_pb2.ServerMessage(command=p.command))
+        if conn.hello.HasField("health"):
+            await self._record_health(conn.instance_id, conn.hello.health)
+        for fut in self._hello_waiters.pop(conn.instance_id, []):
+            if not fut.done():
+                fut.set_result(conn.hello)
+        log.info("guest connected", extra={"instance": conn.instance_id, "pending": len(pending)})
+
+    def _detach(self, conn: _Conn) -> None:
+        if self._conns.get(conn.instance_id) is conn:
+            del self._conns[conn.instance_id]
+            log.info("guest disconnected", extra={"instance": conn.instance_id})
+
+    async def _record_health(self, instance_id: str, health: common_pb2.GuestHealth) -> None:
+        self._health[instance_id] = health
+        if self.on_health is not None:
+            try:
+                await self.on_health(instance_id, health)
+            except Exception:  # noqa: BLE001 - a state write failing must not drop the stream
+                log.exception("recording health failed")
+
+    async def _on_message(self, conn: _Conn, msg: agent_pb2.AgentMessage) -> None:
+        conn.last_seen = time.monotonic()
+        self._silent_reported.discard(conn.instance_id)
+        kind = msg.WhichOneof("message")
+        if kind == "heartbeat":
+            await self._record_health(conn.instance_id, msg.heartbeat.health)
+        elif kind == "result":
+            p = self._pending.get(msg.result.command_id)
+            # Only the instance the command was sent to may answer it.
+            if p is not None and p.instance_id == conn.instance_id and not p.future.done():
+                p.future.set_result(msg.result)
+        elif kind == "progress":
+            p = self._pending.get(msg.progress.command_id)
+            if p is not None and p.instance_id == conn.instance_id and p.on_progress is not None:
+                res = p.on_progress(msg.progress)
+                if asyncio.iscoroutine(res):
+                    await res
+
+
+class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
+    def __init__(self, registry: AgentRegistry, backup_sink: object | None = None) -> None:
+        self.registry = registry
+        self.backup_sink = backup_sink
+
+    def _instance(self, context: grpc.aio.ServicerContext) -> str:
+        ident = peer_identity(context)
+        if ident is None:
+            raise Unauthenticated("a certificate from the deployment CA is required")
+        if self.registry.is_revoked(ident.serial):
+            raise Unauthenticated(f"certificate of {ident.uri} is revoked")
+        if ident.role != "instance":
+            raise PermissionDenied(f"only guest agents may connect here; {ident.uri} is a {ident.role}")
+        return ident.id
+
+    async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[agent_pb2.ServerMessage]:
+        try:
+            cert_instance = self._instance(context)
+            first = await anext(aiter(request_iterator), None)
+            if first is None or first.WhichOneof("message") != "hello":
+                raise InvalidArgument("the first message on the stream must be hello", field="hello")
+            if first.hello.instance_id != cert_instance:
+                raise PermissionDenied(f"this certificate belongs to instance {cert_instance}, not "
+                                       f"{first.hello.instance_id!r}", field="hello.instance_id")
+        except (Unauthenticated, PermissionDenied, InvalidArgument) as err:
+            log.warning("agent stream refused", extra={"reason": err.message})
+            await abort(context, err)
+            return
+        conn = _Conn(cert_instance, first.hello)
+        await self.registry._attach(conn)
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    await self.registry._on_message(conn, msg)
+            finally:
+                conn.outbox.put_nowait(None)
+
+        task = asyncio.create_task(reader())
+        try:
+            while True:
+                msg = await conn.outbox.get()
+                if msg is None:
+                    break
+                yield msg
+        finally:
+            task.cancel()
+            self.registry._detach(conn)
+
+    @grpc_edge
+    async def UploadBackup(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        iid = self._instance(context)
+        if self.backup_sink is None:
+            raise FailedPrecondition("backups are not enabled on this server", field="backup_id")
+        return await self.backup_sink.upload(iid, request_iterator)  # type: ignore[attr-defined]
+
+    async def DownloadBackup(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            iid = self._instance(context)
+            if self.backup_sink is None:
+                raise FailedPrecondition("backups are not enabled on this server", field="backup_id")
+            async for chunk in self.backup_sink.download(iid, request.backup_id):  # type: ignore[attr-defined]
+                yield chunk
+        except (Unauthenticated, PermissionDenied, FailedPrecondition, InvalidArgument) as err:
+            await abort(context, err)
+        except Exception as exc:  # noqa: BLE001
+            from reddwarf.common.errors import RedDwarfError
+            if isinstance(exc, RedDwarfError):
+                await abort(context, exc)
+            raise
+
+
+class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
+    """Exchanges a one-time enrollment token for a certificate on the agent's own key (its CSR)."""
+
+    def __init__(self, verify_and_consume_token: Callable[[str, str], Awaitable[bool]],
+                 sign_csr: Callable[[bytes, str], tuple[bytes, bytes]]) -> None:
+        self.verify = verify_and_consume_token
+        self.sign = sign_csr
+
+    @grpc_edge
+    async def Enroll(self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+                     ) -> agent_pb2.EnrollResponse:
+        if not request.instance_id:
+            raise InvalidArgument("instance_id is required", field="instance_id")
+        if not request.enrollment_token:
+            raise InvalidArgument("enrollment_token is required", field="enrollment_token")
+        if not request.csr_pem.startswith("-----BEGIN CERTIFICATE REQUEST-----"):
+            raise InvalidArgument("csr_pem must be a PEM certificate request", field="csr_pem")
+        if not await self.verify(request.instance_id, request.enrollment_token):
+            raise PermissionDenied("enrollment token is unknown, expired, already used or for another "
+                                   "instance", field="enrollment_token")
+        cert, ca = await asyncio.to_thread(self.sign, request.csr_pem.encode(), request.instance_id)
+        log.info("agent enrolled", extra={"instance": request.instance_id})
+        return agent_pb2.EnrollResponse(certificate_pem=cert.decode(), ca_pem=ca.decode())
