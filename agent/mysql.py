@@ -421,7 +421,18 @@ class MysqlDriver(DatastoreDriver):
 
     @property
     def socket(self) -> str:
-        return self._path("mysqld.sock")
+        return os.path.join(self.run_dir, "mysqld.sock")
+
+    @property
+    def run_dir(self) -> str:
+        """Where mysqld writes its socket, pid and error log: it runs as run_as and must not need to
+        enter the agent's private (0700, root) state dir, which holds the internal admin's password."""
+        if self.settings.run_as == "root":
+            return self.settings.state_dir
+        path = "/run/mysqld"
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        shutil.chown(path, self.settings.run_as, self.settings.run_as)
+        return path
 
     def _admin_password(self) -> str:
         with open(self._path("admin.json")) as f:
@@ -451,8 +462,8 @@ class MysqlDriver(DatastoreDriver):
 
     def my_cnf(self) -> MyCnf:
         pool, conns = size_for_limits(self._limits)
-        return MyCnf(datadir=self._datadir, socket=self.socket, pid_file=self._path("mysqld.pid"),
-                     log_error=self._path("mysqld.err"), port=self._port, bind_address=self._bind,
+        return MyCnf(datadir=self._datadir, socket=self.socket, pid_file=os.path.join(self.run_dir, "mysqld.pid"),
+                     log_error=os.path.join(self.run_dir, "mysqld.err"), port=self._port, bind_address=self._bind,
                      buffer_pool_mb=pool, max_connections=conns,
                      open_files_limit=int(self._limits.max_open_files) or 65535)
 

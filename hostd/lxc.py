@@ -185,7 +185,12 @@ class LxcDriver(ContainerDriver):
         if st.state == "RUNNING" and st.init_pid:
             cgroups.apply_live(self.layout, st.init_pid, limits, mount.device if mount else "")
             if limits.max_open_files:
-                run(["prlimit", "--pid", str(st.init_pid), f"--nofile={limits.max_open_files}"])
+                res = run(["prlimit", "--pid", str(st.init_pid), f"--nofile={limits.max_open_files}"], check=False)
+                if res.returncode != 0:
+                    # Raising a hard limit needs CAP_SYS_RESOURCE, which some hosts withhold: the config
+                    # carries the new value and it applies at the container's next start.
+                    log.warning("open-files limit applies at next start",
+                                extra={"container": self.container_name(cid), "error": res.stderr.strip()[:200]})
 
     def set_mount(self, cid: str, mount: VolumeMount | None, limits: Limits | None = None) -> None:
         self._require(cid)

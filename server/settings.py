@@ -44,6 +44,8 @@ class Settings:
     max_volume_gb: int = 1024
     default_quota: Quota = field(default_factory=Quota)
     log_level: str = "INFO"
+    # Test-only crash hook: "<task kind>:<step>" makes the server SIGKILL itself right after that step.
+    test_exit_after_step: str = ""
 
     def __post_init__(self) -> None:
         sd = self.state_dir

@@ -1,0 +1,132 @@
+"""The control server's hands: one mTLS channel per hostd (the server's own certificate), capacity refresh,
+and the scheduler's placement over the hosts' reported capacity."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+
+import grpc
+from sqlalchemy import func, select
+
+from reddwarf.common.errors import NotFound, ResourceExhausted, from_rpc_error
+from reddwarf.common.tls import aio_channel
+from reddwarf.v1 import host_pb2, host_pb2_grpc
+
+from . import models
+from .app import App
+
+log = logging.getLogger("reddwarf.server.hosts")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+class HostClient:
+    """A HostAgent stub whose failures come back as domain errors (UNAVAILABLE → Unavailable: transient)."""
+
+    def __init__(self, stub: host_pb2_grpc.HostAgentStub, host_id: str) -> None:
+        self._stub = stub
+        self.host_id = host_id
+
+    def __getattr__(self, method: str) -> Any:
+        rpc = getattr(self._stub, method)
+
+        async def call(request: Any, timeout: float = 300) -> Any:
+            try:
+                return await rpc(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                raise from_rpc_error(exc) from None
+        return call
+
+
+class HostPool:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+
+    def _address(self, host_id: str) -> str:
+        with self.app.sessions() as s:
+            row = s.get(models.Host, host_id)
+            if row is None:
+                raise NotFound(f"host {host_id!r} is not registered", field="host")
+            return row.address
+
+    def client(self, host_id: str) -> HostClient:
+        address = self._address(host_id)
+        cached = self._channels.get(host_id)
+        if cached is None or cached[0] != address:
+            if cached is not None:
+                asyncio.ensure_future(cached[1].close())
+            self._channels[host_id] = (address, aio_channel(address, self.app.tls))
+        return HostClient(host_pb2_grpc.HostAgentStub(self._channels[host_id][1]), host_id)
+
+    async def refresh(self, host_id: str) -> None:
+        cap = await self.client(host_id).GetCapacity(host_pb2.GetCapacityRequest(), timeout=15)
+        with self.app.sessions() as s, s.begin():
+            row = s.get(models.Host, host_id)
+            if row is None:
+                return
+            row.memory_mb_total = cap.memory_mb_total
+            row.cpus = cap.cpus
+            row.storage_gb_total = cap.storage_gb_total
+            row.storage_gb_free = cap.storage_gb_free
+            row.containers = cap.containers
+            row.container_driver = cap.container_driver
+            row.volume_driver = cap.volume_driver
+            row.last_seen = _now()
+            if row.state == "down":
+                row.state = "up"
+
+    async def refresh_loop(self) -> None:
+        while True:
+            with self.app.sessions() as s:
+                ids = list(s.scalars(select(models.Host.id)))
+            for hid in ids:
+                try:
+                    await self.refresh(hid)
+                except Exception as exc:  # noqa: BLE001 - one unreachable host must not stop the others
+                    log.warning("host unreachable", extra={"host": hid, "error": str(exc)[:200]})
+                    with self.app.sessions() as s, s.begin():
+                        row = s.get(models.Host, hid)
+                        if row is not None and row.state == "up":
+                            row.state = "down"
+            await asyncio.sleep(self.app.settings.capacity_refresh_seconds)
+
+    async def close(self) -> None:
+        for _, ch in self._channels.values():
+            await ch.close()
+
+
+def place(s: Any, memory_mb: int, volume_gb: int) -> str:
+    """The host with the most free memory that fits both the memory and the volume; RESOURCE_EXHAUSTED
+    naming what ran out when none does. Drained and down hosts take nothing new."""
+    hosts = s.scalars(select(models.Host).where(models.Host.state == "up")).all()
+    if not hosts:
+        raise ResourceExhausted("no container host is up to place the instance on", field="host")
+    best: tuple[float, str] | None = None
+    short_of = "memory"
+    for h in hosts:
+        live = (models.Instance.host_id == h.id) & models.Instance.deleted_at.is_(None)
+        used_mem = s.scalar(select(func.coalesce(func.sum(models.Flavor.memory_mb), 0)).select_from(models.Instance)
+                            .join(models.Flavor, models.Flavor.id == models.Instance.flavor_id).where(live)) or 0
+        used_disk = s.scalar(select(func.coalesce(func.sum(models.Instance.volume_size_gb), 0)).where(live)) or 0
+        free_mem = h.memory_mb_total * (h.memory_overcommit or 1.0) - used_mem
+        # storage_gb_free is what the filesystem reports; sparse volumes only take what they wrote, so the
+        # allocated sizes count against the total instead (times the storage overcommit).
+        free_disk = h.storage_gb_total * (h.storage_overcommit or 1.0) - used_disk
+        if free_mem < memory_mb:
+            short_of = "memory"
+            continue
+        if free_disk < volume_gb:
+            short_of = "storage"
+            continue
+        if best is None or free_mem > best[0]:
+            best = (free_mem, h.id)
+    if best is None:
+        raise ResourceExhausted(f"no host has enough {short_of} for this instance "
+                                f"({memory_mb} MB memory, {volume_gb} GB volume)",
+                                field="instance.flavor" if short_of == "memory" else "instance.volume.size_gb")
+    return best[1]
