@@ -21,9 +21,11 @@ from reddwarf.common.tls import RevocationList, server_credentials
 from reddwarf.v1 import host_pb2_grpc
 
 from . import cgroups, template
+from .containers import ContainerDriver
 from .host import Host
 from .loop import LoopDriver
 from .lxc import LxcDriver
+from .openvz import OpenVzDriver
 from .service import HostAgentServicer, ServerOnly
 from .settings import Settings
 
@@ -48,8 +50,15 @@ def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 
 def build_host(settings: Settings) -> Host:
     layout = cgroups.detect()
-    name = template.build_template(settings)  # cached by recipe hash: only the first start builds
-    containers = LxcDriver(settings, layout)
+    containers: ContainerDriver
+    if settings.container_driver == "openvz":
+        # OpenVZ containers come from vzctl's own OS templates (cached by vzctl), not from our LXC build.
+        containers, name = OpenVzDriver(settings), settings.template or "debian-12-x86_64"
+    elif settings.container_driver == "lxc":
+        name = template.build_template(settings)  # cached by recipe hash: only the first start builds
+        containers = LxcDriver(settings, layout)
+    else:
+        raise SystemExit(f"container driver {settings.container_driver!r} is not one of lxc, openvz")
     if settings.volume_driver != "loop":
         raise SystemExit(f"volume driver {settings.volume_driver!r} is not available on this host")
     return Host(settings, containers, LoopDriver(settings), layout, name)
