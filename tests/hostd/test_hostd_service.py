@@ -146,6 +146,8 @@ def test_container_lifecycle_limits_and_volume(stub, pki, hostd):
     r = sh(stub, cid, "for i in $(seq 60); do sleep 5 & done; wait", timeout=30)
     procs = {b.resource: b for b in stub.GetUsage(host_pb2.ContainerRef(id=cid)).beancounters}["numproc"]
     assert procs.failcnt > 0 or r.exit_code != 0 or b"fork" in r.stderr.lower()
+    assert open(f"/sys/fs/cgroup/pids/lxc.payload.{hostd.prefix}{cid}/pids.max").read().strip() == "40"
+    assert procs.limit == 40
     # live resize of limits: the cgroup changes without a restart
     pid = c.init_pid
     stub.SetLimits(host_pb2.SetLimitsRequest(id=cid, limits=limits(memory_mb=96, procs=40)))
