@@ -11,6 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from reddwarf.hostd.settings import Settings
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 from tests.fixtures.hostd import start_hostd
 
@@ -72,6 +73,23 @@ def test_capacity_reports_this_host(stub, hostd):
     assert cap.host_id == hostd.host_id
     assert cap.memory_mb_total > 1024 and cap.cpus >= 1 and cap.storage_gb_free > 0
     assert cap.container_driver == "lxc" and cap.volume_driver == "loop"
+
+
+def test_unknown_container_is_reported_unmanaged_and_never_destroyed(stub, hostd):
+    # a container with hostd's prefix that hostd was never asked for (e.g. left by a crashed create)
+    name = f"{hostd.prefix}stray{uuid.uuid4().hex[:6]}"
+    tpl_path = Settings().template_lxc_path  # the fixture's hostd uses the default template lxcpath
+    tpl = next(p for p in sorted(os.listdir(tpl_path)) if p.startswith("rdtpl-"))
+    subprocess.run(["lxc-copy", "-P", tpl_path, "-n", tpl, "-p", str(hostd.lxc_path),
+                    "-N", name, "-s", "-B", "overlayfs"], check=True, capture_output=True, timeout=60)
+    try:
+        listed = stub.ListContainers(host_pb2.ListContainersRequest())
+        assert name[len(hostd.prefix):] in listed.unmanaged
+        assert name[len(hostd.prefix):] not in [c.id for c in listed.containers]
+        assert (hostd.lxc_path / name / "config").exists()
+    finally:
+        subprocess.run(["lxc-destroy", "-P", str(hostd.lxc_path), "-n", name, "-f"], capture_output=True,
+                       timeout=60)
 
 
 @pytest.mark.parametrize("container,field", [
