@@ -48,6 +48,7 @@ PAGE = 4096
 PAGES_PER_MB = 1024 * 1024 // PAGE
 UNLIMITED = 9223372036854775807  # what UBC prints for "no limit" on 64-bit kernels
 Runner = Callable[..., Result]
+AGENT_UNIT = "reddwarf-agent.service"
 SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]*$")
 
 # vzlist's status words -> ours
@@ -182,6 +183,7 @@ class OpenVzDriver(ContainerDriver):
             self._write_mount_script(spec.id, spec.mount)
             config = firstboot.agent_config(spec.bootstrap, spec.network.port, spec.datadir, spec.network.address)
             firstboot.write_firstboot(os.path.join(self.private_root, ct), config, spec.bootstrap.ca_pem)
+            self._write_agent_unit(os.path.join(self.private_root, ct))
         except Exception:
             self.destroy(spec.id)
             raise
@@ -243,6 +245,20 @@ class OpenVzDriver(ContainerDriver):
             raise FailedPrecondition(f"container {cid} is running; stop it before changing its volume",
                                      field="container_id")
         self._write_mount_script(cid, mount)
+
+    def _write_agent_unit(self, private: str) -> None:
+        """OpenVZ boots the container's own init (no custom PID 1 as with LXC), so the guest agent starts as
+        an enabled systemd unit written into the private area."""
+        units = os.path.join(private, "etc/systemd/system")
+        os.makedirs(os.path.join(units, "multi-user.target.wants"), exist_ok=True)
+        env = "".join(f"Environment={e}\n" for e in firstboot.INIT_ENV)
+        with open(os.path.join(units, AGENT_UNIT), "w") as f:
+            f.write("[Unit]\nDescription=Red Dwarf guest agent\nAfter=network.target\n\n"
+                    f"[Service]\n{env}ExecStart={self.settings.agent_init_cmd or firstboot.INIT_CMD}\n"
+                    "Restart=always\nRestartSec=2\n\n[Install]\nWantedBy=multi-user.target\n")
+        link = os.path.join(units, "multi-user.target.wants", AGENT_UNIT)
+        if not os.path.islink(link):
+            os.symlink(f"/etc/systemd/system/{AGENT_UNIT}", link)
 
     def _mount_script(self, cid: str) -> str:
         return os.path.join(self.conf_dir, f"{self.ctid(cid)}.mount")

@@ -102,6 +102,13 @@ def test_create_runs_vzctl_create_then_set_save_and_writes_firstboot_into_the_pr
     agent = json.loads((tmp / "private" / str(ct) / "etc/reddwarf/agent.json").read_text())
     assert agent["instance_id"] == "abc" and agent["mysql_port"] == 33061
     assert oct((tmp / "private" / str(ct) / "etc/reddwarf/agent.json").stat().st_mode & 0o777) == "0o600"
+    unit = tmp / "private" / str(ct) / "etc/systemd/system/reddwarf-agent.service"
+    assert "ExecStart=/opt/reddwarf/venv/bin/python -m reddwarf.agent.main --config /etc/reddwarf/agent.json" \
+        in unit.read_text()
+    assert "Environment=PYTHONPATH=/opt/reddwarf/lib" in unit.read_text()
+    wants = tmp / "private" / str(ct) / "etc/systemd/system/multi-user.target.wants/reddwarf-agent.service"
+    assert os.readlink(wants) == "/etc/systemd/system/reddwarf-agent.service"
+    assert (tmp / "private" / str(ct) / "opt/reddwarf/lib/reddwarf/agent/main.py").exists()
     drv.create(spec())  # idempotent: exists, so nothing more is run
     assert len(fake.vzctl()) == 2
 
