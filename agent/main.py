@@ -121,7 +121,11 @@ def make_backups(cfg: AgentConfig, driver: DatastoreDriver) -> object | None:
             return await BackupRunner(access(), driver.stop, driver.start).backup(*a, **kw)
 
         async def restore(self, *a, **kw):  # type: ignore[no-untyped-def]
-            return await BackupRunner(access(), driver.stop, driver.start).restore(*a, **kw)
+            result = await BackupRunner(access(), driver.stop, driver.start).restore(*a, **kw)
+            # The restored mysql.user is the source's: re-assert this guest's own internal admin (root
+            # authenticates by unix socket inside the guest) before anything else talks to mysqld.
+            await asyncio.to_thread(driver._ensure_admin_sync)
+            return result
 
         async def table_checksums(self):  # type: ignore[no-untyped-def]
             return await BackupRunner(access(), driver.stop, driver.start).table_checksums()

@@ -91,6 +91,8 @@ class Instances:
         if row.deleted_at is not None:
             return "DELETING", task
         if task is not None:
+            if task.kind == "create_instance" and row.restored_from:
+                return "RESTORING", task
             return TASK_STATUS.get(task.kind, "BUILD"), task
         if row.status in ("ERROR", "BUILD", "FAILED"):
             return row.status, None
@@ -262,6 +264,11 @@ class Instances:
                 "users": [{k: v for k, v in u.items() if k != "password"} for u in params.get("users", [])]}
         self._update(row.id, create_params=kept)
 
+    async def step_restore(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        if row.restored_from:
+            await self.app.extras["backups"].restore_into(ctx, row.id, row.restored_from)
+
     async def step_activate(self, ctx: tasks.StepContext) -> None:
         # ACTIVE means "accepting connections now", proven by a fresh health report, not assumed.
         res = await self.app.registry.call(ctx.resource_id, agent_pb2.Command(
@@ -348,7 +355,7 @@ class Instances:
                 S("schedule", self.step_schedule), S("create_volume", self.step_create_volume),
                 S("create_container", self.step_create_container), S("start_container", self.step_start_container),
                 S("wait_agent", self.step_wait_agent), S("prepare", self.step_prepare),
-                S("activate", self.step_activate)), compensate=self.compensate_create, on_failed=self.failed),
+                S("restore", self.step_restore), S("activate", self.step_activate)), compensate=self.compensate_create, on_failed=self.failed),
             tasks.TaskKind("delete_instance", (
                 S("delete_container", self.step_delete_container), S("delete_volume", self.step_delete_volume),
                 S("revoke_certificate", self.step_revoke), S("mark_deleted", self.step_mark_deleted)),
@@ -420,9 +427,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         _validate_create(request)
         inst = request.instance
         flavor_id = resource_id(inst.flavor, "flavors", "instance.flavor")
-        if request.restore_from_backup:
-            raise FailedPrecondition("creating an instance from a backup is not available yet",
-                                     field="restore_from_backup")
+        restore_id = resource_id(request.restore_from_backup, "backups", "restore_from_backup") \
+            if request.restore_from_backup else ""
 
         def create() -> database_pb2.Instance:
             with self.app.sessions() as s, s.begin():
@@ -445,6 +451,15 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 if dv is None:
                     raise NotFound(f"datastore version {ds_name} {version!r} does not exist",
                                    field="instance.datastore_version")
+                if restore_id:
+                    b = s.get(models.Backup, restore_id)
+                    if b is None or (not p.admin and b.tenant_id != p.tenant_id):
+                        raise NotFound(f"backup {restore_id!r} does not exist", field="restore_from_backup")
+                    if b.status != "COMPLETED":
+                        raise FailedPrecondition(f"backup is {b.status}; only a COMPLETED backup restores",
+                                                 field="restore_from_backup")
+                    if b.datastore != ds.id:
+                        raise InvalidArgument(f"backup is of {b.datastore}, not {ds.id}", field="restore_from_backup")
                 size = inst.volume.size_gb or f.default_volume_gb
                 if not 1 <= size <= self.app.settings.max_volume_gb:
                     raise InvalidArgument(f"instance.volume.size_gb must be 1..{self.app.settings.max_volume_gb}",
@@ -467,7 +482,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 row = models.Instance(
                     id=str(uuid.uuid4()), tenant_id=tenant.id, display_name=inst.display_name.strip(),
                     status="BUILD", flavor_id=f.id, volume_size_gb=size, datastore=ds.id, datastore_version=version,
-                    request_id=request.request_id or None,
+                    request_id=request.request_id or None, restored_from=restore_id,
                     create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
                                    "users": [json_format.MessageToDict(u) for u in request.users]})
                 s.add(row)

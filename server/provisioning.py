@@ -13,6 +13,8 @@ from reddwarf.v1 import agent_pb2_grpc, database_pb2, database_pb2_grpc
 from . import tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
+from .backup_store import LocalStore
+from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
 from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
 from .hosts import HostPool
@@ -23,6 +25,10 @@ from .pagination import Paginator
 def register(app: App, paginator: Paginator, wiring: Any) -> None:
     st = app.settings
     app.events = EventBus()
+    store = LocalStore(st.backup_dir)
+    app.backups = BackupSink(app, store)
+    backups = Backups(app, store)
+    app.extras["backups"] = backups
     app.hosts = HostPool(app)
     instances = Instances(app, (Path(st.state_dir) / "secret").read_bytes())
     app.extras["instances"] = instances
@@ -37,7 +43,7 @@ def register(app: App, paginator: Paginator, wiring: Any) -> None:
     engine = tasks.TaskEngine(app.sessions, owner=st.name, workers=st.task_workers,
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change)
-    for kind in instances.kinds():
+    for kind in instances.kinds() + backups.kinds():
         engine.register(kind)
     app.tasks = engine
 
@@ -51,6 +57,8 @@ def register(app: App, paginator: Paginator, wiring: Any) -> None:
          svc(database_pb2, "Databases")),
         (database_pb2_grpc.add_UsersServicer_to_server, UsersServicer(app, instances), svc(database_pb2, "Users")),
         (database_pb2_grpc.add_RootServicer_to_server, RootServicer(app, instances), svc(database_pb2, "Root")),
+        (database_pb2_grpc.add_BackupsServicer_to_server, BackupsServicer(app, backups, paginator),
+         svc(database_pb2, "Backups")),
     ]
     wiring.agent.append((agent_pb2_grpc.add_AgentGatewayServicer_to_server,
                          AgentGatewayServicer(app.registry, app.backups), "reddwarf.v1.AgentGateway"))
@@ -66,5 +74,8 @@ def register(app: App, paginator: Paginator, wiring: Any) -> None:
             with contextlib.suppress(Exception):
                 await engine.stop()
 
-    wiring.background += [run_engine, app.registry.run, app.hosts.refresh_loop]
+    async def run_schedules() -> None:
+        await schedule_loop(app, store)
+
+    wiring.background += [run_engine, app.registry.run, app.hosts.refresh_loop, run_schedules]
     wiring.on_stop.append(app.hosts.close)

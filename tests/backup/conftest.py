@@ -27,9 +27,11 @@ class Mysqld:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         os.makedirs(self.datadir)
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       check=True, capture_output=True, timeout=120)
+        done = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}",
+                               "--user=root", "--auth-root-authentication-method=normal", "--skip-test-db"],
+                              capture_output=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError("mariadb-install-db failed: " + (done.stderr + done.stdout).decode()[-3000:])
 
     def start_sync(self) -> None:
         assert self.proc is None or self.proc.poll() is not None

@@ -132,3 +132,51 @@ async def test_restore_refuses_a_flipped_byte_before_touching_the_datadir(mysqld
         cur.execute("SELECT id FROM keepme.t")
         assert cur.fetchall() == ((42,),)
     conn.close()
+
+
+@pytest.mark.slow
+async def test_backup_cut_off_by_the_network_commits_nothing_and_leaves_no_files(mysqld_factory, tmp_path):
+    src = mysqld_factory()
+    write_rows(src, 0, 20000)
+    store = LocalStore(str(tmp_path / "store"))
+
+    async def flaky_upload(chunks):
+        async with store.open_writer("cut") as w:
+            async for chunk in chunks:
+                await w.write(chunk.data)
+                raise ConnectionError("stream reset after the first chunk")
+        raise AssertionError("unreachable")
+
+    from reddwarf.common.errors import RedDwarfError
+    with pytest.raises(RedDwarfError) as err:
+        await src.runner().backup("cut", "", flaky_upload, no_progress)
+    assert "stream reset" in err.value.message
+    assert not await store.exists("cut")
+    assert os.listdir(store.partial_dir) == []
+    import glob
+    import tempfile
+    assert glob.glob(os.path.join(tempfile.gettempdir(), "reddwarf-backup-cut-*")) == []
+
+
+@pytest.mark.slow
+async def test_failed_mariadb_backup_never_sends_a_final_digest(mysqld_factory, tmp_path):
+    src = mysqld_factory()
+    store = LocalStore(str(tmp_path / "store"))
+    seen_final = []
+
+    async def upload(chunks):
+        async with store.open_writer("bad") as w:
+            async for chunk in chunks:
+                seen_final.append(bool(chunk.sha256))
+                await w.write(chunk.data)
+        return agent_pb2.UploadBackupResponse()
+
+    from reddwarf.agent.backup import BackupRunner, MysqlAccess
+    from reddwarf.common.errors import RedDwarfError
+    # mariadb-backup cannot reach the server: it fails, and the stream must end without a digest.
+    broken = BackupRunner(MysqlAccess(socket=str(tmp_path / "nowhere.sock"), user="root", password="",
+                                      datadir=src.datadir), src.stop, src.start)
+    with pytest.raises(RedDwarfError):
+        await broken.backup("bad", "", upload, no_progress)
+    assert True not in seen_final
+    assert not await store.exists("bad")

@@ -1,0 +1,116 @@
+"""`python -m reddwarf.agent.verify`: proves a backup chain restores, away from any tenant's instance.
+
+The control server runs this as a child process (it never imports guest code) with the chain's files and
+their digests: a scratch mariadbd is initialised in a temporary directory, the chain is restored into it by
+the same BackupRunner the guests use, the tables are checksummed and compared with the checksums the guest
+recorded when it took the backup. Prints one JSON object: {"ok": bool, "detail": str, "checksums": {...}}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+
+import pymysql
+
+from reddwarf.v1 import agent_pb2
+
+from .backup import BackupRunner, MysqlAccess
+
+
+class Scratch:
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.datadir = os.path.join(base, "data")
+        self.socket = os.path.join(base, "mysqld.sock")
+        self.proc: subprocess.Popen[bytes] | None = None
+        os.makedirs(self.datadir)
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+                        "--auth-root-authentication-method=normal", "--skip-test-db"],
+                       check=True, capture_output=True, timeout=300)
+
+    def start_sync(self) -> None:
+        self.proc = subprocess.Popen(
+            ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}", "--skip-networking",
+             "--user=root", f"--pid-file={self.base}/mysqld.pid", f"--log-error={self.base}/error.log",
+             "--innodb-buffer-pool-size=64M", "--skip-log-bin"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                pymysql.connect(unix_socket=self.socket, user="root", password="").close()
+                return
+            except pymysql.err.OperationalError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("scratch mariadbd did not start") from None
+                time.sleep(0.1)
+
+    def stop_sync(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.start_sync)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.stop_sync)
+
+
+async def verify(files: list[str], ids: list[str], sha256s: list[str], expected: dict[str, int]) -> dict[str, object]:
+    base = tempfile.mkdtemp(prefix="reddwarf-verify-", dir="/var/tmp")
+    scratch = Scratch(base)
+    try:
+        scratch.start_sync()
+        paths = dict(zip(ids, files, strict=True))
+
+        async def download(backup_id: str) -> AsyncIterator[agent_pb2.BackupChunk]:
+            with open(paths[backup_id], "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield agent_pb2.BackupChunk(data=chunk)
+
+        async def progress(percent: int, message: str, done: int) -> None:
+            return None
+
+        runner = BackupRunner(MysqlAccess(socket=scratch.socket, user="root", password="", datadir=scratch.datadir),
+                              scratch.stop, scratch.start)
+        await runner.restore(ids, sha256s, download, progress)
+        got = {c.table: c.checksum for c in await runner.table_checksums()}
+        if got != expected:
+            differ = sorted(set(got) ^ set(expected) | {t for t in got if t in expected and got[t] != expected[t]})
+            return {"ok": False, "detail": f"table checksums differ after restore: {', '.join(differ)[:500]}",
+                    "checksums": got}
+        return {"ok": True, "detail": f"restored and checked {len(got)} tables", "checksums": got}
+    except Exception as exc:  # noqa: BLE001 - reported as the verification's outcome
+        return {"ok": False, "detail": f"restore failed: {type(exc).__name__}: {str(exc)[:500]}", "checksums": {}}
+    finally:
+        scratch.stop_sync()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="reddwarf-verify")
+    p.add_argument("--spec", required=True, help="JSON: {files, ids, sha256s, checksums}")
+    args = p.parse_args()
+    with open(args.spec) as f:
+        spec = json.load(f)
+    result = asyncio.run(verify(spec["files"], spec["ids"], spec["sha256s"], spec["checksums"]))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,442 @@
+"""Backups that are never silently bad.
+
+- Bytes reach the store only through the agent gateway's UploadBackup, for a backup row that exists, is
+  being taken, and belongs to the uploading instance (its certificate). The store publishes an object only
+  when its SHA-256 equals the digest the guest computed (server/backup_store.py).
+- A backup is COMPLETED only after the agent reported its size, digest, LSN and per-table checksums and the
+  stored object matches them.
+- VerifyBackup re-hashes the stored chain and restores it into a scratch mariadbd on the server host (a
+  child process: `python -m reddwarf.agent.verify`), comparing table checksums with those recorded at
+  backup time: VERIFIED only when the data came back.
+- Restores (CreateInstance with restore_from_backup) check every digest before the datadir is touched.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf import empty_pb2
+from sqlalchemy import func, select
+
+from reddwarf.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    grpc_edge,
+)
+from reddwarf.common.runner import run_async
+from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
+
+from . import models, tasks
+from .app import App
+from .auth import current_principal
+from .backup_store import BackupStore
+from .catalog import resource_id, ts
+from .pagination import Paginator
+
+log = logging.getLogger("reddwarf.server.backups")
+STATUS = {"NEW": database_pb2.NEW, "BUILDING": database_pb2.BUILDING, "SAVING": database_pb2.SAVING,
+          "COMPLETED": database_pb2.COMPLETED, "FAILED": database_pb2.BACKUP_FAILED,
+          "DELETE_FAILED": database_pb2.DELETE_FAILED}
+VERIFY = {"NOT_VERIFIED": database_pb2.NOT_VERIFIED, "VERIFYING": database_pb2.VERIFYING,
+          "VERIFIED": database_pb2.VERIFIED, "MISMATCH": database_pb2.MISMATCH, "FAILED": database_pb2.VERIFY_FAILED}
+BACKUP_TIMEOUT = 6 * 3600
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+def backup_pb(b: models.Backup) -> database_pb2.Backup:
+    pb = database_pb2.Backup(
+        name=f"backups/{b.id}", id=b.id, display_name=b.display_name, description=b.description,
+        instance=f"instances/{b.instance_id}", status=STATUS.get(b.status, 0),
+        parent=f"backups/{b.parent_id}" if b.parent_id else "", size_bytes=b.size_bytes, sha256=b.sha256,
+        datastore=b.datastore, datastore_version=b.datastore_version,
+        checksums=[database_pb2.TableChecksum(table=c["table"], checksum=int(c["checksum"])) for c in b.checksums or []],
+        create_time=ts(b.created_at), update_time=ts(b.updated_at), verify_status=VERIFY.get(b.verify_status, 0),
+        verify_detail=b.verify_detail, kind=b.kind, location=b.location, tenant=f"tenants/{b.tenant_id}")
+    if b.fault_message:
+        pb.fault.CopyFrom(common_pb2.Fault(message=b.fault_message, details=b.fault_details, created=ts(b.updated_at)))
+    return pb
+
+
+def chain(s: Any, backup: models.Backup) -> list[models.Backup]:
+    """The full backup first, then each incremental up to `backup`."""
+    out = [backup]
+    while out[-1].parent_id:
+        parent = s.get(models.Backup, out[-1].parent_id)
+        if parent is None:
+            raise FailedPrecondition(f"backup {backup.id} depends on {out[-1].parent_id}, which is gone",
+                                     field="restore_from_backup")
+        out.append(parent)
+    return list(reversed(out))
+
+
+class BackupSink:
+    """UploadBackup/DownloadBackup for the agent gateway: the instance (from its certificate) may only write
+    the backup it was asked to take, and read only its own tenant's backups (for a restore)."""
+
+    def __init__(self, app: App, store: BackupStore) -> None:
+        self.app = app
+        self.store = store
+
+    async def upload(self, instance_id: str, chunks: AsyncIterator[agent_pb2.BackupChunk]
+                     ) -> agent_pb2.UploadBackupResponse:
+        writer = None
+        final = ""
+        try:
+            async for chunk in chunks:
+                if writer is None:
+                    bid = chunk.backup_id
+                    with self.app.sessions() as s:
+                        b = s.get(models.Backup, bid) if bid else None
+                        if b is None:
+                            raise NotFound(f"no backup {bid!r} is expected", field="backup_id")
+                        if b.instance_id != instance_id:
+                            raise PermissionDenied("this backup belongs to another instance", field="backup_id")
+                        if b.status not in ("BUILDING", "SAVING"):
+                            raise FailedPrecondition(f"backup {bid} is {b.status}, not being taken", field="backup_id")
+                    writer = self.store.open_writer(bid)
+                if chunk.data:
+                    await writer.write(chunk.data)
+                if chunk.sha256:
+                    final = chunk.sha256
+            if writer is None:
+                raise InvalidArgument("empty upload", field="backup_id")
+            if not final:
+                raise FailedPrecondition("the upload ended without its digest: nothing was stored", field="sha256")
+            obj = await writer.commit(final)
+            writer = None
+            return agent_pb2.UploadBackupResponse(size_bytes=obj.size_bytes, sha256=obj.sha256)
+        finally:
+            if writer is not None:
+                await writer.abort()  # cut off or refused: the partial object never becomes visible
+
+    async def download(self, instance_id: str, backup_id: str) -> AsyncIterator[agent_pb2.BackupChunk]:
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, backup_id)
+            inst = s.get(models.Instance, instance_id)
+            if b is None or inst is None or b.tenant_id != inst.tenant_id or b.status != "COMPLETED":
+                raise NotFound(f"backup {backup_id!r} is not available to this instance", field="backup_id")
+        first = True
+        async for data in self.store.open_reader(backup_id):
+            yield agent_pb2.BackupChunk(backup_id=backup_id if first else "", data=data)
+            first = False
+
+
+class Backups:
+    def __init__(self, app: App, store: BackupStore) -> None:
+        self.app = app
+        self.store = store
+
+    def _update(self, bid: str, **values: Any) -> None:
+        with self.app.sessions() as s, s.begin():
+            b = s.get(models.Backup, bid)
+            if b is not None:
+                for k, v in values.items():
+                    setattr(b, k, v)
+
+    async def step_take(self, ctx: tasks.StepContext) -> None:
+        bid = ctx.params["backup_id"]
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, bid)
+            assert b is not None
+            parent = s.get(models.Backup, b.parent_id) if b.parent_id else None
+            iid, lsn = b.instance_id, (parent.to_lsn if parent else "")
+        self._update(bid, status="BUILDING")
+
+        async def progress(p: agent_pb2.Progress) -> None:
+            await ctx.progress(p.percent)
+        res = await self.app.registry.call(iid, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:backup", backup=agent_pb2.RunBackup(backup_id=bid, incremental_from_lsn=lsn)),
+            timeout=BACKUP_TIMEOUT, on_progress=progress)
+        r = res.backup
+        # COMPLETED only if what the store holds is what the guest says it sent.
+        outcome = await self.store.verify(bid, r.sha256)
+        if not outcome.ok or outcome.size_bytes != r.size_bytes:
+            raise FailedPrecondition(f"stored backup does not match the guest's report (sha256 {outcome.sha256} "
+                                     f"vs {r.sha256})", field="backup")
+        self._update(bid, status="COMPLETED", size_bytes=r.size_bytes, sha256=r.sha256, to_lsn=r.to_lsn,
+                     datastore_version=r.datastore_version, location=self.store.location(bid),
+                     checksums=[{"table": c.table, "checksum": c.checksum} for c in r.checksums])
+
+    async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
+        bid = ctx.params["backup_id"]
+        self._update(bid, status="FAILED", fault_message=fault, fault_details=details)
+        await self.store.delete(bid)
+
+    async def step_verify(self, ctx: tasks.StepContext) -> None:
+        bid = ctx.resource.split("/", 1)[1]
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, bid)
+            if b is None:
+                return
+            links = [(x.id, x.sha256) for x in chain(s, b)]
+            expected = {c["table"]: int(c["checksum"]) for c in b.checksums or []}
+        self._update(bid, verify_status="VERIFYING", verify_detail="")
+        for lid, sha in links:
+            outcome = await self.store.verify(lid, sha)
+            if not outcome.ok:
+                self._update(bid, verify_status="MISMATCH",
+                             verify_detail=f"stored bytes of {lid} hash to {outcome.sha256}, recorded {sha}")
+                return
+        with tempfile.TemporaryDirectory(prefix="reddwarf-verify-", dir="/var/tmp") as tmp:
+            files = []
+            for lid, _ in links:
+                path = os.path.join(tmp, f"{lid}.bin")
+                with open(path, "wb") as f:
+                    async for data in self.store.open_reader(lid):
+                        f.write(data)
+                files.append(path)
+            spec = os.path.join(tmp, "spec.json")
+            with open(spec, "w") as f:
+                json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
+                           "checksums": expected}, f)
+            res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec], timeout=BACKUP_TIMEOUT)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        self._update(bid, verify_status="VERIFIED" if out["ok"] else "MISMATCH", verify_detail=out["detail"][:2000])
+
+    async def verify_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
+        self._update(ctx.resource.split("/", 1)[1], verify_status="FAILED", verify_detail=fault[:2000])
+
+    def kinds(self) -> list[tasks.TaskKind]:
+        return [tasks.TaskKind("create_backup", (tasks.Step("take_backup", self.step_take),),
+                               on_failed=self.backup_failed, max_attempts=2),
+                tasks.TaskKind("verify_backup", (tasks.Step("verify", self.step_verify),),
+                               on_failed=self.verify_failed, max_attempts=2)]
+
+    # -- restore into a new instance: a step of create_instance ----------------------------------
+    async def restore_into(self, ctx: tasks.StepContext, instance_id: str, backup_id: str) -> None:
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, backup_id)
+            if b is None:
+                raise NotFound(f"backup {backup_id} is gone", field="restore_from_backup")
+            links = chain(s, b)
+            ids, shas = [x.id for x in links], [x.sha256 for x in links]
+            expected = {c["table"]: int(c["checksum"]) for c in b.checksums or []}
+        await self.app.registry.call(instance_id, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:restore", restore=agent_pb2.RunRestore(backup_ids=ids, sha256=shas)),
+            timeout=BACKUP_TIMEOUT)
+        res = await self.app.registry.call(instance_id, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:checksums", table_checksums=agent_pb2.TableChecksums()), timeout=3600)
+        got = {c.table: c.checksum for c in res.checksums.checksums}
+        if got != expected:
+            raise FailedPrecondition("restored tables do not match the checksums recorded at backup time",
+                                     field="restore_from_backup")
+
+
+class BackupsServicer(database_pb2_grpc.BackupsServicer):
+    def __init__(self, app: App, backups: Backups, paginator: Paginator) -> None:
+        self.app = app
+        self.b = backups
+        self.pages = paginator
+
+    def _owned(self, s: Any, context: Any, name: str, field: str = "name") -> models.Backup:
+        p = current_principal(context)
+        bid = resource_id(name, "backups", field)
+        b = s.get(models.Backup, bid)
+        if b is None or (not p.admin and b.tenant_id != p.tenant_id):
+            raise NotFound(f"backup {bid!r} does not exist", field=field)
+        return b
+
+    @grpc_edge
+    async def CreateBackup(self, request, context):  # type: ignore[no-untyped-def]
+        p = current_principal(context)
+        req = request.backup
+        if not req.display_name.strip() or len(req.display_name) > 255:
+            raise InvalidArgument("backup.display_name is required (at most 255 characters)", field="backup.display_name")
+        if len(req.description) > 1024:
+            raise InvalidArgument("backup.description is longer than 1024 characters", field="backup.description")
+        iid = resource_id(req.instance, "instances", "backup.instance")
+        with self.app.sessions() as s, s.begin():
+            inst = s.get(models.Instance, iid)
+            if inst is None or inst.deleted_at is not None or (not p.admin and inst.tenant_id != p.tenant_id):
+                raise NotFound(f"instance {iid!r} does not exist", field="backup.instance")
+            instances = self.app.extras["instances"]
+            status, _ = instances.derived_status(s, inst)
+            if status != "ACTIVE":
+                raise FailedPrecondition(f"instance is {status}; a backup needs ACTIVE", field="backup.instance")
+            parent_id = None
+            if req.parent:
+                parent = self._owned(s, context, req.parent, "backup.parent")
+                if parent.instance_id != iid or parent.status != "COMPLETED":
+                    raise FailedPrecondition("an incremental's parent must be a COMPLETED backup of the same instance",
+                                             field="backup.parent")
+                parent_id = parent.id
+            tenant = s.get(models.Tenant, inst.tenant_id)
+            count = s.scalar(select(func.count()).select_from(models.Backup).where(
+                models.Backup.tenant_id == inst.tenant_id)) or 0
+            if tenant is not None and count + 1 > tenant.quota_backups:
+                raise ResourceExhausted(f"quota exceeded: backups would be {count + 1}, limit {tenant.quota_backups}",
+                                        field="backup")
+            if tasks.active_task_for(s, f"instances/{iid}") is not None:
+                raise FailedPrecondition("instance is busy with another operation", field="backup.instance")
+            row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=iid,
+                                display_name=req.display_name.strip(), description=req.description, status="NEW",
+                                parent_id=parent_id, kind="incremental" if parent_id else "full",
+                                datastore=inst.datastore, datastore_version=inst.datastore_version)
+            s.add(row)
+            s.flush()
+            tasks.submit(s, "create_backup", f"instances/{iid}", {"backup_id": row.id})
+            pb = backup_pb(row)
+        self.app.tasks.wake()
+        return pb
+
+    @grpc_edge
+    async def GetBackup(self, request, context):  # type: ignore[no-untyped-def]
+        with self.app.sessions() as s:
+            return backup_pb(self._owned(s, context, request.name))
+
+    @grpc_edge
+    async def ListBackups(self, request, context):  # type: ignore[no-untyped-def]
+        p = current_principal(context)
+        page = self.pages.page("ListBackups", p.caller_key, request.page_size, request.page_token, request.instance)
+        with self.app.sessions() as s:
+            q = select(models.Backup).order_by(models.Backup.created_at, models.Backup.id)
+            if not p.admin:
+                q = q.where(models.Backup.tenant_id == p.tenant_id)
+            if request.instance:
+                q = q.where(models.Backup.instance_id == resource_id(request.instance, "instances", "instance"))
+            rows = s.scalars(q.offset(page.offset).limit(page.size + 1)).all()
+            return database_pb2.ListBackupsResponse(
+                backups=[backup_pb(b) for b in rows[:page.size]],
+                next_page_token=self.pages.next_token("ListBackups", p.caller_key, page, len(rows) > page.size,
+                                                      request.instance))
+
+    @grpc_edge
+    async def DeleteBackup(self, request, context):  # type: ignore[no-untyped-def]
+        with self.app.sessions() as s, s.begin():
+            b = self._owned(s, context, request.name)
+            doomed = [b]
+            frontier = [b.id]
+            while frontier:
+                kids = s.scalars(select(models.Backup).where(models.Backup.parent_id.in_(frontier))).all()
+                if kids and not request.cascade:
+                    raise FailedPrecondition(f"{len(kids)} incremental backup(s) depend on this one; delete them "
+                                             "first or pass cascade", field="cascade")
+                doomed += kids
+                frontier = [k.id for k in kids]
+            if b.status in ("NEW", "BUILDING", "SAVING"):
+                raise FailedPrecondition("the backup is still being taken", field="name")
+            ids = [d.id for d in doomed]
+            for d in reversed(doomed):  # children first: the parent link must never dangle
+                s.delete(d)
+                s.flush()
+        for bid in ids:
+            await self.b.store.delete(bid)
+        return empty_pb2.Empty()
+
+    @grpc_edge
+    async def VerifyBackup(self, request, context):  # type: ignore[no-untyped-def]
+        with self.app.sessions() as s, s.begin():
+            b = self._owned(s, context, request.name)
+            if b.status != "COMPLETED":
+                raise FailedPrecondition(f"backup is {b.status}; only a COMPLETED backup can be verified", field="name")
+            if tasks.active_task_for(s, f"backups/{b.id}") is not None:
+                raise FailedPrecondition("a verification is already running", field="name")
+            b.verify_status = "VERIFYING"
+            tasks.submit(s, "verify_backup", f"backups/{b.id}", {})
+            pb = backup_pb(b)
+        self.app.tasks.wake()
+        return pb
+
+    @grpc_edge
+    async def SetBackupSchedule(self, request, context):  # type: ignore[no-untyped-def]
+        sch = request.schedule
+        if not 3600 <= sch.interval_seconds <= 31 * 86400 and sch.interval_seconds != 0:
+            raise InvalidArgument("schedule.interval_seconds must be 0 (off) or between 3600 and 31 days",
+                                  field="schedule.interval_seconds")
+        if not 1 <= sch.keep <= 100:
+            raise InvalidArgument("schedule.keep must be 1..100", field="schedule.keep")
+        if sch.full_every < 0 or sch.full_every > 100:
+            raise InvalidArgument("schedule.full_every must be 0..100", field="schedule.full_every")
+        p = current_principal(context)
+        iid = resource_id(request.instance, "instances", "instance")
+        with self.app.sessions() as s, s.begin():
+            inst = s.get(models.Instance, iid)
+            if inst is None or inst.deleted_at is not None or (not p.admin and inst.tenant_id != p.tenant_id):
+                raise NotFound(f"instance {iid!r} does not exist", field="instance")
+            row = s.get(models.BackupSchedule, iid) or models.BackupSchedule(instance_id=iid)
+            row.interval_seconds, row.keep, row.full_every = sch.interval_seconds, sch.keep, sch.full_every or 1
+            row.next_run = now() + dt.timedelta(seconds=sch.interval_seconds) if sch.interval_seconds else None
+            s.add(row)
+            s.flush()
+            return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
+                                               keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
+
+    @grpc_edge
+    async def GetBackupSchedule(self, request, context):  # type: ignore[no-untyped-def]
+        p = current_principal(context)
+        iid = resource_id(request.instance, "instances", "instance")
+        with self.app.sessions() as s:
+            inst = s.get(models.Instance, iid)
+            if inst is None or (not p.admin and inst.tenant_id != p.tenant_id):
+                raise NotFound(f"instance {iid!r} does not exist", field="instance")
+            row = s.get(models.BackupSchedule, iid)
+            if row is None:
+                raise NotFound("this instance has no backup schedule", field="instance")
+            return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
+                                               keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
+
+
+async def apply_retention(app: App, store: BackupStore) -> None:
+    """Per schedule: keep the newest `keep` COMPLETED fulls; older fulls go with their incrementals."""
+    doomed: list[str] = []
+    with app.sessions() as s, s.begin():
+        for sch in s.scalars(select(models.BackupSchedule)).all():
+            fulls = s.scalars(select(models.Backup).where(
+                models.Backup.instance_id == sch.instance_id, models.Backup.kind == "full",
+                models.Backup.status == "COMPLETED").order_by(models.Backup.created_at.desc())).all()
+            for old in fulls[sch.keep:]:
+                group, frontier = [old], [old.id]
+                while frontier:
+                    kids = s.scalars(select(models.Backup).where(models.Backup.parent_id.in_(frontier))).all()
+                    group += kids
+                    frontier = [k.id for k in kids]
+                for b in reversed(group):
+                    doomed.append(b.id)
+                    s.delete(b)
+                    s.flush()
+    for bid in doomed:
+        await store.delete(bid)
+
+
+async def schedule_loop(app: App, store: BackupStore) -> None:
+    """Takes scheduled backups (a full every `full_every` runs, incrementals between) and keeps the newest
+    `keep` fulls with their incrementals."""
+    while True:
+        await asyncio.sleep(30)
+        with app.sessions() as s, s.begin():
+            due = s.scalars(select(models.BackupSchedule).where(models.BackupSchedule.next_run.is_not(None),
+                                                                models.BackupSchedule.next_run <= now())).all()
+            for sch in due:
+                inst = s.get(models.Instance, sch.instance_id)
+                sch.next_run = now() + dt.timedelta(seconds=sch.interval_seconds)
+                if inst is None or inst.deleted_at is not None or inst.status != "ACTIVE" \
+                        or tasks.active_task_for(s, f"instances/{inst.id}") is not None:
+                    continue
+                last = s.scalars(select(models.Backup).where(models.Backup.instance_id == inst.id,
+                                                             models.Backup.status == "COMPLETED")
+                                 .order_by(models.Backup.created_at.desc())).first()
+                full = last is None or sch.runs % max(1, sch.full_every) == 0
+                row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
+                                    display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status="NEW",
+                                    parent_id=None if full else last.id, kind="full" if full else "incremental",
+                                    datastore=inst.datastore, datastore_version=inst.datastore_version)
+                s.add(row)
+                s.flush()
+                tasks.submit(s, "create_backup", f"instances/{inst.id}", {"backup_id": row.id})
+                sch.runs += 1
+        app.tasks.wake()
+        await apply_retention(app, store)
