@@ -61,6 +61,21 @@ class Instances:
         self.app = app
         self._secret = secret
 
+    # -- the initial users' passwords: sealed while they wait for prepare --------------------------
+    def _fernet(self):  # type: ignore[no-untyped-def]
+        import base64
+
+        from cryptography.fernet import Fernet
+        key = hmac.new(self._secret, b"create-params", hashlib.sha256).digest()
+        return Fernet(base64.urlsafe_b64encode(key))
+
+    def seal(self, password: str) -> str:
+        # The state DB never holds a tenant's password in clear, not even until prepare has run.
+        return "sealed:" + self._fernet().encrypt(password.encode()).decode()
+
+    def unseal(self, value: str) -> str:
+        return self._fernet().decrypt(value.removeprefix("sealed:").encode()).decode()
+
     # -- enrollment tokens: derived, never stored in clear ---------------------------------------
     def enrollment_token(self, instance_id: str, generation: int = 0) -> str:
         # Recomputable from the server secret, so a replayed create_container step hands hostd the very
@@ -253,7 +268,8 @@ class Instances:
                                             packages=packages, port=row.port)],
             limits=limits_of(self._flavor(row.flavor_id)), datadir=DATADIR, bind_address=row.address or "127.0.0.1",
             databases=[json_format.ParseDict(d, common_pb2.Database()) for d in params.get("databases", [])],
-            users=[json_format.ParseDict(u, common_pb2.User()) for u in params.get("users", [])])
+            users=[json_format.ParseDict({**u, "password": self.unseal(u["password"])} if u.get("password") else u,
+                                         common_pb2.User()) for u in params.get("users", [])])
 
         async def progress(p: agent_pb2.Progress) -> None:
             await ctx.progress(min(95, 60 + p.percent // 3))
@@ -484,7 +500,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     status="BUILD", flavor_id=f.id, volume_size_gb=size, datastore=ds.id, datastore_version=version,
                     request_id=request.request_id or None, restored_from=restore_id,
                     create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
-                                   "users": [json_format.MessageToDict(u) for u in request.users]})
+                                   "users": [{**json_format.MessageToDict(u), "password": self.inst.seal(u.password)}
+                                             for u in request.users]})
                 s.add(row)
                 s.flush()
                 tasks.submit(s, "create_instance", f"instances/{row.id}", {})

@@ -278,3 +278,13 @@ def test_server_killed_mid_create_resumes_without_duplicates(tmp_path):
             assert host_leftovers(c, inst.id) == []
         finally:
             stop_process(proc)
+
+
+def test_no_secret_reaches_a_log_or_the_state_db(cluster, shop):
+    """After the flows above (user passwords, root enable, tokens): none of them in clear anywhere."""
+    secrets = [b"s3cret-pw", b"an-4lyst-pw", b"n3w-pw-xx", cluster.token.encode(), cluster.server.admin_token.encode()]
+    blobs = {"server log": cluster.server.log().encode(), "hostd log": cluster.hostd.log().encode(),
+             "state db": b"".join(p.read_bytes() for p in cluster.server.state_dir.glob("state.db*"))}
+    for where, blob in blobs.items():
+        for s in secrets:
+            assert s not in blob, f"a secret is in the {where}"
