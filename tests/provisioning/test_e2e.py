@@ -6,14 +6,13 @@ import os
 import subprocess
 import time
 
-
 import grpc
 import pymysql
 import pytest
-from grpc_status import rpc_status
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from reddwarf.v1 import common_pb2, database_pb2, admin_pb2
+from reddwarf.v1 import admin_pb2, common_pb2, database_pb2
 from tests.fixtures.cluster import start_cluster
 from tests.fixtures.server import launch, stop_process, wait_ready
 
@@ -257,8 +256,10 @@ def test_delete_removes_everything_and_revokes_the_guest(cluster):
     assert mine and all(x.revoked for x in mine)
 
 
-def test_server_killed_mid_create_resumes_without_duplicates(tmp_path):
-    env = {"REDDWARF_TEST_EXIT_AFTER_STEP": "create_instance:create_container"}
+# a crash after a hostd side effect (container made) and after the one-time enrollment token was used
+@pytest.mark.parametrize("step", ["create_container", "wait_agent"])
+def test_server_killed_mid_create_resumes_without_duplicates(tmp_path, step):
+    env = {"REDDWARF_TEST_EXIT_AFTER_STEP": f"create_instance:{step}"}
     with start_cluster(tmp_path, server_env=env) as c:
         inst = create(c, name="crashy")
         c.server.proc.wait(timeout=120)  # the hook killed the server right after the step was recorded
