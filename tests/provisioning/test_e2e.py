@@ -256,8 +256,8 @@ def test_delete_removes_everything_and_revokes_the_guest(cluster):
     assert mine and all(x.revoked for x in mine)
 
 
-# a crash after a hostd side effect (container made) and after the one-time enrollment token was used
-@pytest.mark.parametrize("step", ["create_container", "wait_agent"])
+# crashes after each kind of hostd side effect, after the one-time enrollment token was used, and after prepare
+@pytest.mark.parametrize("step", ["create_volume", "create_container", "wait_agent", "prepare"])
 def test_server_killed_mid_create_resumes_without_duplicates(tmp_path, step):
     env = {"REDDWARF_TEST_EXIT_AFTER_STEP": f"create_instance:{step}"}
     with start_cluster(tmp_path, server_env=env) as c:
