@@ -1,0 +1,187 @@
+"""Trove v1.0 JSON ⇄ Red Dwarf messages: the shapes python-troveclient reads and writes."""
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+
+from reddwarf.v1 import common_pb2, database_pb2
+
+# Trove has no DELETING/RESTORING on the wire: its clients know BUILD and SHUTDOWN.
+STATUS = {"RESTORING": "BUILD", "DELETING": "SHUTDOWN", "HEALTHY": "ACTIVE"}
+
+
+class BadInput(ValueError):
+    """A body that is JSON but not the shape Trove defines (400)."""
+
+
+def _str(d: dict[str, Any], key: str, where: str, required: bool = True) -> str:
+    v = d.get(key)
+    if v is None and not required:
+        return ""
+    if not isinstance(v, str) or (required and not v):
+        raise BadInput(f"{where}.{key} must be a non-empty string")
+    return v
+
+
+def int_field(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise BadInput(f"{where} must be an integer")
+    try:
+        return int(v)
+    except ValueError:
+        raise BadInput(f"{where} must be an integer") from None
+
+
+def ref_id(ref: Any, where: str) -> str:
+    """flavorRef / backupRef may be an id or a URL ending in the id."""
+    if isinstance(ref, int) and not isinstance(ref, bool):
+        ref = str(ref)
+    if not isinstance(ref, str) or not ref:
+        raise BadInput(f"{where} must be an id or a link")
+    return ref.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _links(request: Request, path: str) -> list[dict[str, str]]:
+    base = str(request.base_url).rstrip("/")
+    tenant = request.path_params.get("tenant", "")
+    return [{"href": f"{base}/v1.0/{tenant}/{path}", "rel": "self"}]
+
+
+def flavor(f: database_pb2.Flavor, request: Request) -> dict[str, Any]:
+    return {"id": f.id, "str_id": f.id, "name": f.id, "ram": f.limits.memory_mb,
+            "vcpus": max(1, f.limits.cpu_limit_millicores // 1000) if f.limits.cpu_limit_millicores else 1,
+            "disk": f.default_volume_gb, "links": _links(request, f"flavors/{f.id}")}
+
+
+def datastore(d: database_pb2.Datastore) -> dict[str, Any]:
+    return {"id": d.id, "name": d.id, "default_version": d.default_version, "links": [],
+            "versions": [{"id": v.version, "name": v.version, "active": v.active, "links": []} for v in d.versions]}
+
+
+def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
+    status = database_pb2.InstanceStatus.Name(i.status)
+    out: dict[str, Any] = {
+        "id": i.id, "name": i.display_name, "status": STATUS.get(status, status),
+        "flavor": {"id": i.flavor.rsplit("/", 1)[-1], "links": _links(request, f"flavors/{i.flavor.rsplit('/', 1)[-1]}")},
+        "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3)},
+        "datastore": {"type": i.datastore, "version": i.datastore_version},
+        "created": i.create_time.ToJsonString() if i.HasField("create_time") else "",
+        "updated": i.update_time.ToJsonString() if i.HasField("update_time") else "",
+        "ip": [e.host for e in i.endpoints], "port": i.endpoints[0].port if i.endpoints else 0,
+        "links": _links(request, f"instances/{i.id}"),
+    }
+    if i.HasField("fault"):
+        out["fault"] = {"message": i.fault.message, "details": i.fault.details,
+                        "created": i.fault.created.ToJsonString() if i.fault.HasField("created") else ""}
+    if i.restored_from:
+        out["restorePoint"] = {"backupRef": i.restored_from}
+    return out
+
+
+def databases(items: Any) -> list[common_pb2.Database]:
+    if not isinstance(items, list) or not items:
+        raise BadInput("databases must be a non-empty list")
+    out = []
+    for n, d in enumerate(items):
+        if not isinstance(d, dict):
+            raise BadInput(f"databases[{n}] must be an object")
+        out.append(common_pb2.Database(database=_str(d, "name", f"databases[{n}]"),
+                                       character_set=_str(d, "character_set", f"databases[{n}]", False),
+                                       collation=_str(d, "collate", f"databases[{n}]", False)))
+    return out
+
+
+def users(items: Any) -> list[common_pb2.User]:
+    if not isinstance(items, list) or not items:
+        raise BadInput("users must be a non-empty list")
+    out = []
+    for n, u in enumerate(items):
+        if not isinstance(u, dict):
+            raise BadInput(f"users[{n}] must be an object")
+        dbs = u.get("databases", [])
+        if not isinstance(dbs, list):
+            raise BadInput(f"users[{n}].databases must be a list")
+        out.append(common_pb2.User(user=_str(u, "name", f"users[{n}]"), password=_str(u, "password", f"users[{n}]"),
+                                   host=_str(u, "host", f"users[{n}]", False),
+                                   databases=[d.database for d in databases(dbs)] if dbs else []))
+    return out
+
+
+def database(d: common_pb2.Database) -> dict[str, Any]:
+    return {"name": d.database, "character_set": d.character_set, "collate": d.collation}
+
+
+def user(u: common_pb2.User) -> dict[str, Any]:
+    return {"name": u.user, "host": u.host or "%", "databases": [{"name": d} for d in u.databases]}
+
+
+def create_request(body: dict[str, Any]) -> database_pb2.CreateInstanceRequest:
+    name = _str(body, "name", "instance")
+    flavor_id = ref_id(body.get("flavorRef"), "instance.flavorRef")
+    vol = body.get("volume", {})
+    if not isinstance(vol, dict):
+        raise BadInput("instance.volume must be an object")
+    size = int_field(vol.get("size", 0), "instance.volume.size")
+    ds = body.get("datastore", {}) or {}
+    if not isinstance(ds, dict):
+        raise BadInput("instance.datastore must be an object")
+    req = database_pb2.CreateInstanceRequest(instance=database_pb2.Instance(
+        display_name=name, flavor=flavor_id, volume=database_pb2.Volume(size_gb=size),
+        datastore=_str(ds, "type", "instance.datastore", False), datastore_version=_str(ds, "version",
+                                                                                        "instance.datastore", False)))
+    if body.get("databases"):
+        req.databases.extend(databases(body["databases"]))
+    if body.get("users"):
+        req.users.extend(users(body["users"]))
+    rp = body.get("restorePoint")
+    if rp is not None:
+        if not isinstance(rp, dict):
+            raise BadInput("instance.restorePoint must be an object")
+        req.restore_from_backup = "backups/" + ref_id(rp.get("backupRef"), "instance.restorePoint.backupRef")
+    return req
+
+
+def backup_request(body: dict[str, Any]) -> database_pb2.Backup:
+    return database_pb2.Backup(display_name=_str(body, "name", "backup"),
+                               instance="instances/" + ref_id(body.get("instance"), "backup.instance"),
+                               description=_str(body, "description", "backup", False),
+                               parent=("backups/" + ref_id(body["parent_id"], "backup.parent_id"))
+                               if body.get("parent_id") else "")
+
+
+BACKUP_STATUS = {"BACKUP_FAILED": "FAILED"}
+
+
+def backup(b: database_pb2.Backup) -> dict[str, Any]:
+    st = database_pb2.BackupStatus.Name(b.status)
+    return {"id": b.id, "name": b.display_name, "description": b.description,
+            "instance_id": b.instance.rsplit("/", 1)[-1], "status": BACKUP_STATUS.get(st, st),
+            "parent_id": b.parent.rsplit("/", 1)[-1] if b.parent else None, "size": round(b.size_bytes / 2**30, 6),
+            "locationRef": b.location, "created": b.create_time.ToJsonString() if b.HasField("create_time") else "",
+            "updated": b.update_time.ToJsonString() if b.HasField("update_time") else "",
+            "datastore": {"type": b.datastore, "version": b.datastore_version}}
+
+
+def openapi(routes: list[tuple[str, list[str]]]) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for path, methods in routes:
+        params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in path.split("/") if p.startswith("{")]
+        entry = paths.setdefault(path, {})
+        for m in methods:
+            op: dict[str, Any] = {"parameters": params + [{"name": "X-Auth-Token", "in": "header", "required": True,
+                                                           "schema": {"type": "string"}}],
+                                  "responses": {"200": {"description": "ok"}, "202": {"description": "accepted"},
+                                                "204": {"description": "no content"},
+                                                "400": {"description": "badRequest"},
+                                                "401": {"description": "unauthorized"},
+                                                "403": {"description": "forbidden"},
+                                                "404": {"description": "itemNotFound"},
+                                                "413": {"description": "overLimit"},
+                                                "422": {"description": "unprocessableEntity"}}}
+            if m in ("POST", "PUT"):
+                op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
+            entry[m.lower()] = op
+    return {"openapi": "3.0.3", "info": {"title": "Red Dwarf — Trove v1.0 compatible REST gateway", "version": "1.0"},
+            "paths": paths}

@@ -1,0 +1,115 @@
+"""The Trove v1.0 REST gateway as a real process in front of the real server: Trove's paths, bodies,
+status codes and error shapes, the tenant check, and python-troveclient (unmodified) talking to it."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import pytest
+
+from reddwarf.v1 import admin_pb2, admin_pb2_grpc
+from tests.fixtures.mariadb import free_port
+from tests.fixtures.server import start_server, stop_process
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    with start_server(tmp_path_factory.mktemp("gw")) as server:
+        admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
+        tid = f"t{uuid.uuid4().hex[:6]}"
+        admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=tid)))
+        token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}")).secret
+        port = free_port()
+        f = server.gateway_files
+        log = open(server.state_dir / "gateway.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "reddwarf.client.gateway", "--listen", f"127.0.0.1:{port}",
+                                 "--api", server.api, "--cert", str(f.cert), "--key", str(f.key), "--ca", str(f.ca)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(100):
+                try:
+                    httpx.get(base + "/", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            yield base, tid, token, server
+        finally:
+            stop_process(proc)
+            log.close()
+
+
+def test_version_discovery(gw):
+    base, *_ = gw
+    r = httpx.get(base + "/")
+    assert r.status_code == 200 and r.json()["versions"][0]["id"] == "v1.0"
+
+
+def test_flavors_in_trove_shape(gw):
+    base, tid, token, _ = gw
+    r = httpx.get(f"{base}/v1.0/{tid}/flavors", headers={"X-Auth-Token": token})
+    assert r.status_code == 200
+    flavors = {f["id"]: f for f in r.json()["flavors"]}
+    assert flavors["small"]["ram"] == 512 and flavors["small"]["links"]
+    r = httpx.get(f"{base}/v1.0/{tid}/datastores", headers={"X-Auth-Token": token})
+    assert r.json()["datastores"][0]["versions"][0]["name"] == "10.11"
+
+
+@pytest.mark.parametrize("headers,tenant,code", [({}, None, 401), ({"X-Auth-Token": "nope"}, None, 401),
+                                                 (None, "someone-else", 403)])
+def test_auth_errors(gw, headers, tenant, code):
+    base, tid, token, _ = gw
+    h = {"X-Auth-Token": token} if headers is None else headers
+    r = httpx.get(f"{base}/v1.0/{tenant or tid}/flavors", headers=h)
+    assert r.status_code == code
+    assert list(r.json()) == [{401: "unauthorized", 403: "forbidden"}[code]]
+
+
+def test_unknown_instance_is_item_not_found(gw):
+    base, tid, token, _ = gw
+    r = httpx.get(f"{base}/v1.0/{tid}/instances/{uuid.uuid4()}", headers={"X-Auth-Token": token})
+    assert r.status_code == 404 and r.json()["itemNotFound"]["code"] == 404
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"{not json", "not JSON"), (b'{"instance": 3}', "instance"),
+    (b'{"instance": {"name": "x", "flavorRef": "huge", "volume": {"size": 1}}}', "flavor"),
+    (b'{"instance": {"name": "x", "flavorRef": "tiny", "volume": {"size": "ten"}}}', "volume.size"),
+    (b'{"instance": {"name": "x", "flavorRef": "tiny", "volume": {"size": 1}, '
+     b'"databases": [{"name": "a`; DROP DATABASE mysql; --"}]}}', "database"),
+])
+def test_bad_create_bodies_are_trove_errors_and_create_nothing(gw, body, fragment):
+    base, tid, token, _ = gw
+    r = httpx.post(f"{base}/v1.0/{tid}/instances", content=body,
+                   headers={"X-Auth-Token": token, "Content-Type": "application/json"})
+    assert r.status_code in (400, 404)
+    (kind, err), = r.json().items()
+    assert kind in ("badRequest", "itemNotFound") and fragment in err["message"]
+    assert httpx.get(f"{base}/v1.0/{tid}/instances", headers={"X-Auth-Token": token}).json() == {"instances": []}
+
+
+def test_body_size_is_limited(gw):
+    base, tid, token, _ = gw
+    r = httpx.post(f"{base}/v1.0/{tid}/instances", content=b"x" * (2 << 20), headers={"X-Auth-Token": token})
+    assert r.status_code == 413 and "overLimit" in r.json()
+
+
+def test_openapi_describes_the_routes(gw):
+    base, *_ = gw
+    doc = httpx.get(base + "/openapi.json").json()
+    assert "/v1.0/{tenant}/instances/{instance_id}/action" in doc["paths"]
+    assert "post" in doc["paths"]["/v1.0/{tenant}/instances"]
+
+
+def test_python_troveclient_lists_flavors_through_the_gateway(gw):
+    from keystoneauth1 import session, token_endpoint
+    from troveclient.v1 import client
+    base, tid, token, _ = gw
+    sess = session.Session(auth=token_endpoint.Token(f"{base}/v1.0/{tid}", token))
+    trove = client.Client(session=sess)
+    names = sorted(f.name for f in trove.flavors.list())
+    assert names == ["large", "medium", "small", "tiny"]
+    assert [i for i in trove.instances.list()] == []
