@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pymysql
+
 from reddwarf.common import runner
 from reddwarf.common.errors import FailedPrecondition, Internal, InvalidArgument, RedDwarfError
 from reddwarf.common.log import bind
@@ -356,7 +357,7 @@ class BackupRunner:
             raise InvalidArgument("at least one backup id is required", field="backup_ids")
         if len(backup_ids) != len(sha256s):
             raise InvalidArgument("one sha256 per backup id is required", field="sha256")
-        for i, (bid, sha) in enumerate(zip(backup_ids, sha256s)):
+        for i, (bid, sha) in enumerate(zip(backup_ids, sha256s, strict=True)):
             _validate_backup_id(bid, f"backup_ids[{i}]")
             if not _SHA_RE.match(sha or ""):
                 raise InvalidArgument("sha256 must be 64 lowercase hex digits", field=f"sha256[{i}]")
@@ -368,7 +369,7 @@ class BackupRunner:
             # 1. Download and verify every stream first: a corrupt one stops us before any change.
             archives = []
             n = len(backup_ids)
-            for i, (bid, sha) in enumerate(zip(backup_ids, sha256s)):
+            for i, (bid, sha) in enumerate(zip(backup_ids, sha256s, strict=True)):
                 path = os.path.join(tmp, f"{i:03d}-{bid}.xbstream.zst")
                 size = await self._download_verified(bid, sha, path, download)
                 archives.append(path)

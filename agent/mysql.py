@@ -20,6 +20,7 @@ from typing import Any
 
 import pymysql
 from google.protobuf import json_format
+
 from reddwarf.agent import services
 from reddwarf.agent.datastore import DatastoreDriver, ProgressFn, no_progress
 from reddwarf.agent.supervisor import Supervisor

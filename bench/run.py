@@ -25,7 +25,7 @@ BENCHMARKS = [
 def main() -> int:
     only = set(sys.argv[1:])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = os.cpu_count()
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     sections = [

@@ -14,6 +14,7 @@ from typing import Any, Self, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf import message as _message
+
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import admin_pb2_grpc as apb_grpc
 from reddwarf.v1 import common_pb2 as cpb

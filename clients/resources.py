@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb

@@ -113,7 +113,7 @@ def identity_from_cert(pem: bytes | str) -> Identity:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        raise InvalidArgument("certificate has no subject alternative name", field="certificate")
+        raise InvalidArgument("certificate has no subject alternative name", field="certificate") from None
     uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)
             if u.startswith(SPIFFE_PREFIX)]
     if len(uris) != 1:
@@ -193,7 +193,7 @@ class CertificateAuthority:
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as e:
-            raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem")
+            raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem") from None
         if not csr.is_signature_valid:
             raise InvalidArgument("certificate request signature is invalid", field="csr_pem")
         public_key = csr.public_key()

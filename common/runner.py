@@ -80,7 +80,7 @@ async def run_async(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ch
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=cwd)
     try:
         out_b, err_b = await asyncio.wait_for(proc.communicate(data), timeout)
-    except (asyncio.TimeoutError, asyncio.CancelledError):
+    except (TimeoutError, asyncio.CancelledError):
         proc.kill()
         await proc.wait()
         log.warning("command timed out argv=%s timeout=%s", shlex.join(argv), timeout)

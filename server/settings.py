@@ -74,7 +74,7 @@ class Settings:
             with open(path) as f:
                 data.update(yaml.safe_load(f) or {})
         names = {f.name: f for f in dataclasses.fields(cls)}
-        for name, f in names.items():
+        for name in names:
             value = env.get(f"REDDWARF_{name.upper()}")
             if value is not None and name != "default_quota":
                 data[name] = value

@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
 from reddwarf.common import errors
 from reddwarf.common.log import bind
 from reddwarf.server.models import Task, utcnow
-from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("reddwarf.server.tasks")
 

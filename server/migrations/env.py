@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from reddwarf.server import models
 from reddwarf.server.db import make_engine
 

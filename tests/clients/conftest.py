@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from reddwarf.client import Client, ClientConfig
 
 from .certs import TestPki, make_pki

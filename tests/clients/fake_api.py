@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_status import rpc_status
+
 from reddwarf.common.errors import InvalidArgument, NotFound, RedDwarfError, Unauthenticated, to_status_pb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from reddwarf.client import (
     AsyncClient,
     Client,
