@@ -286,7 +286,7 @@ class BackupRunner:
             try:
                 response = await asyncio.wait_for(upload(gen), self.settings.backup_timeout)
             finally:
-                await gen.aclose()
+                await gen.aclose()  # type: ignore[attr-defined]
             sha = digest.hexdigest()
             if response.sha256 != sha or response.size_bytes != sent:
                 raise Internal(f"the server stored {response.size_bytes} bytes with SHA-256 {response.sha256}, "

@@ -234,8 +234,8 @@ class AsyncClient:
             name=r.user_name(instance, user, host), database=database))
 
     async def list_access(self, instance: str, user: str, host: str = "%") -> list[str]:
-        return list(self._call(self.users.ListAccess,
-                               pb.ListAccessRequest(name=r.user_name(instance, user, host))).databases)
+        resp = await self._call(self.users.ListAccess, pb.ListAccessRequest(name=r.user_name(instance, user, host)))
+        return list(resp.databases)
 
     # ------------------------------------------------------------------ root
 

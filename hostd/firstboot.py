@@ -71,7 +71,8 @@ def _package_dir(sub: str) -> str | None:
         mod = importlib.import_module(f"reddwarf.{sub}")
     except ImportError:
         return None
-    return os.path.dirname(mod.__file__) if getattr(mod, "__file__", None) else None
+    path = getattr(mod, "__file__", None)
+    return os.path.dirname(path) if path else None
 
 
 def write_firstboot(rootfs_upper: str, config: AgentConfig, ca_pem: str) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from reddwarf.common.errors import FailedPrecondition, InvalidArgument
 from reddwarf.common.runner import Result, run
@@ -69,7 +70,9 @@ class Target:
 def parse_show(text: str) -> list[Target]:
     """Parses `tgtadm --op show --mode target`."""
     targets: list[Target] = []
-    tid, iqn, luns, acl = 0, "", [], []
+    tid, iqn = 0, ""
+    luns: list[Any] = []
+    acl: list[str] = []
     lun_no, size, section = -1, 0, ""
 
     def flush() -> None:

@@ -432,7 +432,7 @@ async def schedule_loop(app: App, store: BackupStore) -> None:
                 full = last is None or sch.runs % max(1, sch.full_every) == 0
                 row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
                                     display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status="NEW",
-                                    parent_id=None if full else last.id, kind="full" if full else "incremental",
+                                    parent_id=None if full or last is None else last.id, kind="full" if full else "incremental",
                                     datastore=inst.datastore, datastore_version=inst.datastore_version)
                 s.add(row)
                 s.flush()

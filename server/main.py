@@ -182,7 +182,8 @@ async def serve(settings: Settings) -> None:
         await s.start()
     for svc in [""] + names:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    tasks = [asyncio.create_task(bg(), name=getattr(bg, "__name__", "background")) for bg in wiring.background]
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(bg(), name=  # type: ignore[arg-type]
+                                        getattr(bg, "__name__", "background")) for bg in wiring.background]
     log.info("serving", extra={"api": settings.api_listen, "agent": settings.agent_listen if wiring.agent else "",
                                "enroll": settings.enroll_listen if wiring.enroll else ""})
     print(f"reddwarf-server ready api={settings.api_listen}", flush=True)
