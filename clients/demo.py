@@ -89,6 +89,11 @@ def up() -> int:
                         "--storage-path", str(ROOT / "volumes"), "--cert-path", str(host_tls / "host.pem"),
                         "--key-path", str(host_tls / "host.key"), "--ca-path", str(host_tls / "ca.pem"),
                         "--crl-path", str(ROOT / "server/pki/crl.pem")])
+    if not _alive("gateway"):
+        g = ROOT / "server/admin"
+        say(f"starting reddwarf-gateway (Trove v1.0 REST) on {GATEWAY}")
+        spawn("gateway", [py, "-m", "reddwarf.client.gateway", "--listen", GATEWAY, "--api", API,
+                          "--cert", str(g / "gateway.pem"), "--key", str(g / "gateway.key"), "--ca", str(g / "ca.pem")])
     channel = sync_channel(API, admin_files)
     admin = admin_pb2_grpc.AdminStub(channel)
     wait_for("the server", lambda: admin.ListHosts(admin_pb2.ListHostsRequest(), timeout=2) is not None, 60)
@@ -161,6 +166,8 @@ def up() -> int:
 Red Dwarf is up.
   connect:   mariadb -h {ep.host} -P {ep.port} -u {DB_USER} -p{shlex.quote(DB_PASSWORD)} {DB_NAME}
   gRPC API:  {API} (mTLS; credentials in {openrc})
+  CLI:       . {openrc}; .venv/bin/reddwarf instance list
+  REST:      curl -H "X-Auth-Token: $REDDWARF_TOKEN" http://{GATEWAY}/v1.0/{TENANT}/instances
   admin:     grpcurl -cacert {admin_files.ca} -cert {admin_files.cert} -key {admin_files.key} {API} list
   logs:      {ROOT}/server.log, {ROOT}/hostd.log
   stop:      make demo-stop
