@@ -17,6 +17,7 @@ from .errors import InvalidArgument
 from .pki import Identity, TlsFiles, identity_from_cert, revoked_in_crl
 
 __all__ = [
+    "SERVER_OPTIONS",
     "RevocationList",
     "TlsFiles",
     "aio_channel",
@@ -32,6 +33,13 @@ __all__ = [
 _SERVER_NAME = "localhost"
 _KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
               ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+
+
+# Servers accept the clients' keepalive pings (every 20 s, also between calls: idle agent streams), instead
+# of answering them with GOAWAY "too_many_pings".
+SERVER_OPTIONS = [("grpc.keepalive_permit_without_calls", 1),
+                  ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                  ("grpc.http2.max_ping_strikes", 0)]
 
 
 def server_credentials(cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None,

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from reddwarf.common.log import setup as setup_logging
-from reddwarf.common.tls import RevocationList, server_credentials
+from reddwarf.common.tls import SERVER_OPTIONS, RevocationList, server_credentials
 from reddwarf.v1 import host_pb2_grpc
 
 from . import cgroups, template
@@ -80,7 +80,8 @@ async def serve(settings: Settings) -> None:
         cert = f.read()
     with open(settings.key_path, "rb") as f:
         key = f.read()
-    server = grpc.aio.server(interceptors=[ServerOnly(RevocationList(settings.crl_path or None, ca))])
+    server = grpc.aio.server(interceptors=[ServerOnly(RevocationList(settings.crl_path or None, ca))],
+                             options=SERVER_OPTIONS)
     host_pb2_grpc.add_HostAgentServicer_to_server(HostAgentServicer(host), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

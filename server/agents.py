@@ -24,6 +24,7 @@ from reddwarf.common.errors import (
     InvalidArgument,
     PermissionDenied,
     Unauthenticated,
+    Unavailable,
     abort,
     from_status_pb,
     grpc_edge,
@@ -67,6 +68,7 @@ class AgentRegistry:
         self._hello_waiters: dict[str, list[asyncio.Future[agent_pb2.Hello]]] = {}
         self._health: dict[str, common_pb2.GuestHealth] = {}
         self._silent_reported: set[str] = set()
+        self._gone_since: dict[str, float] = {}
 
     # -- used by the rest of the server ----------------------------------------------------------
     def is_connected(self, instance_id: str) -> bool:
@@ -92,7 +94,7 @@ class AgentRegistry:
                 waiters.remove(fut)
 
     async def call(self, instance_id: str, command: agent_pb2.Command, timeout: float,
-                   on_progress: ProgressCb | None = None) -> agent_pb2.CommandResult:
+                   on_progress: ProgressCb | None = None, gone_grace: float | None = None) -> agent_pb2.CommandResult:
         """Runs a command on that instance's agent and returns its result; a failed result is raised as the
         domain error it carries. The command id makes it idempotent: pass the same id to retry safely."""
         if not command.command_id:
@@ -106,9 +108,14 @@ class AgentRegistry:
         conn = self._conns.get(instance_id)
         if conn is not None:
             await conn.outbox.put(agent_pb2.ServerMessage(command=command))
+        else:
+            self._gone_since.setdefault(instance_id, time.monotonic())
         # else: sent when the agent (re)connects, if it does before the deadline
         try:
-            result = await asyncio.wait_for(fut, timeout)
+            if gone_grace is None:
+                result = await asyncio.wait_for(fut, timeout)
+            else:
+                result = await self._await_unless_gone(instance_id, fut, timeout, gone_grace)
         except TimeoutError:
             raise DeadlineExceeded(f"the guest agent of {instance_id} did not finish "
                                    f"{command.WhichOneof('command')} within {timeout:.0f}s", field="instance") from None
@@ -118,6 +125,22 @@ class AgentRegistry:
         if err is not None:
             raise err
         return result
+
+    async def _await_unless_gone(self, instance_id: str, fut: asyncio.Future[agent_pb2.CommandResult],
+                                 timeout: float, grace: float) -> agent_pb2.CommandResult:
+        """Waits for the result, but gives up early when the agent has been gone for `grace` seconds: a
+        long command (a backup) must not wait hours for a guest that died."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            done, _ = await asyncio.wait({fut}, timeout=min(1.0, left))
+            if done:
+                return fut.result()
+            since = self._gone_since.get(instance_id)
+            if since is not None and time.monotonic() - since > grace:
+                raise Unavailable(f"the guest agent of {instance_id} went away during the command", field="instance")
 
     async def run(self) -> None:
         """Watchdog: an instance whose heartbeats stopped is reported once (the server marks it SHUTDOWN)."""
@@ -144,6 +167,7 @@ class AgentRegistry:
         if old is not None:
             old.outbox.put_nowait(None)  # a newer stream of the same agent wins
         self._conns[conn.instance_id] = conn
+        self._gone_since.pop(conn.instance_id, None)
         self._silent_reported.discard(conn.instance_id)
         pending = [p for p in self._pending.values() if p.instance_id == conn.instance_id]
         await conn.outbox.put(agent_pb2.ServerMessage(welcome=agent_pb2.Welcome(
@@ -160,6 +184,7 @@ class AgentRegistry:
     def _detach(self, conn: _Conn) -> None:
         if self._conns.get(conn.instance_id) is conn:
             del self._conns[conn.instance_id]
+            self._gone_since[conn.instance_id] = time.monotonic()
             log.info("guest disconnected", extra={"instance": conn.instance_id})
 
     async def _record_health(self, instance_id: str, health: common_pb2.GuestHealth) -> None:

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from reddwarf.common.log import setup as setup_logging
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
-from reddwarf.common.tls import server_credentials
+from reddwarf.common.tls import SERVER_OPTIONS, server_credentials
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
 
 from . import db, models
@@ -152,7 +152,7 @@ async def serve(settings: Settings) -> None:
     wiring = wire(app, paginator)
     cert, key, ca = _tls(app)
 
-    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions))])
+    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions))], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:
         add(servicer, api)
@@ -164,13 +164,13 @@ async def serve(settings: Settings) -> None:
     servers = [api]
 
     if wiring.agent:
-        agent = grpc.aio.server()
+        agent = grpc.aio.server(options=SERVER_OPTIONS)
         for add, servicer, _ in wiring.agent:
             add(servicer, agent)
         agent.add_secure_port(settings.agent_listen, server_credentials(cert, key, ca, require_client_auth=True))
         servers.append(agent)
     if wiring.enroll:
-        enroll = grpc.aio.server()
+        enroll = grpc.aio.server(options=SERVER_OPTIONS)
         for add, servicer, _ in wiring.enroll:
             add(servicer, enroll)
         # Server-only TLS: the enrolling agent has no certificate yet; its one-time token is the credential.

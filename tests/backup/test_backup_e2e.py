@@ -120,3 +120,31 @@ def test_backup_of_another_tenants_instance_is_not_found(env):
         bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
             display_name="steal", instance=inst.name)), metadata=(("authorization", f"Bearer {token}"),))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(env):
+    c, bk, _ = env
+    victim = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name="victim", flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
+        metadata=c.md)
+    victim = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=victim.name), metadata=c.md),
+                  lambda i: i.status == database_pb2.ACTIVE, what="victim ACTIVE")
+    b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
+        display_name="doomed", instance=victim.name)), metadata=c.md)
+    import subprocess
+    name = f"{c.hostd.prefix}{victim.id}"
+    pid = subprocess.run(["lxc-info", "-P", str(c.hostd.lxc_path), "-n", name, "-p", "-H"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    os.kill(int(pid), 9)  # the agent is PID 1: the guest dies with it
+    done = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
+                lambda x: x.status in (database_pb2.COMPLETED, database_pb2.BACKUP_FAILED), timeout=120,
+                what="backup ended")
+    assert done.status == database_pb2.BACKUP_FAILED and "went away" in done.fault.message, done.fault.message
+    store = c.server.state_dir / "backups"
+    assert not [p for p in store.rglob("*") if b.id in p.name], "a partial backup was left in the store"
+    # and it cannot be restored from
+    with pytest.raises(grpc.RpcError) as e:
+        c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+            instance=database_pb2.Instance(display_name="nope", flavor="tiny"), restore_from_backup=b.name),
+            metadata=c.md)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
