@@ -83,12 +83,19 @@ _BY_CODE: dict[int, type[RedDwarfError]] = {
 }
 
 
+def _cap(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
+
+
 def to_status_pb(err: RedDwarfError) -> status_pb2.Status:
     """The google.rpc.Status for err, with a BadRequest detail when it names fields."""
-    st = status_pb2.Status(code=err.code.value[0], message=err.message)
+    # Messages may quote the offending input: cap them, so a 10 kB hostile value cannot blow the status
+    # past gRPC's metadata limit (which would turn a clear INVALID_ARGUMENT into an opaque transport error).
+    st = status_pb2.Status(code=err.code.value[0], message=_cap(err.message))
     if err.violations:
         br = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in err.violations])
+            error_details_pb2.BadRequest.FieldViolation(field=_cap(f, 200), description=_cap(d))
+            for f, d in err.violations[:20]])
         detail = any_pb2.Any()
         detail.Pack(br)
         st.details.append(detail)

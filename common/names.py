@@ -48,18 +48,28 @@ def _check_common(value: str, field: str, what: str, max_len: int) -> None:
     if any(ch in _FORBIDDEN for ch in folded):
         raise InvalidArgument(f"{what} may not contain look-alikes of quotes, slashes or separators",
                               field=field)
+    if folded != value:
+        # Ligatures and full-width letters ("ﬀ", "ｍｙｓｑｌ") read as other names: only NFKC-stable text.
+        raise InvalidArgument(f"{what} must be in Unicode NFKC form (no ligatures or full-width look-alikes)",
+                              field=field)
+
+
+def skeleton(value: str) -> str:
+    """What a name looks like without case and accents: "Ṃysql" → "mysql" (for reserved-name checks)."""
+    decomposed = unicodedata.normalize("NFKD", value)
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).casefold()
 
 
 def validate_database(name: str, field: str = "database") -> str:
     _check_common(name, field, "database name", MAX_DATABASE)
-    if name.lower() in RESERVED_DATABASES:
+    if name.lower() in RESERVED_DATABASES or skeleton(name) in RESERVED_DATABASES:
         raise InvalidArgument(f"database name {name!r} is reserved", field=field)
     return name
 
 
 def validate_user(name: str, field: str = "user") -> str:
     _check_common(name, field, "user name", MAX_USER)
-    if name.lower() in RESERVED_USERS:
+    if name.lower() in RESERVED_USERS or skeleton(name) in RESERVED_USERS:
         raise InvalidArgument(f"user name {name!r} is reserved", field=field)
     return name
 

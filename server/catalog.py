@@ -45,7 +45,7 @@ def resource_id(name: str, collection: str, field: str) -> str:
     prefix = f"{collection}/"
     rid = name.removeprefix(prefix)
     if not rid or "/" in rid or len(rid) > 64:
-        raise InvalidArgument(f"{field} must be `{collection}/<id>`, got {name!r}", field=field)
+        raise InvalidArgument(f"{field} must be `{collection}/<id>`, got {name[:80]!r}", field=field)
     return rid
 
 
