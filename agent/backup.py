@@ -81,7 +81,8 @@ class _Pipeline:
                     proc.kill()
         for proc in self.procs:
             with contextlib.suppress(Exception):
-                await proc.wait()
+                # Bounded: a child reaped elsewhere must not hang the command that is cleaning up.
+                await asyncio.wait_for(proc.wait(), 10)
 
 
 def _tail(path: str, limit: int = 1500) -> str:
