@@ -119,15 +119,22 @@ class Gateway:
     def _iname(request: Request) -> str:
         return f"instances/{request.path_params['instance_id']}"
 
-    # -- catalog ---------------------------------------------------------------------------------
-    async def list_flavors(self, request: Request, md: Any) -> Response:
-        out, token = [], ""
+    @staticmethod
+    async def _all(rpc: Any, request_type: Any, field: str, md: Any) -> list[Any]:
+        """Every item of a paged gRPC list: Trove's list calls return whole collections."""
+        items: list[Any] = []
+        token = ""
         while True:
-            resp = await self.catalog.ListFlavors(database_pb2.ListFlavorsRequest(page_token=token), metadata=md)
-            out += [trove.flavor(f, request) for f in resp.flavors]
+            resp = await rpc(request_type(page_token=token), metadata=md)
+            items += list(getattr(resp, field))
             token = resp.next_page_token
             if not token:
-                return JSONResponse({"flavors": out})
+                return items
+
+    # -- catalog ---------------------------------------------------------------------------------
+    async def list_flavors(self, request: Request, md: Any) -> Response:
+        flavors = await self._all(self.catalog.ListFlavors, database_pb2.ListFlavorsRequest, "flavors", md)
+        return JSONResponse({"flavors": [trove.flavor(f, request) for f in flavors]})
 
     async def get_flavor(self, request: Request, md: Any) -> Response:
         f = await self.catalog.GetFlavor(database_pb2.GetFlavorRequest(name=f"flavors/{request.path_params['flavor_id']}"),
@@ -150,13 +157,8 @@ class Gateway:
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, md: Any) -> Response:
-        out, token = [], ""
-        while True:
-            resp = await self.instances.ListInstances(database_pb2.ListInstancesRequest(page_token=token), metadata=md)
-            out += [trove.instance(i, request) for i in resp.instances]
-            token = resp.next_page_token
-            if not token:
-                return JSONResponse({"instances": out})
+        items = await self._all(self.instances.ListInstances, database_pb2.ListInstancesRequest, "instances", md)
+        return JSONResponse({"instances": [trove.instance(i, request) for i in items]})
 
     async def get_instance(self, request: Request, md: Any) -> Response:
         i = await self.instances.GetInstance(database_pb2.GetInstanceRequest(name=self._iname(request)), metadata=md)
@@ -266,13 +268,8 @@ class Gateway:
         return JSONResponse({"backup": trove.backup(out)}, status_code=202)
 
     async def list_backups(self, request: Request, md: Any) -> Response:
-        out, token = [], ""
-        while True:
-            resp = await self.backups.ListBackups(database_pb2.ListBackupsRequest(page_token=token), metadata=md)
-            out += [trove.backup(b) for b in resp.backups]
-            token = resp.next_page_token
-            if not token:
-                return JSONResponse({"backups": out})
+        items = await self._all(self.backups.ListBackups, database_pb2.ListBackupsRequest, "backups", md)
+        return JSONResponse({"backups": [trove.backup(b) for b in items]})
 
     async def get_backup(self, request: Request, md: Any) -> Response:
         b = await self.backups.GetBackup(database_pb2.GetBackupRequest(name=f"backups/{request.path_params['backup_id']}"),
