@@ -127,7 +127,7 @@ def test_schemathesis_finds_no_server_errors(gw, tmp_path):
     r = subprocess.run([st, "--config-file", str(cfg), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
                         "-H", f"X-Auth-Token: {token}", "--max-examples", "8", "--seed", "7", "--workers", "2",
                         "--phases", "examples,coverage,fuzzing"],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays in tmp
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
     ran = re.search(r"(\d+) generated, (\d+) passed", r.stdout)
     assert ran and int(ran.group(2)) > 100, r.stdout[-2000:]  # it really generated and checked requests
