@@ -77,14 +77,19 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def certificate_revoked(sessions: sessionmaker[Session], serial: int) -> bool:
+    """Whether the certificates table marks this serial revoked (the server's revocation source)."""
+    with sessions() as s:
+        row = s.get(models.Certificate, serial_hex(serial))
+        return row is not None and row.revoked_at is not None
+
+
 class Authenticator:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
 
     def is_revoked(self, serial: int) -> bool:
-        with self.sessions() as s:
-            row = s.get(models.Certificate, serial_hex(serial))
-            return row is not None and row.revoked_at is not None
+        return certificate_revoked(self.sessions, serial)
 
     def authenticate(self, method: str, identity: Identity | None, metadata: dict[str, str]) -> Principal | None:
         if identity is None:

@@ -34,7 +34,7 @@ from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, 
 from . import models, tasks
 from .admin import revoke_identity
 from .app import App
-from .auth import Principal, current_principal, hash_secret
+from .auth import Principal, certificate_revoked, current_principal, hash_secret
 from .catalog import limits_of, resource_id, ts
 from .hosts import place
 from .pagination import Paginator
@@ -177,9 +177,7 @@ class Instances:
             self.app.events.publish(instance_id, "silent")
 
     def is_revoked(self, serial: int) -> bool:
-        with self.app.sessions() as s:
-            row = s.get(models.Certificate, format(serial, "x"))
-            return row is not None and row.revoked_at is not None
+        return certificate_revoked(self.app.sessions, serial)
 
     # -- task steps ------------------------------------------------------------------------------
     def _row(self, iid: str) -> models.Instance:

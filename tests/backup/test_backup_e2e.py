@@ -4,7 +4,6 @@ A flipped byte in the store is caught before any datadir is touched."""
 from __future__ import annotations
 
 import os
-import time
 
 import grpc
 import pymysql
@@ -12,18 +11,10 @@ import pytest
 
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import start_cluster
+from tests.fixtures.waiting import until as wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, loop devices")]
 
-
-def wait(fn, pred, timeout=300, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if pred(v):
-            return v
-        assert time.monotonic() < deadline, f"{what} not reached: {v}"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

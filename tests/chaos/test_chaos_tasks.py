@@ -3,7 +3,6 @@ test-only hook), then restarted on the same state: the operation finishes exactl
 from __future__ import annotations
 
 import os
-import time
 
 import pymysql
 import pytest
@@ -11,18 +10,10 @@ import pytest
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import start_cluster
 from tests.fixtures.server import launch, stop_process, wait_ready
+from tests.fixtures.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, loop devices")]
 
-
-def until(fn, pred, timeout=240):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if pred(v):
-            return v
-        assert time.monotonic() < deadline, f"timed out: {v}"
-        time.sleep(0.5)
 
 
 def get(c, name):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pymysql
@@ -14,18 +13,10 @@ import pytest
 from tests.fixtures.cluster import start_cluster
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.server import stop_process
+from tests.fixtures.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC")]
 
-
-def until(fn, pred, timeout=240):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if pred(v):
-            return v
-        assert time.monotonic() < deadline, f"timed out; last: {v}"
-        time.sleep(0.5)
 
 
 def test_troveclient_full_flow(tmp_path):

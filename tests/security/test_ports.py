@@ -9,9 +9,10 @@ import grpc
 import pytest
 
 from reddwarf.common import tls
-from reddwarf.common.pki import TlsFiles, _write, make_key_and_csr
+from reddwarf.common.pki import TlsFiles, make_key_and_csr
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, host_pb2, host_pb2_grpc
 from tests.fixtures.cluster import start_cluster
+from tests.fixtures.pki import write_issued
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: hostd")]
 
@@ -23,17 +24,7 @@ def c(tmp_path_factory):
 
 
 def files(c, tmp_path, role, id, expired=False, revoked=False) -> TlsFiles:
-    ca = c.server.ca
-    if expired:
-        issued = ca.issue(role, id, days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
-    else:
-        issued = ca.issue(role, id)
-    d = tmp_path / f"{role}-{id}-{expired}-{revoked}"
-    d.mkdir()
-    f = TlsFiles(d / "c.pem", d / "c.key", d / "ca.pem")
-    _write(f.cert, issued.cert_pem)
-    _write(f.key, issued.key_pem, 0o600)
-    _write(f.ca, ca.cert_pem)
+    f, serial = write_issued(c.server.ca, tmp_path / f"{role}-{id}-{expired}-{revoked}", role, id, expired)
     if revoked:
         # Issued outside the API (as a stolen CA key would): record it, then revoke it through the API.
         import sqlite3
@@ -41,12 +32,12 @@ def files(c, tmp_path, role, id, expired=False, revoked=False) -> TlsFiles:
         from reddwarf.server.auth import serial_hex
         con = sqlite3.connect(c.server.state_dir / "state.db")
         con.execute("INSERT INTO certificates (serial, identity, role, subject_id, not_after, revoke_reason, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, '', ?)", (serial_hex(issued.serial), f"spiffe://reddwarf/{role}/{id}",
-                                                       role, id, issued.not_after.replace(tzinfo=None),
+                    " VALUES (?, ?, ?, ?, ?, '', ?)", (serial_hex(serial), f"spiffe://reddwarf/{role}/{id}",
+                                                       role, id, dt.datetime.now() + dt.timedelta(days=365),
                                                        dt.datetime.now()))
         con.commit()
         con.close()
-        c.admin.RevokeCertificate(admin_pb2.RevokeCertificateRequest(serial=serial_hex(issued.serial), reason="test"))
+        c.admin.RevokeCertificate(admin_pb2.RevokeCertificateRequest(serial=serial_hex(serial), reason="test"))
     return f
 
 

@@ -2,7 +2,6 @@
 certificate, tokens, roles, pagination, rich errors, migrations, reflection for grpcurl."""
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import sqlite3
@@ -19,6 +18,7 @@ from grpc_status import rpc_status
 from reddwarf.common.pki import TlsFiles, _write
 from reddwarf.server import db
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
+from tests.fixtures.pki import write_issued
 
 
 def catalog(server, files=None):
@@ -40,18 +40,7 @@ def violations(err: grpc.RpcError) -> list[str]:
 
 
 def issue_files(server, tmp_path, role, id, expired=False) -> TlsFiles:
-    ca = server.ca
-    if expired:
-        issued = ca.issue(role, id, days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
-    else:
-        issued = ca.issue(role, id)
-    d = tmp_path / f"{role}-{id}"
-    d.mkdir()
-    files = TlsFiles(d / "c.pem", d / "c.key", d / "ca.pem")
-    _write(files.cert, issued.cert_pem)
-    _write(files.key, issued.key_pem, 0o600)
-    _write(files.ca, ca.cert_pem)
-    return files
+    return write_issued(server.ca, tmp_path / f"{role}-{id}", role, id, expired)[0]
 
 
 def tenant_token(server, tenant_id: str | None = None, admin_flag=False) -> tuple[str, str]:
