@@ -41,6 +41,7 @@ log = logging.getLogger("reddwarf.agent.mysql")
 DEFAULT_CHARSET = "utf8mb4"
 DEFAULT_COLLATION = "utf8mb4_general_ci"
 MAX_PAGE = 1000
+INIT_MARKER = ".reddwarf-initialising"
 
 Connect = Callable[[], "pymysql.connections.Connection[Any]"]
 
@@ -484,17 +485,33 @@ class MysqlDriver(DatastoreDriver):
         raise FailedPrecondition(f"{candidates[0]} is not installed", field="services")
 
     async def _init_datadir(self) -> bool:
-        if os.path.isdir(os.path.join(self._datadir, "mysql")):
+        # A marker on the volume spans mariadb-install-db: if the agent died inside it, the half-made
+        # datadir (which cannot hold user data yet) is cleared and made again.
+        marker = os.path.join(self._datadir, INIT_MARKER)
+        if os.path.exists(marker):
+            log.warning("clearing a datadir whose initialisation was cut off", extra={"datadir": self._datadir})
+            for name in os.listdir(self._datadir):
+                path = os.path.join(self._datadir, name)
+                if name in ("lost+found", INIT_MARKER):
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+        elif os.path.isdir(os.path.join(self._datadir, "mysql")):
             return False
         os.makedirs(self._datadir, exist_ok=True)
-        if os.listdir(self._datadir) and not all(n == "lost+found" for n in os.listdir(self._datadir)):
+        if any(n not in ("lost+found", INIT_MARKER) for n in os.listdir(self._datadir)):
             raise FailedPrecondition(f"datadir {self._datadir} holds files but no MySQL data", field="datadir")
+        with open(marker, "w"):
+            pass
         if self.settings.run_as != "root":
             shutil.chown(self._datadir, self.settings.run_as, self.settings.run_as)
         install_db = self._binary(self.settings.install_db, "mariadb-install-db", "mysql_install_db")
         await runner.run_async([install_db, f"--defaults-file={self._path('my.cnf')}", f"--datadir={self._datadir}",
                                 f"--user={self.settings.run_as}", "--auth-root-authentication-method=socket",
                                 "--skip-test-db"], timeout=300)
+        os.unlink(marker)
         return True
 
     def _supervisor(self) -> Supervisor:

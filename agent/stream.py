@@ -20,7 +20,14 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2
 
-from reddwarf.common.errors import FailedPrecondition, InvalidArgument, RedDwarfError, ok_status, to_status_pb
+from reddwarf.common.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    RedDwarfError,
+    ok_status,
+    to_status_pb,
+)
 from reddwarf.common.log import bind
 from reddwarf.common.pki import TlsFiles
 from reddwarf.common.tls import aio_channel
@@ -61,6 +68,23 @@ class ResultStore:
         except FileNotFoundError:
             return None
 
+    def begin(self, command_id: str, kind: str) -> None:
+        """Marks a command as started: a marker without a result after a restart means it was cut off."""
+        with open(self._path(command_id)[:-3] + ".running", "w") as f:
+            f.write(f"{kind}\n{command_id}")
+
+    def take_interrupted(self) -> dict[str, str]:
+        """Command ids (→ kind) that were running when the agent last died; their markers are removed."""
+        out = {}
+        for name in os.listdir(self.dir):
+            if name.endswith(".running"):
+                path = os.path.join(self.dir, name)
+                with open(path) as f:
+                    kind, _, command_id = f.read().partition("\n")
+                out[command_id or name[: -len(".running")]] = kind
+                os.unlink(path)
+        return out
+
     def put(self, result: agent_pb2.CommandResult) -> None:
         stored = agent_pb2.CommandResult()
         stored.CopyFrom(result)
@@ -75,6 +99,8 @@ class ResultStore:
         with os.fdopen(fd, "wb") as f:
             f.write(stored.SerializeToString())
         os.replace(path + ".tmp", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path[:-3] + ".running")
 
 
 Handler = Callable[[agent_pb2.Command, Callable[[int, str, int], Awaitable[None]]],
@@ -161,6 +187,9 @@ class AgentStream:
         self.runner = runner
         self.health = health
         self.results = ResultStore(os.path.join(settings.state_dir, "results"))
+        # Commands a previous life of this agent started but never finished (it was killed, the guest
+        # restarted): the first time the server sends one again it hears ABORTED, not a silent second run.
+        self._interrupted = self.results.take_interrupted()
         self.log = bind(log, {"instance": settings.instance_id})
         self._running: dict[str, asyncio.Task[None]] = {}
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
@@ -210,6 +239,14 @@ class AgentStream:
             return
         if cid in self._running:
             return  # already running since before the reconnect; its result will follow
+        kind = self._interrupted.pop(cid, None)
+        if kind is not None:
+            # Not stored: the server decides whether to run it again (same id, a fresh run) or give up.
+            err = Aborted(f"the guest restarted while running {kind}; it did not finish", field="command_id")
+            await self._send(agent_pb2.AgentMessage(result=agent_pb2.CommandResult(command_id=cid,
+                                                                                   status=to_status_pb(err))))
+            return
+        self.results.begin(cid, cmd.WhichOneof("command") or "command")
         self._running[cid] = asyncio.create_task(self._execute(cmd))
 
     async def _heartbeats(self, every: float) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import posixpath
+import time
 from dataclasses import asdict, dataclass
 
 from reddwarf.common.errors import (
@@ -44,6 +45,7 @@ log = logging.getLogger("reddwarf.hostd.host")
 
 DEFAULT_DATADIR = "/var/lib/mysql"
 MAX_VOLUME_GB = 16 * 1024
+REVIVE_MAX_DELAY = 60.0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ class Host:
         self.layout = layout
         self.default_template = default_template
         self.state = HostState.load(settings.state_file)
+        # Restart backoff per container: (monotonic time of the last revival, current delay).
+        self._revived: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ containers
     def create_container(self, req: CreateContainer) -> ContainerView:
@@ -201,13 +205,57 @@ class Host:
 
     def start_container(self, cid: str) -> ContainerView:
         rec = self._container(cid)
-        return ContainerView(rec, self.containers.start(cid))
+        if rec.desired != "running":
+            rec = rec.with_(desired="running")
+            self.state.put_container(rec)
+        return ContainerView(rec, self._start(rec))
+
+    def _start(self, rec: ContainerRecord) -> ContainerStatus:
+        if rec.volume_id in self.state.volumes:
+            self._mount_for(rec.volume_id, rec.datadir)  # after a host reboot the volume is not mounted
+        return self.containers.start(rec.id)
 
     def stop_container(self, cid: str, timeout: int) -> ContainerView:
         rec = self._container(cid)
         if timeout < 0 or timeout > 3600:
             raise InvalidArgument("timeout_seconds must be 0..3600", field="timeout_seconds")
+        if rec.desired != "stopped":
+            rec = rec.with_(desired="stopped")
+            self.state.put_container(rec)
         return ContainerView(rec, self.containers.stop(cid, timeout))
+
+    def revive(self, now: float | None = None) -> list[str]:
+        """Restart policy "always": a container the server wants running that stopped on its own (its PID 1,
+        the agent, died; the host rebooted) is started again. One that keeps dying waits 1, 2, 4... up to
+        REVIVE_MAX_DELAY seconds between attempts; a container that stayed up for that long starts afresh.
+        Returns the ids started."""
+        now = time.monotonic() if now is None else now
+        started = []
+        for rec in list(self.state.containers.values()):
+            if rec.desired != "running":
+                continue
+            last = self._revived.get(rec.id)
+            try:
+                state = self.containers.status(rec.id).state
+            except Exception:  # noqa: BLE001 - one broken container must not stop the others' care
+                log.exception("status failed", extra={"instance": rec.id})
+                continue
+            if state != "STOPPED":
+                if last is not None and now - last[0] > REVIVE_MAX_DELAY:
+                    del self._revived[rec.id]
+                continue
+            if last is not None and now < last[0] + last[1]:
+                continue
+            delay = 1.0 if last is None else min(REVIVE_MAX_DELAY, last[1] * 2)
+            self._revived[rec.id] = (now, delay)
+            try:
+                self._start(rec)
+            except Exception:  # noqa: BLE001 - retried after the backoff
+                log.exception("restarting a stopped container failed", extra={"instance": rec.id})
+                continue
+            log.warning("container stopped without being asked; started again", extra={"instance": rec.id})
+            started.append(rec.id)
+        return started
 
     def delete_container(self, cid: str) -> None:
         rec = self._container(cid)
@@ -215,6 +263,7 @@ class Host:
         if rec.volume_id in self.state.volumes:
             self.state.put_volume(self.state.volumes[rec.volume_id].with_(attached_to="", container_path=""))
         self.state.drop_container(cid)
+        self._revived.pop(cid, None)
         log.info("container deleted", extra={"instance": cid})
 
     def set_limits(self, cid: str, limits: Limits) -> ContainerView:

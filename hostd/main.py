@@ -64,6 +64,16 @@ def build_host(settings: Settings) -> Host:
     return Host(settings, containers, LoopDriver(settings), layout, name)
 
 
+async def revive_loop(servicer: HostAgentServicer, every: float) -> None:
+    """Keeps containers that should run running (a dead guest agent takes its container down with it)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await servicer.run_locked(servicer.host.revive)
+        except Exception:  # noqa: BLE001 - the loop outlives any one failure
+            log.exception("revive pass failed")
+
+
 async def serve(settings: Settings) -> None:
     if not (settings.cert_path and settings.key_path and settings.ca_path):
         raise SystemExit("hostd needs --cert-path, --key-path and --ca-path (its mTLS identity)")
@@ -82,7 +92,8 @@ async def serve(settings: Settings) -> None:
         key = f.read()
     server = grpc.aio.server(interceptors=[ServerOnly(RevocationList(settings.crl_path or None, ca))],
                              options=SERVER_OPTIONS)
-    host_pb2_grpc.add_HostAgentServicer_to_server(HostAgentServicer(host), server)
+    servicer = HostAgentServicer(host)
+    host_pb2_grpc.add_HostAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_secure_port(settings.listen_address, server_credentials(cert, key, ca))
@@ -95,7 +106,11 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(revive_loop(servicer, settings.revive_seconds)) \
+        if settings.revive_seconds > 0 else None
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
     # Containers keep running across a hostd restart: the daemon is the control plane, not the data plane.
     await server.stop(5)
 
@@ -107,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild the template even if it exists")
     for name in ("host_id", "listen_address", "state_dir", "lxc_path", "template_lxc_path", "storage_path",
                  "cert_path", "key_path", "ca_path", "crl_path", "advertise_address", "container_prefix",
-                 "port_min", "port_max", "log_level", "agent_init_cmd"):
+                 "port_min", "port_max", "log_level", "agent_init_cmd", "revive_seconds"):
         parser.add_argument("--" + name.replace("_", "-"), dest=name)
     args = parser.parse_args(argv)
     settings = load_settings(args, dict(os.environ))

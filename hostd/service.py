@@ -104,9 +104,11 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
         self.host = host
         self._lock = asyncio.Lock()
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run_locked(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._lock:  # one mutation at a time: the state file and lxc are not concurrent-safe
             return await asyncio.to_thread(functools.partial(fn, *args))
+
+    _run = run_locked
 
     @property
     def _driver(self) -> str:

@@ -54,6 +54,8 @@ class Settings:
     iscsi_iqn_prefix: str = "iqn.2024-01.reddwarf"
     iscsi_portal: str = "127.0.0.1:3260"
     log_level: str = "INFO"
+    # How often stopped containers that should run are looked for and started again (0 = never).
+    revive_seconds: int = 2
 
     def __post_init__(self) -> None:
         if not self.state_dir:

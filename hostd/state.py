@@ -26,6 +26,9 @@ class ContainerRecord:
     # sha256 over the create request's parameters: same id + other parameters => ALREADY_EXISTS.
     fingerprint: str
     driver: str = "lxc"
+    # What the server last asked for: "running" after StartContainer, "stopped" after create/StopContainer.
+    # A container that is "running" here but stopped on the host died on its own and is started again.
+    desired: str = "stopped"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from reddwarf.common import tls
-from reddwarf.common.errors import AlreadyExists
+from reddwarf.common.errors import Aborted, AlreadyExists
 from reddwarf.server.agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tests.fixtures.mariadb import free_port
@@ -82,6 +82,17 @@ class Harness:
         self.procs.append(proc)
         return proc, state
 
+    def respawn_agent(self, state: Path) -> subprocess.Popen:
+        """The same agent started again on its state dir (its key and its records; no new token needed)."""
+        cfg = json.loads((state / "agent.json").read_text())
+        cfg["enrollment_token"] = ""
+        (state / "agent.json").write_text(json.dumps(cfg))
+        proc = subprocess.Popen([sys.executable, "-m", "reddwarf.agent.main", "--config", str(state / "agent.json")],
+                                stdout=open(state / "agent.log", "ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
     async def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -144,18 +155,33 @@ async def test_replayed_command_after_agent_restart_does_not_run_twice(h):
     await h.registry.call(iid, create_db("once", "cmd-1"), timeout=10)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    # restarted agent: same state dir (its key and its record of finished commands), no new token needed
-    cfg = json.loads((state / "agent.json").read_text())
-    cfg["enrollment_token"] = ""
-    (state / "agent.json").write_text(json.dumps(cfg))
-    h.procs.append(subprocess.Popen([sys.executable, "-m", "reddwarf.agent.main", "--config",
-                                     str(state / "agent.json")], stdout=open(state / "agent.log", "ab"),
-                                    stderr=subprocess.STDOUT, start_new_session=True))
+    h.respawn_agent(state)  # same state dir: its key and its record of finished commands
     await asyncio.sleep(0.5)
     res = await h.registry.call(iid, create_db("once", "cmd-1"), timeout=30)  # same id: a replay
     assert res.status.code == 0
     actions = (state / "fake-actions.log").read_text().splitlines()
     assert actions.count("create_database once") == 1
+
+
+async def test_a_command_cut_off_by_an_agent_restart_is_reported_aborted_then_runs_afresh(h):
+    iid = f"i-{uuid.uuid4().hex[:8]}"
+    proc, state = h.spawn_agent(iid)
+    await h.registry.wait_for_hello(iid, 30)
+    call = asyncio.create_task(h.registry.call(iid, create_db("slow_cut", "task-1:cut"), timeout=60))
+    await asyncio.sleep(1.5)  # the command is running (it takes 3 s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((state / "results").glob("*.running")), "no started-command marker on disk"
+    h.respawn_agent(state)
+    with pytest.raises(Aborted) as e:  # the server re-sends the pending command; the agent knows it was cut
+        await call
+    assert "restarted while running create_databases" in str(e.value)
+    assert not list((state / "results").glob("*.running"))
+    res = await h.registry.call(iid, create_db("slow_cut", "task-1:cut"), timeout=60)  # a retry runs afresh
+    assert res.status.code == 0
+    res = await h.registry.call(iid, create_db("slow_cut", "task-1:cut"), timeout=60)  # and is recorded now
+    assert res.status.code == 0
+    assert (state / "fake-actions.log").read_text().count("create_database slow_cut") == 2
 
 
 async def test_command_survives_a_server_side_stream_cut(h):

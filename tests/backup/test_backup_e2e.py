@@ -4,6 +4,7 @@ A flipped byte in the store is caught before any datadir is touched."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 import grpc
 import pymysql
@@ -122,15 +123,26 @@ def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(env):
                   lambda i: i.status == database_pb2.ACTIVE, what="victim ACTIVE")
     b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
         display_name="doomed", instance=victim.name)), metadata=c.md)
-    import subprocess
     name = f"{c.hostd.prefix}{victim.id}"
     pid = subprocess.run(["lxc-info", "-P", str(c.hostd.lxc_path), "-n", name, "-p", "-H"], capture_output=True,
                          text=True, check=True).stdout.strip()
+    # kill once the agent has started the backup (its started-command marker, seen through /proc/PID/root)
+    results = f"/proc/{pid}/root/var/lib/reddwarf-agent/results"
+    wait(lambda: [n for n in os.listdir(results) if n.endswith("backup.running")], bool, timeout=60,
+         interval=0.02, what="backup started")
     os.kill(int(pid), 9)  # the agent is PID 1: the guest dies with it
     done = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
                 lambda x: x.status in (database_pb2.COMPLETED, database_pb2.BACKUP_FAILED), timeout=120,
                 what="backup ended")
-    assert done.status == database_pb2.BACKUP_FAILED and "went away" in done.fault.message, done.fault.message
+    # hostd starts the guest again within seconds; the agent then tells the server the backup was cut off
+    # (or, had it stayed away, the server gives up on it): either way FAILED, never a silent re-run
+    assert done.status == database_pb2.BACKUP_FAILED, done.fault.message
+    assert "restarted while running backup" in done.fault.message or "went away" in done.fault.message, \
+        done.fault.message
+    # and the instance itself comes back on its own, with mysqld
+    wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=victim.name), metadata=c.md),
+         lambda i: i.status == database_pb2.ACTIVE and i.health.accepting_connections, timeout=120,
+         what="victim ACTIVE again")
     store = c.server.state_dir / "backups"
     assert not [p for p in store.rglob("*") if b.id in p.name], "a partial backup was left in the store"
     # and it cannot be restored from

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 import uuid
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_status import rpc_status
 from reddwarf.hostd.settings import Settings
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 from tests.fixtures.hostd import start_hostd
+from tests.fixtures.waiting import until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="hostd needs root (LXC, loop devices, mounts)")
 SLEEPER = "/bin/sleep 3600"  # PID 1 stand-in: these tests exercise the host, not the guest agent
@@ -231,3 +233,30 @@ def test_volume_moves_to_another_hostd_with_its_data(tmp_path, pki, stub, hostd)
     finally:
         if os.path.exists(locator):
             os.unlink(locator)
+
+
+@pytest.mark.slow
+def test_a_container_that_dies_is_started_again_but_a_stopped_one_stays_stopped(stub, pki, hostd):
+    cid = f"r{uuid.uuid4().hex[:8]}"
+    vid = f"v{cid}"
+    stub.CreateVolume(host_pb2.CreateVolumeRequest(volume=host_pb2.HostVolume(id=vid, size_gb=1)))
+    spec = host_pb2.Container(id=cid, limits=limits(), bootstrap=bootstrap(pki, cid), volume_id=vid,
+                              network_mode=host_pb2.NETWORK_HOST)
+    try:
+        stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
+        time.sleep(3)  # created, never started: the restart policy leaves it alone
+        assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.STOPPED
+        first = stub.StartContainer(host_pb2.ContainerRef(id=cid))
+        assert sh(stub, cid, "echo kept > /var/lib/mysql/marker && sync").exit_code == 0
+        os.kill(first.init_pid, 9)  # PID 1 (the agent, here a stand-in) dies: the container stops
+        again = until(lambda: stub.GetContainer(host_pb2.ContainerRef(id=cid)),
+                      lambda c: c.state == host_pb2.RUNNING and c.init_pid not in (0, first.init_pid),
+                      timeout=30, what="container started again")
+        assert sh(stub, cid, "cat /var/lib/mysql/marker").stdout.strip() == b"kept"  # with its volume
+        stub.StopContainer(host_pb2.StopContainerRequest(id=cid, timeout_seconds=0))
+        time.sleep(5)  # more than two revive periods
+        assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.STOPPED
+        assert again.init_pid > 0
+    finally:
+        stub.DeleteContainer(host_pb2.ContainerRef(id=cid))
+        stub.DeleteVolume(host_pb2.DeleteVolumeRequest(id=vid))
