@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pymysql
 
 from reddwarf.common import runner
-from reddwarf.common.errors import FailedPrecondition, Internal, InvalidArgument, RedDwarfError
+from reddwarf.common.errors import FailedPrecondition, Internal, InvalidArgument, RedDwarfError, Unavailable
 from reddwarf.common.log import bind
 from reddwarf.common.names import quote_ident
 from reddwarf.v1 import agent_pb2, database_pb2
@@ -172,7 +172,9 @@ class BackupRunner:
                     # Identifiers come from the server's own catalog; quoted all the same.
                     cur.execute(f"CHECKSUM TABLE {quote_ident(schema)}.{quote_ident(table)}")
                     row = cur.fetchone()
-                    value = int(row[1]) if row and row[1] is not None else 0
+                    if not row or row[1] is None:  # the table could not be read (mysqld recovering it)
+                        raise Unavailable(f"CHECKSUM TABLE {schema}.{table} gave no value", field="table")
+                    value = int(row[1])
                     # CHECKSUM TABLE is unsigned 64-bit; the proto field is int64.
                     if value >= 1 << 63:
                         value -= 1 << 64
@@ -185,6 +187,9 @@ class BackupRunner:
         """CHECKSUM TABLE of every non-system base table, sorted by "db.table"."""
         try:
             return await asyncio.to_thread(self._table_checksums_sync)
+        except (pymysql.err.OperationalError, pymysql.err.InterfaceError) as exc:
+            # mysqld went away or is restarting (the agent brings it back): worth asking again.
+            raise Unavailable(f"cannot take table checksums now: {exc}") from exc
         except pymysql.MySQLError as exc:
             raise FailedPrecondition(f"cannot take table checksums: {exc}") from exc
 
@@ -217,9 +222,9 @@ class BackupRunner:
         started = time.monotonic()
         try:
             version = await asyncio.to_thread(self._version_sync)
-            # Checksums just before the copy: equal to the backup's point in time when no writes run
-            # meanwhile (the verify step compares them with a restored copy).
-            checksums = await self.table_checksums()
+            # No checksum pass on the live guest: under concurrent writes it could not match the backup's
+            # point in time. The server restores the stream in a scratch mariadbd and checksums that.
+            checksums: list[database_pb2.TableChecksum] = []
             option_file = self._write_option_file(tmp)
             lsn_dir = os.path.join(tmp, "lsn")
             os.mkdir(lsn_dir)

@@ -68,6 +68,10 @@ class ResultStore:
         except FileNotFoundError:
             return None
 
+    def forget(self, command_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(command_id)[:-3] + ".running")
+
     def begin(self, command_id: str, kind: str) -> None:
         """Marks a command as started: a marker without a result after a restart means it was cut off."""
         with open(self._path(command_id)[:-3] + ".running", "w") as f:
@@ -86,6 +90,10 @@ class ResultStore:
         return out
 
     def put(self, result: agent_pb2.CommandResult) -> None:
+        if result.status.code in RETRYABLE:
+            # Not an answer but "not now": a retry with the same id must run the command again.
+            self.forget(result.command_id)
+            return
         stored = agent_pb2.CommandResult()
         stored.CopyFrom(result)
         if stored.HasField("root_credentials"):
@@ -102,6 +110,9 @@ class ResultStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path[:-3] + ".running")
 
+
+# Results that say "try again" rather than answer: never recorded, so a retry of the same id runs afresh.
+RETRYABLE = frozenset({code_pb2.UNAVAILABLE, code_pb2.ABORTED, code_pb2.DEADLINE_EXCEEDED})
 
 Handler = Callable[[agent_pb2.Command, Callable[[int, str, int], Awaitable[None]]],
                    Awaitable[agent_pb2.CommandResult]]

@@ -2,8 +2,8 @@
 
 The control server runs this as a child process (it never imports guest code) with the chain's files and
 their digests: a scratch mariadbd is initialised in a temporary directory, the chain is restored into it by
-the same BackupRunner the guests use, the tables are checksummed and compared with the checksums the guest
-recorded when it took the backup. Prints one JSON object: {"ok": bool, "detail": str, "checksums": {...}}.
+the same BackupRunner the guests use, the tables are checksummed and (when given) compared with the
+checksums recorded when the backup was proven at creation. Prints one JSON object: {"ok": bool, "detail": str, "checksums": {...}}.
 """
 from __future__ import annotations
 
@@ -27,10 +27,12 @@ from .backup import BackupRunner, MysqlAccess
 
 
 class Scratch:
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, socket_dir: str = "") -> None:
         self.base = base
         self.datadir = os.path.join(base, "data")
-        self.socket = os.path.join(base, "mysqld.sock")
+        # A unix socket path must stay under ~100 bytes; a deep state dir would not: short dir on request.
+        self.socket_dir = tempfile.mkdtemp(prefix="v", dir=socket_dir) if socket_dir else ""
+        self.socket = os.path.join(self.socket_dir or base, "mysqld.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         os.makedirs(self.datadir)
         subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
@@ -42,7 +44,8 @@ class Scratch:
             ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}", "--skip-networking",
              "--user=root", f"--pid-file={self.base}/mysqld.pid", f"--log-error={self.base}/error.log",
              "--innodb-buffer-pool-size=64M", "--skip-log-bin"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            # In the caller's process group: a server killed with its group takes the scratch copy down too.
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while True:
             try:
@@ -70,9 +73,11 @@ class Scratch:
         await asyncio.to_thread(self.stop_sync)
 
 
-async def verify(files: list[str], ids: list[str], sha256s: list[str], expected: dict[str, int]) -> dict[str, object]:
-    base = tempfile.mkdtemp(prefix="reddwarf-verify-", dir="/var/tmp")
-    scratch = Scratch(base)
+async def verify(files: list[str], ids: list[str], sha256s: list[str], expected: dict[str, int] | None,
+                 scratch_dir: str = "/var/tmp", socket_dir: str = "") -> dict[str, object]:
+    """Restores the chain; ok when it restored and (given `expected`) its table checksums equal them."""
+    base = tempfile.mkdtemp(prefix="reddwarf-verify-", dir=scratch_dir)
+    scratch = Scratch(base, socket_dir)
     try:
         scratch.start_sync()
         paths = dict(zip(ids, files, strict=True))
@@ -89,7 +94,7 @@ async def verify(files: list[str], ids: list[str], sha256s: list[str], expected:
                               scratch.stop, scratch.start)
         await runner.restore(ids, sha256s, download, progress)
         got = {c.table: c.checksum for c in await runner.table_checksums()}
-        if got != expected:
+        if expected is not None and got != expected:
             differ = sorted(set(got) ^ set(expected) | {t for t in got if t in expected and got[t] != expected[t]})
             return {"ok": False, "detail": f"table checksums differ after restore: {', '.join(differ)[:500]}",
                     "checksums": got}
@@ -99,6 +104,8 @@ async def verify(files: list[str], ids: list[str], sha256s: list[str], expected:
     finally:
         scratch.stop_sync()
         shutil.rmtree(base, ignore_errors=True)
+        if scratch.socket_dir:
+            shutil.rmtree(scratch.socket_dir, ignore_errors=True)
 
 
 def main() -> int:
@@ -107,7 +114,8 @@ def main() -> int:
     args = p.parse_args()
     with open(args.spec) as f:
         spec = json.load(f)
-    result = asyncio.run(verify(spec["files"], spec["ids"], spec["sha256s"], spec["checksums"]))
+    result = asyncio.run(verify(spec["files"], spec["ids"], spec["sha256s"], spec["checksums"],
+                                spec.get("scratch_dir") or "/var/tmp", spec.get("socket_dir") or ""))
     print(json.dumps(result))
     return 0
 

@@ -3,20 +3,26 @@
 - Bytes reach the store only through the agent gateway's UploadBackup, for a backup row that exists, is
   being taken, and belongs to the uploading instance (its certificate). The store publishes an object only
   when its SHA-256 equals the digest the guest computed (server/backup_store.py).
-- A backup is COMPLETED only after the agent reported its size, digest, LSN and per-table checksums and the
-  stored object matches them.
-- VerifyBackup re-hashes the stored chain and restores it into a scratch mariadbd on the server host (a
-  child process: `python -m reddwarf.agent.verify`), comparing table checksums with those recorded at
-  backup time: VERIFIED only when the data came back.
+- A backup is COMPLETED only after the stored object matches the size and digest the agent reported AND
+  the chain restored into a scratch mariadbd on the server host (a child process: `python -m
+  reddwarf.agent.verify`). The per-table checksums of that restored copy are recorded: they are the
+  backup's point in time exactly, even when the database was being written to during the backup (a
+  checksum pass on the live guest could only approximate it).
+- VerifyBackup re-hashes the stored chain and restores it again, comparing the table checksums with those
+  recorded: VERIFIED only when the same data came back.
 - Restores (CreateInstance with restore_from_backup) check every digest before the datadir is touched.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -164,14 +170,73 @@ class Backups:
             command_id=f"{ctx.task_id}:backup", backup=agent_pb2.RunBackup(backup_id=bid, incremental_from_lsn=lsn)),
             timeout=BACKUP_TIMEOUT, on_progress=progress, gone_grace=GONE_GRACE)
         r = res.backup
-        # COMPLETED only if what the store holds is what the guest says it sent.
+        # COMPLETED only if what the store holds is what the guest says it sent...
         outcome = await self.store.verify(bid, r.sha256)
         if not outcome.ok or outcome.size_bytes != r.size_bytes:
             raise FailedPrecondition(f"stored backup does not match the guest's report (sha256 {outcome.sha256} "
                                      f"vs {r.sha256})", field="backup")
-        self._update(bid, status="COMPLETED", size_bytes=r.size_bytes, sha256=r.sha256, to_lsn=r.to_lsn,
-                     datastore_version=r.datastore_version, location=self.store.location(bid),
-                     checksums=[{"table": c.table, "checksum": c.checksum} for c in r.checksums])
+        self._update(bid, sha256=r.sha256, size_bytes=r.size_bytes)
+        # ...and it restores: the restored copy's checksums are the backup's own.
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, bid)
+            assert b is not None
+            links = [(x.id, x.sha256) for x in chain(s, b)]
+        proof = await self._restore_in_scratch(links, None)
+        if not proof["ok"]:
+            raise FailedPrecondition(f"the backup did not restore: {proof['detail']}", field="backup")
+        self._update(bid, status="COMPLETED", to_lsn=r.to_lsn, datastore_version=r.datastore_version,
+                     location=self.store.location(bid), verify_status="VERIFIED",
+                     verify_detail=str(proof["detail"])[:2000],
+                     checksums=[{"table": t, "checksum": v} for t, v in sorted(proof["checksums"].items())])
+
+    async def _restore_in_scratch(self, links: list[tuple[str, str]], expected: dict[str, int] | None
+                                  ) -> dict[str, Any]:
+        """Restores the chain into a scratch mariadbd (child process) and returns {ok, detail, checksums};
+        with `expected`, ok also needs the restored tables' checksums to equal it."""
+        with tempfile.TemporaryDirectory(prefix="verify-", dir=self.scratch_dir()) as tmp:
+            files = []
+            for lid, _ in links:
+                path = os.path.join(tmp, f"{lid}.bin")
+                with open(path, "wb") as f:
+                    async for data in self.store.open_reader(lid):
+                        f.write(data)
+                files.append(path)
+            spec = os.path.join(tmp, "spec.json")
+            with open(spec, "w") as f:
+                json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
+                           "checksums": expected, "scratch_dir": tmp, "socket_dir": self.socket_dir()}, f)
+            res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec],
+                                  timeout=BACKUP_TIMEOUT)
+        out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+        return out
+
+    def scratch_dir(self) -> str:
+        """Scratch restores live under the server's state dir, emptied at every start (a killed server
+        must not leave a restored copy of a tenant's data behind)."""
+        path = os.path.join(self.app.settings.state_dir, "scratch")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def socket_dir(self) -> str:
+        """Short, root-only home for scratch mariadbd sockets (keyed by this server's state dir)."""
+        key = hashlib.sha256(os.path.abspath(self.app.settings.state_dir).encode()).hexdigest()[:12]
+        path = os.path.join("/run/reddwarf-scratch", key)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def clear_scratch(self) -> None:
+        shutil.rmtree(self.socket_dir(), ignore_errors=True)
+        scratch = os.path.join(self.app.settings.state_dir, "scratch")
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a scratch mariadbd that outlived us
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if any(a.startswith(b"--datadir=" + scratch.encode() + b"/") for a in argv):
+                with contextlib.suppress(OSError):
+                    os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
         bid = ctx.params["backup_id"]
@@ -193,20 +258,7 @@ class Backups:
                 self._update(bid, verify_status="MISMATCH",
                              verify_detail=f"stored bytes of {lid} hash to {outcome.sha256}, recorded {sha}")
                 return
-        with tempfile.TemporaryDirectory(prefix="reddwarf-verify-", dir="/var/tmp") as tmp:
-            files = []
-            for lid, _ in links:
-                path = os.path.join(tmp, f"{lid}.bin")
-                with open(path, "wb") as f:
-                    async for data in self.store.open_reader(lid):
-                        f.write(data)
-                files.append(path)
-            spec = os.path.join(tmp, "spec.json")
-            with open(spec, "w") as f:
-                json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
-                           "checksums": expected}, f)
-            res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec], timeout=BACKUP_TIMEOUT)
-        out = json.loads(res.stdout.strip().splitlines()[-1])
+        out = await self._restore_in_scratch(links, expected)
         self._update(bid, verify_status="VERIFIED" if out["ok"] else "MISMATCH", verify_detail=out["detail"][:2000])
 
     async def verify_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
@@ -234,7 +286,9 @@ class Backups:
             command_id=f"{ctx.task_id}:checksums", table_checksums=agent_pb2.TableChecksums()), timeout=3600)
         got = {c.table: c.checksum for c in res.checksums.checksums}
         if got != expected:
-            raise FailedPrecondition("restored tables do not match the checksums recorded at backup time",
+            differ = sorted(t for t in set(got) | set(expected) if got.get(t) != expected.get(t))
+            raise FailedPrecondition("restored tables do not match the checksums recorded at backup time: "
+                                     + ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""),
                                      field="restore_from_backup")
 
 

@@ -28,6 +28,7 @@ def register(app: App, paginator: Paginator, wiring: Any) -> None:
     store = LocalStore(st.backup_dir)
     app.backups = BackupSink(app, store)
     backups = Backups(app, store)
+    backups.clear_scratch()  # what a killed server left of a scratch restore
     app.extras["backups"] = backups
     app.hosts = HostPool(app)
     instances = Instances(app, (Path(st.state_dir) / "secret").read_bytes())
