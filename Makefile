@@ -57,8 +57,10 @@ demo-stop:
 bench: setup
 	$(PY) -m bench.run
 
+# A new seed each run unless one is given (REDDWARF_CHAOS_SEED=N make chaos replays a failing plan).
 chaos: setup
-	$(VENV)/bin/pytest tests/chaos --chaos-full
+	REDDWARF_CHAOS_SEED=$${REDDWARF_CHAOS_SEED:-$$(date +%s)}; echo "chaos seed $$REDDWARF_CHAOS_SEED"; \
+	REDDWARF_CHAOS_SEED=$$REDDWARF_CHAOS_SEED $(VENV)/bin/pytest tests/chaos --chaos-full -rA
 
 lint: setup
 	$(VENV)/bin/ruff check common server hostd agent clients tests bench

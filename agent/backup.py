@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import grpc
 import pymysql
 
 from reddwarf.common import runner
@@ -251,7 +252,19 @@ class BackupRunner:
             zout = zstd.stdout
             await progress(0, "backup started", 0)
 
+            failure: list[Exception] = []
+
             async def chunks() -> AsyncIterator[agent_pb2.BackupChunk]:
+                # gRPC turns an exception raised by a request iterator into a cancelled call: keep the
+                # real cause (mariadb-backup failed, mysqld went away) to report it instead.
+                try:
+                    async for chunk in produce():
+                        yield chunk
+                except Exception as exc:
+                    failure.append(exc)
+                    raise
+
+            async def produce() -> AsyncIterator[agent_pb2.BackupChunk]:
                 nonlocal sent
                 first = True
                 buf = bytearray()
@@ -291,6 +304,11 @@ class BackupRunner:
             gen = chunks()
             try:
                 response = await asyncio.wait_for(upload(gen), self.settings.backup_timeout)
+            except (asyncio.CancelledError, grpc.RpcError):
+                task = asyncio.current_task()
+                if failure and not (task is not None and task.cancelling()):
+                    raise failure[0] from None
+                raise
             finally:
                 await gen.aclose()  # type: ignore[attr-defined]
             sha = digest.hexdigest()

@@ -25,6 +25,7 @@ from reddwarf.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     RedDwarfError,
+    Unavailable,
     ok_status,
     to_status_pb,
 )
@@ -226,16 +227,27 @@ class AgentStream:
                 command_id=cid, percent=percent, message=message[:500], bytes_done=bytes_done)))
 
         try:
-            result = await self.runner.run(cmd, progress)
-        except RedDwarfError as err:
-            result = agent_pb2.CommandResult(command_id=cid, status=to_status_pb(err))
-        except Exception as exc:  # noqa: BLE001 - a bug in one command must not kill the agent
-            self.log.exception("command failed", extra={"command": cid})
-            result = agent_pb2.CommandResult(command_id=cid)
-            result.status.code = code_pb2.INTERNAL
-            result.status.message = f"agent error: {type(exc).__name__}"
-        self.results.put(result)
-        self._running.pop(cid, None)
+            try:
+                result = await self.runner.run(cmd, progress)
+            except RedDwarfError as err:
+                result = agent_pb2.CommandResult(command_id=cid, status=to_status_pb(err))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the agent itself is stopping
+                # A call inside the command was cancelled under it: the stream (and the channel its upload
+                # or download used) closed because the server went away. Worth running again.
+                broke = Unavailable("the connection to the server broke during the command", field="command_id")
+                result = agent_pb2.CommandResult(command_id=cid, status=to_status_pb(broke))
+            except Exception as exc:  # noqa: BLE001 - a bug in one command must not kill the agent
+                self.log.exception("command failed", extra={"command": cid})
+                result = agent_pb2.CommandResult(command_id=cid)
+                result.status.code = code_pb2.INTERNAL
+                result.status.message = f"agent error: {type(exc).__name__}"
+            self.results.put(result)
+        finally:
+            # Whatever happened, the command is no longer running: a re-sent id must not be ignored forever.
+            self._running.pop(cid, None)
         await self._send(agent_pb2.AgentMessage(result=result))
         self.log.info("command done", extra={"command": cid, "kind": cmd.WhichOneof("command"),
                                              "code": result.status.code})
@@ -248,7 +260,8 @@ class AgentStream:
         if done is not None:  # a replay: answer from the record, act not again
             await self._send(agent_pb2.AgentMessage(result=done))
             return
-        if cid in self._running:
+        running = self._running.get(cid)
+        if running is not None and not running.done():
             return  # already running since before the reconnect; its result will follow
         kind = self._interrupted.pop(cid, None)
         if kind is not None:

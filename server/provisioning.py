@@ -29,6 +29,7 @@ def register(app: App, paginator: Paginator, wiring: Any) -> None:
     app.backups = BackupSink(app, store)
     backups = Backups(app, store)
     backups.clear_scratch()  # what a killed server left of a scratch restore
+    store.clean_partials()   # and of uploads cut off with it
     app.extras["backups"] = backups
     app.hosts = HostPool(app)
     instances = Instances(app, (Path(st.state_dir) / "secret").read_bytes())

@@ -114,6 +114,31 @@ def test_backup_of_another_tenants_instance_is_not_found(env):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
+    c, bk, inst = env
+    mine = take(c, bk, inst, "private")
+    assert mine.status == database_pb2.COMPLETED
+    _, token = c.new_tenant()
+    other = (("authorization", f"Bearer {token}"),)
+    assert not bk.ListBackups(database_pb2.ListBackupsRequest(), metadata=other).backups
+    assert not bk.ListBackups(database_pb2.ListBackupsRequest(instance=inst.name), metadata=other).backups
+    calls = [
+        lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=mine.name), metadata=other),
+        lambda: bk.DeleteBackup(database_pb2.DeleteBackupRequest(name=mine.name), metadata=other),
+        lambda: bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=mine.name), metadata=other),
+        lambda: c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+            instance=database_pb2.Instance(display_name="thief", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
+            restore_from_backup=mine.name), metadata=other),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
+    still = bk.GetBackup(database_pb2.GetBackupRequest(name=mine.name), metadata=c.md)
+    assert still.status == database_pb2.COMPLETED and still.verify_status == database_pb2.VERIFIED
+    assert not c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=other).instances
+
+
 def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(env):
     c, bk, _ = env
     victim = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(

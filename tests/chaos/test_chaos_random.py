@@ -203,6 +203,8 @@ class Chaos:
     def check_store(self, failed: list[str]) -> None:
         store = self.c.server.state_dir / "backups"
         names = [p.name for p in store.rglob("*") if p.is_file()]
+        partial = [n for n in names if n.endswith(".partial")]
+        assert not partial, f"uploads left half-written in the store: {partial}; {self.where()}"
         for bid in failed:
             assert not [n for n in names if bid in n], f"failed backup {bid} left bytes in the store; {self.where()}"
 
