@@ -62,9 +62,32 @@ def shares_to_weight(shares: int) -> int:
     return 1 + ((shares - 2) * 9999) // 262142
 
 
+def _devices(device: str) -> list[str]:
+    return [d for d in device.split(",") if d]
+
+
+def disk_of(path: str) -> str:
+    """"major:minor" of the whole disk holding `path` (IO throttles apply to disks, not partitions), or ""
+    when it is not on a block device (tmpfs, an anonymous overlay device)."""
+    dev = os.stat(path).st_dev
+    sys_dir = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    if os.major(dev) == 0 or not os.path.isdir(sys_dir):
+        return ""
+    real = os.path.realpath(sys_dir)
+    if os.path.exists(os.path.join(real, "partition")):
+        real = os.path.dirname(real)
+    try:
+        with open(os.path.join(real, "dev")) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def cgroup_values(layout: CgroupLayout, limits: Limits, device: str = "") -> list[tuple[str, str]]:
-    """The (control file, value) pairs for these limits, in a safe write order. `device` is the
-    "major:minor" of the data volume's block device for per-device throttles."""
+    """The (control file, value) pairs for these limits, in a safe write order. `device` is a comma-separated
+    list of "major:minor" block devices the container writes to (its data volume, the disk under its root
+    filesystem) for per-device throttles: without a weight-aware IO scheduler those caps are the only
+    IO isolation there is."""
     mem = limits.memory_mb * MIB
     out: list[tuple[str, str]] = []
     if layout.version == "v1":
@@ -78,11 +101,11 @@ def cgroup_values(layout: CgroupLayout, limits: Limits, device: str = "") -> lis
         out.append(("pids.max", str(limits.max_processes)))
         if limits.io_weight and layout.has("blkio.weight"):
             out.append(("blkio.weight", str(limits.io_weight)))
-        if device:
+        for dev in _devices(device):
             # 0 clears a v1 throttle rule, so unset limits are written as 0 to undo earlier ones live.
             for op in ("read", "write"):
-                out.append((f"blkio.throttle.{op}_iops_device", f"{device} {limits.io_iops}"))
-                out.append((f"blkio.throttle.{op}_bps_device", f"{device} {limits.io_bytes_per_sec}"))
+                out.append((f"blkio.throttle.{op}_iops_device", f"{dev} {limits.io_iops}"))
+                out.append((f"blkio.throttle.{op}_bps_device", f"{dev} {limits.io_bytes_per_sec}"))
     else:
         out.append(("memory.max", str(mem)))
         out.append(("memory.swap.max", str(limits.swap_mb * MIB)))
@@ -93,10 +116,10 @@ def cgroup_values(layout: CgroupLayout, limits: Limits, device: str = "") -> lis
         out.append(("pids.max", str(limits.max_processes)))
         if limits.io_weight:
             out.append(("io.weight", f"default {limits.io_weight}"))
-        if device:
+        for dev in _devices(device):
             iops = str(limits.io_iops) if limits.io_iops else "max"
             bps = str(limits.io_bytes_per_sec) if limits.io_bytes_per_sec else "max"
-            out.append(("io.max", f"{device} riops={iops} wiops={iops} rbps={bps} wbps={bps}"))
+            out.append(("io.max", f"{dev} riops={iops} wiops={iops} rbps={bps} wbps={bps}"))
     return out
 
 

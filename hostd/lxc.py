@@ -6,6 +6,7 @@ hostd's keys live in a delimited block at the end of the container's config, rew
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -75,7 +76,7 @@ class LxcDriver(ContainerDriver):
             # Relative target: LXC mounts it under the container's rootfs; create=dir makes the mountpoint.
             lines.append(f"lxc.mount.entry = {mount.host_path} {mount.container_path.lstrip('/')} none "
                          "bind,create=dir 0 0")
-        lines += cgroups.lxc_config_lines(self.layout, limits, mount.device if mount else "")
+        lines += cgroups.lxc_config_lines(self.layout, limits, self._io_devices(mount))
         lines.append(END)
         return lines
 
@@ -173,6 +174,16 @@ class LxcDriver(ContainerDriver):
             raise NotFound(f"container {cid} does not exist on this host", field="id")
 
     # ------------------------------------------------------------------ limits, usage, exec
+    def _io_devices(self, mount: VolumeMount | None) -> str:
+        """The disks a container writes to: its data volume's device and the disk under its root filesystem
+        (the overlay's upper dir in lxc_path): IO caps apply on both."""
+        devices = [mount.device] if mount is not None and mount.device else []
+        with contextlib.suppress(OSError):
+            root = cgroups.disk_of(self.settings.lxc_path)
+            if root and root not in devices:
+                devices.append(root)
+        return ",".join(devices)
+
     def _block_with(self, cid: str, limits: Limits, mount: VolumeMount | None) -> list[str]:
         old = self._read_block(cid)
         network = _network_from_block(old)
@@ -183,7 +194,7 @@ class LxcDriver(ContainerDriver):
         self._rewrite_config(cid, self._block_with(cid, limits, mount))
         st = self.status(cid)
         if st.state == "RUNNING" and st.init_pid:
-            cgroups.apply_live(self.layout, st.init_pid, limits, mount.device if mount else "")
+            cgroups.apply_live(self.layout, st.init_pid, limits, self._io_devices(mount))
             if limits.max_open_files:
                 res = run(["prlimit", "--pid", str(st.init_pid), f"--nofile={limits.max_open_files}"], check=False)
                 if res.returncode != 0:

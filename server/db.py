@@ -21,15 +21,19 @@ from . import models
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
-# Named limit sets. cpu_limit_millicores 0 = no cap (shares only); io_weight 10..1000 (cgroup v1 blkio).
+# Named limit sets. cpu_limit_millicores 0 = no cap (shares only); io_weight 10..1000 (honoured only under a
+# weight-aware IO scheduler: BFQ on v1, io.weight on v2); io_iops / io_bytes_per_sec are hard caps on the
+# instance's volume and on the disk under its root filesystem (0 = none), which hold everywhere.
 FLAVORS = [
     {"id": "tiny", "display_name": "tiny: 256 MB", "memory_mb": 256, "cpu_shares": 256, "cpu_limit_millicores": 500,
-         "max_processes": 512, "max_open_files": 4096, "io_weight": 100, "default_volume_gb": 1},
+         "max_processes": 512, "max_open_files": 4096, "io_weight": 100, "io_iops": 2000,
+         "io_bytes_per_sec": 64 * 1024 * 1024, "default_volume_gb": 1},
     {"id": "small", "display_name": "small: 512 MB", "memory_mb": 512, "cpu_shares": 512, "cpu_limit_millicores": 1000,
-         "max_processes": 1024, "max_open_files": 8192, "io_weight": 250, "default_volume_gb": 2},
+         "max_processes": 1024, "max_open_files": 8192, "io_weight": 250, "io_iops": 4000,
+         "io_bytes_per_sec": 128 * 1024 * 1024, "default_volume_gb": 2},
     {"id": "medium", "display_name": "medium: 1 GB", "memory_mb": 1024, "cpu_shares": 1024,
          "cpu_limit_millicores": 2000, "max_processes": 2048, "max_open_files": 16384, "io_weight": 500,
-         "default_volume_gb": 5},
+         "io_iops": 8000, "io_bytes_per_sec": 256 * 1024 * 1024, "default_volume_gb": 5},
     {"id": "large", "display_name": "large: 2 GB", "memory_mb": 2048, "cpu_shares": 2048, "cpu_limit_millicores": 0,
          "max_processes": 4096, "max_open_files": 32768, "io_weight": 1000, "default_volume_gb": 10},
 ]

@@ -12,6 +12,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from reddwarf.hostd.cgroups import disk_of
 from reddwarf.hostd.settings import Settings
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 from tests.fixtures.hostd import start_hostd
@@ -240,13 +241,21 @@ def test_a_container_that_dies_is_started_again_but_a_stopped_one_stays_stopped(
     cid = f"r{uuid.uuid4().hex[:8]}"
     vid = f"v{cid}"
     stub.CreateVolume(host_pb2.CreateVolumeRequest(volume=host_pb2.HostVolume(id=vid, size_gb=1)))
-    spec = host_pb2.Container(id=cid, limits=limits(), bootstrap=bootstrap(pki, cid), volume_id=vid,
+    capped = limits()
+    capped.io_iops, capped.io_bytes_per_sec = 2000, 64 << 20
+    spec = host_pb2.Container(id=cid, limits=capped, bootstrap=bootstrap(pki, cid), volume_id=vid,
                               network_mode=host_pb2.NETWORK_HOST)
     try:
         stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
         time.sleep(3)  # created, never started: the restart policy leaves it alone
         assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.STOPPED
         first = stub.StartContainer(host_pb2.ContainerRef(id=cid))
+        # IO caps hold on the volume's loop device and on the disk under the root filesystem
+        with open(f"/sys/fs/cgroup/blkio/lxc.payload.{hostd.prefix}{cid}/blkio.throttle.write_bps_device") as f:
+            rules = f.read().split("\n")
+        root_disk = disk_of(str(hostd.lxc_path))
+        assert f"{root_disk} {64 << 20}" in rules, rules
+        assert len([r for r in rules if r.endswith(f" {64 << 20}")]) == 2, rules
         assert sh(stub, cid, "echo kept > /var/lib/mysql/marker && sync").exit_code == 0
         os.kill(first.init_pid, 9)  # PID 1 (the agent, here a stand-in) dies: the container stops
         again = until(lambda: stub.GetContainer(host_pb2.ContainerRef(id=cid)),

@@ -41,7 +41,7 @@ def test_a_noisy_neighbour_is_held_to_its_limits_and_the_victim_keeps_serving():
         solo = sysbench("oltp_read_write", sock, SECONDS)
 
         bad = Limits(memory_mb=256, swap_mb=0, cpu_shares=256, cpu_limit_millicores=500, max_processes=64,
-                     io_weight=100)
+                     io_weight=100, io_iops=2000, io_bytes_per_sec=64 * 1024 * 1024)
         bench.container("aggressor", bad, AGGRESSOR)
         aggressor = bench.containers[-1]
         time.sleep(2)  # let it reach its limits
@@ -64,6 +64,6 @@ def test_a_noisy_neighbour_is_held_to_its_limits_and_the_victim_keeps_serving():
               f"memory failcnt {mem.failcnt}")  # type: ignore[attr-defined]
     finally:
         bench.close()
-        shutil.rmtree(work, ignore_errors=True)
         leftover = subprocess.run(["lxc-ls", "-P", os.path.join(work, "lxc")], capture_output=True, text=True)
-        assert not leftover.stdout.strip()
+        shutil.rmtree(work, ignore_errors=True)
+        assert not leftover.stdout.strip(), f"containers left: {leftover.stdout}"
