@@ -31,6 +31,8 @@ class Scratch:
         self.base = base
         self.datadir = os.path.join(base, "data")
         # A unix socket path must stay under ~100 bytes; a deep state dir would not: short dir on request.
+        if socket_dir:
+            os.makedirs(socket_dir, mode=0o700, exist_ok=True)
         self.socket_dir = tempfile.mkdtemp(prefix="v", dir=socket_dir) if socket_dir else ""
         self.socket = os.path.join(self.socket_dir or base, "mysqld.sock")
         self.proc: subprocess.Popen[bytes] | None = None

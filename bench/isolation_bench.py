@@ -188,7 +188,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved container/bare pairs")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved pairs per comparison")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="reddwarf-isolation-", dir="/var/tmp")
     bench: Bench | None = None

@@ -109,6 +109,10 @@ class Host:
         self.state = HostState.load(settings.state_file)
         # Restart backoff per container: (monotonic time of the last revival, current delay).
         self._revived: dict[str, tuple[float, float]] = {}
+        for rec in list(self.state.containers.values()):
+            if not rec.desired:  # written by an older hostd: keep whatever the container is doing now
+                running = self.containers.status(rec.id).state in ("RUNNING", "FROZEN")
+                self.state.put_container(rec.with_(desired="running" if running else "stopped"))
 
     # ------------------------------------------------------------------ containers
     def create_container(self, req: CreateContainer) -> ContainerView:
@@ -157,7 +161,7 @@ class Host:
             port = network.MYSQL_PORT
         rec = ContainerRecord(id=req.id, limits=req.limits, network_mode=req.network_mode, address=address,
                               port=port, template=template, datadir=datadir, volume_id=req.volume_id,
-                              fingerprint=fingerprint, driver=self.containers.name)
+                              fingerprint=fingerprint, driver=self.containers.name, desired="stopped")
         if req.volume_id:
             mount = self._mount_for(req.volume_id, datadir)
         self.containers.create(self._spec(rec, b, mount))

@@ -28,7 +28,8 @@ class ContainerRecord:
     driver: str = "lxc"
     # What the server last asked for: "running" after StartContainer, "stopped" after create/StopContainer.
     # A container that is "running" here but stopped on the host died on its own and is started again.
-    desired: str = "stopped"
+    # "" only in state written before this field existed: resolved from the container's state at load.
+    desired: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

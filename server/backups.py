@@ -205,8 +205,12 @@ class Backups:
             with open(spec, "w") as f:
                 json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
                            "checksums": expected, "scratch_dir": tmp, "socket_dir": self.socket_dir()}, f)
-            res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec],
-                                  timeout=BACKUP_TIMEOUT)
+            try:
+                res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec],
+                                      timeout=BACKUP_TIMEOUT)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.socket_dir(create=False))  # empty once the scratch run is over
         out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
         return out
 
@@ -217,15 +221,16 @@ class Backups:
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    def socket_dir(self) -> str:
+    def socket_dir(self, create: bool = True) -> str:
         """Short, root-only home for scratch mariadbd sockets (keyed by this server's state dir)."""
         key = hashlib.sha256(os.path.abspath(self.app.settings.state_dir).encode()).hexdigest()[:12]
         path = os.path.join("/run/reddwarf-scratch", key)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        if create:
+            os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
     def clear_scratch(self) -> None:
-        shutil.rmtree(self.socket_dir(), ignore_errors=True)
+        shutil.rmtree(self.socket_dir(create=False), ignore_errors=True)
         scratch = os.path.join(self.app.settings.state_dir, "scratch")
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a scratch mariadbd that outlived us
             try:

@@ -7,7 +7,8 @@ failed backup. A writer keeps inserting rows with known ids into one instance th
 every acknowledged row is there.
 
 The plan comes from the seed (REDDWARF_CHAOS_SEED, printed on failure), so a failing run can be replayed.
-`make test` runs 6 rounds (every operation and every victim at least once); `make chaos` runs 24."""
+`make test` runs 6 rounds (every operation and every victim at least once); `make chaos` runs 24 (every
+operation with every victim at least once)."""
 from __future__ import annotations
 
 import itertools
@@ -37,16 +38,20 @@ FIXED = ((1, "alpha"), (2, "beta"), (3, "gamma"))  # in every backup: a restore 
 
 
 def plan(seed: int, rounds: int) -> list[tuple[str, str, float]]:
-    """Rounds in blocks of four: each block pairs a shuffled list of operations with a shuffled list of
-    victims, so every operation and every victim occurs; the rest of the last block is random."""
+    """The first four rounds pair a shuffled list of operations with a shuffled list of victims (so any run
+    of 4+ rounds has every operation and every victim); then the other twelve (operation, victim) pairs in
+    a shuffled order (so 16+ rounds have every pair); then random pairs. Each with a random delay."""
     rng = random.Random(seed)
-    out: list[tuple[str, str, float]] = []
-    while len(out) < rounds:
-        ops, victims = list(OPS), list(VICTIMS)
-        rng.shuffle(ops)
-        rng.shuffle(victims)
-        out += [(op, v, round(rng.uniform(0.0, 3.0), 2)) for op, v in zip(ops, victims, strict=True)]
-    return out[:rounds]
+    ops, victims = list(OPS), list(VICTIMS)
+    rng.shuffle(ops)
+    rng.shuffle(victims)
+    pairs = list(zip(ops, victims, strict=True))
+    rest = [(o, v) for o in OPS for v in VICTIMS if (o, v) not in pairs]
+    rng.shuffle(rest)
+    pairs += rest
+    while len(pairs) < rounds:
+        pairs.append((rng.choice(OPS), rng.choice(VICTIMS)))
+    return [(op, v, round(rng.uniform(0.0, 3.0), 2)) for op, v in pairs[:rounds]]
 
 
 def retrying(fn: Callable[[], object]) -> object:
@@ -336,4 +341,6 @@ def test_the_plan_is_seeded_and_covers_every_operation_and_victim():
     a, b = plan(7, 6), plan(7, 6)
     assert a == b and plan(8, 6) != a
     assert {op for op, _, _ in a} == set(OPS) and {v for _, v, _ in a} == set(VICTIMS)
+    assert {(op, v) for op, v, _ in plan(7, 16)} == {(op, v) for op in OPS for v in VICTIMS}
+    assert len(plan(7, 24)) == 24
     assert all(0.0 <= d <= 3.0 for _, _, d in a)
