@@ -27,9 +27,13 @@ from .backup import BackupRunner, MysqlAccess
 
 
 class Scratch:
-    def __init__(self, base: str, socket_dir: str = "") -> None:
+    """A throwaway mariadbd on its own datadir under `base` (root by password, empty), reached by its unix
+    socket and, given a port, on 127.0.0.1. `start`/`stop` are what BackupRunner takes as callables."""
+
+    def __init__(self, base: str, socket_dir: str = "", port: int = 0) -> None:
         self.base = base
         self.datadir = os.path.join(base, "data")
+        self.port = port
         # A unix socket path must stay under ~100 bytes; a deep state dir would not: short dir on request.
         if socket_dir:
             os.makedirs(socket_dir, mode=0o700, exist_ok=True)
@@ -37,13 +41,17 @@ class Scratch:
         self.socket = os.path.join(self.socket_dir or base, "mysqld.sock")
         self.proc: subprocess.Popen[bytes] | None = None
         os.makedirs(self.datadir)
-        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
-                        "--auth-root-authentication-method=normal", "--skip-test-db"],
-                       check=True, capture_output=True, timeout=300)
+        done = subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+                               "--auth-root-authentication-method=normal", "--skip-test-db"],
+                              capture_output=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError("mariadb-install-db failed: " + (done.stderr + done.stdout).decode()[-3000:])
 
     def start_sync(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        net = [f"--port={self.port}", "--bind-address=127.0.0.1"] if self.port else ["--skip-networking"]
         self.proc = subprocess.Popen(
-            ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}", "--skip-networking",
+            ["mariadbd", "--no-defaults", f"--datadir={self.datadir}", f"--socket={self.socket}", *net,
              "--user=root", f"--pid-file={self.base}/mysqld.pid", f"--log-error={self.base}/error.log",
              "--innodb-buffer-pool-size=64M", "--skip-log-bin"],
             # In the caller's process group: a server killed with its group takes the scratch copy down too.
@@ -55,8 +63,15 @@ class Scratch:
                 return
             except pymysql.err.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("scratch mariadbd did not start") from None
+                    raise RuntimeError("scratch mariadbd did not start: " + self.error_log()[-2000:]) from None
                 time.sleep(0.1)
+
+    def error_log(self) -> str:
+        path = os.path.join(self.base, "error.log")
+        if not os.path.exists(path):
+            return ""
+        with open(path, errors="replace") as f:
+            return f.read()
 
     def stop_sync(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -164,11 +164,13 @@ class Host:
                               fingerprint=fingerprint, driver=self.containers.name, desired="stopped")
         if req.volume_id:
             mount = self._mount_for(req.volume_id, datadir)
-        self.containers.create(self._spec(rec, b, mount))
+        # Intent first: if hostd dies inside the driver's create, the half-made container is still ours (a
+        # retried create finishes it, a delete removes it) instead of an "unmanaged" orphan.
         self.state.put_container(rec)
         if req.volume_id:
             self.state.put_volume(self.state.volumes[req.volume_id].with_(attached_to=req.id,
                                                                            container_path=datadir))
+        self.containers.create(self._spec(rec, b, mount))
         log.info("container created", extra={"instance": req.id, "network": req.network_mode, "port": port})
         return self.get_container(req.id)
 

@@ -100,9 +100,16 @@ class LxcDriver(ContainerDriver):
         return text[text.index(BEGIN):text.index(END) + len(END)].splitlines()
 
     # ------------------------------------------------------------------ lifecycle
+    def _made_marker(self, cid: str) -> str:
+        return os.path.join(self._dir(cid), "reddwarf-created")
+
     def create(self, spec: ContainerSpec) -> None:
         if self.exists(spec.id):
-            return
+            if os.path.exists(self._made_marker(spec.id)):
+                return
+            # A create cut off between lxc-copy and FirstBoot (hostd killed): start it over.
+            log.warning("redoing a half-made container", extra={"container": self.container_name(spec.id)})
+            self.destroy(spec.id)
         tpl_dir = os.path.join(self.settings.template_lxc_path, spec.template)
         if not os.path.exists(os.path.join(tpl_dir, "config")):
             raise FailedPrecondition(f"template {spec.template} is not built on this host",
@@ -115,6 +122,8 @@ class LxcDriver(ContainerDriver):
             bind = "0.0.0.0" if spec.network.mode == "bridge" else spec.network.address
             config = firstboot.agent_config(spec.bootstrap, spec.network.port, spec.datadir, bind)
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
+            with open(self._made_marker(spec.id), "w"):
+                pass  # the create is whole only once this exists
         except Exception:
             self.destroy(spec.id)  # no half-made container survives a failed create
             raise

@@ -19,7 +19,7 @@ from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from . import models
 from .app import App
 from .auth import current_principal, hash_secret, new_secret, serial_hex
-from .catalog import resource_id, ts
+from .catalog import fetch, resource_id, ts
 from .pagination import Paginator
 
 log = logging.getLogger("reddwarf.server.admin")
@@ -153,11 +153,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def GetTenant(self, request, context):  # type: ignore[no-untyped-def]
-        tid = resource_id(request.name, "tenants", "name")
         with self.app.sessions() as s:
-            row = s.get(models.Tenant, tid)
-            if row is None:
-                raise NotFound(f"tenant {tid!r} does not exist", field="name")
+            row = fetch(s, models.Tenant, request.name, "tenants")
             return tenant_pb(row)
 
     @grpc_edge
@@ -168,19 +165,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def DeleteTenant(self, request, context):  # type: ignore[no-untyped-def]
-        tid = resource_id(request.name, "tenants", "name")
         with self.app.sessions() as s, s.begin():
-            row = s.get(models.Tenant, tid)
-            if row is None:
-                raise NotFound(f"tenant {tid!r} does not exist", field="name")
-            if tid == "admin":
+            row = fetch(s, models.Tenant, request.name, "tenants")
+            if row.id == "admin":
                 raise FailedPrecondition("the admin tenant cannot be deleted", field="name")
             live = s.scalar(select(func.count()).select_from(models.Instance).where(
-                models.Instance.tenant_id == tid, models.Instance.deleted_at.is_(None)))
+                models.Instance.tenant_id == row.id, models.Instance.deleted_at.is_(None)))
             if live:
-                raise FailedPrecondition(f"tenant {tid!r} still has {live} instance(s); delete them first",
+                raise FailedPrecondition(f"tenant {row.id!r} still has {live} instance(s); delete them first",
                                          field="name")
-            for tok in s.scalars(select(models.Token).where(models.Token.tenant_id == tid)):
+            for tok in s.scalars(select(models.Token).where(models.Token.tenant_id == row.id)):
                 s.delete(tok)
             s.delete(row)
         return empty_pb2.Empty()
@@ -218,11 +212,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def GetQuota(self, request, context):  # type: ignore[no-untyped-def]
-        tid = resource_id(request.tenant, "tenants", "tenant")
         with self.app.sessions() as s:
-            row = s.get(models.Tenant, tid)
-            if row is None:
-                raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
+            row = fetch(s, models.Tenant, request.tenant, "tenants", "tenant")
             return quota_usage(s, row)
 
     @grpc_edge
@@ -282,11 +273,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def GetHost(self, request, context):  # type: ignore[no-untyped-def]
-        hid = resource_id(request.name, "hosts", "name")
         with self.app.sessions() as s:
-            row = s.get(models.Host, hid)
-            if row is None:
-                raise NotFound(f"host {hid!r} does not exist", field="name")
+            row = fetch(s, models.Host, request.name, "hosts")
             return host_pb(row)
 
     @grpc_edge
@@ -297,37 +285,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def DrainHost(self, request, context):  # type: ignore[no-untyped-def]
-        hid = resource_id(request.name, "hosts", "name")
         with self.app.sessions() as s, s.begin():
-            row = s.get(models.Host, hid)
-            if row is None:
-                raise NotFound(f"host {hid!r} does not exist", field="name")
+            row = fetch(s, models.Host, request.name, "hosts")
             row.state = "draining" if request.drain else "up"
             s.flush()
             return host_pb(row)
 
     @grpc_edge
     async def DeleteHost(self, request, context):  # type: ignore[no-untyped-def]
-        hid = resource_id(request.name, "hosts", "name")
         with self.app.sessions() as s, s.begin():
-            row = s.get(models.Host, hid)
-            if row is None:
-                raise NotFound(f"host {hid!r} does not exist", field="name")
+            row = fetch(s, models.Host, request.name, "hosts")
             live = s.scalar(select(func.count()).select_from(models.Instance).where(
-                models.Instance.host_id == hid, models.Instance.deleted_at.is_(None)))
+                models.Instance.host_id == row.id, models.Instance.deleted_at.is_(None)))
             if live:
-                raise FailedPrecondition(f"host {hid!r} still runs {live} instance(s)", field="name")
+                raise FailedPrecondition(f"host {row.id!r} still runs {live} instance(s)", field="name")
             s.delete(row)
         return empty_pb2.Empty()
 
     # -- tasks -----------------------------------------------------------------------------------
     @grpc_edge
     async def GetTask(self, request, context):  # type: ignore[no-untyped-def]
-        tid = resource_id(request.name, "tasks", "name")
         with self.app.sessions() as s:
-            row = s.get(models.Task, tid)
-            if row is None:
-                raise NotFound(f"task {tid!r} does not exist", field="name")
+            row = fetch(s, models.Task, request.name, "tasks")
             return task_pb(row)
 
     @grpc_edge

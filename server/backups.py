@@ -48,6 +48,7 @@ from .app import App
 from .auth import current_principal
 from .backup_store import BackupStore
 from .catalog import resource_id, ts
+from .instances import owned_instance
 from .pagination import Paginator
 
 log = logging.getLogger("reddwarf.server.backups")
@@ -199,7 +200,7 @@ class Backups:
                 path = os.path.join(tmp, f"{lid}.bin")
                 with open(path, "wb") as f:
                     async for data in self.store.open_reader(lid):
-                        f.write(data)
+                        await asyncio.to_thread(f.write, data)
                 files.append(path)
             spec = os.path.join(tmp, "spec.json")
             with open(spec, "w") as f:
@@ -214,11 +215,12 @@ class Backups:
         out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
         return out
 
-    def scratch_dir(self) -> str:
+    def scratch_dir(self, create: bool = True) -> str:
         """Scratch restores live under the server's state dir, emptied at every start (a killed server
         must not leave a restored copy of a tenant's data behind)."""
         path = os.path.join(self.app.settings.state_dir, "scratch")
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        if create:
+            os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
     def socket_dir(self, create: bool = True) -> str:
@@ -231,7 +233,7 @@ class Backups:
 
     def clear_scratch(self) -> None:
         shutil.rmtree(self.socket_dir(create=False), ignore_errors=True)
-        scratch = os.path.join(self.app.settings.state_dir, "scratch")
+        scratch = self.scratch_dir(create=False)
         for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a scratch mariadbd that outlived us
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -319,11 +321,9 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
             raise InvalidArgument("backup.display_name is required (at most 255 characters)", field="backup.display_name")
         if len(req.description) > 1024:
             raise InvalidArgument("backup.description is longer than 1024 characters", field="backup.description")
-        iid = resource_id(req.instance, "instances", "backup.instance")
         with self.app.sessions() as s, s.begin():
-            inst = s.get(models.Instance, iid)
-            if inst is None or inst.deleted_at is not None or (not p.admin and inst.tenant_id != p.tenant_id):
-                raise NotFound(f"instance {iid!r} does not exist", field="backup.instance")
+            inst = owned_instance(s, p, req.instance, "backup.instance")
+            iid = inst.id
             instances = self.app.extras["instances"]
             status, _ = instances.derived_status(s, inst)
             if status != "ACTIVE":
@@ -423,11 +423,8 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
         if sch.full_every < 0 or sch.full_every > 100:
             raise InvalidArgument("schedule.full_every must be 0..100", field="schedule.full_every")
         p = current_principal(context)
-        iid = resource_id(request.instance, "instances", "instance")
         with self.app.sessions() as s, s.begin():
-            inst = s.get(models.Instance, iid)
-            if inst is None or inst.deleted_at is not None or (not p.admin and inst.tenant_id != p.tenant_id):
-                raise NotFound(f"instance {iid!r} does not exist", field="instance")
+            iid = owned_instance(s, p, request.instance, "instance").id
             row = s.get(models.BackupSchedule, iid) or models.BackupSchedule(instance_id=iid)
             row.interval_seconds, row.keep, row.full_every = sch.interval_seconds, sch.keep, sch.full_every or 1
             row.next_run = now() + dt.timedelta(seconds=sch.interval_seconds) if sch.interval_seconds else None

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from reddwarf.common.errors import InvalidArgument, NotFound, grpc_edge
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
@@ -16,6 +17,8 @@ from . import models
 from .app import App
 from .auth import current_principal
 from .pagination import Paginator
+
+T = TypeVar("T")
 
 
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -47,6 +50,15 @@ def resource_id(name: str, collection: str, field: str) -> str:
     if not rid or "/" in rid or len(rid) > 64:
         raise InvalidArgument(f"{field} must be `{collection}/<id>`, got {name[:80]!r}", field=field)
     return rid
+
+
+def fetch(s: Session, model: type[T], name: str, collection: str, field: str = "name") -> T:
+    """The row named `collection/<id>` (or a bare id), or NOT_FOUND naming the field."""
+    rid = resource_id(name, collection, field)
+    row = s.get(model, rid)
+    if row is None:
+        raise NotFound(f"{collection[:-1]} {rid!r} does not exist", field=field)
+    return row
 
 
 class CatalogServicer(database_pb2_grpc.CatalogServicer):
@@ -81,11 +93,8 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
     @grpc_edge
     async def GetFlavor(self, request: database_pb2.GetFlavorRequest,
                         context: grpc.aio.ServicerContext) -> database_pb2.Flavor:
-        fid = resource_id(request.name, "flavors", "name")
         with self.app.sessions() as s:
-            f = s.get(models.Flavor, fid)
-            if f is None:
-                raise NotFound(f"flavor {fid!r} does not exist", field="name")
+            f = fetch(s, models.Flavor, request.name, "flavors")
             return flavor_pb(f)
 
     @grpc_edge
@@ -104,11 +113,8 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
     @grpc_edge
     async def GetDatastore(self, request: database_pb2.GetDatastoreRequest,
                            context: grpc.aio.ServicerContext) -> database_pb2.Datastore:
-        did = resource_id(request.name, "datastores", "name")
         with self.app.sessions() as s:
-            d = s.get(models.Datastore, did)
-            if d is None:
-                raise NotFound(f"datastore {did!r} does not exist", field="name")
+            d = fetch(s, models.Datastore, request.name, "datastores")
             return self._datastore_pb(s, d)
 
     @grpc_edge

@@ -54,6 +54,16 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
+def owned_instance(s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:
+    """The caller's live instance of that name. Another tenant's instance is NOT_FOUND, not
+    PERMISSION_DENIED: its existence is not disclosed."""
+    iid = resource_id(name, "instances", field)
+    row = s.get(models.Instance, iid)
+    if row is None or row.deleted_at is not None or (not principal.admin and row.tenant_id != principal.tenant_id):
+        raise NotFound(f"instance {iid!r} does not exist", field=field)
+    return row
+
+
 class Instances:
     """Shared by the servicers and the task steps."""
 
@@ -142,12 +152,7 @@ class Instances:
         return pb
 
     def owned(self, s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:
-        iid = resource_id(name, "instances", field)
-        row = s.get(models.Instance, iid)
-        # Another tenant's instance is NOT_FOUND, not PERMISSION_DENIED: its existence is not disclosed.
-        if row is None or row.deleted_at is not None or (not principal.admin and row.tenant_id != principal.tenant_id):
-            raise NotFound(f"instance {iid!r} does not exist", field=field)
-        return row
+        return owned_instance(s, principal, name, field)
 
     # -- state callbacks from the agent registry -------------------------------------------------
     async def on_health(self, instance_id: str, health: common_pb2.GuestHealth) -> None:

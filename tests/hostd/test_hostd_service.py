@@ -9,27 +9,16 @@ import uuid
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from reddwarf.hostd.cgroups import disk_of
 from reddwarf.hostd.settings import Settings
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
+from tests.fixtures.errors import field_violations as fields
 from tests.fixtures.hostd import start_hostd
 from tests.fixtures.waiting import until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="hostd needs root (LXC, loop devices, mounts)")
 SLEEPER = "/bin/sleep 3600"  # PID 1 stand-in: these tests exercise the host, not the guest agent
-
-
-def fields(err: grpc.RpcError) -> list[str]:
-    st = rpc_status.from_call(err)
-    out = []
-    for d in st.details if st else []:
-        br = error_details_pb2.BadRequest()
-        if d.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +236,13 @@ def test_a_container_that_dies_is_started_again_but_a_stopped_one_stays_stopped(
                               network_mode=host_pb2.NETWORK_HOST)
     try:
         stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
+        # a create cut off before FirstBoot (hostd killed inside it) is redone by the retry, not kept half-made
+        cdir = hostd.lxc_path / f"{hostd.prefix}{cid}"
+        (cdir / "reddwarf-created").unlink()
+        for f in cdir.glob("*/*/etc/reddwarf/agent.json"):
+            f.unlink()
+        stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
+        assert (cdir / "reddwarf-created").exists() and list(cdir.glob("*/*/etc/reddwarf/agent.json"))
         time.sleep(3)  # created, never started: the restart policy leaves it alone
         assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.STOPPED
         first = stub.StartContainer(host_pb2.ContainerRef(id=cid))

@@ -1,12 +1,14 @@
-"""hostd's restart policy, on its own: which containers it starts again, how it backs off, and how state
-written before the policy existed is read (the running container on a real hostd is in
-test_hostd_service.py)."""
+"""hostd's bookkeeping on its own, over a stand-in driver: the restart policy (which containers it starts
+again, how it backs off, how state written before the policy existed is read) and a create cut off inside
+the driver (the real containers are in test_hostd_service.py)."""
 from __future__ import annotations
 
 import json
 
-from reddwarf.hostd.containers import ContainerStatus, Limits
-from reddwarf.hostd.host import REVIVE_MAX_DELAY, Host
+import pytest
+
+from reddwarf.hostd.containers import Bootstrap, ContainerStatus, Limits
+from reddwarf.hostd.host import REVIVE_MAX_DELAY, CreateContainer, Host
 from reddwarf.hostd.settings import Settings
 from reddwarf.hostd.state import ContainerRecord
 
@@ -26,6 +28,22 @@ class Containers:
     def start(self, cid: str) -> ContainerStatus:
         self.started.append(cid)
         return self.status(cid)  # stays as the test set it: a container that keeps dying
+
+    # for create/delete: a driver that can be made to die half-way through a create
+    crash_next_create = False
+
+    def create(self, spec: object) -> None:
+        cid = spec.id  # type: ignore[attr-defined]
+        self.states[cid] = "STOPPED"
+        if self.crash_next_create:
+            self.crash_next_create = False
+            raise KeyboardInterrupt("hostd killed inside lxc-copy")  # not an error the host would handle
+
+    def list_names(self) -> list[str]:
+        return list(self.states)
+
+    def destroy(self, cid: str) -> None:
+        self.states.pop(cid, None)
 
 
 def record(cid: str, desired: str) -> ContainerRecord:
@@ -67,3 +85,20 @@ def test_state_from_before_the_policy_keeps_what_each_container_is_doing(tmp_pat
     assert h.revive(now=1.0) == []
     saved = json.loads((tmp_path / "state.json").read_text())["containers"]
     assert saved["up"]["desired"] == "running" and saved["down"]["desired"] == "stopped"
+
+
+def test_a_create_cut_off_inside_the_driver_stays_ours_and_is_finished_by_the_retry(tmp_path):
+    c = Containers({})
+    h = host(tmp_path, c, [])
+    req = CreateContainer(id="half", limits=Limits(memory_mb=64, cpu_shares=2, max_processes=8),
+                          bootstrap=Bootstrap("127.0.0.1:1", "ca", "tok", "half"))
+    c.crash_next_create = True
+    with pytest.raises(KeyboardInterrupt):
+        h.create_container(req)
+    # what a restarted hostd reads: the container is managed, not an unmanaged orphan
+    again = Host(h.settings, c, None, None, "t")  # type: ignore[arg-type]
+    views, unmanaged = again.list_containers()
+    assert [v.record.id for v in views] == ["half"] and unmanaged == []
+    assert again.create_container(req).record.id == "half"  # the server's retry, same parameters
+    again.delete_container("half")
+    assert again.list_containers() == ([], []) and "half" not in c.states

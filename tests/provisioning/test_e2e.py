@@ -9,24 +9,13 @@ import time
 import grpc
 import pymysql
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from reddwarf.v1 import admin_pb2, common_pb2, database_pb2
 from tests.fixtures.cluster import start_cluster
+from tests.fixtures.errors import field_violations as fields
 from tests.fixtures.server import launch, stop_process, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, loop devices")]
-
-
-def fields(err: grpc.RpcError) -> list[str]:
-    st = rpc_status.from_call(err)
-    out = []
-    for d in st.details if st else []:
-        br = error_details_pb2.BadRequest()
-        if d.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
 
 
 def wait_status(c, name, wanted=("ACTIVE",), timeout=240, md=None):

@@ -11,11 +11,10 @@ import time
 import grpc
 import httpx
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from reddwarf.v1 import admin_pb2, common_pb2, database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import start_cluster
+from tests.fixtures.errors import field_violations as violations
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.server import stop_process
 
@@ -24,16 +23,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 HOSTILE = ["x'; DROP DATABASE mysql; --", "a`b", 'q"uote', "semi;colon", "nul\x00byte", "ﬀ", "ṃysql",
            "x" * 10_000, "../../etc", "mysql", "root", "comma,name", "back\\slash", " lead", "trail "]
 NUMBERS = [-1, -(2**31), 2**40]
-
-
-def violations(err: grpc.RpcError) -> list[str]:
-    st = rpc_status.from_call(err)
-    out = []
-    for d in st.details if st else []:
-        br = error_details_pb2.BadRequest()
-        if d.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
 
 
 @pytest.fixture(scope="module")

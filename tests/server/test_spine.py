@@ -12,12 +12,11 @@ import uuid
 import grpc
 import pytest
 import sqlalchemy as sa
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from reddwarf.common.pki import TlsFiles, _write
 from reddwarf.server import db
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
+from tests.fixtures.errors import field_violations as violations
 from tests.fixtures.pki import write_issued
 
 
@@ -27,16 +26,6 @@ def catalog(server, files=None):
 
 def admin(server, files=None):
     return admin_pb2_grpc.AdminStub(server.channel(files or server.admin_files))
-
-
-def violations(err: grpc.RpcError) -> list[str]:
-    st = rpc_status.from_call(err)
-    out = []
-    for d in st.details if st else []:
-        br = error_details_pb2.BadRequest()
-        if d.Unpack(br):
-            out += [v.field for v in br.field_violations]
-    return out
 
 
 def issue_files(server, tmp_path, role, id, expired=False) -> TlsFiles:
