@@ -234,9 +234,13 @@ class Host:
         """Restart policy "always": a container the server wants running that stopped on its own (its PID 1,
         the agent, died; the host rebooted) is started again. One that keeps dying waits 1, 2, 4... up to
         REVIVE_MAX_DELAY seconds between attempts; a container that stayed up for that long starts afresh.
-        Returns the ids started."""
+        Returns the ids started. (hostd's loop calls the two halves itself: only the second needs its lock.)"""
         now = time.monotonic() if now is None else now
-        started = []
+        return [cid for cid in self.due_for_revival(now) if self.revive_one(cid, now)]
+
+    def due_for_revival(self, now: float) -> list[str]:
+        """Read-only: the containers meant to run that are stopped and past their backoff."""
+        due = []
         for rec in list(self.state.containers.values()):
             if rec.desired != "running":
                 continue
@@ -248,20 +252,26 @@ class Host:
                 continue
             if state != "STOPPED":
                 if last is not None and now - last[0] > REVIVE_MAX_DELAY:
-                    del self._revived[rec.id]
+                    self._revived.pop(rec.id, None)
                 continue
-            if last is not None and now < last[0] + last[1]:
-                continue
-            delay = 1.0 if last is None else min(REVIVE_MAX_DELAY, last[1] * 2)
-            self._revived[rec.id] = (now, delay)
-            try:
-                self._start(rec)
-            except Exception:  # noqa: BLE001 - retried after the backoff
-                log.exception("restarting a stopped container failed", extra={"instance": rec.id})
-                continue
-            log.warning("container stopped without being asked; started again", extra={"instance": rec.id})
-            started.append(rec.id)
-        return started
+            if last is None or now >= last[0] + last[1]:
+                due.append(rec.id)
+        return due
+
+    def revive_one(self, cid: str, now: float) -> bool:
+        """Starts one container found due (re-checked: it may have been stopped or deleted meanwhile)."""
+        rec = self.state.containers.get(cid)
+        if rec is None or rec.desired != "running" or self.containers.status(cid).state != "STOPPED":
+            return False
+        last = self._revived.get(cid)
+        self._revived[cid] = (now, 1.0 if last is None else min(REVIVE_MAX_DELAY, last[1] * 2))
+        try:
+            self._start(rec)
+        except Exception:  # noqa: BLE001 - retried after the backoff
+            log.exception("restarting a stopped container failed", extra={"instance": cid})
+            return False
+        log.warning("container stopped without being asked; started again", extra={"instance": cid})
+        return True
 
     def delete_container(self, cid: str) -> None:
         rec = self._container(cid)

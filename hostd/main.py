@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -69,7 +70,10 @@ async def revive_loop(servicer: HostAgentServicer, every: float) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            await servicer.run_locked(servicer.host.revive)
+            now = time.monotonic()
+            # Status reads without the mutation lock (they would hold up every create); starts under it.
+            for cid in await asyncio.to_thread(servicer.host.due_for_revival, now):
+                await servicer.run_locked(servicer.host.revive_one, cid, now)
         except Exception:  # noqa: BLE001 - the loop outlives any one failure
             log.exception("revive pass failed")
 

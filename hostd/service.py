@@ -108,8 +108,6 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
         async with self._lock:  # one mutation at a time: the state file and lxc are not concurrent-safe
             return await asyncio.to_thread(functools.partial(fn, *args))
 
-    _run = run_locked
-
     @property
     def _driver(self) -> str:
         return self.host.containers.name
@@ -129,7 +127,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                                 heartbeat_seconds=b.heartbeat_seconds, enroll_address=b.enroll_address),
             network_mode=MODES.get(c.network_mode, "invalid"), volume_id=c.volume_id, datadir=c.datadir,
             template=c.template)
-        return container_pb(await self._run(self.host.create_container, req), self._driver)
+        return container_pb(await self.run_locked(self.host.create_container, req), self._driver)
 
     @grpc_edge
     async def GetContainer(self, request, context):  # type: ignore[no-untyped-def]
@@ -143,21 +141,21 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def StartContainer(self, request, context):  # type: ignore[no-untyped-def]
-        return container_pb(await self._run(self.host.start_container, request.id), self._driver)
+        return container_pb(await self.run_locked(self.host.start_container, request.id), self._driver)
 
     @grpc_edge
     async def StopContainer(self, request, context):  # type: ignore[no-untyped-def]
-        return container_pb(await self._run(self.host.stop_container, request.id, request.timeout_seconds),
+        return container_pb(await self.run_locked(self.host.stop_container, request.id, request.timeout_seconds),
                             self._driver)
 
     @grpc_edge
     async def DeleteContainer(self, request, context):  # type: ignore[no-untyped-def]
-        await self._run(self.host.delete_container, request.id)
+        await self.run_locked(self.host.delete_container, request.id)
         return empty_pb2.Empty()
 
     @grpc_edge
     async def SetLimits(self, request, context):  # type: ignore[no-untyped-def]
-        return container_pb(await self._run(self.host.set_limits, request.id, limits_from_pb(request.limits)),
+        return container_pb(await self.run_locked(self.host.set_limits, request.id, limits_from_pb(request.limits)),
                             self._driver)
 
     @grpc_edge
@@ -176,7 +174,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def CreateVolume(self, request, context):  # type: ignore[no-untyped-def]
-        return volume_pb(await self._run(self.host.create_volume, request.volume.id, request.volume.size_gb))
+        return volume_pb(await self.run_locked(self.host.create_volume, request.volume.id, request.volume.size_gb))
 
     @grpc_edge
     async def GetVolume(self, request, context):  # type: ignore[no-untyped-def]
@@ -189,22 +187,22 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def ResizeVolume(self, request, context):  # type: ignore[no-untyped-def]
-        return volume_pb(await self._run(self.host.resize_volume, request.id, request.size_gb))
+        return volume_pb(await self.run_locked(self.host.resize_volume, request.id, request.size_gb))
 
     @grpc_edge
     async def AttachVolume(self, request, context):  # type: ignore[no-untyped-def]
-        return volume_pb(await self._run(self.host.attach_volume, request.id, request.container_id,
+        return volume_pb(await self.run_locked(self.host.attach_volume, request.id, request.container_id,
                                          request.mount_path))
 
     @grpc_edge
     async def DetachVolume(self, request, context):  # type: ignore[no-untyped-def]
-        return volume_pb(await self._run(self.host.detach_volume, request.id))
+        return volume_pb(await self.run_locked(self.host.detach_volume, request.id))
 
     @grpc_edge
     async def DeleteVolume(self, request, context):  # type: ignore[no-untyped-def]
-        await self._run(self.host.delete_volume, request.id, request.keep_data)
+        await self.run_locked(self.host.delete_volume, request.id, request.keep_data)
         return empty_pb2.Empty()
 
     @grpc_edge
     async def AdoptVolume(self, request, context):  # type: ignore[no-untyped-def]
-        return volume_pb(await self._run(self.host.adopt_volume, request.id, request.locator))
+        return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator))
