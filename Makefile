@@ -64,7 +64,7 @@ chaos: setup
 
 lint: setup
 	$(VENV)/bin/ruff check common server hostd agent clients tests bench
-	$(VENV)/bin/mypy common server hostd agent clients
+	cd gen && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p reddwarf.common -p reddwarf.server -p reddwarf.hostd -p reddwarf.agent -p reddwarf.client
 
 clean:
 	rm -rf $(VENV) gen build *.egg-info

@@ -77,7 +77,7 @@ class Hostd:
             id=cid, limits=common_pb2.Limits(memory_mb=256, cpu_shares=1024, max_processes=256),
             bootstrap=host_pb2.AgentBootstrap(server_address="127.0.0.1:1", ca_pem=ca_pem or "x",
                                               enrollment_token="bench", instance_id=cid),
-            network_mode=host_pb2.NETWORK_HOST)
+            network_mode=host_pb2.NETWORK_MODE_HOST)
         self.stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec), timeout=300)
         self.stub.StartContainer(host_pb2.ContainerRef(id=cid), timeout=300)
 
@@ -86,7 +86,7 @@ class Hostd:
             id=cid, limits=common_pb2.Limits(memory_mb=256, cpu_shares=1024, max_processes=256),
             bootstrap=host_pb2.AgentBootstrap(server_address="127.0.0.1:1", ca_pem="x",
                                               enrollment_token="bench", instance_id=cid),
-            network_mode=host_pb2.NETWORK_HOST)
+            network_mode=host_pb2.NETWORK_MODE_HOST)
         self.stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec), timeout=300)
 
     def volume_attach(self, vid: str, cid: str) -> None:

@@ -86,9 +86,9 @@ def create_once(c, n: int) -> float:  # type: ignore[no-untyped-def]
         users=[common_pb2.User(user="app", password="bench-pw-123", databases=["app"])]), metadata=c.md)
     while True:
         i = c.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=c.md)
-        if i.status == database_pb2.ACTIVE:
+        if i.status == database_pb2.INSTANCE_STATUS_ACTIVE:
             return time.monotonic() - t0
-        if i.status == database_pb2.ERROR:
+        if i.status == database_pb2.INSTANCE_STATUS_ERROR:
             raise RuntimeError(i.fault.message)
         time.sleep(0.05)
 

@@ -23,6 +23,7 @@ import pymysql
 
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.common.tls import sync_channel
+from reddwarf.common import states
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
 
 ROOT = Path(os.environ.get("REDDWARF_DEMO_DIR", "/var/lib/reddwarf/demo"))
@@ -131,7 +132,7 @@ def up() -> int:
     last = ""
     while True:
         inst = instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=md)
-        status = database_pb2.InstanceStatus.Name(inst.status)
+        status = states.from_pb(states.InstanceStatus, inst.status)
         line = f"{status} {inst.task_step}".strip()
         if line != last:
             say(f"  {time.monotonic() - started:5.1f}s  {line}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from reddwarf.common import states
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
@@ -18,7 +19,7 @@ from reddwarf.v1 import database_pb2 as pb
 from .config import ClientConfig
 
 # Instances reach these and stay there unless someone acts; wait_for stops on them.
-FAILED_STATUSES = frozenset({pb.ERROR, pb.FAILED})
+FAILED_STATUSES = frozenset({pb.INSTANCE_STATUS_ERROR, pb.INSTANCE_STATUS_FAILED})
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,18 @@ def short_id(name: str) -> str:
 
 
 def instance_status(status: str | int) -> int:
-    """Accepts "ACTIVE" or pb.ACTIVE."""
+    """Accepts "ACTIVE" or pb.INSTANCE_STATUS_ACTIVE."""
     if isinstance(status, int):
         return status
     try:
-        return pb.InstanceStatus.Value(status.upper())
+        return states.to_pb(states.parse(states.InstanceStatus, status))
     except ValueError:
         raise ValueError(f"unknown instance status {status!r}; one of "
-                         + ", ".join(pb.InstanceStatus.keys()[1:])) from None
+                         + ", ".join(states.InstanceStatus)) from None
 
 
 def status_name(status: int) -> str:
-    return pb.InstanceStatus.Name(status)
+    return states.from_pb(states.InstanceStatus, status).value
 
 
 def _database(d: str | DatabaseSpec | cpb.Database) -> cpb.Database:

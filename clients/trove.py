@@ -5,6 +5,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from reddwarf.common import states
 from reddwarf.v1 import common_pb2, database_pb2
 
 # Trove has no DELETING/RESTORING on the wire: its clients know BUILD and SHUTDOWN.
@@ -60,7 +61,7 @@ def datastore(d: database_pb2.Datastore) -> dict[str, Any]:
 
 
 def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
-    status = database_pb2.InstanceStatus.Name(i.status)
+    status = states.from_pb(states.InstanceStatus, i.status).value
     out: dict[str, Any] = {
         "id": i.id, "name": i.display_name, "status": STATUS.get(status, status),
         "flavor": {"id": i.flavor.rsplit("/", 1)[-1], "links": _links(request, f"flavors/{i.flavor.rsplit('/', 1)[-1]}")},
@@ -150,13 +151,10 @@ def backup_request(body: dict[str, Any]) -> database_pb2.Backup:
                                if body.get("parent_id") else "")
 
 
-BACKUP_STATUS = {"BACKUP_FAILED": "FAILED"}
-
-
 def backup(b: database_pb2.Backup) -> dict[str, Any]:
-    st = database_pb2.BackupStatus.Name(b.status)
+    st = states.from_pb(states.BackupStatus, b.status).value
     return {"id": b.id, "name": b.display_name, "description": b.description,
-            "instance_id": b.instance.rsplit("/", 1)[-1], "status": BACKUP_STATUS.get(st, st),
+            "instance_id": b.instance.rsplit("/", 1)[-1], "status": st,
             "parent_id": b.parent.rsplit("/", 1)[-1] if b.parent else None, "size": round(b.size_bytes / 2**30, 6),
             "locationRef": b.location, "created": b.create_time.ToJsonString() if b.HasField("create_time") else "",
             "updated": b.update_time.ToJsonString() if b.HasField("update_time") else "",

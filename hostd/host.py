@@ -119,7 +119,7 @@ class Host:
         validate_id(req.id, "container.id")
         req.limits.validate("container.limits")
         if req.network_mode not in ("host", "bridge"):
-            raise InvalidArgument("container.network_mode must be NETWORK_HOST or NETWORK_BRIDGE",
+            raise InvalidArgument("container.network_mode must be NETWORK_MODE_HOST or NETWORK_MODE_BRIDGE",
                                   field="container.network_mode")
         b = req.bootstrap
         missing = [(f"container.bootstrap.{n}", "required") for n, v in

@@ -18,6 +18,7 @@ from google.protobuf import empty_pb2
 
 from reddwarf.common.errors import PermissionDenied, Unauthenticated, abort, grpc_edge
 from reddwarf.common.tls import RevocationList, peer_identity
+from reddwarf.common import states
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
 from .containers import Bootstrap, Limits
@@ -26,10 +27,8 @@ from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
 log = logging.getLogger("reddwarf.hostd.service")
 T = TypeVar("T")
 
-STATES = {"STOPPED": host_pb2.STOPPED, "RUNNING": host_pb2.RUNNING, "FROZEN": host_pb2.FROZEN,
-          "ABSENT": host_pb2.ABSENT}
-MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "host", host_pb2.NETWORK_HOST: "host",
-         host_pb2.NETWORK_BRIDGE: "bridge"}
+MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "host", host_pb2.NETWORK_MODE_HOST: "host",
+         host_pb2.NETWORK_MODE_BRIDGE: "bridge"}
 
 
 def limits_from_pb(pb: common_pb2.Limits) -> Limits:
@@ -50,8 +49,8 @@ def container_pb(view: ContainerView, driver: str) -> host_pb2.Container:
     r = view.record
     return host_pb2.Container(
         id=r.id, limits=limits_to_pb(r.limits),
-        network_mode=host_pb2.NETWORK_BRIDGE if r.network_mode == "bridge" else host_pb2.NETWORK_HOST,
-        volume_id=r.volume_id, datadir=r.datadir, state=STATES.get(view.status.state, 0), address=r.address,
+        network_mode=host_pb2.NETWORK_MODE_BRIDGE if r.network_mode == "bridge" else host_pb2.NETWORK_MODE_HOST,
+        volume_id=r.volume_id, datadir=r.datadir, state=states.to_pb(states.ContainerState(view.status.state)), address=r.address,
         port=r.port, driver=driver, init_pid=view.status.init_pid, template=r.template)
 
 
@@ -59,7 +58,7 @@ def volume_pb(view: VolumeView) -> host_pb2.HostVolume:
     r, i = view.record, view.info
     return host_pb2.HostVolume(
         id=r.id, size_gb=r.size_gb, driver=r.driver,
-        state=host_pb2.VOLUME_ATTACHED if r.attached_to else host_pb2.VOLUME_AVAILABLE,
+        state=host_pb2.VOLUME_STATE_ATTACHED if r.attached_to else host_pb2.VOLUME_STATE_AVAILABLE,
         attached_to=r.attached_to, device=i.device, fs_bytes_total=i.fs_bytes_total,
         fs_bytes_used=i.fs_bytes_used, locator=r.locator)
 

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
 from reddwarf.common.pki import identity_from_cert, validate_role_id
+from reddwarf.common import states
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from . import models
@@ -27,10 +28,6 @@ TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 LIVE = ("DELETED",)
-TASK_STATES = {"pending": admin_pb2.TASK_PENDING, "running": admin_pb2.TASK_RUNNING,
-               "succeeded": admin_pb2.TASK_SUCCEEDED, "failed": admin_pb2.TASK_FAILED,
-               "cancelled": admin_pb2.TASK_CANCELLED}
-HOST_STATES = {"up": admin_pb2.HOST_UP, "down": admin_pb2.HOST_DOWN, "draining": admin_pb2.HOST_DRAINING}
 
 
 def now() -> dt.datetime:
@@ -60,7 +57,7 @@ def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
 
 def host_pb(h: models.Host) -> admin_pb2.Host:
     return admin_pb2.Host(
-        name=f"hosts/{h.id}", id=h.id, address=h.address, state=HOST_STATES.get(h.state, 0),
+        name=f"hosts/{h.id}", id=h.id, address=h.address, state=states.to_pb(states.HostState(h.state)),
         container_driver=h.container_driver, volume_driver=h.volume_driver, last_seen=ts(h.last_seen),
         memory_overcommit=h.memory_overcommit, storage_overcommit=h.storage_overcommit,
         capacity=admin_pb2.HostCapacity(memory_mb_total=h.memory_mb_total, cpus=h.cpus,
@@ -72,13 +69,13 @@ def task_pb(t: models.Task) -> admin_pb2.Task:
     steps = []
     for st in t.steps or []:
         steps.append(admin_pb2.TaskStep(
-            step=st.get("step", ""), state=TASK_STATES.get(st.get("state", ""), 0), detail=st.get("detail", ""),
+            step=st.get("step", ""), state=states.to_pb(states.TaskState(st["state"])) if st.get("state") else 0, detail=st.get("detail", ""),
             started=ts(dt.datetime.fromisoformat(st["started"])) if st.get("started") else None,
             finished=ts(dt.datetime.fromisoformat(st["finished"])) if st.get("finished") else None))
     fault = (common_pb2.Fault(message=t.fault_message, details=t.fault_details, created=ts(t.updated_at))
              if t.fault_message else None)
     return admin_pb2.Task(name=f"tasks/{t.id}", id=t.id, kind=t.kind, resource=t.resource,
-                          state=TASK_STATES.get(t.state, 0), current_step=t.current_step, steps=steps,
+                          state=states.to_pb(states.TaskState(t.state)), current_step=t.current_step, steps=steps,
                           attempts=t.attempts, lease_owner=t.lease_owner or "", lease_expires=ts(t.lease_expires),
                           create_time=ts(t.created_at), update_time=ts(t.updated_at), fault=fault)
 

@@ -41,6 +41,7 @@ from reddwarf.common.errors import (
     grpc_edge,
 )
 from reddwarf.common.runner import run_async
+from reddwarf.common import states
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
 
 from . import models, tasks
@@ -52,11 +53,6 @@ from .instances import owned_instance
 from .pagination import Paginator
 
 log = logging.getLogger("reddwarf.server.backups")
-STATUS = {"NEW": database_pb2.NEW, "BUILDING": database_pb2.BUILDING, "SAVING": database_pb2.SAVING,
-          "COMPLETED": database_pb2.COMPLETED, "FAILED": database_pb2.BACKUP_FAILED,
-          "DELETE_FAILED": database_pb2.DELETE_FAILED}
-VERIFY = {"NOT_VERIFIED": database_pb2.NOT_VERIFIED, "VERIFYING": database_pb2.VERIFYING,
-          "VERIFIED": database_pb2.VERIFIED, "MISMATCH": database_pb2.MISMATCH, "FAILED": database_pb2.VERIFY_FAILED}
 BACKUP_TIMEOUT = 6 * 3600
 # A guest gone this long mid-backup fails the backup rather than holding it open for hours.
 GONE_GRACE = 20.0
@@ -69,11 +65,11 @@ def now() -> dt.datetime:
 def backup_pb(b: models.Backup) -> database_pb2.Backup:
     pb = database_pb2.Backup(
         name=f"backups/{b.id}", id=b.id, display_name=b.display_name, description=b.description,
-        instance=f"instances/{b.instance_id}", status=STATUS.get(b.status, 0),
+        instance=f"instances/{b.instance_id}", status=states.to_pb(states.BackupStatus(b.status)),
         parent=f"backups/{b.parent_id}" if b.parent_id else "", size_bytes=b.size_bytes, sha256=b.sha256,
         datastore=b.datastore, datastore_version=b.datastore_version,
         checksums=[database_pb2.TableChecksum(table=c["table"], checksum=int(c["checksum"])) for c in b.checksums or []],
-        create_time=ts(b.created_at), update_time=ts(b.updated_at), verify_status=VERIFY.get(b.verify_status, 0),
+        create_time=ts(b.created_at), update_time=ts(b.updated_at), verify_status=states.to_pb(states.VerifyStatus(b.verify_status)),
         verify_detail=b.verify_detail, kind=b.kind, location=b.location, tenant=f"tenants/{b.tenant_id}")
     if b.fault_message:
         pb.fault.CopyFrom(common_pb2.Fault(message=b.fault_message, details=b.fault_details, created=ts(b.updated_at)))

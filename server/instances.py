@@ -29,6 +29,7 @@ from reddwarf.common.errors import (
     ResourceExhausted,
     grpc_edge,
 )
+from reddwarf.common import states
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, host_pb2
 
 from . import models, tasks
@@ -133,7 +134,7 @@ class Instances:
         status, task = self.derived_status(s, row)
         pb = database_pb2.Instance(
             name=f"instances/{row.id}", id=row.id, display_name=row.display_name,
-            status=database_pb2.InstanceStatus.Value(status), flavor=f"flavors/{row.flavor_id}",
+            status=states.to_pb(states.InstanceStatus(status)), flavor=f"flavors/{row.flavor_id}",
             volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
             datastore=row.datastore, datastore_version=row.datastore_version,
             create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
@@ -243,7 +244,7 @@ class Instances:
         st = self.app.settings
         c = await self.app.hosts.client(row.host_id).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
-                id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_HOST,
+                id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_HOST,
                 volume_id=row.id, datadir=DATADIR,
                 bootstrap=host_pb2.AgentBootstrap(
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,

@@ -25,7 +25,23 @@ def main() -> int:
     if rc != 0:
         return rc
     open("gen/reddwarf/v1/__init__.py", "w").write('"""Generated from protos/reddwarf/v1; never edit."""\n')
+    link_tree()
     return 0
+
+
+# The checkout's folders under their import names, so that mypy (`mypy_path = gen`), IDEs and reviewers
+# resolve `reddwarf.server`, `reddwarf.v1`, ... from the checkout itself, not through the installed
+# package's import hook. The same mapping as setup.py's.
+FOLDERS = {"common": "common", "server": "server", "hostd": "hostd", "agent": "agent", "client": "clients"}
+
+
+def link_tree() -> None:
+    open("gen/reddwarf/__init__.py", "w").write('"""Red Dwarf: the checkout\'s folders under their import names."""\n')
+    open("gen/reddwarf/py.typed", "w").close()
+    for name, folder in FOLDERS.items():
+        link = os.path.join("gen", "reddwarf", name)
+        if not os.path.lexists(link):
+            os.symlink(os.path.join("..", "..", folder), link)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def env(tmp_path_factory):
             databases=[common_pb2.Database(database="shop")],
             users=[common_pb2.User(user="app", password="app-pw-123", databases=["shop"])]), metadata=c.md)
         inst = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=c.md),
-                    lambda i: i.status == database_pb2.ACTIVE, what="ACTIVE")
+                    lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE, what="ACTIVE")
         yield c, bk, inst
 
 
@@ -46,7 +46,7 @@ def take(c, bk, inst, name, parent=""):
     b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
         display_name=name, instance=inst.name, parent=parent)), metadata=c.md)
     return wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
-                lambda x: x.status in (database_pb2.COMPLETED, database_pb2.BACKUP_FAILED), what="backup done")
+                lambda x: x.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED), what="backup done")
 
 
 def test_full_incremental_verify_and_restore(env):
@@ -54,24 +54,24 @@ def test_full_incremental_verify_and_restore(env):
     sql(inst, "CREATE TABLE orders (id INT PRIMARY KEY, item VARCHAR(20))",
         "INSERT INTO orders VALUES (1,'tea'),(2,'jam')")
     full = take(c, bk, inst, "full-1")
-    assert full.status == database_pb2.COMPLETED, full.fault.message
+    assert full.status == database_pb2.BACKUP_STATUS_COMPLETED, full.fault.message
     assert full.size_bytes > 0 and len(full.sha256) == 64 and any(t.table.endswith("orders") for t in full.checksums)
     sql(inst, "INSERT INTO orders VALUES (3,'scones')")
     inc = take(c, bk, inst, "inc-1", parent=full.name)
-    assert inc.status == database_pb2.COMPLETED and inc.kind == "incremental", inc.fault.message
+    assert inc.status == database_pb2.BACKUP_STATUS_COMPLETED and inc.kind == "incremental", inc.fault.message
 
     bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=inc.name), metadata=c.md)
     v = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=inc.name), metadata=c.md),
-             lambda x: x.verify_status not in (database_pb2.VERIFYING,), what="verified")
-    assert v.verify_status == database_pb2.VERIFIED, v.verify_detail
+             lambda x: x.verify_status not in (database_pb2.VERIFY_STATUS_VERIFYING,), what="verified")
+    assert v.verify_status == database_pb2.VERIFY_STATUS_VERIFIED, v.verify_detail
 
     # a new instance restored from the incremental holds all three rows
     new = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="copy", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
         restore_from_backup=inc.name), metadata=c.md)
     new = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=new.name), metadata=c.md),
-               lambda i: i.status in (database_pb2.ACTIVE, database_pb2.ERROR), what="restored")
-    assert new.status == database_pb2.ACTIVE, new.fault.message
+               lambda i: i.status in (database_pb2.INSTANCE_STATUS_ACTIVE, database_pb2.INSTANCE_STATUS_ERROR), what="restored")
+    assert new.status == database_pb2.INSTANCE_STATUS_ACTIVE, new.fault.message
     assert new.restored_from == inc.id
     assert sql(new, "SELECT id FROM orders ORDER BY id") == ((1,), (2,), (3,))
 
@@ -84,7 +84,7 @@ def test_full_incremental_verify_and_restore(env):
 def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
     c, bk, inst = env
     b = take(c, bk, inst, "to-corrupt")
-    assert b.status == database_pb2.COMPLETED
+    assert b.status == database_pb2.BACKUP_STATUS_COMPLETED
     path = b.location
     assert os.path.exists(path), path
     with open(path, "r+b") as f:
@@ -94,14 +94,14 @@ def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
         f.write(bytes([byte[0] ^ 0xFF]))
     bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=b.name), metadata=c.md)
     v = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
-             lambda x: x.verify_status != database_pb2.VERIFYING, what="verify done")
-    assert v.verify_status == database_pb2.MISMATCH and b.sha256 in v.verify_detail
+             lambda x: x.verify_status != database_pb2.VERIFY_STATUS_VERIFYING, what="verify done")
+    assert v.verify_status == database_pb2.VERIFY_STATUS_MISMATCH and b.sha256 in v.verify_detail
     new = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="bad-copy", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
         restore_from_backup=b.name), metadata=c.md)
     new = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=new.name), metadata=c.md),
-               lambda i: i.status in (database_pb2.ACTIVE, database_pb2.ERROR), what="restore ended")
-    assert new.status == database_pb2.ERROR and "sha" in new.fault.message.lower()
+               lambda i: i.status in (database_pb2.INSTANCE_STATUS_ACTIVE, database_pb2.INSTANCE_STATUS_ERROR), what="restore ended")
+    assert new.status == database_pb2.INSTANCE_STATUS_ERROR and "sha" in new.fault.message.lower()
     c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=new.name), metadata=c.md)
 
 
@@ -117,7 +117,7 @@ def test_backup_of_another_tenants_instance_is_not_found(env):
 def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
     c, bk, inst = env
     mine = take(c, bk, inst, "private")
-    assert mine.status == database_pb2.COMPLETED
+    assert mine.status == database_pb2.BACKUP_STATUS_COMPLETED
     _, token = c.new_tenant()
     other = (("authorization", f"Bearer {token}"),)
     assert not bk.ListBackups(database_pb2.ListBackupsRequest(), metadata=other).backups
@@ -135,7 +135,7 @@ def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
             call()
         assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value.details()
     still = bk.GetBackup(database_pb2.GetBackupRequest(name=mine.name), metadata=c.md)
-    assert still.status == database_pb2.COMPLETED and still.verify_status == database_pb2.VERIFIED
+    assert still.status == database_pb2.BACKUP_STATUS_COMPLETED and still.verify_status == database_pb2.VERIFY_STATUS_VERIFIED
     assert not c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=other).instances
 
 
@@ -145,7 +145,7 @@ def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(env):
         instance=database_pb2.Instance(display_name="victim", flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
         metadata=c.md)
     victim = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=victim.name), metadata=c.md),
-                  lambda i: i.status == database_pb2.ACTIVE, what="victim ACTIVE")
+                  lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE, what="victim ACTIVE")
     b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
         display_name="doomed", instance=victim.name)), metadata=c.md)
     name = f"{c.hostd.prefix}{victim.id}"
@@ -157,16 +157,16 @@ def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(env):
          interval=0.02, what="backup started")
     os.kill(int(pid), 9)  # the agent is PID 1: the guest dies with it
     done = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
-                lambda x: x.status in (database_pb2.COMPLETED, database_pb2.BACKUP_FAILED), timeout=120,
+                lambda x: x.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED), timeout=120,
                 what="backup ended")
     # hostd starts the guest again within seconds; the agent then tells the server the backup was cut off
     # (or, had it stayed away, the server gives up on it): either way FAILED, never a silent re-run
-    assert done.status == database_pb2.BACKUP_FAILED, done.fault.message
+    assert done.status == database_pb2.BACKUP_STATUS_FAILED, done.fault.message
     assert "restarted while running backup" in done.fault.message or "went away" in done.fault.message, \
         done.fault.message
     # and the instance itself comes back on its own, with mysqld
     wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=victim.name), metadata=c.md),
-         lambda i: i.status == database_pb2.ACTIVE and i.health.accepting_connections, timeout=120,
+         lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE and i.health.accepting_connections, timeout=120,
          what="victim ACTIVE again")
     store = c.server.state_dir / "backups"
     assert not [p for p in store.rglob("*") if b.id in p.name], "a partial backup was left in the store"

@@ -13,6 +13,7 @@ import time
 import pymysql
 import pytest
 
+from reddwarf.common import states
 from reddwarf.v1 import common_pb2, database_pb2
 from tests.fixtures.cluster import start_cluster
 
@@ -23,10 +24,10 @@ def wait_active(c, name, timeout=240):
     deadline = time.monotonic() + timeout
     while True:
         i = c.instances.GetInstance(database_pb2.GetInstanceRequest(name=name), metadata=c.md)
-        if i.status == database_pb2.ACTIVE:
+        if i.status == database_pb2.INSTANCE_STATUS_ACTIVE:
             return i
-        assert i.status != database_pb2.ERROR, i.fault.message
-        assert time.monotonic() < deadline, f"still {database_pb2.InstanceStatus.Name(i.status)} {i.task_step}"
+        assert i.status != database_pb2.INSTANCE_STATUS_ERROR, i.fault.message
+        assert time.monotonic() < deadline, f"still {states.from_pb(states.InstanceStatus, i.status)} {i.task_step}"
         time.sleep(0.5)
 
 
@@ -112,7 +113,7 @@ def test_hostd_killed_mid_create_converges_to_one_container(tmp_path):
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             done = wait_active(c, inst.name)
-            assert done.status == database_pb2.ACTIVE
+            assert done.status == database_pb2.INSTANCE_STATUS_ACTIVE
             assert len(list(c.hostd.lxc_path.glob(f"{c.hostd.prefix}*"))) == 1
             assert len(list(c.hostd.storage_path.glob("*.img"))) == 1
             c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=c.md)

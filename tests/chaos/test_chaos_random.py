@@ -24,6 +24,7 @@ import grpc
 import pymysql
 import pytest
 
+from reddwarf.common import states
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
 from tests.chaos.test_chaos import Writer, mysqld_pid
 from tests.fixtures.cluster import Cluster, start_cluster
@@ -99,12 +100,12 @@ class Chaos:
         deadline = time.monotonic() + timeout
         while True:
             i = self.instance(name)
-            if not i.task and (i.status == database_pb2.ACTIVE and self.answers(i) or i.status == database_pb2.ERROR):
-                if i.status == database_pb2.ERROR:
+            if not i.task and (i.status == database_pb2.INSTANCE_STATUS_ACTIVE and self.answers(i) or i.status == database_pb2.INSTANCE_STATUS_ERROR):
+                if i.status == database_pb2.INSTANCE_STATUS_ERROR:
                     assert i.fault.message, f"{name} in ERROR without a fault; {self.where()}"
                 return i
             assert time.monotonic() < deadline, \
-                f"{name} did not settle: {database_pb2.InstanceStatus.Name(i.status)} task={i.task} " \
+                f"{name} did not settle: {states.from_pb(states.InstanceStatus, i.status)} task={i.task} " \
                 f"step={i.task_step}; {self.where()}"
             time.sleep(0.5)
 
@@ -126,8 +127,8 @@ class Chaos:
         deadline = time.monotonic() + timeout
         while True:
             b = self.backup(name)
-            if b.status in (database_pb2.COMPLETED, database_pb2.BACKUP_FAILED):
-                if b.status == database_pb2.BACKUP_FAILED:
+            if b.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED):
+                if b.status == database_pb2.BACKUP_STATUS_FAILED:
                     assert b.fault.message, f"{name} FAILED without a fault; {self.where()}"
                 return b
             assert time.monotonic() < deadline, f"{name} did not settle: {b.status}; {self.where()}"
@@ -193,7 +194,7 @@ class Chaos:
                 database_pb2.ListInstancesRequest(page_size=100, page_token=t), metadata=self.c.md))
             for i in page.instances:  # type: ignore[attr-defined]
                 known.add(i.id)
-                if i.status == database_pb2.ACTIVE:
+                if i.status == database_pb2.INSTANCE_STATUS_ACTIVE:
                     active.add(i.id)
             token = page.next_page_token  # type: ignore[attr-defined]
             if not token:
@@ -257,7 +258,7 @@ def test_seeded_random_kills_during_operations_converge_and_lose_no_row(tmp_path
         try:
             # An instance that lives through every round, with a writer on it and a first backup.
             anchor = ch.settle_instance(new_instance(c, "anchor").name)
-            assert anchor.status == database_pb2.ACTIVE, anchor.fault.message
+            assert anchor.status == database_pb2.INSTANCE_STATUS_ACTIVE, anchor.fault.message
             ep = anchor.endpoints[0]
             with pymysql.connect(host=ep.host, port=ep.port, user="app", password="app-pw-123", database="shop",
                                  autocommit=True) as conn, conn.cursor() as cur:
@@ -269,14 +270,14 @@ def test_seeded_random_kills_during_operations_converge_and_lose_no_row(tmp_path
             first = ch.backups.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
                 display_name="base", instance=anchor.name)), metadata=c.md)
             completed = [ch.settle_backup(first.name)]
-            assert completed[0].status == database_pb2.COMPLETED, completed[0].fault.message
+            assert completed[0].status == database_pb2.BACKUP_STATUS_COMPLETED, completed[0].fault.message
             failed: list[str] = []
             flavors = itertools.cycle(("small", "tiny"))
 
             for n, (op, victim, delay) in enumerate(chaos_plan, 1):
                 ch.say(f"round {n}: {op}, kill {victim} after {delay:.2f}s")
                 anchor = ch.settle_instance(anchor.name)
-                assert anchor.status == database_pb2.ACTIVE, f"anchor in ERROR: {anchor.fault.message}; {ch.where()}"
+                assert anchor.status == database_pb2.INSTANCE_STATUS_ACTIVE, f"anchor in ERROR: {anchor.fault.message}; {ch.where()}"
                 if op == "create":
                     target = new_instance(c, f"c{n}")
                 elif op == "restore":
@@ -295,15 +296,15 @@ def test_seeded_random_kills_during_operations_converge_and_lose_no_row(tmp_path
 
                 if op == "backup":
                     done_b = ch.settle_backup(b.name)
-                    ch.say(f"  backup {database_pb2.BackupStatus.Name(done_b.status)} {done_b.fault.message}")
-                    (completed if done_b.status == database_pb2.COMPLETED else failed).append(
-                        done_b if done_b.status == database_pb2.COMPLETED else done_b.id)
+                    ch.say(f"  backup {states.from_pb(states.BackupStatus, done_b.status)} {done_b.fault.message}")
+                    (completed if done_b.status == database_pb2.BACKUP_STATUS_COMPLETED else failed).append(
+                        done_b if done_b.status == database_pb2.BACKUP_STATUS_COMPLETED else done_b.id)
                 done = ch.settle_instance(target.name)
-                ch.say(f"  {target.display_name}: {database_pb2.InstanceStatus.Name(done.status)} "
+                ch.say(f"  {target.display_name}: {states.from_pb(states.InstanceStatus, done.status)} "
                        f"{done.fault.message}")
-                if op == "resize" and done.status == database_pb2.ACTIVE:
+                if op == "resize" and done.status == database_pb2.INSTANCE_STATUS_ACTIVE:
                     assert done.flavor == f"flavors/{flavor}", f"{done.flavor} after resize; {ch.where()}"
-                if op == "restore" and done.status == database_pb2.ACTIVE:
+                if op == "restore" and done.status == database_pb2.INSTANCE_STATUS_ACTIVE:
                     assert done.restored_from and ch.fixed_rows(done) == FIXED, ch.where()
                 ch.check_host_matches()
                 ch.check_store(failed)
@@ -312,7 +313,7 @@ def test_seeded_random_kills_during_operations_converge_and_lose_no_row(tmp_path
                     ch.check_host_matches()
 
             anchor = ch.settle_instance(anchor.name)
-            assert anchor.status == database_pb2.ACTIVE, f"{anchor.fault.message}; {ch.where()}"
+            assert anchor.status == database_pb2.INSTANCE_STATUS_ACTIVE, f"{anchor.fault.message}; {ch.where()}"
             writer.stop.set()
             writer.join(15)
             ep = anchor.endpoints[0]
@@ -324,7 +325,7 @@ def test_seeded_random_kills_during_operations_converge_and_lose_no_row(tmp_path
             assert writer.acked and not lost, f"{len(lost)} acknowledged rows lost; {ch.where()}"
             # Every backup that says COMPLETED restores: the newest, into a fresh instance.
             restored = ch.settle_instance(new_instance(c, "last", restore_from=completed[-1].name).name)
-            assert restored.status == database_pb2.ACTIVE and ch.fixed_rows(restored) == FIXED, ch.where()
+            assert restored.status == database_pb2.INSTANCE_STATUS_ACTIVE and ch.fixed_rows(restored) == FIXED, ch.where()
             for name in (restored.name, anchor.name):
                 ch.delete(name)
             ch.check_host_matches()

@@ -35,7 +35,7 @@ def test_server_killed_mid_resize_or_restore_finishes_once(tmp_path, hook):
             proc, log = launch(s.state_dir, s.api, s.agent, s.enroll, {"REDDWARF_TEST_EXIT_AFTER_STEP": hook})
             wait_ready(s.api, s.admin_files, proc, log)
         try:
-            inst = until(lambda: get(c, inst.name), lambda i: i.status == database_pb2.ACTIVE)
+            inst = until(lambda: get(c, inst.name), lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE)
             ep = inst.endpoints[0]
             with pymysql.connect(host=ep.host, port=ep.port, user="app", password="app-pw-123", database="shop",
                                  autocommit=True) as conn:
@@ -50,7 +50,7 @@ def test_server_killed_mid_resize_or_restore_finishes_once(tmp_path, hook):
                 b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
                     display_name="b", instance=inst.name)), metadata=c.md)
                 until(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
-                      lambda x: x.status == database_pb2.COMPLETED)
+                      lambda x: x.status == database_pb2.BACKUP_STATUS_COMPLETED)
                 target = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
                     instance=database_pb2.Instance(display_name="copy", flavor="tiny",
                                                    volume=database_pb2.Volume(size_gb=1)),
@@ -60,8 +60,8 @@ def test_server_killed_mid_resize_or_restore_finishes_once(tmp_path, hook):
             try:
                 wait_ready(s.api, s.admin_files, proc2, log2)
                 done = until(lambda: get(c, target.name),
-                             lambda i: i.status in (database_pb2.ACTIVE, database_pb2.ERROR) and not i.task)
-                assert done.status == database_pb2.ACTIVE, done.fault.message
+                             lambda i: i.status in (database_pb2.INSTANCE_STATUS_ACTIVE, database_pb2.INSTANCE_STATUS_ERROR) and not i.task)
+                assert done.status == database_pb2.INSTANCE_STATUS_ACTIVE, done.fault.message
                 if hook.startswith("resize"):
                     assert done.flavor == "flavors/small"
                     cg = f"/sys/fs/cgroup/memory/lxc.payload.{c.hostd.prefix}{done.id}/memory.limit_in_bytes"

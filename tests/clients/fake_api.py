@@ -88,13 +88,13 @@ class Instances(pb_grpc.InstancesServicer):
             _abort(context, InvalidArgument("display_name is required", field="instance.display_name"))
         ident = f"i{len(self.state.instances) + 1}"
         inst = pb.Instance(name=f"instances/{ident}", id=ident, display_name=request.instance.display_name,
-                           status=pb.BUILD, flavor=request.instance.flavor, volume=request.instance.volume,
+                           status=pb.INSTANCE_STATUS_BUILD, flavor=request.instance.flavor, volume=request.instance.volume,
                            datastore="mariadb", datastore_version="10.11", tenant="demo")
         self.state.instances[ident] = inst
 
         def become_active() -> None:  # the build "finishes" a little later
             time.sleep(0.6)
-            inst.status = pb.ACTIVE
+            inst.status = pb.INSTANCE_STATUS_ACTIVE
         threading.Thread(target=become_active, daemon=True).start()
         return inst
 
@@ -116,7 +116,7 @@ class Instances(pb_grpc.InstancesServicer):
         _auth(context)
         inst = self._get(request.name, context)
         del self.state.instances[inst.id]
-        inst.status = pb.DELETING
+        inst.status = pb.INSTANCE_STATUS_DELETING
         return inst
 
     def WatchInstance(self, request, context):

@@ -117,7 +117,7 @@ def test_container_lifecycle_limits_and_volume(stub, pki, hostd):
     cid = f"c{uuid.uuid4().hex[:8]}"
     vid = f"v{cid}"
     vol = stub.CreateVolume(host_pb2.CreateVolumeRequest(volume=host_pb2.HostVolume(id=vid, size_gb=1)))
-    assert vol.state == host_pb2.VOLUME_AVAILABLE and vol.fs_bytes_total > 0
+    assert vol.state == host_pb2.VOLUME_STATE_AVAILABLE and vol.fs_bytes_total > 0
     # idempotent by id; other parameters conflict
     assert stub.CreateVolume(host_pb2.CreateVolumeRequest(volume=host_pb2.HostVolume(id=vid, size_gb=1))).id == vid
     with pytest.raises(grpc.RpcError) as e:
@@ -125,9 +125,9 @@ def test_container_lifecycle_limits_and_volume(stub, pki, hostd):
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
     spec = host_pb2.Container(id=cid, limits=limits(memory_mb=64, procs=40), bootstrap=bootstrap(pki, cid),
-                              volume_id=vid, network_mode=host_pb2.NETWORK_HOST)
+                              volume_id=vid, network_mode=host_pb2.NETWORK_MODE_HOST)
     c = stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
-    assert c.state == host_pb2.STOPPED and c.port > 0 and c.address == "127.0.0.1"
+    assert c.state == host_pb2.CONTAINER_STATE_STOPPED and c.port > 0 and c.address == "127.0.0.1"
     assert stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec)).port == c.port
     other = host_pb2.Container()
     other.CopyFrom(spec)
@@ -137,7 +137,7 @@ def test_container_lifecycle_limits_and_volume(stub, pki, hostd):
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     # FirstBoot: the bootstrap is in the container, 0600
     c = stub.StartContainer(host_pb2.ContainerRef(id=cid))
-    assert c.state == host_pb2.RUNNING and c.init_pid > 0
+    assert c.state == host_pb2.CONTAINER_STATE_RUNNING and c.init_pid > 0
     r = sh(stub, cid, "stat -c %a /etc/reddwarf/agent.json; grep -c tok- /etc/reddwarf/agent.json; "
                       "ls /opt/reddwarf/lib/reddwarf")
     assert r.exit_code == 0, r.stderr
@@ -233,7 +233,7 @@ def test_a_container_that_dies_is_started_again_but_a_stopped_one_stays_stopped(
     capped = limits()
     capped.io_iops, capped.io_bytes_per_sec = 2000, 64 << 20
     spec = host_pb2.Container(id=cid, limits=capped, bootstrap=bootstrap(pki, cid), volume_id=vid,
-                              network_mode=host_pb2.NETWORK_HOST)
+                              network_mode=host_pb2.NETWORK_MODE_HOST)
     try:
         stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
         # a create cut off before FirstBoot (hostd killed inside it) is redone by the retry, not kept half-made
@@ -244,7 +244,7 @@ def test_a_container_that_dies_is_started_again_but_a_stopped_one_stays_stopped(
         stub.CreateContainer(host_pb2.CreateContainerRequest(container=spec))
         assert (cdir / "reddwarf-created").exists() and list(cdir.glob("*/*/etc/reddwarf/agent.json"))
         time.sleep(3)  # created, never started: the restart policy leaves it alone
-        assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.STOPPED
+        assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.CONTAINER_STATE_STOPPED
         first = stub.StartContainer(host_pb2.ContainerRef(id=cid))
         # IO caps hold on the volume's loop device and on the disk under the root filesystem
         with open(f"/sys/fs/cgroup/blkio/lxc.payload.{hostd.prefix}{cid}/blkio.throttle.write_bps_device") as f:
@@ -255,12 +255,12 @@ def test_a_container_that_dies_is_started_again_but_a_stopped_one_stays_stopped(
         assert sh(stub, cid, "echo kept > /var/lib/mysql/marker && sync").exit_code == 0
         os.kill(first.init_pid, 9)  # PID 1 (the agent, here a stand-in) dies: the container stops
         again = until(lambda: stub.GetContainer(host_pb2.ContainerRef(id=cid)),
-                      lambda c: c.state == host_pb2.RUNNING and c.init_pid not in (0, first.init_pid),
+                      lambda c: c.state == host_pb2.CONTAINER_STATE_RUNNING and c.init_pid not in (0, first.init_pid),
                       timeout=30, what="container started again")
         assert sh(stub, cid, "cat /var/lib/mysql/marker").stdout.strip() == b"kept"  # with its volume
         stub.StopContainer(host_pb2.StopContainerRequest(id=cid, timeout_seconds=0))
         time.sleep(5)  # more than two revive periods
-        assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.STOPPED
+        assert stub.GetContainer(host_pb2.ContainerRef(id=cid)).state == host_pb2.CONTAINER_STATE_STOPPED
         assert again.init_pid > 0
     finally:
         stub.DeleteContainer(host_pb2.ContainerRef(id=cid))

@@ -10,6 +10,7 @@ import grpc
 import pymysql
 import pytest
 
+from reddwarf.common import states
 from reddwarf.v1 import admin_pb2, common_pb2, database_pb2
 from tests.fixtures.cluster import start_cluster
 from tests.fixtures.errors import field_violations as fields
@@ -22,7 +23,7 @@ def wait_status(c, name, wanted=("ACTIVE",), timeout=240, md=None):
     deadline = time.monotonic() + timeout
     while True:
         i = c.instances.GetInstance(database_pb2.GetInstanceRequest(name=name), metadata=md or c.md)
-        st = database_pb2.InstanceStatus.Name(i.status)
+        st = states.from_pb(states.InstanceStatus, i.status)
         if st in wanted:
             return i
         if st == "ERROR" and "ERROR" not in wanted:
@@ -38,8 +39,8 @@ def wait_task(c, inst, timeout=240):
     while True:
         ts = c.admin.ListTasks(admin_pb2.ListTasksRequest(resource=f"instances/{inst.id}")).tasks
         latest = ts[0]
-        if latest.state not in (admin_pb2.TASK_PENDING, admin_pb2.TASK_RUNNING):
-            assert latest.state == admin_pb2.TASK_SUCCEEDED, f"{latest.kind} failed: {latest.fault.message}"
+        if latest.state not in (admin_pb2.TASK_STATE_PENDING, admin_pb2.TASK_STATE_RUNNING):
+            assert latest.state == admin_pb2.TASK_STATE_SUCCEEDED, f"{latest.kind} failed: {latest.fault.message}"
             return latest
         assert time.monotonic() < deadline, f"{latest.kind} still at {latest.current_step}"
         time.sleep(0.3)
@@ -75,7 +76,7 @@ def cluster(tmp_path_factory):
 def shop(cluster):
     inst = create(cluster, databases=[common_pb2.Database(database="shop")],
                   users=[common_pb2.User(user="app", password="s3cret-pw", databases=["shop"])])
-    assert inst.status == database_pb2.BUILD
+    assert inst.status == database_pb2.INSTANCE_STATUS_BUILD
     return wait_status(cluster, inst.name)
 
 
@@ -101,7 +102,7 @@ def test_watch_reports_the_current_state_first(cluster, shop):
     stream = cluster.instances.WatchInstance(database_pb2.WatchInstanceRequest(name=shop.name), metadata=cluster.md,
                                              timeout=5)
     first = next(iter(stream))
-    assert first.instance.status == database_pb2.ACTIVE and first.change == "initial"
+    assert first.instance.status == database_pb2.INSTANCE_STATUS_ACTIVE and first.change == "initial"
     stream.cancel()
 
 
@@ -258,7 +259,7 @@ def test_server_killed_mid_create_resumes_without_duplicates(tmp_path, step):
         try:
             wait_ready(s.api, s.admin_files, proc, log_path)
             done = wait_status(c, inst.name)
-            assert done.status == database_pb2.ACTIVE
+            assert done.status == database_pb2.INSTANCE_STATUS_ACTIVE
             containers = list(c.hostd.lxc_path.glob(f"{c.hostd.prefix}*"))
             assert len(containers) == 1 and len(list(c.hostd.storage_path.glob("*.img"))) == 1
             c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=c.md)

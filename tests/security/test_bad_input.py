@@ -34,7 +34,7 @@ def world(tmp_path_factory):
             users=[common_pb2.User(user="app", password="app-pw-123", databases=["shop"])]), metadata=c.md)
         deadline = time.monotonic() + 240
         while c.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=c.md).status \
-                != database_pb2.ACTIVE:
+                != database_pb2.INSTANCE_STATUS_ACTIVE:
             assert time.monotonic() < deadline
             time.sleep(0.5)
         port = free_port()
