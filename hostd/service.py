@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import empty_pb2
 
+from reddwarf.common import states
 from reddwarf.common.errors import PermissionDenied, Unauthenticated, abort, grpc_edge
 from reddwarf.common.tls import RevocationList, peer_identity
-from reddwarf.common import states
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
 from .containers import Bootstrap, Limits

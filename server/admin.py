@@ -12,9 +12,9 @@ from google.protobuf import empty_pb2
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from reddwarf.common import states
 from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
 from reddwarf.common.pki import identity_from_cert, validate_role_id
-from reddwarf.common import states
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from . import models
@@ -312,10 +312,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if request.resource:
             q = q.where(models.Task.resource == request.resource)
         if request.state:
-            names = {v: k for k, v in TASK_STATES.items()}
-            if request.state not in names:
-                raise InvalidArgument("state is not a task state", field="state")
-            q = q.where(models.Task.state == names[request.state])
+            try:
+                wanted = states.from_pb(states.TaskState, request.state)
+            except ValueError:
+                raise InvalidArgument("state is not a task state", field="state") from None
+            q = q.where(models.Task.state == wanted)
         items, token = self._list("ListTasks", context, request, q, task_pb,
                                   filter=f"{request.resource}|{request.state}")
         return admin_pb2.ListTasksResponse(tasks=items, next_page_token=token)

@@ -32,6 +32,7 @@ from typing import Any
 from google.protobuf import empty_pb2
 from sqlalchemy import func, select
 
+from reddwarf.common import states
 from reddwarf.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -41,7 +42,6 @@ from reddwarf.common.errors import (
     grpc_edge,
 )
 from reddwarf.common.runner import run_async
-from reddwarf.common import states
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
 
 from . import models, tasks

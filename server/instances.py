@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from reddwarf.common import names
+from reddwarf.common import names, states
 from reddwarf.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -29,7 +29,6 @@ from reddwarf.common.errors import (
     ResourceExhausted,
     grpc_edge,
 )
-from reddwarf.common import states
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, host_pb2
 
 from . import models, tasks
