@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from reddwarf.common import config
 from reddwarf.common.log import setup as setup_logging
 from reddwarf.common.pki import TlsFiles, identity_from_cert, make_key_and_csr
 from reddwarf.common.tls import channel_credentials, channel_options
@@ -43,13 +44,13 @@ class AgentConfig:
     bind_address: str = "127.0.0.1"
     run_as: str = "mysql"
     driver: str = "mysql"  # "fake" only for tests and benchmarks of the stream itself
+    log_level: str = "INFO"
 
     @classmethod
-    def load(cls, path: str) -> AgentConfig:
-        with open(path) as f:
-            data = json.load(f)
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def load(cls, path: str, env: Mapping[str, str] | None = None) -> AgentConfig:
+        """The FirstBoot JSON hostd wrote < REDDWARF_AGENT_<NAME>. Keys this agent does not know are skipped."""
+        return config.load(cls, path=path, fmt="json", env=env, env_prefix="REDDWARF_AGENT_",
+                           ignore_unknown=True)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="/etc/reddwarf/agent.json")
     args = parser.parse_args(argv)
     cfg = AgentConfig.load(args.config)
-    setup_logging("reddwarf-agent", os.environ.get("REDDWARF_AGENT_LOG_LEVEL", "INFO"), instance=cfg.instance_id)
+    setup_logging("reddwarf-agent", cfg.log_level, instance=cfg.instance_id)
     asyncio.run(amain(cfg))
     return 0
 

@@ -2,33 +2,26 @@
 config file (~/.config/reddwarf/config.yaml), in that order of precedence.
 
 The file is YAML with the same keys as `ClientConfig` (endpoint, ca, cert, key, token, server_name,
-timeout), optionally under `profiles: {name: {...}}` with `profile: name` choosing one.
+timeout), optionally under `profiles: {name: {...}}` with `profile: name` choosing one. Loading and
+type checks are reddwarf.common.config's, shared with the other processes.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from reddwarf.common import config
+from reddwarf.common.config import ConfigError
+
+__all__ = ["DEFAULT_CONFIG_PATH", "ClientConfig", "ConfigError", "load_config", "read_config_file"]
 
 DEFAULT_CONFIG_PATH = Path("~/.config/reddwarf/config.yaml")
 
-ENV_KEYS: dict[str, str] = {
-    "endpoint": "REDDWARF_ENDPOINT",
-    "ca": "REDDWARF_CA",
-    "cert": "REDDWARF_CERT",
-    "key": "REDDWARF_KEY",
-    "token": "REDDWARF_TOKEN",
-    "server_name": "REDDWARF_SERVER_NAME",
-    "timeout": "REDDWARF_TIMEOUT",
-}
-
-
-class ConfigError(ValueError):
-    """The configuration is unusable (missing endpoint, unreadable file, bad YAML)."""
+# The environment variables are REDDWARF_<FIELD> (REDDWARF_ENDPOINT, REDDWARF_TOKEN, ...), as for every process.
+ENV_PREFIX = "REDDWARF_"
 
 
 @dataclass(frozen=True)
@@ -50,44 +43,20 @@ class ClientConfig:
                 f"token={'***' if self.token else None}, server_name={self.server_name!r}, timeout={self.timeout})")
 
 
-_FIELDS = {f.name for f in fields(ClientConfig)}
-
-
-def _coerce(values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in _FIELDS:
-            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
-        if value is None:
-            continue
-        if key == "timeout":
-            try:
-                out[key] = float(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{source}: timeout must be a number of seconds, got {value!r}") from None
-        else:
-            out[key] = str(value)
-    return out
-
-
 def read_config_file(path: Path, profile: str | None = None) -> dict[str, Any]:
+    """The file's settings with the chosen profile's laid over the top level ({} if there is no file)."""
     path = path.expanduser()
     if not path.exists():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = config.read_file(path, "yaml")
     profiles = data.pop("profiles", None)
     chosen = profile or data.pop("profile", None)
     data.pop("profile", None)
     if chosen:
         if not isinstance(profiles, dict) or chosen not in profiles:
-            raise ConfigError(f"{path}: no profile named {chosen!r}")
+            raise ConfigError(f"{path}: no profile named {chosen!r}", key="profile")
         data.update(profiles[chosen] or {})
-    return _coerce(data, str(path))
+    return data
 
 
 def load_config(*, path: Path | str | None = None, env: Mapping[str, str] | None = None,
@@ -95,11 +64,10 @@ def load_config(*, path: Path | str | None = None, env: Mapping[str, str] | None
     """Merges file < environment < explicit arguments (None arguments are ignored)."""
     env = os.environ if env is None else env
     file_path = Path(path) if path is not None else Path(env.get("REDDWARF_CONFIG", str(DEFAULT_CONFIG_PATH)))
-    merged: dict[str, Any] = read_config_file(file_path, profile or env.get("REDDWARF_PROFILE"))
-    merged.update(_coerce({k: env[v] for k, v in ENV_KEYS.items() if env.get(v)}, "environment"))
-    merged.update(_coerce({k: v for k, v in explicit.items() if v is not None}, "arguments"))
-    config = replace(ClientConfig(), **merged)
-    if not config.endpoint:
+    from_file = read_config_file(file_path, profile or env.get("REDDWARF_PROFILE"))
+    cfg = config.build(ClientConfig, (str(file_path.expanduser()), from_file),
+                       ("environment", config.env_values(ClientConfig, env, ENV_PREFIX)), ("arguments", explicit))
+    if not cfg.endpoint:
         raise ConfigError("no endpoint: pass --endpoint, set REDDWARF_ENDPOINT, or write endpoint: in "
-                          f"{file_path}")
-    return config
+                          f"{file_path}", key="endpoint")
+    return cfg

@@ -52,7 +52,7 @@ def setup(process: str, level: str = "INFO", **static: str) -> None:
     root.setLevel(level.upper())
 
 
-class bind(logging.LoggerAdapter):  # noqa: N801 - reads as a verb at call sites
+class bind(logging.LoggerAdapter[logging.Logger]):  # noqa: N801 - reads as a verb at call sites
     """A logger that adds fixed ids (instance=…, task=…) to every line."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:

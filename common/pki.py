@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .clock import now_aware
 from .errors import InvalidArgument, NotFound
 
 ROLES = ("server", "host", "instance", "admin", "client", "gateway")
@@ -72,10 +73,6 @@ def validate_role_id(role: str, id: str) -> None:
     if not _ID.match(id or ""):
         raise InvalidArgument("id must be 1-128 characters of letters, digits, '.', '_' or '-'",
                               field="id")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -145,7 +142,7 @@ class CertificateAuthority:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                              x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Red Dwarf")])
-        now = _now()
+        now = now_aware()
         cert = (x509.CertificateBuilder()
                 .subject_name(subject).issuer_name(subject)
                 .public_key(key.public_key())
@@ -216,7 +213,7 @@ class CertificateAuthority:
             ips = ["127.0.0.1", *[i for i in ips if i != "127.0.0.1"]]
         sans += [x509.DNSName(n) for n in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        start = not_before or (_now() - dt.timedelta(minutes=5))
+        start = not_before or (now_aware() - dt.timedelta(minutes=5))
         end = start + dt.timedelta(days=days)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if role in ("server", "host"):
@@ -264,7 +261,7 @@ class CertificateAuthority:
         return (self.dir / "crl.pem").read_bytes()
 
     def _write_crl(self, serials: list[int]) -> None:
-        now = _now()
+        now = now_aware()
         builder = (x509.CertificateRevocationListBuilder()
                    .issuer_name(self._cert.subject)
                    .last_update(now - dt.timedelta(minutes=5))

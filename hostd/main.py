@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,19 +33,8 @@ log = logging.getLogger("reddwarf.hostd")
 
 
 def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
-    settings = Settings.from_file(args.config) if args.config else Settings()
-    names = {f.name: f for f in dataclasses.fields(Settings)}
-    changes: dict[str, Any] = {}
-    for name, f in names.items():
-        value = env.get(f"REDDWARF_HOSTD_{name.upper()}")
-        flag = getattr(args, name, None)
-        value = flag if flag is not None else value
-        if value is None or name == "bridge":
-            continue
-        changes[name] = int(value) if f.type == "int" else value
-    if "host_id" in changes and "state_dir" not in changes and not args.config:
-        changes["state_dir"] = ""  # re-derive from the new host id
-    return dataclasses.replace(settings, **changes)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Settings)}
+    return Settings.load(args.config, env, flags)
 
 
 def build_host(settings: Settings) -> Host:

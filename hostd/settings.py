@@ -1,10 +1,13 @@
-"""hostd's one typed settings object: loaded once at start (flags / JSON file), passed down everywhere."""
+"""hostd's one typed settings object: loaded once at start (JSON file, REDDWARF_HOSTD_* environment, flags;
+see reddwarf.common.config), passed down everywhere."""
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+from reddwarf.common import config
 
 
 @dataclass(frozen=True)
@@ -71,18 +74,16 @@ class Settings:
         return os.path.join(self.state_dir, "state.json")
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any]) -> Settings:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown hostd settings: {sorted(unknown)}")
-        values = dict(data)
-        if isinstance(values.get("bridge"), dict):
-            values["bridge"] = BridgeSettings(**values["bridge"])
-        return cls(**values)
+    def load(cls, config_path: str | None = None, env: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> Settings:
+        """defaults < the JSON file (--config) < REDDWARF_HOSTD_<NAME> < overrides (flags; None = not given)."""
+        return config.load(cls, path=config_path, fmt="json", env=os.environ if env is None else env,
+                           env_prefix="REDDWARF_HOSTD_", overrides=overrides)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Settings:
+        return config.build(cls, ("hostd settings", data))
 
     @classmethod
     def from_file(cls, path: str, **overrides: Any) -> Settings:
-        with open(path) as f:
-            data = json.load(f)
-        return replace(cls.from_mapping(data), **overrides)
+        return cls.load(path, env={}, overrides=overrides)

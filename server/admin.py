@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from reddwarf.common import states
+from reddwarf.common.clock import now
 from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
 from reddwarf.common.pki import identity_from_cert, validate_role_id
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
@@ -28,10 +29,6 @@ TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
 LIVE = ("DELETED",)
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def quota_usage(s: Session, t: models.Tenant) -> admin_pb2.QuotaUsage:

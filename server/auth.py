@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import datetime as dt
 import hashlib
 import inspect
 import secrets
@@ -26,6 +25,7 @@ import grpc
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from reddwarf.common.clock import now as _now
 from reddwarf.common.errors import PermissionDenied, RedDwarfError, Unauthenticated, abort
 from reddwarf.common.pki import Identity
 from reddwarf.common.tls import peer_identity
@@ -71,10 +71,6 @@ def new_secret(prefix: str = "rdt") -> str:
 
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def certificate_revoked(sessions: sessionmaker[Session], serial: int) -> bool:

@@ -33,6 +33,7 @@ from google.protobuf import empty_pb2
 from sqlalchemy import func, select
 
 from reddwarf.common import states
+from reddwarf.common.clock import now
 from reddwarf.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -56,10 +57,6 @@ log = logging.getLogger("reddwarf.server.backups")
 BACKUP_TIMEOUT = 6 * 3600
 # A guest gone this long mid-backup fails the backup rather than holding it open for hours.
 GONE_GRACE = 20.0
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def backup_pb(b: models.Backup) -> database_pb2.Backup:

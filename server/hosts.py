@@ -3,13 +3,13 @@ and the scheduler's placement over the hosts' reported capacity."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 from typing import Any
 
 import grpc
 from sqlalchemy import func, select
 
+from reddwarf.common.clock import now as _now
 from reddwarf.common.errors import NotFound, ResourceExhausted, from_rpc_error
 from reddwarf.common.tls import aio_channel
 from reddwarf.v1 import host_pb2, host_pb2_grpc
@@ -18,10 +18,6 @@ from . import models
 from .app import App
 
 log = logging.getLogger("reddwarf.server.hosts")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 class HostClient:

@@ -21,6 +21,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from reddwarf.common import names, states
+from reddwarf.common.clock import now
 from reddwarf.common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -48,10 +49,6 @@ TASK_STATUS = {"create_instance": "BUILD", "delete_instance": "DELETING", "resta
 MAX_NAME = 255
 AGENT_CONNECT_TIMEOUT = 180
 PREPARE_TIMEOUT = 900
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def owned_instance(s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:

@@ -2,15 +2,13 @@
 then command-line overrides) and passed down. Nothing deeper in the server reads the environment."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from reddwarf.common import config
 from reddwarf.common.errors import InvalidArgument
 
 
@@ -67,30 +65,7 @@ class Settings:
     @classmethod
     def load(cls, config_path: str | None = None, env: Mapping[str, str] | None = None,
              overrides: Mapping[str, Any] | None = None) -> Settings:
+        """defaults < the YAML file (config_path or REDDWARF_CONFIG) < REDDWARF_<NAME> < overrides (flags)."""
         env = os.environ if env is None else env
-        data: dict[str, Any] = {}
-        path = config_path or env.get("REDDWARF_CONFIG")
-        if path:
-            with open(path) as f:
-                data.update(yaml.safe_load(f) or {})
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        for name in names:
-            value = env.get(f"REDDWARF_{name.upper()}")
-            if value is not None and name != "default_quota":
-                data[name] = value
-        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        unknown = set(data) - set(names)
-        if unknown:
-            raise InvalidArgument(f"unknown settings: {', '.join(sorted(unknown))}", field="config")
-        out: dict[str, Any] = {}
-        for name, value in data.items():
-            kind = names[name].type
-            if name == "default_quota":
-                out[name] = Quota(**value) if isinstance(value, dict) else value
-            elif kind == "int":
-                out[name] = int(value)
-            elif kind == "float":
-                out[name] = float(value)
-            else:
-                out[name] = str(value)
-        return cls(**out)
+        return config.load(cls, path=config_path or env.get("REDDWARF_CONFIG"), fmt="yaml", env=env,
+                           env_prefix="REDDWARF_", overrides=overrides)

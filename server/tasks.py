@@ -26,8 +26,9 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
+from reddwarf.common.clock import now as utcnow
 from reddwarf.common.log import bind
-from reddwarf.server.models import Task, utcnow
+from reddwarf.server.models import Task
 
 log = logging.getLogger("reddwarf.server.tasks")
 
