@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pymysql
 
+from reddwarf.common import states
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.common.tls import sync_channel
-from reddwarf.common import states
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
 
 ROOT = Path(os.environ.get("REDDWARF_DEMO_DIR", "/var/lib/reddwarf/demo"))
