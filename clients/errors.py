@@ -50,69 +50,23 @@ class ClientError(errors.RedDwarfError):
         return self.one_line()
 
 
-# The table's rows first, so their code and http_status win over ClientError's.
-class Cancelled(errors.Cancelled, ClientError):
-    pass
-
-
-class Unknown(errors.Unknown, ClientError):
-    pass
-
-
-class InvalidArgument(errors.InvalidArgument, ClientError):
-    pass
-
-
-class DeadlineExceeded(errors.DeadlineExceeded, ClientError):
-    pass
-
-
-class NotFound(errors.NotFound, ClientError):
-    pass
-
-
-class AlreadyExists(errors.AlreadyExists, ClientError):
-    pass
-
-
-class PermissionDenied(errors.PermissionDenied, ClientError):
-    pass
-
-
-class ResourceExhausted(errors.ResourceExhausted, ClientError):
-    pass
-
-
-class FailedPrecondition(errors.FailedPrecondition, ClientError):
-    pass
-
-
-class Aborted(errors.Aborted, ClientError):
-    pass
-
-
-class OutOfRange(errors.OutOfRange, ClientError):
-    pass
-
-
-class Unimplemented(errors.Unimplemented, ClientError):
-    pass
-
-
-class Internal(errors.Internal, ClientError):
-    pass
-
-
-class Unavailable(errors.Unavailable, ClientError):
-    pass
-
-
-class DataLoss(errors.DataLoss, ClientError):
-    pass
-
-
-class Unauthenticated(errors.Unauthenticated, ClientError):
-    pass
+# One for each row of the table; the row first, so its code and http_status win over ClientError's.
+class Cancelled(errors.Cancelled, ClientError): ...
+class Unknown(errors.Unknown, ClientError): ...
+class InvalidArgument(errors.InvalidArgument, ClientError): ...
+class DeadlineExceeded(errors.DeadlineExceeded, ClientError): ...
+class NotFound(errors.NotFound, ClientError): ...
+class AlreadyExists(errors.AlreadyExists, ClientError): ...
+class PermissionDenied(errors.PermissionDenied, ClientError): ...
+class ResourceExhausted(errors.ResourceExhausted, ClientError): ...
+class FailedPrecondition(errors.FailedPrecondition, ClientError): ...
+class Aborted(errors.Aborted, ClientError): ...
+class OutOfRange(errors.OutOfRange, ClientError): ...
+class Unimplemented(errors.Unimplemented, ClientError): ...
+class Internal(errors.Internal, ClientError): ...
+class Unavailable(errors.Unavailable, ClientError): ...
+class DataLoss(errors.DataLoss, ClientError): ...
+class Unauthenticated(errors.Unauthenticated, ClientError): ...
 
 
 class WaitTimeout(DeadlineExceeded):

@@ -115,27 +115,27 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     return out
 
 
-def databases(items: Any) -> list[DatabaseSpec]:
+def _objects(items: Any, where: str) -> list[dict[str, Any]]:
+    """A non-empty JSON list of objects, or BadInput naming where it is not one."""
     if not isinstance(items, list) or not items:
-        raise BadInput("databases must be a non-empty list")
-    out = []
-    for n, d in enumerate(items):
-        if not isinstance(d, dict):
-            raise BadInput(f"databases[{n}] must be an object")
-        out.append(DatabaseSpec(_str(d, "name", f"databases[{n}]"),
-                                character_set=_str(d, "character_set", f"databases[{n}]", False),
-                                collation=_str(d, "collate", f"databases[{n}]", False)))
-    return out
+        raise BadInput(f"{where} must be a non-empty list")
+    for n, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadInput(f"{where}[{n}] must be an object")
+    return items
+
+
+def databases(items: Any) -> list[DatabaseSpec]:
+    return [DatabaseSpec(_str(d, "name", f"databases[{n}]"),
+                         character_set=_str(d, "character_set", f"databases[{n}]", False),
+                         collation=_str(d, "collate", f"databases[{n}]", False))
+            for n, d in enumerate(_objects(items, "databases"))]
 
 
 def users(items: Any) -> list[UserSpec]:
     """Users as Trove gives them; host "" (none given) means any host, as it does to the server."""
-    if not isinstance(items, list) or not items:
-        raise BadInput("users must be a non-empty list")
     out = []
-    for n, u in enumerate(items):
-        if not isinstance(u, dict):
-            raise BadInput(f"users[{n}] must be an object")
+    for n, u in enumerate(_objects(items, "users")):
         dbs = u.get("databases", [])
         if not isinstance(dbs, list):
             raise BadInput(f"users[{n}].databases must be a list")

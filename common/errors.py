@@ -53,6 +53,15 @@ class RedDwarfError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     http_status: ClassVar[int] = 500
 
+    def __init_subclass__(cls, *, code: grpc.StatusCode | None = None, http_status: int | None = None,
+                          **kwargs: Any) -> None:
+        """A row of the table: `class NotFound(RedDwarfError, code=NOT_FOUND, http_status=404)`."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if http_status is not None:
+            cls.http_status = http_status
+
     def __init__(self, message: str, *, field: str | None = None,
                  violations: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
@@ -62,77 +71,23 @@ class RedDwarfError(Exception):
             self.violations.insert(0, (field, message))
 
 
-class Cancelled(RedDwarfError):
-    code = grpc.StatusCode.CANCELLED
-
-
-class Unknown(RedDwarfError):
-    code = grpc.StatusCode.UNKNOWN
-
-
-class InvalidArgument(RedDwarfError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    http_status = 400
-
-
-class DeadlineExceeded(RedDwarfError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-    http_status = 503
-
-
-class NotFound(RedDwarfError):
-    code = grpc.StatusCode.NOT_FOUND
-    http_status = 404
-
-
-class AlreadyExists(RedDwarfError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-    http_status = 409
-
-
-class PermissionDenied(RedDwarfError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-    http_status = 403
-
-
-class ResourceExhausted(RedDwarfError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    http_status = 413
-
-
-class FailedPrecondition(RedDwarfError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    http_status = 422
-
-
-class Aborted(RedDwarfError):
-    code = grpc.StatusCode.ABORTED
-
-
-class OutOfRange(RedDwarfError):
-    code = grpc.StatusCode.OUT_OF_RANGE
-
-
-class Unimplemented(RedDwarfError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
-class Internal(RedDwarfError):
-    code = grpc.StatusCode.INTERNAL
-
-
-class Unavailable(RedDwarfError):
-    code = grpc.StatusCode.UNAVAILABLE
-    http_status = 503
-
-
-class DataLoss(RedDwarfError):
-    code = grpc.StatusCode.DATA_LOSS
-
-
-class Unauthenticated(RedDwarfError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-    http_status = 401
+# One row a line: the class, its gRPC status, and the HTTP status when it is not 500.
+class Cancelled(RedDwarfError, code=grpc.StatusCode.CANCELLED): ...
+class Unknown(RedDwarfError, code=grpc.StatusCode.UNKNOWN): ...
+class InvalidArgument(RedDwarfError, code=grpc.StatusCode.INVALID_ARGUMENT, http_status=400): ...
+class DeadlineExceeded(RedDwarfError, code=grpc.StatusCode.DEADLINE_EXCEEDED, http_status=503): ...
+class NotFound(RedDwarfError, code=grpc.StatusCode.NOT_FOUND, http_status=404): ...
+class AlreadyExists(RedDwarfError, code=grpc.StatusCode.ALREADY_EXISTS, http_status=409): ...
+class PermissionDenied(RedDwarfError, code=grpc.StatusCode.PERMISSION_DENIED, http_status=403): ...
+class ResourceExhausted(RedDwarfError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, http_status=413): ...
+class FailedPrecondition(RedDwarfError, code=grpc.StatusCode.FAILED_PRECONDITION, http_status=422): ...
+class Aborted(RedDwarfError, code=grpc.StatusCode.ABORTED): ...
+class OutOfRange(RedDwarfError, code=grpc.StatusCode.OUT_OF_RANGE): ...
+class Unimplemented(RedDwarfError, code=grpc.StatusCode.UNIMPLEMENTED): ...
+class Internal(RedDwarfError, code=grpc.StatusCode.INTERNAL): ...
+class Unavailable(RedDwarfError, code=grpc.StatusCode.UNAVAILABLE, http_status=503): ...
+class DataLoss(RedDwarfError, code=grpc.StatusCode.DATA_LOSS): ...
+class Unauthenticated(RedDwarfError, code=grpc.StatusCode.UNAUTHENTICATED, http_status=401): ...
 
 
 # The table, one row per status code but OK, in the codes' order.

@@ -9,18 +9,16 @@ import uuid
 import httpx
 import pytest
 
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.server import start_server
+
+from .tenant import new_tenant
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     with start_server(tmp_path_factory.mktemp("gw")) as server:
-        admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
-        tid = f"t{uuid.uuid4().hex[:6]}"
-        admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=tid)))
-        token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}")).secret
+        tid, token = new_tenant(server, "t")
         with start_gateway(server.api, server.gateway_files, log=server.state_dir / "gateway.log") as base:
             yield base, tid, token, server
 
