@@ -1,7 +1,8 @@
 """The SDK: typed calls over the generated stubs, SDK exceptions instead of grpc.RpcError.
 
     from reddwarf.client import AsyncClient
-    async with AsyncClient.from_env() as rd:           # ~/.config/reddwarf/config.yaml or REDDWARF_*
+    # endpoint and credentials: ~/.config/reddwarf/config.yaml or REDDWARF_* (see config.py)
+    async with AsyncClient.from_env() as rd:
         inst = await rd.create_instance("shop", "small", 2, databases=["shop"])
         await rd.wait_for(inst.id, "ACTIVE", timeout=600)
 

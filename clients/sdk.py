@@ -2,7 +2,8 @@
 """The SDK: typed calls over the generated stubs, SDK exceptions instead of grpc.RpcError.
 
     from reddwarf.client import Client
-    with Client.from_env() as rd:           # ~/.config/reddwarf/config.yaml or REDDWARF_*
+    # endpoint and credentials: ~/.config/reddwarf/config.yaml or REDDWARF_* (see config.py)
+    with Client.from_env() as rd:
         inst = rd.create_instance("shop", "small", 2, databases=["shop"])
         rd.wait_for(inst.id, "ACTIVE", timeout=600)
 
@@ -94,7 +95,7 @@ class Client:
                 return
 
     def _all(self, pages: Iterator[Item]) -> list[Item]:
-        return [item for item in pages]
+        return list(pages)
 
     # ------------------------------------------------------------------ catalog
 

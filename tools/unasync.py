@@ -33,6 +33,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
     (r"\basyncio\.sleep\b", "time.sleep"),
     (r"\bgrpc\.aio\.AioRpcError\b", "grpc.RpcError"),
     (r"\bgrpc\.aio\.", "grpc."),
+    (r"\[(\w+) async for \1 in (\w+)\]", r"list(\2)"),
     (r"\basync def\b", "def"),
     (r"\basync for\b", "for"),
     (r"\basync with\b", "with"),
@@ -110,6 +111,10 @@ def unasync(text: str) -> str:
     return HEADER + "".join(new_lines)
 
 
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when sdk.py is stale")
@@ -121,13 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         sys.stdout.writelines(difflib.unified_diff(
             current.splitlines(keepends=True), wanted.splitlines(keepends=True),
-            str(TARGET.relative_to(ROOT)), "generated from clients/aio.py"))
-        print(f"{TARGET.relative_to(ROOT)} is not what tools/unasync.py generates from "
-              f"{SOURCE.relative_to(ROOT)}: run `python tools/unasync.py`", file=sys.stderr)
+            _shown(TARGET), "generated from clients/aio.py"))
+        print(f"{_shown(TARGET)} is not what tools/unasync.py generates from {_shown(SOURCE)}: "
+              "run `python tools/unasync.py`", file=sys.stderr)
         return 1
     if current != wanted:
         TARGET.write_text(wanted)
-        print(f"wrote {TARGET.relative_to(ROOT)}")
+        print(f"wrote {_shown(TARGET)}")
     return 0
 
 
