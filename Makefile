@@ -64,6 +64,7 @@ chaos: setup
 
 lint: setup
 	$(VENV)/bin/ruff check common server hostd agent clients tests bench
+	$(PY) tools/unasync.py --check
 	cd gen && ../$(VENV)/bin/mypy --config-file ../pyproject.toml -p reddwarf.common -p reddwarf.server -p reddwarf.hostd -p reddwarf.agent -p reddwarf.client
 
 clean:

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 
+from reddwarf.client import AsyncClient, ClientConfig
 from reddwarf.common.tls import aio_channel
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
-from tests.fixtures.mariadb import free_port
-from tests.fixtures.server import start_server, stop_process
+from reddwarf.v1 import admin_pb2, admin_pb2_grpc
+from tests.fixtures.gateway import start_gateway
+from tests.fixtures.server import start_server
 
 
-async def drive(fn, seconds: float, concurrency: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+async def drive(fn: Callable[[], Awaitable[None]], seconds: float, concurrency: int) -> tuple[float, list[float]]:
     lat: list[float] = []
     stop = time.monotonic() + seconds
 
@@ -48,28 +49,16 @@ def main() -> int:
         tid = f"b{uuid.uuid4().hex[:6]}"
         admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=tid)))
         token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}")).secret
-        port = free_port()
-        f = server.gateway_files
-        proc = subprocess.Popen([sys.executable, "-m", "reddwarf.client.gateway", "--listen", f"127.0.0.1:{port}",
-                                 "--api", server.api, "--cert", str(f.cert), "--key", str(f.key), "--ca", str(f.ca)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            for _ in range(100):
-                try:
-                    httpx.get(base + "/", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+        with start_gateway(server.api, server.gateway_files) as base:
 
             async def run() -> tuple[tuple[float, list[float]], tuple[float, list[float]]]:
-                md = (("authorization", f"Bearer {token}"),)
+                # The SDK's AsyncClient on the gRPC side: the same client the gateway is built on.
                 async with aio_channel(server.api, server.client_files) as ch, \
                         httpx.AsyncClient(base_url=base, headers={"X-Auth-Token": token}) as http:
-                    stub = database_pb2_grpc.CatalogStub(ch)
+                    rd = AsyncClient(ClientConfig(endpoint=server.api, token=token), channel=ch)
 
                     async def grpc_call() -> None:
-                        await stub.GetFlavor(database_pb2.GetFlavorRequest(name="flavors/small"), metadata=md)
+                        await rd.get_flavor("small")
 
                     async def rest_call() -> None:
                         r = await http.get(f"/v1.0/{tid}/flavors/small")
@@ -81,8 +70,6 @@ def main() -> int:
                             await drive(rest_call, a.seconds, a.concurrency))
 
             (g_rps, g_lat), (r_rps, r_lat) = asyncio.run(run())
-        finally:
-            stop_process(proc)
 
     def p(lat: list[float], q: float) -> str:
         return f"{lat[int(q * (len(lat) - 1))] * 1000:.1f} ms"
@@ -92,7 +79,7 @@ def main() -> int:
           "The REST path also checks the path's tenant (GetCaller) on every request, as Trove does.\n")
     print("| path | requests/s | p50 | p99 |")
     print("|---|---|---|---|")
-    print(f"| gRPC (mTLS, bearer token) | {g_rps:,.0f} | {p(g_lat, .5)} | {p(g_lat, .99)} |")
+    print(f"| gRPC through the SDK's AsyncClient (mTLS, bearer token) | {g_rps:,.0f} | {p(g_lat, .5)} | {p(g_lat, .99)} |")
     print(f"| REST gateway (Trove JSON → gRPC) | {r_rps:,.0f} | {p(r_lat, .5)} | {p(r_lat, .99)} |")
     print(f"\nREST reaches {100 * r_rps / g_rps:.0f}% of the gRPC throughput.")
     return 0

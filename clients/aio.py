@@ -1,19 +1,27 @@
-"""The asyncio SDK: the same calls as reddwarf.client.Client, awaited (the REST gateway is built on it).
+"""The SDK: typed calls over the generated stubs, SDK exceptions instead of grpc.RpcError.
 
+    from reddwarf.client import AsyncClient
+    # endpoint and credentials: ~/.config/reddwarf/config.yaml or REDDWARF_* (see config.py)
     async with AsyncClient.from_env() as rd:
-        inst = await rd.create_instance("shop", "small", 2)
-        await rd.wait_for(inst.id, "ACTIVE")
+        inst = await rd.create_instance("shop", "small", 2, databases=["shop"])
+        await rd.wait_for(inst.id, "ACTIVE", timeout=600)
+
+Results are the proto messages (reddwarf.v1.database_pb2 / admin_pb2). List methods follow every page.
+
+Written once, as the asyncio client in clients/aio.py (the REST gateway is built on it); tools/unasync.py
+generates the synchronous client in clients/sdk.py from it (`make lint` checks the two match). What does no
+I/O (names, requests, paging, wait_for's verdicts) lives in resources.py.
 """
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import replace
 from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf import message as _message
 
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import admin_pb2_grpc as apb_grpc
@@ -23,13 +31,17 @@ from reddwarf.v1 import database_pb2_grpc as pb_grpc
 
 from . import resources as r
 from .config import ClientConfig, load_config
-from .errors import InstanceFailed, InstanceGone, Unimplemented, WaitTimeout, from_rpc_error
+from .errors import InstanceGone, Unimplemented, WaitTimeout, from_rpc_error
 
-M = TypeVar("M", bound=_message.Message)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+PageReq = TypeVar("PageReq", bound=r.PageRequest)
+PageResp = TypeVar("PageResp", bound=r.PageResponse)
+Item = TypeVar("Item")
 
 
 class AsyncClient:
-    """One grpc.aio channel; create it inside the event loop that uses it."""
+    """One channel to the control server (a grpc.aio.Channel), shared by the copies `with_token` makes."""
 
     def __init__(self, config: ClientConfig, *, channel: grpc.aio.Channel | None = None) -> None:
         self.config = config
@@ -46,12 +58,13 @@ class AsyncClient:
         self.admin = apb_grpc.AdminStub(self._channel)
 
     @classmethod
-    def from_env(cls, **explicit: Any) -> AsyncClient:
+    def from_env(cls, **explicit: Any) -> Self:
+        """Config file < REDDWARF_* environment < explicit keyword arguments (see config.load_config)."""
         return cls(load_config(**explicit))
 
-    def with_token(self, token: str | None) -> AsyncClient:
+    def with_token(self, token: str | None) -> Self:
         """The same channel, calling as another tenant (cheap: the gateway makes one per request)."""
-        return AsyncClient(ClientConfig(**{**self.config.__dict__, "token": token}), channel=self._channel)
+        return type(self)(replace(self.config, token=token), channel=self._channel)
 
     async def close(self) -> None:
         if self._owns_channel:
@@ -65,24 +78,26 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _call(self, method: Callable[..., Any], request: _message.Message,
-                    timeout: float | None = None) -> Any:
+    async def _call(self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req,
+                    timeout: float | None = None) -> Resp:
         try:
             return await method(request, metadata=self._metadata,
                                 timeout=self.config.timeout if timeout is None else timeout)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
 
-    async def _pages(self, method: Callable[..., Any], request: Any, field: str,
-                     page_size: int = 0) -> AsyncIterator[Any]:
+    async def _pages(self, method: grpc.aio.UnaryUnaryMultiCallable[PageReq, PageResp], request: PageReq,
+                     items: Callable[[PageResp], Iterable[Item]], page_size: int = 0) -> AsyncIterator[Item]:
         request.page_size = page_size
         while True:
             response = await self._call(method, request)
-            for item in getattr(response, field):
+            for item in items(response):
                 yield item
-            if not response.next_page_token:
+            if not r.turn_page(request, response):
                 return
-            request.page_token = response.next_page_token
+
+    async def _all(self, pages: AsyncIterator[Item]) -> list[Item]:
+        return [item async for item in pages]
 
     # ------------------------------------------------------------------ catalog
 
@@ -90,26 +105,27 @@ class AsyncClient:
         return await self._call(self.catalog.GetCaller, pb.GetCallerRequest())
 
     async def list_flavors(self, page_size: int = 0) -> list[pb.Flavor]:
-        return [x async for x in self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(), "flavors", page_size)]
+        return await self._all(self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(),
+                                           lambda p: p.flavors, page_size))
 
     async def get_flavor(self, flavor: str) -> pb.Flavor:
         return await self._call(self.catalog.GetFlavor, pb.GetFlavorRequest(name=r.resource("flavors", flavor)))
 
     async def list_datastores(self, page_size: int = 0) -> list[pb.Datastore]:
-        return [x async for x in self._pages(self.catalog.ListDatastores, pb.ListDatastoresRequest(), "datastores",
-                                page_size)]
+        return await self._all(self._pages(self.catalog.ListDatastores, pb.ListDatastoresRequest(),
+                                           lambda p: p.datastores, page_size))
 
     async def get_datastore(self, datastore: str) -> pb.Datastore:
         return await self._call(self.catalog.GetDatastore,
-                          pb.GetDatastoreRequest(name=r.resource("datastores", datastore)))
+                                pb.GetDatastoreRequest(name=r.resource("datastores", datastore)))
 
     # ------------------------------------------------------------------ instances
 
     async def create_instance(self, name: str, flavor: str, size_gb: int, *,
-                        databases: Iterable[str | r.DatabaseSpec | cpb.Database] = (),
-                        users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
-                        datastore_version: str = "", restore_from: str | None = None,
-                        request_id: str = "") -> pb.Instance:
+                              databases: Iterable[str | r.DatabaseSpec | cpb.Database] = (),
+                              users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
+                              datastore_version: str = "", restore_from: str | None = None,
+                              request_id: str = "") -> pb.Instance:
         return await self._call(self.instances.CreateInstance, r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id))
@@ -118,25 +134,27 @@ class AsyncClient:
         return await self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
 
     def list_instances(self, status: str | int | None = None, page_size: int = 0) -> AsyncIterator[pb.Instance]:
-        request = pb.ListInstancesRequest(status=r.instance_status(status) if status is not None else 0)
-        return self._pages(self.instances.ListInstances, request, "instances", page_size)
+        wanted = r.instance_status(status) if status is not None else pb.INSTANCE_STATUS_UNSPECIFIED
+        request = pb.ListInstancesRequest(status=wanted)
+        return self._pages(self.instances.ListInstances, request, lambda p: p.instances, page_size)
 
     async def delete_instance(self, instance: str) -> pb.Instance:
-        return await self._call(self.instances.DeleteInstance, pb.DeleteInstanceRequest(name=r.instance_name(instance)))
+        return await self._call(self.instances.DeleteInstance,
+                                pb.DeleteInstanceRequest(name=r.instance_name(instance)))
 
     async def restart_instance(self, instance: str) -> pb.Instance:
         return await self._call(self.instances.RestartInstance,
-                          pb.RestartInstanceRequest(name=r.instance_name(instance)))
+                                pb.RestartInstanceRequest(name=r.instance_name(instance)))
 
     restart = restart_instance
 
     async def resize_flavor(self, instance: str, flavor: str) -> pb.Instance:
         return await self._call(self.instances.ResizeInstance,
-                          pb.ResizeInstanceRequest(name=r.instance_name(instance), flavor=flavor))
+                                pb.ResizeInstanceRequest(name=r.instance_name(instance), flavor=flavor))
 
     async def resize_volume(self, instance: str, size_gb: int) -> pb.Instance:
         return await self._call(self.instances.ResizeVolume,
-                          pb.ResizeVolumeRequest(name=r.instance_name(instance), size_gb=size_gb))
+                                pb.ResizeVolumeRequest(name=r.instance_name(instance), size_gb=size_gb))
 
     async def watch_instance(self, instance: str, timeout: float | None = None
                              ) -> AsyncIterator[pb.InstanceEvent]:
@@ -156,35 +174,29 @@ class AsyncClient:
     async def wait_for(self, instance: str, status: str | int = "ACTIVE", timeout: float = 600.0,
                        poll_interval: float = 2.0,
                        on_event: Callable[[pb.Instance], None] | None = None) -> pb.Instance:
-        """As Client.wait_for: WatchInstance, polling GetInstance when the server does not implement it."""
+        """Waits until the instance has `status`, following WatchInstance (polling GetInstance when the
+        server does not implement it). Raises InstanceFailed on ERROR/FAILED, WaitTimeout on timeout."""
         wanted = r.instance_status(status)
         deadline = time.monotonic() + timeout
 
-        def check(inst: pb.Instance) -> bool:
+        def seen(inst: pb.Instance) -> bool:
             if on_event is not None:
                 on_event(inst)
-            if inst.status == wanted:
-                return True
-            if inst.status in r.FAILED_STATUSES and wanted not in r.FAILED_STATUSES:
-                detail = f": {inst.fault.message}" if inst.fault.message else ""
-                raise InstanceFailed(f"instance {inst.id or instance} went to {r.status_name(inst.status)}"
-                                     f"{detail}")
-            return False
+            return r.reached(inst, wanted, instance)
 
         try:
             async for event in self.watch_instance(instance, timeout=timeout):
-                if check(event.instance):
+                if seen(event.instance):
                     return event.instance
             raise InstanceGone(f"instance {instance} was deleted while waiting")
         except Unimplemented:
             pass
         while True:
             inst = await self.get_instance(instance)
-            if check(inst):
+            if seen(inst):
                 return inst
             if time.monotonic() + poll_interval > deadline:
-                raise WaitTimeout(f"instance {instance} is {r.status_name(inst.status)}, not "
-                                  f"{r.status_name(wanted)}, after {timeout}s")
+                raise r.wait_timeout(inst, wanted, instance, timeout)
             await asyncio.sleep(poll_interval)
 
     # ------------------------------------------------------------------ databases
@@ -193,17 +205,18 @@ class AsyncClient:
         return await self._call(self.databases.CreateDatabase, r.create_database_request(instance, database))
 
     async def list_databases(self, instance: str) -> list[cpb.Database]:
-        return [x async for x in self._pages(self.databases.ListDatabases,
-                                pb.ListDatabasesRequest(parent=r.instance_name(instance)), "databases")]
+        return await self._all(self._pages(self.databases.ListDatabases,
+                                           pb.ListDatabasesRequest(parent=r.instance_name(instance)),
+                                           lambda p: p.databases))
 
     async def delete_database(self, instance: str, database: str) -> None:
         await self._call(self.databases.DeleteDatabase,
-                   pb.DeleteDatabaseRequest(name=r.database_name(instance, database)))
+                         pb.DeleteDatabaseRequest(name=r.database_name(instance, database)))
 
     # ------------------------------------------------------------------ users
 
     async def create_user(self, instance: str, user: str, password: str, host: str = "%",
-                    databases: Iterable[str] = ()) -> cpb.User:
+                          databases: Iterable[str] = ()) -> cpb.User:
         return await self._call(self.users.CreateUser, r.create_user_request(
             instance, r.UserSpec(user, password, host, tuple(databases))))
 
@@ -211,21 +224,23 @@ class AsyncClient:
         return await self._call(self.users.GetUser, pb.GetUserRequest(name=r.user_name(instance, user, host)))
 
     async def list_users(self, instance: str) -> list[cpb.User]:
-        return [x async for x in self._pages(self.users.ListUsers, pb.ListUsersRequest(parent=r.instance_name(instance)),
-                                "users")]
+        return await self._all(self._pages(self.users.ListUsers,
+                                           pb.ListUsersRequest(parent=r.instance_name(instance)),
+                                           lambda p: p.users))
 
     async def delete_user(self, instance: str, user: str, host: str = "%") -> None:
         await self._call(self.users.DeleteUser, pb.DeleteUserRequest(name=r.user_name(instance, user, host)))
 
     async def update_user(self, instance: str, user: str, host: str = "%", *, password: str | None = None,
-                    new_user: str | None = None, new_host: str | None = None) -> cpb.User:
+                          new_user: str | None = None, new_host: str | None = None) -> cpb.User:
         return await self._call(self.users.UpdateUser, r.update_user_request(
             instance, user, host, password=password, new_user=new_user, new_host=new_host))
 
-    def change_password(self, instance: str, user: str, password: str, host: str = "%") -> cpb.User:
-        return self.update_user(instance, user, host, password=password)
+    async def change_password(self, instance: str, user: str, password: str, host: str = "%") -> cpb.User:
+        return await self.update_user(instance, user, host, password=password)
 
-    async def grant_access(self, instance: str, user: str, databases: Iterable[str], host: str = "%") -> cpb.User:
+    async def grant_access(self, instance: str, user: str, databases: Iterable[str],
+                           host: str = "%") -> cpb.User:
         return await self._call(self.users.GrantAccess, pb.GrantAccessRequest(
             name=r.user_name(instance, user, host), databases=list(databases)))
 
@@ -234,8 +249,9 @@ class AsyncClient:
             name=r.user_name(instance, user, host), database=database))
 
     async def list_access(self, instance: str, user: str, host: str = "%") -> list[str]:
-        resp = await self._call(self.users.ListAccess, pb.ListAccessRequest(name=r.user_name(instance, user, host)))
-        return list(resp.databases)
+        access = await self._call(self.users.ListAccess,
+                                  pb.ListAccessRequest(name=r.user_name(instance, user, host)))
+        return list(access.databases)
 
     # ------------------------------------------------------------------ root
 
@@ -246,48 +262,51 @@ class AsyncClient:
         await self._call(self.root.DisableRoot, pb.DisableRootRequest(name=r.instance_name(instance)))
 
     async def root_enabled(self, instance: str) -> bool:
-        status = await self._call(self.root.GetRootStatus, pb.GetRootStatusRequest(name=r.instance_name(instance)))
-        return status.enabled
+        root = await self._call(self.root.GetRootStatus, pb.GetRootStatusRequest(name=r.instance_name(instance)))
+        return root.enabled
 
     # ------------------------------------------------------------------ backups
 
     async def create_backup(self, instance: str, name: str, description: str = "",
-                      parent: str | None = None) -> pb.Backup:
-        return await self._call(self.backups.CreateBackup, r.create_backup_request(instance, name, description, parent))
+                            parent: str | None = None) -> pb.Backup:
+        return await self._call(self.backups.CreateBackup,
+                                r.create_backup_request(instance, name, description, parent))
 
     async def get_backup(self, backup: str) -> pb.Backup:
         return await self._call(self.backups.GetBackup, pb.GetBackupRequest(name=r.resource("backups", backup)))
 
     def list_backups(self, instance: str | None = None, page_size: int = 0) -> AsyncIterator[pb.Backup]:
         request = pb.ListBackupsRequest(instance=r.instance_name(instance) if instance else "")
-        return self._pages(self.backups.ListBackups, request, "backups", page_size)
+        return self._pages(self.backups.ListBackups, request, lambda p: p.backups, page_size)
 
     async def delete_backup(self, backup: str, cascade: bool = False) -> None:
         await self._call(self.backups.DeleteBackup,
-                   pb.DeleteBackupRequest(name=r.resource("backups", backup), cascade=cascade))
+                         pb.DeleteBackupRequest(name=r.resource("backups", backup), cascade=cascade))
 
     async def verify_backup(self, backup: str) -> pb.Backup:
-        return await self._call(self.backups.VerifyBackup, pb.VerifyBackupRequest(name=r.resource("backups", backup)))
+        return await self._call(self.backups.VerifyBackup,
+                                pb.VerifyBackupRequest(name=r.resource("backups", backup)))
 
     async def set_backup_schedule(self, instance: str, interval_seconds: int, keep: int,
-                            full_every: int = 0) -> pb.BackupSchedule:
+                                  full_every: int = 0) -> pb.BackupSchedule:
         return await self._call(self.backups.SetBackupSchedule, pb.SetBackupScheduleRequest(
             instance=r.instance_name(instance), schedule=pb.BackupSchedule(
                 interval_seconds=interval_seconds, keep=keep, full_every=full_every)))
 
     async def get_backup_schedule(self, instance: str) -> pb.BackupSchedule:
         return await self._call(self.backups.GetBackupSchedule,
-                          pb.GetBackupScheduleRequest(instance=r.instance_name(instance)))
+                                pb.GetBackupScheduleRequest(instance=r.instance_name(instance)))
 
     # ------------------------------------------------------------------ admin: hosts, tasks
 
     async def register_host(self, host_id: str, address: str, memory_overcommit: float = 0.0,
-                      storage_overcommit: float = 0.0) -> apb.Host:
+                            storage_overcommit: float = 0.0) -> apb.Host:
         return await self._call(self.admin.RegisterHost, apb.RegisterHostRequest(host=apb.Host(
             id=host_id, address=address, memory_overcommit=memory_overcommit,
             storage_overcommit=storage_overcommit)))
 
-    async def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "", hostd_port: int = 0) -> apb.Host:
+    async def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "",
+                          hostd_port: int = 0) -> apb.Host:
         return await self._call(self.admin.EnrollHost, apb.EnrollHostRequest(
             id=host_id, ssh_target=ssh_target, ssh_key_path=ssh_key_path, hostd_port=hostd_port),
             timeout=max(self.config.timeout, 600.0))
@@ -296,10 +315,11 @@ class AsyncClient:
         return await self._call(self.admin.GetHost, apb.GetHostRequest(name=r.resource("hosts", host)))
 
     async def list_hosts(self) -> list[apb.Host]:
-        return [x async for x in self._pages(self.admin.ListHosts, apb.ListHostsRequest(), "hosts")]
+        return await self._all(self._pages(self.admin.ListHosts, apb.ListHostsRequest(), lambda p: p.hosts))
 
     async def drain_host(self, host: str, drain: bool = True) -> apb.Host:
-        return await self._call(self.admin.DrainHost, apb.DrainHostRequest(name=r.resource("hosts", host), drain=drain))
+        return await self._call(self.admin.DrainHost,
+                                apb.DrainHostRequest(name=r.resource("hosts", host), drain=drain))
 
     async def delete_host(self, host: str) -> None:
         await self._call(self.admin.DeleteHost, apb.DeleteHostRequest(name=r.resource("hosts", host)))
@@ -308,11 +328,13 @@ class AsyncClient:
         return await self._call(self.admin.GetTask, apb.GetTaskRequest(name=r.resource("tasks", task)))
 
     def list_tasks(self, resource: str = "", state: int = 0) -> AsyncIterator[apb.Task]:
-        return self._pages(self.admin.ListTasks, apb.ListTasksRequest(resource=resource, state=state), "tasks")
+        request = apb.ListTasksRequest(resource=resource, state=apb.TaskState.ValueType(state))
+        return self._pages(self.admin.ListTasks, request, lambda p: p.tasks)
 
     # ------------------------------------------------------------------ admin: tenants, tokens, quotas
 
-    async def create_tenant(self, tenant_id: str, display_name: str = "", quota: apb.Quota | None = None) -> apb.Tenant:
+    async def create_tenant(self, tenant_id: str, display_name: str = "",
+                            quota: apb.Quota | None = None) -> apb.Tenant:
         return await self._call(self.admin.CreateTenant, apb.CreateTenantRequest(
             tenant=apb.Tenant(id=tenant_id, display_name=display_name, quota=quota)))
 
@@ -320,13 +342,14 @@ class AsyncClient:
         return await self._call(self.admin.GetTenant, apb.GetTenantRequest(name=r.resource("tenants", tenant)))
 
     async def list_tenants(self) -> list[apb.Tenant]:
-        return [x async for x in self._pages(self.admin.ListTenants, apb.ListTenantsRequest(), "tenants")]
+        return await self._all(self._pages(self.admin.ListTenants, apb.ListTenantsRequest(),
+                                           lambda p: p.tenants))
 
     async def delete_tenant(self, tenant: str) -> None:
         await self._call(self.admin.DeleteTenant, apb.DeleteTenantRequest(name=r.resource("tenants", tenant)))
 
     async def create_token(self, tenant: str, description: str = "", admin: bool = False,
-                     ttl_seconds: int = 0) -> apb.Token:
+                           ttl_seconds: int = 0) -> apb.Token:
         return await self._call(self.admin.CreateToken, apb.CreateTokenRequest(
             tenant=r.resource("tenants", tenant), description=description, admin=admin, ttl_seconds=ttl_seconds))
 
@@ -339,7 +362,7 @@ class AsyncClient:
 
     async def update_quota(self, tenant: str, quota: apb.Quota) -> apb.QuotaUsage:
         return await self._call(self.admin.UpdateQuota,
-                          apb.UpdateQuotaRequest(tenant=r.resource("tenants", tenant), quota=quota))
+                                apb.UpdateQuotaRequest(tenant=r.resource("tenants", tenant), quota=quota))
 
     # ------------------------------------------------------------------ admin: certificates
 
@@ -348,8 +371,9 @@ class AsyncClient:
             role=role, id=ident, csr_pem=csr_pem, days=days))
 
     async def revoke_certificate(self, serial: str, reason: str = "") -> apb.Certificate:
-        return await self._call(self.admin.RevokeCertificate, apb.RevokeCertificateRequest(serial=serial, reason=reason))
+        return await self._call(self.admin.RevokeCertificate,
+                                apb.RevokeCertificateRequest(serial=serial, reason=reason))
 
     async def list_certificates(self) -> list[apb.Certificate]:
-        return [x async for x in self._pages(self.admin.ListCertificates, apb.ListCertificatesRequest(), "certificates")]
-
+        return await self._all(self._pages(self.admin.ListCertificates, apb.ListCertificatesRequest(),
+                                           lambda p: p.certificates))

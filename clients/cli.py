@@ -77,7 +77,7 @@ def short(name: str) -> str:
 
 
 def status_name(msg: Any) -> str:
-    return msg.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[msg.status].name
+    return str(msg.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[msg.status].name)
 
 
 INSTANCE_COLS: list[tuple[str, Callable[[Any], Any]]] = [

@@ -1,4 +1,6 @@
-"""Request building shared by the sync and asyncio clients: resource names and the request messages.
+"""What the clients share that does no I/O (httpx's BaseClient, as functions): resource names, the request
+messages, paging, channel settings and wait_for's verdicts. The async client (aio.py) and the sync one
+generated from it (sdk.py) only add the calls.
 
 Both clients accept bare ids ("abc") or full resource names ("instances/abc") wherever a resource is named,
 so a value copied from any output works as input.
@@ -8,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -17,6 +20,7 @@ from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
 
 from .config import ClientConfig
+from .errors import InstanceFailed, WaitTimeout
 
 # Instances reach these and stay there unless someone acts; wait_for stops on them.
 FAILED_STATUSES = frozenset({pb.INSTANCE_STATUS_ERROR, pb.INSTANCE_STATUS_FAILED})
@@ -65,12 +69,12 @@ def short_id(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def instance_status(status: str | int) -> int:
+def instance_status(status: str | int) -> pb.InstanceStatus.ValueType:
     """Accepts "ACTIVE" or pb.INSTANCE_STATUS_ACTIVE."""
     if isinstance(status, int):
-        return status
+        return pb.InstanceStatus.ValueType(status)
     try:
-        return states.to_pb(states.parse(states.InstanceStatus, status))
+        return pb.InstanceStatus.ValueType(states.to_pb(states.parse(states.InstanceStatus, status)))
     except ValueError:
         raise ValueError(f"unknown instance status {status!r}; one of "
                          + ", ".join(states.InstanceStatus)) from None
@@ -79,6 +83,44 @@ def instance_status(status: str | int) -> int:
 def status_name(status: int) -> str:
     return states.from_pb(states.InstanceStatus, status).value
 
+
+# ---------------------------------------------------------------------- paging
+
+class PageRequest(Protocol):
+    """Every List request: page_size (0 = the server's default) and the token of the page wanted."""
+    page_size: int
+    page_token: str
+
+
+class PageResponse(Protocol):
+    next_page_token: str
+
+
+def turn_page(request: PageRequest, response: PageResponse) -> bool:
+    """Points request at the page after response; False when response was the last page."""
+    request.page_token = response.next_page_token
+    return bool(response.next_page_token)
+
+
+# ---------------------------------------------------------------------- wait_for's verdicts
+
+def reached(inst: pb.Instance, wanted: int, instance: str) -> bool:
+    """True when inst has the wanted status; InstanceFailed when it went to ERROR/FAILED instead (unless
+    that is what is wanted)."""
+    if inst.status == wanted:
+        return True
+    if inst.status in FAILED_STATUSES and wanted not in FAILED_STATUSES:
+        detail = f": {inst.fault.message}" if inst.fault.message else ""
+        raise InstanceFailed(f"instance {inst.id or instance} went to {status_name(inst.status)}{detail}")
+    return False
+
+
+def wait_timeout(inst: pb.Instance, wanted: int, instance: str, timeout: float) -> WaitTimeout:
+    return WaitTimeout(f"instance {instance} is {status_name(inst.status)}, not {status_name(wanted)}, "
+                       f"after {timeout}s")
+
+
+# ---------------------------------------------------------------------- request messages
 
 def _database(d: str | DatabaseSpec | cpb.Database) -> cpb.Database:
     if isinstance(d, cpb.Database):
@@ -141,6 +183,8 @@ def quota(instances: int | None = None, memory_mb: int | None = None, volume_gb:
             setattr(q, key, value)
     return q
 
+
+# ---------------------------------------------------------------------- channel
 
 def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
     def read(path: str | None) -> bytes | None:

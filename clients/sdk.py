@@ -1,20 +1,26 @@
-"""The synchronous SDK: typed calls over the generated stubs, SDK exceptions instead of grpc.RpcError.
+# generated from clients/aio.py by tools/unasync.py; never edit
+"""The SDK: typed calls over the generated stubs, SDK exceptions instead of grpc.RpcError.
 
     from reddwarf.client import Client
-    with Client.from_env() as rd:                      # ~/.config/reddwarf/config.yaml or REDDWARF_*
+    # endpoint and credentials: ~/.config/reddwarf/config.yaml or REDDWARF_* (see config.py)
+    with Client.from_env() as rd:
         inst = rd.create_instance("shop", "small", 2, databases=["shop"])
         rd.wait_for(inst.id, "ACTIVE", timeout=600)
 
 Results are the proto messages (reddwarf.v1.database_pb2 / admin_pb2). List methods follow every page.
+
+Written once, as the asyncio client in clients/aio.py (the REST gateway is built on it); tools/unasync.py
+generates the synchronous client in clients/sdk.py from it (`make lint` checks the two match). What does no
+I/O (names, requests, paging, wait_for's verdicts) lives in resources.py.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any, Self, TypeVar
 
 import grpc
-from google.protobuf import message as _message
 
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import admin_pb2_grpc as apb_grpc
@@ -24,13 +30,17 @@ from reddwarf.v1 import database_pb2_grpc as pb_grpc
 
 from . import resources as r
 from .config import ClientConfig, load_config
-from .errors import InstanceFailed, InstanceGone, Unimplemented, WaitTimeout, from_rpc_error
+from .errors import InstanceGone, Unimplemented, WaitTimeout, from_rpc_error
 
-M = TypeVar("M", bound=_message.Message)
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+PageReq = TypeVar("PageReq", bound=r.PageRequest)
+PageResp = TypeVar("PageResp", bound=r.PageResponse)
+Item = TypeVar("Item")
 
 
 class Client:
-    """One channel to the control server. Thread-safe like the grpc channel it wraps."""
+    """One channel to the control server (a grpc.Channel), shared by the copies `with_token` makes."""
 
     def __init__(self, config: ClientConfig, *, channel: grpc.Channel | None = None) -> None:
         self.config = config
@@ -47,13 +57,13 @@ class Client:
         self.admin = apb_grpc.AdminStub(self._channel)
 
     @classmethod
-    def from_env(cls, **explicit: Any) -> Client:
+    def from_env(cls, **explicit: Any) -> Self:
         """Config file < REDDWARF_* environment < explicit keyword arguments (see config.load_config)."""
         return cls(load_config(**explicit))
 
-    def with_token(self, token: str | None) -> Client:
-        """The same channel, calling as another tenant (the gateway uses one per request)."""
-        return Client(ClientConfig(**{**self.config.__dict__, "token": token}), channel=self._channel)
+    def with_token(self, token: str | None) -> Self:
+        """The same channel, calling as another tenant (cheap: the gateway makes one per request)."""
+        return type(self)(replace(self.config, token=token), channel=self._channel)
 
     def close(self) -> None:
         if self._owns_channel:
@@ -67,21 +77,25 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _call(self, method: Callable[..., M], request: _message.Message, timeout: float | None = None) -> M:
+    def _call(self, method: grpc.UnaryUnaryMultiCallable[Req, Resp], request: Req,
+              timeout: float | None = None) -> Resp:
         try:
             return method(request, metadata=self._metadata,
                           timeout=self.config.timeout if timeout is None else timeout)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def _pages(self, method: Callable[..., Any], request: Any, field: str, page_size: int = 0) -> Iterator[Any]:
+    def _pages(self, method: grpc.UnaryUnaryMultiCallable[PageReq, PageResp], request: PageReq,
+               items: Callable[[PageResp], Iterable[Item]], page_size: int = 0) -> Iterator[Item]:
         request.page_size = page_size
         while True:
             response = self._call(method, request)
-            yield from getattr(response, field)
-            if not response.next_page_token:
+            yield from items(response)
+            if not r.turn_page(request, response):
                 return
-            request.page_token = response.next_page_token
+
+    def _all(self, pages: Iterator[Item]) -> list[Item]:
+        return list(pages)
 
     # ------------------------------------------------------------------ catalog
 
@@ -89,14 +103,15 @@ class Client:
         return self._call(self.catalog.GetCaller, pb.GetCallerRequest())
 
     def list_flavors(self, page_size: int = 0) -> list[pb.Flavor]:
-        return list(self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(), "flavors", page_size))
+        return self._all(self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(),
+                                     lambda p: p.flavors, page_size))
 
     def get_flavor(self, flavor: str) -> pb.Flavor:
         return self._call(self.catalog.GetFlavor, pb.GetFlavorRequest(name=r.resource("flavors", flavor)))
 
     def list_datastores(self, page_size: int = 0) -> list[pb.Datastore]:
-        return list(self._pages(self.catalog.ListDatastores, pb.ListDatastoresRequest(), "datastores",
-                                page_size))
+        return self._all(self._pages(self.catalog.ListDatastores, pb.ListDatastoresRequest(),
+                                     lambda p: p.datastores, page_size))
 
     def get_datastore(self, datastore: str) -> pb.Datastore:
         return self._call(self.catalog.GetDatastore,
@@ -117,11 +132,13 @@ class Client:
         return self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
 
     def list_instances(self, status: str | int | None = None, page_size: int = 0) -> Iterator[pb.Instance]:
-        request = pb.ListInstancesRequest(status=r.instance_status(status) if status is not None else 0)
-        return self._pages(self.instances.ListInstances, request, "instances", page_size)
+        wanted = r.instance_status(status) if status is not None else pb.INSTANCE_STATUS_UNSPECIFIED
+        request = pb.ListInstancesRequest(status=wanted)
+        return self._pages(self.instances.ListInstances, request, lambda p: p.instances, page_size)
 
     def delete_instance(self, instance: str) -> pb.Instance:
-        return self._call(self.instances.DeleteInstance, pb.DeleteInstanceRequest(name=r.instance_name(instance)))
+        return self._call(self.instances.DeleteInstance,
+                          pb.DeleteInstanceRequest(name=r.instance_name(instance)))
 
     def restart_instance(self, instance: str) -> pb.Instance:
         return self._call(self.instances.RestartInstance,
@@ -137,53 +154,46 @@ class Client:
         return self._call(self.instances.ResizeVolume,
                           pb.ResizeVolumeRequest(name=r.instance_name(instance), size_gb=size_gb))
 
-    def watch_instance(self, instance: str, timeout: float | None = None) -> Iterator[pb.InstanceEvent]:
+    def watch_instance(self, instance: str, timeout: float | None = None
+                       ) -> Iterator[pb.InstanceEvent]:
         """Events until the instance is deleted (or timeout seconds pass: then WaitTimeout)."""
         stream = self.instances.WatchInstance(pb.WatchInstanceRequest(name=r.instance_name(instance)),
                                               metadata=self._metadata, timeout=timeout)
         try:
             yield from stream
         except grpc.RpcError as exc:
-            err = from_rpc_error(exc)
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise WaitTimeout(f"no end of watch on {instance} within {timeout}s") from None
-            raise err from None
+            raise from_rpc_error(exc) from None
         finally:
             stream.cancel()
 
     def wait_for(self, instance: str, status: str | int = "ACTIVE", timeout: float = 600.0,
                  poll_interval: float = 2.0,
                  on_event: Callable[[pb.Instance], None] | None = None) -> pb.Instance:
-        """Blocks until the instance has `status`, following WatchInstance (polling GetInstance when the
+        """Waits until the instance has `status`, following WatchInstance (polling GetInstance when the
         server does not implement it). Raises InstanceFailed on ERROR/FAILED, WaitTimeout on timeout."""
         wanted = r.instance_status(status)
         deadline = time.monotonic() + timeout
 
-        def check(inst: pb.Instance) -> bool:
+        def seen(inst: pb.Instance) -> bool:
             if on_event is not None:
                 on_event(inst)
-            if inst.status == wanted:
-                return True
-            if inst.status in r.FAILED_STATUSES and wanted not in r.FAILED_STATUSES:
-                detail = f": {inst.fault.message}" if inst.fault.message else ""
-                raise InstanceFailed(f"instance {inst.id or instance} went to {r.status_name(inst.status)}"
-                                     f"{detail}")
-            return False
+            return r.reached(inst, wanted, instance)
 
         try:
             for event in self.watch_instance(instance, timeout=timeout):
-                if check(event.instance):
+                if seen(event.instance):
                     return event.instance
             raise InstanceGone(f"instance {instance} was deleted while waiting")
         except Unimplemented:
             pass
         while True:
             inst = self.get_instance(instance)
-            if check(inst):
+            if seen(inst):
                 return inst
             if time.monotonic() + poll_interval > deadline:
-                raise WaitTimeout(f"instance {instance} is {r.status_name(inst.status)}, not "
-                                  f"{r.status_name(wanted)}, after {timeout}s")
+                raise r.wait_timeout(inst, wanted, instance, timeout)
             time.sleep(poll_interval)
 
     # ------------------------------------------------------------------ databases
@@ -192,8 +202,9 @@ class Client:
         return self._call(self.databases.CreateDatabase, r.create_database_request(instance, database))
 
     def list_databases(self, instance: str) -> list[cpb.Database]:
-        return list(self._pages(self.databases.ListDatabases,
-                                pb.ListDatabasesRequest(parent=r.instance_name(instance)), "databases"))
+        return self._all(self._pages(self.databases.ListDatabases,
+                                     pb.ListDatabasesRequest(parent=r.instance_name(instance)),
+                                     lambda p: p.databases))
 
     def delete_database(self, instance: str, database: str) -> None:
         self._call(self.databases.DeleteDatabase,
@@ -210,8 +221,9 @@ class Client:
         return self._call(self.users.GetUser, pb.GetUserRequest(name=r.user_name(instance, user, host)))
 
     def list_users(self, instance: str) -> list[cpb.User]:
-        return list(self._pages(self.users.ListUsers, pb.ListUsersRequest(parent=r.instance_name(instance)),
-                                "users"))
+        return self._all(self._pages(self.users.ListUsers,
+                                     pb.ListUsersRequest(parent=r.instance_name(instance)),
+                                     lambda p: p.users))
 
     def delete_user(self, instance: str, user: str, host: str = "%") -> None:
         self._call(self.users.DeleteUser, pb.DeleteUserRequest(name=r.user_name(instance, user, host)))
@@ -224,7 +236,8 @@ class Client:
     def change_password(self, instance: str, user: str, password: str, host: str = "%") -> cpb.User:
         return self.update_user(instance, user, host, password=password)
 
-    def grant_access(self, instance: str, user: str, databases: Iterable[str], host: str = "%") -> cpb.User:
+    def grant_access(self, instance: str, user: str, databases: Iterable[str],
+                     host: str = "%") -> cpb.User:
         return self._call(self.users.GrantAccess, pb.GrantAccessRequest(
             name=r.user_name(instance, user, host), databases=list(databases)))
 
@@ -233,8 +246,9 @@ class Client:
             name=r.user_name(instance, user, host), database=database))
 
     def list_access(self, instance: str, user: str, host: str = "%") -> list[str]:
-        return list(self._call(self.users.ListAccess,
-                               pb.ListAccessRequest(name=r.user_name(instance, user, host))).databases)
+        access = self._call(self.users.ListAccess,
+                            pb.ListAccessRequest(name=r.user_name(instance, user, host)))
+        return list(access.databases)
 
     # ------------------------------------------------------------------ root
 
@@ -245,27 +259,30 @@ class Client:
         self._call(self.root.DisableRoot, pb.DisableRootRequest(name=r.instance_name(instance)))
 
     def root_enabled(self, instance: str) -> bool:
-        return self._call(self.root.GetRootStatus, pb.GetRootStatusRequest(name=r.instance_name(instance))).enabled
+        root = self._call(self.root.GetRootStatus, pb.GetRootStatusRequest(name=r.instance_name(instance)))
+        return root.enabled
 
     # ------------------------------------------------------------------ backups
 
     def create_backup(self, instance: str, name: str, description: str = "",
                       parent: str | None = None) -> pb.Backup:
-        return self._call(self.backups.CreateBackup, r.create_backup_request(instance, name, description, parent))
+        return self._call(self.backups.CreateBackup,
+                          r.create_backup_request(instance, name, description, parent))
 
     def get_backup(self, backup: str) -> pb.Backup:
         return self._call(self.backups.GetBackup, pb.GetBackupRequest(name=r.resource("backups", backup)))
 
     def list_backups(self, instance: str | None = None, page_size: int = 0) -> Iterator[pb.Backup]:
         request = pb.ListBackupsRequest(instance=r.instance_name(instance) if instance else "")
-        return self._pages(self.backups.ListBackups, request, "backups", page_size)
+        return self._pages(self.backups.ListBackups, request, lambda p: p.backups, page_size)
 
     def delete_backup(self, backup: str, cascade: bool = False) -> None:
         self._call(self.backups.DeleteBackup,
                    pb.DeleteBackupRequest(name=r.resource("backups", backup), cascade=cascade))
 
     def verify_backup(self, backup: str) -> pb.Backup:
-        return self._call(self.backups.VerifyBackup, pb.VerifyBackupRequest(name=r.resource("backups", backup)))
+        return self._call(self.backups.VerifyBackup,
+                          pb.VerifyBackupRequest(name=r.resource("backups", backup)))
 
     def set_backup_schedule(self, instance: str, interval_seconds: int, keep: int,
                             full_every: int = 0) -> pb.BackupSchedule:
@@ -285,7 +302,8 @@ class Client:
             id=host_id, address=address, memory_overcommit=memory_overcommit,
             storage_overcommit=storage_overcommit)))
 
-    def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "", hostd_port: int = 0) -> apb.Host:
+    def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "",
+                    hostd_port: int = 0) -> apb.Host:
         return self._call(self.admin.EnrollHost, apb.EnrollHostRequest(
             id=host_id, ssh_target=ssh_target, ssh_key_path=ssh_key_path, hostd_port=hostd_port),
             timeout=max(self.config.timeout, 600.0))
@@ -294,10 +312,11 @@ class Client:
         return self._call(self.admin.GetHost, apb.GetHostRequest(name=r.resource("hosts", host)))
 
     def list_hosts(self) -> list[apb.Host]:
-        return list(self._pages(self.admin.ListHosts, apb.ListHostsRequest(), "hosts"))
+        return self._all(self._pages(self.admin.ListHosts, apb.ListHostsRequest(), lambda p: p.hosts))
 
     def drain_host(self, host: str, drain: bool = True) -> apb.Host:
-        return self._call(self.admin.DrainHost, apb.DrainHostRequest(name=r.resource("hosts", host), drain=drain))
+        return self._call(self.admin.DrainHost,
+                          apb.DrainHostRequest(name=r.resource("hosts", host), drain=drain))
 
     def delete_host(self, host: str) -> None:
         self._call(self.admin.DeleteHost, apb.DeleteHostRequest(name=r.resource("hosts", host)))
@@ -306,11 +325,13 @@ class Client:
         return self._call(self.admin.GetTask, apb.GetTaskRequest(name=r.resource("tasks", task)))
 
     def list_tasks(self, resource: str = "", state: int = 0) -> Iterator[apb.Task]:
-        return self._pages(self.admin.ListTasks, apb.ListTasksRequest(resource=resource, state=state), "tasks")
+        request = apb.ListTasksRequest(resource=resource, state=apb.TaskState.ValueType(state))
+        return self._pages(self.admin.ListTasks, request, lambda p: p.tasks)
 
     # ------------------------------------------------------------------ admin: tenants, tokens, quotas
 
-    def create_tenant(self, tenant_id: str, display_name: str = "", quota: apb.Quota | None = None) -> apb.Tenant:
+    def create_tenant(self, tenant_id: str, display_name: str = "",
+                      quota: apb.Quota | None = None) -> apb.Tenant:
         return self._call(self.admin.CreateTenant, apb.CreateTenantRequest(
             tenant=apb.Tenant(id=tenant_id, display_name=display_name, quota=quota)))
 
@@ -318,7 +339,8 @@ class Client:
         return self._call(self.admin.GetTenant, apb.GetTenantRequest(name=r.resource("tenants", tenant)))
 
     def list_tenants(self) -> list[apb.Tenant]:
-        return list(self._pages(self.admin.ListTenants, apb.ListTenantsRequest(), "tenants"))
+        return self._all(self._pages(self.admin.ListTenants, apb.ListTenantsRequest(),
+                                     lambda p: p.tenants))
 
     def delete_tenant(self, tenant: str) -> None:
         self._call(self.admin.DeleteTenant, apb.DeleteTenantRequest(name=r.resource("tenants", tenant)))
@@ -346,8 +368,9 @@ class Client:
             role=role, id=ident, csr_pem=csr_pem, days=days))
 
     def revoke_certificate(self, serial: str, reason: str = "") -> apb.Certificate:
-        return self._call(self.admin.RevokeCertificate, apb.RevokeCertificateRequest(serial=serial, reason=reason))
+        return self._call(self.admin.RevokeCertificate,
+                          apb.RevokeCertificateRequest(serial=serial, reason=reason))
 
     def list_certificates(self) -> list[apb.Certificate]:
-        return list(self._pages(self.admin.ListCertificates, apb.ListCertificatesRequest(), "certificates"))
-
+        return self._all(self._pages(self.admin.ListCertificates, apb.ListCertificatesRequest(),
+                                     lambda p: p.certificates))

@@ -1,19 +1,54 @@
-"""Trove v1.0 JSON ⇄ Red Dwarf messages: the shapes python-troveclient reads and writes."""
+"""Trove v1.0 JSON ⇄ the SDK's values: the shapes python-troveclient reads and writes, parsed into the
+arguments of reddwarf.client.AsyncClient calls and rendered from the messages they return."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
-from reddwarf.common import states
+from reddwarf.common import errors, states
 from reddwarf.v1 import common_pb2, database_pb2
+
+from .resources import DatabaseSpec, UserSpec
 
 # Trove has no DELETING/RESTORING on the wire: its clients know BUILD and SHUTDOWN.
 STATUS = {"RESTORING": "BUILD", "DELETING": "SHUTDOWN", "HEALTHY": "ACTIVE"}
 
+# The member an error body is wrapped in, by HTTP status: {"itemNotFound": {"code": 404, "message": ...}}.
+FAULT_NAMES = {400: "badRequest", 401: "unauthorized", 403: "forbidden", 404: "itemNotFound",
+               409: "conflictingRequest", 413: "overLimit", 422: "unprocessableEntity", 500: "instanceFault",
+               503: "serviceUnavailable"}
 
-class BadInput(ValueError):
+
+class BadInput(errors.InvalidArgument):
     """A body that is JSON but not the shape Trove defines (400)."""
+
+
+@dataclass(frozen=True)
+class InstanceCreate:
+    """The arguments of AsyncClient.create_instance that a Trove create body carries."""
+    name: str
+    flavor: str
+    size_gb: int
+    databases: list[DatabaseSpec]
+    users: list[UserSpec]
+    datastore: str = ""
+    datastore_version: str = ""
+    restore_from: str | None = None
+
+
+@dataclass(frozen=True)
+class BackupCreate:
+    """The arguments of AsyncClient.create_backup that a Trove backup body carries."""
+    instance: str
+    name: str
+    description: str = ""
+    parent: str | None = None
+
+
+def fault(code: int, message: str) -> dict[str, Any]:
+    return {FAULT_NAMES.get(code, "computeFault"): {"code": code, "message": message}}
 
 
 def _str(d: dict[str, Any], key: str, where: str, required: bool = True) -> str:
@@ -80,32 +115,33 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     return out
 
 
-def databases(items: Any) -> list[common_pb2.Database]:
+def _objects(items: Any, where: str) -> list[dict[str, Any]]:
+    """A non-empty JSON list of objects, or BadInput naming where it is not one."""
     if not isinstance(items, list) or not items:
-        raise BadInput("databases must be a non-empty list")
-    out = []
-    for n, d in enumerate(items):
-        if not isinstance(d, dict):
-            raise BadInput(f"databases[{n}] must be an object")
-        out.append(common_pb2.Database(database=_str(d, "name", f"databases[{n}]"),
-                                       character_set=_str(d, "character_set", f"databases[{n}]", False),
-                                       collation=_str(d, "collate", f"databases[{n}]", False)))
-    return out
+        raise BadInput(f"{where} must be a non-empty list")
+    for n, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadInput(f"{where}[{n}] must be an object")
+    return items
 
 
-def users(items: Any) -> list[common_pb2.User]:
-    if not isinstance(items, list) or not items:
-        raise BadInput("users must be a non-empty list")
+def databases(items: Any) -> list[DatabaseSpec]:
+    return [DatabaseSpec(_str(d, "name", f"databases[{n}]"),
+                         character_set=_str(d, "character_set", f"databases[{n}]", False),
+                         collation=_str(d, "collate", f"databases[{n}]", False))
+            for n, d in enumerate(_objects(items, "databases"))]
+
+
+def users(items: Any) -> list[UserSpec]:
+    """Users as Trove gives them; host "" (none given) means any host, as it does to the server."""
     out = []
-    for n, u in enumerate(items):
-        if not isinstance(u, dict):
-            raise BadInput(f"users[{n}] must be an object")
+    for n, u in enumerate(_objects(items, "users")):
         dbs = u.get("databases", [])
         if not isinstance(dbs, list):
             raise BadInput(f"users[{n}].databases must be a list")
-        out.append(common_pb2.User(user=_str(u, "name", f"users[{n}]"), password=_str(u, "password", f"users[{n}]"),
-                                   host=_str(u, "host", f"users[{n}]", False),
-                                   databases=[d.database for d in databases(dbs)] if dbs else []))
+        out.append(UserSpec(_str(u, "name", f"users[{n}]"), password=_str(u, "password", f"users[{n}]"),
+                            host=_str(u, "host", f"users[{n}]", False),
+                            databases=tuple(d.name for d in databases(dbs)) if dbs else ()))
     return out
 
 
@@ -117,7 +153,7 @@ def user(u: common_pb2.User) -> dict[str, Any]:
     return {"name": u.user, "host": u.host or "%", "databases": [{"name": d} for d in u.databases]}
 
 
-def create_request(body: dict[str, Any]) -> database_pb2.CreateInstanceRequest:
+def create_request(body: dict[str, Any]) -> InstanceCreate:
     name = _str(body, "name", "instance")
     flavor_id = ref_id(body.get("flavorRef"), "instance.flavorRef")
     vol = body.get("volume", {})
@@ -127,28 +163,24 @@ def create_request(body: dict[str, Any]) -> database_pb2.CreateInstanceRequest:
     ds = body.get("datastore", {}) or {}
     if not isinstance(ds, dict):
         raise BadInput("instance.datastore must be an object")
-    req = database_pb2.CreateInstanceRequest(instance=database_pb2.Instance(
-        display_name=name, flavor=flavor_id, volume=database_pb2.Volume(size_gb=size),
-        datastore=_str(ds, "type", "instance.datastore", False), datastore_version=_str(ds, "version",
-                                                                                        "instance.datastore", False)))
-    if body.get("databases"):
-        req.databases.extend(databases(body["databases"]))
-    if body.get("users"):
-        req.users.extend(users(body["users"]))
+    datastore = _str(ds, "type", "instance.datastore", False)
+    version = _str(ds, "version", "instance.datastore", False)
+    dbs = databases(body["databases"]) if body.get("databases") else []
+    accounts = users(body["users"]) if body.get("users") else []
+    restore_from = None
     rp = body.get("restorePoint")
     if rp is not None:
         if not isinstance(rp, dict):
             raise BadInput("instance.restorePoint must be an object")
-        req.restore_from_backup = "backups/" + ref_id(rp.get("backupRef"), "instance.restorePoint.backupRef")
-    return req
+        restore_from = ref_id(rp.get("backupRef"), "instance.restorePoint.backupRef")
+    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from)
 
 
-def backup_request(body: dict[str, Any]) -> database_pb2.Backup:
-    return database_pb2.Backup(display_name=_str(body, "name", "backup"),
-                               instance="instances/" + ref_id(body.get("instance"), "backup.instance"),
-                               description=_str(body, "description", "backup", False),
-                               parent=("backups/" + ref_id(body["parent_id"], "backup.parent_id"))
-                               if body.get("parent_id") else "")
+def backup_request(body: dict[str, Any]) -> BackupCreate:
+    name = _str(body, "name", "backup")
+    instance = ref_id(body.get("instance"), "backup.instance")
+    return BackupCreate(instance, name, description=_str(body, "description", "backup", False),
+                        parent=ref_id(body["parent_id"], "backup.parent_id") if body.get("parent_id") else None)
 
 
 def backup(b: database_pb2.Backup) -> dict[str, Any]:

@@ -1,27 +1,66 @@
-"""Domain errors raised inside every process, and their one mapping to gRPC status at the edge.
+"""Domain errors raised inside every process, and the one table that carries them onto the wire.
 
-Code deep inside raises a specific `RedDwarfError`; the servicer edge (`grpc_edge` decorator or
-`to_rpc_status`) turns it into a google.rpc.Status with google.rpc.BadRequest field violations that name
+Code deep inside raises a specific `RedDwarfError`; the servicer edge (the `grpc_edge` decorator, or
+`abort`) turns it into a google.rpc.Status with google.rpc.BadRequest field violations that name
 the offending field. Nothing returns error strings inside success responses.
+
+Each class below is one row of the table (as in googleapis python-api-core's exceptions.py): it carries
+its gRPC status code and the HTTP status the REST gateway answers with (Trove's choices: 413 for a quota,
+422 for a precondition, 500 for anything the caller cannot act on). The SDK's exceptions
+(`reddwarf.client.NotFound`, ...) subclass these rows, so every layer reads the same table:
+
+    domain error         gRPC status           HTTP   SDK exception (reddwarf.client)
+    Cancelled            CANCELLED             500    Cancelled
+    Unknown              UNKNOWN               500    Unknown
+    InvalidArgument      INVALID_ARGUMENT      400    InvalidArgument
+    DeadlineExceeded     DEADLINE_EXCEEDED     503    DeadlineExceeded (WaitTimeout)
+    NotFound             NOT_FOUND             404    NotFound (InstanceGone)
+    AlreadyExists        ALREADY_EXISTS        409    AlreadyExists
+    PermissionDenied     PERMISSION_DENIED     403    PermissionDenied
+    ResourceExhausted    RESOURCE_EXHAUSTED    413    ResourceExhausted
+    FailedPrecondition   FAILED_PRECONDITION   422    FailedPrecondition (InstanceFailed)
+    Aborted              ABORTED               500    Aborted
+    OutOfRange           OUT_OF_RANGE          500    OutOfRange
+    Unimplemented        UNIMPLEMENTED         500    Unimplemented
+    Internal             INTERNAL              500    Internal
+    Unavailable          UNAVAILABLE           503    Unavailable
+    DataLoss             DATA_LOSS             500    DataLoss
+    Unauthenticated      UNAUTHENTICATED       401    Unauthenticated
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar, cast
 
 import grpc
+import grpc.aio
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 log = logging.getLogger("reddwarf.errors")
 
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
 
 class RedDwarfError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """A failure with a status: `code` (gRPC) and `http_status` (REST) come from the class, `violations`
+    name the offending fields as (field, description) pairs."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    http_status: ClassVar[int] = 500
+
+    def __init_subclass__(cls, *, code: grpc.StatusCode | None = None, http_status: int | None = None,
+                          **kwargs: Any) -> None:
+        """A row of the table: `class NotFound(RedDwarfError, code=NOT_FOUND, http_status=404)`."""
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
+        if http_status is not None:
+            cls.http_status = http_status
 
     def __init__(self, message: str, *, field: str | None = None,
                  violations: Sequence[tuple[str, str]] = ()) -> None:
@@ -32,55 +71,47 @@ class RedDwarfError(Exception):
             self.violations.insert(0, (field, message))
 
 
-class InvalidArgument(RedDwarfError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+# One row a line: the class, its gRPC status, and the HTTP status when it is not 500.
+class Cancelled(RedDwarfError, code=grpc.StatusCode.CANCELLED): ...
+class Unknown(RedDwarfError, code=grpc.StatusCode.UNKNOWN): ...
+class InvalidArgument(RedDwarfError, code=grpc.StatusCode.INVALID_ARGUMENT, http_status=400): ...
+class DeadlineExceeded(RedDwarfError, code=grpc.StatusCode.DEADLINE_EXCEEDED, http_status=503): ...
+class NotFound(RedDwarfError, code=grpc.StatusCode.NOT_FOUND, http_status=404): ...
+class AlreadyExists(RedDwarfError, code=grpc.StatusCode.ALREADY_EXISTS, http_status=409): ...
+class PermissionDenied(RedDwarfError, code=grpc.StatusCode.PERMISSION_DENIED, http_status=403): ...
+class ResourceExhausted(RedDwarfError, code=grpc.StatusCode.RESOURCE_EXHAUSTED, http_status=413): ...
+class FailedPrecondition(RedDwarfError, code=grpc.StatusCode.FAILED_PRECONDITION, http_status=422): ...
+class Aborted(RedDwarfError, code=grpc.StatusCode.ABORTED): ...
+class OutOfRange(RedDwarfError, code=grpc.StatusCode.OUT_OF_RANGE): ...
+class Unimplemented(RedDwarfError, code=grpc.StatusCode.UNIMPLEMENTED): ...
+class Internal(RedDwarfError, code=grpc.StatusCode.INTERNAL): ...
+class Unavailable(RedDwarfError, code=grpc.StatusCode.UNAVAILABLE, http_status=503): ...
+class DataLoss(RedDwarfError, code=grpc.StatusCode.DATA_LOSS): ...
+class Unauthenticated(RedDwarfError, code=grpc.StatusCode.UNAUTHENTICATED, http_status=401): ...
 
 
-class NotFound(RedDwarfError):
-    code = grpc.StatusCode.NOT_FOUND
+# The table, one row per status code but OK, in the codes' order.
+TABLE: tuple[type[RedDwarfError], ...] = (
+    Cancelled, Unknown, InvalidArgument, DeadlineExceeded, NotFound, AlreadyExists, PermissionDenied,
+    ResourceExhausted, FailedPrecondition, Aborted, OutOfRange, Unimplemented, Internal, Unavailable, DataLoss,
+    Unauthenticated)
+
+_BY_CODE: dict[grpc.StatusCode, type[RedDwarfError]] = {cls.code: cls for cls in TABLE}
+_CODE_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
 
 
-class AlreadyExists(RedDwarfError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+def status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status code number (UNKNOWN for a number gRPC does not define)."""
+    return _CODE_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
-class FailedPrecondition(RedDwarfError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+def error_class(code: grpc.StatusCode) -> type[RedDwarfError]:
+    """The table's row for a status code (Unknown for OK, which is no error)."""
+    return _BY_CODE.get(code, Unknown)
 
 
-class ResourceExhausted(RedDwarfError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class PermissionDenied(RedDwarfError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-
-
-class Unauthenticated(RedDwarfError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class Unavailable(RedDwarfError):
-    code = grpc.StatusCode.UNAVAILABLE
-
-
-class DeadlineExceeded(RedDwarfError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class Aborted(RedDwarfError):
-    code = grpc.StatusCode.ABORTED
-
-
-class Internal(RedDwarfError):
-    code = grpc.StatusCode.INTERNAL
-
-
-_BY_CODE: dict[int, type[RedDwarfError]] = {
-    cls.code.value[0]: cls
-    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, ResourceExhausted,
-                PermissionDenied, Unauthenticated, Unavailable, DeadlineExceeded, Aborted, Internal)
-}
+def http_status(code: grpc.StatusCode) -> int:
+    return error_class(code).http_status
 
 
 def _cap(text: str, limit: int = 1000) -> str:
@@ -102,30 +133,45 @@ def to_status_pb(err: RedDwarfError) -> status_pb2.Status:
     return st
 
 
-def from_status_pb(st: status_pb2.Status) -> RedDwarfError | None:
-    """The error a google.rpc.Status carries (None for OK): used on results relayed from agents."""
-    if st.code == code_pb2.OK:
-        return None
-    violations: list[tuple[str, str]] = []
+def violations_of(st: status_pb2.Status) -> list[tuple[str, str]]:
+    """The (field, description) pairs of the google.rpc.BadRequest details in a status."""
+    found: list[tuple[str, str]] = []
     for detail in st.details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             br = error_details_pb2.BadRequest()
             detail.Unpack(br)
-            violations.extend((v.field, v.description) for v in br.field_violations)
-    cls = _BY_CODE.get(st.code, Internal)
-    return cls(st.message, violations=violations)
+            found.extend((v.field, v.description) for v in br.field_violations)
+    return found
+
+
+def from_status_pb(st: status_pb2.Status) -> RedDwarfError | None:
+    """The error a google.rpc.Status carries (None for OK): used on results relayed from agents."""
+    if st.code == code_pb2.OK:
+        return None
+    return error_class(status_code(st.code))(st.message, violations=violations_of(st))
+
+
+def call_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """(code, message, field violations) of a failed sync or asyncio call, from its google.rpc.Status
+    details when the server sent them. Unlike grpc_status.rpc_status.from_call this never raises: a
+    status that disagrees with the call's own code is read as the status says."""
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    message = (exc.details() if hasattr(exc, "details") else None) or code.name
+    # Sync calls give a tuple of _Metadatum, aio calls a grpc.aio.Metadata: at run time both iterate as
+    # (key, value) pairs, which the stubs do not say of _Metadatum.
+    trailing = cast(Iterable[tuple[str, str | bytes]] | None,
+                    exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None)
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            st = status_pb2.Status.FromString(value)
+            return status_code(st.code), st.message or message, violations_of(st)
+    return code, message, []
 
 
 def from_rpc_error(exc: grpc.RpcError) -> RedDwarfError:
     """Turns a failed call's status (with its details) back into a domain error."""
-    st = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    if st is not None:
-        err = from_status_pb(st)
-        if err is not None:
-            return err
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    cls = _BY_CODE.get(code.value[0], Unavailable if code == grpc.StatusCode.UNAVAILABLE else Internal)
-    return cls(exc.details() if hasattr(exc, "details") else str(exc))
+    code, message, violations = call_status(exc)
+    return error_class(code)(message, violations=violations)
 
 
 def ok_status() -> status_pb2.Status:
@@ -135,7 +181,7 @@ def ok_status() -> status_pb2.Status:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-async def abort(context: grpc.aio.ServicerContext, err: RedDwarfError) -> None:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], err: RedDwarfError) -> None:
     await context.abort_with_status(rpc_status.to_status(to_status_pb(err)))
 
 
@@ -144,7 +190,7 @@ def grpc_edge(fn: F) -> F:
     anything unexpected is logged and becomes INTERNAL without leaking its text."""
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
-        async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def gen_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 async for item in fn(self, request, context):
                     yield item
@@ -158,7 +204,7 @@ def grpc_edge(fn: F) -> F:
         return gen_wrapper  # type: ignore[return-value]
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await fn(self, request, context)
         except RedDwarfError as err:

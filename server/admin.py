@@ -7,7 +7,6 @@ import logging
 import re
 import uuid
 
-import grpc
 from google.protobuf import empty_pb2
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -258,10 +257,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def EnrollHost(self, request, context):  # type: ignore[no-untyped-def]
-        from reddwarf.common.errors import RedDwarfError
-
-        class Unimplemented(RedDwarfError):
-            code = grpc.StatusCode.UNIMPLEMENTED
+        from reddwarf.common.errors import Unimplemented
         raise Unimplemented("EnrollHost (install hostd over SSH) is not implemented; install hostd on the "
                             "host, issue it a host certificate and use RegisterHost")
 

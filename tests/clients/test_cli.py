@@ -6,25 +6,23 @@ import json
 import os
 import sys
 import time
-import uuid
 
 import pexpect
 import pytest
 from typer.testing import CliRunner
 
 from reddwarf.client import cli
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2
+from reddwarf.v1 import database_pb2
 from tests.fixtures.cluster import start_cluster
 from tests.fixtures.server import start_server
+
+from .tenant import new_tenant
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     with start_server(tmp_path_factory.mktemp("cli")) as server:
-        admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
-        tid = f"c{uuid.uuid4().hex[:6]}"
-        admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=tid)))
-        token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}")).secret
+        _, token = new_tenant(server, "c")
         f = server.client_files
         yield {"REDDWARF_ENDPOINT": server.api, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert),
                "REDDWARF_KEY": str(f.key), "REDDWARF_TOKEN": token, "REDDWARF_CONFIG": "/nonexistent"}

@@ -4,42 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import uuid
 
 import httpx
 import pytest
 
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc
-from tests.fixtures.mariadb import free_port
-from tests.fixtures.server import start_server, stop_process
+from tests.fixtures.gateway import start_gateway
+from tests.fixtures.server import start_server
+
+from .tenant import new_tenant
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     with start_server(tmp_path_factory.mktemp("gw")) as server:
-        admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
-        tid = f"t{uuid.uuid4().hex[:6]}"
-        admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=tid)))
-        token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}")).secret
-        port = free_port()
-        f = server.gateway_files
-        log = open(server.state_dir / "gateway.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "reddwarf.client.gateway", "--listen", f"127.0.0.1:{port}",
-                                 "--api", server.api, "--cert", str(f.cert), "--key", str(f.key), "--ca", str(f.ca)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(100):
-                try:
-                    httpx.get(base + "/", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+        tid, token = new_tenant(server, "t")
+        with start_gateway(server.api, server.gateway_files, log=server.state_dir / "gateway.log") as base:
             yield base, tid, token, server
-        finally:
-            stop_process(proc)
-            log.close()
 
 
 def test_version_discovery(gw):

@@ -3,59 +3,37 @@ create with a database and a user → more databases and users → root → back
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
-import httpx
 import pymysql
 import pytest
 
 from tests.fixtures.cluster import start_cluster
-from tests.fixtures.mariadb import free_port
-from tests.fixtures.server import stop_process
+from tests.fixtures.gateway import start_gateway
 from tests.fixtures.waiting import until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC")]
 
 
-
 def test_troveclient_full_flow(tmp_path):
     from keystoneauth1 import session, token_endpoint
     from troveclient.v1 import client
-    with start_cluster(tmp_path) as c:
-        port = free_port()
-        f = c.server.gateway_files
-        proc = subprocess.Popen([sys.executable, "-m", "reddwarf.client.gateway", "--listen", f"127.0.0.1:{port}",
-                                 "--api", c.server.api, "--cert", str(f.cert), "--key", str(f.key), "--ca", str(f.ca)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            until(lambda: _up(base), bool, 30)
-            trove = client.Client(session=session.Session(auth=token_endpoint.Token(f"{base}/v1.0/{c.tenant}", c.token)))
-            inst = trove.instances.create("flow", "tiny", volume={"size": 1}, databases=[{"name": "shop"}],
-                                          users=[{"name": "app", "password": "app-pw-123",
-                                                  "databases": [{"name": "shop"}]}])
-            inst = until(lambda: trove.instances.get(inst.id), lambda i: i.status in ("ACTIVE", "ERROR"))
-            assert inst.status == "ACTIVE"
-            trove.databases.create(inst.id, [{"name": "reports"}])
-            assert {d.name for d in trove.databases.list(inst.id)} >= {"shop", "reports"}
-            trove.users.create(inst.id, [{"name": "bob", "password": "bob-pw-123", "databases": [{"name": "reports"}]}])
-            assert "bob" in {u.name for u in trove.users.list(inst.id)}
-            user, password = trove.root.create(inst.id)
-            assert user == "root" and trove.root.is_root_enabled(inst.id).rootEnabled
-            pymysql.connect(host=inst.ip[0], port=inst.port, user="root", password=password).close()
-            b = trove.backups.create("flow-backup", inst.id)
-            b = until(lambda: trove.backups.get(b.id), lambda x: x.status in ("COMPLETED", "FAILED"))
-            assert b.status == "COMPLETED"
-            trove.backups.delete(b.id)
-            trove.instances.delete(inst.id)
-            until(lambda: [i.id for i in trove.instances.list()], lambda ids: inst.id not in ids, 120)
-        finally:
-            stop_process(proc)
-
-
-def _up(base: str) -> bool:
-    try:
-        return httpx.get(base + "/", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with start_cluster(tmp_path) as c, start_gateway(c.server.api, c.server.gateway_files) as base:
+        trove = client.Client(session=session.Session(auth=token_endpoint.Token(f"{base}/v1.0/{c.tenant}", c.token)))
+        inst = trove.instances.create("flow", "tiny", volume={"size": 1}, databases=[{"name": "shop"}],
+                                      users=[{"name": "app", "password": "app-pw-123",
+                                              "databases": [{"name": "shop"}]}])
+        inst = until(lambda: trove.instances.get(inst.id), lambda i: i.status in ("ACTIVE", "ERROR"))
+        assert inst.status == "ACTIVE"
+        trove.databases.create(inst.id, [{"name": "reports"}])
+        assert {d.name for d in trove.databases.list(inst.id)} >= {"shop", "reports"}
+        trove.users.create(inst.id, [{"name": "bob", "password": "bob-pw-123", "databases": [{"name": "reports"}]}])
+        assert "bob" in {u.name for u in trove.users.list(inst.id)}
+        user, password = trove.root.create(inst.id)
+        assert user == "root" and trove.root.is_root_enabled(inst.id).rootEnabled
+        pymysql.connect(host=inst.ip[0], port=inst.port, user="root", password=password).close()
+        b = trove.backups.create("flow-backup", inst.id)
+        b = until(lambda: trove.backups.get(b.id), lambda x: x.status in ("COMPLETED", "FAILED"))
+        assert b.status == "COMPLETED"
+        trove.backups.delete(b.id)
+        trove.instances.delete(inst.id)
+        until(lambda: [i.id for i in trove.instances.list()], lambda ids: inst.id not in ids, 120)
