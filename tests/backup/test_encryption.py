@@ -302,3 +302,70 @@ async def test_store_with_db_keys_round_trips_and_shreds(tmp_path, sessions):
         keys.destroy_tenant_key(s, "alice")
     with pytest.raises(NotFound):
         await store.verify("b1", sha)
+
+
+# ---------------------------------------------------------------------------- S3: the same format
+
+
+class FakeS3:
+    """The few S3 calls S3Store makes, in memory, with S3's visibility rule: an object appears only at
+    CompleteMultipartUpload."""
+
+    class Missing(Exception):
+        response = {"Error": {"Code": "NoSuchKey"}}  # noqa: RUF012 - mimics botocore's ClientError
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.uploads: dict[str, dict[int, bytes]] = {}
+
+    def create_multipart_upload(self, Bucket: str, Key: str) -> dict:  # noqa: N803 - boto3's names
+        uid = f"u{len(self.uploads)}"
+        self.uploads[uid] = {}
+        return {"UploadId": uid}
+
+    def upload_part(self, Bucket, Key, UploadId, PartNumber, Body):  # noqa: N803
+        self.uploads[UploadId][PartNumber] = Body
+        return {"ETag": str(PartNumber)}
+
+    def complete_multipart_upload(self, Bucket, Key, UploadId, MultipartUpload):  # noqa: N803
+        parts = self.uploads.pop(UploadId)
+        self.objects[Key] = b"".join(parts[p["PartNumber"]] for p in MultipartUpload["Parts"])
+
+    def abort_multipart_upload(self, Bucket, Key, UploadId):  # noqa: N803
+        self.uploads.pop(UploadId, None)
+
+    def get_object(self, Bucket, Key):  # noqa: N803
+        import io
+        if Key not in self.objects:
+            raise self.Missing()
+        return {"Body": io.BytesIO(self.objects[Key])}
+
+    def head_object(self, Bucket, Key):  # noqa: N803
+        if Key not in self.objects:
+            raise self.Missing()
+
+    def delete_object(self, Bucket, Key):  # noqa: N803
+        self.objects.pop(Key, None)
+
+
+async def test_s3_store_holds_only_ciphertext_and_refuses_tampering():
+    from reddwarf.server.backup_store import S3Settings, S3Store
+    fake = FakeS3()
+    store = S3Store(S3Settings("http://s3.invalid", "bk", "id", "secret"), MemoryKeys(), client=fake)
+    data = payload(9 * CHUNK + 7)  # more than one 8 MiB part
+    async with store.open_writer("b1", "t1") as w:
+        await w.write(data)
+        obj = await w.commit(hashlib.sha256(data).hexdigest())
+    assert obj.location == "s3://bk/backups/b1.xbstream.zst.enc" and not fake.uploads
+    assert MARKER not in fake.objects["backups/b1.xbstream.zst.enc"]
+    assert b"".join([c async for c in store.open_reader("b1")]) == data
+    with pytest.raises(AlreadyExists):
+        async with store.open_writer("b1", "t1") as w:
+            await w.write(b"again")
+            await w.commit(hashlib.sha256(b"again").hexdigest())
+    key = "backups/b1.xbstream.zst.enc"
+    fake.objects[key] = fake.objects[key][:-1]
+    assert not (await store.verify("b1", obj.sha256)).ok
+    await store.delete("b1")
+    with pytest.raises(NotFound):
+        [c async for c in store.open_reader("b1")]
