@@ -207,11 +207,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             tid = row.id
         # The key is gone with the commit above; the objects are ciphertext nobody can read any more, and
         # are deleted now (a crash here leaves only such unreadable files behind).
-        sink = self.app.backups
-        store = sink.store if sink is not None else None
-        for bid in doomed:
-            if store is not None:
-                await store.delete(bid)
+        if self.app.backups is not None:
+            for bid in doomed:
+                await self.app.backups.store.delete(bid)
         log.info("tenant deleted", extra={"tenant": tid, "backups": len(doomed), "key_destroyed": bool(shredded)})
         return empty_pb2.Empty()
 
