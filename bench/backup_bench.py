@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from reddwarf.server.backup_store import LocalStore
+from reddwarf.server.keys import MemoryKeys
 from tests.backup.conftest import Mysqld
 
 
@@ -46,11 +47,11 @@ async def main_async(tables: int, rows: int) -> int:
         raw_backup = time.monotonic() - t
 
         # Red Dwarf backup
-        store = LocalStore(os.path.join(base, "store"))
+        store = LocalStore(os.path.join(base, "store"), MemoryKeys())
 
         async def upload(chunks):  # type: ignore[no-untyped-def]
             from reddwarf.v1 import agent_pb2
-            async with store.open_writer("b1") as w:
+            async with store.open_writer("b1", "bench") as w:
                 final = ""
                 async for c in chunks:
                     if c.data:

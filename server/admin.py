@@ -17,10 +17,11 @@ from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from reddwarf.common.pki import identity_from_cert, validate_role_id
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
-from . import models
+from . import models, tasks
 from .app import App
-from .auth import current_principal, hash_secret, new_secret, serial_hex
+from .auth import ADMIN_TENANT, current_principal, hash_secret, new_secret, serial_hex
 from .catalog import fetch, resource_id, ts
+from .keys import destroy_tenant_key
 from .pagination import Paginator
 
 log = logging.getLogger("reddwarf.server.admin")
@@ -100,6 +101,14 @@ def revoke_identity(app: App, s: Session, identity_uri: str, reason: str) -> int
     return len(rows)
 
 
+def live_tenant(s: Session, name: str, field: str = "name") -> models.Tenant:
+    """The tenant named `tenants/<id>` (or a bare id) unless it was deleted; NOT_FOUND naming the field."""
+    row = fetch(s, models.Tenant, name, "tenants", field)
+    if row.deleted_at is not None:
+        raise NotFound(f"tenant {row.id!r} does not exist (it was deleted)", field=field)
+    return row
+
+
 def _quota_values(q: admin_pb2.Quota, field: str) -> None:
     for name in ("instances", "memory_mb", "volume_gb", "backups"):
         v = getattr(q, name)
@@ -124,7 +133,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_edge
     async def CreateTenant(self, request, context):  # type: ignore[no-untyped-def]
         t = request.tenant
-        if not TENANT_ID.match(t.id):
+        if not TENANT_ID.fullmatch(t.id):
             raise InvalidArgument("tenant.id must be 1-63 lowercase letters, digits or '-'", field="tenant.id")
         if len(t.display_name) > 255:
             raise InvalidArgument("tenant.display_name is longer than 255 characters", field="tenant.display_name")
@@ -132,7 +141,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if t.HasField("quota"):
             _quota_values(t.quota, "tenant.quota")
         with self.app.sessions() as s, s.begin():
-            if s.get(models.Tenant, t.id) is not None:
+            old = s.get(models.Tenant, t.id)
+            if old is not None and old.deleted_at is not None:
+                # Never reused: nothing recorded under the old tenant may ever reach a new one.
+                raise AlreadyExists(f"tenant id {t.id!r} belonged to a tenant deleted at {old.deleted_at:%Y-%m-%d %H:%M} "
+                                    "UTC; tenant ids are never reused, choose another", field="tenant.id")
+            if old is not None:
                 raise AlreadyExists(f"tenant {t.id!r} already exists", field="tenant.id")
             row = models.Tenant(
                 id=t.id, display_name=t.display_name or t.id,
@@ -147,29 +161,52 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_edge
     async def GetTenant(self, request, context):  # type: ignore[no-untyped-def]
         with self.app.sessions() as s:
-            row = fetch(s, models.Tenant, request.name, "tenants")
+            row = live_tenant(s, request.name)
             return tenant_pb(row)
 
     @grpc_edge
     async def ListTenants(self, request, context):  # type: ignore[no-untyped-def]
         items, token = self._list("ListTenants", context, request,
-                                  select(models.Tenant).order_by(models.Tenant.id), tenant_pb)
+                                  select(models.Tenant).where(models.Tenant.deleted_at.is_(None))
+                                  .order_by(models.Tenant.id), tenant_pb)
         return admin_pb2.ListTenantsResponse(tenants=items, next_page_token=token)
 
     @grpc_edge
     async def DeleteTenant(self, request, context):  # type: ignore[no-untyped-def]
+        """Deletes a tenant for good: its tokens, its backups (rows and stored objects) and its backup data key
+        (crypto-shredding: any copy of its objects anywhere is unreadable from this commit on). The row stays
+        as a tombstone, so the id is never given out again."""
         with self.app.sessions() as s, s.begin():
-            row = fetch(s, models.Tenant, request.name, "tenants")
-            if row.id == "admin":
+            row = live_tenant(s, request.name)
+            if row.id == ADMIN_TENANT:
                 raise FailedPrecondition("the admin tenant cannot be deleted", field="name")
             live = s.scalar(select(func.count()).select_from(models.Instance).where(
                 models.Instance.tenant_id == row.id, models.Instance.deleted_at.is_(None)))
             if live:
                 raise FailedPrecondition(f"tenant {row.id!r} still has {live} instance(s); delete them first",
                                          field="name")
+            backups = s.scalars(select(models.Backup).where(models.Backup.tenant_id == row.id)).all()
+            busy = [b.id for b in backups if tasks.active_task_for(s, f"backups/{b.id}") is not None]
+            if busy:
+                raise FailedPrecondition(f"backup {busy[0]} of tenant {row.id!r} is being verified; try again when "
+                                         "it is done", field="name")
+            doomed = [b.id for b in backups]
+            for b in backups:  # unlink the chains first: a parent link must never dangle
+                b.parent_id = None
+            s.flush()
+            for b in backups:
+                s.delete(b)
             for tok in s.scalars(select(models.Token).where(models.Token.tenant_id == row.id)):
                 s.delete(tok)
-            s.delete(row)
+            shredded = destroy_tenant_key(s, row.id)
+            row.deleted_at = now()
+            tid = row.id
+        # The key is gone with the commit above; the objects are ciphertext nobody can read any more, and
+        # are deleted now (a crash here leaves only such unreadable files behind).
+        if self.app.backups is not None:
+            for bid in doomed:
+                await self.app.backups.store.delete(bid)
+        log.info("tenant deleted", extra={"tenant": tid, "backups": len(doomed), "key_destroyed": bool(shredded)})
         return empty_pb2.Empty()
 
     @grpc_edge
@@ -181,8 +218,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             raise InvalidArgument("description is longer than 255 characters", field="description")
         secret = new_secret()
         with self.app.sessions() as s, s.begin():
-            if s.get(models.Tenant, tid) is None:
-                raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
+            live_tenant(s, tid, "tenant")
             row = models.Token(id=str(uuid.uuid4()), tenant_id=tid, secret_hash=hash_secret(secret),
                                description=request.description, admin=request.admin,
                                expires_at=now() + dt.timedelta(seconds=request.ttl_seconds)
@@ -206,7 +242,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_edge
     async def GetQuota(self, request, context):  # type: ignore[no-untyped-def]
         with self.app.sessions() as s:
-            row = fetch(s, models.Tenant, request.tenant, "tenants", "tenant")
+            row = live_tenant(s, request.tenant, "tenant")
             return quota_usage(s, row)
 
     @grpc_edge
@@ -214,9 +250,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         tid = resource_id(request.tenant, "tenants", "tenant")
         _quota_values(request.quota, "quota")
         with self.app.sessions() as s, s.begin():
-            row = s.get(models.Tenant, tid)
-            if row is None:
-                raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
+            row = live_tenant(s, tid, "tenant")
             row.quota_instances = request.quota.instances
             row.quota_memory_mb = request.quota.memory_mb
             row.quota_volume_gb = request.quota.volume_gb

@@ -48,7 +48,7 @@ from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
 from . import models, tasks
 from .app import App
 from .auth import current_principal
-from .backup_store import BackupStore
+from .backup_store import BackupStore, upload_cap
 from .catalog import resource_id, ts
 from .instances import owned_instance
 from .pagination import Paginator
@@ -109,7 +109,12 @@ class BackupSink:
                             raise PermissionDenied("this backup belongs to another instance", field="backup_id")
                         if b.status not in ("BUILDING", "SAVING"):
                             raise FailedPrecondition(f"backup {bid} is {b.status}, not being taken", field="backup_id")
-                    writer = self.store.open_writer(bid)
+                        inst = s.get(models.Instance, instance_id)
+                        st = self.app.settings
+                        cap = upload_cap(inst.volume_size_gb if inst is not None else 0, st.backup_upload_factor,
+                                         st.backup_upload_margin_mb)
+                        tenant_id = b.tenant_id
+                    writer = self.store.open_writer(bid, tenant_id, max_bytes=cap)
                 if chunk.data:
                     await writer.write(chunk.data)
                 if chunk.sha256:
@@ -255,8 +260,7 @@ class Backups:
         for lid, sha in links:
             outcome = await self.store.verify(lid, sha)
             if not outcome.ok:
-                self._update(bid, verify_status="MISMATCH",
-                             verify_detail=f"stored bytes of {lid} hash to {outcome.sha256}, recorded {sha}")
+                self._update(bid, verify_status="MISMATCH", verify_detail=outcome.detail[:2000])
                 return
         out = await self._restore_in_scratch(links, expected)
         self._update(bid, verify_status="VERIFIED" if out["ok"] else "MISMATCH", verify_detail=out["detail"][:2000])
@@ -279,6 +283,11 @@ class Backups:
             links = chain(s, b)
             ids, shas = [x.id for x in links], [x.sha256 for x in links]
             expected = {c["table"]: int(c["checksum"]) for c in b.checksums or []}
+        for lid, sha in zip(ids, shas, strict=True):  # every link decrypts, authenticates and hashes right
+            outcome = await self.store.verify(lid, sha)
+            if not outcome.ok:
+                raise FailedPrecondition(f"backup {lid} is corrupt: {outcome.detail}; nothing was restored",
+                                         field="restore_from_backup")
         await self.app.registry.call(instance_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:restore", restore=agent_pb2.RunRestore(backup_ids=ids, sha256=shas)),
             timeout=BACKUP_TIMEOUT)

@@ -36,6 +36,7 @@ from .admin import AdminServicer, record_certificate
 from .app import App
 from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new_secret
 from .catalog import CatalogServicer
+from .keys import ensure_kek
 from .pagination import Paginator
 from .settings import Settings
 
@@ -101,6 +102,7 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
     engine = db.make_engine(settings.db_url)
     sessions = db.session_factory(engine)
     secret_file(sd / "secret", lambda: secrets.token_bytes(32))
+    ensure_kek(settings.backup_kek_file, sessions)  # wraps the tenants' backup data keys
 
     def identity(directory: Path, name: str, role: str, id: str) -> TlsFiles:
         files = TlsFiles(directory / f"{name}.pem", directory / f"{name}.key", directory / "ca.pem")

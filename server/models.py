@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -39,6 +40,21 @@ class Tenant(Base):
     quota_memory_mb: Mapped[int] = mapped_column(BigInteger, default=32768)
     quota_volume_gb: Mapped[int] = mapped_column(BigInteger, default=200)
     quota_backups: Mapped[int] = mapped_column(Integer, default=50)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # A deleted tenant's row stays as a tombstone: its id is never given out again, so a new tenant
+    # cannot inherit anything recorded under the old one.
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class TenantKey(Base):
+    """A tenant's backup data key, wrapped by the server's key-encryption key (server/keys.py). Deleting
+    the row is crypto-shredding: every backup object encrypted under it becomes unreadable."""
+    __tablename__ = "tenant_keys"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    # nonce || AES-256-GCM(KEK, data key), the tenant id as associated data.
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    # Which KEK wrapped it (a hash-derived name, not the key).
+    kek_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

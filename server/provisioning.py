@@ -19,13 +19,14 @@ from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
 from .hosts import HostPool
 from .instances import Instances, InstancesServicer
+from .keys import TenantKeys, ensure_kek
 from .pagination import Paginator
 
 
 def register(app: App, paginator: Paginator, wiring: Any) -> None:
     st = app.settings
     app.events = EventBus()
-    store = LocalStore(st.backup_dir)
+    store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
     app.backups = BackupSink(app, store)
     backups = Backups(app, store)
     backups.clear_scratch()  # what a killed server left of a scratch restore

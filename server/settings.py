@@ -32,6 +32,9 @@ class Settings:
     enroll_public_address: str = ""        # default enroll_listen
     pki_dir: str = ""                      # default <state_dir>/pki
     backup_dir: str = ""                   # default <state_dir>/backups
+    backup_kek_file: str = ""              # key-encryption key of the backup data keys; default <state_dir>/backup-kek.key
+    backup_upload_factor: float = 2.0      # one backup upload may be at most factor × the instance's volume ...
+    backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
     heartbeat_expiry_seconds: int = 20
     task_lease_seconds: int = 30
@@ -48,7 +51,8 @@ class Settings:
     def __post_init__(self) -> None:
         sd = self.state_dir
         defaults = {"db_url": f"sqlite:///{sd}/state.db", "pki_dir": f"{sd}/pki",
-                    "backup_dir": f"{sd}/backups", "agent_public_address": self.agent_listen,
+                    "backup_dir": f"{sd}/backups", "backup_kek_file": f"{sd}/backup-kek.key",
+                    "agent_public_address": self.agent_listen,
                     "enroll_public_address": self.enroll_listen}
         for key, value in defaults.items():
             if not getattr(self, key):

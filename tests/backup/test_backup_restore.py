@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from reddwarf.agent.backup import BackupIntegrityError, BackupRunner
-from reddwarf.server.backup_store import LocalStore
+from reddwarf.server.backup_store import CorruptObject, LocalStore
+from reddwarf.server.keys import MemoryKeys
 from reddwarf.v1 import agent_pb2
 
 
@@ -22,7 +23,7 @@ def upload_into(store: LocalStore):
         try:
             async for chunk in chunks:
                 if writer is None:
-                    writer = store.open_writer(chunk.backup_id)
+                    writer = store.open_writer(chunk.backup_id, "t1")
                 await writer.write(chunk.data)
                 sha = chunk.sha256 or sha
             assert writer is not None
@@ -68,14 +69,17 @@ def checksums(runner: BackupRunner):
 @pytest.mark.slow
 async def test_full_and_incremental_restore_to_the_checksums_taken_at_each_point(mysqld_factory, tmp_path):
     src = mysqld_factory()
-    store = LocalStore(str(tmp_path / "store"))
+    store = LocalStore(str(tmp_path / "store"), MemoryKeys())
     runner = src.runner()
     write_rows(src, 0, 2000)
     full_id = "full-" + uuid.uuid4().hex[:8]
     at_full = {c.table: c.checksum for c in await runner.table_checksums()}  # no writes run: the backup's point
     full = await runner.backup(full_id, "", upload_into(store), no_progress)
     assert full.size_bytes > 0 and full.to_lsn.isdigit() and full.datastore_version.startswith("10.")
-    assert full.sha256 == hashlib.sha256(open(store.path(full_id), "rb").read()).hexdigest()
+    # the guest's digest is over the plaintext: the store's decrypted stream; the file itself is ciphertext
+    plain = b"".join([c async for c in store.open_reader(full_id)])
+    assert full.sha256 == hashlib.sha256(plain).hexdigest() != hashlib.sha256(
+        open(store.path(full_id), "rb").read()).hexdigest()
     assert not full.checksums  # the live guest takes none (the server checksums a restored copy)
     assert set(at_full) == {"shop.orders", "shop.odd name"}
 
@@ -101,16 +105,33 @@ async def test_full_and_incremental_restore_to_the_checksums_taken_at_each_point
 @pytest.mark.slow
 async def test_restore_refuses_a_flipped_byte_before_touching_the_datadir(mysqld_factory, tmp_path):
     src = mysqld_factory()
-    store = LocalStore(str(tmp_path / "store"))
+    store = LocalStore(str(tmp_path / "store"), MemoryKeys())
     write_rows(src, 0, 500)
     bid = "b-" + uuid.uuid4().hex[:8]
     result = await src.runner().backup(bid, "", upload_into(store), no_progress)
+
+    # The store itself refuses a flipped stored byte (authenticated encryption)...
     path = store.path(bid)
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CorruptObject):
+        [c async for c in store.open_reader(bid)]
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(byte)
+    assert (await store.verify(bid, result.sha256)).ok
+
+    # ...and the agent refuses one flipped in transit (a store or server that lies), by its own digest.
+    async def tampered(backup_id: str) -> AsyncIterator[agent_pb2.BackupChunk]:
+        first = True
+        async for data in store.open_reader(backup_id):
+            if first:
+                data = data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x01]) + data[len(data) // 2 + 1:]
+                first = False
+            yield agent_pb2.BackupChunk(data=data)
 
     dst = mysqld_factory()
     conn = dst.connect()
@@ -122,7 +143,7 @@ async def test_restore_refuses_a_flipped_byte_before_touching_the_datadir(mysqld
     before = sorted(os.listdir(dst.datadir))
     pid_before = dst.proc.pid
     with pytest.raises(BackupIntegrityError) as err:
-        await dst.runner().restore([bid], [result.sha256], download_from(store), no_progress)
+        await dst.runner().restore([bid], [result.sha256], tampered, no_progress)
     assert bid in err.value.message and result.sha256 in err.value.message
     assert err.value.violations[0][0] == "sha256"
     # mysqld was never stopped, the datadir is as it was, the data is still there.
@@ -139,10 +160,10 @@ async def test_restore_refuses_a_flipped_byte_before_touching_the_datadir(mysqld
 async def test_backup_cut_off_by_the_network_commits_nothing_and_leaves_no_files(mysqld_factory, tmp_path):
     src = mysqld_factory()
     write_rows(src, 0, 20000)
-    store = LocalStore(str(tmp_path / "store"))
+    store = LocalStore(str(tmp_path / "store"), MemoryKeys())
 
     async def flaky_upload(chunks):
-        async with store.open_writer("cut") as w:
+        async with store.open_writer("cut", "t1") as w:
             async for chunk in chunks:
                 await w.write(chunk.data)
                 raise ConnectionError("stream reset after the first chunk")
@@ -162,11 +183,11 @@ async def test_backup_cut_off_by_the_network_commits_nothing_and_leaves_no_files
 @pytest.mark.slow
 async def test_failed_mariadb_backup_never_sends_a_final_digest(mysqld_factory, tmp_path):
     src = mysqld_factory()
-    store = LocalStore(str(tmp_path / "store"))
+    store = LocalStore(str(tmp_path / "store"), MemoryKeys())
     seen_final = []
 
     async def upload(chunks):
-        async with store.open_writer("bad") as w:
+        async with store.open_writer("bad", "t1") as w:
             async for chunk in chunks:
                 seen_final.append(bool(chunk.sha256))
                 await w.write(chunk.data)

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from reddwarf.common.errors import InvalidArgument, NotFound
-from reddwarf.server.backup_store import DigestMismatch, LocalStore
+from reddwarf.server.backup_store import CorruptObject, DigestMismatch, LocalStore
+from reddwarf.server.keys import MemoryKeys
 
 
 def stored_files(store: LocalStore) -> list[str]:
@@ -15,9 +16,9 @@ def stored_files(store: LocalStore) -> list[str]:
 
 
 async def test_commit_with_matching_digest_publishes_and_reads_back(tmp_path):
-    store = LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path), MemoryKeys())
     data = os.urandom(3 * 1024 * 1024 + 17)
-    async with store.open_writer("b1") as w:
+    async with store.open_writer("b1", "t1") as w:
         for i in range(0, len(data), 100_000):
             await w.write(data[i:i + 100_000])
         obj = await w.commit(hashlib.sha256(data).hexdigest())
@@ -29,8 +30,8 @@ async def test_commit_with_matching_digest_publishes_and_reads_back(tmp_path):
 
 
 async def test_commit_with_wrong_digest_discards_everything(tmp_path):
-    store = LocalStore(str(tmp_path))
-    w = store.open_writer("b2")
+    store = LocalStore(str(tmp_path), MemoryKeys())
+    w = store.open_writer("b2", "t1")
     await w.write(b"some bytes")
     with pytest.raises(DigestMismatch) as err:
         await w.commit(hashlib.sha256(b"other bytes").hexdigest())
@@ -40,9 +41,9 @@ async def test_commit_with_wrong_digest_discards_everything(tmp_path):
 
 
 async def test_upload_cut_off_mid_stream_leaves_nothing(tmp_path):
-    store = LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path), MemoryKeys())
     with pytest.raises(ConnectionError):
-        async with store.open_writer("b3") as w:
+        async with store.open_writer("b3", "t1") as w:
             await w.write(b"x" * 1000)
             raise ConnectionError("stream reset by peer")
     assert not await store.exists("b3")
@@ -52,29 +53,32 @@ async def test_upload_cut_off_mid_stream_leaves_nothing(tmp_path):
 
 
 async def test_verify_detects_a_flipped_byte_in_the_store(tmp_path):
-    store = LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path), MemoryKeys())
     data = b"abc" * 1000
-    async with store.open_writer("b4") as w:
+    async with store.open_writer("b4", "t1") as w:
         await w.write(data)
         obj = await w.commit(hashlib.sha256(data).hexdigest())
     with open(store.path("b4"), "r+b") as f:
         f.seek(10)
         f.write(b"Z")
     outcome = await store.verify("b4", obj.sha256)
-    assert not outcome.ok and outcome.sha256 != obj.sha256 and outcome.size_bytes == len(data)
+    assert not outcome.ok and outcome.sha256 != obj.sha256
+    assert "fails authentication" in outcome.detail and obj.sha256 in outcome.detail
+    with pytest.raises(CorruptObject):
+        [c async for c in store.open_reader("b4")]
 
 
 async def test_ids_that_could_escape_the_folder_are_refused(tmp_path):
-    store = LocalStore(str(tmp_path))
+    store = LocalStore(str(tmp_path), MemoryKeys())
     for bad in ("../etc", "a/b", "", ".hidden", "x" * 65):
         with pytest.raises(InvalidArgument) as err:
-            store.open_writer(bad)
+            store.open_writer(bad, "t1")
         assert err.value.violations[0][0] == "backup_id"
 
 
 async def test_delete_is_idempotent(tmp_path):
-    store = LocalStore(str(tmp_path))
-    async with store.open_writer("b5") as w:
+    store = LocalStore(str(tmp_path), MemoryKeys())
+    async with store.open_writer("b5", "t1") as w:
         await w.write(b"1")
         await w.commit(hashlib.sha256(b"1").hexdigest())
     await store.delete("b5")
