@@ -88,7 +88,9 @@ async def test_full_and_incremental_restore_to_the_checksums_taken_at_each_point
     at_inc = {c.table: c.checksum for c in await runner.table_checksums()}
     inc = await runner.backup(inc_id, full.to_lsn, upload_into(store), no_progress)
     assert at_inc != at_full
-    assert int(inc.to_lsn) > int(full.to_lsn)
+    # to_lsn is the checkpoint LSN mariadb-backup records: it need not move between two close backups
+    # (flaky as `>` before); the rows written in between are proven by the chain's restore below.
+    assert int(inc.to_lsn) >= int(full.to_lsn)
 
     # Restore the full alone into a fresh server, then the chain into another.
     for chain, expected in (([full], at_full), ([full, inc], at_inc)):
