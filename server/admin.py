@@ -69,7 +69,9 @@ def task_pb(t: models.Task) -> admin_pb2.Task:
     steps = []
     for st in t.steps or []:
         steps.append(admin_pb2.TaskStep(
-            step=st.get("step", ""), state=states.to_pb(states.TaskState(st["state"])) if st.get("state") else 0, detail=st.get("detail", ""),
+            # A step's own states ("running", "done") are not all task states: the others stay unspecified.
+            step=st.get("step", ""), state=states.to_pb(states.TaskState(st["state"]))
+            if st.get("state") in {s.value for s in states.TaskState} else 0, detail=st.get("detail", ""),
             started=ts(dt.datetime.fromisoformat(st["started"])) if st.get("started") else None,
             finished=ts(dt.datetime.fromisoformat(st["finished"])) if st.get("finished") else None))
     fault = (common_pb2.Fault(message=t.fault_message, details=t.fault_details, created=ts(t.updated_at))
