@@ -96,7 +96,7 @@ def _end(pid: int, started: str, timeout: float) -> None:
 def stop_all(lxc_path: str, prefix: str) -> list[int]:
     """Kills the agents of every fake container under lxc_path with that prefix (test teardown, after the
     hostd is gone: its containers outlive it by design). Returns the pids it ended."""
-    ended = []
+    ended: list[int] = []
     if not os.path.isdir(lxc_path):
         return ended
     for entry in os.listdir(lxc_path):
