@@ -28,6 +28,10 @@ class FakeDriver(DatastoreDriver):
     async def prepare(self, spec: agent_pb2.Prepare, progress: ProgressFn = no_progress) -> None:
         await progress(50, "pretending")
         self._act("prepare")
+        # What a real prepare makes besides mysqld: the initial databases and users.
+        self.dbs.update(d.database for d in spec.databases)
+        for u in spec.users:
+            self.users[(u.user, u.host or "%")] = set(u.databases)
 
     async def create_databases(self, databases: list[common_pb2.Database]) -> None:
         for i, d in enumerate(databases):

@@ -22,12 +22,14 @@ from reddwarf.v1 import host_pb2_grpc
 
 from . import cgroups, template
 from .containers import ContainerDriver
+from .fake import FakeContainerDriver, FakeVolumeDriver
 from .host import Host
 from .loop import LoopDriver
 from .lxc import LxcDriver
 from .openvz import OpenVzDriver
 from .service import HostAgentServicer, ServerOnly
 from .settings import Settings
+from .volumes import VolumeDriver
 
 log = logging.getLogger("reddwarf.hostd")
 
@@ -38,19 +40,28 @@ def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 
 
 def build_host(settings: Settings) -> Host:
-    layout = cgroups.detect()
+    # The fake driver touches no cgroup (and need not run where a cgroup hierarchy is readable).
+    layout = None if settings.container_driver == "fake" else cgroups.detect()
     containers: ContainerDriver
-    if settings.container_driver == "openvz":
+    if settings.container_driver == "fake":
+        # Tests only: agents as plain processes, no root, no template (reddwarf.hostd.fake).
+        containers, name = FakeContainerDriver(settings), settings.template or "fake"
+    elif settings.container_driver == "openvz":
         # OpenVZ containers come from vzctl's own OS templates (cached by vzctl), not from our LXC build.
         containers, name = OpenVzDriver(settings), settings.template or "debian-12-x86_64"
     elif settings.container_driver == "lxc":
         name = template.build_template(settings)  # cached by recipe hash: only the first start builds
         containers = LxcDriver(settings, layout)
     else:
-        raise SystemExit(f"container driver {settings.container_driver!r} is not one of lxc, openvz")
-    if settings.volume_driver != "loop":
+        raise SystemExit(f"container driver {settings.container_driver!r} is not one of lxc, openvz, fake")
+    volumes: VolumeDriver
+    if settings.volume_driver == "loop":
+        volumes = LoopDriver(settings)
+    elif settings.volume_driver == "fake":
+        volumes = FakeVolumeDriver(settings)
+    else:
         raise SystemExit(f"volume driver {settings.volume_driver!r} is not available on this host")
-    return Host(settings, containers, LoopDriver(settings), layout, name)
+    return Host(settings, containers, volumes, layout, name)
 
 
 async def revive_loop(servicer: HostAgentServicer, every: float) -> None:
@@ -114,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild the template even if it exists")
     for name in ("host_id", "listen_address", "state_dir", "lxc_path", "template_lxc_path", "storage_path",
                  "cert_path", "key_path", "ca_path", "crl_path", "advertise_address", "container_prefix",
-                 "port_min", "port_max", "log_level", "agent_init_cmd", "revive_seconds"):
+                 "port_min", "port_max", "log_level", "agent_init_cmd", "revive_seconds", "container_driver",
+                 "volume_driver"):
         parser.add_argument("--" + name.replace("_", "-"), dest=name)
     args = parser.parse_args(argv)
     settings = load_settings(args, dict(os.environ))

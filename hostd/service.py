@@ -50,7 +50,8 @@ def container_pb(view: ContainerView, driver: str) -> host_pb2.Container:
     return host_pb2.Container(
         id=r.id, limits=limits_to_pb(r.limits),
         network_mode=host_pb2.NETWORK_MODE_BRIDGE if r.network_mode == "bridge" else host_pb2.NETWORK_MODE_HOST,
-        volume_id=r.volume_id, datadir=r.datadir, state=states.to_pb(states.ContainerState(view.status.state)), address=r.address,
+        volume_id=r.volume_id, datadir=r.datadir, address=r.address,
+        state=host_pb2.ContainerState.ValueType(states.to_pb(states.ContainerState(view.status.state))),
         port=r.port, driver=driver, init_pid=view.status.init_pid, template=r.template)
 
 
@@ -71,7 +72,7 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
         container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version)
 
 
-class ServerOnly(grpc.aio.ServerInterceptor):
+class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types: Any here
     """Refuses every caller but the control server (role `server`), and revoked certificates."""
 
     def __init__(self, revocations: RevocationList) -> None:
@@ -112,11 +113,13 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
         return self.host.containers.name
 
     @grpc_edge
-    async def GetCapacity(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetCapacity(self, request: host_pb2.GetCapacityRequest,
+                          context: grpc.aio.ServicerContext) -> host_pb2.Capacity:
         return capacity_pb(await asyncio.to_thread(self.host.capacity))
 
     @grpc_edge
-    async def CreateContainer(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateContainer(self, request: host_pb2.CreateContainerRequest,
+                              context: grpc.aio.ServicerContext) -> host_pb2.Container:
         c = request.container
         b = c.bootstrap
         req = CreateContainer(
@@ -129,36 +132,43 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
         return container_pb(await self.run_locked(self.host.create_container, req), self._driver)
 
     @grpc_edge
-    async def GetContainer(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetContainer(self, request: host_pb2.ContainerRef,
+                           context: grpc.aio.ServicerContext) -> host_pb2.Container:
         return container_pb(await asyncio.to_thread(self.host.get_container, request.id), self._driver)
 
     @grpc_edge
-    async def ListContainers(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListContainers(self, request: host_pb2.ListContainersRequest,
+                             context: grpc.aio.ServicerContext) -> host_pb2.ListContainersResponse:
         views, unmanaged = await asyncio.to_thread(self.host.list_containers)
         return host_pb2.ListContainersResponse(containers=[container_pb(v, self._driver) for v in views],
                                                unmanaged=unmanaged)
 
     @grpc_edge
-    async def StartContainer(self, request, context):  # type: ignore[no-untyped-def]
+    async def StartContainer(self, request: host_pb2.ContainerRef,
+                             context: grpc.aio.ServicerContext) -> host_pb2.Container:
         return container_pb(await self.run_locked(self.host.start_container, request.id), self._driver)
 
     @grpc_edge
-    async def StopContainer(self, request, context):  # type: ignore[no-untyped-def]
+    async def StopContainer(self, request: host_pb2.StopContainerRequest,
+                            context: grpc.aio.ServicerContext) -> host_pb2.Container:
         return container_pb(await self.run_locked(self.host.stop_container, request.id, request.timeout_seconds),
                             self._driver)
 
     @grpc_edge
-    async def DeleteContainer(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteContainer(self, request: host_pb2.ContainerRef,
+                              context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         await self.run_locked(self.host.delete_container, request.id)
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def SetLimits(self, request, context):  # type: ignore[no-untyped-def]
+    async def SetLimits(self, request: host_pb2.SetLimitsRequest,
+                        context: grpc.aio.ServicerContext) -> host_pb2.Container:
         return container_pb(await self.run_locked(self.host.set_limits, request.id, limits_from_pb(request.limits)),
                             self._driver)
 
     @grpc_edge
-    async def GetUsage(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetUsage(self, request: host_pb2.ContainerRef,
+                       context: grpc.aio.ServicerContext) -> host_pb2.ContainerUsage:
         u = await asyncio.to_thread(self.host.usage, request.id)
         return host_pb2.ContainerUsage(
             id=u.id, cpu_usage_ns=u.cpu_usage_ns, io_read_bytes=u.io_read_bytes, io_write_bytes=u.io_write_bytes,
@@ -167,41 +177,50 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                           for b in u.beancounters])
 
     @grpc_edge
-    async def Exec(self, request, context):  # type: ignore[no-untyped-def]
+    async def Exec(self, request: host_pb2.ExecRequest,
+                   context: grpc.aio.ServicerContext) -> host_pb2.ExecResponse:
         r = await asyncio.to_thread(self.host.exec, request.id, list(request.argv), request.timeout_seconds)
         return host_pb2.ExecResponse(exit_code=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
     @grpc_edge
-    async def CreateVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateVolume(self, request: host_pb2.CreateVolumeRequest,
+                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.create_volume, request.volume.id, request.volume.size_gb))
 
     @grpc_edge
-    async def GetVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetVolume(self, request: host_pb2.VolumeRef,
+                        context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
         return volume_pb(await asyncio.to_thread(self.host.get_volume, request.id))
 
     @grpc_edge
-    async def ListVolumes(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListVolumes(self, request: host_pb2.ListVolumesRequest,
+                          context: grpc.aio.ServicerContext) -> host_pb2.ListVolumesResponse:
         views, unmanaged = await asyncio.to_thread(self.host.list_volumes)
         return host_pb2.ListVolumesResponse(volumes=[volume_pb(v) for v in views], unmanaged=unmanaged)
 
     @grpc_edge
-    async def ResizeVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def ResizeVolume(self, request: host_pb2.ResizeVolumeHostRequest,
+                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.resize_volume, request.id, request.size_gb))
 
     @grpc_edge
-    async def AttachVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def AttachVolume(self, request: host_pb2.AttachVolumeRequest,
+                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.attach_volume, request.id, request.container_id,
                                          request.mount_path))
 
     @grpc_edge
-    async def DetachVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def DetachVolume(self, request: host_pb2.DetachVolumeRequest,
+                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.detach_volume, request.id))
 
     @grpc_edge
-    async def DeleteVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteVolume(self, request: host_pb2.DeleteVolumeRequest,
+                           context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         await self.run_locked(self.host.delete_volume, request.id, request.keep_data)
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def AdoptVolume(self, request, context):  # type: ignore[no-untyped-def]
+    async def AdoptVolume(self, request: host_pb2.AdoptVolumeRequest,
+                          context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator))

@@ -42,6 +42,7 @@ class Settings:
     agent_init_cmd: str = ""
     # Address reported for host-mode containers (where the instance's mysqld is reachable).
     advertise_address: str = "127.0.0.1"
+    # "lxc" | "openvz" | "fake"; volumes "loop" | "fake". The fakes (reddwarf.hostd.fake) need no root: tests only.
     container_driver: str = "lxc"
     volume_driver: str = "loop"
     # Host-mode mysqld ports are allocated from [port_min, port_max].

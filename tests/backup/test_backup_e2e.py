@@ -1,6 +1,10 @@
 """Backups through the whole system: an instance in a real container backs up through its agent's stream
 into the server's store; verify restores the chain in a scratch mariadbd; a new instance restores from it.
-A flipped byte in the store is caught before any datadir is touched."""
+A flipped byte in the store is caught before any datadir is touched.
+
+The steps are chained (pytest-dependency): the tests that use the source instance depend on its create,
+and the incremental, its verify and its restore on the full backup before them, so one failure is reported
+once and what depends on it is skipped."""
 from __future__ import annotations
 
 import os
@@ -17,18 +21,40 @@ from tests.fixtures.waiting import until as wait
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, loop devices")]
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with start_cluster(tmp_path_factory.mktemp("bk")) as c:
+        yield c
+
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    with start_cluster(tmp_path_factory.mktemp("bk")) as c:
-        bk = database_pb2_grpc.BackupsStub(c.channel)
-        inst = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
-            instance=database_pb2.Instance(display_name="src", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
-            databases=[common_pb2.Database(database="shop")],
-            users=[common_pb2.User(user="app", password="app-pw-123", databases=["shop"])]), metadata=c.md)
-        inst = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=c.md),
-                    lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE, what="ACTIVE")
-        yield c, bk, inst
+def bk(cluster):
+    return database_pb2_grpc.BackupsStub(cluster.channel)
+
+
+@pytest.fixture(scope="module")
+def source_created(cluster):
+    """The instance the backups are taken of, as CreateInstance answered it (BUILD)."""
+    return cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name="src", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
+        databases=[common_pb2.Database(database="shop")],
+        users=[common_pb2.User(user="app", password="app-pw-123", databases=["shop"])]), metadata=cluster.md)
+
+
+def wait_active(c, name):
+    return wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=name), metadata=c.md),
+                lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE, what="ACTIVE")
+
+
+@pytest.fixture
+def env(cluster, bk, source_created):
+    """(cluster, backups stub, the source instance ACTIVE)."""
+    return cluster, bk, wait_active(cluster, source_created.name)
+
+
+@pytest.mark.dependency(name="source")
+def test_source_instance_reaches_active(cluster, source_created):
+    assert wait_active(cluster, source_created.name).health.accepting_connections
 
 
 def sql(inst, *stmts):
@@ -49,23 +75,46 @@ def take(c, bk, inst, name, parent=""):
                 lambda x: x.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED), what="backup done")
 
 
-def test_full_incremental_verify_and_restore(env):
-    c, bk, inst = env
+@pytest.fixture(scope="module")
+def full(cluster, bk, source_created):
+    """A full backup of the source holding rows 1 and 2 of shop.orders."""
+    inst = wait_active(cluster, source_created.name)
     sql(inst, "CREATE TABLE orders (id INT PRIMARY KEY, item VARCHAR(20))",
         "INSERT INTO orders VALUES (1,'tea'),(2,'jam')")
-    full = take(c, bk, inst, "full-1")
+    return take(cluster, bk, inst, "full-1")
+
+
+@pytest.fixture(scope="module")
+def inc(cluster, bk, source_created, full):
+    """An incremental on top of `full`, adding row 3."""
+    inst = wait_active(cluster, source_created.name)
+    sql(inst, "INSERT INTO orders VALUES (3,'scones')")
+    return take(cluster, bk, inst, "inc-1", parent=full.name)
+
+
+@pytest.mark.dependency(name="full", depends=["source"])
+def test_full_backup_completes_with_its_checksums(full):
     assert full.status == database_pb2.BACKUP_STATUS_COMPLETED, full.fault.message
     assert full.size_bytes > 0 and len(full.sha256) == 64 and any(t.table.endswith("orders") for t in full.checksums)
-    sql(inst, "INSERT INTO orders VALUES (3,'scones')")
-    inc = take(c, bk, inst, "inc-1", parent=full.name)
+
+
+@pytest.mark.dependency(name="inc", depends=["full"])
+def test_incremental_backup_completes(inc):
     assert inc.status == database_pb2.BACKUP_STATUS_COMPLETED and inc.kind == "incremental", inc.fault.message
 
+
+@pytest.mark.dependency(depends=["inc"])
+def test_verify_restores_the_chain_and_finds_it_whole(cluster, bk, inc):
+    c = cluster
     bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=inc.name), metadata=c.md)
     v = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=inc.name), metadata=c.md),
              lambda x: x.verify_status not in (database_pb2.VERIFY_STATUS_VERIFYING,), what="verified")
     assert v.verify_status == database_pb2.VERIFY_STATUS_VERIFIED, v.verify_detail
 
-    # a new instance restored from the incremental holds all three rows
+
+@pytest.mark.dependency(depends=["inc"])
+def test_a_new_instance_restored_from_the_incremental_holds_every_row(cluster, inc):
+    c = cluster
     new = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="copy", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
         restore_from_backup=inc.name), metadata=c.md)
@@ -75,12 +124,16 @@ def test_full_incremental_verify_and_restore(env):
     assert new.restored_from == inc.id
     assert sql(new, "SELECT id FROM orders ORDER BY id") == ((1,), (2,), (3,))
 
-    # the full cannot go while the incremental depends on it
+
+@pytest.mark.dependency(depends=["inc"])
+def test_the_full_cannot_go_while_the_incremental_depends_on_it(cluster, bk, full, inc):
+    c = cluster
     with pytest.raises(grpc.RpcError) as e:
         bk.DeleteBackup(database_pb2.DeleteBackupRequest(name=full.name), metadata=c.md)
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@pytest.mark.dependency(depends=["source"])
 def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
     c, bk, inst = env
     b = take(c, bk, inst, "to-corrupt")
@@ -105,6 +158,7 @@ def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
     c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=new.name), metadata=c.md)
 
 
+@pytest.mark.dependency(depends=["source"])
 def test_backup_of_another_tenants_instance_is_not_found(env):
     c, bk, inst = env
     _, token = c.new_tenant()
@@ -114,6 +168,7 @@ def test_backup_of_another_tenants_instance_is_not_found(env):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.dependency(depends=["source"])
 def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
     c, bk, inst = env
     mine = take(c, bk, inst, "private")
@@ -139,8 +194,8 @@ def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
     assert not c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=other).instances
 
 
-def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(env):
-    c, bk, _ = env
+def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(cluster, bk):
+    c = cluster
     victim = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="victim", flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
         metadata=c.md)

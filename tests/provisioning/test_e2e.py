@@ -1,5 +1,8 @@
 """Provisioning end to end, all real: the server process, a hostd process, an LXC container from the
-template with the guest agent as PID 1, MariaDB inside, its data on a loop volume."""
+template with the guest agent as PID 1, MariaDB inside, its data on a loop volume.
+
+The tests that use the shared instance depend on its create (pytest-dependency): if it does not reach
+ACTIVE, they are skipped rather than failing one after another."""
 from __future__ import annotations
 
 import os
@@ -73,11 +76,24 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shop(cluster):
+def shop_created(cluster):
+    """The shared instance as CreateInstance answered it (BUILD); test_create_reaches_active waits for it."""
     inst = create(cluster, databases=[common_pb2.Database(database="shop")],
                   users=[common_pb2.User(user="app", password="s3cret-pw", databases=["shop"])])
     assert inst.status == database_pb2.INSTANCE_STATUS_BUILD
-    return wait_status(cluster, inst.name)
+    return inst
+
+
+@pytest.fixture
+def shop(cluster, shop_created):
+    """The shared instance, ACTIVE (at once after test_create_reaches_active; a test run alone waits)."""
+    return wait_status(cluster, shop_created.name)
+
+
+@pytest.mark.dependency(name="shop")
+def test_create_reaches_active(cluster, shop_created):
+    inst = wait_status(cluster, shop_created.name)
+    assert inst.status == database_pb2.INSTANCE_STATUS_ACTIVE
 
 
 def connect(inst, user, password, **kw):
@@ -85,6 +101,7 @@ def connect(inst, user, password, **kw):
     return pymysql.connect(host=ep.host, port=ep.port, user=user, password=password, connect_timeout=5, **kw)
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_created_instance_serves_its_user_and_database(cluster, shop):
     assert shop.endpoints[0].port > 0 and shop.health.accepting_connections
     with connect(shop, "app", "s3cret-pw", database="shop") as conn, conn.cursor() as cur:
@@ -98,6 +115,7 @@ def test_created_instance_serves_its_user_and_database(cluster, shop):
     assert b"s3cret-pw" not in db
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_watch_reports_the_current_state_first(cluster, shop):
     stream = cluster.instances.WatchInstance(database_pb2.WatchInstanceRequest(name=shop.name), metadata=cluster.md,
                                              timeout=5)
@@ -106,6 +124,7 @@ def test_watch_reports_the_current_state_first(cluster, shop):
     stream.cancel()
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_databases_users_and_grants_through_the_api(cluster, shop):
     c = cluster
     c.databases.CreateDatabase(database_pb2.CreateDatabaseRequest(
@@ -126,6 +145,7 @@ def test_databases_users_and_grants_through_the_api(cluster, shop):
     c.databases.DeleteDatabase(database_pb2.DeleteDatabaseRequest(name=f"{shop.name}/databases/reports"), metadata=c.md)
 
 
+@pytest.mark.dependency(depends=["shop"])
 @pytest.mark.parametrize("bad", ["x`; DROP DATABASE shop; --", "mysql", "a" * 65, "x'y", "ﬀ\u0000"])
 def test_hostile_names_are_refused_and_change_nothing(cluster, shop, bad):
     c = cluster
@@ -144,6 +164,7 @@ def test_hostile_names_are_refused_and_change_nothing(cluster, shop, bad):
     assert before == after
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_root_enable_returns_a_password_once_and_disable_locks_it(cluster, shop):
     c = cluster
     creds = c.root.EnableRoot(database_pb2.EnableRootRequest(name=shop.name), metadata=c.md)
@@ -156,6 +177,7 @@ def test_root_enable_returns_a_password_once_and_disable_locks_it(cluster, shop)
         connect(shop, "root", creds.password)
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_other_tenants_cannot_see_or_touch_the_instance(cluster, shop):
     _, token = cluster.new_tenant()
     md = (("authorization", f"Bearer {token}"),)
@@ -168,6 +190,7 @@ def test_other_tenants_cannot_see_or_touch_the_instance(cluster, shop):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_resize_changes_limits_live(cluster, shop):
     c = cluster
     with pytest.raises(grpc.RpcError) as e:
@@ -271,6 +294,7 @@ def test_server_killed_mid_create_resumes_without_duplicates(tmp_path, step):
             stop_process(proc)
 
 
+@pytest.mark.dependency(depends=["shop"])
 def test_no_secret_reaches_a_log_or_the_state_db(cluster, shop):
     """After the flows above (user passwords, root enable, tokens): none of them in clear anywhere."""
     secrets = [b"s3cret-pw", b"an-4lyst-pw", b"n3w-pw-xx", cluster.token.encode(), cluster.server.admin_token.encode()]
