@@ -19,7 +19,7 @@ from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from . import models
 from .app import App
-from .auth import current_principal, hash_secret, new_secret, serial_hex
+from .auth import current_principal, hash_secret, new_secret, serial_hex, token_expiry
 from .catalog import fetch, resource_id, ts
 from .pagination import Paginator
 
@@ -189,8 +189,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 raise NotFound(f"tenant {tid!r} does not exist", field="tenant")
             row = models.Token(id=str(uuid.uuid4()), tenant_id=tid, secret_hash=hash_secret(secret),
                                description=request.description, admin=request.admin,
-                               expires_at=now() + dt.timedelta(seconds=request.ttl_seconds)
-                               if request.ttl_seconds else None)
+                               expires_at=token_expiry(request.ttl_seconds,
+                                                       self.app.settings.token_ttl_seconds))
             s.add(row)
         return admin_pb2.Token(name=f"tenants/{tid}/tokens/{row.id}", id=row.id, secret=secret,
                                description=row.description, admin=row.admin, expire_time=ts(row.expires_at))
