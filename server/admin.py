@@ -24,9 +24,9 @@ from .catalog import fetch, resource_id, ts
 from .pagination import Paginator
 
 log = logging.getLogger("reddwarf.server.admin")
-TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
+ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}\Z")
 LIVE = ("DELETED",)
 
 

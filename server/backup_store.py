@@ -23,8 +23,8 @@ from reddwarf.common.errors import FailedPrecondition, InvalidArgument, NotFound
 log = logging.getLogger("reddwarf.server.backup_store")
 
 CHUNK_BYTES = 1 << 20
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
 SUFFIX = ".xbstream.zst"
 
 
