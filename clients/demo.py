@@ -169,7 +169,7 @@ Red Dwarf is up.
   gRPC API:  {API} (mTLS; credentials in {openrc})
   CLI:       . {openrc}; .venv/bin/reddwarf instance list
   REST:      curl -H "X-Auth-Token: $REDDWARF_TOKEN" http://{GATEWAY}/v1.0/{TENANT}/instances
-  admin:     grpcurl -cacert {admin_files.ca} -cert {admin_files.cert} -key {admin_files.key} {API} list
+  admin:     grpcurl -cacert {admin_files.ca} -cert {admin_files.cert} -key {admin_files.key} -authority server.reddwarf {API} list
   logs:      {ROOT}/server.log, {ROOT}/hostd.log
   stop:      make demo-stop
 """)
