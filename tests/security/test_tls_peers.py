@@ -264,3 +264,34 @@ async def test_renewed_certificate_is_served_without_a_restart(ca, tmp_path) -> 
         assert await asyncio.to_thread(_served_serial, address, client) == issued.serial != first
     finally:
         await server.stop(None)
+
+
+# -- a failed create gives back its certificate -------------------------------------------------------
+async def test_failed_create_revokes_the_instance_certificate_it_issued(ca, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from reddwarf.common.pki import make_key_and_csr
+    from reddwarf.server import db, models
+    from reddwarf.server.instances import Instances
+
+    pool = await host_pool(ca, tmp_path, "127.0.0.1:1")
+    app = pool.app
+    app.registry = SimpleNamespace(disconnect=lambda iid: None)
+    with app.sessions() as s, s.begin():
+        db.seed(s)
+        s.add(models.Tenant(id="t1", display_name="t1"))
+        s.flush()
+        flavor = s.query(models.Flavor).first()
+        assert flavor is not None
+        s.add(models.Instance(id="i-failed", tenant_id="t1", display_name="x", flavor_id=flavor.id,
+                              volume_size_gb=1, datastore="mariadb", datastore_version="10.11"))
+    instances = Instances(app, b"k" * 32)
+    _key, csr = make_key_and_csr("x")
+    cert_pem, _ = instances.sign_csr(csr, "i-failed")
+    serial = x509.load_pem_x509_certificate(cert_pem).serial_number
+    await instances.compensate_create(SimpleNamespace(resource_id="i-failed", resource="instances/i-failed"))
+    from reddwarf.common.pki import revoked_in_crl
+    assert serial in revoked_in_crl(ca.crl_pem(), ca.cert_pem)
+    with app.sessions() as s:
+        row = s.get(models.Certificate, format(serial, "x"))
+        assert row is not None and row.revoked_at is not None
