@@ -82,7 +82,7 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
 PUSH_REVOCATIONS = "/reddwarf.v1.HostAgent/PushRevocations"
 
 
-class ServerOnly(grpc.aio.ServerInterceptor):
+class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here (no stubs)
     """Refuses every caller but the control server (role `server`), revoked certificates, and everything
     while no current CRL is held, except a server pushing one (the list is CA-signed: it proves itself)."""
 

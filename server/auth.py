@@ -151,7 +151,7 @@ def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> C
     return wrapper
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here (no stubs)
     def __init__(self, authenticator: Authenticator) -> None:
         self.auth = authenticator
 
