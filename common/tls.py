@@ -90,6 +90,15 @@ def channel_credentials(ca_pem: bytes, cert_pem: bytes | None = None,
                                         certificate_chain=cert_pem)
 
 
+def key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return bool(key.public_key().public_bytes(*spki)
+                == x509.load_pem_x509_certificate(cert_pem).public_key().public_bytes(*spki))
+
+
 def reloading_server_credentials(files: TlsFiles, require_client_auth: bool = True,
                                  client_ca: bool = True) -> grpc.ServerCredentials:
     """Server credentials that follow `files`: a renewed certificate (the same paths rewritten) is served
@@ -100,6 +109,8 @@ def reloading_server_credentials(files: TlsFiles, require_client_auth: bool = Tr
     def current() -> tuple[tuple[int, int, int, int], grpc.ServerCertificateConfiguration]:
         st_c, st_k = os.stat(files.cert), os.stat(files.key)
         cert, key, ca = files.read()
+        if not key_matches(cert, key):  # caught mid-renewal (key written, certificate not yet)
+            raise ValueError("certificate and key do not match")
         config = grpc.ssl_server_certificate_configuration(
             [(key, cert)], root_certificates=ca if client_ca else None)
         return (st_c.st_mtime_ns, st_c.st_size, st_k.st_mtime_ns, st_k.st_size), config

@@ -29,6 +29,7 @@ from .host import Host
 from .loop import LoopDriver
 from .lxc import LxcDriver
 from .openvz import OpenVzDriver
+from .renewal import CertificateRenewer
 from .service import HostAgentServicer, ServerOnly
 from .settings import Settings
 
@@ -98,12 +99,12 @@ async def serve(settings: Settings) -> None:
     if revocations.current() is None:
         log.warning("no current revocation list yet: refusing calls until the server pushes one")
     server = grpc.aio.server(interceptors=[ServerOnly(revocations)], options=SERVER_OPTIONS)
-    servicer = HostAgentServicer(host, revocations)
+    files = TlsFiles(Path(settings.cert_path), Path(settings.key_path), Path(settings.ca_path))
+    servicer = HostAgentServicer(host, revocations, CertificateRenewer(files, settings.host_id, settings.state_dir))
     host_pb2_grpc.add_HostAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # A renewed host certificate (the files rewritten in place) is served from the next handshake on.
-    files = TlsFiles(Path(settings.cert_path), Path(settings.key_path), Path(settings.ca_path))
     port = server.add_secure_port(settings.listen_address, reloading_server_credentials(files))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

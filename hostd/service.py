@@ -31,6 +31,7 @@ from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
 from .containers import Bootstrap, Limits
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
+from .renewal import CertificateRenewer
 
 log = logging.getLogger("reddwarf.hostd.service")
 T = TypeVar("T")
@@ -118,10 +119,30 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
 
 
 class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
-    def __init__(self, host: Host, revocations: RevocationList | None = None) -> None:
+    def __init__(self, host: Host, revocations: RevocationList | None = None,
+                 renewer: CertificateRenewer | None = None) -> None:
         self.host = host
         self.revocations = revocations
+        self.renewer = renewer
         self._lock = asyncio.Lock()
+
+    def _renewer(self) -> CertificateRenewer:
+        if self.renewer is None:
+            raise FailedPrecondition("this hostd does not renew its certificate", field="certificate_pem")
+        return self.renewer
+
+    @grpc_edge
+    async def RequestCertificateRenewal(self, request: host_pb2.CertificateRenewalRequest,
+                                        context: grpc.aio.ServicerContext) -> host_pb2.CertificateRenewalResponse:
+        not_after, csr = await asyncio.to_thread(self._renewer().request, request.force)
+        return host_pb2.CertificateRenewalResponse(not_after_unix=int(not_after.timestamp()), csr_pem=csr.decode())
+
+    @grpc_edge
+    async def InstallCertificate(self, request: host_pb2.InstallCertificateRequest,
+                                 context: grpc.aio.ServicerContext) -> host_pb2.InstallCertificateResponse:
+        not_after = await asyncio.to_thread(self._renewer().install, request.certificate_pem.encode())
+        log.info("renewed certificate installed", extra={"not_after": not_after.isoformat()})
+        return host_pb2.InstallCertificateResponse(not_after_unix=int(not_after.timestamp()))
 
     @grpc_edge
     async def PushRevocations(self, request: host_pb2.PushRevocationsRequest,

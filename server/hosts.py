@@ -86,7 +86,8 @@ class HostPool:
         self._crl_sent[host_id] = crl
 
     async def crl_loop(self, every: float = 3600) -> None:
-        """Pushes every new CRL to all hosts as soon as it is written, and re-signs it before it expires."""
+        """Pushes every new CRL to all hosts as soon as it is written, re-signs it before it expires, and
+        renews host certificates that are due (each round, and at least hourly)."""
         self._loop = asyncio.get_running_loop()
         self._crl_changed = asyncio.Event()
         self._crl_changed.set()  # first round at once: re-sign a list that lapsed while we were down
@@ -105,6 +106,31 @@ class HostPool:
                     await self.ensure_crl(hid)
                 except Exception as exc:  # noqa: BLE001 - an unreachable host gets it at its next call
                     log.warning("CRL push failed", extra={"host": hid, "error": str(exc)[:200]})
+                    continue
+                try:
+                    await self.renew_certificate(hid)
+                except Exception as exc:  # noqa: BLE001 - retried next round, long before it expires
+                    log.warning("host certificate renewal failed", extra={"host": hid, "error": str(exc)[:200]})
+
+    async def renew_certificate(self, host_id: str, force: bool = False) -> bool:
+        """Renews a host's certificate when hostd says it is due: hostd makes the key, we sign its CSR for
+        host/<the id we registered> (whatever the CSR says) and install the result. True if renewed."""
+        client = self.client(host_id)
+        due = await client.RequestCertificateRenewal(host_pb2.CertificateRenewalRequest(force=force), timeout=30)
+        if not due.csr_pem:
+            return False
+
+        def sign() -> bytes:
+            from .admin import record_certificate
+            issued = self.app.ca.sign_csr(due.csr_pem.encode(), "host", host_id,
+                                          days=self.app.settings.host_cert_days)
+            with self.app.sessions() as s, s.begin():
+                record_certificate(s, issued.cert_pem, issued.not_after)
+            return issued.cert_pem
+        cert = await asyncio.to_thread(sign)
+        await client.InstallCertificate(host_pb2.InstallCertificateRequest(certificate_pem=cert.decode()), timeout=30)
+        log.info("host certificate renewed", extra={"host": host_id})
+        return True
 
     def _address(self, host_id: str) -> str:
         with self.app.sessions() as s:

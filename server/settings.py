@@ -48,6 +48,7 @@ class Settings:
     token_ttl_seconds: int = 30 * 86400
     admin_token_ttl_seconds: int = 30 * 86400   # the admin token `init` writes to <state_dir>/admin.token
     server_cert_days: int = 90                  # the server's own certificate, renewed with a third left
+    host_cert_days: int = 90                    # host certificates the server renews (same rule)
     # Test-only crash hook: "<task kind>:<step>" makes the server SIGKILL itself right after that step.
     test_exit_after_step: str = ""
 

@@ -170,7 +170,7 @@ async def test_agent_enrollment_sends_its_token_only_to_the_server(ca, tmp_path,
 
 
 # -- the server dialling one host --------------------------------------------------------------------
-async def host_pool(ca: CertificateAuthority, tmp_path: Path, address: str):  # type: ignore[no-untyped-def]
+async def host_pool(ca: CertificateAuthority, tmp_path: Path, address: str, host_id: str = "h1"):  # type: ignore[no-untyped-def]
     from reddwarf.server import db, models
     from reddwarf.server.app import App
     from reddwarf.server.hosts import HostPool
@@ -181,7 +181,7 @@ async def host_pool(ca: CertificateAuthority, tmp_path: Path, address: str):  # 
     engine = db.make_engine(settings.db_url)
     sessions = db.session_factory(engine)
     with sessions() as s, s.begin():
-        s.add(models.Host(id="h1", address=address))
+        s.add(models.Host(id=host_id, address=address))
     app = App(settings=settings, engine=engine, sessions=sessions, ca=ca,
               tls=ident(ca, tmp_path, "server", "control"))
     return HostPool(app)
