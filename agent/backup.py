@@ -33,9 +33,9 @@ log = logging.getLogger("reddwarf.agent.backup")
 # gRPC's default message limit is 4 MiB; 1 MiB chunks keep the stream responsive and the overhead small.
 CHUNK_BYTES = 1 << 20
 SYSTEM_DATABASES = ("mysql", "information_schema", "performance_schema", "sys")
-_LSN_RE = re.compile(r"^[0-9]{1,20}$")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_LSN_RE = re.compile(r"^[0-9]{1,20}\Z")
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 Upload = Callable[[AsyncIterator[agent_pb2.BackupChunk]], Awaitable[agent_pb2.UploadBackupResponse]]
 Download = Callable[[str], AsyncIterator[agent_pb2.BackupChunk]]

@@ -61,7 +61,8 @@ class Hostd:
                 "--lxc-path", self.lxc_path, "--storage-path", os.path.join(root, "volumes"),
                 "--cert-path", str(host_files.cert), "--key-path", str(host_files.key),
                 "--ca-path", str(host_files.ca), "--container-prefix", self.prefix,
-                "--port-min", str(ports), "--port-max", str(ports + 200), "--agent-init-cmd", SLEEPER]
+                "--port-min", str(ports), "--port-max", str(ports + 200), "--agent-init-cmd", SLEEPER,
+                "--crl-path", str(ca.dir / "crl.pem")]
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 1200  # first start on a machine builds the template
@@ -69,7 +70,7 @@ class Hostd:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("hostd did not start:\n" + open(self.log_path).read()[-3000:])
             time.sleep(0.2)
-        self.channel = tls.sync_channel(self.address, self.client_files)
+        self.channel = tls.sync_channel(self.address, self.client_files, tls.host_peer("bench"))
         self.stub = host_pb2_grpc.HostAgentStub(self.channel)
 
     def create_start(self, cid: str, ca_pem: str = "") -> None:

@@ -1,12 +1,16 @@
 """`reddwarf`: the command line over the SDK. Tables by default, `--json` for scripts, one-line errors
 (`error: NOT_FOUND: instance ... (field: name)`) and a non-zero exit code on failure.
 
-Credentials come from the same places as the SDK's: flags, REDDWARF_* environment (see demo-openrc.sh),
-or ~/.config/reddwarf/config.yaml.
+Credentials come from the same places as the SDK's: REDDWARF_* environment (see demo-openrc.sh) or
+~/.config/reddwarf/config.yaml, and `--token-file`. Secrets never go on the command line (other users see
+it in ps, shells keep it in their history): tokens come from REDDWARF_TOKEN, the config file or
+--token-file; passwords from --password-file, REDDWARF_PASSWORD or a prompt.
 """
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,11 +99,64 @@ def run(fn: Callable[[], None]) -> None:
         raise typer.Exit(2 if e.code_name in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS") else 1) from None
 
 
+# -- secrets: never from the command line ---------------------------------------------------------
+PASSWORD_ENV = "REDDWARF_PASSWORD"
+NO_SECRET_ARGS = ("secrets are not taken on the command line (visible in ps and shell history): ")
+
+
+def _refuse_secret_arg(what: str, instead: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if value:
+            raise typer.BadParameter(f"{NO_SECRET_ARGS}give the {what} through {instead}")
+        return value
+    return check
+
+
+def read_secret_file(path: Path, what: str) -> str:
+    """The first line of a file (a trailing newline is not part of the secret)."""
+    try:
+        lines = path.expanduser().read_text().splitlines()
+    except OSError as e:
+        raise typer.BadParameter(f"cannot read the {what} file {path}: {e.strerror}") from None
+    if not lines or not lines[0]:
+        raise typer.BadParameter(f"the {what} file {path} is empty")
+    return lines[0]
+
+
+def secret(file: Path | None, env_var: str | None, what: str, confirm: bool = False) -> str:
+    """A password from --password-file, else the environment, else a prompt on the terminal."""
+    if file is not None:
+        return read_secret_file(file, what)
+    value = os.environ.get(env_var) if env_var else None
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise typer.BadParameter(f"no {what}: give --password-file, set {PASSWORD_ENV}, or run in a terminal to "
+                                 "be prompted")
+    value = getpass.getpass(f"{what.capitalize()}: ")
+    if confirm and getpass.getpass(f"Repeat the {what}: ") != value:
+        raise typer.BadParameter(f"the two {what}s differ")
+    if not value:
+        raise typer.BadParameter(f"the {what} is empty")
+    return value
+
+
+PASSWORD_FILE = typer.Option(None, "--password-file", help=f"Read the password from this file's first line "
+                             f"(else {PASSWORD_ENV}, else a prompt).")
+# Kept hidden only to refuse it with a pointer to the safe ways.
+PASSWORD_ARG = typer.Option(None, "--password", hidden=True,
+                            callback=_refuse_secret_arg("password", f"--password-file, {PASSWORD_ENV} or the prompt"))
+
+
 @app.callback()
 def main_options(json_output: bool = typer.Option(False, "--json", help="Machine-readable output."),
                  endpoint: str = typer.Option(None, "--endpoint", help="API host:port (or REDDWARF_ENDPOINT)."),
-                 token: str = typer.Option(None, "--token", help="Tenant token (or REDDWARF_TOKEN).")) -> None:
-    State.json, State.endpoint, State.token = json_output, endpoint, token
+                 token_file: Path = typer.Option(None, "--token-file",
+                                                 help="Read the token from this file (or REDDWARF_TOKEN)."),
+                 _token: str = typer.Option(None, "--token", hidden=True, callback=_refuse_secret_arg(
+                     "token", "REDDWARF_TOKEN, the config file or --token-file"))) -> None:
+    State.json, State.endpoint = json_output, endpoint
+    State.token = read_secret_file(token_file, "token") if token_file is not None else None
 
 
 # -- catalog ---------------------------------------------------------------------------------------
@@ -142,17 +199,34 @@ def _progress_until(c: Client, name: str, status: str = "ACTIVE", timeout: float
 def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size: int = typer.Option(0, "--size",
                     help="Volume GB (default: the flavor's)."),
                     database: list[str] = typer.Option([], "--database", help="Initial database (repeatable)."),
-                    user: list[str] = typer.Option([], "--user", help="user:password[:db,db] (repeatable)."),
+                    user: list[str] = typer.Option([], "--user", help="user[=db,db] (repeatable); passwords "
+                                                   "from --password-file (one line per --user), "
+                                                   f"{PASSWORD_ENV} (one user) or a prompt."),
+                    password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
                     restore_from: str = typer.Option(None, "--restore-from", help="Backup id to restore."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
+    specs = []
+    for spec in user:
+        if ":" in spec:  # the old user:password[:dbs] form: refused rather than read as something else
+            raise typer.BadParameter(f"--user takes user[=db1,db2]; {NO_SECRET_ARGS}use --password-file, "
+                                     f"{PASSWORD_ENV} or the prompt")
+        name, _, dbs = spec.partition("=")
+        specs.append((name, tuple(d for d in dbs.split(",") if d)))
+    passwords: list[str] = []
+    if specs and password_file is not None:
+        try:
+            passwords = password_file.expanduser().read_text().splitlines()
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read the password file {password_file}: {e.strerror}") from None
+        if len(passwords) < len(specs) or not all(passwords[:len(specs)]):
+            raise typer.BadParameter(f"--password-file needs one non-empty line per --user ({len(specs)})")
+    elif len(specs) == 1 and os.environ.get(PASSWORD_ENV):
+        passwords = [os.environ[PASSWORD_ENV]]
+    elif specs:
+        passwords = [secret(None, None, f"password for {n}", confirm=True) for n, _ in specs]
+    users = [UserSpec(name=n, password=pw, databases=dbs) for (n, dbs), pw in zip(specs, passwords, strict=False)]
+
     def go() -> None:
-        users = []
-        for spec in user:
-            parts = spec.split(":")
-            if len(parts) < 2:
-                raise typer.BadParameter("--user takes user:password[:db1,db2]")
-            users.append(UserSpec(name=parts[0], password=parts[1],
-                                  databases=tuple(parts[2].split(",")) if len(parts) > 2 and parts[2] else ()))
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
                                  restore_from=restore_from)
@@ -234,9 +308,9 @@ USER_COLS: list[tuple[str, Callable[[Any], Any]]] = [("user", lambda u: u.user),
 
 
 @user_app.command("create")
-def user_create(instance: str, name: str, password: str = typer.Option(..., "--password", prompt=True,
-                hide_input=True), host: str = typer.Option("%", "--host"),
-                database: list[str] = typer.Option([], "--database")) -> None:
+def user_create(instance: str, name: str, password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
+                host: str = typer.Option("%", "--host"), database: list[str] = typer.Option([], "--database")) -> None:
+    password = secret(password_file, PASSWORD_ENV, "password", confirm=True)
     run(lambda: emit(client().create_user(instance, name, password, host, databases=database), USER_COLS))
 
 
@@ -262,8 +336,9 @@ def user_revoke(instance: str, name: str, database: str, host: str = typer.Optio
 
 
 @user_app.command("password")
-def user_password(instance: str, name: str, password: str = typer.Option(..., "--password", prompt=True,
-                  hide_input=True), host: str = typer.Option("%", "--host")) -> None:
+def user_password(instance: str, name: str, password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
+                  host: str = typer.Option("%", "--host")) -> None:
+    password = secret(password_file, PASSWORD_ENV, "new password", confirm=True)
     run(lambda: emit(client().change_password(instance, name, password, host), USER_COLS))
 
 
@@ -334,7 +409,8 @@ def tenant_list() -> None:
 
 @admin_app.command("token-create")
 def token_create(tenant: str, admin: bool = typer.Option(False, "--admin"),
-                 ttl: int = typer.Option(0, "--ttl", help="Seconds; 0 = no expiry.")) -> None:
+                 ttl: int = typer.Option(0, "--ttl", help="Seconds; 0 = the server's default (30 days unless "
+                                         "configured otherwise).")) -> None:
     run(lambda: emit(client().create_token(tenant, admin=admin, ttl_seconds=ttl),
                      [("id", lambda t: t.id), ("secret (shown once)", lambda t: t.secret)]))
 

@@ -78,8 +78,8 @@ def up() -> int:
                            ROOT / "server/admin/ca.pem")
     ca = CertificateAuthority.load(ROOT / "server/pki")
     host_tls = ROOT / "hostd-tls"
-    if not (host_tls / "host.pem").exists():
-        ca.write_identity(host_tls, "host", "host", HOST_ID)
+    # Issued, or re-issued when due or from before certificates named roles; hostd serves the new one.
+    ca.renew_identity(TlsFiles(host_tls / "host.pem", host_tls / "host.key", host_tls / "ca.pem"), "host", HOST_ID)
     if not _alive("server"):
         say(f"starting reddwarf-server on {API}")
         spawn("server", [py, "-m", "reddwarf.server.main", "serve"], server_env())
@@ -169,7 +169,7 @@ Red Dwarf is up.
   gRPC API:  {API} (mTLS; credentials in {openrc})
   CLI:       . {openrc}; .venv/bin/reddwarf instance list
   REST:      curl -H "X-Auth-Token: $REDDWARF_TOKEN" http://{GATEWAY}/v1.0/{TENANT}/instances
-  admin:     grpcurl -cacert {admin_files.ca} -cert {admin_files.cert} -key {admin_files.key} {API} list
+  admin:     grpcurl -cacert {admin_files.ca} -cert {admin_files.cert} -key {admin_files.key} -authority server.reddwarf {API} list
   logs:      {ROOT}/server.log, {ROOT}/hostd.log
   stop:      make demo-stop
 """)

@@ -15,6 +15,8 @@ from typing import Protocol
 import grpc
 
 from reddwarf.common import states
+from reddwarf.common.errors import InvalidArgument
+from reddwarf.common.tls import SERVER_PEER, peer_name
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
@@ -195,9 +197,19 @@ def channel_credentials(config: ClientConfig) -> grpc.ChannelCredentials:
 
 def channel_options(config: ClientConfig) -> Sequence[tuple[str, str | int]]:
     options: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    if config.server_name:
-        options.append(("grpc.ssl_target_name_override", config.server_name))
+    # The server's role name is verified whatever address was dialled: a host or instance certificate
+    # cannot pose as the server (common/tls.py). server_name may pin one server: "<id>.server.reddwarf".
+    options.append(("grpc.ssl_target_name_override", server_name(config)))
     return options
+
+
+def server_name(config: ClientConfig) -> str:
+    default = peer_name(SERVER_PEER)
+    name = (config.server_name or default).lower().rstrip(".")
+    if name != default and not name.endswith("." + default):
+        raise InvalidArgument(f"server_name must be {default} or <server id>.{default}, got {name!r}",
+                              field="server_name")
+    return name
 
 
 def call_metadata(token: str | None) -> tuple[tuple[str, str], ...]:

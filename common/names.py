@@ -24,7 +24,11 @@ RESERVED_USERS = frozenset({"root", ADMIN_USER, "mariadb.sys"})
 # Characters that could end a quoted identifier or a statement, or split a list or a path.
 _FORBIDDEN = frozenset("'\"`;,/\\")
 # A host part: hostname/IP, wildcards % and _, a netmask "/", ":" for IPv6 — slash only in a netmask.
-_HOST_RE = re.compile(r"^[A-Za-z0-9._%:-]+(/[0-9.]+)?$")
+# Always fullmatch: "$" would also accept a trailing newline.
+_HOST_RE = re.compile(r"[A-Za-z0-9._%:-]+(/[0-9.]+)?")
+# MariaDB/MySQL read "#mysql50#<name>" as the pre-5.1 file name <name>, bypassing the encoding of
+# identifiers into file names: refused, however it is cased.
+MYSQL50_PREFIX = "#mysql50#"
 
 
 def _check_common(value: str, field: str, what: str, max_len: int) -> None:
@@ -64,6 +68,9 @@ def validate_database(name: str, field: str = "database") -> str:
     _check_common(name, field, "database name", MAX_DATABASE)
     if name.lower() in RESERVED_DATABASES or skeleton(name) in RESERVED_DATABASES:
         raise InvalidArgument(f"database name {name!r} is reserved", field=field)
+    if skeleton(name).startswith(MYSQL50_PREFIX):
+        raise InvalidArgument(f"database name may not start with {MYSQL50_PREFIX!r} (the server's legacy "
+                              "file-name escape)", field=field)
     return name
 
 
@@ -78,7 +85,7 @@ def validate_host(host: str, field: str = "host") -> str:
     """The host part of user@host; "" means "%" (any host)."""
     if host == "":
         return "%"
-    if not isinstance(host, str) or len(host) > MAX_HOST or not _HOST_RE.match(host):
+    if not isinstance(host, str) or len(host) > MAX_HOST or not _HOST_RE.fullmatch(host):
         raise InvalidArgument("host must be a host name, an IP address, a netmask or a % pattern",
                               field=field)
     return host

@@ -11,6 +11,12 @@ P-256. The CA directory holds:
 
 Serial numbers are random 159-bit integers (RFC 5280 §4.1.2.2 allows up to 20 octets), so two servers
 sharing a CA never need shared bookkeeping to avoid collisions.
+
+Certificates name their role, never "localhost": a server certificate carries the DNS name
+`server.reddwarf` (and `<id>.server.reddwarf`), a host certificate `<host-id>.host.reddwarf`, and no other
+role carries a name in the `reddwarf` zone. Every TLS client asks gRPC to verify exactly the name of the
+peer it expects (`common.tls.peer_name`), so a host or instance certificate cannot pose as the server and
+one host cannot pose as another.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +39,22 @@ from .errors import InvalidArgument, NotFound
 
 ROLES = ("server", "host", "instance", "admin", "client", "gateway")
 SPIFFE_PREFIX = "spiffe://reddwarf/"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_URI = re.compile(r"^spiffe://reddwarf/([a-z]+)/([A-Za-z0-9][A-Za-z0-9._-]{0,127})$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_URI = re.compile(r"spiffe://reddwarf/([a-z]+)/([A-Za-z0-9][A-Za-z0-9._-]{0,127})")
+ZONE = "reddwarf"  # the private DNS zone of role names; only _sign puts names in it
+SERVER_DNS = f"server.{ZONE}"
+# Renew a certificate when less than this part of its lifetime is left (and at most 30 days before).
+RENEW_FRACTION = 1 / 3
+CRL_DAYS = 7
+
+
+def role_dns_names(role: str, id: str) -> list[str]:
+    """The names a certificate of (role, id) carries and a client expecting that peer verifies."""
+    if role == "server":
+        return [SERVER_DNS, f"{id}.{SERVER_DNS}"]
+    if role == "host":
+        return [f"{id}.host.{ZONE}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -70,7 +90,7 @@ class TlsFiles:
 def validate_role_id(role: str, id: str) -> None:
     if role not in ROLES:
         raise InvalidArgument(f"role must be one of {', '.join(ROLES)}", field="role")
-    if not _ID.match(id or ""):
+    if not _ID.fullmatch(id or ""):
         raise InvalidArgument("id must be 1-128 characters of letters, digits, '.', '_' or '-'",
                               field="id")
 
@@ -91,6 +111,9 @@ def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+write_atomic = _write
 
 
 def make_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
@@ -116,7 +139,7 @@ def identity_from_cert(pem: bytes | str) -> Identity:
     if len(uris) != 1:
         raise InvalidArgument("certificate must carry exactly one spiffe://reddwarf/ URI",
                               field="certificate")
-    m = _URI.match(uris[0])
+    m = _URI.fullmatch(uris[0])
     if not m or m.group(1) not in ROLES:
         raise InvalidArgument(f"certificate identity {uris[0]!r} is not a Red Dwarf identity",
                               field="certificate")
@@ -129,6 +152,8 @@ class CertificateAuthority:
         self._cert = cert
         self._key = key
         self.cert_pem: bytes = cert.public_bytes(serialization.Encoding.PEM)
+        # Called (from whatever thread wrote it) after every new crl.pem: the server pushes it to hosts.
+        self.crl_listeners: list[Callable[[], None]] = []
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -205,12 +230,15 @@ class CertificateAuthority:
         if not 1 <= days <= 3650:
             raise InvalidArgument("days must be between 1 and 3650", field="days")
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(f"{SPIFFE_PREFIX}{role}/{id}")]
-        dns = list(dns_names)
+        extra = [n.lower().rstrip(".") for n in dns_names]
+        for n in extra:
+            # The role names are ours to give: an extra name in the zone (or a wildcard) could let this
+            # certificate answer for another peer.
+            if "*" in n or n == ZONE or n.endswith("." + ZONE):
+                raise InvalidArgument(f"DNS name {n!r} is reserved (the {ZONE} zone names roles)",
+                                      field="dns_names")
+        dns = role_dns_names(role, id) + [n for n in extra if n not in role_dns_names(role, id)]
         ips = list(ip_addresses)
-        if role in ("server", "host"):
-            # Peers dial them on loopback or by address: make both verifiable.
-            dns = ["localhost", *[n for n in dns if n != "localhost"]]
-            ips = ["127.0.0.1", *[i for i in ips if i != "127.0.0.1"]]
         sans += [x509.DNSName(n) for n in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         start = not_before or (now_aware() - dt.timedelta(minutes=5))
@@ -245,6 +273,30 @@ class CertificateAuthority:
         _write(files.ca, self.cert_pem)
         return files
 
+    def renew_identity(self, files: TlsFiles, role: str, id: str, days: int = 365,
+                       now: dt.datetime | None = None) -> Issued | None:
+        """Re-issues (role, id) into `files` when the certificate there is missing, names another
+        identity or role names, or is due for renewal (`needs_renewal`). Returns what was issued, or None
+        when the certificate is still good."""
+        if files.cert.exists():
+            pem = files.cert.read_bytes()
+            try:
+                ident = identity_from_cert(pem)
+                cert = x509.load_pem_x509_certificate(pem)
+                san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                names_ok = set(role_dns_names(role, id)) <= set(san.get_values_for_type(x509.DNSName))
+            except (ValueError, InvalidArgument, x509.ExtensionNotFound):
+                ident, names_ok = None, False
+            if (ident is not None and (ident.role, ident.id) == (role, id) and names_ok
+                    and not needs_renewal(pem, now)):
+                return None
+        issued = self.issue(role, id, days)
+        files.cert.parent.mkdir(parents=True, exist_ok=True)
+        _write(files.key, issued.key_pem, 0o600)
+        _write(files.cert, issued.cert_pem)
+        _write(files.ca, self.cert_pem)
+        return issued
+
     # -- revocation ------------------------------------------------------------------------------
     def revoked_serials(self) -> list[int]:
         path = self.dir / "revoked.json"
@@ -260,23 +312,84 @@ class CertificateAuthority:
     def crl_pem(self) -> bytes:
         return (self.dir / "crl.pem").read_bytes()
 
+    def refresh_crl(self, now: dt.datetime | None = None) -> bool:
+        """Re-signs the CRL when less than half its validity is left (hosts refuse to work without a
+        current one). True when it was rewritten."""
+        now = now or now_aware()
+        try:
+            crl = x509.load_pem_x509_crl(self.crl_pem())
+            next_update = crl.next_update_utc
+        except (FileNotFoundError, ValueError):
+            next_update = None
+        if next_update is not None and next_update - now > dt.timedelta(days=CRL_DAYS / 2):
+            return False
+        self._write_crl(self.revoked_serials())
+        return True
+
     def _write_crl(self, serials: list[int]) -> None:
         now = now_aware()
+        # The CRL number only grows (microseconds since the epoch): hosts refuse an older list than the
+        # one they hold, so a replayed CRL cannot un-revoke anything.
+        number = int(now.timestamp() * 1_000_000)
+        try:
+            number = max(number, load_crl(self.crl_pem(), self.cert_pem, check_time=False).number + 1)
+        except (FileNotFoundError, ValueError, InvalidArgument):
+            pass
         builder = (x509.CertificateRevocationListBuilder()
                    .issuer_name(self._cert.subject)
                    .last_update(now - dt.timedelta(minutes=5))
-                   .next_update(now + dt.timedelta(days=7)))
+                   .next_update(now + dt.timedelta(days=CRL_DAYS))
+                   .add_extension(x509.CRLNumber(number), critical=False))
         for s in serials:
             builder = builder.add_revoked_certificate(
                 x509.RevokedCertificateBuilder().serial_number(s).revocation_date(now).build())
         crl = builder.sign(self._key, hashes.SHA256())
         _write(self.dir / "crl.pem", crl.public_bytes(serialization.Encoding.PEM))
+        for listener in list(self.crl_listeners):
+            listener()
+
+
+def needs_renewal(cert_pem: bytes, now: dt.datetime | None = None) -> bool:
+    """Whether a certificate is within the last third of its lifetime (at most 30 days before expiry)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    now = now or now_aware()
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    margin = min((end - start) * RENEW_FRACTION, dt.timedelta(days=30))
+    return end - now <= margin
+
+
+@dataclass(frozen=True)
+class Crl:
+    pem: bytes
+    serials: frozenset[int]
+    number: int
+    last_update: dt.datetime
+    next_update: dt.datetime
+
+
+def load_crl(crl_pem: bytes, ca_pem: bytes, now: dt.datetime | None = None, check_time: bool = True) -> Crl:
+    """A CRL after checking it was signed by the CA (a forged CRL is refused) and, with check_time, that it
+    is still current (a stale list could miss revocations: refused too)."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError as e:
+        raise InvalidArgument(f"not a PEM revocation list: {e}", field="crl") from None
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    public_key = ca.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(public_key):
+        raise InvalidArgument("revocation list is not signed by the CA", field="crl")
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise InvalidArgument("revocation list has no next update time", field="crl")
+    if check_time and next_update <= (now or now_aware()):
+        raise InvalidArgument(f"revocation list expired at {next_update.isoformat()}", field="crl")
+    try:
+        number = int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        number = 0
+    return Crl(crl_pem, frozenset(r.serial_number for r in crl), number, crl.last_update_utc, next_update)
 
 
 def revoked_in_crl(crl_pem: bytes, ca_pem: bytes) -> frozenset[int]:
     """Serials listed in a CRL, after checking the CRL was signed by the CA (a forged CRL is refused)."""
-    crl = x509.load_pem_x509_crl(crl_pem)
-    ca = x509.load_pem_x509_certificate(ca_pem)
-    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
-        raise InvalidArgument("revocation list is not signed by the CA", field="crl")
-    return frozenset(r.serial_number for r in crl)
+    return load_crl(crl_pem, ca_pem, check_time=False).serials

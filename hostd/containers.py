@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from reddwarf.common.errors import InvalidArgument
 
-ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+ID_RE = re.compile(r"^[a-z0-9-]{1,64}\Z")
 
 
 def validate_id(value: str, field_name: str) -> str:

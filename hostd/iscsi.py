@@ -23,8 +23,8 @@ from reddwarf.common.runner import Result, run
 log = logging.getLogger("reddwarf.hostd.iscsi")
 
 Runner = Callable[..., Result]
-IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[a-z0-9.:-]+)?$")
-PORTAL_RE = re.compile(r"^[0-9.]+:\d{1,5}$")
+IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9.-]+(:[a-z0-9.:-]+)?\Z")
+PORTAL_RE = re.compile(r"^[0-9.]+:\d{1,5}\Z")
 
 
 def validate_iqn(iqn: str, field_name: str = "iqn") -> str:
@@ -45,7 +45,7 @@ class Locator:
 
     @staticmethod
     def parse(text: str, field_name: str = "locator") -> Locator:
-        m = re.match(r"^iscsi://([^/]+)/([^/]+)/(\d+)$", text or "")
+        m = re.match(r"^iscsi://([^/]+)/([^/]+)/(\d+)\Z", text or "")
         if not m or not PORTAL_RE.match(m.group(1)):
             raise InvalidArgument(f"{field_name} must look like iscsi://addr:port/iqn/lun, got {text!r}",
                                   field=field_name)
@@ -81,7 +81,7 @@ def parse_show(text: str) -> list[Target]:
 
     for raw in text.splitlines():
         line = raw.strip()
-        m = re.match(r"^Target (\d+): (\S+)$", line)
+        m = re.match(r"^Target (\d+): (\S+)\Z", line)
         if m and not raw.startswith(" "):
             flush()
             tid, iqn, luns, acl, section = int(m.group(1)), m.group(2), [], [], ""
@@ -164,7 +164,7 @@ def discover_with_iscsi_ls(portal: str, initiator_iqn: str, runner: Runner = run
     res = runner(["iscsi-ls", "-s", "-i", initiator_iqn, f"iscsi://{portal}"], timeout=30)
     found: list[Discovered] = []
     for line in res.stdout.splitlines():
-        m = re.match(r"^Target:(\S+) Portal:(\S+?),\d+$", line.strip())
+        m = re.match(r"^Target:(\S+) Portal:(\S+?),\d+\Z", line.strip())
         if m:
             found.append(Discovered(m.group(1), m.group(2), ()))
             continue

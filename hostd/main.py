@@ -12,12 +12,14 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from reddwarf.common.log import setup as setup_logging
-from reddwarf.common.tls import SERVER_OPTIONS, RevocationList, server_credentials
+from reddwarf.common.pki import TlsFiles
+from reddwarf.common.tls import SERVER_OPTIONS, RevocationList, reloading_server_credentials
 from reddwarf.v1 import host_pb2_grpc
 
 from . import cgroups, template
@@ -27,6 +29,7 @@ from .host import Host
 from .loop import LoopDriver
 from .lxc import LxcDriver
 from .openvz import OpenVzDriver
+from .renewal import CertificateRenewer
 from .service import HostAgentServicer, ServerOnly
 from .settings import Settings
 from .volumes import VolumeDriver
@@ -89,17 +92,19 @@ async def serve(settings: Settings) -> None:
                                                         "volumes": ",".join(unmanaged_vols)})
     with open(settings.ca_path, "rb") as f:
         ca = f.read()
-    with open(settings.cert_path, "rb") as f:
-        cert = f.read()
-    with open(settings.key_path, "rb") as f:
-        key = f.read()
-    server = grpc.aio.server(interceptors=[ServerOnly(RevocationList(settings.crl_path or None, ca))],
-                             options=SERVER_OPTIONS)
-    servicer = HostAgentServicer(host)
+    # Pushed CRLs are kept in the state dir; --crl-path, if given, is a second (read-only) source. With
+    # neither holding a current CRL every call but PushRevocations is refused (fail closed).
+    revocations = RevocationList(os.path.join(settings.state_dir, "crl.pem"), ca, seed=settings.crl_path or None)
+    if revocations.current() is None:
+        log.warning("no current revocation list yet: refusing calls until the server pushes one")
+    server = grpc.aio.server(interceptors=[ServerOnly(revocations)], options=SERVER_OPTIONS)
+    files = TlsFiles(Path(settings.cert_path), Path(settings.key_path), Path(settings.ca_path))
+    servicer = HostAgentServicer(host, revocations, CertificateRenewer(files, settings.host_id, settings.state_dir))
     host_pb2_grpc.add_HostAgentServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_secure_port(settings.listen_address, server_credentials(cert, key, ca))
+    # A renewed host certificate (the files rewritten in place) is served from the next handshake on.
+    port = server.add_secure_port(settings.listen_address, reloading_server_credentials(files))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("hostd serving", extra={"host": settings.host_id, "listen": settings.listen_address,

@@ -49,7 +49,7 @@ PAGES_PER_MB = 1024 * 1024 // PAGE
 UNLIMITED = 9223372036854775807  # what UBC prints for "no limit" on 64-bit kernels
 Runner = Callable[..., Result]
 AGENT_UNIT = "reddwarf-agent.service"
-SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]*$")
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]*\Z")
 
 # vzlist's status words -> ours
 _STATES = {"running": "RUNNING", "stopped": "STOPPED", "mounted": "STOPPED", "suspended": "FROZEN"}

@@ -1,7 +1,8 @@
 """HostAgent over gRPC: the control server's hands on this host.
 
 Only the control server may call (a certificate with role `server` from the deployment CA, not revoked in
-the CA's signed CRL); everything else is PERMISSION_DENIED before any handler runs. Host operations are
+the CA's signed CRL); everything else is PERMISSION_DENIED before any handler runs. hostd fails closed:
+until it holds a current CRL (pushed by the server, PushRevocations) every other call is refused. Host operations are
 blocking (lxc-*, mkfs, mount) and mutate one JSON state, so they run one at a time in a worker thread,
 never on the event loop.
 """
@@ -17,12 +18,20 @@ import grpc
 from google.protobuf import empty_pb2
 
 from reddwarf.common import states
-from reddwarf.common.errors import PermissionDenied, Unauthenticated, abort, grpc_edge
+from reddwarf.common.errors import (
+    FailedPrecondition,
+    PermissionDenied,
+    RedDwarfError,
+    Unauthenticated,
+    abort,
+    grpc_edge,
+)
 from reddwarf.common.tls import RevocationList, peer_identity
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
 from .containers import Bootstrap, Limits
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
+from .renewal import CertificateRenewer
 
 log = logging.getLogger("reddwarf.hostd.service")
 T = TypeVar("T")
@@ -72,8 +81,12 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
         container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version)
 
 
-class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ships no types: Any here
-    """Refuses every caller but the control server (role `server`), and revoked certificates."""
+PUSH_REVOCATIONS = "/reddwarf.v1.HostAgent/PushRevocations"
+
+
+class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here (no stubs)
+    """Refuses every caller but the control server (role `server`), revoked certificates, and everything
+    while no current CRL is held, except a server pushing one (the list is CA-signed: it proves itself)."""
 
     def __init__(self, revocations: RevocationList) -> None:
         self.revocations = revocations
@@ -83,16 +96,23 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
         if handler is None or handler.unary_unary is None:
             return handler
         inner = handler.unary_unary
+        pushing = details.method == PUSH_REVOCATIONS
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             ident = peer_identity(context)
             if ident is None:
                 await abort(context, Unauthenticated("a certificate from the deployment CA is required"))
-            elif self.revocations.is_revoked(ident.serial):
-                await abort(context, Unauthenticated(f"certificate of {ident.uri} is revoked"))
-            elif ident.role != "server":
+                return None
+            try:
+                if not (pushing and self.revocations.current() is None):
+                    self.revocations.check(ident)
+            except RedDwarfError as err:
+                await abort(context, err)
+                return None
+            if ident.role != "server":
                 await abort(context, PermissionDenied(
                     f"only the control server may call hostd; {ident.uri} is a {ident.role}"))
+                return None
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(guarded, handler.request_deserializer,
@@ -100,9 +120,39 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc ship
 
 
 class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, revocations: RevocationList | None = None,
+                 renewer: CertificateRenewer | None = None) -> None:
         self.host = host
+        self.revocations = revocations
+        self.renewer = renewer
         self._lock = asyncio.Lock()
+
+    def _renewer(self) -> CertificateRenewer:
+        if self.renewer is None:
+            raise FailedPrecondition("this hostd does not renew its certificate", field="certificate_pem")
+        return self.renewer
+
+    @grpc_edge
+    async def RequestCertificateRenewal(self, request: host_pb2.CertificateRenewalRequest,
+                                        context: grpc.aio.ServicerContext) -> host_pb2.CertificateRenewalResponse:
+        not_after, csr = await asyncio.to_thread(self._renewer().request, request.force)
+        return host_pb2.CertificateRenewalResponse(not_after_unix=int(not_after.timestamp()), csr_pem=csr.decode())
+
+    @grpc_edge
+    async def InstallCertificate(self, request: host_pb2.InstallCertificateRequest,
+                                 context: grpc.aio.ServicerContext) -> host_pb2.InstallCertificateResponse:
+        not_after = await asyncio.to_thread(self._renewer().install, request.certificate_pem.encode())
+        log.info("renewed certificate installed", extra={"not_after": not_after.isoformat()})
+        return host_pb2.InstallCertificateResponse(not_after_unix=int(not_after.timestamp()))
+
+    @grpc_edge
+    async def PushRevocations(self, request: host_pb2.PushRevocationsRequest,
+                              context: grpc.aio.ServicerContext) -> host_pb2.PushRevocationsResponse:
+        if self.revocations is None:
+            raise FailedPrecondition("this hostd keeps no revocation list", field="crl")
+        crl = await asyncio.to_thread(self.revocations.install, request.crl_pem.encode())
+        log.info("revocation list installed", extra={"crl_number": crl.number, "revoked": len(crl.serials)})
+        return host_pb2.PushRevocationsResponse(crl_number=crl.number, revoked=len(crl.serials))
 
     async def run_locked(self, fn: Callable[..., T], *args: Any) -> T:
         async with self._lock:  # one mutation at a time: the state file and lxc are not concurrent-safe

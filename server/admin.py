@@ -19,15 +19,15 @@ from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from . import models, tasks
 from .app import App
-from .auth import ADMIN_TENANT, current_principal, hash_secret, new_secret, serial_hex
+from .auth import ADMIN_TENANT, current_principal, hash_secret, new_secret, serial_hex, token_expiry
 from .catalog import fetch, resource_id, ts
 from .keys import destroy_tenant_key
 from .pagination import Paginator
 
 log = logging.getLogger("reddwarf.server.admin")
-TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
+ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}\Z")
 LIVE = ("DELETED",)
 
 
@@ -221,8 +221,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             live_tenant(s, tid, "tenant")
             row = models.Token(id=str(uuid.uuid4()), tenant_id=tid, secret_hash=hash_secret(secret),
                                description=request.description, admin=request.admin,
-                               expires_at=now() + dt.timedelta(seconds=request.ttl_seconds)
-                               if request.ttl_seconds else None)
+                               expires_at=token_expiry(request.ttl_seconds,
+                                                       self.app.settings.token_ttl_seconds))
             s.add(row)
         return admin_pb2.Token(name=f"tenants/{tid}/tokens/{row.id}", id=row.id, secret=secret,
                                description=row.description, admin=row.admin, expire_time=ts(row.expires_at))

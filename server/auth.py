@@ -4,8 +4,8 @@
   spiffe identity and refuse serials revoked in the certificates table);
 - an `admin` certificate is an admin principal;
 - a `client` or `gateway` certificate is transport only: the caller adds `authorization: Bearer <token>`;
-  tokens are looked up by SHA-256 (never stored in clear), expired or revoked ones refused; an admin
-  token makes an admin principal;
+  tokens are looked up by SHA-256 (never stored in clear), expired or revoked ones refused (tokens expire
+  by default, `token_expiry`); an admin token makes an admin principal;
 - `server`, `host` and `instance` certificates never act on the public or admin API: a stolen guest key
   cannot list anyone's instances;
 - the standard health and reflection services are open to any valid certificate.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import hashlib
 import inspect
 import secrets
@@ -67,6 +68,13 @@ def hash_secret(secret: str) -> str:
 
 def new_secret(prefix: str = "rdt") -> str:
     return f"{prefix}_{secrets.token_urlsafe(32)}"
+
+
+def token_expiry(ttl_seconds: int, default_seconds: int) -> dt.datetime | None:
+    """When a new token expires: its own TTL, else the deployment's default (tokens expire by default;
+    only a default of 0, set deliberately, makes tokens that never expire)."""
+    ttl = ttl_seconds or default_seconds
+    return _now() + dt.timedelta(seconds=ttl) if ttl > 0 else None
 
 
 def serial_hex(serial: int) -> str:
@@ -140,7 +148,7 @@ def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> C
     return wrapper
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here (no stubs)
     def __init__(self, authenticator: Authenticator) -> None:
         self.auth = authenticator
 

@@ -1,8 +1,11 @@
-"""The control server's hands: one mTLS channel per hostd (the server's own certificate), capacity refresh,
-and the scheduler's placement over the hosts' reported capacity."""
+"""The control server's hands: one mTLS channel per hostd (the server's own certificate; the channel verifies
+the peer is exactly `host/<id>`), capacity refresh, the CA's revocation list pushed to every host (hostd
+refuses all calls without a current one), and the scheduler's placement over the hosts' reported
+capacity."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -10,8 +13,8 @@ import grpc
 from sqlalchemy import func, select
 
 from reddwarf.common.clock import now as _now
-from reddwarf.common.errors import NotFound, ResourceExhausted, from_rpc_error
-from reddwarf.common.tls import aio_channel
+from reddwarf.common.errors import FailedPrecondition, NotFound, ResourceExhausted, from_rpc_error
+from reddwarf.common.tls import aio_channel, host_peer
 from reddwarf.v1 import host_pb2, host_pb2_grpc
 
 from . import models
@@ -23,16 +26,28 @@ log = logging.getLogger("reddwarf.server.hosts")
 class HostClient:
     """A HostAgent stub whose failures come back as domain errors (UNAVAILABLE → Unavailable: transient)."""
 
-    def __init__(self, stub: host_pb2_grpc.HostAgentStub, host_id: str) -> None:
+    def __init__(self, stub: host_pb2_grpc.HostAgentStub, host_id: str, pool: HostPool | None = None) -> None:
         self._stub = stub
         self.host_id = host_id
+        self._pool = pool
 
     def __getattr__(self, method: str) -> Any:
         rpc = getattr(self._stub, method)
 
         async def call(request: Any, timeout: float = 300) -> Any:
+            if self._pool is not None:
+                await self._pool.ensure_crl(self.host_id)
             try:
-                return await rpc(request, timeout=timeout)
+                try:
+                    return await rpc(request, timeout=timeout)
+                except grpc.aio.AioRpcError as exc:
+                    err = from_rpc_error(exc)
+                    # hostd lost or let lapse its CRL (restarted with a wiped state dir): push, then retry.
+                    if (self._pool is None or not isinstance(err, FailedPrecondition)
+                            or not any(f == "crl" for f, _ in err.violations)):
+                        raise
+                    await self._pool.ensure_crl(self.host_id, force=True)
+                    return await rpc(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 raise from_rpc_error(exc) from None
         return call
@@ -42,6 +57,76 @@ class HostPool:
     def __init__(self, app: App) -> None:
         self.app = app
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        self._crl_sent: dict[str, bytes] = {}   # host id -> the CRL (PEM) it last accepted from us
+        self._crl_changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        app.ca.crl_listeners.append(self._on_crl)
+
+    def _on_crl(self) -> None:
+        """A revocation (or a re-signed CRL), from any thread: wake the push loop."""
+        loop, event = self._loop, self._crl_changed
+        if loop is not None and event is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+    async def ensure_crl(self, host_id: str, force: bool = False) -> None:
+        """Pushes the CA's current CRL to a host that has not yet accepted this exact list from us."""
+        crl = await asyncio.to_thread(self.app.ca.crl_pem)
+        if not force and self._crl_sent.get(host_id) == crl:
+            return
+        address, channel = self._channel(host_id)
+        try:
+            await host_pb2_grpc.HostAgentStub(channel).PushRevocations(
+                host_pb2.PushRevocationsRequest(crl_pem=crl.decode()), timeout=15)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        self._crl_sent[host_id] = crl
+
+    async def crl_loop(self, every: float = 3600) -> None:
+        """Pushes every new CRL to all hosts as soon as it is written, re-signs it before it expires, and
+        renews host certificates that are due (each round, and at least hourly)."""
+        self._loop = asyncio.get_running_loop()
+        self._crl_changed = asyncio.Event()
+        self._crl_changed.set()  # first round at once: re-sign a list that lapsed while we were down
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._crl_changed.wait(), timeout=every)
+            self._crl_changed.clear()
+            try:
+                await asyncio.to_thread(self.app.ca.refresh_crl)
+            except Exception:  # noqa: BLE001 - retried next round
+                log.exception("re-signing the CRL failed")
+            with self.app.sessions() as s:
+                ids = list(s.scalars(select(models.Host.id)))
+            for hid in ids:
+                try:
+                    await self.ensure_crl(hid)
+                except Exception as exc:  # noqa: BLE001 - an unreachable host gets it at its next call
+                    log.warning("CRL push failed", extra={"host": hid, "error": str(exc)[:200]})
+                    continue
+                try:
+                    await self.renew_certificate(hid)
+                except Exception as exc:  # noqa: BLE001 - retried next round, long before it expires
+                    log.warning("host certificate renewal failed", extra={"host": hid, "error": str(exc)[:200]})
+
+    async def renew_certificate(self, host_id: str, force: bool = False) -> bool:
+        """Renews a host's certificate when hostd says it is due: hostd makes the key, we sign its CSR for
+        host/<the id we registered> (whatever the CSR says) and install the result. True if renewed."""
+        client = self.client(host_id)
+        due = await client.RequestCertificateRenewal(host_pb2.CertificateRenewalRequest(force=force), timeout=30)
+        if not due.csr_pem:
+            return False
+
+        def sign() -> bytes:
+            from .admin import record_certificate
+            issued = self.app.ca.sign_csr(due.csr_pem.encode(), "host", host_id,
+                                          days=self.app.settings.host_cert_days)
+            with self.app.sessions() as s, s.begin():
+                record_certificate(s, issued.cert_pem, issued.not_after)
+            return issued.cert_pem
+        cert = await asyncio.to_thread(sign)
+        await client.InstallCertificate(host_pb2.InstallCertificateRequest(certificate_pem=cert.decode()), timeout=30)
+        log.info("host certificate renewed", extra={"host": host_id})
+        return True
 
     def _address(self, host_id: str) -> str:
         with self.app.sessions() as s:
@@ -50,14 +135,18 @@ class HostPool:
                 raise NotFound(f"host {host_id!r} is not registered", field="host")
             return row.address
 
-    def client(self, host_id: str) -> HostClient:
+    def _channel(self, host_id: str) -> tuple[str, grpc.aio.Channel]:
         address = self._address(host_id)
         cached = self._channels.get(host_id)
         if cached is None or cached[0] != address:
             if cached is not None:
                 asyncio.ensure_future(cached[1].close())
-            self._channels[host_id] = (address, aio_channel(address, self.app.tls))
-        return HostClient(host_pb2_grpc.HostAgentStub(self._channels[host_id][1]), host_id)
+            self._crl_sent.pop(host_id, None)  # a new host process: it gets the CRL before anything else
+            self._channels[host_id] = (address, aio_channel(address, self.app.tls, peer=host_peer(host_id)))
+        return self._channels[host_id]
+
+    def client(self, host_id: str) -> HostClient:
+        return HostClient(host_pb2_grpc.HostAgentStub(self._channel(host_id)[1]), host_id, self)
 
     async def refresh(self, host_id: str) -> None:
         cap = await self.client(host_id).GetCapacity(host_pb2.GetCapacityRequest(), timeout=15)
@@ -77,6 +166,15 @@ class HostPool:
                 row.state = "up"
 
     async def refresh_loop(self) -> None:
+        crl_task = asyncio.create_task(self.crl_loop(), name="crl_loop")
+        try:
+            await self._refresh_forever()
+        finally:
+            crl_task.cancel()
+            with contextlib.suppress(BaseException):
+                await crl_task
+
+    async def _refresh_forever(self) -> None:
         while True:
             with self.app.sessions() as s:
                 ids = list(s.scalars(select(models.Host.id)))

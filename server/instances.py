@@ -295,7 +295,8 @@ class Instances:
         self._update(ctx.resource_id, status="ACTIVE")
 
     async def compensate_create(self, ctx: tasks.StepContext) -> None:
-        """A create that cannot succeed gives back what it took: container and volume."""
+        """A create that cannot succeed gives back what it took: its certificate, container and volume."""
+        await self.step_revoke(ctx)
         row = self._row(ctx.resource_id)
         if not row.host_id:
             return

@@ -28,13 +28,13 @@ from grpc_reflection.v1alpha import reflection
 
 from reddwarf.common.log import setup as setup_logging
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
-from reddwarf.common.tls import SERVER_OPTIONS, server_credentials
+from reddwarf.common.tls import SERVER_OPTIONS, reloading_server_credentials
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
 
 from . import db, models
 from .admin import AdminServicer, record_certificate
 from .app import App
-from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new_secret
+from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new_secret, token_expiry
 from .catalog import CatalogServicer
 from .keys import ensure_kek
 from .pagination import Paginator
@@ -117,7 +117,7 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
             identity_from_cert(files.cert.read_bytes())
         return files
 
-    identity(settings.server_tls_dir, "server", "server", settings.name)
+    renew_server_certificate(ca, sessions, settings)
     admin_files = identity(sd / "admin", "admin", "admin", "admin")
     identity(sd / "admin", "client", "client", "cli")
     identity(sd / "admin", "gateway", "gateway", "gateway")
@@ -132,27 +132,54 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
         if not token_path.exists():
             import uuid
             secret = new_secret()
+            expires = token_expiry(0, settings.admin_token_ttl_seconds)
             s.add(models.Token(id=str(uuid.uuid4()), tenant_id=ADMIN_TENANT, secret_hash=hash_secret(secret),
-                               description="created by reddwarf-server init", admin=True))
+                               description="created by reddwarf-server init", admin=True, expires_at=expires))
             fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secret + "\n")
-            print(f"admin token (shown once; also in {token_path}, mode 0600): {secret}", file=out)
+            # Never printed: terminals, CI logs and scrollback keep what they are shown.
+            print(f"admin token written to {token_path} (mode 0600; expires "
+                  f"{expires.isoformat(timespec='seconds') + 'Z' if expires else 'never'})", file=out)
     engine.dispose()
     print(f"state: {settings.db_url}\nCA: {settings.pki_dir}/ca.pem\nadmin certificate: {admin_files.cert}\n"
           f"API: {settings.api_listen}", file=out)
 
 
+# -- the server's own certificate ----------------------------------------------------------------------
+def renew_server_certificate(ca: CertificateAuthority, sessions: Any, settings: Settings) -> bool:
+    """(Re-)issues the server's certificate when it is missing, names another identity, lacks the role
+    names (one from before certificates named roles), or has a third of its lifetime left. The listeners
+    serve the new one from the next handshake on (tls.reloading_server_credentials). True if renewed."""
+    tls_dir = settings.server_tls_dir
+    files = TlsFiles(tls_dir / "server.pem", tls_dir / "server.key", tls_dir / "ca.pem")
+    issued = ca.renew_identity(files, "server", settings.name, days=settings.server_cert_days)
+    if issued is None:
+        return False
+    with sessions() as s, s.begin():
+        record_certificate(s, issued.cert_pem, issued.not_after)
+    log.info("server certificate issued", extra={"not_after": issued.not_after.isoformat()})
+    return True
+
+
+async def renew_loop(app: App, every: float = 6 * 3600) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(renew_server_certificate, app.ca, app.sessions, app.settings)
+        except Exception:  # noqa: BLE001 - retried next round; the current certificate keeps serving
+            log.exception("server certificate renewal failed")
+
+
 # -- serve -------------------------------------------------------------------------------------------
-def _tls(app: App) -> tuple[bytes, bytes, bytes]:
-    return app.tls.read()
 
 
 async def serve(settings: Settings) -> None:
     app = build_app(settings)
+    renew_server_certificate(app.ca, app.sessions, settings)
     paginator = Paginator(secret_file(Path(settings.state_dir) / "secret", lambda: secrets.token_bytes(32)))
     wiring = wire(app, paginator)
-    cert, key, ca = _tls(app)
+    wiring.background.append(lambda: renew_loop(app))
 
     api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions))], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
@@ -162,22 +189,22 @@ async def serve(settings: Settings) -> None:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api)
     reflection.enable_server_reflection(names, api)
-    api.add_secure_port(settings.api_listen, server_credentials(cert, key, ca, require_client_auth=True))
+    api.add_secure_port(settings.api_listen, reloading_server_credentials(app.tls, require_client_auth=True))
     servers = [api]
 
     if wiring.agent:
         agent = grpc.aio.server(options=SERVER_OPTIONS)
         for add, servicer, _ in wiring.agent:
             add(servicer, agent)
-        agent.add_secure_port(settings.agent_listen, server_credentials(cert, key, ca, require_client_auth=True))
+        agent.add_secure_port(settings.agent_listen, reloading_server_credentials(app.tls, require_client_auth=True))
         servers.append(agent)
     if wiring.enroll:
         enroll = grpc.aio.server(options=SERVER_OPTIONS)
         for add, servicer, _ in wiring.enroll:
             add(servicer, enroll)
         # Server-only TLS: the enrolling agent has no certificate yet; its one-time token is the credential.
-        enroll.add_secure_port(settings.enroll_listen, server_credentials(cert, key, None,
-                                                                          require_client_auth=False))
+        enroll.add_secure_port(settings.enroll_listen, reloading_server_credentials(
+            app.tls, require_client_auth=False, client_ca=False))
         servers.append(enroll)
 
     for s in servers:

