@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from reddwarf.common.errors import FailedPrecondition, InvalidArgument, ok_status
 from reddwarf.v1 import agent_pb2
@@ -15,8 +16,7 @@ from .datastore import Backups, DatastoreDriver
 from .model import Download, Progress, Upload
 
 
-@dataclass(frozen=True)
-class Transfer:
+class Transfer(NamedTuple):
     """The backup bytes' own calls to the server, valid while a stream is up."""
     upload: Upload
     download: Download

@@ -23,10 +23,7 @@ Outcome = (model.DatabasePage | model.UserPage | model.User | model.RootCredenti
 # ---------------------------------------------------------------- messages → values
 
 def limits_from_pb(pb: common_pb2.Limits) -> model.Limits:
-    return model.Limits(memory_mb=pb.memory_mb, swap_mb=pb.swap_mb, cpu_shares=pb.cpu_shares,
-                        cpu_limit_millicores=pb.cpu_limit_millicores, max_processes=pb.max_processes,
-                        max_open_files=pb.max_open_files, io_weight=pb.io_weight, io_iops=pb.io_iops,
-                        io_bytes_per_sec=pb.io_bytes_per_sec)
+    return model.Limits(memory_mb=pb.memory_mb, max_open_files=pb.max_open_files)
 
 
 def database_from_pb(pb: common_pb2.Database) -> model.Database:
@@ -63,19 +60,16 @@ def stored_from_pb(pb: agent_pb2.UploadBackupResponse) -> model.StoredBackup:
 
 # ---------------------------------------------------------------- values → messages
 
-def limits_to_pb(lim: model.Limits) -> common_pb2.Limits:
-    return common_pb2.Limits(memory_mb=lim.memory_mb, swap_mb=lim.swap_mb, cpu_shares=lim.cpu_shares,
-                             cpu_limit_millicores=lim.cpu_limit_millicores, max_processes=lim.max_processes,
-                             max_open_files=lim.max_open_files, io_weight=lim.io_weight, io_iops=lim.io_iops,
-                             io_bytes_per_sec=lim.io_bytes_per_sec)
+def user_to_pb(u: model.User) -> common_pb2.User:
+    return common_pb2.User(user=u.name, host=u.host, password=u.password, databases=list(u.databases))
 
 
 def database_to_pb(d: model.Database) -> common_pb2.Database:
     return common_pb2.Database(database=d.name, character_set=d.character_set, collation=d.collation)
 
 
-def user_to_pb(u: model.User) -> common_pb2.User:
-    return common_pb2.User(user=u.name, host=u.host, password=u.password, databases=list(u.databases))
+def limits_to_pb(lim: model.Limits) -> common_pb2.Limits:
+    return common_pb2.Limits(memory_mb=lim.memory_mb, max_open_files=lim.max_open_files)
 
 
 def service_to_pb(s: model.ServiceSpec) -> agent_pb2.ServiceSpec:

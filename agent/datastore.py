@@ -7,23 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from .model import (
-    BackupResult,
-    Database,
-    DatabasePage,
-    Download,
-    GuestHealth,
-    Limits,
-    Prepare,
-    Progress,
-    RootCredentials,
-    RootStatus,
-    TableChecksum,
-    Upload,
-    User,
-    UserPage,
-    UserUpdate,
-)
+from . import model
 
 ProgressFn = Callable[[int, str], Awaitable[None]]
 
@@ -35,13 +19,13 @@ async def no_progress(percent: int, message: str) -> None:
 class Backups(Protocol):
     """Backups and restores of a datastore; the bytes go through `upload` and come back by `download`."""
 
-    async def backup(self, backup_id: str, incremental_from_lsn: str, upload: Upload,
-                     progress: Progress) -> BackupResult: ...
+    async def backup(self, backup_id: str, incremental_from_lsn: str, upload: model.Upload,
+                     progress: model.Progress) -> model.BackupResult: ...
 
-    async def restore(self, backup_ids: Sequence[str], sha256s: Sequence[str], download: Download,
-                      progress: Progress) -> None: ...
+    async def restore(self, backup_ids: Sequence[str], sha256s: Sequence[str], download: model.Download,
+                      progress: model.Progress) -> None: ...
 
-    async def table_checksums(self) -> list[TableChecksum]: ...
+    async def table_checksums(self) -> list[model.TableChecksum]: ...
 
 
 class DatastoreDriver(ABC):
@@ -49,7 +33,7 @@ class DatastoreDriver(ABC):
     capabilities: tuple[str, ...] = ()
 
     @abstractmethod
-    async def prepare(self, spec: Prepare, progress: ProgressFn = no_progress) -> None: ...
+    async def prepare(self, spec: model.Prepare, progress: ProgressFn = no_progress) -> None: ...
 
     async def resume(self) -> None:
         """Called at agent start: restart what an earlier prepare set up (no-op if never prepared)."""
@@ -59,25 +43,25 @@ class DatastoreDriver(ABC):
         return None
 
     @abstractmethod
-    async def create_databases(self, databases: Sequence[Database]) -> None: ...
+    async def create_databases(self, databases: Sequence[model.Database]) -> None: ...
 
     @abstractmethod
     async def delete_database(self, database: str) -> None: ...
 
     @abstractmethod
-    async def list_databases(self, page_size: int, page_token: str) -> DatabasePage: ...
+    async def list_databases(self, page_size: int, page_token: str) -> model.DatabasePage: ...
 
     @abstractmethod
-    async def create_users(self, users: Sequence[User]) -> None: ...
+    async def create_users(self, users: Sequence[model.User]) -> None: ...
 
     @abstractmethod
     async def delete_user(self, user: str, host: str) -> None: ...
 
     @abstractmethod
-    async def get_user(self, user: str, host: str) -> User: ...
+    async def get_user(self, user: str, host: str) -> model.User: ...
 
     @abstractmethod
-    async def update_user(self, update: UserUpdate) -> None: ...
+    async def update_user(self, update: model.UserUpdate) -> None: ...
 
     @abstractmethod
     async def grant_access(self, user: str, host: str, databases: Sequence[str]) -> None: ...
@@ -86,16 +70,16 @@ class DatastoreDriver(ABC):
     async def revoke_access(self, user: str, host: str, database: str) -> None: ...
 
     @abstractmethod
-    async def list_users(self, page_size: int, page_token: str) -> UserPage: ...
+    async def list_users(self, page_size: int, page_token: str) -> model.UserPage: ...
 
     @abstractmethod
-    async def enable_root(self) -> RootCredentials: ...
+    async def enable_root(self) -> model.RootCredentials: ...
 
     @abstractmethod
     async def disable_root(self) -> None: ...
 
     @abstractmethod
-    async def root_status(self) -> RootStatus: ...
+    async def root_status(self) -> model.RootStatus: ...
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -108,10 +92,10 @@ class DatastoreDriver(ABC):
         await self.start()
 
     @abstractmethod
-    async def apply_limits(self, limits: Limits) -> None: ...
+    async def apply_limits(self, limits: model.Limits) -> None: ...
 
     @abstractmethod
-    async def health(self) -> GuestHealth: ...
+    async def health(self) -> model.GuestHealth: ...
 
     async def close(self) -> None:
         """Stops supervised children at agent shutdown."""

@@ -11,20 +11,14 @@ from reddwarf.common.states import ServiceState
 
 @dataclass(frozen=True)
 class Limits:
-    """A flavor's limits; my.cnf is sized from memory_mb and max_open_files."""
+    """What the guest sizes itself by, of its flavor's limits (the host enforces them all)."""
     memory_mb: int = 0
-    swap_mb: int = 0
-    cpu_shares: int = 0
-    cpu_limit_millicores: int = 0
-    max_processes: int = 0
     max_open_files: int = 0
-    io_weight: int = 0
-    io_iops: int = 0
-    io_bytes_per_sec: int = 0
 
 
 @dataclass(frozen=True)
 class Database:
+    """A tenant's database; no character set or collation: utf8mb4 and utf8mb4_general_ci."""
     name: str
     character_set: str = ""
     collation: str = ""
@@ -32,6 +26,7 @@ class Database:
 
 @dataclass(frozen=True)
 class User:
+    """A tenant's user@host ("" host: any, "%"), with the databases it has all privileges on."""
     name: str
     host: str = ""
     password: str = field(default="", repr=False)
