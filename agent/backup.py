@@ -39,7 +39,6 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-
 class BackupIntegrityError(FailedPrecondition):
     """A stored backup's bytes are not the bytes that were backed up (Trove's silent bad restore)."""
 
