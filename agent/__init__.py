@@ -1,1 +1,12 @@
-"""Red Dwarf agent."""
+"""Red Dwarf agent: the guest, PID 1 of an instance's container.
+
+Where things live:
+- main.py: configuration, enrollment, wiring; stream.py: the connection to the server (the transport);
+  results.py: the record of finished commands; commands.py: the command table (Command's oneof name →
+  handler); convert.py: protobufs ↔ the agent's own values (model.py), the only place that sees both.
+- datastore.py: the driver interface; mysql.py: the MySQL/MariaDB driver, composing mycnf.py (my.cnf),
+  mysqld.py (install-db, start/stop under supervisor.py) and mysql_admin.py (databases, users, grants,
+  root); fake.py: a driver with no mysqld, for tests of the stream.
+- backup.py: backups and restores (mariadb-backup | zstd | SHA-256); verify.py: the scratch restore the
+  server runs as a child process; services.py: packages and memcached.
+"""

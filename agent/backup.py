@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,7 +26,8 @@ from reddwarf.common import runner
 from reddwarf.common.errors import FailedPrecondition, Internal, InvalidArgument, RedDwarfError, Unavailable
 from reddwarf.common.log import bind
 from reddwarf.common.names import quote_ident
-from reddwarf.v1 import agent_pb2, database_pb2
+
+from .model import BackupChunk, BackupResult, Download, Progress, TableChecksum, Upload
 
 log = logging.getLogger("reddwarf.agent.backup")
 
@@ -36,10 +37,6 @@ SYSTEM_DATABASES = ("mysql", "information_schema", "performance_schema", "sys")
 _LSN_RE = re.compile(r"^[0-9]{1,20}\Z")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}\Z")
-
-Upload = Callable[[AsyncIterator[agent_pb2.BackupChunk]], Awaitable[agent_pb2.UploadBackupResponse]]
-Download = Callable[[str], AsyncIterator[agent_pb2.BackupChunk]]
-Progress = Callable[[int, str, int], Awaitable[None]]
 
 
 class BackupIntegrityError(FailedPrecondition):
@@ -159,7 +156,7 @@ class BackupRunner:
 
     # ------------------------------------------------------------------ checksums
 
-    def _table_checksums_sync(self) -> list[database_pb2.TableChecksum]:
+    def _table_checksums_sync(self) -> list[TableChecksum]:
         conn = self._connect()
         try:
             with conn.cursor() as cur:
@@ -179,12 +176,12 @@ class BackupRunner:
                     # CHECKSUM TABLE is unsigned 64-bit; the proto field is int64.
                     if value >= 1 << 63:
                         value -= 1 << 64
-                    out.append(database_pb2.TableChecksum(table=f"{schema}.{table}", checksum=value))
+                    out.append(TableChecksum(table=f"{schema}.{table}", checksum=value))
                 return out
         finally:
             conn.close()
 
-    async def table_checksums(self) -> list[database_pb2.TableChecksum]:
+    async def table_checksums(self) -> list[TableChecksum]:
         """CHECKSUM TABLE of every non-system base table, sorted by "db.table"."""
         try:
             return await asyncio.to_thread(self._table_checksums_sync)
@@ -207,7 +204,7 @@ class BackupRunner:
     # ------------------------------------------------------------------ backup
 
     async def backup(self, backup_id: str, incremental_from_lsn: str, upload: Upload,
-                     progress: Progress) -> agent_pb2.BackupResult:
+                     progress: Progress) -> BackupResult:
         """Streams a full (or, given the parent's to_lsn, incremental) backup to `upload`.
 
         The last chunk carries the SHA-256 only when both mariadb-backup and zstd succeeded, so a failed
@@ -223,9 +220,6 @@ class BackupRunner:
         started = time.monotonic()
         try:
             version = await asyncio.to_thread(self._version_sync)
-            # No checksum pass on the live guest: under concurrent writes it could not match the backup's
-            # point in time. The server restores the stream in a scratch mariadbd and checksums that.
-            checksums: list[database_pb2.TableChecksum] = []
             option_file = self._write_option_file(tmp)
             lsn_dir = os.path.join(tmp, "lsn")
             os.mkdir(lsn_dir)
@@ -254,7 +248,7 @@ class BackupRunner:
 
             failure: list[Exception] = []
 
-            async def chunks() -> AsyncIterator[agent_pb2.BackupChunk]:
+            async def chunks() -> AsyncGenerator[BackupChunk, None]:
                 # gRPC turns an exception raised by a request iterator into a cancelled call: keep the
                 # real cause (mariadb-backup failed, mysqld went away) to report it instead.
                 try:
@@ -264,7 +258,7 @@ class BackupRunner:
                     failure.append(exc)
                     raise
 
-            async def produce() -> AsyncIterator[agent_pb2.BackupChunk]:
+            async def produce() -> AsyncGenerator[BackupChunk, None]:
                 nonlocal sent
                 first = True
                 buf = bytearray()
@@ -282,7 +276,7 @@ class BackupRunner:
                         buf.clear()
                         digest.update(payload)
                         sent += len(payload)
-                        yield agent_pb2.BackupChunk(backup_id=backup_id if first else "", data=payload)
+                        yield BackupChunk(backup_id=backup_id if first else "", data=payload)
                         first = False
                         now = time.monotonic()
                         if now - last_report >= self.settings.progress_interval:
@@ -298,8 +292,7 @@ class BackupRunner:
                 if rc_z != 0:
                     raise Internal(f"zstd exited {rc_z}: {_tail(zerr_path)}")
                 # Only now, with every byte produced successfully, does the stream say it is complete.
-                yield agent_pb2.BackupChunk(backup_id=backup_id if first else "", data=b"",
-                                            sha256=digest.hexdigest())
+                yield BackupChunk(backup_id=backup_id if first else "", data=b"", sha256=digest.hexdigest())
 
             gen = chunks()
             try:
@@ -310,7 +303,7 @@ class BackupRunner:
                     raise failure[0] from None
                 raise
             finally:
-                await gen.aclose()  # type: ignore[attr-defined]
+                await gen.aclose()
             sha = digest.hexdigest()
             if response.sha256 != sha or response.size_bytes != sent:
                 raise Internal(f"the server stored {response.size_bytes} bytes with SHA-256 {response.sha256}, "
@@ -321,8 +314,9 @@ class BackupRunner:
             await progress(100, "backup complete", sent)
             blog.info("backup done size=%s sha256=%s seconds=%.1f incremental=%s", sent, sha,
                       time.monotonic() - started, bool(incremental_from_lsn))
-            return agent_pb2.BackupResult(size_bytes=sent, sha256=sha, checksums=checksums, to_lsn=to_lsn,
-                                          datastore_version=version)
+            # No checksum pass on the live guest: under concurrent writes it could not match the backup's
+            # point in time. The server restores the stream in a scratch mariadbd and checksums that.
+            return BackupResult(size_bytes=sent, sha256=sha, to_lsn=to_lsn, datastore_version=version)
         except RedDwarfError:
             raise
         except TimeoutError as exc:
@@ -428,7 +422,7 @@ class BackupRunner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _swap_datadir(self, prepared: str, datadir: str, tmp: str, rlog: logging.LoggerAdapter) -> None:
+    async def _swap_datadir(self, prepared: str, datadir: str, tmp: str, rlog: logging.LoggerAdapter[logging.Logger]) -> None:
         st = os.stat(datadir)
         aside = os.path.join(tmp, "previous-datadir")
         os.mkdir(aside)

@@ -1,11 +1,13 @@
-"""The datastore driver interface: what the agent's command loop asks of a datastore (MySQL/MariaDB first,
-others side by side). Messages in and out are the agent API's own protobufs; errors are domain errors."""
+"""The datastore driver interface: what the agent's command table asks of a datastore (MySQL/MariaDB first,
+others side by side), and of its backups. Values in and out are the agent's own (agent/model.py), never
+protobufs; errors are domain errors."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
-from reddwarf.v1 import agent_pb2, common_pb2, database_pb2
+from . import model
 
 ProgressFn = Callable[[int, str], Awaitable[None]]
 
@@ -14,54 +16,70 @@ async def no_progress(percent: int, message: str) -> None:
     return None
 
 
+class Backups(Protocol):
+    """Backups and restores of a datastore; the bytes go through `upload` and come back by `download`."""
+
+    async def backup(self, backup_id: str, incremental_from_lsn: str, upload: model.Upload,
+                     progress: model.Progress) -> model.BackupResult: ...
+
+    async def restore(self, backup_ids: Sequence[str], sha256s: Sequence[str], download: model.Download,
+                      progress: model.Progress) -> None: ...
+
+    async def table_checksums(self) -> list[model.TableChecksum]: ...
+
+
 class DatastoreDriver(ABC):
     name: str = "datastore"
     capabilities: tuple[str, ...] = ()
 
     @abstractmethod
-    async def prepare(self, spec: agent_pb2.Prepare, progress: ProgressFn = no_progress) -> None: ...
+    async def prepare(self, spec: model.Prepare, progress: ProgressFn = no_progress) -> None: ...
 
     async def resume(self) -> None:
         """Called at agent start: restart what an earlier prepare set up (no-op if never prepared)."""
 
+    def backups(self) -> Backups | None:
+        """The datastore's backups, or None where this driver has none."""
+        return None
+
     @abstractmethod
-    async def create_databases(self, databases: list[common_pb2.Database]) -> None: ...
+    async def create_databases(self, databases: Sequence[model.Database]) -> None: ...
 
     @abstractmethod
     async def delete_database(self, database: str) -> None: ...
 
     @abstractmethod
-    async def list_databases(self, page_size: int, page_token: str) -> agent_pb2.DatabaseList: ...
+    async def list_databases(self, page_size: int, page_token: str) -> model.DatabasePage: ...
 
     @abstractmethod
-    async def create_users(self, users: list[common_pb2.User]) -> None: ...
+    async def create_users(self, users: Sequence[model.User]) -> None: ...
 
     @abstractmethod
     async def delete_user(self, user: str, host: str) -> None: ...
 
     @abstractmethod
-    async def get_user(self, user: str, host: str) -> common_pb2.User: ...
+    async def get_user(self, user: str, host: str) -> model.User: ...
 
     @abstractmethod
-    async def update_user(self, req: agent_pb2.UpdateUser) -> None: ...
+    async def update_user(self, update: model.UserUpdate) -> None: ...
 
     @abstractmethod
-    async def grant_access(self, user: str, host: str, databases: list[str]) -> None: ...
+    async def grant_access(self, user: str, host: str, databases: Sequence[str]) -> None: ...
 
     @abstractmethod
     async def revoke_access(self, user: str, host: str, database: str) -> None: ...
 
     @abstractmethod
-    async def list_users(self, page_size: int, page_token: str) -> agent_pb2.UserList: ...
+    async def list_users(self, page_size: int, page_token: str) -> model.UserPage: ...
 
     @abstractmethod
-    async def enable_root(self) -> database_pb2.RootCredentials: ...
+    async def enable_root(self) -> model.RootCredentials: ...
 
     @abstractmethod
     async def disable_root(self) -> None: ...
 
     @abstractmethod
-    async def root_status(self) -> database_pb2.RootStatus: ...
+    async def root_status(self) -> model.RootStatus: ...
 
     @abstractmethod
     async def start(self) -> None: ...
@@ -74,10 +92,10 @@ class DatastoreDriver(ABC):
         await self.start()
 
     @abstractmethod
-    async def apply_limits(self, limits: common_pb2.Limits) -> None: ...
+    async def apply_limits(self, limits: model.Limits) -> None: ...
 
     @abstractmethod
-    async def health(self) -> common_pb2.GuestHealth: ...
+    async def health(self) -> model.GuestHealth: ...
 
     async def close(self) -> None:
         """Stops supervised children at agent shutdown."""

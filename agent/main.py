@@ -24,8 +24,9 @@ from reddwarf.common.pki import TlsFiles, identity_from_cert, make_key_and_csr
 from reddwarf.common.tls import channel_credentials, channel_options
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc
 
+from .commands import CommandRunner
 from .datastore import DatastoreDriver
-from .stream import AgentStream, CommandRunner, StreamSettings
+from .stream import AgentStream, StreamSettings
 
 log = logging.getLogger("reddwarf.agent")
 
@@ -106,34 +107,6 @@ def make_driver(cfg: AgentConfig) -> DatastoreDriver:
                                      port=cfg.mysql_port, bind_address=cfg.bind_address, run_as=cfg.run_as))
 
 
-def make_backups(cfg: AgentConfig, driver: DatastoreDriver) -> object | None:
-    if cfg.driver == "fake":
-        return None
-    from .backup import BackupRunner, MysqlAccess
-    from .mysql import MysqlDriver
-    assert isinstance(driver, MysqlDriver)
-
-    def access() -> MysqlAccess:  # the admin password exists only after prepare: read it per backup
-        return MysqlAccess(socket=driver.socket, user="os_admin", password=driver._admin_password(),
-                           datadir=driver._datadir, defaults_file=driver._path("my.cnf"))
-
-    class Backups:
-        async def backup(self, *a, **kw):  # type: ignore[no-untyped-def]
-            return await BackupRunner(access(), driver.stop, driver.start).backup(*a, **kw)
-
-        async def restore(self, *a, **kw):  # type: ignore[no-untyped-def]
-            result = await BackupRunner(access(), driver.stop, driver.start).restore(*a, **kw)
-            # The restored mysql.user is the source's: re-assert this guest's own internal admin (root
-            # authenticates by unix socket inside the guest) before anything else talks to mysqld.
-            await asyncio.to_thread(driver._ensure_admin_sync)
-            return result
-
-        async def table_checksums(self):  # type: ignore[no-untyped-def]
-            return await BackupRunner(access(), driver.stop, driver.start).table_checksums()
-
-    return Backups()
-
-
 async def amain(cfg: AgentConfig) -> None:
     files = await enroll(cfg)
     driver = make_driver(cfg)
@@ -141,7 +114,7 @@ async def amain(cfg: AgentConfig) -> None:
         await driver.resume()  # a container restart: bring back the mysqld prepared earlier
     except Exception:  # noqa: BLE001 - reported in health; the server can re-prepare or restart it
         log.exception("resume failed")
-    runner = CommandRunner(driver, make_backups(cfg, driver))
+    runner = CommandRunner(driver, driver.backups())
     stream = AgentStream(StreamSettings(server_address=cfg.server_address, instance_id=cfg.instance_id,
                                         tls=files, state_dir=cfg.state_dir,
                                         heartbeat_seconds=cfg.heartbeat_seconds), runner, driver.health)

@@ -10,11 +10,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from reddwarf.common import runner
-from reddwarf.v1 import common_pb2
+from reddwarf.common.states import ServiceState
 
 log = logging.getLogger("reddwarf.agent.supervisor")
-
-S = common_pb2.ServiceState
 
 
 class Supervisor:
@@ -30,7 +28,7 @@ class Supervisor:
         self._max_backoff = max_backoff
         self._stable_after = stable_after
         self._stop_timeout = stop_timeout
-        self.state: int = S.SERVICE_STATE_NEW
+        self.state = ServiceState.NEW
         self.restarts = 0
         self.last_error = ""
         self.started_at = 0.0
@@ -70,16 +68,16 @@ class Supervisor:
             # The loop task only ends by this cancel; its outcome carries nothing to report.
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self.state = S.SERVICE_STATE_SHUTDOWN
+        self.state = ServiceState.SHUTDOWN
 
     async def _loop(self) -> None:
         backoff = self._min_backoff
         while not self._stopping:
-            self.state = S.SERVICE_STATE_BUILDING if self.restarts == 0 else S.SERVICE_STATE_CRASHED
+            self.state = ServiceState.BUILDING if self.restarts == 0 else ServiceState.CRASHED
             try:
                 self._proc = await runner.spawn(self.argv)
             except OSError as exc:
-                self.state = S.SERVICE_STATE_FAILED
+                self.state = ServiceState.FAILED
                 self.last_error = f"{self.name} could not start: {exc}"
                 log.error("service start failed", extra={"service": self.name, "error": str(exc)})
                 await asyncio.sleep(backoff)
@@ -89,10 +87,10 @@ class Supervisor:
             waiter = asyncio.create_task(self._wait_ready())
             rc = await self._proc.wait()
             waiter.cancel()
-            if self._stopping:
+            if self._stop_requested():  # stop() ran while we waited for the child
                 return
             self.restarts += 1
-            self.state = S.SERVICE_STATE_CRASHED
+            self.state = ServiceState.CRASHED
             self.last_error = f"{self.name} exited with {rc}"
             log.warning("service died; restarting", extra={"service": self.name, "rc": rc,
                                                              "restarts": self.restarts, "backoff": backoff})
@@ -102,18 +100,21 @@ class Supervisor:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
+    def _stop_requested(self) -> bool:
+        return self._stopping
+
     async def _wait_ready(self) -> None:
         while True:
             ok = True if self._ready is None else await self._ready()
             if ok:
-                self.state = S.SERVICE_STATE_RUNNING
+                self.state = ServiceState.RUNNING
                 self._ready_event.set()
                 log.info("service ready", extra={"service": self.name, "pid": self.pid})
                 return
             await asyncio.sleep(0.2)
 
     def uptime(self) -> int:
-        if self.state != S.SERVICE_STATE_RUNNING:
+        if self.state != ServiceState.RUNNING:
             return 0
         return int(time.monotonic() - self.started_at)
 

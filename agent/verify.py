@@ -21,9 +21,8 @@ from collections.abc import AsyncIterator
 
 import pymysql
 
-from reddwarf.v1 import agent_pb2
-
 from .backup import BackupRunner, MysqlAccess
+from .model import BackupChunk
 
 
 class Scratch:
@@ -99,10 +98,10 @@ async def verify(files: list[str], ids: list[str], sha256s: list[str], expected:
         scratch.start_sync()
         paths = dict(zip(ids, files, strict=True))
 
-        async def download(backup_id: str) -> AsyncIterator[agent_pb2.BackupChunk]:
+        async def download(backup_id: str) -> AsyncIterator[BackupChunk]:
             with open(paths[backup_id], "rb") as f:
                 while chunk := f.read(1 << 20):
-                    yield agent_pb2.BackupChunk(data=chunk)
+                    yield BackupChunk(data=chunk)
 
         async def progress(percent: int, message: str, done: int) -> None:
             return None

@@ -28,8 +28,9 @@ def cpu_seconds() -> float:
 
 
 async def run_agents(work: Path, port: int, n: int, heartbeat: int) -> None:
+    from reddwarf.agent.commands import CommandRunner
     from reddwarf.agent.fake import FakeDriver
-    from reddwarf.agent.stream import AgentStream, CommandRunner, StreamSettings
+    from reddwarf.agent.stream import AgentStream, StreamSettings
     streams = []
     for i in range(n):
         d = work / f"a{i}"

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pymysql
 import pytest
 
-from reddwarf.agent.mysql import MysqlAdmin
+from reddwarf.agent.model import Database, User, UserUpdate
+from reddwarf.agent.mysql_admin import MysqlAdmin
 from reddwarf.common.errors import AlreadyExists, InvalidArgument, NotFound
-from reddwarf.v1 import agent_pb2, common_pb2
 from tests.fixtures.mariadb import MariaDB, mariadb_server
 
 
@@ -51,13 +51,13 @@ def login(server: MariaDB, user: str, password: str) -> pymysql.connections.Conn
 def test_create_list_delete_databases_with_pagination(admin: MysqlAdmin) -> None:
     s = sfx()
     want = [f"pg_{s}_{i}" for i in range(5)]
-    admin.create_databases([common_pb2.Database(database=d) for d in want])
+    admin.create_databases([Database(name=d) for d in want])
     seen: list[str] = []
     token = ""
     while True:
         page = admin.list_databases(2, token)
         assert len(page.databases) <= 2
-        seen += [d.database for d in page.databases]
+        seen += [d.name for d in page.databases]
         token = page.next_page_token
         if not token:
             break
@@ -65,12 +65,12 @@ def test_create_list_delete_databases_with_pagination(admin: MysqlAdmin) -> None
     assert "mysql" not in seen and "information_schema" not in seen
     for d in want:
         admin.delete_database(d)
-    assert not [d for d in admin.list_databases(1000, "").databases if d.database.startswith(f"pg_{s}")]
+    assert not [d for d in admin.list_databases(1000, "").databases if d.name.startswith(f"pg_{s}")]
 
 
 def test_database_charset_and_collation_are_applied(admin: MysqlAdmin, server: MariaDB) -> None:
     d = f"cs_{sfx()}"
-    admin.create_databases([common_pb2.Database(database=d, character_set="latin1", collation="latin1_swedish_ci")])
+    admin.create_databases([Database(name=d, character_set="latin1", collation="latin1_swedish_ci")])
     try:
         with server.connect() as c, c.cursor() as cur:
             cur.execute("SELECT default_character_set_name, default_collation_name FROM "
@@ -82,17 +82,17 @@ def test_database_charset_and_collation_are_applied(admin: MysqlAdmin, server: M
 
 def test_unknown_collation_is_refused_naming_the_field(admin: MysqlAdmin) -> None:
     with pytest.raises(InvalidArgument) as exc:
-        admin.create_databases([common_pb2.Database(database=f"x_{sfx()}", character_set="utf8mb4",
+        admin.create_databases([Database(name=f"x_{sfx()}", character_set="utf8mb4",
                                                     collation="latin1_swedish_ci")])
     assert exc.value.violations[0][0] == "databases[0].collation"
 
 
 def test_duplicate_database_is_already_exists_and_absent_is_not_found(admin: MysqlAdmin) -> None:
     d = f"dup_{sfx()}"
-    admin.create_databases([common_pb2.Database(database=d)])
+    admin.create_databases([Database(name=d)])
     try:
         with pytest.raises(AlreadyExists):
-            admin.create_databases([common_pb2.Database(database=d)])
+            admin.create_databases([Database(name=d)])
     finally:
         admin.delete_database(d)
     with pytest.raises(NotFound) as exc:
@@ -105,10 +105,10 @@ def test_created_user_logs_in_and_sees_exactly_the_granted_databases(admin: Mysq
     a, b, other = f"a_{s}", f"b_{s}", f"other_{s}"
     # "a_x" would match "aXx" if _ were left a wildcard in the grant.
     lookalike = f"aX{s}"
-    admin.create_databases([common_pb2.Database(database=n) for n in (a, b, other, lookalike)])
+    admin.create_databases([Database(name=n) for n in (a, b, other, lookalike)])
     user = f"u_{s}"
     try:
-        admin.create_users([common_pb2.User(user=user, host="%", password="s3cret'pw", databases=[a])])
+        admin.create_users([User(name=user, host="%", password="s3cret'pw", databases=(a,))])
         admin.grant_access(user, "%", [b])
         got = admin.get_user(user, "%")
         assert sorted(got.databases) == sorted([a, b])
@@ -118,16 +118,16 @@ def test_created_user_logs_in_and_sees_exactly_the_granted_databases(admin: Mysq
             visible = {r[0] for r in cur.fetchall()} - {"information_schema"}
         assert visible == {a, b}
         admin.revoke_access(user, "%", b)
-        assert admin.get_user(user, "%").databases == [a]
-        admin.update_user(agent_pb2.UpdateUser(user=user, host="%", password="n3w"))
+        assert admin.get_user(user, "%").databases == (a,)
+        admin.update_user(UserUpdate(user=user, host="%", password="n3w"))
         login(server, user, "n3w").close()
         with pytest.raises(pymysql.err.OperationalError):
             login(server, user, "s3cret'pw")
-        admin.update_user(agent_pb2.UpdateUser(user=user, host="%", new_user=user + "r"))
-        assert admin.get_user(user + "r", "%").databases == [a]
+        admin.update_user(UserUpdate(user=user, host="%", new_user=user + "r"))
+        assert admin.get_user(user + "r", "%").databases == (a,)
         with pytest.raises(NotFound):
             admin.get_user(user, "%")
-        listed = {(u.user, u.host) for u in admin.list_users(1000, "").users}
+        listed = {(u.name, u.host) for u in admin.list_users(1000, "").users}
         assert (user + "r", "%") in listed
         assert not any(u in ("root", "os_admin", "mariadb.sys") for u, _ in listed)
         admin.delete_user(user + "r", "%")
@@ -138,10 +138,10 @@ def test_created_user_logs_in_and_sees_exactly_the_granted_databases(admin: Mysq
 
 def test_duplicate_user_is_already_exists(admin: MysqlAdmin) -> None:
     user = f"d_{sfx()}"
-    admin.create_users([common_pb2.User(user=user, host="localhost", password="pw")])
+    admin.create_users([User(name=user, host="localhost", password="pw")])
     try:
         with pytest.raises(AlreadyExists) as exc:
-            admin.create_users([common_pb2.User(user=user, host="localhost", password="pw")])
+            admin.create_users([User(name=user, host="localhost", password="pw")])
         assert exc.value.violations[0][0] == "users[0].user"
     finally:
         admin.delete_user(user, "localhost")
@@ -151,10 +151,10 @@ def test_grant_on_an_absent_database_is_not_found_and_changes_nothing(admin: Mys
     user = f"g_{sfx()}"
     before = snapshot(server)
     with pytest.raises(NotFound) as exc:
-        admin.create_users([common_pb2.User(user=user, password="pw", databases=["nope_" + user])])
+        admin.create_users([User(name=user, password="pw", databases=("nope_" + user,))])
     assert exc.value.violations[0][0] == "users[0].databases[0]"
     assert snapshot(server) == before
-    admin.create_users([common_pb2.User(user=user, password="pw")])
+    admin.create_users([User(name=user, password="pw")])
     try:
         with pytest.raises(NotFound) as exc:
             admin.grant_access(user, "%", ["nope_" + user])
@@ -166,12 +166,12 @@ def test_grant_on_an_absent_database_is_not_found_and_changes_nothing(admin: Mys
 def test_user_list_paginates(admin: MysqlAdmin) -> None:
     s = sfx()
     made = [f"p{i}_{s}" for i in range(5)]
-    admin.create_users([common_pb2.User(user=u, password="pw") for u in made])
+    admin.create_users([User(name=u, password="pw") for u in made])
     try:
         seen, token = [], ""
         while True:
             page = admin.list_users(2, token)
-            seen += [u.user for u in page.users]
+            seen += [u.name for u in page.users]
             token = page.next_page_token
             if not token:
                 break
@@ -203,17 +203,17 @@ INJECTIONS = ["x`; DROP DATABASE mysql; --", "x'; DROP USER root; --", "a\x00b",
 def test_injection_in_every_field_is_refused_with_mysql_unchanged(admin: MysqlAdmin, server: MariaDB,
                                                                   bad: str) -> None:
     ok_db = f"ok_{sfx()}"
-    admin.create_databases([common_pb2.Database(database=ok_db)])
+    admin.create_databases([Database(name=ok_db)])
     ok_user = f"ok_{sfx()}"
-    admin.create_users([common_pb2.User(user=ok_user, password="pw")])
+    admin.create_users([User(name=ok_user, password="pw")])
     try:
         before = snapshot(server)
         attempts = [
-            lambda: admin.create_databases([common_pb2.Database(database=bad)]),
-            lambda: admin.create_databases([common_pb2.Database(database=ok_db + "2", character_set=bad)]),
-            lambda: admin.create_databases([common_pb2.Database(database=ok_db + "2", collation=bad)]),
+            lambda: admin.create_databases([Database(name=bad)]),
+            lambda: admin.create_databases([Database(name=ok_db + "2", character_set=bad)]),
+            lambda: admin.create_databases([Database(name=ok_db + "2", collation=bad)]),
             lambda: admin.delete_database(bad),
-            lambda: admin.create_users([common_pb2.User(user="n" + ok_user, password="pw", databases=[bad])]),
+            lambda: admin.create_users([User(name="n" + ok_user, password="pw", databases=(bad,))]),
             lambda: admin.delete_user(bad, "%"),
             lambda: admin.grant_access(ok_user, "%", [bad]),
             lambda: admin.grant_access(bad, "%", [ok_db]),
@@ -223,14 +223,14 @@ def test_injection_in_every_field_is_refused_with_mysql_unchanged(admin: MysqlAd
         ]
         if bad != "mysql":  # a user or host may be called "mysql"; no other value here is a valid name
             attempts += [
-                lambda: admin.create_users([common_pb2.User(user=bad, password="pw")]),
-                lambda: admin.create_users([common_pb2.User(user="n" + ok_user, host=bad, password="pw")]),
+                lambda: admin.create_users([User(name=bad, password="pw")]),
+                lambda: admin.create_users([User(name="n" + ok_user, host=bad, password="pw")]),
                 lambda: admin.delete_user(ok_user, bad),
-                lambda: admin.update_user(agent_pb2.UpdateUser(user=ok_user, host="%", new_user=bad)),
-                lambda: admin.update_user(agent_pb2.UpdateUser(user=ok_user, host="%", new_host=bad)),
+                lambda: admin.update_user(UserUpdate(user=ok_user, host="%", new_user=bad)),
+                lambda: admin.update_user(UserUpdate(user=ok_user, host="%", new_host=bad)),
             ]
         if "\x00" in bad or len(bad) > 512:
-            attempts.append(lambda: admin.update_user(agent_pb2.UpdateUser(user=ok_user, host="%", password=bad)))
+            attempts.append(lambda: admin.update_user(UserUpdate(user=ok_user, host="%", password=bad)))
         for i, attempt in enumerate(attempts):
             with pytest.raises((InvalidArgument, NotFound)) as exc:
                 attempt()
@@ -244,7 +244,7 @@ def test_injection_in_every_field_is_refused_with_mysql_unchanged(admin: MysqlAd
 def test_hostile_password_is_stored_as_a_value_not_sql(admin: MysqlAdmin, server: MariaDB) -> None:
     user = f"hp_{sfx()}"
     pw = "'); DROP DATABASE mysql; -- `\\"
-    admin.create_users([common_pb2.User(user=user, host="%", password=pw)])
+    admin.create_users([User(name=user, host="%", password=pw)])
     try:
         login(server, user, pw).close()
     finally:

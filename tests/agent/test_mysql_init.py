@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from reddwarf.agent.mysql import INIT_MARKER, MysqlDriver, MysqlSettings
+from reddwarf.agent.mysql import MysqlDriver, MysqlSettings
+from reddwarf.agent.mysqld import INIT_MARKER
 from reddwarf.common.errors import FailedPrecondition
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="mariadb-install-db --user needs root"),
@@ -28,11 +29,11 @@ async def test_a_cut_off_initialisation_is_cleared_and_made_again(tmp_path):
     (data / "mysql" / "half.frm").write_bytes(b"\0" * 10)
     (data / "aria_log_control").write_bytes(b"x")
     (data / INIT_MARKER).touch()
-    assert await d._init_datadir() is True
+    assert await d.mysqld.init_datadir(d.datadir) is True
     assert not (data / INIT_MARKER).exists()
     assert not (data / "mysql" / "half.frm").exists()
     assert (data / "mysql" / "global_priv.MAI").exists() or (data / "mysql" / "global_priv.MAD").exists()
-    assert await d._init_datadir() is False  # made: a second prepare leaves it alone
+    assert await d.mysqld.init_datadir(d.datadir) is False  # made: a second prepare leaves it alone
 
 
 async def test_a_datadir_with_foreign_files_is_refused_and_left_alone(tmp_path):
@@ -41,6 +42,6 @@ async def test_a_datadir_with_foreign_files_is_refused_and_left_alone(tmp_path):
     data.mkdir()
     (data / "precious.txt").write_text("not ours")
     with pytest.raises(FailedPrecondition):
-        await d._init_datadir()
+        await d.mysqld.init_datadir(d.datadir)
     assert (data / "precious.txt").read_text() == "not ours"
     assert not (data / INIT_MARKER).exists()

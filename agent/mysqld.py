@@ -1,0 +1,144 @@
+"""The lifecycle of a guest's mysqld: its my.cnf on disk, the datadir made by mariadb-install-db, and the
+server itself started, watched and restarted by a Supervisor."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from typing import Any
+
+import pymysql
+
+from reddwarf.common import runner
+from reddwarf.common.errors import FailedPrecondition, Unavailable
+
+from .mycnf import MyCnf, render_my_cnf
+from .supervisor import Supervisor
+
+log = logging.getLogger("reddwarf.agent.mysqld")
+
+INIT_MARKER = ".reddwarf-initialising"
+
+
+def find_binary(configured: str, *candidates: str) -> str:
+    if configured:
+        return configured
+    for c in candidates:
+        found = shutil.which(c) or (f"/usr/sbin/{c}" if os.path.exists(f"/usr/sbin/{c}") else None)
+        if found:
+            return found
+    raise FailedPrecondition(f"{candidates[0]} is not installed", field="services")
+
+
+class Mysqld:
+    """One local mysqld, configured by the my.cnf in `state_dir`, running as the OS user `run_as`."""
+
+    def __init__(self, state_dir: str, run_as: str = "mysql", mysqld: str = "", install_db: str = "") -> None:
+        self.state_dir = state_dir
+        self.run_as = run_as
+        self._mysqld_binary = mysqld
+        self._install_db_binary = install_db
+        self.supervisor: Supervisor | None = None
+
+    # paths ---------------------------------------------------------------
+
+    @property
+    def my_cnf_path(self) -> str:
+        return os.path.join(self.state_dir, "my.cnf")
+
+    @property
+    def run_dir(self) -> str:
+        """Where mysqld writes its socket, pid and error log: it runs as run_as and must not need to
+        enter the agent's private (0700, root) state dir, which holds the internal admin's password."""
+        if self.run_as == "root":
+            return self.state_dir
+        path = "/run/mysqld"
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        shutil.chown(path, self.run_as, self.run_as)
+        return path
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.run_dir, "mysqld.sock")
+
+    def my_cnf(self, datadir: str, port: int, bind_address: str, buffer_pool_mb: int, max_connections: int,
+               open_files_limit: int) -> MyCnf:
+        run_dir = self.run_dir
+        return MyCnf(datadir=datadir, socket=os.path.join(run_dir, "mysqld.sock"),
+                     pid_file=os.path.join(run_dir, "mysqld.pid"), log_error=os.path.join(run_dir, "mysqld.err"),
+                     port=port, bind_address=bind_address, buffer_pool_mb=buffer_pool_mb,
+                     max_connections=max_connections, open_files_limit=open_files_limit)
+
+    def write_my_cnf(self, cnf: MyCnf) -> None:
+        with open(self.my_cnf_path, "w") as f:
+            f.write(render_my_cnf(cnf))
+
+    def require_configured(self) -> None:
+        if not os.path.exists(self.my_cnf_path):
+            raise FailedPrecondition("the datastore is not prepared yet", field="prepare")
+
+    # the datadir ---------------------------------------------------------
+
+    async def init_datadir(self, datadir: str) -> bool:
+        """Makes the system tables in an empty datadir; False if it holds them already."""
+        # A marker on the volume spans mariadb-install-db: if the agent died inside it, the half-made
+        # datadir (which cannot hold user data yet) is cleared and made again.
+        marker = os.path.join(datadir, INIT_MARKER)
+        if os.path.exists(marker):
+            log.warning("clearing a datadir whose initialisation was cut off", extra={"datadir": datadir})
+            for name in os.listdir(datadir):
+                path = os.path.join(datadir, name)
+                if name in ("lost+found", INIT_MARKER):
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+        elif os.path.isdir(os.path.join(datadir, "mysql")):
+            return False
+        os.makedirs(datadir, exist_ok=True)
+        if any(n not in ("lost+found", INIT_MARKER) for n in os.listdir(datadir)):
+            raise FailedPrecondition(f"datadir {datadir} holds files but no MySQL data", field="datadir")
+        with open(marker, "w"):
+            pass
+        if self.run_as != "root":
+            shutil.chown(datadir, self.run_as, self.run_as)
+        install_db = find_binary(self._install_db_binary, "mariadb-install-db", "mysql_install_db")
+        await runner.run_async([install_db, f"--defaults-file={self.my_cnf_path}", f"--datadir={datadir}",
+                                f"--user={self.run_as}", "--auth-root-authentication-method=socket",
+                                "--skip-test-db"], timeout=300)
+        os.unlink(marker)
+        return True
+
+    # the server ----------------------------------------------------------
+
+    def connect_root(self) -> pymysql.connections.Connection[Any]:
+        # The agent is root in the guest: root@localhost authenticates by unix_socket.
+        return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True, connect_timeout=5)
+
+    async def accepting(self) -> bool:
+        def ping() -> bool:
+            try:
+                pymysql.connect(unix_socket=self.socket, user="root", connect_timeout=1).close()
+                return True
+            except pymysql.err.MySQLError as exc:
+                # "Access denied" still proves the server is up and accepting connections.
+                return bool(exc.args) and exc.args[0] in (1045, 1698)
+        return await asyncio.to_thread(ping)
+
+    async def start(self) -> None:
+        """Starts mysqld under supervision (no-op if running) and waits until it accepts connections."""
+        self.require_configured()
+        if self.supervisor is None:
+            binary = find_binary(self._mysqld_binary, "mariadbd", "mysqld")
+            self.supervisor = Supervisor("mysqld", [binary, f"--defaults-file={self.my_cnf_path}",
+                                                    f"--user={self.run_as}"], ready=self.accepting)
+        try:
+            await self.supervisor.start(ready_timeout=120)
+        except TimeoutError as exc:
+            raise Unavailable(str(exc)) from None
+
+    async def stop(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.stop()
