@@ -43,9 +43,9 @@ class FakeDriver(DatastoreDriver):
         await progress(50, "pretending")
         self._act("prepare")
         # What a real prepare makes besides mysqld: the initial databases and users.
-        self.dbs.update(d.database for d in spec.databases)
+        self.dbs.update(d.name for d in spec.databases)
         for u in spec.users:
-            self.users[(u.user, u.host or "%")] = set(u.databases)
+            self.users[(u.name, u.host or "%")] = set(u.databases)
 
     async def create_databases(self, databases: Sequence[Database]) -> None:
         for i, d in enumerate(databases):
