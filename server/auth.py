@@ -31,6 +31,7 @@ from reddwarf.common.pki import Identity
 from reddwarf.common.tls import peer_identity
 
 from . import models
+from .app import Context
 
 ADMIN_TENANT = "admin"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
@@ -127,7 +128,7 @@ class Authenticator:
 
 
 def _wrap_unary(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         if not await check(context):
             return None
         result = behavior(request_or_iterator, context)
@@ -136,7 +137,7 @@ def _wrap_unary(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Ca
 
 
 def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         if not await check(context):
             return
         async for item in behavior(request_or_iterator, context):
@@ -157,7 +158,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
                     if isinstance(v, str)}
 
-        async def check(context: grpc.aio.ServicerContext) -> bool:
+        async def check(context: Context) -> bool:
             try:
                 principal = await asyncio.to_thread(self.auth.authenticate, method, peer_identity(context),
                                                     metadata)

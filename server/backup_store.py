@@ -205,7 +205,7 @@ class LocalStore(BackupStore):
         check_backup_id(backup_id)
         return _LocalWriter(self, backup_id)
 
-    async def open_reader(self, backup_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def open_reader(self, backup_id: str) -> AsyncIterator[bytes]:
         path = self.path(backup_id)
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -338,7 +338,7 @@ class S3Store(BackupStore):
         code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
         return code in ("404", "NoSuchKey", "NotFound")
 
-    async def open_reader(self, backup_id: str) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def open_reader(self, backup_id: str) -> AsyncIterator[bytes]:
         try:
             resp = await asyncio.to_thread(self.client.get_object, Bucket=self.settings.bucket,
                                            Key=self.key(backup_id))
