@@ -55,7 +55,7 @@ class Principal:
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
 
 
-def current_principal(context: Any = None) -> Principal:
+def current_principal(context: Context | None = None) -> Principal:
     p = _principal.get()
     if p is None:  # only reachable if a servicer is mounted without the interceptor
         raise Unauthenticated("no authenticated caller")
