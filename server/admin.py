@@ -164,8 +164,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_edge
     async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: Context) -> admin_pb2.Tenant:
         with self.app.sessions() as s:
-            row = fetch(s, models.Tenant, request.name, "tenants")
-            return tenant_pb(row)
+            return tenant_pb(fetch(s, models.Tenant, request.name, "tenants"))
 
     @grpc_edge
     async def ListTenants(self, request: admin_pb2.ListTenantsRequest,
@@ -285,8 +284,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_edge
     async def GetHost(self, request: admin_pb2.GetHostRequest, context: Context) -> admin_pb2.Host:
         with self.app.sessions() as s:
-            row = fetch(s, models.Host, request.name, "hosts")
-            return host_pb(row)
+            return host_pb(fetch(s, models.Host, request.name, "hosts"))
 
     @grpc_edge
     async def ListHosts(self, request: admin_pb2.ListHostsRequest,
@@ -318,8 +316,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     @grpc_edge
     async def GetTask(self, request: admin_pb2.GetTaskRequest, context: Context) -> admin_pb2.Task:
         with self.app.sessions() as s:
-            row = fetch(s, models.Task, request.name, "tasks")
-            return task_pb(row)
+            return task_pb(fetch(s, models.Task, request.name, "tasks"))
 
     @grpc_edge
     async def ListTasks(self, request: admin_pb2.ListTasksRequest,

@@ -51,6 +51,7 @@ from .app import App, Context
 from .auth import current_principal
 from .backup_store import BackupStore
 from .catalog import resource_id, ts
+from .db import update_row
 from .instance_views import derived_status, owned_instance
 from .models import utcnow as now
 from .pagination import Paginator
@@ -154,11 +155,7 @@ class Backups:
         self.registry = registry
 
     def _update(self, bid: str, **values: Any) -> None:
-        with self.app.sessions() as s, s.begin():
-            b = s.get(models.Backup, bid)
-            if b is not None:
-                for k, v in values.items():
-                    setattr(b, k, v)
+        update_row(self.app.sessions, models.Backup, bid, **values)
 
     async def step_take(self, ctx: tasks.StepContext) -> None:
         bid = ctx.params["backup_id"]

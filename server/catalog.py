@@ -93,8 +93,7 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
     async def GetFlavor(self, request: database_pb2.GetFlavorRequest,
                         context: Context) -> database_pb2.Flavor:
         with self.app.sessions() as s:
-            f = fetch(s, models.Flavor, request.name, "flavors")
-            return flavor_pb(f)
+            return flavor_pb(fetch(s, models.Flavor, request.name, "flavors"))
 
     @grpc_edge
     async def ListDatastores(self, request: database_pb2.ListDatastoresRequest,

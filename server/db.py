@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -69,6 +70,15 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     with sessions() as session, session.begin():
         yield session
+
+
+def update_row(sessions: sessionmaker[Session], model: type[models.Base], key: str, **values: Any) -> None:
+    """Sets columns of one row in a transaction of its own; a row deleted meanwhile is left alone."""
+    with transaction(sessions) as s:
+        row = s.get(model, key)
+        if row is not None:
+            for column, value in values.items():
+                setattr(row, column, value)
 
 
 def alembic_config(url: str) -> Config:

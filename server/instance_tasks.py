@@ -13,7 +13,9 @@ server killed after any step resumes it without duplicating a container or a vol
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import contextlib
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from sqlalchemy import select
@@ -28,6 +30,7 @@ from .agents import AgentRegistry
 from .app import App
 from .backups import Backups
 from .catalog import limits_of
+from .db import update_row
 from .enrollment import Enrollment
 from .events import EventBus
 from .guest_health import GuestHealthRecorder
@@ -40,20 +43,19 @@ AGENT_CONNECT_TIMEOUT = 180
 PREPARE_TIMEOUT = 900
 # Stored on a deleted instance's row only (deleted_at says so too); never shown, so not an InstanceStatus.
 DELETED = "DELETED"
+Row = TypeVar("Row", bound=models.Base)
 
 
+@dataclass(eq=False)
 class InstanceTasks:
-    def __init__(self, app: App, hosts: HostPool, registry: AgentRegistry, events: EventBus,
-                 enrollment: Enrollment, sealer: PasswordSealer, guests: GuestHealthRecorder,
-                 backups: Backups) -> None:
-        self.app = app
-        self.hosts = hosts
-        self.registry = registry
-        self.events = events
-        self.enrollment = enrollment
-        self.sealer = sealer
-        self.guests = guests
-        self.backups = backups
+    app: App
+    hosts: HostPool
+    registry: AgentRegistry
+    events: EventBus
+    enrollment: Enrollment
+    sealer: PasswordSealer
+    guests: GuestHealthRecorder
+    backups: Backups
 
     def kinds(self) -> list[tasks.TaskKind]:
         S = tasks.Step
@@ -76,20 +78,19 @@ class InstanceTasks:
         ]
 
     # -- rows --------------------------------------------------------------------------------------
-    def _row(self, iid: str) -> models.Instance:
+    def _detached(self, model: type[Row], key: str, missing: str, field: str) -> Row:
         with self.app.sessions() as s:
-            row = s.get(models.Instance, iid)
+            row = s.get(model, key)
             if row is None:
-                raise NotFound(f"instance {iid} vanished", field="instance")
+                raise NotFound(missing, field=field)
             s.expunge(row)
             return row
 
+    def _row(self, iid: str) -> models.Instance:
+        return self._detached(models.Instance, iid, f"instance {iid} vanished", "instance")
+
     def _update(self, iid: str, **values: Any) -> None:
-        with self.app.sessions() as s, s.begin():
-            row = s.get(models.Instance, iid)
-            if row is not None:
-                for k, v in values.items():
-                    setattr(row, k, v)
+        update_row(self.app.sessions, models.Instance, iid, **values)
         self.events.publish(iid)
 
     def _host(self, row: models.Instance) -> HostClient:
@@ -98,12 +99,7 @@ class InstanceTasks:
         return self.hosts.client(row.host_id)
 
     def _flavor(self, flavor_id: str) -> models.Flavor:
-        with self.app.sessions() as s:
-            f = s.get(models.Flavor, flavor_id)
-            if f is None:
-                raise NotFound(f"flavor {flavor_id} does not exist", field="flavor")
-            s.expunge(f)
-            return f
+        return self._detached(models.Flavor, flavor_id, f"flavor {flavor_id} does not exist", "flavor")
 
     # -- create_instance -----------------------------------------------------------------------------
     async def step_schedule(self, ctx: tasks.StepContext) -> None:
@@ -203,18 +199,14 @@ class InstanceTasks:
     async def step_delete_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
         if row.host_id:
-            try:
+            with contextlib.suppress(NotFound):  # already gone: a replayed step
                 await self._host(row).DeleteContainer(host_pb2.ContainerRef(id=row.id))
-            except NotFound:
-                pass
 
     async def step_delete_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
         if row.host_id:
-            try:
+            with contextlib.suppress(NotFound):  # already gone: a replayed step
                 await self._host(row).DeleteVolume(host_pb2.DeleteVolumeRequest(id=row.id))
-            except NotFound:
-                pass
 
     async def step_revoke(self, ctx: tasks.StepContext) -> None:
         iid = ctx.resource_id

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
@@ -41,15 +42,14 @@ from .sealing import PasswordSealer
 Check = Callable[[Session, models.Instance, InstanceStatus], None]
 
 
+@dataclass(eq=False)
 class InstancesServicer(database_pb2_grpc.InstancesServicer):
-    def __init__(self, app: App, engine: tasks.TaskEngine, events: EventBus, registry: AgentRegistry,
-                 sealer: PasswordSealer, paginator: Paginator) -> None:
-        self.app = app
-        self.engine = engine
-        self.events = events
-        self.registry = registry
-        self.sealer = sealer
-        self.pages = paginator
+    app: App
+    engine: tasks.TaskEngine
+    events: EventBus
+    registry: AgentRegistry
+    sealer: PasswordSealer
+    pages: Paginator
 
     def _pb(self, s: Session, row: models.Instance) -> database_pb2.Instance:
         return instance_pb(s, row, self.app.settings.heartbeat_expiry_seconds)
