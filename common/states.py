@@ -54,6 +54,18 @@ class TaskState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class StepState(StrEnum):
+    """One recorded step of a task. Shown on the API as the TaskState it amounts to (`step_task_state`)."""
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+
+
+def step_task_state(step: StepState) -> TaskState:
+    return {StepState.RUNNING: TaskState.RUNNING, StepState.DONE: TaskState.SUCCEEDED,
+            StepState.ERROR: TaskState.FAILED}[step]
+
+
 class HostState(StrEnum):
     UP = "up"
     DOWN = "down"

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from reddwarf.common import states
 from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
 from reddwarf.common.pki import identity_from_cert, validate_role_id
-from reddwarf.common.states import HostState, TaskState
+from reddwarf.common.states import HostState, StepState, TaskState
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 from . import models, quotas
@@ -78,7 +78,8 @@ def task_pb(t: models.Task) -> admin_pb2.Task:
     for st in t.steps or []:
         steps.append(admin_pb2.TaskStep(
             step=st.get("step", ""), detail=st.get("detail", ""),
-            state=admin_pb2.TaskState.ValueType(states.to_pb(TaskState(st["state"])) if st.get("state") else 0),
+            state=admin_pb2.TaskState.ValueType(
+                states.to_pb(states.step_task_state(StepState(st["state"]))) if st.get("state") else 0),
             started=ts(dt.datetime.fromisoformat(st["started"])) if st.get("started") else None,
             finished=ts(dt.datetime.fromisoformat(st["finished"])) if st.get("finished") else None))
     fault = (common_pb2.Fault(message=t.fault_message, details=t.fault_details, created=ts(t.updated_at))

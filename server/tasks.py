@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
 from reddwarf.common.log import bind
-from reddwarf.common.states import TaskState
+from reddwarf.common.states import StepState, TaskState
 from reddwarf.server.models import Task, utcnow
 
 log = logging.getLogger("reddwarf.server.tasks")
@@ -314,7 +314,7 @@ class TaskEngine:
                           attempts=task.attempts,
                           log=bind(log, {"task": task.id, "kind": task.kind, "resource": task.resource}))
         steps: list[dict[str, Any]] = [dict(x) for x in (task.steps or [])]
-        done = {x["step"] for x in steps if x.get("state") == "done"}
+        done = {x["step"] for x in steps if x.get("state") == StepState.DONE}
         body = asyncio.create_task(self._run_steps(ctx, kind, steps, done))
         renew = asyncio.create_task(self._renew(task.id, body))
         try:
@@ -344,7 +344,7 @@ class TaskEngine:
             if record is None:
                 record = {"step": step.name}
                 steps.append(record)
-            record.update(state="running", started=utcnow().isoformat(), finished=None, detail="")
+            record.update(state=StepState.RUNNING, started=utcnow().isoformat(), finished=None, detail="")
             await self._write(ctx.task_id, steps=[dict(x) for x in steps], current_step=step.name)
             ctx.log.info("task step started step=%s", step.name)
             try:
@@ -354,7 +354,7 @@ class TaskEngine:
             except Exception as exc:
                 await self._step_failed(ctx, kind, steps, record, exc)
                 return
-            record.update(state="done", finished=utcnow().isoformat())
+            record.update(state=StepState.DONE, finished=utcnow().isoformat())
             await self._write(ctx.task_id, steps=[dict(x) for x in steps], params=dict(ctx.params),
                               progress_percent=int((index + 1) * 100 / total))
             ctx.log.info("task step finished step=%s", step.name)
@@ -369,7 +369,7 @@ class TaskEngine:
                            record: dict[str, Any], exc: Exception) -> None:
         message = exc.message if isinstance(exc, errors.RedDwarfError) else str(exc) or type(exc).__name__
         attempts = ctx.attempts + 1
-        record.update(state="error", detail=message[-1000:])
+        record.update(state=StepState.ERROR, detail=message[-1000:])
         if is_transient(exc) and attempts < kind.max_attempts:
             delay = min(self.backoff_max_seconds, self.backoff_seconds * 2 ** (attempts - 1))
             delay *= 0.5 + random.random() / 2
