@@ -213,6 +213,11 @@ async def test_a_failed_task_runs_compensation_and_ends_failed_with_a_fault(
     await engine.start()
     try:
         tv = await tasks.wait_for(state_db, tid, timeout=20)
+        # The FAILED row is written before on_failed runs: let the hook finish before stopping the engine.
+        for _ in range(500):
+            if failed:
+                break
+            await asyncio.sleep(0.01)
     finally:
         await engine.stop()
     assert tv.state == TaskState.FAILED
