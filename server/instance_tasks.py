@@ -1,7 +1,8 @@
 """The durable tasks behind the Instances service, as idempotent named steps (see DESIGN.md):
 
   create_instance   schedule → create_volume → create_container → start_container → wait_agent → prepare
-                    → restore → activate; a create that cannot succeed gives back its container and volume
+                    → restore → activate; a create that cannot succeed gives back its certificate,
+                    container and volume
   delete_instance   delete_container → delete_volume → revoke_certificate → mark_deleted
   restart_instance  restart
   resize_instance   set_limits → apply_limits
@@ -184,7 +185,8 @@ class InstanceTasks:
         self._update(ctx.resource_id, status=InstanceStatus.ACTIVE)
 
     async def compensate_create(self, ctx: tasks.StepContext) -> None:
-        """A create that cannot succeed gives back what it took: container and volume."""
+        """A create that cannot succeed gives back what it took: its certificate, container and volume."""
+        await self.step_revoke(ctx)
         row = self._row(ctx.resource_id)
         if not row.host_id:
             return
