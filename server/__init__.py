@@ -1,1 +1,23 @@
-"""Red Dwarf server."""
+"""Red Dwarf's control server (`reddwarf-server`). Where things live:
+
+  main.py                 init and serve; wire() says which servicers and background loops run
+  app.py                  the core objects every module is handed (settings, state DB, CA, TLS identity)
+  provisioning.py         builds the provisioning services and passes them on as constructor arguments
+  settings.py, db.py, models.py, migrations/   configuration, the state DB and its schema
+  auth.py, pagination.py  who is calling (certificate, token); page tokens
+  catalog.py, admin.py    the Catalog and Admin services
+  instances.py            the Instances service
+  instance_validation.py  checks on a CreateInstanceRequest
+  instance_views.py       an instance's derived status, its message, owned_instance
+  instance_tasks.py       the durable tasks behind Instances (create, delete, restart, resize, resize_volume)
+  quotas.py               what a tenant or host has allocated; quota checks
+  sealing.py              the initial users' passwords, sealed until prepare
+  enrollment.py           guest enrollment tokens and certificate signing
+  guest.py                the Databases, Users and Root services (run by the guest agent)
+  guest_health.py         health and silence reported by the agent registry, written to the instance
+  agents.py               the agent registry, the AgentGateway and Enrollment services
+  tasks.py                the durable task engine
+  hosts.py                hostd clients, capacity refresh, placement
+  backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
+  events.py               the instance event bus behind WatchInstance
+"""

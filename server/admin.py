@@ -6,43 +6,54 @@ import datetime as dt
 import logging
 import re
 import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from google.protobuf import empty_pb2
-from sqlalchemy import func, select
+from google.protobuf.message import Message
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from reddwarf.common import states
 from reddwarf.common.clock import now
 from reddwarf.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, grpc_edge
 from reddwarf.common.pki import identity_from_cert, validate_role_id
+from reddwarf.common.states import HostState, StepState, TaskState
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
-from . import models, tasks
-from .app import App
+from . import models, quotas, tasks
+from .app import App, Context
 from .auth import ADMIN_TENANT, current_principal, hash_secret, new_secret, serial_hex, token_expiry
 from .catalog import fetch, resource_id, ts
 from .keys import destroy_tenant_key
 from .pagination import Paginator
 
+if TYPE_CHECKING:
+    from .backup_store import BackupStore
+    from .hosts import HostPool
+
 log = logging.getLogger("reddwarf.server.admin")
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
 HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
 ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}\Z")
-LIVE = ("DELETED",)
+Row = TypeVar("Row")
+Pb = TypeVar("Pb", bound=Message)
+
+
+class ListRequest(Protocol):
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def page_token(self) -> str: ...
 
 
 def quota_usage(s: Session, t: models.Tenant) -> admin_pb2.QuotaUsage:
-    live = (models.Instance.tenant_id == t.id) & (models.Instance.deleted_at.is_(None))
-    count = s.scalar(select(func.count()).select_from(models.Instance).where(live)) or 0
-    volume = s.scalar(select(func.coalesce(func.sum(models.Instance.volume_size_gb), 0)).where(live)) or 0
-    memory = s.scalar(select(func.coalesce(func.sum(models.Flavor.memory_mb), 0)).select_from(models.Instance)
-                      .join(models.Flavor, models.Flavor.id == models.Instance.flavor_id).where(live)) or 0
-    backups = s.scalar(select(func.count()).select_from(models.Backup).where(
-        models.Backup.tenant_id == t.id, models.Backup.status != "DELETED")) or 0
+    used = quotas.tenant_allocation(s, t.id)
     return admin_pb2.QuotaUsage(
         limit=admin_pb2.Quota(instances=t.quota_instances, memory_mb=t.quota_memory_mb,
                               volume_gb=t.quota_volume_gb, backups=t.quota_backups),
-        in_use=admin_pb2.Quota(instances=count, memory_mb=memory, volume_gb=volume, backups=backups))
+        in_use=admin_pb2.Quota(instances=used.instances, memory_mb=used.memory_mb, volume_gb=used.volume_gb,
+                               backups=quotas.backup_count(s, t.id)))
 
 
 def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
@@ -54,7 +65,8 @@ def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
 
 def host_pb(h: models.Host) -> admin_pb2.Host:
     return admin_pb2.Host(
-        name=f"hosts/{h.id}", id=h.id, address=h.address, state=states.to_pb(states.HostState(h.state)),
+        name=f"hosts/{h.id}", id=h.id, address=h.address,
+        state=admin_pb2.HostState.ValueType(states.to_pb(HostState(h.state))),
         container_driver=h.container_driver, volume_driver=h.volume_driver, last_seen=ts(h.last_seen),
         memory_overcommit=h.memory_overcommit, storage_overcommit=h.storage_overcommit,
         capacity=admin_pb2.HostCapacity(memory_mb_total=h.memory_mb_total, cpus=h.cpus,
@@ -66,13 +78,16 @@ def task_pb(t: models.Task) -> admin_pb2.Task:
     steps = []
     for st in t.steps or []:
         steps.append(admin_pb2.TaskStep(
-            step=st.get("step", ""), state=states.to_pb(states.step_task_state(states.StepState(st["state"]))) if st.get("state") else 0, detail=st.get("detail", ""),
+            step=st.get("step", ""), detail=st.get("detail", ""),
+            state=admin_pb2.TaskState.ValueType(
+                states.to_pb(states.step_task_state(StepState(st["state"]))) if st.get("state") else 0),
             started=ts(dt.datetime.fromisoformat(st["started"])) if st.get("started") else None,
             finished=ts(dt.datetime.fromisoformat(st["finished"])) if st.get("finished") else None))
     fault = (common_pb2.Fault(message=t.fault_message, details=t.fault_details, created=ts(t.updated_at))
              if t.fault_message else None)
     return admin_pb2.Task(name=f"tasks/{t.id}", id=t.id, kind=t.kind, resource=t.resource,
-                          state=states.to_pb(states.TaskState(t.state)), current_step=t.current_step, steps=steps,
+                          state=admin_pb2.TaskState.ValueType(states.to_pb(TaskState(t.state))),
+                          current_step=t.current_step, steps=steps,
                           attempts=t.attempts, lease_owner=t.lease_owner or "", lease_expires=ts(t.lease_expires),
                           create_time=ts(t.created_at), update_time=ts(t.updated_at), fault=fault)
 
@@ -117,11 +132,14 @@ def _quota_values(q: admin_pb2.Quota, field: str) -> None:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, app: App, paginator: Paginator) -> None:
+    def __init__(self, app: App, paginator: Paginator, hosts: HostPool, store: BackupStore) -> None:
+        self.store = store
         self.app = app
         self.pages = paginator
+        self.hosts = hosts
 
-    def _list(self, method: str, context, request, query, convert, filter: str = ""):  # type: ignore[no-untyped-def]
+    def _list(self, method: str, context: Context, request: ListRequest, query: Select[Row],
+              convert: Callable[[Row], Pb], filter: str = "") -> tuple[list[Pb], str]:
         p = current_principal(context)
         page = self.pages.page(method, p.caller_key, request.page_size, request.page_token, filter)
         with self.app.sessions() as s:
@@ -131,7 +149,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     # -- tenants, tokens, quotas -----------------------------------------------------------------
     @grpc_edge
-    async def CreateTenant(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateTenant(self, request: admin_pb2.CreateTenantRequest,
+                           context: Context) -> admin_pb2.Tenant:
         t = request.tenant
         if not TENANT_ID.fullmatch(t.id):
             raise InvalidArgument("tenant.id must be 1-63 lowercase letters, digits or '-'", field="tenant.id")
@@ -159,20 +178,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return tenant_pb(row)
 
     @grpc_edge
-    async def GetTenant(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetTenant(self, request: admin_pb2.GetTenantRequest, context: Context) -> admin_pb2.Tenant:
         with self.app.sessions() as s:
             row = live_tenant(s, request.name)
             return tenant_pb(row)
 
     @grpc_edge
-    async def ListTenants(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListTenants(self, request: admin_pb2.ListTenantsRequest,
+                          context: Context) -> admin_pb2.ListTenantsResponse:
         items, token = self._list("ListTenants", context, request,
                                   select(models.Tenant).where(models.Tenant.deleted_at.is_(None))
                                   .order_by(models.Tenant.id), tenant_pb)
         return admin_pb2.ListTenantsResponse(tenants=items, next_page_token=token)
 
     @grpc_edge
-    async def DeleteTenant(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteTenant(self, request: admin_pb2.DeleteTenantRequest, context: Context) -> empty_pb2.Empty:
         """Deletes a tenant for good: its tokens, its backups (rows and stored objects) and its backup data key
         (crypto-shredding: any copy of its objects anywhere is unreadable from this commit on). The row stays
         as a tombstone, so the id is never given out again."""
@@ -203,14 +223,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             tid = row.id
         # The key is gone with the commit above; the objects are ciphertext nobody can read any more, and
         # are deleted now (a crash here leaves only such unreadable files behind).
-        if self.app.backups is not None:
-            for bid in doomed:
-                await self.app.backups.store.delete(bid)
+        for bid in doomed:
+            await self.store.delete(bid)
         log.info("tenant deleted", extra={"tenant": tid, "backups": len(doomed), "key_destroyed": bool(shredded)})
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def CreateToken(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateToken(self, request: admin_pb2.CreateTokenRequest, context: Context) -> admin_pb2.Token:
         tid = resource_id(request.tenant, "tenants", "tenant")
         if request.ttl_seconds < 0:
             raise InvalidArgument("ttl_seconds must not be negative", field="ttl_seconds")
@@ -228,7 +247,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                description=row.description, admin=row.admin, expire_time=ts(row.expires_at))
 
     @grpc_edge
-    async def RevokeToken(self, request, context):  # type: ignore[no-untyped-def]
+    async def RevokeToken(self, request: admin_pb2.RevokeTokenRequest, context: Context) -> empty_pb2.Empty:
         tid = request.name.rsplit("/", 1)[-1]
         if not tid:
             raise InvalidArgument("name must be tenants/<tenant>/tokens/<id>", field="name")
@@ -240,13 +259,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def GetQuota(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetQuota(self, request: admin_pb2.GetQuotaRequest, context: Context) -> admin_pb2.QuotaUsage:
         with self.app.sessions() as s:
             row = live_tenant(s, request.tenant, "tenant")
             return quota_usage(s, row)
 
     @grpc_edge
-    async def UpdateQuota(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateQuota(self, request: admin_pb2.UpdateQuotaRequest,
+                          context: Context) -> admin_pb2.QuotaUsage:
         tid = resource_id(request.tenant, "tenants", "tenant")
         _quota_values(request.quota, "quota")
         with self.app.sessions() as s, s.begin():
@@ -260,7 +280,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     # -- hosts -----------------------------------------------------------------------------------
     @grpc_edge
-    async def RegisterHost(self, request, context):  # type: ignore[no-untyped-def]
+    async def RegisterHost(self, request: admin_pb2.RegisterHostRequest, context: Context) -> admin_pb2.Host:
         h = request.host
         if not HOST_ID.match(h.id):
             raise InvalidArgument("host.id must be 1-64 lowercase letters, digits or '-'", field="host.id")
@@ -274,49 +294,48 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             if row is not None and row.address != h.address:
                 raise AlreadyExists(f"host {h.id!r} is registered at {row.address}", field="host.id")
             if row is None:
-                row = models.Host(id=h.id, address=h.address, state="up",
+                row = models.Host(id=h.id, address=h.address, state=HostState.UP,
                                   memory_overcommit=h.memory_overcommit or self.app.settings.memory_overcommit,
                                   storage_overcommit=h.storage_overcommit or self.app.settings.storage_overcommit)
                 s.add(row)
                 s.flush()
             result = host_pb(row)
-        if self.app.hosts is not None:  # fill capacity at once when the scheduler is wired
-            try:
-                await self.app.hosts.refresh(h.id)
-                with self.app.sessions() as s:
-                    result = host_pb(s.get(models.Host, h.id))
-            except Exception as exc:  # noqa: BLE001 - registered anyway; the refresh loop retries
-                log.warning("host capacity refresh failed", extra={"host": h.id, "error": str(exc)})
+        try:  # fill capacity at once
+            await self.hosts.refresh(h.id)
+            with self.app.sessions() as s:
+                result = host_pb(fetch(s, models.Host, h.id, "hosts", "host.id"))
+        except Exception as exc:  # noqa: BLE001 - registered anyway; the refresh loop retries
+            log.warning("host capacity refresh failed", extra={"host": h.id, "error": str(exc)})
         return result
 
     @grpc_edge
-    async def EnrollHost(self, request, context):  # type: ignore[no-untyped-def]
+    async def EnrollHost(self, request: admin_pb2.EnrollHostRequest, context: Context) -> admin_pb2.Host:
         from reddwarf.common.errors import Unimplemented
         raise Unimplemented("EnrollHost (install hostd over SSH) is not implemented; install hostd on the "
                             "host, issue it a host certificate and use RegisterHost")
 
     @grpc_edge
-    async def GetHost(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetHost(self, request: admin_pb2.GetHostRequest, context: Context) -> admin_pb2.Host:
         with self.app.sessions() as s:
-            row = fetch(s, models.Host, request.name, "hosts")
-            return host_pb(row)
+            return host_pb(fetch(s, models.Host, request.name, "hosts"))
 
     @grpc_edge
-    async def ListHosts(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListHosts(self, request: admin_pb2.ListHostsRequest,
+                        context: Context) -> admin_pb2.ListHostsResponse:
         items, token = self._list("ListHosts", context, request, select(models.Host).order_by(models.Host.id),
                                   host_pb)
         return admin_pb2.ListHostsResponse(hosts=items, next_page_token=token)
 
     @grpc_edge
-    async def DrainHost(self, request, context):  # type: ignore[no-untyped-def]
+    async def DrainHost(self, request: admin_pb2.DrainHostRequest, context: Context) -> admin_pb2.Host:
         with self.app.sessions() as s, s.begin():
             row = fetch(s, models.Host, request.name, "hosts")
-            row.state = "draining" if request.drain else "up"
+            row.state = HostState.DRAINING if request.drain else HostState.UP
             s.flush()
             return host_pb(row)
 
     @grpc_edge
-    async def DeleteHost(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteHost(self, request: admin_pb2.DeleteHostRequest, context: Context) -> empty_pb2.Empty:
         with self.app.sessions() as s, s.begin():
             row = fetch(s, models.Host, request.name, "hosts")
             live = s.scalar(select(func.count()).select_from(models.Instance).where(
@@ -328,29 +347,30 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     # -- tasks -----------------------------------------------------------------------------------
     @grpc_edge
-    async def GetTask(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetTask(self, request: admin_pb2.GetTaskRequest, context: Context) -> admin_pb2.Task:
         with self.app.sessions() as s:
-            row = fetch(s, models.Task, request.name, "tasks")
-            return task_pb(row)
+            return task_pb(fetch(s, models.Task, request.name, "tasks"))
 
     @grpc_edge
-    async def ListTasks(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListTasks(self, request: admin_pb2.ListTasksRequest,
+                        context: Context) -> admin_pb2.ListTasksResponse:
         q = select(models.Task).order_by(models.Task.created_at.desc(), models.Task.id)
         if request.resource:
             q = q.where(models.Task.resource == request.resource)
         if request.state:
             try:
-                wanted = states.from_pb(states.TaskState, request.state)
-            except ValueError:
+                state = states.from_pb(TaskState, request.state)
+            except (ValueError, KeyError):
                 raise InvalidArgument("state is not a task state", field="state") from None
-            q = q.where(models.Task.state == wanted)
+            q = q.where(models.Task.state == state)
         items, token = self._list("ListTasks", context, request, q, task_pb,
                                   filter=f"{request.resource}|{request.state}")
         return admin_pb2.ListTasksResponse(tasks=items, next_page_token=token)
 
     # -- certificates ----------------------------------------------------------------------------
     @grpc_edge
-    async def IssueCertificate(self, request, context):  # type: ignore[no-untyped-def]
+    async def IssueCertificate(self, request: admin_pb2.IssueCertificateRequest,
+                               context: Context) -> admin_pb2.Certificate:
         validate_role_id(request.role, request.id)
         days = request.days or 365
         if request.csr_pem:
@@ -364,7 +384,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return cert_pb(row, pem, self.app.ca.cert_pem.decode())
 
     @grpc_edge
-    async def RevokeCertificate(self, request, context):  # type: ignore[no-untyped-def]
+    async def RevokeCertificate(self, request: admin_pb2.RevokeCertificateRequest,
+                                context: Context) -> admin_pb2.Certificate:
         serial = request.serial.lower().removeprefix("0x")
         if not re.fullmatch(r"[0-9a-f]{1,64}", serial):
             raise InvalidArgument("serial must be the certificate's serial in hex", field="serial")
@@ -379,7 +400,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return cert_pb(row)
 
     @grpc_edge
-    async def ListCertificates(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListCertificates(self, request: admin_pb2.ListCertificatesRequest,
+                               context: Context) -> admin_pb2.ListCertificatesResponse:
         items, token = self._list("ListCertificates", context, request,
                                   select(models.Certificate).order_by(models.Certificate.created_at,
                                                                       models.Certificate.serial), cert_pb)

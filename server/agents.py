@@ -15,8 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-
-import grpc
+from typing import Protocol
 
 from reddwarf.common.errors import (
     DeadlineExceeded,
@@ -31,6 +30,8 @@ from reddwarf.common.errors import (
 )
 from reddwarf.common.tls import peer_identity
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, common_pb2
+
+from .app import Context
 
 log = logging.getLogger("reddwarf.server.agents")
 
@@ -214,12 +215,21 @@ class AgentRegistry:
                     await res
 
 
+class BackupTransfer(Protocol):
+    """Where the gateway's backup streams go (server/backups.py's BackupSink)."""
+
+    async def upload(self, instance_id: str, chunks: AsyncIterator[agent_pb2.BackupChunk]
+                     ) -> agent_pb2.UploadBackupResponse: ...
+
+    def download(self, instance_id: str, backup_id: str) -> AsyncIterator[agent_pb2.BackupChunk]: ...
+
+
 class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
-    def __init__(self, registry: AgentRegistry, backup_sink: object | None = None) -> None:
+    def __init__(self, registry: AgentRegistry, backup_sink: BackupTransfer | None = None) -> None:
         self.registry = registry
         self.backup_sink = backup_sink
 
-    def _instance(self, context: grpc.aio.ServicerContext) -> str:
+    def _instance(self, context: Context) -> str:
         ident = peer_identity(context)
         if ident is None:
             raise Unauthenticated("a certificate from the deployment CA is required")
@@ -230,7 +240,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         return ident.id
 
     async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[agent_pb2.ServerMessage]:
+                      context: Context) -> AsyncIterator[agent_pb2.ServerMessage]:
         try:
             cert_instance = self._instance(context)
             first = await anext(aiter(request_iterator), None)
@@ -265,18 +275,20 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             self.registry._detach(conn)
 
     @grpc_edge
-    async def UploadBackup(self, request_iterator, context):  # type: ignore[no-untyped-def]
+    async def UploadBackup(self, request_iterator: AsyncIterator[agent_pb2.BackupChunk],
+                           context: Context) -> agent_pb2.UploadBackupResponse:
         iid = self._instance(context)
         if self.backup_sink is None:
             raise FailedPrecondition("backups are not enabled on this server", field="backup_id")
-        return await self.backup_sink.upload(iid, request_iterator)  # type: ignore[attr-defined]
+        return await self.backup_sink.upload(iid, request_iterator)
 
-    async def DownloadBackup(self, request, context):  # type: ignore[no-untyped-def]
+    async def DownloadBackup(self, request: agent_pb2.DownloadBackupRequest,
+                             context: Context) -> AsyncIterator[agent_pb2.BackupChunk]:
         try:
             iid = self._instance(context)
             if self.backup_sink is None:
                 raise FailedPrecondition("backups are not enabled on this server", field="backup_id")
-            async for chunk in self.backup_sink.download(iid, request.backup_id):  # type: ignore[attr-defined]
+            async for chunk in self.backup_sink.download(iid, request.backup_id):
                 yield chunk
         except (Unauthenticated, PermissionDenied, FailedPrecondition, InvalidArgument) as err:
             await abort(context, err)
@@ -296,7 +308,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
         self.sign = sign_csr
 
     @grpc_edge
-    async def Enroll(self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    async def Enroll(self, request: agent_pb2.EnrollRequest, context: Context
                      ) -> agent_pb2.EnrollResponse:
         if not request.instance_id:
             raise InvalidArgument("instance_id is required", field="instance_id")

@@ -32,6 +32,7 @@ from reddwarf.common.pki import Identity
 from reddwarf.common.tls import peer_identity
 
 from . import models
+from .app import Context
 
 ADMIN_TENANT = "admin"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
@@ -55,7 +56,7 @@ class Principal:
 _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("principal", default=None)
 
 
-def current_principal(context: Any = None) -> Principal:
+def current_principal(context: Context | None = None) -> Principal:
     p = _principal.get()
     if p is None:  # only reachable if a servicer is mounted without the interceptor
         raise Unauthenticated("no authenticated caller")
@@ -131,7 +132,7 @@ class Authenticator:
 
 
 def _wrap_unary(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         if not await check(context):
             return None
         result = behavior(request_or_iterator, context)
@@ -140,7 +141,7 @@ def _wrap_unary(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Ca
 
 
 def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
         if not await check(context):
             return
         async for item in behavior(request_or_iterator, context):
@@ -148,7 +149,7 @@ def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> C
     return wrapper
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here (no stubs)
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self.auth = authenticator
 
@@ -161,7 +162,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc
         metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
                     if isinstance(v, str)}
 
-        async def check(context: grpc.aio.ServicerContext) -> bool:
+        async def check(context: Context) -> bool:
             try:
                 principal = await asyncio.to_thread(self.auth.authenticate, method, peer_identity(context),
                                                     metadata)

@@ -380,6 +380,11 @@ class BackupStore(abc.ABC):
     @abc.abstractmethod
     def location(self, backup_id: str) -> str: ...
 
+    def clean_partials(self) -> int:
+        """Removes what uploads cut off with a killed server left behind; the count removed. A store that
+        publishes atomically (S3's multipart complete) leaves nothing to clean."""
+        return 0
+
     async def verify(self, backup_id: str, sha256: str) -> VerifyOutcome:
         """Re-reads, authenticates, decrypts and re-hashes what is stored."""
         check_sha256(sha256)

@@ -30,7 +30,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from google.protobuf import empty_pb2
-from sqlalchemy import func, select
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from reddwarf.common import states
 from reddwarf.common.clock import now
@@ -39,41 +40,49 @@ from reddwarf.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
     grpc_edge,
 )
 from reddwarf.common.runner import run_async
+from reddwarf.common.states import BackupStatus, InstanceStatus, VerifyStatus
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
 
 from . import models, tasks
-from .app import App
+from .agents import AgentRegistry
+from .app import App, Context
 from .auth import current_principal
 from .backup_store import BackupStore, upload_cap
 from .catalog import resource_id, ts
-from .instances import owned_instance
+from .db import update_row
+from .instance_views import derived_status, owned_instance
 from .pagination import Paginator
+from .quotas import check_backup_quota
 
 log = logging.getLogger("reddwarf.server.backups")
 BACKUP_TIMEOUT = 6 * 3600
 # A guest gone this long mid-backup fails the backup rather than holding it open for hours.
 GONE_GRACE = 20.0
+# A backup's bytes are uploaded only while it is being taken; until it ends it cannot be deleted.
+UPLOADING = (BackupStatus.BUILDING, BackupStatus.SAVING)
+TAKING = (BackupStatus.NEW, *UPLOADING)
 
 
 def backup_pb(b: models.Backup) -> database_pb2.Backup:
     pb = database_pb2.Backup(
         name=f"backups/{b.id}", id=b.id, display_name=b.display_name, description=b.description,
-        instance=f"instances/{b.instance_id}", status=states.to_pb(states.BackupStatus(b.status)),
+        instance=f"instances/{b.instance_id}",
+        status=database_pb2.BackupStatus.ValueType(states.to_pb(BackupStatus(b.status))),
         parent=f"backups/{b.parent_id}" if b.parent_id else "", size_bytes=b.size_bytes, sha256=b.sha256,
         datastore=b.datastore, datastore_version=b.datastore_version,
         checksums=[database_pb2.TableChecksum(table=c["table"], checksum=int(c["checksum"])) for c in b.checksums or []],
-        create_time=ts(b.created_at), update_time=ts(b.updated_at), verify_status=states.to_pb(states.VerifyStatus(b.verify_status)),
+        create_time=ts(b.created_at), update_time=ts(b.updated_at),
+        verify_status=database_pb2.VerifyStatus.ValueType(states.to_pb(VerifyStatus(b.verify_status))),
         verify_detail=b.verify_detail, kind=b.kind, location=b.location, tenant=f"tenants/{b.tenant_id}")
     if b.fault_message:
         pb.fault.CopyFrom(common_pb2.Fault(message=b.fault_message, details=b.fault_details, created=ts(b.updated_at)))
     return pb
 
 
-def chain(s: Any, backup: models.Backup) -> list[models.Backup]:
+def chain(s: Session, backup: models.Backup) -> list[models.Backup]:
     """The full backup first, then each incremental up to `backup`."""
     out = [backup]
     while out[-1].parent_id:
@@ -107,7 +116,7 @@ class BackupSink:
                             raise NotFound(f"no backup {bid!r} is expected", field="backup_id")
                         if b.instance_id != instance_id:
                             raise PermissionDenied("this backup belongs to another instance", field="backup_id")
-                        if b.status not in ("BUILDING", "SAVING"):
+                        if b.status not in UPLOADING:
                             raise FailedPrecondition(f"backup {bid} is {b.status}, not being taken", field="backup_id")
                         inst = s.get(models.Instance, instance_id)
                         st = self.app.settings
@@ -134,7 +143,7 @@ class BackupSink:
         with self.app.sessions() as s:
             b = s.get(models.Backup, backup_id)
             inst = s.get(models.Instance, instance_id)
-            if b is None or inst is None or b.tenant_id != inst.tenant_id or b.status != "COMPLETED":
+            if b is None or inst is None or b.tenant_id != inst.tenant_id or b.status != BackupStatus.COMPLETED:
                 raise NotFound(f"backup {backup_id!r} is not available to this instance", field="backup_id")
         first = True
         async for data in self.store.open_reader(backup_id):
@@ -143,16 +152,15 @@ class BackupSink:
 
 
 class Backups:
-    def __init__(self, app: App, store: BackupStore) -> None:
+    """The create_backup and verify_backup tasks, and the restore step of create_instance."""
+
+    def __init__(self, app: App, store: BackupStore, registry: AgentRegistry) -> None:
         self.app = app
         self.store = store
+        self.registry = registry
 
     def _update(self, bid: str, **values: Any) -> None:
-        with self.app.sessions() as s, s.begin():
-            b = s.get(models.Backup, bid)
-            if b is not None:
-                for k, v in values.items():
-                    setattr(b, k, v)
+        update_row(self.app.sessions, models.Backup, bid, **values)
 
     async def step_take(self, ctx: tasks.StepContext) -> None:
         bid = ctx.params["backup_id"]
@@ -161,11 +169,11 @@ class Backups:
             assert b is not None
             parent = s.get(models.Backup, b.parent_id) if b.parent_id else None
             iid, lsn = b.instance_id, (parent.to_lsn if parent else "")
-        self._update(bid, status="BUILDING")
+        self._update(bid, status=BackupStatus.BUILDING)
 
         async def progress(p: agent_pb2.Progress) -> None:
             await ctx.progress(p.percent)
-        res = await self.app.registry.call(iid, agent_pb2.Command(
+        res = await self.registry.call(iid, agent_pb2.Command(
             command_id=f"{ctx.task_id}:backup", backup=agent_pb2.RunBackup(backup_id=bid, incremental_from_lsn=lsn)),
             timeout=BACKUP_TIMEOUT, on_progress=progress, gone_grace=GONE_GRACE)
         r = res.backup
@@ -183,8 +191,8 @@ class Backups:
         proof = await self._restore_in_scratch(links, None)
         if not proof["ok"]:
             raise FailedPrecondition(f"the backup did not restore: {proof['detail']}", field="backup")
-        self._update(bid, status="COMPLETED", to_lsn=r.to_lsn, datastore_version=r.datastore_version,
-                     location=self.store.location(bid), verify_status="VERIFIED",
+        self._update(bid, status=BackupStatus.COMPLETED, to_lsn=r.to_lsn, datastore_version=r.datastore_version,
+                     location=self.store.location(bid), verify_status=VerifyStatus.VERIFIED,
                      verify_detail=str(proof["detail"])[:2000],
                      checksums=[{"table": t, "checksum": v} for t, v in sorted(proof["checksums"].items())])
 
@@ -245,7 +253,7 @@ class Backups:
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
         bid = ctx.params["backup_id"]
-        self._update(bid, status="FAILED", fault_message=fault, fault_details=details)
+        self._update(bid, status=BackupStatus.FAILED, fault_message=fault, fault_details=details)
         await self.store.delete(bid)
 
     async def step_verify(self, ctx: tasks.StepContext) -> None:
@@ -256,17 +264,18 @@ class Backups:
                 return
             links = [(x.id, x.sha256) for x in chain(s, b)]
             expected = {c["table"]: int(c["checksum"]) for c in b.checksums or []}
-        self._update(bid, verify_status="VERIFYING", verify_detail="")
+        self._update(bid, verify_status=VerifyStatus.VERIFYING, verify_detail="")
         for lid, sha in links:
             outcome = await self.store.verify(lid, sha)
             if not outcome.ok:
-                self._update(bid, verify_status="MISMATCH", verify_detail=outcome.detail[:2000])
+                self._update(bid, verify_status=VerifyStatus.MISMATCH, verify_detail=outcome.detail[:2000])
                 return
         out = await self._restore_in_scratch(links, expected)
-        self._update(bid, verify_status="VERIFIED" if out["ok"] else "MISMATCH", verify_detail=out["detail"][:2000])
+        self._update(bid, verify_status=VerifyStatus.VERIFIED if out["ok"] else VerifyStatus.MISMATCH,
+                     verify_detail=out["detail"][:2000])
 
     async def verify_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
-        self._update(ctx.resource.split("/", 1)[1], verify_status="FAILED", verify_detail=fault[:2000])
+        self._update(ctx.resource.split("/", 1)[1], verify_status=VerifyStatus.FAILED, verify_detail=fault[:2000])
 
     def kinds(self) -> list[tasks.TaskKind]:
         return [tasks.TaskKind("create_backup", (tasks.Step("take_backup", self.step_take),),
@@ -288,10 +297,10 @@ class Backups:
             if not outcome.ok:
                 raise FailedPrecondition(f"backup {lid} is corrupt: {outcome.detail}; nothing was restored",
                                          field="restore_from_backup")
-        await self.app.registry.call(instance_id, agent_pb2.Command(
+        await self.registry.call(instance_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:restore", restore=agent_pb2.RunRestore(backup_ids=ids, sha256=shas)),
             timeout=BACKUP_TIMEOUT)
-        res = await self.app.registry.call(instance_id, agent_pb2.Command(
+        res = await self.registry.call(instance_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:checksums", table_checksums=agent_pb2.TableChecksums()), timeout=3600)
         got = {c.table: c.checksum for c in res.checksums.checksums}
         if got != expected:
@@ -302,12 +311,13 @@ class Backups:
 
 
 class BackupsServicer(database_pb2_grpc.BackupsServicer):
-    def __init__(self, app: App, backups: Backups, paginator: Paginator) -> None:
+    def __init__(self, app: App, backups: Backups, engine: tasks.TaskEngine, paginator: Paginator) -> None:
         self.app = app
         self.b = backups
+        self.engine = engine
         self.pages = paginator
 
-    def _owned(self, s: Any, context: Any, name: str, field: str = "name") -> models.Backup:
+    def _owned(self, s: Session, context: Context, name: str, field: str = "name") -> models.Backup:
         p = current_principal(context)
         bid = resource_id(name, "backups", field)
         b = s.get(models.Backup, bid)
@@ -316,7 +326,8 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
         return b
 
     @grpc_edge
-    async def CreateBackup(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateBackup(self, request: database_pb2.CreateBackupRequest,
+                           context: Context) -> database_pb2.Backup:
         p = current_principal(context)
         req = request.backup
         if not req.display_name.strip() or len(req.display_name) > 255:
@@ -326,43 +337,42 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
         with self.app.sessions() as s, s.begin():
             inst = owned_instance(s, p, req.instance, "backup.instance")
             iid = inst.id
-            instances = self.app.extras["instances"]
-            status, _ = instances.derived_status(s, inst)
-            if status != "ACTIVE":
+            status, _ = derived_status(s, inst, self.app.settings.heartbeat_expiry_seconds)
+            if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; a backup needs ACTIVE", field="backup.instance")
             parent_id = None
             if req.parent:
                 parent = self._owned(s, context, req.parent, "backup.parent")
-                if parent.instance_id != iid or parent.status != "COMPLETED":
+                if parent.instance_id != iid or parent.status != BackupStatus.COMPLETED:
                     raise FailedPrecondition("an incremental's parent must be a COMPLETED backup of the same instance",
                                              field="backup.parent")
                 parent_id = parent.id
             tenant = s.get(models.Tenant, inst.tenant_id)
-            count = s.scalar(select(func.count()).select_from(models.Backup).where(
-                models.Backup.tenant_id == inst.tenant_id)) or 0
-            if tenant is not None and count + 1 > tenant.quota_backups:
-                raise ResourceExhausted(f"quota exceeded: backups would be {count + 1}, limit {tenant.quota_backups}",
-                                        field="backup")
+            if tenant is not None:
+                check_backup_quota(s, tenant)
             if tasks.active_task_for(s, f"instances/{iid}") is not None:
                 raise FailedPrecondition("instance is busy with another operation", field="backup.instance")
             row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=iid,
-                                display_name=req.display_name.strip(), description=req.description, status="NEW",
+                                display_name=req.display_name.strip(), description=req.description,
+                                status=BackupStatus.NEW,
                                 parent_id=parent_id, kind="incremental" if parent_id else "full",
                                 datastore=inst.datastore, datastore_version=inst.datastore_version)
             s.add(row)
             s.flush()
             tasks.submit(s, "create_backup", f"instances/{iid}", {"backup_id": row.id})
             pb = backup_pb(row)
-        self.app.tasks.wake()
+        self.engine.wake()
         return pb
 
     @grpc_edge
-    async def GetBackup(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetBackup(self, request: database_pb2.GetBackupRequest,
+                        context: Context) -> database_pb2.Backup:
         with self.app.sessions() as s:
             return backup_pb(self._owned(s, context, request.name))
 
     @grpc_edge
-    async def ListBackups(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListBackups(self, request: database_pb2.ListBackupsRequest,
+                          context: Context) -> database_pb2.ListBackupsResponse:
         p = current_principal(context)
         page = self.pages.page("ListBackups", p.caller_key, request.page_size, request.page_token, request.instance)
         with self.app.sessions() as s:
@@ -378,7 +388,8 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                                                       request.instance))
 
     @grpc_edge
-    async def DeleteBackup(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteBackup(self, request: database_pb2.DeleteBackupRequest,
+                           context: Context) -> empty_pb2.Empty:
         with self.app.sessions() as s, s.begin():
             b = self._owned(s, context, request.name)
             doomed = [b]
@@ -390,7 +401,7 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                                              "first or pass cascade", field="cascade")
                 doomed += kids
                 frontier = [k.id for k in kids]
-            if b.status in ("NEW", "BUILDING", "SAVING"):
+            if b.status in TAKING:
                 raise FailedPrecondition("the backup is still being taken", field="name")
             ids = [d.id for d in doomed]
             for d in reversed(doomed):  # children first: the parent link must never dangle
@@ -401,21 +412,23 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def VerifyBackup(self, request, context):  # type: ignore[no-untyped-def]
+    async def VerifyBackup(self, request: database_pb2.VerifyBackupRequest,
+                           context: Context) -> database_pb2.Backup:
         with self.app.sessions() as s, s.begin():
             b = self._owned(s, context, request.name)
-            if b.status != "COMPLETED":
+            if b.status != BackupStatus.COMPLETED:
                 raise FailedPrecondition(f"backup is {b.status}; only a COMPLETED backup can be verified", field="name")
             if tasks.active_task_for(s, f"backups/{b.id}") is not None:
                 raise FailedPrecondition("a verification is already running", field="name")
-            b.verify_status = "VERIFYING"
+            b.verify_status = VerifyStatus.VERIFYING
             tasks.submit(s, "verify_backup", f"backups/{b.id}", {})
             pb = backup_pb(b)
-        self.app.tasks.wake()
+        self.engine.wake()
         return pb
 
     @grpc_edge
-    async def SetBackupSchedule(self, request, context):  # type: ignore[no-untyped-def]
+    async def SetBackupSchedule(self, request: database_pb2.SetBackupScheduleRequest,
+                                context: Context) -> database_pb2.BackupSchedule:
         sch = request.schedule
         if not 3600 <= sch.interval_seconds <= 31 * 86400 and sch.interval_seconds != 0:
             raise InvalidArgument("schedule.interval_seconds must be 0 (off) or between 3600 and 31 days",
@@ -436,7 +449,8 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                                                keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
 
     @grpc_edge
-    async def GetBackupSchedule(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetBackupSchedule(self, request: database_pb2.GetBackupScheduleRequest,
+                                context: Context) -> database_pb2.BackupSchedule:
         p = current_principal(context)
         iid = resource_id(request.instance, "instances", "instance")
         with self.app.sessions() as s:
@@ -457,7 +471,7 @@ async def apply_retention(app: App, store: BackupStore) -> None:
         for sch in s.scalars(select(models.BackupSchedule)).all():
             fulls = s.scalars(select(models.Backup).where(
                 models.Backup.instance_id == sch.instance_id, models.Backup.kind == "full",
-                models.Backup.status == "COMPLETED").order_by(models.Backup.created_at.desc())).all()
+                models.Backup.status == BackupStatus.COMPLETED).order_by(models.Backup.created_at.desc())).all()
             for old in fulls[sch.keep:]:
                 group, frontier = [old], [old.id]
                 while frontier:
@@ -472,7 +486,7 @@ async def apply_retention(app: App, store: BackupStore) -> None:
         await store.delete(bid)
 
 
-async def schedule_loop(app: App, store: BackupStore) -> None:
+async def schedule_loop(app: App, store: BackupStore, engine: tasks.TaskEngine) -> None:
     """Takes scheduled backups (a full every `full_every` runs, incrementals between) and keeps the newest
     `keep` fulls with their incrementals."""
     while True:
@@ -483,20 +497,20 @@ async def schedule_loop(app: App, store: BackupStore) -> None:
             for sch in due:
                 inst = s.get(models.Instance, sch.instance_id)
                 sch.next_run = now() + dt.timedelta(seconds=sch.interval_seconds)
-                if inst is None or inst.deleted_at is not None or inst.status != "ACTIVE" \
+                if inst is None or inst.deleted_at is not None or inst.status != InstanceStatus.ACTIVE \
                         or tasks.active_task_for(s, f"instances/{inst.id}") is not None:
                     continue
                 last = s.scalars(select(models.Backup).where(models.Backup.instance_id == inst.id,
-                                                             models.Backup.status == "COMPLETED")
+                                                             models.Backup.status == BackupStatus.COMPLETED)
                                  .order_by(models.Backup.created_at.desc())).first()
                 full = last is None or sch.runs % max(1, sch.full_every) == 0
                 row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
-                                    display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status="NEW",
+                                    display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status=BackupStatus.NEW,
                                     parent_id=None if full or last is None else last.id, kind="full" if full else "incremental",
                                     datastore=inst.datastore, datastore_version=inst.datastore_version)
                 s.add(row)
                 s.flush()
                 tasks.submit(s, "create_backup", f"instances/{inst.id}", {"backup_id": row.id})
                 sch.runs += 1
-        app.tasks.wake()
+        engine.wake()
         await apply_retention(app, store)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import grpc
 from google.protobuf import timestamp_pb2
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,7 +13,7 @@ from reddwarf.common.errors import InvalidArgument, NotFound, grpc_edge
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
 
 from . import models
-from .app import App
+from .app import App, Context
 from .auth import current_principal
 from .pagination import Paginator
 
@@ -66,7 +65,7 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
         self.app = app
         self.pages = paginator
 
-    def _datastore_pb(self, s: Any, d: models.Datastore) -> database_pb2.Datastore:
+    def _datastore_pb(self, s: Session, d: models.Datastore) -> database_pb2.Datastore:
         versions = s.scalars(select(models.DatastoreVersion).where(
             models.DatastoreVersion.datastore_id == d.id).order_by(models.DatastoreVersion.version)).all()
         return database_pb2.Datastore(
@@ -77,7 +76,7 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
 
     @grpc_edge
     async def ListFlavors(self, request: database_pb2.ListFlavorsRequest,
-                          context: grpc.aio.ServicerContext) -> database_pb2.ListFlavorsResponse:
+                          context: Context) -> database_pb2.ListFlavorsResponse:
         p = current_principal(context)
         page = self.pages.page("ListFlavors", p.caller_key, request.page_size, request.page_token)
 
@@ -92,14 +91,13 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
 
     @grpc_edge
     async def GetFlavor(self, request: database_pb2.GetFlavorRequest,
-                        context: grpc.aio.ServicerContext) -> database_pb2.Flavor:
+                        context: Context) -> database_pb2.Flavor:
         with self.app.sessions() as s:
-            f = fetch(s, models.Flavor, request.name, "flavors")
-            return flavor_pb(f)
+            return flavor_pb(fetch(s, models.Flavor, request.name, "flavors"))
 
     @grpc_edge
     async def ListDatastores(self, request: database_pb2.ListDatastoresRequest,
-                             context: grpc.aio.ServicerContext) -> database_pb2.ListDatastoresResponse:
+                             context: Context) -> database_pb2.ListDatastoresResponse:
         p = current_principal(context)
         page = self.pages.page("ListDatastores", p.caller_key, request.page_size, request.page_token)
         with self.app.sessions() as s:
@@ -112,14 +110,14 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
 
     @grpc_edge
     async def GetDatastore(self, request: database_pb2.GetDatastoreRequest,
-                           context: grpc.aio.ServicerContext) -> database_pb2.Datastore:
+                           context: Context) -> database_pb2.Datastore:
         with self.app.sessions() as s:
             d = fetch(s, models.Datastore, request.name, "datastores")
             return self._datastore_pb(s, d)
 
     @grpc_edge
     async def GetCaller(self, request: database_pb2.GetCallerRequest,
-                        context: grpc.aio.ServicerContext) -> database_pb2.Caller:
+                        context: Context) -> database_pb2.Caller:
         p = current_principal(context)
         return database_pb2.Caller(tenant=f"tenants/{p.tenant_id}" if p.tenant_id else "", admin=p.admin,
                                    identity=p.identity.uri)

@@ -13,12 +13,14 @@ from google.protobuf import empty_pb2
 
 from reddwarf.common import names
 from reddwarf.common.errors import FailedPrecondition, InvalidArgument, grpc_edge
+from reddwarf.common.states import InstanceStatus
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
 
 from . import models
-from .app import App
+from .agents import AgentRegistry
+from .app import App, Context
 from .auth import current_principal
-from .instances import Instances
+from .instance_views import derived_status, owned_instance
 
 COMMAND_TIMEOUT = 120
 
@@ -42,26 +44,27 @@ def split_user(name: str, field: str = "name") -> tuple[str, str, str]:
 
 
 class GuestBase:
-    def __init__(self, app: App, instances: Instances) -> None:
+    def __init__(self, app: App, registry: AgentRegistry) -> None:
         self.app = app
-        self.inst = instances
+        self.registry = registry
 
-    def _ready(self, context: Any, name: str, field: str) -> str:
+    def _ready(self, context: Context, name: str, field: str) -> str:
         p = current_principal(context)
         with self.app.sessions() as s:
-            row = self.inst.owned(s, p, name, field)
-            status, _ = self.inst.derived_status(s, row)
-            if status != "ACTIVE" or not self.app.registry.is_connected(row.id):
+            row = owned_instance(s, p, name, field)
+            status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
+            if status != InstanceStatus.ACTIVE or not self.registry.is_connected(row.id):
                 raise FailedPrecondition(f"instance {row.id} is {status}; this needs an ACTIVE instance", field=field)
             return row.id
 
     async def _call(self, iid: str, **command: Any) -> agent_pb2.CommandResult:
-        return await self.app.registry.call(iid, agent_pb2.Command(**command), timeout=COMMAND_TIMEOUT)
+        return await self.registry.call(iid, agent_pb2.Command(**command), timeout=COMMAND_TIMEOUT)
 
 
 class DatabasesServicer(GuestBase, database_pb2_grpc.DatabasesServicer):
     @grpc_edge
-    async def CreateDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateDatabase(self, request: database_pb2.CreateDatabaseRequest,
+                             context: Context) -> common_pb2.Database:
         names.validate_database(request.database.database, "database.database")
         iid = self._ready(context, request.parent, "parent")
         await self._call(iid, create_databases=agent_pb2.CreateDatabases(databases=[request.database]))
@@ -71,7 +74,8 @@ class DatabasesServicer(GuestBase, database_pb2_grpc.DatabasesServicer):
         return out
 
     @grpc_edge
-    async def ListDatabases(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListDatabases(self, request: database_pb2.ListDatabasesRequest,
+                            context: Context) -> database_pb2.ListDatabasesResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field="page_size")
         iid = self._ready(context, request.parent, "parent")
@@ -83,7 +87,8 @@ class DatabasesServicer(GuestBase, database_pb2_grpc.DatabasesServicer):
         return database_pb2.ListDatabasesResponse(databases=dbs, next_page_token=res.databases.next_page_token)
 
     @grpc_edge
-    async def DeleteDatabase(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteDatabase(self, request: database_pb2.DeleteDatabaseRequest,
+                             context: Context) -> empty_pb2.Empty:
         inst, db = split_child(request.name, "databases", "name")
         names.validate_database(db, "name")
         iid = self._ready(context, inst, "name")
@@ -98,7 +103,7 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
         return u
 
     @grpc_edge
-    async def CreateUser(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateUser(self, request: database_pb2.CreateUserRequest, context: Context) -> common_pb2.User:
         u = request.user
         names.validate_user(u.user, "user.user")
         if u.host:
@@ -113,14 +118,15 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
         return self._named(iid, out)
 
     @grpc_edge
-    async def GetUser(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetUser(self, request: database_pb2.GetUserRequest, context: Context) -> common_pb2.User:
         inst, user, host = split_user(request.name)
         iid = self._ready(context, inst, "name")
         res = await self._call(iid, get_user=agent_pb2.GetUser(user=user, host=host))
         return self._named(iid, res.user)
 
     @grpc_edge
-    async def ListUsers(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListUsers(self, request: database_pb2.ListUsersRequest,
+                        context: Context) -> database_pb2.ListUsersResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size must not be negative", field="page_size")
         iid = self._ready(context, request.parent, "parent")
@@ -130,14 +136,14 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
                                               next_page_token=res.users.next_page_token)
 
     @grpc_edge
-    async def DeleteUser(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteUser(self, request: database_pb2.DeleteUserRequest, context: Context) -> empty_pb2.Empty:
         inst, user, host = split_user(request.name)
         iid = self._ready(context, inst, "name")
         await self._call(iid, delete_user=agent_pb2.DeleteUser(user=user, host=host))
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def UpdateUser(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateUser(self, request: database_pb2.UpdateUserRequest, context: Context) -> common_pb2.User:
         inst, user, host = split_user(request.name)
         if request.password:
             names.validate_password(request.password, "password")
@@ -155,7 +161,8 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
         return self._named(iid, res.user)
 
     @grpc_edge
-    async def GrantAccess(self, request, context):  # type: ignore[no-untyped-def]
+    async def GrantAccess(self, request: database_pb2.GrantAccessRequest,
+                          context: Context) -> common_pb2.User:
         inst, user, host = split_user(request.name)
         if not request.databases:
             raise InvalidArgument("databases must name at least one database", field="databases")
@@ -167,7 +174,8 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
         return self._named(iid, res.user)
 
     @grpc_edge
-    async def RevokeAccess(self, request, context):  # type: ignore[no-untyped-def]
+    async def RevokeAccess(self, request: database_pb2.RevokeAccessRequest,
+                           context: Context) -> common_pb2.User:
         inst, user, host = split_user(request.name)
         names.validate_database(request.database, "database")
         iid = self._ready(context, inst, "name")
@@ -176,7 +184,8 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
         return self._named(iid, res.user)
 
     @grpc_edge
-    async def ListAccess(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListAccess(self, request: database_pb2.ListAccessRequest,
+                         context: Context) -> database_pb2.ListAccessResponse:
         inst, user, host = split_user(request.name)
         iid = self._ready(context, inst, "name")
         res = await self._call(iid, get_user=agent_pb2.GetUser(user=user, host=host))
@@ -185,21 +194,24 @@ class UsersServicer(GuestBase, database_pb2_grpc.UsersServicer):
 
 class RootServicer(GuestBase, database_pb2_grpc.RootServicer):
     @grpc_edge
-    async def EnableRoot(self, request, context):  # type: ignore[no-untyped-def]
+    async def EnableRoot(self, request: database_pb2.EnableRootRequest,
+                         context: Context) -> database_pb2.RootCredentials:
         iid = self._ready(context, request.name, "name")
         res = await self._call(iid, enable_root=agent_pb2.EnableRoot())
         await asyncio.to_thread(self._mark, iid, True)
         return res.root_credentials  # shown once; the server keeps only the fact that root was enabled
 
     @grpc_edge
-    async def DisableRoot(self, request, context):  # type: ignore[no-untyped-def]
+    async def DisableRoot(self, request: database_pb2.DisableRootRequest,
+                          context: Context) -> empty_pb2.Empty:
         iid = self._ready(context, request.name, "name")
         await self._call(iid, disable_root=agent_pb2.DisableRoot())
         await asyncio.to_thread(self._mark, iid, False)
         return empty_pb2.Empty()
 
     @grpc_edge
-    async def GetRootStatus(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetRootStatus(self, request: database_pb2.GetRootStatusRequest,
+                            context: Context) -> database_pb2.RootStatus:
         iid = self._ready(context, request.name, "name")
         res = await self._call(iid, get_root_status=agent_pb2.GetRootStatus())
         return res.root_status

@@ -7,50 +7,72 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Generic, TypeVar
 
 import grpc
-from sqlalchemy import func, select
+from google.protobuf.message import Message
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from reddwarf.common.clock import now as _now
 from reddwarf.common.errors import FailedPrecondition, NotFound, ResourceExhausted, from_rpc_error
+from reddwarf.common.states import HostState
 from reddwarf.common.tls import aio_channel, host_peer
 from reddwarf.v1 import host_pb2, host_pb2_grpc
 
 from . import models
 from .app import App
+from .quotas import allocated
 
 log = logging.getLogger("reddwarf.server.hosts")
+Req = TypeVar("Req", bound=Message)
+Resp = TypeVar("Resp", bound=Message)
 
 
-class HostClient:
-    """A HostAgent stub whose failures come back as domain errors (UNAVAILABLE → Unavailable: transient)."""
+class HostRpc(Generic[Req, Resp]):
+    """One HostAgent method whose failures come back as domain errors (UNAVAILABLE → Unavailable: transient).
+    With a pool, the host holds a current CRL before the call, and one pushed again if hostd says it has none
+    (restarted with a wiped state dir), then the call is retried once."""
 
-    def __init__(self, stub: host_pb2_grpc.HostAgentStub, host_id: str, pool: HostPool | None = None) -> None:
-        self._stub = stub
+    def __init__(self, rpc: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], host_id: str,
+                 pool: HostPool | None = None) -> None:
+        self._rpc = rpc
         self.host_id = host_id
         self._pool = pool
 
-    def __getattr__(self, method: str) -> Any:
-        rpc = getattr(self._stub, method)
-
-        async def call(request: Any, timeout: float = 300) -> Any:
-            if self._pool is not None:
-                await self._pool.ensure_crl(self.host_id)
+    async def __call__(self, request: Req, timeout: float = 300) -> Resp:
+        if self._pool is not None:
+            await self._pool.ensure_crl(self.host_id)
+        try:
             try:
-                try:
-                    return await rpc(request, timeout=timeout)
-                except grpc.aio.AioRpcError as exc:
-                    err = from_rpc_error(exc)
-                    # hostd lost or let lapse its CRL (restarted with a wiped state dir): push, then retry.
-                    if (self._pool is None or not isinstance(err, FailedPrecondition)
-                            or not any(f == "crl" for f, _ in err.violations)):
-                        raise
-                    await self._pool.ensure_crl(self.host_id, force=True)
-                    return await rpc(request, timeout=timeout)
+                return await self._rpc(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
-                raise from_rpc_error(exc) from None
-        return call
+                err = from_rpc_error(exc)
+                if (self._pool is None or not isinstance(err, FailedPrecondition)
+                        or not any(f == "crl" for f, _ in err.violations)):
+                    raise
+                await self._pool.ensure_crl(self.host_id, force=True)
+                return await self._rpc(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+
+
+class HostClient:
+    """The HostAgent methods the server calls on one host."""
+
+    def __init__(self, stub: host_pb2_grpc.HostAgentAsyncStub, host_id: str,
+                 pool: HostPool | None = None) -> None:
+        self.host_id = host_id
+        self.GetCapacity = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetCapacity)
+        self.CreateVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateVolume)
+        self.ResizeVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ResizeVolume)
+        self.DeleteVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteVolume)
+        self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
+        self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)
+        self.SetLimits = HostRpc(pool=pool, host_id=host_id, rpc=stub.SetLimits)
+        self.DeleteContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteContainer)
+        self.RequestCertificateRenewal = HostRpc(pool=pool, host_id=host_id, rpc=stub.RequestCertificateRenewal)
+        self.InstallCertificate = HostRpc(pool=pool, host_id=host_id, rpc=stub.InstallCertificate)
 
 
 class HostPool:
@@ -162,8 +184,8 @@ class HostPool:
             row.container_driver = cap.container_driver
             row.volume_driver = cap.volume_driver
             row.last_seen = _now()
-            if row.state == "down":
-                row.state = "up"
+            if row.state == HostState.DOWN:
+                row.state = HostState.UP
 
     async def refresh_loop(self) -> None:
         crl_task = asyncio.create_task(self.crl_loop(), name="crl_loop")
@@ -185,8 +207,8 @@ class HostPool:
                     log.warning("host unreachable", extra={"host": hid, "error": str(exc)[:200]})
                     with self.app.sessions() as s, s.begin():
                         row = s.get(models.Host, hid)
-                        if row is not None and row.state == "up":
-                            row.state = "down"
+                        if row is not None and row.state == HostState.UP:
+                            row.state = HostState.DOWN
             await asyncio.sleep(self.app.settings.capacity_refresh_seconds)
 
     async def close(self) -> None:
@@ -194,23 +216,20 @@ class HostPool:
             await ch.close()
 
 
-def place(s: Any, memory_mb: int, volume_gb: int) -> str:
+def place(s: Session, memory_mb: int, volume_gb: int) -> str:
     """The host with the most free memory that fits both the memory and the volume; RESOURCE_EXHAUSTED
     naming what ran out when none does. Drained and down hosts take nothing new."""
-    hosts = s.scalars(select(models.Host).where(models.Host.state == "up")).all()
+    hosts = s.scalars(select(models.Host).where(models.Host.state == HostState.UP)).all()
     if not hosts:
         raise ResourceExhausted("no container host is up to place the instance on", field="host")
     best: tuple[float, str] | None = None
     short_of = "memory"
     for h in hosts:
-        live = (models.Instance.host_id == h.id) & models.Instance.deleted_at.is_(None)
-        used_mem = s.scalar(select(func.coalesce(func.sum(models.Flavor.memory_mb), 0)).select_from(models.Instance)
-                            .join(models.Flavor, models.Flavor.id == models.Instance.flavor_id).where(live)) or 0
-        used_disk = s.scalar(select(func.coalesce(func.sum(models.Instance.volume_size_gb), 0)).where(live)) or 0
-        free_mem = h.memory_mb_total * (h.memory_overcommit or 1.0) - used_mem
+        used = allocated(s, models.Instance.host_id == h.id)
+        free_mem = h.memory_mb_total * (h.memory_overcommit or 1.0) - used.memory_mb
         # storage_gb_free is what the filesystem reports; sparse volumes only take what they wrote, so the
         # allocated sizes count against the total instead (times the storage overcommit).
-        free_disk = h.storage_gb_total * (h.storage_overcommit or 1.0) - used_disk
+        free_disk = h.storage_gb_total * (h.storage_overcommit or 1.0) - used.volume_gb
         if free_mem < memory_mb:
             short_of = "memory"
             continue

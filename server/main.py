@@ -17,7 +17,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,16 @@ from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.common.tls import SERVER_OPTIONS, reloading_server_credentials
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
 
-from . import db, models
+from . import db, models, provisioning
 from .admin import AdminServicer, record_certificate
 from .app import App
 from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new_secret, token_expiry
+from .backup_store import LocalStore
 from .catalog import CatalogServicer
-from .keys import ensure_kek
+from .hosts import HostPool
+from .keys import TenantKeys, ensure_kek
 from .pagination import Paginator
+from .provisioning import full_name
 from .settings import Settings
 
 log = logging.getLogger("reddwarf.server")
@@ -50,29 +53,20 @@ class Wiring:
     api: list[tuple[AddFn, Any, str]] = field(default_factory=list)      # (add_fn, servicer, service name)
     agent: list[tuple[AddFn, Any, str]] = field(default_factory=list)
     enroll: list[tuple[AddFn, Any, str]] = field(default_factory=list)
-    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-
-def _full_name(pb2: Any, service: str) -> str:
-    return pb2.DESCRIPTOR.services_by_name[service].full_name
 
 
 def wire(app: App, paginator: Paginator) -> Wiring:
     w = Wiring()
+    hosts = HostPool(app)
+    st = app.settings
+    store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
     w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator),
-                  _full_name(database_pb2, "Catalog")))
-    w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator),
-                  _full_name(admin_pb2, "Admin")))
-    # The provisioning, guest-agent and backup parts register themselves here.
-    for module in ("reddwarf.server.provisioning",):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app, paginator, w)
+                  full_name(database_pb2.DESCRIPTOR, "Catalog")))
+    w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator, hosts, store),
+                  full_name(admin_pb2.DESCRIPTOR, "Admin")))
+    provisioning.register(app, paginator, hosts, store, w)
     return w
 
 
@@ -211,8 +205,7 @@ async def serve(settings: Settings) -> None:
         await s.start()
     for svc in [""] + names:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
-    tasks: list[asyncio.Task[None]] = [asyncio.create_task(bg(), name=  # type: ignore[arg-type]
-                                        getattr(bg, "__name__", "background")) for bg in wiring.background]
+    tasks = [asyncio.create_task(bg(), name=getattr(bg, "__name__", "background")) for bg in wiring.background]
     log.info("serving", extra={"api": settings.api_listen, "agent": settings.agent_listen if wiring.agent else "",
                                "enroll": settings.enroll_listen if wiring.enroll else ""})
     print(f"reddwarf-server ready api={settings.api_listen}", flush=True)

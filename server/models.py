@@ -26,6 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from reddwarf.common.clock import now as utcnow
+from reddwarf.common.states import BackupStatus, HostState, InstanceStatus, TaskState, VerifyStatus
 
 
 class Base(DeclarativeBase):
@@ -107,8 +108,7 @@ class Host(Base):
     __tablename__ = "hosts"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     address: Mapped[str] = mapped_column(String(255))
-    # "up", "down", "draining"
-    state: Mapped[str] = mapped_column(String(16), default="up")
+    state: Mapped[str] = mapped_column(String(16), default=HostState.UP)
     container_driver: Mapped[str] = mapped_column(String(32), default="")
     volume_driver: Mapped[str] = mapped_column(String(32), default="")
     memory_mb_total: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -128,9 +128,9 @@ class Instance(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     display_name: Mapped[str] = mapped_column(String(255))
-    # The stored status: BUILD/ACTIVE/... as the InstanceStatus enum names. The status users see is
-    # derived from it, the running task and the guest's heartbeat (see server/instances.py).
-    status: Mapped[str] = mapped_column(String(32), default="BUILD")
+    # The stored status: an InstanceStatus value (or "DELETED" on a deleted row). The status users see is
+    # derived from it, the running task and the guest's heartbeat (see server/instance_views.py).
+    status: Mapped[str] = mapped_column(String(32), default=InstanceStatus.BUILD)
     flavor_id: Mapped[str] = mapped_column(ForeignKey("flavors.id"))
     volume_size_gb: Mapped[int] = mapped_column(Integer)
     datastore: Mapped[str] = mapped_column(String(64))
@@ -162,8 +162,7 @@ class Task(Base):
     kind: Mapped[str] = mapped_column(String(32))
     # "instances/{id}" / "backups/{id}"
     resource: Mapped[str] = mapped_column(String(128), index=True)
-    # "pending", "running", "succeeded", "failed", "cancelled"
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=TaskState.PENDING)
     current_step: Mapped[str] = mapped_column(String(64), default="")
     # [{"step": str, "state": str, "started": iso, "finished": iso|None, "detail": str}]
     steps: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -186,8 +185,7 @@ class Backup(Base):
     instance_id: Mapped[str] = mapped_column(String(36), index=True)
     display_name: Mapped[str] = mapped_column(String(255))
     description: Mapped[str] = mapped_column(Text, default="")
-    # NEW, BUILDING, SAVING, COMPLETED, FAILED, DELETE_FAILED
-    status: Mapped[str] = mapped_column(String(16), default="NEW")
+    status: Mapped[str] = mapped_column(String(16), default=BackupStatus.NEW)
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("backups.id"), nullable=True)
     kind: Mapped[str] = mapped_column(String(16), default="full")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -198,7 +196,7 @@ class Backup(Base):
     checksums: Mapped[list[Any]] = mapped_column(JSON, default=list)
     to_lsn: Mapped[str] = mapped_column(String(32), default="")
     location: Mapped[str] = mapped_column(String(1024), default="")
-    verify_status: Mapped[str] = mapped_column(String(16), default="NOT_VERIFIED")
+    verify_status: Mapped[str] = mapped_column(String(16), default=VerifyStatus.NOT_VERIFIED)
     verify_detail: Mapped[str] = mapped_column(Text, default="")
     fault_message: Mapped[str] = mapped_column(Text, default="")
     fault_details: Mapped[str] = mapped_column(Text, default="")

@@ -1,73 +1,86 @@
-"""Wires provisioning into the server: the agent registry, the hostd pool, the task engine with the
-instance task kinds, the event bus, and the Instances/Databases/Users/Root, AgentGateway and Enrollment
-servicers (see main.wire)."""
+"""Wires provisioning into the server: the event bus, the task engine with the instance and backup task
+kinds, the agent registry, the backup store, and the Instances/Databases/Users/Root/Backups, AgentGateway
+and Enrollment servicers with the background loops behind them (see main.wire)."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from reddwarf.v1 import agent_pb2_grpc, database_pb2, database_pb2_grpc
+from google.protobuf.descriptor import FileDescriptor
+
+from reddwarf.v1 import agent_pb2, agent_pb2_grpc, database_pb2, database_pb2_grpc
 
 from . import tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
-from .backup_store import LocalStore
+from .auth import certificate_revoked
+from .backup_store import BackupStore
 from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
+from .enrollment import Enrollment
 from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
+from .guest_health import GuestHealthRecorder
 from .hosts import HostPool
-from .instances import Instances, InstancesServicer
-from .keys import TenantKeys, ensure_kek
+from .instance_tasks import InstanceTasks
+from .instances import InstancesServicer
 from .pagination import Paginator
+from .sealing import PasswordSealer
+
+if TYPE_CHECKING:
+    from .main import Wiring
 
 
-def register(app: App, paginator: Paginator, wiring: Any) -> None:
+def full_name(file: FileDescriptor, service: str) -> str:
+    """A service's full name (`reddwarf.v1.Instances`), as reflection and health report it."""
+    return file.services_by_name[service].full_name
+
+
+def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore, wiring: Wiring) -> None:
     st = app.settings
-    app.events = EventBus()
-    store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
-    app.backups = BackupSink(app, store)
-    backups = Backups(app, store)
+    secret = (Path(st.state_dir) / "secret").read_bytes()
+    events = EventBus()
+    sink = BackupSink(app, store)
+    guests = GuestHealthRecorder(app.sessions, events)
+
+    def is_revoked(serial: int) -> bool:
+        return certificate_revoked(app.sessions, serial)
+    registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
+                             heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds)
+    backups = Backups(app, store, registry)
     backups.clear_scratch()  # what a killed server left of a scratch restore
     store.clean_partials()   # and of uploads cut off with it
-    app.extras["backups"] = backups
-    app.hosts = HostPool(app)
-    instances = Instances(app, (Path(st.state_dir) / "secret").read_bytes())
-    app.extras["instances"] = instances
-    app.registry = AgentRegistry(on_health=instances.on_health, on_silent=instances.on_silent,
-                                 is_revoked=instances.is_revoked, heartbeat_seconds=st.heartbeat_seconds,
-                                 heartbeat_expiry=st.heartbeat_expiry_seconds)
+    sealer = PasswordSealer(secret)
+    enrollment = Enrollment(app, secret)
+    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups)
 
     def on_change(task_id: str, resource: str) -> None:
         if resource.startswith("instances/"):
-            app.events.publish(resource.split("/", 1)[1], "task")
+            events.publish(resource.split("/", 1)[1], "task")
 
     engine = tasks.TaskEngine(app.sessions, owner=st.name, workers=st.task_workers,
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change)
-    for kind in instances.kinds() + backups.kinds():
+    for kind in instance_tasks.kinds() + backups.kinds():
         engine.register(kind)
-    app.tasks = engine
 
-    def svc(pb2: Any, name: str) -> str:
-        return pb2.DESCRIPTOR.services_by_name[name].full_name
-
+    db = database_pb2.DESCRIPTOR
     wiring.api += [
-        (database_pb2_grpc.add_InstancesServicer_to_server, InstancesServicer(app, instances, paginator),
-         svc(database_pb2, "Instances")),
-        (database_pb2_grpc.add_DatabasesServicer_to_server, DatabasesServicer(app, instances),
-         svc(database_pb2, "Databases")),
-        (database_pb2_grpc.add_UsersServicer_to_server, UsersServicer(app, instances), svc(database_pb2, "Users")),
-        (database_pb2_grpc.add_RootServicer_to_server, RootServicer(app, instances), svc(database_pb2, "Root")),
-        (database_pb2_grpc.add_BackupsServicer_to_server, BackupsServicer(app, backups, paginator),
-         svc(database_pb2, "Backups")),
+        (database_pb2_grpc.add_InstancesServicer_to_server,
+         InstancesServicer(app, engine, events, registry, sealer, paginator), full_name(db, "Instances")),
+        (database_pb2_grpc.add_DatabasesServicer_to_server, DatabasesServicer(app, registry),
+         full_name(db, "Databases")),
+        (database_pb2_grpc.add_UsersServicer_to_server, UsersServicer(app, registry), full_name(db, "Users")),
+        (database_pb2_grpc.add_RootServicer_to_server, RootServicer(app, registry), full_name(db, "Root")),
+        (database_pb2_grpc.add_BackupsServicer_to_server, BackupsServicer(app, backups, engine, paginator),
+         full_name(db, "Backups")),
     ]
     wiring.agent.append((agent_pb2_grpc.add_AgentGatewayServicer_to_server,
-                         AgentGatewayServicer(app.registry, app.backups), "reddwarf.v1.AgentGateway"))
+                         AgentGatewayServicer(registry, sink), full_name(agent_pb2.DESCRIPTOR, "AgentGateway")))
     wiring.enroll.append((agent_pb2_grpc.add_EnrollmentServicer_to_server,
-                          EnrollmentServicer(instances.verify_and_consume_token, instances.sign_csr),
-                          "reddwarf.v1.Enrollment"))
+                          EnrollmentServicer(enrollment.verify_and_consume_token, enrollment.sign_csr),
+                          full_name(agent_pb2.DESCRIPTOR, "Enrollment")))
 
     async def run_engine() -> None:
         await engine.start()
@@ -78,7 +91,7 @@ def register(app: App, paginator: Paginator, wiring: Any) -> None:
                 await engine.stop()
 
     async def run_schedules() -> None:
-        await schedule_loop(app, store)
+        await schedule_loop(app, store, engine)
 
-    wiring.background += [run_engine, app.registry.run, app.hosts.refresh_loop, run_schedules]
-    wiring.on_stop.append(app.hosts.close)
+    wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules]
+    wiring.on_stop.append(hosts.close)

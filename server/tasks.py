@@ -20,20 +20,21 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import CursorResult, Update, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
 from reddwarf.common.clock import now as utcnow
 from reddwarf.common.log import bind
+from reddwarf.common.states import StepState, TaskState
 from reddwarf.server.models import Task
 
 log = logging.getLogger("reddwarf.server.tasks")
 
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
-ACTIVE_STATES = (PENDING, RUNNING)
+ACTIVE_STATES = (TaskState.PENDING, TaskState.RUNNING)
+ENDED_STATES = (TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED)
 
 
 class TransientError(Exception):
@@ -53,6 +54,11 @@ def _expiry(at: dt.datetime) -> dt.datetime:
     """Rounds a lease expiry up to a whole second: MariaDB's DATETIME drops fractions, and a lease must
     never be stored shorter than it was granted."""
     return at.replace(microsecond=0) + dt.timedelta(seconds=1) if at.microsecond else at
+
+
+def _rowcount(s: Session, statement: Update) -> int:
+    """How many rows an UPDATE matched: the compare-and-set test of leases and guarded writes."""
+    return int(cast(CursorResult[Any], s.execute(statement)).rowcount or 0)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -90,7 +96,7 @@ class StepContext:
     params: dict[str, Any]
     step: str = ""
     attempts: int = 0
-    log: logging.LoggerAdapter = field(default_factory=lambda: bind(log, {}))
+    log: logging.LoggerAdapter[logging.Logger] = field(default_factory=lambda: bind(log, {}))
 
     @property
     def resource_id(self) -> str:
@@ -112,7 +118,7 @@ class TaskView:
     id: str
     kind: str
     resource: str
-    state: str
+    state: TaskState
     current_step: str
     progress_percent: int
     fault_message: str
@@ -120,7 +126,7 @@ class TaskView:
 
 
 def view(task: Task) -> TaskView:
-    return TaskView(task.id, task.kind, task.resource, task.state, task.current_step, task.progress_percent,
+    return TaskView(task.id, task.kind, task.resource, TaskState(task.state), task.current_step, task.progress_percent,
                     task.fault_message, tuple(task.steps or ()))
 
 
@@ -128,7 +134,7 @@ def submit(session: Session, kind: str, resource: str, params: dict[str, Any] | 
            task_id: str | None = None) -> Task:
     """Adds a pending task in the caller's transaction, so the resource row and its task commit together
     (a crash between them cannot leave an instance without its create task)."""
-    task = Task(id=task_id or str(uuid.uuid4()), kind=kind, resource=resource, state=PENDING,
+    task = Task(id=task_id or str(uuid.uuid4()), kind=kind, resource=resource, state=TaskState.PENDING,
                 steps=[], params=dict(params or {}), attempts=0, progress_percent=0)
     session.add(task)
     return task
@@ -205,9 +211,8 @@ class TaskEngine:
 
     def _release_own_leases(self) -> int:
         with self.session_factory() as s, s.begin():
-            res = s.execute(update(Task).where(Task.lease_owner == self.owner, Task.state.in_(ACTIVE_STATES))
-                            .values(lease_owner=None, lease_expires=None))
-            return int(res.rowcount or 0)  # type: ignore[attr-defined]
+            return _rowcount(s, update(Task).where(Task.lease_owner == self.owner, Task.state.in_(ACTIVE_STATES))
+                             .values(lease_owner=None, lease_expires=None))
 
     def _claim(self) -> Task | None:
         now = utcnow()
@@ -221,7 +226,7 @@ class TaskEngine:
                     return None
                 task.lease_owner = self.owner
                 task.lease_expires = _expiry(now + self.lease)
-                task.state = RUNNING
+                task.state = TaskState.RUNNING
                 s.flush()
                 s.expunge(task)
                 return task
@@ -230,11 +235,11 @@ class TaskEngine:
         random.shuffle(ids)  # fewer collisions between engines polling at once
         for task_id in ids:
             with self.session_factory() as s, s.begin():
-                res = s.execute(update(Task).where(
+                claimed = _rowcount(s, update(Task).where(
                     Task.id == task_id, Task.state.in_(ACTIVE_STATES),
                     or_(Task.lease_expires.is_(None), Task.lease_expires < now))
-                    .values(lease_owner=self.owner, lease_expires=_expiry(now + self.lease), state=RUNNING))
-                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    .values(lease_owner=self.owner, lease_expires=_expiry(now + self.lease), state=TaskState.RUNNING))
+                if claimed == 1:
                     task = s.get(Task, task_id)
                     assert task is not None
                     s.expunge(task)
@@ -270,9 +275,8 @@ class TaskEngine:
     def _write_sync(self, task_id: str, **values: Any) -> None:
         values.setdefault("updated_at", utcnow())
         with self.session_factory() as s, s.begin():
-            res = s.execute(update(Task).where(Task.id == task_id, Task.lease_owner == self.owner)
-                            .values(**values))
-            if res.rowcount != 1:  # type: ignore[attr-defined]
+            if _rowcount(s, update(Task).where(Task.id == task_id, Task.lease_owner == self.owner)
+                         .values(**values)) != 1:
                 raise LeaseLost(task_id)
 
     async def _write(self, task_id: str, **values: Any) -> None:
@@ -311,7 +315,7 @@ class TaskEngine:
                           attempts=task.attempts,
                           log=bind(log, {"task": task.id, "kind": task.kind, "resource": task.resource}))
         steps: list[dict[str, Any]] = [dict(x) for x in (task.steps or [])]
-        done = {x["step"] for x in steps if x.get("state") == "done"}
+        done = {x["step"] for x in steps if x.get("state") == StepState.DONE}
         body = asyncio.create_task(self._run_steps(ctx, kind, steps, done))
         renew = asyncio.create_task(self._renew(task.id, body))
         try:
@@ -341,7 +345,7 @@ class TaskEngine:
             if record is None:
                 record = {"step": step.name}
                 steps.append(record)
-            record.update(state="running", started=utcnow().isoformat(), finished=None, detail="")
+            record.update(state=StepState.RUNNING, started=utcnow().isoformat(), finished=None, detail="")
             await self._write(ctx.task_id, steps=[dict(x) for x in steps], current_step=step.name)
             ctx.log.info("task step started step=%s", step.name)
             try:
@@ -351,14 +355,14 @@ class TaskEngine:
             except Exception as exc:
                 await self._step_failed(ctx, kind, steps, record, exc)
                 return
-            record.update(state="done", finished=utcnow().isoformat())
+            record.update(state=StepState.DONE, finished=utcnow().isoformat())
             await self._write(ctx.task_id, steps=[dict(x) for x in steps], params=dict(ctx.params),
                               progress_percent=int((index + 1) * 100 / total))
             ctx.log.info("task step finished step=%s", step.name)
             if self.exit_after_step and self.exit_after_step == f"{kind.name}:{step.name}":
                 ctx.log.warning("test hook: killing the server after step step=%s", step.name)
                 os.kill(os.getpid(), signal.SIGKILL)
-        await self._write(ctx.task_id, state=SUCCEEDED, current_step="", progress_percent=100,
+        await self._write(ctx.task_id, state=TaskState.SUCCEEDED, current_step="", progress_percent=100,
                           lease_owner=None, lease_expires=None)
         ctx.log.info("task succeeded")
 
@@ -366,7 +370,7 @@ class TaskEngine:
                            record: dict[str, Any], exc: Exception) -> None:
         message = exc.message if isinstance(exc, errors.RedDwarfError) else str(exc) or type(exc).__name__
         attempts = ctx.attempts + 1
-        record.update(state="error", detail=message[-1000:])
+        record.update(state=StepState.ERROR, detail=message[-1000:])
         if is_transient(exc) and attempts < kind.max_attempts:
             delay = min(self.backoff_max_seconds, self.backoff_seconds * 2 ** (attempts - 1))
             delay *= 0.5 + random.random() / 2
@@ -389,7 +393,7 @@ class TaskEngine:
             except Exception as cexc:
                 ctx.log.exception("task compensation failed")
                 details += f"; compensation failed: {cexc}"[-1000:]
-        await self._write(ctx.task_id, steps=[dict(x) for x in steps], attempts=attempts, state=FAILED,
+        await self._write(ctx.task_id, steps=[dict(x) for x in steps], attempts=attempts, state=TaskState.FAILED,
                           params=dict(ctx.params), fault_message=fault, fault_details=details,
                           lease_owner=None, lease_expires=None)
         if kind.on_failed is not None:
@@ -405,8 +409,8 @@ def load(session_factory: sessionmaker[Session], task_id: str) -> TaskView | Non
         return view(task) if task else None
 
 
-async def wait_for(session_factory: sessionmaker[Session], task_id: str, states: Sequence[str] = (
-        SUCCEEDED, FAILED, CANCELLED), timeout: float = 60.0, poll: float = 0.05) -> TaskView:
+async def wait_for(session_factory: sessionmaker[Session], task_id: str, states: Sequence[str] = ENDED_STATES,
+                   timeout: float = 60.0, poll: float = 0.05) -> TaskView:
     """Test/CLI aid: waits until the task reaches one of `states`."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
+from reddwarf.common.states import TaskState
 from reddwarf.server import tasks
 from reddwarf.server.models import Task
 
@@ -54,7 +55,7 @@ async def test_steps_run_once_in_order_and_are_recorded(state_db: sessionmaker[S
         tv = await tasks.wait_for(state_db, tid, timeout=20)
     finally:
         await engine.stop()
-    assert tv.state == tasks.SUCCEEDED and tv.progress_percent == 100
+    assert tv.state == TaskState.SUCCEEDED and tv.progress_percent == 100
     assert rec.order[tid] == ["one", "two", "three"]
     assert [s["step"] for s in tv.steps] == ["one", "two", "three"]
     assert all(s["state"] == "done" and s["started"] and s["finished"] for s in tv.steps)
@@ -96,7 +97,7 @@ async def test_a_crashed_engine_is_resumed_from_the_recorded_step_after_its_leas
         tv = await tasks.wait_for(state_db, tid, timeout=20)
     finally:
         await survivor.stop()
-    assert tv.state == tasks.SUCCEEDED
+    assert tv.state == TaskState.SUCCEEDED
     assert rec.runs[(tid, "one")] == 1  # finished steps are not repeated
     assert rec.runs[(tid, "two")] == 2  # the interrupted step is re-run (steps are idempotent)
     assert rec.runs[(tid, "three")] == 1
@@ -113,7 +114,7 @@ async def test_two_engines_never_run_one_task_at_once(state_db: sessionmaker[Ses
         await e.start()
     try:
         for tid in ids:
-            assert (await tasks.wait_for(state_db, tid, timeout=60)).state == tasks.SUCCEEDED
+            assert (await tasks.wait_for(state_db, tid, timeout=60)).state == TaskState.SUCCEEDED
     finally:
         for e in engines:
             await e.stop()
@@ -134,7 +135,7 @@ async def test_a_renewed_lease_keeps_a_second_engine_off_a_long_step(state_db: s
     await asyncio.sleep(0.3)
     await b.start()
     try:
-        assert (await tasks.wait_for(state_db, tid, timeout=20)).state == tasks.SUCCEEDED
+        assert (await tasks.wait_for(state_db, tid, timeout=20)).state == TaskState.SUCCEEDED
     finally:
         await a.stop()
         await b.stop()
@@ -165,7 +166,7 @@ async def test_a_restarted_server_reclaims_its_own_stale_leases_at_once(state_db
         tv = await tasks.wait_for(state_db, tid, timeout=10)  # far less than the 600 s lease
     finally:
         await new.stop()
-    assert tv.state == tasks.SUCCEEDED and rec.runs[(tid, "slow")] == 2
+    assert tv.state == TaskState.SUCCEEDED and rec.runs[(tid, "slow")] == 2
 
 
 async def test_transient_failures_are_retried_with_backoff(state_db: sessionmaker[Session]) -> None:
@@ -185,7 +186,7 @@ async def test_transient_failures_are_retried_with_backoff(state_db: sessionmake
         tv = await tasks.wait_for(state_db, tid, timeout=20)
     finally:
         await engine.stop()
-    assert tv.state == tasks.SUCCEEDED and calls == 3
+    assert tv.state == TaskState.SUCCEEDED and calls == 3
 
 
 @pytest.mark.parametrize("error", [errors.InvalidArgument("volume too big for host h1"),
@@ -212,9 +213,14 @@ async def test_a_failed_task_runs_compensation_and_ends_failed_with_a_fault(
     await engine.start()
     try:
         tv = await tasks.wait_for(state_db, tid, timeout=20)
+        # The FAILED row is written before on_failed runs: let the hook finish before stopping the engine.
+        for _ in range(500):
+            if failed:
+                break
+            await asyncio.sleep(0.01)
     finally:
         await engine.stop()
-    assert tv.state == tasks.FAILED
+    assert tv.state == TaskState.FAILED
     assert "boom" in tv.fault_message and str(error) in tv.fault_message
     assert compensated == [{"i": 0, "out_alloc": True}]  # compensation sees what the steps allocated
     assert failed == [tv.fault_message]

@@ -272,11 +272,11 @@ async def test_failed_create_revokes_the_instance_certificate_it_issued(ca, tmp_
 
     from reddwarf.common.pki import make_key_and_csr
     from reddwarf.server import db, models
-    from reddwarf.server.instances import Instances
+    from reddwarf.server.enrollment import Enrollment
+    from reddwarf.server.instance_tasks import InstanceTasks
 
     pool = await host_pool(ca, tmp_path, "127.0.0.1:1")
     app = pool.app
-    app.registry = SimpleNamespace(disconnect=lambda iid: None)
     with app.sessions() as s, s.begin():
         db.seed(s)
         s.add(models.Tenant(id="t1", display_name="t1"))
@@ -285,9 +285,12 @@ async def test_failed_create_revokes_the_instance_certificate_it_issued(ca, tmp_
         assert flavor is not None
         s.add(models.Instance(id="i-failed", tenant_id="t1", display_name="x", flavor_id=flavor.id,
                               volume_size_gb=1, datastore="mariadb", datastore_version="10.11"))
-    instances = Instances(app, b"k" * 32)
+    enrollment = Enrollment(app, b"k" * 32)
+    unused = SimpleNamespace()
+    registry = SimpleNamespace(disconnect=lambda iid: None)
+    instances = InstanceTasks(app, pool, registry, unused, enrollment, unused, unused, unused)  # type: ignore[arg-type]
     _key, csr = make_key_and_csr("x")
-    cert_pem, _ = instances.sign_csr(csr, "i-failed")
+    cert_pem, _ = enrollment.sign_csr(csr, "i-failed")
     serial = x509.load_pem_x509_certificate(cert_pem).serial_number
     await instances.compensate_create(SimpleNamespace(resource_id="i-failed", resource="instances/i-failed"))
     from reddwarf.common.pki import revoked_in_crl

@@ -1,0 +1,250 @@
+"""The durable tasks behind the Instances service, as idempotent named steps (see DESIGN.md):
+
+  create_instance   schedule → create_volume → create_container → start_container → wait_agent → prepare
+                    → restore → activate; a create that cannot succeed gives back its certificate,
+                    container and volume
+  delete_instance   delete_container → delete_volume → revoke_certificate → mark_deleted
+  restart_instance  restart
+  resize_instance   set_limits → apply_limits
+  resize_volume     resize_volume → wait_agent
+
+Every hostd call is idempotent by the instance id and every agent command carries a task-derived id, so a
+server killed after any step resumes it without duplicating a container or a volume.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from sqlalchemy import select
+
+from reddwarf.common.errors import NotFound
+from reddwarf.common.states import InstanceStatus
+from reddwarf.v1 import agent_pb2, common_pb2, host_pb2
+
+from . import models, tasks
+from .admin import revoke_identity
+from .agents import AgentRegistry
+from .app import App
+from .backups import Backups
+from .catalog import limits_of
+from .db import update_row
+from .enrollment import Enrollment
+from .events import EventBus
+from .guest_health import GuestHealthRecorder
+from .hosts import HostClient, HostPool, place
+from reddwarf.common.clock import now as utcnow
+from .sealing import PasswordSealer
+
+DATADIR = "/var/lib/mysql"
+AGENT_CONNECT_TIMEOUT = 180
+PREPARE_TIMEOUT = 900
+# Stored on a deleted instance's row only (deleted_at says so too); never shown, so not an InstanceStatus.
+DELETED = "DELETED"
+Row = TypeVar("Row", bound=models.Base)
+
+
+@dataclass(eq=False)
+class InstanceTasks:
+    app: App
+    hosts: HostPool
+    registry: AgentRegistry
+    events: EventBus
+    enrollment: Enrollment
+    sealer: PasswordSealer
+    guests: GuestHealthRecorder
+    backups: Backups
+
+    def kinds(self) -> list[tasks.TaskKind]:
+        S = tasks.Step
+        return [
+            tasks.TaskKind("create_instance", (
+                S("schedule", self.step_schedule), S("create_volume", self.step_create_volume),
+                S("create_container", self.step_create_container), S("start_container", self.step_start_container),
+                S("wait_agent", self.step_wait_agent), S("prepare", self.step_prepare),
+                S("restore", self.step_restore), S("activate", self.step_activate)),
+                compensate=self.compensate_create, on_failed=self.failed),
+            tasks.TaskKind("delete_instance", (
+                S("delete_container", self.step_delete_container), S("delete_volume", self.step_delete_volume),
+                S("revoke_certificate", self.step_revoke), S("mark_deleted", self.step_mark_deleted)),
+                max_attempts=20),
+            tasks.TaskKind("restart_instance", (S("restart", self.step_restart),)),
+            tasks.TaskKind("resize_instance", (S("set_limits", self.step_set_limits),
+                                               S("apply_limits", self.step_apply_limits))),
+            tasks.TaskKind("resize_volume", (S("resize_volume", self.step_resize_volume),
+                                             S("wait_agent", self.step_wait_running))),
+        ]
+
+    # -- rows --------------------------------------------------------------------------------------
+    def _detached(self, model: type[Row], key: str, missing: str, field: str) -> Row:
+        with self.app.sessions() as s:
+            row = s.get(model, key)
+            if row is None:
+                raise NotFound(missing, field=field)
+            s.expunge(row)
+            return row
+
+    def _row(self, iid: str) -> models.Instance:
+        return self._detached(models.Instance, iid, f"instance {iid} vanished", "instance")
+
+    def _update(self, iid: str, **values: Any) -> None:
+        update_row(self.app.sessions, models.Instance, iid, **values)
+        self.events.publish(iid)
+
+    def _host(self, row: models.Instance) -> HostClient:
+        if not row.host_id:
+            raise NotFound(f"host {row.host_id!r} is not registered", field="host")
+        return self.hosts.client(row.host_id)
+
+    def _flavor(self, flavor_id: str) -> models.Flavor:
+        return self._detached(models.Flavor, flavor_id, f"flavor {flavor_id} does not exist", "flavor")
+
+    # -- create_instance -----------------------------------------------------------------------------
+    async def step_schedule(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        if row.host_id:
+            return
+
+        def pick() -> str:
+            with self.app.sessions() as s, s.begin():
+                f = s.get(models.Flavor, row.flavor_id)
+                live = s.get(models.Instance, row.id)
+                assert f is not None and live is not None
+                live.host_id = place(s, f.memory_mb, row.volume_size_gb)
+                return live.host_id
+        host = await asyncio.to_thread(pick)
+        await ctx.save(host_id=host)
+
+    async def step_create_volume(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        await self._host(row).CreateVolume(host_pb2.CreateVolumeRequest(
+            volume=host_pb2.HostVolume(id=row.id, size_gb=row.volume_size_gb)))
+
+    async def step_create_container(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        token = await asyncio.to_thread(self.enrollment.issue_token, row.id)
+        st = self.app.settings
+        c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
+            container=host_pb2.Container(
+                id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_HOST,
+                volume_id=row.id, datadir=DATADIR,
+                bootstrap=host_pb2.AgentBootstrap(
+                    server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
+                    ca_pem=self.app.ca.cert_pem.decode(), enrollment_token=token, instance_id=row.id,
+                    heartbeat_seconds=st.heartbeat_seconds))))
+        self._update(row.id, address=c.address, port=c.port)
+
+    async def step_start_container(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        await self._host(row).StartContainer(host_pb2.ContainerRef(id=row.id))
+
+    async def step_wait_agent(self, ctx: tasks.StepContext) -> None:
+        await self.registry.wait_for_hello(ctx.resource_id, AGENT_CONNECT_TIMEOUT)
+
+    async def step_prepare(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        params = row.create_params or {}
+        with self.app.sessions() as s:
+            version = s.scalar(select(models.DatastoreVersion).where(
+                models.DatastoreVersion.datastore_id == row.datastore,
+                models.DatastoreVersion.version == row.datastore_version))
+            packages = list(version.packages) if version else []
+        spec = agent_pb2.Prepare(
+            services=[agent_pb2.ServiceSpec(service=row.datastore, version=row.datastore_version,
+                                            packages=packages, port=row.port)],
+            limits=limits_of(self._flavor(row.flavor_id)), datadir=DATADIR, bind_address=row.address or "127.0.0.1",
+            databases=[json_format.ParseDict(d, common_pb2.Database()) for d in params.get("databases", [])],
+            users=[json_format.ParseDict({**u, "password": self.sealer.unseal(u["password"])}
+                                         if u.get("password") else u, common_pb2.User())
+                   for u in params.get("users", [])])
+
+        async def progress(p: agent_pb2.Progress) -> None:
+            await ctx.progress(min(95, 60 + p.percent // 3))
+        await self.registry.call(row.id, agent_pb2.Command(command_id=f"{ctx.task_id}:prepare", prepare=spec),
+                                 timeout=PREPARE_TIMEOUT, on_progress=progress)
+        # The users' passwords were needed exactly once; they are not kept.
+        kept = {"databases": params.get("databases", []),
+                "users": [{k: v for k, v in u.items() if k != "password"} for u in params.get("users", [])]}
+        self._update(row.id, create_params=kept)
+
+    async def step_restore(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        if row.restored_from:
+            await self.backups.restore_into(ctx, row.id, row.restored_from)
+
+    async def step_activate(self, ctx: tasks.StepContext) -> None:
+        # ACTIVE means "accepting connections now", proven by a fresh health report, not assumed.
+        res = await self.registry.call(ctx.resource_id, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:health", get_health=agent_pb2.GetHealth()), timeout=60)
+        if not res.health.accepting_connections:
+            raise tasks.TransientError(f"mysqld is not accepting connections yet: {res.health.last_error}")
+        await self.guests.on_health(ctx.resource_id, res.health)
+        self._update(ctx.resource_id, status=InstanceStatus.ACTIVE)
+
+    async def compensate_create(self, ctx: tasks.StepContext) -> None:
+        """A create that cannot succeed gives back what it took: its certificate, container and volume."""
+        await self.step_revoke(ctx)
+        row = self._row(ctx.resource_id)
+        if not row.host_id:
+            return
+        await self.step_delete_container(ctx)
+        await self.step_delete_volume(ctx)
+
+    async def failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
+        self._update(ctx.resource_id, status=InstanceStatus.ERROR, fault_message=fault, fault_details=details,
+                     fault_at=utcnow())
+
+    # -- delete_instance -----------------------------------------------------------------------------
+    async def step_delete_container(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        if row.host_id:
+            with contextlib.suppress(NotFound):  # already gone: a replayed step
+                await self._host(row).DeleteContainer(host_pb2.ContainerRef(id=row.id))
+
+    async def step_delete_volume(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        if row.host_id:
+            with contextlib.suppress(NotFound):  # already gone: a replayed step
+                await self._host(row).DeleteVolume(host_pb2.DeleteVolumeRequest(id=row.id))
+
+    async def step_revoke(self, ctx: tasks.StepContext) -> None:
+        iid = ctx.resource_id
+
+        def revoke() -> None:
+            with self.app.sessions() as s, s.begin():
+                revoke_identity(self.app, s, f"spiffe://reddwarf/instance/{iid}", "instance deleted")
+        await asyncio.to_thread(revoke)
+        self.registry.disconnect(iid)
+
+    async def step_mark_deleted(self, ctx: tasks.StepContext) -> None:
+        self._update(ctx.resource_id, status=DELETED, deleted_at=utcnow())
+
+    # -- restart_instance, resize_instance, resize_volume --------------------------------------------
+    async def step_restart(self, ctx: tasks.StepContext) -> None:
+        await self.registry.call(ctx.resource_id, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:restart", restart=agent_pb2.RestartDatastore()), timeout=300)
+
+    async def step_set_limits(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        f = self._flavor(ctx.params["flavor"])
+        await self._host(row).SetLimits(host_pb2.SetLimitsRequest(id=row.id, limits=limits_of(f)))
+
+    async def step_apply_limits(self, ctx: tasks.StepContext) -> None:
+        f = self._flavor(ctx.params["flavor"])
+        await self.registry.call(ctx.resource_id, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:limits", apply_limits=agent_pb2.ApplyLimits(limits=limits_of(f))), timeout=300)
+        self._update(ctx.resource_id, flavor_id=f.id)
+
+    async def step_resize_volume(self, ctx: tasks.StepContext) -> None:
+        row = self._row(ctx.resource_id)
+        size = int(ctx.params["size_gb"])
+        await self._host(row).ResizeVolume(host_pb2.ResizeVolumeHostRequest(id=row.id, size_gb=size),
+                                                          timeout=900)
+        self._update(row.id, volume_size_gb=size)
+
+    async def step_wait_running(self, ctx: tasks.StepContext) -> None:
+        """After an offline volume grow the container restarted: wait for its agent again."""
+        await self.registry.wait_for_hello(ctx.resource_id, AGENT_CONNECT_TIMEOUT)

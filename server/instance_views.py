@@ -1,0 +1,91 @@
+"""What a user sees of an instance: its status, derived Trove-style (the running task first, then the stored
+state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE), the Instance message, and the
+ownership check every instance-scoped call starts with."""
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format
+from sqlalchemy.orm import Session
+
+from reddwarf.common import states
+from reddwarf.common.errors import NotFound
+from reddwarf.common.states import InstanceStatus, ServiceState
+from reddwarf.v1 import common_pb2, database_pb2
+
+from . import models, tasks
+from .auth import Principal
+from .catalog import resource_id, ts
+from reddwarf.common.clock import now as utcnow
+
+# The status an instance shows while a task of that kind runs on it.
+TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": InstanceStatus.DELETING,
+               "restart_instance": InstanceStatus.REBOOT, "resize_instance": InstanceStatus.RESIZE,
+               "resize_volume": InstanceStatus.RESIZE, "create_backup": InstanceStatus.BACKUP,
+               "restore_instance": InstanceStatus.RESTORING}
+# Stored statuses shown as they are, whatever the guest reports.
+SETTLED = (InstanceStatus.ERROR, InstanceStatus.BUILD, InstanceStatus.FAILED)
+GUEST_DOWN = (ServiceState.CRASHED, ServiceState.SHUTDOWN, ServiceState.FAILED)
+FAULTED = (InstanceStatus.ERROR, InstanceStatus.FAILED)
+
+
+def owned_instance(s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:
+    """The caller's live instance of that name. Another tenant's instance is NOT_FOUND, not
+    PERMISSION_DENIED: its existence is not disclosed."""
+    iid = resource_id(name, "instances", field)
+    row = s.get(models.Instance, iid)
+    if row is None or row.deleted_at is not None or (not principal.admin and row.tenant_id != principal.tenant_id):
+        raise NotFound(f"instance {iid!r} does not exist", field=field)
+    return row
+
+
+def reported_service_state(health: dict[str, Any] | None) -> ServiceState | None:
+    """The service state in a stored health report (proto JSON, so the enum value's name), if it names one."""
+    name = str((health or {}).get("serviceState", ""))
+    try:
+        return states.from_pb(ServiceState, common_pb2.ServiceState.Value(name))
+    except (ValueError, KeyError):
+        return None
+
+
+def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
+                   ) -> tuple[InstanceStatus, models.Task | None]:
+    """The status a user sees, and the task running on the instance if any."""
+    task = tasks.active_task_for(s, f"instances/{row.id}")
+    if row.deleted_at is not None:
+        return InstanceStatus.DELETING, task
+    if task is not None:
+        if task.kind == "create_instance" and row.restored_from:
+            return InstanceStatus.RESTORING, task
+        return TASK_STATUS.get(task.kind, InstanceStatus.BUILD), task
+    if row.status in SETTLED:
+        return InstanceStatus(row.status), None
+    if row.status == InstanceStatus.SHUTDOWN or row.health_at is None \
+            or (utcnow() - row.health_at).total_seconds() > heartbeat_expiry:
+        return InstanceStatus.SHUTDOWN, None
+    if reported_service_state(row.health) in GUEST_DOWN:
+        return InstanceStatus.SHUTDOWN, None
+    return InstanceStatus.ACTIVE, None
+
+
+def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> database_pb2.Instance:
+    status, task = derived_status(s, row, heartbeat_expiry)
+    pb = database_pb2.Instance(
+        name=f"instances/{row.id}", id=row.id, display_name=row.display_name,
+        status=database_pb2.InstanceStatus.ValueType(states.to_pb(status)), flavor=f"flavors/{row.flavor_id}",
+        volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
+        datastore=row.datastore, datastore_version=row.datastore_version,
+        create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
+        host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "")
+    if row.port:
+        pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port))
+    if row.health:
+        json_format.ParseDict(row.health, pb.health, ignore_unknown_fields=True)
+        pb.volume.used_bytes = pb.health.datadir_bytes_used
+    if task is not None:
+        pb.task, pb.task_step, pb.task_progress_percent = f"tasks/{task.id}", task.current_step, \
+            task.progress_percent
+    if row.fault_message and status in FAULTED:
+        pb.fault.CopyFrom(common_pb2.Fault(message=row.fault_message, details=row.fault_details,
+                                           created=ts(row.fault_at)))
+    return pb
