@@ -7,11 +7,12 @@ import datetime as dt
 import hashlib
 import hmac
 
+from reddwarf.common.clock import now as utcnow
+
 from . import models
 from .admin import record_certificate
 from .app import App
 from .auth import hash_secret
-from reddwarf.common.clock import now as utcnow
 
 TOKEN_LIFETIME = dt.timedelta(hours=2)
 

@@ -8,12 +8,12 @@ from google.protobuf import json_format
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import states
+from reddwarf.common.clock import now as utcnow
 from reddwarf.common.states import InstanceStatus, ServiceState
 from reddwarf.v1 import common_pb2
 
 from . import models
 from .events import EventBus
-from reddwarf.common.clock import now as utcnow
 
 
 class GuestHealthRecorder:

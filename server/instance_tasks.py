@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format
 from sqlalchemy import select
 
+from reddwarf.common.clock import now as utcnow
 from reddwarf.common.errors import NotFound
 from reddwarf.common.states import InstanceStatus
 from reddwarf.v1 import agent_pb2, common_pb2, host_pb2
@@ -36,7 +37,6 @@ from .enrollment import Enrollment
 from .events import EventBus
 from .guest_health import GuestHealthRecorder
 from .hosts import HostClient, HostPool, place
-from reddwarf.common.clock import now as utcnow
 from .sealing import PasswordSealer
 
 DATADIR = "/var/lib/mysql"

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from sqlalchemy.orm import Session
 
 from reddwarf.common import states
+from reddwarf.common.clock import now as utcnow
 from reddwarf.common.errors import NotFound
 from reddwarf.common.states import InstanceStatus, ServiceState
 from reddwarf.v1 import common_pb2, database_pb2
@@ -16,7 +17,6 @@ from reddwarf.v1 import common_pb2, database_pb2
 from . import models, tasks
 from .auth import Principal
 from .catalog import resource_id, ts
-from reddwarf.common.clock import now as utcnow
 
 # The status an instance shows while a task of that kind runs on it.
 TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": InstanceStatus.DELETING,
