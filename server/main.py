@@ -38,6 +38,7 @@ from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new
 from .catalog import CatalogServicer
 from .keys import ensure_kek
 from .pagination import Paginator
+from .ratelimit import RateLimiter, RateLimitInterceptor
 from .settings import Settings
 
 log = logging.getLogger("reddwarf.server")
@@ -60,6 +61,7 @@ def _full_name(pb2: Any, service: str) -> str:
 
 def wire(app: App, paginator: Paginator) -> Wiring:
     w = Wiring()
+    app.extras.setdefault("rate_limiter", RateLimiter.from_settings(app.settings))  # read by GetLimits
     w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator),
                   _full_name(database_pb2, "Catalog")))
     w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator),
@@ -154,7 +156,9 @@ async def serve(settings: Settings) -> None:
     wiring = wire(app, paginator)
     cert, key, ca = _tls(app)
 
-    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions))], options=SERVER_OPTIONS)
+    # Auth first: the rate limiter keys its buckets by the principal auth found.
+    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions)),
+                                        RateLimitInterceptor(app.extras["rate_limiter"])], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:
         add(servicer, api)
