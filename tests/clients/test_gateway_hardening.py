@@ -21,8 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from reddwarf.client.gateway import (BodyLimit, Gateway, GatewaySettings, check_listen, from_error,
-                                     is_loopback)
+from reddwarf.client.gateway import BodyLimit, Gateway, GatewaySettings, check_listen, from_error, is_loopback
 from reddwarf.common import errors
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.server import RunningServer, start_server, stop_process
