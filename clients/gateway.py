@@ -11,8 +11,9 @@ What a hostile client meets before any handler runs:
   listens on loopback only and refuses to start on any other address;
 - bodies: a declared Content-Length over max_body is 413 before a byte of the body is read; any body
   (a lying length, chunked) is read as it streams and refused at max_body + 1 bytes; a body that needs
-  parsing without Content-Length or chunked framing is 411; each body read must arrive within
-  body_timeout (408);
+  parsing without Content-Length or chunked framing is 411; a body must arrive whole within body_timeout
+  of the first read (408), and the rest of a refused body is discarded for at most body_timeout before
+  the connection is closed;
 - connections: at most limit_concurrency (uvicorn answers 503 beyond), a request head at most
   max_header_bytes (h11) that must be complete within header_timeout of the connection or of its first
   byte (uvicorn has only the idle keep-alive timeout, so the protocol below adds this deadline), idle
@@ -167,16 +168,21 @@ class BodyLimit:
                 return
         seen = 0
         done = False
+        deadline: float | None = None
         max_body, timeout = self.max_body, self.body_timeout
 
         async def capped() -> Message:
-            nonlocal seen, done
+            nonlocal seen, done, deadline
             if done:  # the body is in: what follows is http.disconnect, whenever it comes
                 return await receive()
             if seen > max_body:
                 raise BodyTooLarge(f"request body larger than {max_body} bytes")
+            # One deadline for the whole body from the app's first read: a byte now and then does not
+            # keep a slow body alive.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout if deadline is None else deadline
             try:
-                message = await asyncio.wait_for(receive(), timeout)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise BodyTimeout(f"request body not received within {timeout:g} s") from None
             if message["type"] == "http.request":
@@ -191,13 +197,16 @@ class BodyLimit:
         await self.app(scope, capped, send)
 
 
-def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline on the request head: a connection that has not sent a whole
-    request line and headers within `seconds` of being made (or of the first byte of its next request) is
-    closed. uvicorn itself only times out idle keep-alive connections, and a byte resets even that."""
+def header_deadline_protocol(seconds: float, drain_seconds: float = 30.0) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with deadlines: a connection that has not sent a whole request line and
+    headers within `seconds` of being made (or of the first byte of its next request) is closed, and so is
+    one still sending the body of a request already answered (a 413, say) `drain_seconds` after the
+    answer. uvicorn itself only times out idle keep-alive connections, and a byte resets even that."""
 
     class HeaderDeadlineH11(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _drain_timer: asyncio.TimerHandle | None = None
+        _drain_cycle: object = None
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn narrows it to Transport
@@ -225,8 +234,26 @@ def header_deadline_protocol(seconds: float) -> type[H11Protocol]:
             if self.conn.their_state is not h11.IDLE:
                 self._disarm()
 
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY and self._drain_timer is None:
+                self._drain_cycle = self.cycle
+                self._drain_timer = self.loop.call_later(drain_seconds, self._drain_late)
+
+        def _drain_late(self) -> None:
+            self._drain_timer = None
+            # Only the answered request's body: a later request on the connection has a cycle of its own.
+            if (self.cycle is self._drain_cycle and self.conn.their_state is h11.SEND_BODY
+                    and not self.transport.is_closing()):
+                self.logger.warning("body of an answered request still arriving after %s s; closing %s",
+                                    drain_seconds, self.client)
+                self.transport.close()
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+                self._drain_timer = None
             super().connection_lost(exc)
 
     return HeaderDeadlineH11
@@ -501,7 +528,7 @@ def uvicorn_config(s: GatewaySettings) -> Any:
     tls: dict[str, Any] = ({"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key, "ssl_context_factory": _tls12}
                            if s.tls_cert else {})
     return uvicorn.Config(app, host=host, port=port, log_level="warning", http=header_deadline_protocol(
-                              s.header_timeout), ws="none", lifespan="on", limit_concurrency=s.limit_concurrency,
+                              s.header_timeout, s.body_timeout), ws="none", lifespan="on", limit_concurrency=s.limit_concurrency,
                           timeout_keep_alive=s.keep_alive_timeout, h11_max_incomplete_event_size=s.max_header_bytes,
                           server_header=False, **tls)
 

@@ -247,6 +247,40 @@ def test_stalled_body_is_408(server, gw):
     assert head.startswith(b"HTTP/1.1 408")
 
 
+def test_a_body_dripping_in_is_408_and_the_rest_of_a_refused_body_is_not_waited_for(server, gw):
+    tid, token = new_tenant(server, "h")
+    t0 = time.monotonic()
+    with raw(gw, f"POST /v1.0/{tid}/instances HTTP/1.1\r\nHost: x\r\nX-Auth-Token: {token}\r\n"
+                 "Content-Length: 100\r\n\r\n".encode()) as s:
+        s.settimeout(0.25)
+        head = b""
+        for _ in range(40):  # a byte every 0.25 s: each read gets data, the whole body never comes
+            s.sendall(b" ")
+            try:
+                head = response(s)
+                break
+            except TimeoutError:
+                continue
+        assert head.startswith(b"HTTP/1.1 408"), head
+        assert time.monotonic() - t0 < 5
+        # It has been answered; the rest of its body keeps coming, and after body_timeout the gateway hangs up.
+        answered = time.monotonic()
+        s.settimeout(None)
+        closed = False
+        for _ in range(40):
+            try:
+                s.sendall(b" ")
+                time.sleep(0.25)
+                closed = s.recv(1, socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:  # still open, nothing to read
+                continue
+            except OSError:  # reset by the gateway
+                closed = True
+            if closed:
+                break
+        assert closed and 1.2 < time.monotonic() - answered < 5
+
+
 def test_limit_concurrency_answers_503(server):
     with gateway(server, "--limit-concurrency", "3") as base:
         idle = [raw(base, b"") for _ in range(2)]
