@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -74,8 +75,14 @@ class GatewaySettings:
     limit_concurrency: int = 100        # open connections + running requests; beyond them uvicorn answers 503
     max_header_bytes: int = 16 * 1024   # a request line and its headers (h11_max_incomplete_event_size)
     header_timeout: float = 10.0        # seconds for a whole request head
-    body_timeout: float = 30.0          # seconds for each piece of a body to arrive
+    body_timeout: float = 30.0          # seconds for a whole body, from the first read of it
     keep_alive_timeout: int = 5         # seconds an idle keep-alive connection stays open
+
+    def __post_init__(self) -> None:
+        for key in ("max_body", "limit_concurrency", "max_header_bytes", "header_timeout", "body_timeout",
+                    "keep_alive_timeout"):
+            if not getattr(self, key) > 0:
+                raise config.ConfigError(f"{key} must be more than 0, got {getattr(self, key)!r}", key=key)
 
     @classmethod
     def load(cls, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> GatewaySettings:
@@ -145,8 +152,9 @@ class BodyTimeout(errors.DeadlineExceeded, http_status=408):
 
 class BodyLimit:
     """ASGI middleware in front of the app: Content-Length checked before anything is read, the body counted
-    as it streams in and refused at max_body + 1 bytes (whatever its headers said), each read bounded by
-    body_timeout. The app sees BodyTooLarge / BodyTimeout raised from receive() and answers them."""
+    as it streams in and refused at max_body + 1 bytes (whatever its headers said), the whole body due
+    within body_timeout of the first read. The app sees BodyTooLarge / BodyTimeout raised from receive()
+    and answers them (Gateway.route turns them into 413 / 408)."""
 
     def __init__(self, app: ASGIApp, max_body: int, body_timeout: float) -> None:
         self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
@@ -520,21 +528,19 @@ def _tls12(cfg: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     return ctx
 
 
-def uvicorn_config(s: GatewaySettings) -> Any:
+def uvicorn_config(s: GatewaySettings) -> uvicorn.Config:
     """The uvicorn.Config for the settings (SystemExit for plain HTTP off loopback)."""
-    import uvicorn
     host, port = check_listen(s)
     app = build_app(s.api, TlsFiles(Path(s.cert), Path(s.key), Path(s.ca)), s.max_body, s.body_timeout)
     tls: dict[str, Any] = ({"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key, "ssl_context_factory": _tls12}
                            if s.tls_cert else {})
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=header_deadline_protocol(
-                              s.header_timeout, s.body_timeout), ws="none", lifespan="on", limit_concurrency=s.limit_concurrency,
-                          timeout_keep_alive=s.keep_alive_timeout, h11_max_incomplete_event_size=s.max_header_bytes,
-                          server_header=False, **tls)
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", ws="none", lifespan="on",
+                          http=header_deadline_protocol(s.header_timeout, s.body_timeout),
+                          limit_concurrency=s.limit_concurrency, timeout_keep_alive=s.keep_alive_timeout,
+                          h11_max_incomplete_event_size=s.max_header_bytes, server_header=False, **tls)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
     p = argparse.ArgumentParser(prog="reddwarf-gateway", description="Settings also come from "
                                 "REDDWARF_GATEWAY_<NAME> (REDDWARF_ENDPOINT and REDDWARF_CA for --api and --ca).")
     for name in ("listen", "api", "cert", "key", "ca", "tls-cert", "tls-key"):
