@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -30,6 +30,9 @@ import grpc.aio
 from reddwarf.common.errors import RedDwarfError, ResourceExhausted, Unauthenticated, abort
 
 from .auth import Principal, current_principal
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 FREE_METHODS = ("/reddwarf.v1.Catalog/GetCaller",)
 UNITS = ((1.0, "SECOND"), (60.0, "MINUTE"), (3600.0, "HOUR"), (86400.0, "DAY"))
@@ -86,7 +89,7 @@ class RateLimiter:
         self._calls = 0
 
     @classmethod
-    def from_settings(cls, settings: Any) -> RateLimiter:
+    def from_settings(cls, settings: Settings) -> RateLimiter:
         return cls(Rate(settings.api_rate_limit, settings.api_rate_period_seconds, settings.api_rate_burst),
                    Rate(settings.admin_rate_limit, settings.api_rate_period_seconds, settings.admin_rate_limit))
 
