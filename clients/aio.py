@@ -104,6 +104,10 @@ class AsyncClient:
     async def get_caller(self) -> pb.Caller:
         return await self._call(self.catalog.GetCaller, pb.GetCallerRequest())
 
+    async def get_limits(self) -> pb.TenantLimits:
+        """The caller's quotas and use, and the state of its API rate limit."""
+        return await self._call(self.catalog.GetLimits, pb.GetLimitsRequest())
+
     async def list_flavors(self, page_size: int = 0) -> list[pb.Flavor]:
         return await self._all(self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(),
                                            lambda p: p.flavors, page_size))

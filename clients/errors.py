@@ -96,4 +96,6 @@ def error_class(code: grpc.StatusCode) -> type[ClientError]:
 def from_rpc_error(exc: grpc.RpcError) -> ClientError:
     """The SDK exception for a failed sync or asyncio call, with the server's field violations."""
     code, message, violations = errors.call_status(exc)
-    return error_class(code)(message, tuple(FieldViolation(f, d) for f, d in violations))
+    err = error_class(code)(message, tuple(FieldViolation(f, d) for f, d in violations))
+    err.retry_after = errors.call_retry_after(exc)  # a rate limit's RetryInfo: when to try again
+    return err

@@ -4,25 +4,47 @@ on the SDK's AsyncClient.
 Each request's `X-Auth-Token` becomes the client's bearer token; the gateway's own certificate (role
 `gateway`) is transport only and grants nothing. The `{tenant}` in the path must be the token's tenant.
 Errors answer with the HTTP status of their row in the one error table (reddwarf.common.errors) and Trove's
-bodies ({"itemNotFound": {"code": 404, "message": ...}}).
+bodies ({"itemNotFound": {"code": 404, "message": ...}}); the server's API rate limit is 429 with Retry-After.
+
+What a hostile client meets before any handler runs:
+- TLS (uvicorn's ssl options, TLS 1.2 or later) with --tls-cert/--tls-key; without them the gateway
+  listens on loopback only and refuses to start on any other address;
+- bodies: a declared Content-Length over max_body is 413 before a byte of the body is read; any body
+  (a lying length, chunked) is read as it streams and refused at max_body + 1 bytes; a body that needs
+  parsing without Content-Length or chunked framing is 411; a body must arrive whole within body_timeout
+  of the first read (408), and the rest of a refused body is discarded for at most body_timeout before
+  the connection is closed;
+- connections: at most limit_concurrency (uvicorn answers 503 beyond), a request head at most
+  max_header_bytes (h11) that must be complete within header_timeout of the connection or of its first
+  byte (uvicorn has only the idle keep-alive timeout, so the protocol below adds this deadline), idle
+  keep-alive connections closed after keep_alive_timeout.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import ipaddress
 import json
+import math
 import os
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from reddwarf.common import errors
+from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
 from reddwarf.common.tls import aio_channel
 
@@ -38,18 +60,211 @@ CALL_TIMEOUT = 300.0
 Handler = Callable[[Request, AsyncClient], Awaitable[Response]]
 
 
-def error(code: int, message: str) -> JSONResponse:
-    return JSONResponse(trove.fault(code, message), status_code=code)
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The gateway's settings: defaults < REDDWARF_GATEWAY_<NAME> (REDDWARF_ENDPOINT / REDDWARF_CA for api and
+    ca) < flags."""
+    cert: str = ""                      # the gateway's client certificate for the API (role gateway)
+    key: str = ""
+    ca: str = ""
+    api: str = "127.0.0.1:8779"
+    listen: str = "127.0.0.1:8778"
+    tls_cert: str = ""                  # HTTPS certificate chain (PEM); required off loopback
+    tls_key: str = ""
+    max_body: int = MAX_BODY            # bytes of a request body
+    limit_concurrency: int = 100        # open connections + running requests; beyond them uvicorn answers 503
+    max_header_bytes: int = 16 * 1024   # a request line and its headers (h11_max_incomplete_event_size)
+    header_timeout: float = 10.0        # seconds for a whole request head
+    body_timeout: float = 30.0          # seconds for a whole body, from the first read of it
+    keep_alive_timeout: int = 5         # seconds an idle keep-alive connection stays open
+
+    def __post_init__(self) -> None:
+        for key in ("max_body", "limit_concurrency", "max_header_bytes", "header_timeout", "body_timeout",
+                    "keep_alive_timeout"):
+            if not getattr(self, key) > 0:
+                raise config.ConfigError(f"{key} must be more than 0, got {getattr(self, key)!r}", key=key)
+
+    @classmethod
+    def load(cls, env: dict[str, str] | None = None, overrides: dict[str, Any] | None = None) -> GatewaySettings:
+        env = dict(os.environ) if env is None else env
+        base = {"api": env.get("REDDWARF_ENDPOINT") or None, "ca": env.get("REDDWARF_CA") or None}
+        return config.build(cls, ("environment", base),
+                            ("environment", config.env_values(cls, env, "REDDWARF_GATEWAY_")),
+                            ("flags", overrides or {}))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names only this machine: localhost or a loopback address (not 0.0.0.0, not a name)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(s: GatewaySettings) -> tuple[str, int]:
+    """(host, port) to listen on, or SystemExit when the settings would serve plain HTTP off loopback."""
+    host, sep, port = s.listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"reddwarf-gateway: --listen must be host:port, got {s.listen!r}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SystemExit("reddwarf-gateway: --tls-cert and --tls-key go together")
+    if not s.tls_cert and not is_loopback(host):
+        raise SystemExit(f"reddwarf-gateway: refusing to listen on {s.listen} without TLS: tokens would cross "
+                         "the network in clear. Give --tls-cert and --tls-key (REDDWARF_GATEWAY_TLS_CERT/_KEY) "
+                         "or listen on loopback (127.0.0.1, ::1, localhost)")
+    return host.strip("[]"), int(port)
+
+
+def error(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(trove.fault(code, message), status_code=code, headers=headers)
 
 
 def from_error(err: errors.RedDwarfError) -> JSONResponse:
-    """The Trove error for a failed call or a refused request, by its row in the error table."""
-    if err.http_status == 500:
+    """The Trove error for a failed call or a refused request, by its row in the error table (a rate limit,
+    ResourceExhausted with a retry delay, is 429 with Retry-After)."""
+    status = errors.http_status_of(err)
+    if status == 500:
         return error(500, "internal error")  # its text is for the server's log, not the caller
     message = err.message
     if err.violations:
         message += " (field: " + ", ".join(field for field, _ in err.violations) + ")"
-    return error(err.http_status, message)
+    if status == 429 and err.retry_after is not None:
+        after = str(max(1, math.ceil(err.retry_after)))
+        body = trove.fault(429, message)
+        body["overLimit"]["retryAfter"] = after
+        return JSONResponse(body, status_code=429, headers={"Retry-After": after})
+    return error(status, message)
+
+
+class BodyTooLarge(errors.ResourceExhausted):
+    """A request body past the gateway's cap (413)."""
+
+
+class LengthRequired(errors.InvalidArgument, http_status=411):
+    """A body to parse that has neither Content-Length nor chunked framing."""
+
+
+class BodyTimeout(errors.DeadlineExceeded, http_status=408):
+    """A body that stopped arriving."""
+
+
+class BodyLimit:
+    """ASGI middleware in front of the app: Content-Length checked before anything is read, the body counted
+    as it streams in and refused at max_body + 1 bytes (whatever its headers said), the whole body due
+    within body_timeout of the first read. The app sees BodyTooLarge / BodyTimeout raised from receive()
+    and answers them (Gateway.route turns them into 413 / 408)."""
+
+    def __init__(self, app: ASGIApp, max_body: int, body_timeout: float) -> None:
+        self.app, self.max_body, self.body_timeout = app, max_body, body_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        lengths = {v.strip() for k, v in scope["headers"] if k == b"content-length"}
+        if lengths:
+            # h11 already refuses a malformed or doubled Content-Length; this holds without it too.
+            value = lengths.pop() if len(lengths) == 1 else b""
+            if not value.isdigit() or len(value) > 18:
+                await error(400, "malformed Content-Length")(scope, receive, send)
+                return
+            if int(value) > self.max_body:
+                await error(413, f"request body of {int(value)} bytes is larger than {self.max_body}")(
+                    scope, receive, send)
+                return
+        seen = 0
+        done = False
+        deadline: float | None = None
+        max_body, timeout = self.max_body, self.body_timeout
+
+        async def capped() -> Message:
+            nonlocal seen, done, deadline
+            if done:  # the body is in: what follows is http.disconnect, whenever it comes
+                return await receive()
+            if seen > max_body:
+                raise BodyTooLarge(f"request body larger than {max_body} bytes")
+            # One deadline for the whole body from the app's first read: a byte now and then does not
+            # keep a slow body alive.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout if deadline is None else deadline
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise BodyTimeout(f"request body not received within {timeout:g} s") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if seen > max_body:
+                    raise BodyTooLarge(f"request body larger than {max_body} bytes")
+            else:
+                done = True
+            return message
+
+        await self.app(scope, capped, send)
+
+
+def header_deadline_protocol(seconds: float, drain_seconds: float = 30.0) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with deadlines: a connection that has not sent a whole request line and
+    headers within `seconds` of being made (or of the first byte of its next request) is closed, and so is
+    one still sending the body of a request already answered (a 413, say) `drain_seconds` after the
+    answer. uvicorn itself only times out idle keep-alive connections, and a byte resets even that."""
+
+    class HeaderDeadlineH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _drain_timer: asyncio.TimerHandle | None = None
+        _drain_cycle: object = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn narrows it to Transport
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.logger.warning("request head not complete within %s s; closing %s", seconds, self.client)
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None and self.conn.their_state is h11.IDLE:
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.conn.their_state is h11.SEND_BODY and self._drain_timer is None:
+                self._drain_cycle = self.cycle
+                self._drain_timer = self.loop.call_later(drain_seconds, self._drain_late)
+
+        def _drain_late(self) -> None:
+            self._drain_timer = None
+            # Only the answered request's body: a later request on the connection has a cycle of its own.
+            if (self.cycle is self._drain_cycle and self.conn.their_state is h11.SEND_BODY
+                    and not self.transport.is_closing()):
+                self.logger.warning("body of an answered request still arriving after %s s; closing %s",
+                                    drain_seconds, self.client)
+                self.transport.close()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+                self._drain_timer = None
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11
 
 
 class Gateway:
@@ -81,9 +296,12 @@ class Gateway:
 
     @staticmethod
     async def _json(request: Request, key: str | None = None) -> Any:
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            raise errors.ResourceExhausted(f"request body larger than {MAX_BODY} bytes")
+        if "content-length" not in request.headers and "chunked" not in request.headers.get(
+                "transfer-encoding", "").lower():
+            raise LengthRequired("a request body needs Content-Length (or chunked transfer encoding)")
+        # BodyLimit counts what streams in and stops at its cap; this keeps the pieces, never more.
+        chunks = [chunk async for chunk in request.stream()]
+        body = b"".join(chunks)
         try:
             data = json.loads(body or b"null")
         except ValueError:
@@ -101,6 +319,9 @@ class Gateway:
             except errors.RedDwarfError as e:
                 return from_error(e)
         return handler
+
+    async def limits(self, request: Request, rd: AsyncClient) -> Response:
+        return JSONResponse({"limits": trove.limits(await rd.get_limits())})
 
     @staticmethod
     def _instance(request: Request) -> str:
@@ -244,7 +465,12 @@ async def versions(request: Request) -> Response:
     return JSONResponse({"versions": [v]} if request.url.path in ("", "/") else {"version": v})
 
 
-def build_app(api_address: str, files: TlsFiles) -> Starlette:
+def build_app(api_address: str, files: TlsFiles, max_body: int = MAX_BODY, body_timeout: float = 30.0) -> ASGIApp:
+    """The gateway's ASGI app: the Trove routes behind BodyLimit."""
+    return BodyLimit(build_routes(api_address, files), max_body, body_timeout)
+
+
+def build_routes(api_address: str, files: TlsFiles) -> Starlette:
     g = Gateway(api_address, files)
     t = "/v1.0/{tenant}"
     i = t + "/instances/{instance_id}"
@@ -252,6 +478,7 @@ def build_app(api_address: str, files: TlsFiles) -> Starlette:
     routes = [
         R("/", versions), R("/v1.0", versions), R("/v1.0/", versions),
         R("/openapi.json", lambda r: JSONResponse(trove.openapi(routes_spec))),
+        R(t + "/limits", g.route(g.limits), methods=["GET"]),
         R(t + "/flavors", g.route(g.list_flavors)), R(t + "/flavors/{flavor_id}", g.route(g.get_flavor)),
         R(t + "/datastores", g.route(g.list_datastores)),
         R(t + "/datastores/{datastore}/versions", g.route(g.list_versions)),
@@ -295,20 +522,39 @@ def build_app(api_address: str, files: TlsFiles) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed}, lifespan=lifespan)
 
 
+def _tls12(cfg: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    ctx = default()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def uvicorn_config(s: GatewaySettings) -> uvicorn.Config:
+    """The uvicorn.Config for the settings (SystemExit for plain HTTP off loopback)."""
+    host, port = check_listen(s)
+    app = build_app(s.api, TlsFiles(Path(s.cert), Path(s.key), Path(s.ca)), s.max_body, s.body_timeout)
+    tls: dict[str, Any] = ({"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key, "ssl_context_factory": _tls12}
+                           if s.tls_cert else {})
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", ws="none", lifespan="on",
+                          http=header_deadline_protocol(s.header_timeout, s.body_timeout),
+                          limit_concurrency=s.limit_concurrency, timeout_keep_alive=s.keep_alive_timeout,
+                          h11_max_incomplete_event_size=s.max_header_bytes, server_header=False, **tls)
+
+
 def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-    p = argparse.ArgumentParser(prog="reddwarf-gateway")
-    p.add_argument("--listen", default=os.environ.get("REDDWARF_GATEWAY_LISTEN", "127.0.0.1:8778"))
-    p.add_argument("--api", default=os.environ.get("REDDWARF_ENDPOINT", "127.0.0.1:8779"))
-    p.add_argument("--cert", default=os.environ.get("REDDWARF_GATEWAY_CERT", ""))
-    p.add_argument("--key", default=os.environ.get("REDDWARF_GATEWAY_KEY", ""))
-    p.add_argument("--ca", default=os.environ.get("REDDWARF_CA", ""))
-    a = p.parse_args(argv)
-    if not (a.cert and a.key and a.ca):
+    p = argparse.ArgumentParser(prog="reddwarf-gateway", description="Settings also come from "
+                                "REDDWARF_GATEWAY_<NAME> (REDDWARF_ENDPOINT and REDDWARF_CA for --api and --ca).")
+    for name in ("listen", "api", "cert", "key", "ca", "tls-cert", "tls-key"):
+        p.add_argument(f"--{name}")
+    for name, kind in (("max-body", int), ("limit-concurrency", int), ("max-header-bytes", int),
+                       ("header-timeout", float), ("body-timeout", float), ("keep-alive-timeout", int)):
+        p.add_argument(f"--{name}", type=kind)
+    try:
+        s = GatewaySettings.load(overrides={k: v for k, v in vars(p.parse_args(argv)).items() if v is not None})
+    except config.ConfigError as exc:
+        raise SystemExit(f"reddwarf-gateway: {exc}") from None
+    if not (s.cert and s.key and s.ca):
         raise SystemExit("reddwarf-gateway needs --cert, --key and --ca (its gateway certificate)")
-    host, _, port = a.listen.rpartition(":")
-    uvicorn.run(build_app(a.api, TlsFiles(Path(a.cert), Path(a.key), Path(a.ca))), host=host, port=int(port),
-                log_level="warning")
+    uvicorn.Server(uvicorn_config(s)).run()
     return 0
 
 

@@ -102,6 +102,10 @@ class Client:
     def get_caller(self) -> pb.Caller:
         return self._call(self.catalog.GetCaller, pb.GetCallerRequest())
 
+    def get_limits(self) -> pb.TenantLimits:
+        """The caller's quotas and use, and the state of its API rate limit."""
+        return self._call(self.catalog.GetLimits, pb.GetLimitsRequest())
+
     def list_flavors(self, page_size: int = 0) -> list[pb.Flavor]:
         return self._all(self._pages(self.catalog.ListFlavors, pb.ListFlavorsRequest(),
                                      lambda p: p.flavors, page_size))

@@ -17,8 +17,8 @@ STATUS = {"RESTORING": "BUILD", "DELETING": "SHUTDOWN", "HEALTHY": "ACTIVE"}
 
 # The member an error body is wrapped in, by HTTP status: {"itemNotFound": {"code": 404, "message": ...}}.
 FAULT_NAMES = {400: "badRequest", 401: "unauthorized", 403: "forbidden", 404: "itemNotFound",
-               409: "conflictingRequest", 413: "overLimit", 422: "unprocessableEntity", 500: "instanceFault",
-               503: "serviceUnavailable"}
+               408: "requestTimeout", 409: "conflictingRequest", 411: "lengthRequired", 413: "overLimit",
+               422: "unprocessableEntity", 429: "overLimit", 500: "instanceFault", 503: "serviceUnavailable"}
 
 
 class BadInput(errors.InvalidArgument):
@@ -193,6 +193,16 @@ def backup(b: database_pb2.Backup) -> dict[str, Any]:
             "datastore": {"type": b.datastore, "version": b.datastore_version}}
 
 
+def limits(t: database_pb2.TenantLimits) -> list[dict[str, Any]]:
+    """Trove's GET /limits list: first the "ABSOLUTE" entry of quotas (max_*), then one entry per rate limit
+    (python-troveclient pops the first and shows value/verb/remaining/unit of the rest)."""
+    absolute: dict[str, Any] = {"verb": "ABSOLUTE", "max_instances": t.max_instances, "max_backups": t.max_backups,
+                                "max_volumes": t.max_volume_gb, "max_ram": t.max_memory_mb}
+    return [absolute] + [
+        {"verb": r.verb, "uri": r.uri, "regex": r.regex, "value": r.value, "unit": r.unit, "remaining": r.remaining,
+         "nextAvailable": r.next_available.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")} for r in t.rates]
+
+
 def openapi(routes: list[tuple[str, list[str]]]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for path, methods in routes:
@@ -208,8 +218,10 @@ def openapi(routes: list[tuple[str, list[str]]]) -> dict[str, Any]:
                                                 "401": {"description": "unauthorized"},
                                                 "403": {"description": "forbidden"},
                                                 "404": {"description": "itemNotFound"},
+                                                "411": {"description": "lengthRequired"},
                                                 "413": {"description": "overLimit"},
-                                                "422": {"description": "unprocessableEntity"}}}
+                                                "422": {"description": "unprocessableEntity"},
+                                                "429": {"description": "overLimit (rate)"}}}
             if m in ("POST", "PUT"):
                 op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
             entry[m.lower()] = op

@@ -17,7 +17,7 @@ its gRPC status code and the HTTP status the REST gateway answers with (Trove's 
     NotFound             NOT_FOUND             404    NotFound (InstanceGone)
     AlreadyExists        ALREADY_EXISTS        409    AlreadyExists
     PermissionDenied     PERMISSION_DENIED     403    PermissionDenied
-    ResourceExhausted    RESOURCE_EXHAUSTED    413    ResourceExhausted
+    ResourceExhausted    RESOURCE_EXHAUSTED    413*   ResourceExhausted
     FailedPrecondition   FAILED_PRECONDITION   422    FailedPrecondition (InstanceFailed)
     Aborted              ABORTED               500    Aborted
     OutOfRange           OUT_OF_RANGE          500    OutOfRange
@@ -26,6 +26,10 @@ its gRPC status code and the HTTP status the REST gateway answers with (Trove's 
     Unavailable          UNAVAILABLE           503    Unavailable
     DataLoss             DATA_LOSS             500    DataLoss
     Unauthenticated      UNAUTHENTICATED       401    Unauthenticated
+
+* 413 (Trove's overLimit) for a size or a quota, which retrying will not fix; 429 with Retry-After when the
+  error carries `retry_after` (a google.rpc.RetryInfo detail on the wire): a rate limit, which waiting
+  fixes. `http_status_of(err)` says which.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ from typing import Any, ClassVar, TypeVar, cast
 
 import grpc
 import grpc.aio
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -63,9 +67,11 @@ class RedDwarfError(Exception):
             cls.http_status = http_status
 
     def __init__(self, message: str, *, field: str | None = None,
-                 violations: Sequence[tuple[str, str]] = ()) -> None:
+                 violations: Sequence[tuple[str, str]] = (), retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # Seconds after which the same call may succeed (a rate limit); google.rpc.RetryInfo on the wire.
+        self.retry_after = retry_after
         self.violations: list[tuple[str, str]] = list(violations)
         if field is not None:
             self.violations.insert(0, (field, message))
@@ -114,6 +120,11 @@ def http_status(code: grpc.StatusCode) -> int:
     return error_class(code).http_status
 
 
+def http_status_of(err: RedDwarfError) -> int:
+    """The HTTP status for err: its row's, except 429 for a ResourceExhausted that says when to retry."""
+    return 429 if isinstance(err, ResourceExhausted) and err.retry_after is not None else err.http_status
+
+
 def _cap(text: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
@@ -130,7 +141,23 @@ def to_status_pb(err: RedDwarfError) -> status_pb2.Status:
         detail = any_pb2.Any()
         detail.Pack(br)
         st.details.append(detail)
+    if err.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(0, int(err.retry_after * 1e9)))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        st.details.append(detail)
     return st
+
+
+def retry_after_of(st: status_pb2.Status) -> float | None:
+    """The seconds of the status's google.rpc.RetryInfo detail, if it has one."""
+    for detail in st.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
 
 
 def violations_of(st: status_pb2.Status) -> list[tuple[str, str]]:
@@ -148,7 +175,26 @@ def from_status_pb(st: status_pb2.Status) -> RedDwarfError | None:
     """The error a google.rpc.Status carries (None for OK): used on results relayed from agents."""
     if st.code == code_pb2.OK:
         return None
-    return error_class(status_code(st.code))(st.message, violations=violations_of(st))
+    return error_class(status_code(st.code))(st.message, violations=violations_of(st),
+                                             retry_after=retry_after_of(st))
+
+
+def _details_of(exc: grpc.RpcError) -> status_pb2.Status | None:
+    """The google.rpc.Status a failed call's trailing metadata carries, if the server sent one."""
+    # Sync calls give a tuple of _Metadatum, aio calls a grpc.aio.Metadata: at run time both iterate as
+    # (key, value) pairs, which the stubs do not say of _Metadatum.
+    trailing = cast(Iterable[tuple[str, str | bytes]] | None,
+                    exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None)
+    for key, value in trailing or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            return status_pb2.Status.FromString(value)
+    return None
+
+
+def call_retry_after(exc: grpc.RpcError) -> float | None:
+    """The RetryInfo delay of a failed call (None when the server sent none)."""
+    st = _details_of(exc)
+    return None if st is None else retry_after_of(st)
 
 
 def call_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
@@ -157,21 +203,16 @@ def call_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str, list[tuple[st
     status that disagrees with the call's own code is read as the status says."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     message = (exc.details() if hasattr(exc, "details") else None) or code.name
-    # Sync calls give a tuple of _Metadatum, aio calls a grpc.aio.Metadata: at run time both iterate as
-    # (key, value) pairs, which the stubs do not say of _Metadatum.
-    trailing = cast(Iterable[tuple[str, str | bytes]] | None,
-                    exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None)
-    for key, value in trailing or ():
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            st = status_pb2.Status.FromString(value)
-            return status_code(st.code), st.message or message, violations_of(st)
+    st = _details_of(exc)
+    if st is not None:
+        return status_code(st.code), st.message or message, violations_of(st)
     return code, message, []
 
 
 def from_rpc_error(exc: grpc.RpcError) -> RedDwarfError:
     """Turns a failed call's status (with its details) back into a domain error."""
     code, message, violations = call_status(exc)
-    return error_class(code)(message, violations=violations)
+    return error_class(code)(message, violations=violations, retry_after=call_retry_after(exc))
 
 
 def ok_status() -> status_pb2.Status:

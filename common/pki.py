@@ -244,7 +244,7 @@ class CertificateAuthority:
         start = not_before or (now_aware() - dt.timedelta(minutes=5))
         end = start + dt.timedelta(days=days)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        if role in ("server", "host"):
+        if role in ("server", "host", "gateway"):  # the gateway also serves HTTPS (reddwarf-gateway --tls-cert)
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         serial = x509.random_serial_number()
         cert = (x509.CertificateBuilder()

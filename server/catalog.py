@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from google.protobuf import timestamp_pb2
 from sqlalchemy import select
@@ -16,6 +16,9 @@ from . import models
 from .app import App, Context
 from .auth import current_principal
 from .pagination import Paginator
+
+if TYPE_CHECKING:
+    from .ratelimit import RateLimiter
 
 T = TypeVar("T")
 
@@ -61,9 +64,10 @@ def fetch(s: Session, model: type[T], name: str, collection: str, field: str = "
 
 
 class CatalogServicer(database_pb2_grpc.CatalogServicer):
-    def __init__(self, app: App, paginator: Paginator) -> None:
+    def __init__(self, app: App, paginator: Paginator, rate_limiter: RateLimiter | None = None) -> None:
         self.app = app
         self.pages = paginator
+        self.rate_limiter = rate_limiter
 
     def _datastore_pb(self, s: Session, d: models.Datastore) -> database_pb2.Datastore:
         versions = s.scalars(select(models.DatastoreVersion).where(
@@ -121,3 +125,32 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
         p = current_principal(context)
         return database_pb2.Caller(tenant=f"tenants/{p.tenant_id}" if p.tenant_id else "", admin=p.admin,
                                    identity=p.identity.uri)
+
+    @grpc_edge
+    async def GetLimits(self, request: database_pb2.GetLimitsRequest, context: Context) -> database_pb2.TenantLimits:
+        """The caller's tenant's quotas and use, and its API rate limit's bucket (Trove's GET /limits)."""
+        from reddwarf.common.clock import now
+
+        from .admin import quota_usage
+        from .ratelimit import per_unit
+        p = current_principal(context)
+
+        def q() -> database_pb2.TenantLimits:
+            with self.app.sessions() as s:
+                t = s.get(models.Tenant, p.tenant_id) if p.tenant_id else None
+                if t is None:
+                    return database_pb2.TenantLimits()
+                u = quota_usage(s, t)
+            return database_pb2.TenantLimits(
+                max_instances=u.limit.instances, max_memory_mb=u.limit.memory_mb, max_volume_gb=u.limit.volume_gb,
+                max_backups=u.limit.backups, used_instances=u.in_use.instances, used_memory_mb=u.in_use.memory_mb,
+                used_volume_gb=u.in_use.volume_gb, used_backups=u.in_use.backups)
+        out = await asyncio.to_thread(q)
+        limiter = self.rate_limiter
+        state = limiter.state(p) if limiter is not None else None
+        if state is not None:
+            value, unit = per_unit(state.rate.limit, state.rate.period)
+            out.rates.append(database_pb2.RateLimit(
+                verb="*", uri="*", regex=".*", value=value, unit=unit, remaining=state.remaining,
+                next_available=ts(now() + dt.timedelta(seconds=state.next_in))))
+        return out

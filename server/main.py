@@ -41,6 +41,7 @@ from .hosts import HostPool
 from .keys import TenantKeys, ensure_kek
 from .pagination import Paginator
 from .provisioning import full_name
+from .ratelimit import RateLimiter, RateLimitInterceptor
 from .settings import Settings
 
 log = logging.getLogger("reddwarf.server")
@@ -55,6 +56,7 @@ class Wiring:
     enroll: list[tuple[AddFn, Any, str]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    rate_limiter: RateLimiter | None = None
 
 
 def wire(app: App, paginator: Paginator) -> Wiring:
@@ -62,7 +64,8 @@ def wire(app: App, paginator: Paginator) -> Wiring:
     hosts = HostPool(app)
     st = app.settings
     store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
-    w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator),
+    w.rate_limiter = RateLimiter.from_settings(app.settings)  # enforced by the API interceptor, shown by GetLimits
+    w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator, w.rate_limiter),
                   full_name(database_pb2.DESCRIPTOR, "Catalog")))
     w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator, hosts, store),
                   full_name(admin_pb2.DESCRIPTOR, "Admin")))
@@ -175,7 +178,10 @@ async def serve(settings: Settings) -> None:
     wiring = wire(app, paginator)
     wiring.background.append(lambda: renew_loop(app))
 
-    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions))], options=SERVER_OPTIONS)
+    # Auth first: the rate limiter keys its buckets by the principal auth found.
+    assert wiring.rate_limiter is not None  # wire() makes it
+    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions)),
+                                        RateLimitInterceptor(wiring.rate_limiter)], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:
         add(servicer, api)

@@ -44,6 +44,13 @@ class Settings:
     storage_overcommit: float = 1.0
     max_volume_gb: int = 1024
     default_quota: Quota = field(default_factory=Quota)
+    # API rate limit per tenant (server/ratelimit.py): a token bucket of api_rate_limit calls refilled over
+    # api_rate_period_seconds (Trove's 200 a minute); api_rate_burst > 0 makes the bucket that large
+    # instead. 0 turns the limit off. Admin principals get admin_rate_limit per period (0: not limited).
+    api_rate_limit: int = 200
+    api_rate_period_seconds: float = 60.0
+    api_rate_burst: int = 0
+    admin_rate_limit: int = 0
     log_level: str = "INFO"
     # Tokens expire by default: a token created without a TTL gets this one (0 = never; not recommended).
     token_ttl_seconds: int = 30 * 86400
@@ -62,6 +69,11 @@ class Settings:
         for key, value in defaults.items():
             if not getattr(self, key):
                 object.__setattr__(self, key, value)
+        for key in ("api_rate_limit", "api_rate_burst", "admin_rate_limit"):
+            if getattr(self, key) < 0:
+                raise InvalidArgument(f"{key} must be 0 or more", field=key)
+        if not self.api_rate_period_seconds > 0:
+            raise InvalidArgument("api_rate_period_seconds must be more than 0", field="api_rate_period_seconds")
         for key in ("api_listen", "agent_listen", "enroll_listen"):
             host, sep, port = getattr(self, key).rpartition(":")
             if not sep or not host or not port.isdigit():
