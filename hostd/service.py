@@ -63,7 +63,7 @@ def container_pb(view: ContainerView, driver: str) -> host_pb2.Container:
         id=r.id, limits=limits_to_pb(r.limits),
         network_mode=host_pb2.NETWORK_MODE_BRIDGE if r.network_mode == "bridge" else host_pb2.NETWORK_MODE_HOST,
         volume_id=r.volume_id, datadir=r.datadir, address=r.address,
-        state=host_pb2.ContainerState.ValueType(states.to_pb(states.ContainerState(view.status.state))),
+        state=states.to_pb(states.ContainerState(view.status.state)),
         port=r.port, driver=driver, init_pid=view.status.init_pid, template=r.template)
 
 
