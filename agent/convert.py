@@ -83,7 +83,7 @@ def prepare_to_pb(p: model.Prepare) -> agent_pb2.Prepare:
 
 
 def service_state_to_pb(state: ServiceState) -> common_pb2.ServiceState.ValueType:
-    return common_pb2.ServiceState.ValueType(states.to_pb(state))
+    return states.to_pb(state)
 
 
 def health_to_pb(h: model.GuestHealth) -> common_pb2.GuestHealth:

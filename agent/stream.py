@@ -173,7 +173,7 @@ class AgentStream:
                     heartbeat.cancel()
                 call.cancel()
 
-    def _wire_backups(self, stub: agent_pb2_grpc.AgentGatewayStub) -> None:
+    def _wire_backups(self, stub: agent_pb2_grpc.AgentGatewayAsyncStub) -> None:
         async def upload(chunks: AsyncIterator[BackupChunk]) -> StoredBackup:
             async def messages() -> AsyncIterator[agent_pb2.BackupChunk]:
                 async for chunk in chunks:

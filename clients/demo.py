@@ -148,7 +148,9 @@ def up() -> int:
     with pymysql.connect(host=ep.host, port=ep.port, user=DB_USER, password=DB_PASSWORD, database=DB_NAME) as conn, \
             conn.cursor() as cur:
         cur.execute("SELECT VERSION()")
-        version = cur.fetchone()[0]
+        row = cur.fetchone()
+        assert row is not None  # SELECT VERSION() always returns a row
+        version = row[0]
     say(f"instance {inst.id} is ACTIVE and answers: MariaDB {version}")
     openrc = ROOT / "demo-openrc.sh"
     openrc.write_text("\n".join([

@@ -76,7 +76,7 @@ def instance_status(status: str | int) -> pb.InstanceStatus.ValueType:
     if isinstance(status, int):
         return pb.InstanceStatus.ValueType(status)
     try:
-        return pb.InstanceStatus.ValueType(states.to_pb(states.parse(states.InstanceStatus, status)))
+        return states.to_pb(states.parse(states.InstanceStatus, status))
     except ValueError:
         raise ValueError(f"unknown instance status {status!r}; one of "
                          + ", ".join(states.InstanceStatus)) from None

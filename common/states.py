@@ -6,11 +6,12 @@ at a gRPC edge it becomes the proto enum value `<ENUM_PREFIX>_<NAME>` through `t
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TypeVar
-
-from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from reddwarf.v1 import admin_pb2, common_pb2, database_pb2, host_pb2
+
+if TYPE_CHECKING:  # the generic base of every generated enum's wrapper (types-protobuf; stubs only)
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 
 class InstanceStatus(StrEnum):
@@ -102,7 +103,7 @@ class ServiceState(StrEnum):
 
 
 # Each StrEnum's proto enum and the prefix its values carry there.
-_PB: dict[type[StrEnum], tuple[EnumTypeWrapper, str]] = {
+_PB: dict[type[StrEnum], tuple[_EnumTypeWrapper[Any], str]] = {
     InstanceStatus: (database_pb2.InstanceStatus, "INSTANCE_STATUS_"),
     BackupStatus: (database_pb2.BackupStatus, "BACKUP_STATUS_"),
     VerifyStatus: (database_pb2.VerifyStatus, "VERIFY_STATUS_"),
@@ -117,6 +118,25 @@ _PB: dict[type[StrEnum], tuple[EnumTypeWrapper, str]] = {
 E = TypeVar("E", bound=StrEnum)
 
 
+# One overload per mapped state machine, so a caller gets the proto enum's own value type back.
+@overload
+def to_pb(state: InstanceStatus) -> database_pb2.InstanceStatus.ValueType: ...
+@overload
+def to_pb(state: BackupStatus) -> database_pb2.BackupStatus.ValueType: ...
+@overload
+def to_pb(state: VerifyStatus) -> database_pb2.VerifyStatus.ValueType: ...
+@overload
+def to_pb(state: TaskState) -> admin_pb2.TaskState.ValueType: ...
+@overload
+def to_pb(state: HostState) -> admin_pb2.HostState.ValueType: ...
+@overload
+def to_pb(state: ContainerState) -> host_pb2.ContainerState.ValueType: ...
+@overload
+def to_pb(state: VolumeState) -> host_pb2.VolumeState.ValueType: ...
+@overload
+def to_pb(state: NetworkMode) -> host_pb2.NetworkMode.ValueType: ...
+@overload
+def to_pb(state: ServiceState) -> common_pb2.ServiceState.ValueType: ...
 def to_pb(state: StrEnum) -> int:
     """The proto enum value of a state (`InstanceStatus.ACTIVE` → `INSTANCE_STATUS_ACTIVE`)."""
     wrapper, prefix = _PB[type(state)]
@@ -126,7 +146,7 @@ def to_pb(state: StrEnum) -> int:
 def from_pb(cls: type[E], value: int) -> E:
     """The state a proto enum value names; ValueError for UNSPECIFIED or a value this build lacks."""
     wrapper, prefix = _PB[cls]
-    name = wrapper.Name(value)  # type: ignore[arg-type]
+    name = wrapper.Name(value)
     return cls[name.removeprefix(prefix)]
 
 

@@ -16,6 +16,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -128,7 +129,8 @@ def reloading_server_credentials(files: TlsFiles, require_client_auth: bool = Tr
             return None
 
     stamp[0], initial = current()
-    return grpc.dynamic_ssl_server_credentials(initial, fetch,
+    # types-grpcio wants the fetcher to always return a configuration; gRPC documents None as "no change".
+    return grpc.dynamic_ssl_server_credentials(initial, fetch,  # type: ignore[arg-type]
                                                require_client_authentication=require_client_auth)
 
 
@@ -157,10 +159,10 @@ def sync_channel(address: str, files_or_creds: TlsFiles | grpc.ChannelCredential
     return grpc.secure_channel(address, _creds(files_or_creds), options=channel_options(address, peer))
 
 
-def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> Identity | None:
+def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> Identity | None:
     """The identity proven by the peer's verified client certificate, or None (no cert, or not ours)."""
     auth = context.auth_context()
-    pems = auth.get("x509_pem_cert") or []
+    pems = list(auth.get("x509_pem_cert") or [])
     if not pems:
         return None
     try:

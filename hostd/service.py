@@ -35,6 +35,9 @@ from .renewal import CertificateRenewer
 
 log = logging.getLogger("reddwarf.hostd.service")
 T = TypeVar("T")
+# What a servicer method is called with (as server/app.py's Context): the generated servicer base types each
+# method's request and response; the context's own parameters only matter to streaming through it.
+Context = grpc.aio.ServicerContext[Any, Any]
 
 MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "host", host_pb2.NETWORK_MODE_HOST: "host",
          host_pb2.NETWORK_MODE_BRIDGE: "bridge"}
@@ -60,7 +63,7 @@ def container_pb(view: ContainerView, driver: str) -> host_pb2.Container:
         id=r.id, limits=limits_to_pb(r.limits),
         network_mode=host_pb2.NETWORK_MODE_BRIDGE if r.network_mode == "bridge" else host_pb2.NETWORK_MODE_HOST,
         volume_id=r.volume_id, datadir=r.datadir, address=r.address,
-        state=host_pb2.ContainerState.ValueType(states.to_pb(states.ContainerState(view.status.state))),
+        state=states.to_pb(states.ContainerState(view.status.state)),
         port=r.port, driver=driver, init_pid=view.status.init_pid, template=r.template)
 
 
@@ -84,7 +87,7 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
 PUSH_REVOCATIONS = "/reddwarf.v1.HostAgent/PushRevocations"
 
 
-class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped here (no stubs)
+class ServerOnly(grpc.aio.ServerInterceptor):
     """Refuses every caller but the control server (role `server`), revoked certificates, and everything
     while no current CRL is held, except a server pushing one (the list is CA-signed: it proves itself)."""
 
@@ -98,7 +101,7 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
         inner = handler.unary_unary
         pushing = details.method == PUSH_REVOCATIONS
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def guarded(request: Any, context: Context) -> Any:
             ident = peer_identity(context)
             if ident is None:
                 await abort(context, Unauthenticated("a certificate from the deployment CA is required"))
@@ -134,20 +137,20 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def RequestCertificateRenewal(self, request: host_pb2.CertificateRenewalRequest,
-                                        context: grpc.aio.ServicerContext) -> host_pb2.CertificateRenewalResponse:
+                                        context: Context) -> host_pb2.CertificateRenewalResponse:
         not_after, csr = await asyncio.to_thread(self._renewer().request, request.force)
         return host_pb2.CertificateRenewalResponse(not_after_unix=int(not_after.timestamp()), csr_pem=csr.decode())
 
     @grpc_edge
     async def InstallCertificate(self, request: host_pb2.InstallCertificateRequest,
-                                 context: grpc.aio.ServicerContext) -> host_pb2.InstallCertificateResponse:
+                                 context: Context) -> host_pb2.InstallCertificateResponse:
         not_after = await asyncio.to_thread(self._renewer().install, request.certificate_pem.encode())
         log.info("renewed certificate installed", extra={"not_after": not_after.isoformat()})
         return host_pb2.InstallCertificateResponse(not_after_unix=int(not_after.timestamp()))
 
     @grpc_edge
     async def PushRevocations(self, request: host_pb2.PushRevocationsRequest,
-                              context: grpc.aio.ServicerContext) -> host_pb2.PushRevocationsResponse:
+                              context: Context) -> host_pb2.PushRevocationsResponse:
         if self.revocations is None:
             raise FailedPrecondition("this hostd keeps no revocation list", field="crl")
         crl = await asyncio.to_thread(self.revocations.install, request.crl_pem.encode())
@@ -164,12 +167,12 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def GetCapacity(self, request: host_pb2.GetCapacityRequest,
-                          context: grpc.aio.ServicerContext) -> host_pb2.Capacity:
+                          context: Context) -> host_pb2.Capacity:
         return capacity_pb(await asyncio.to_thread(self.host.capacity))
 
     @grpc_edge
     async def CreateContainer(self, request: host_pb2.CreateContainerRequest,
-                              context: grpc.aio.ServicerContext) -> host_pb2.Container:
+                              context: Context) -> host_pb2.Container:
         c = request.container
         b = c.bootstrap
         req = CreateContainer(
@@ -183,42 +186,42 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def GetContainer(self, request: host_pb2.ContainerRef,
-                           context: grpc.aio.ServicerContext) -> host_pb2.Container:
+                           context: Context) -> host_pb2.Container:
         return container_pb(await asyncio.to_thread(self.host.get_container, request.id), self._driver)
 
     @grpc_edge
     async def ListContainers(self, request: host_pb2.ListContainersRequest,
-                             context: grpc.aio.ServicerContext) -> host_pb2.ListContainersResponse:
+                             context: Context) -> host_pb2.ListContainersResponse:
         views, unmanaged = await asyncio.to_thread(self.host.list_containers)
         return host_pb2.ListContainersResponse(containers=[container_pb(v, self._driver) for v in views],
                                                unmanaged=unmanaged)
 
     @grpc_edge
     async def StartContainer(self, request: host_pb2.ContainerRef,
-                             context: grpc.aio.ServicerContext) -> host_pb2.Container:
+                             context: Context) -> host_pb2.Container:
         return container_pb(await self.run_locked(self.host.start_container, request.id), self._driver)
 
     @grpc_edge
     async def StopContainer(self, request: host_pb2.StopContainerRequest,
-                            context: grpc.aio.ServicerContext) -> host_pb2.Container:
+                            context: Context) -> host_pb2.Container:
         return container_pb(await self.run_locked(self.host.stop_container, request.id, request.timeout_seconds),
                             self._driver)
 
     @grpc_edge
     async def DeleteContainer(self, request: host_pb2.ContainerRef,
-                              context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+                              context: Context) -> empty_pb2.Empty:
         await self.run_locked(self.host.delete_container, request.id)
         return empty_pb2.Empty()
 
     @grpc_edge
     async def SetLimits(self, request: host_pb2.SetLimitsRequest,
-                        context: grpc.aio.ServicerContext) -> host_pb2.Container:
+                        context: Context) -> host_pb2.Container:
         return container_pb(await self.run_locked(self.host.set_limits, request.id, limits_from_pb(request.limits)),
                             self._driver)
 
     @grpc_edge
     async def GetUsage(self, request: host_pb2.ContainerRef,
-                       context: grpc.aio.ServicerContext) -> host_pb2.ContainerUsage:
+                       context: Context) -> host_pb2.ContainerUsage:
         u = await asyncio.to_thread(self.host.usage, request.id)
         return host_pb2.ContainerUsage(
             id=u.id, cpu_usage_ns=u.cpu_usage_ns, io_read_bytes=u.io_read_bytes, io_write_bytes=u.io_write_bytes,
@@ -228,49 +231,49 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def Exec(self, request: host_pb2.ExecRequest,
-                   context: grpc.aio.ServicerContext) -> host_pb2.ExecResponse:
+                   context: Context) -> host_pb2.ExecResponse:
         r = await asyncio.to_thread(self.host.exec, request.id, list(request.argv), request.timeout_seconds)
         return host_pb2.ExecResponse(exit_code=r.exit_code, stdout=r.stdout, stderr=r.stderr)
 
     @grpc_edge
     async def CreateVolume(self, request: host_pb2.CreateVolumeRequest,
-                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
+                           context: Context) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.create_volume, request.volume.id, request.volume.size_gb))
 
     @grpc_edge
     async def GetVolume(self, request: host_pb2.VolumeRef,
-                        context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
+                        context: Context) -> host_pb2.HostVolume:
         return volume_pb(await asyncio.to_thread(self.host.get_volume, request.id))
 
     @grpc_edge
     async def ListVolumes(self, request: host_pb2.ListVolumesRequest,
-                          context: grpc.aio.ServicerContext) -> host_pb2.ListVolumesResponse:
+                          context: Context) -> host_pb2.ListVolumesResponse:
         views, unmanaged = await asyncio.to_thread(self.host.list_volumes)
         return host_pb2.ListVolumesResponse(volumes=[volume_pb(v) for v in views], unmanaged=unmanaged)
 
     @grpc_edge
     async def ResizeVolume(self, request: host_pb2.ResizeVolumeHostRequest,
-                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
+                           context: Context) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.resize_volume, request.id, request.size_gb))
 
     @grpc_edge
     async def AttachVolume(self, request: host_pb2.AttachVolumeRequest,
-                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
+                           context: Context) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.attach_volume, request.id, request.container_id,
                                          request.mount_path))
 
     @grpc_edge
     async def DetachVolume(self, request: host_pb2.DetachVolumeRequest,
-                           context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
+                           context: Context) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.detach_volume, request.id))
 
     @grpc_edge
     async def DeleteVolume(self, request: host_pb2.DeleteVolumeRequest,
-                           context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+                           context: Context) -> empty_pb2.Empty:
         await self.run_locked(self.host.delete_volume, request.id, request.keep_data)
         return empty_pb2.Empty()
 
     @grpc_edge
     async def AdoptVolume(self, request: host_pb2.AdoptVolumeRequest,
-                          context: grpc.aio.ServicerContext) -> host_pb2.HostVolume:
+                          context: Context) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator))

@@ -66,7 +66,7 @@ def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
 def host_pb(h: models.Host) -> admin_pb2.Host:
     return admin_pb2.Host(
         name=f"hosts/{h.id}", id=h.id, address=h.address,
-        state=admin_pb2.HostState.ValueType(states.to_pb(HostState(h.state))),
+        state=states.to_pb(HostState(h.state)),
         container_driver=h.container_driver, volume_driver=h.volume_driver, last_seen=ts(h.last_seen),
         memory_overcommit=h.memory_overcommit, storage_overcommit=h.storage_overcommit,
         capacity=admin_pb2.HostCapacity(memory_mb_total=h.memory_mb_total, cpus=h.cpus,
@@ -79,14 +79,14 @@ def task_pb(t: models.Task) -> admin_pb2.Task:
     for st in t.steps or []:
         steps.append(admin_pb2.TaskStep(
             step=st.get("step", ""), detail=st.get("detail", ""),
-            state=admin_pb2.TaskState.ValueType(
-                states.to_pb(states.step_task_state(StepState(st["state"]))) if st.get("state") else 0),
+            state=(states.to_pb(states.step_task_state(StepState(st["state"]))) if st.get("state")
+                   else admin_pb2.TASK_STATE_UNSPECIFIED),
             started=ts(dt.datetime.fromisoformat(st["started"])) if st.get("started") else None,
             finished=ts(dt.datetime.fromisoformat(st["finished"])) if st.get("finished") else None))
     fault = (common_pb2.Fault(message=t.fault_message, details=t.fault_details, created=ts(t.updated_at))
              if t.fault_message else None)
     return admin_pb2.Task(name=f"tasks/{t.id}", id=t.id, kind=t.kind, resource=t.resource,
-                          state=admin_pb2.TaskState.ValueType(states.to_pb(TaskState(t.state))),
+                          state=states.to_pb(TaskState(t.state)),
                           current_step=t.current_step, steps=steps,
                           attempts=t.attempts, lease_owner=t.lease_owner or "", lease_expires=ts(t.lease_expires),
                           create_time=ts(t.created_at), update_time=ts(t.updated_at), fault=fault)

@@ -72,7 +72,7 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
     status, task = derived_status(s, row, heartbeat_expiry)
     pb = database_pb2.Instance(
         name=f"instances/{row.id}", id=row.id, display_name=row.display_name,
-        status=database_pb2.InstanceStatus.ValueType(states.to_pb(status)), flavor=f"flavors/{row.flavor_id}",
+        status=states.to_pb(status), flavor=f"flavors/{row.flavor_id}",
         volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
         datastore=row.datastore, datastore_version=row.datastore_version,
         create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
