@@ -39,7 +39,7 @@ from .containers import (
     VolumeMount,
 )
 from .settings import Settings
-from .volumes import GIB, VolumeDriver, VolumeInfo
+from .volumes import GIB, LocalVolumeDriver, VolumeInfo
 
 log = logging.getLogger("reddwarf.hostd.fake")
 
@@ -309,21 +309,14 @@ class FakeContainerDriver(ContainerDriver):
                 if e.startswith(prefix) and os.path.isdir(os.path.join(self.path, e))]
 
 
-class FakeVolumeDriver(VolumeDriver):
+class FakeVolumeDriver(LocalVolumeDriver):
     """A volume is a directory under the storage path; its size is a number in a file beside the data."""
 
     name = "fake"
+    suffix = ".vol"
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        os.makedirs(settings.storage_path, exist_ok=True)
-        os.makedirs(settings.volumes_mount_dir, exist_ok=True)
-
-    def locator_for(self, vid: str) -> str:
-        return os.path.join(self.settings.storage_path, f"{vid}.vol")
-
-    def mount_path(self, vid: str) -> str:
-        return os.path.join(self.settings.volumes_mount_dir, vid)
+    def is_store(self, path: str) -> bool:
+        return os.path.isdir(path)
 
     def _size_gb(self, locator: str) -> int:
         try:
@@ -388,15 +381,3 @@ class FakeVolumeDriver(VolumeDriver):
         return VolumeInfo(id=vid, size_gb=size, driver=self.name, locator=locator, mount_path=mnt,
                           fs_bytes_total=size * GIB, fs_bytes_used=used)
 
-    def list_locators(self) -> list[str]:
-        root = self.settings.storage_path
-        return sorted(os.path.join(root, n) for n in os.listdir(root)
-                      if n.endswith(".vol") and os.path.isdir(os.path.join(root, n)))
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.settings.storage_path)
-        return st.f_bavail * st.f_frsize
-
-    def total_bytes(self) -> int:
-        st = os.statvfs(self.settings.storage_path)
-        return st.f_blocks * st.f_frsize

@@ -8,8 +8,7 @@ import os
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, run
 
-from .settings import Settings
-from .volumes import GIB, VolumeDriver, VolumeInfo
+from .volumes import GIB, LocalVolumeDriver, VolumeInfo
 
 log = logging.getLogger("reddwarf.hostd.loop")
 
@@ -18,19 +17,9 @@ class OnlineResizeDenied(Exception):
     """The kernel would not grow the mounted filesystem."""
 
 
-class LoopDriver(VolumeDriver):
+class LoopDriver(LocalVolumeDriver):
     name = "loop"
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        os.makedirs(settings.storage_path, exist_ok=True)
-        os.makedirs(settings.volumes_mount_dir, exist_ok=True)
-
-    def locator_for(self, vid: str) -> str:
-        return os.path.join(self.settings.storage_path, f"{vid}.img")
-
-    def mount_path(self, vid: str) -> str:
-        return os.path.join(self.settings.volumes_mount_dir, vid)
+    suffix = ".img"
 
     @staticmethod
     def loop_device(locator: str) -> str:
@@ -136,17 +125,6 @@ class LoopDriver(VolumeDriver):
         return VolumeInfo(id=vid, size_gb=size // GIB, driver=self.name, locator=locator, device=dev,
                           mount_path=mnt, fs_bytes_total=total, fs_bytes_used=used)
 
-    def list_locators(self) -> list[str]:
-        root = self.settings.storage_path
-        return sorted(os.path.join(root, n) for n in os.listdir(root) if n.endswith(".img"))
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.settings.storage_path)
-        return st.f_bavail * st.f_frsize
-
-    def total_bytes(self) -> int:
-        st = os.statvfs(self.settings.storage_path)
-        return st.f_blocks * st.f_frsize
 
 
 def device_numbers(device: str) -> str:

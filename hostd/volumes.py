@@ -4,7 +4,12 @@ its container, so it outlives the container and can be released here and adopted
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 GIB = 1024**3
 
@@ -56,3 +61,37 @@ class VolumeDriver(abc.ABC):
 
     @abc.abstractmethod
     def total_bytes(self) -> int: ...
+
+
+class LocalVolumeDriver(VolumeDriver):
+    """A volume whose backing store is a file or directory named `<id><suffix>` in this host's storage path,
+    mounted under the volumes mount dir: what the loop and fake drivers share."""
+
+    suffix: str
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        os.makedirs(settings.storage_path, exist_ok=True)
+        os.makedirs(settings.volumes_mount_dir, exist_ok=True)
+
+    def locator_for(self, vid: str) -> str:
+        return os.path.join(self.settings.storage_path, f"{vid}{self.suffix}")
+
+    def mount_path(self, vid: str) -> str:
+        return os.path.join(self.settings.volumes_mount_dir, vid)
+
+    def is_store(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def list_locators(self) -> list[str]:
+        root = self.settings.storage_path
+        return sorted(p for p in (os.path.join(root, n) for n in os.listdir(root) if n.endswith(self.suffix))
+                      if self.is_store(p))
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.settings.storage_path)
+        return st.f_bavail * st.f_frsize
+
+    def total_bytes(self) -> int:
+        st = os.statvfs(self.settings.storage_path)
+        return st.f_blocks * st.f_frsize
