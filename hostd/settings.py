@@ -54,6 +54,9 @@ class Settings:
     iscsi_iqn_prefix: str = "iqn.2024-01.reddwarf"
     iscsi_portal: str = "127.0.0.1:3260"
     log_level: str = "INFO"
+    # Containers run in a user namespace (root inside is an unprivileged id range outside, see
+    # template.IDMAP_BASE); False keeps the old privileged containers.
+    unprivileged: bool = True
     # How often stopped containers that should run are looked for and started again (0 = never).
     revive_seconds: int = 2
 
