@@ -24,12 +24,16 @@ from .settings import BridgeSettings
 log = logging.getLogger("reddwarf.hostd.network")
 
 MYSQL_PORT = 3306
-# Run by LXC on the host when a container's veth is made (args: name, "net", "up", "veth", host end):
+# Run by LXC on the host when a container's veth is made (args: name, "net", "up", "veth", bridge, host end):
 # the port is isolated before the container's init ever runs.
+# (LXC attaches the veth to the bridge only after this hook: the hook attaches it itself, isolated.)
 VETH_UP_SCRIPT = """#!/bin/sh
 # reddwarf-hostd: isolate a container's bridge port (written by hostd; rewritten at every start)
+set -e
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
-exec bridge link set dev "${LXC_NET_PEER:-$5}" isolated on
+port="${{LXC_NET_PEER:-$6}}"  # args: name net up veth <bridge> <host end>
+ip link set dev "$port" master {bridge}
+bridge link set dev "$port" isolated on
 """
 
 
@@ -127,15 +131,15 @@ class Bridge:
             return
         br = self.settings.name
         self._nft(f"""table inet {self.table} {{
-  chain pre {{ type nat hook prerouting priority dstnat; policy accept; }}
-  chain post {{ type nat hook postrouting priority srcnat; policy accept; }}
-  chain input {{ type filter hook input priority filter; policy accept;
+  chain rd_pre {{ type nat hook prerouting priority dstnat; policy accept; }}
+  chain rd_post {{ type nat hook postrouting priority srcnat; policy accept; }}
+  chain rd_in {{ type filter hook input priority filter; policy accept;
     iifname "{br}" ct state established,related accept
     iifname "{br}" ct status dnat accept
     iifname "{br}" icmp type echo-request accept
     iifname "{br}" counter drop
   }}
-  chain fwd {{ type filter hook forward priority filter; policy accept;
+  chain rd_fwd {{ type filter hook forward priority filter; policy accept;
     iifname "{br}" counter drop
   }}
 }}
@@ -145,9 +149,9 @@ class Bridge:
     def publish_host_service(self, port: int, target: str = "127.0.0.1") -> str:
         """Makes a host service listening on target:port reachable from the containers as
         gateway:port (and nothing else of the host); idempotent. Returns the address to dial."""
-        rules = run([*self._ns(), "nft", "list", "chain", "inet", self.table, "pre"]).stdout
+        rules = run([*self._ns(), "nft", "list", "chain", "inet", self.table, "rd_pre"]).stdout
         if f"tcp dport {port} dnat ip to {target}:{port}" not in rules:
-            self._nft(f'add rule inet {self.table} pre iifname "{self.settings.name}" ip daddr {self.gateway} '
+            self._nft(f'add rule inet {self.table} rd_pre iifname "{self.settings.name}" ip daddr {self.gateway} '
                       f"tcp dport {port} dnat ip to {target}:{port}\n")
         return f"{self.gateway}:{port}"
 
@@ -158,16 +162,16 @@ class Bridge:
         host, port = split_host_port(address)
         if is_loopback(host):
             return self.publish_host_service(port, "127.0.0.1" if host == "localhost" else host)
-        rules = run([*self._ns(), "nft", "list", "chain", "inet", self.table, "input"]).stdout
+        rules = run([*self._ns(), "nft", "list", "chain", "inet", self.table, "rd_in"]).stdout
         if f"ip daddr {host} tcp dport {port} accept" not in rules:
-            self._nft(f'insert rule inet {self.table} input iifname "{self.settings.name}" ip daddr {host} '
+            self._nft(f'insert rule inet {self.table} rd_in iifname "{self.settings.name}" ip daddr {host} '
                       f"tcp dport {port} accept\n")
         return address
 
     def write_veth_script(self, path: str) -> str:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(VETH_UP_SCRIPT)
+            f.write(VETH_UP_SCRIPT.format(bridge=self.settings.name))
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
         return path
