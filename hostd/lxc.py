@@ -63,7 +63,7 @@ class LxcDriver(ContainerDriver):
         self.layout = layout or cgroups.detect()
         self.path = settings.lxc_path
         os.makedirs(self.path, exist_ok=True)
-        self.bridge = network.Bridge(settings.bridge)
+        self.bridge = network.Bridge(settings.host_bridge)
         if settings.unprivileged:
             template.ensure_subids()
             # The mapped root mounts the container's overlay from inside its user namespace: it has to be

@@ -27,7 +27,7 @@ from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
 log = logging.getLogger("reddwarf.hostd.service")
 T = TypeVar("T")
 
-MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "host", host_pb2.NETWORK_MODE_HOST: "host",
+MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "", host_pb2.NETWORK_MODE_HOST: "host",
          host_pb2.NETWORK_MODE_BRIDGE: "bridge"}
 
 

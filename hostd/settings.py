@@ -1,6 +1,7 @@
 """hostd's one typed settings object: loaded once at start (flags / JSON file), passed down everywhere."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -11,9 +12,11 @@ from typing import Any
 class BridgeSettings:
     """Bridge-mode networking: hostd owns one bridge and hands out addresses from a pool."""
 
-    name: str = "rdbr0"
+    # "" = derived from the host id (one bridge per hostd: two hostds on one machine never share one).
+    name: str = ""
     # CIDR of the bridge; the first host address is the bridge (gateway), containers get the rest.
-    cidr: str = "10.77.0.0/24"
+    # "" = a /24 in 10.128.0.0/10 derived from the host id.
+    cidr: str = ""
     # Network namespace the bridge lives in ("" = the host's); tests use a namespace of their own.
     netns: str = ""
 
@@ -45,6 +48,9 @@ class Settings:
     port_min: int = 33060
     port_max: int = 33999
     bridge: BridgeSettings = field(default_factory=BridgeSettings)
+    # Network of a container created without one (NETWORK_MODE_UNSPECIFIED): "bridge" (its own network
+    # namespace on this hostd's bridge) or "host".
+    network_mode: str = "bridge"
     # mTLS: this hostd's certificate/key, the CA bundle and an optional CRL (PEM).
     cert_path: str = ""
     key_path: str = ""
@@ -63,6 +69,14 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.state_dir:
             object.__setattr__(self, "state_dir", f"/var/lib/reddwarf/hostd/{self.host_id}")
+
+
+    @property
+    def host_bridge(self) -> BridgeSettings:
+        """The bridge settings with what is left "" derived from the host id."""
+        h = hashlib.sha256(self.host_id.encode()).digest()
+        return replace(self.bridge, name=self.bridge.name or f"rdbr{h.hex()[:8]}",
+                       cidr=self.bridge.cidr or f"10.{128 + h[0] % 64}.{h[1]}.0/24")
 
     @property
     def volumes_mount_dir(self) -> str:
