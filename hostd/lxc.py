@@ -20,7 +20,7 @@ import os
 import shlex
 
 from reddwarf.common.errors import FailedPrecondition, NotFound
-from reddwarf.common.runner import CommandError, run
+from reddwarf.common.runner import CommandError, Result, run
 
 from . import cgroups, firstboot, network, template
 from .containers import (
@@ -80,7 +80,7 @@ class LxcDriver(ContainerDriver):
     def _config_path(self, cid: str) -> str:
         return os.path.join(self._dir(cid), "config")
 
-    def _lxc(self, tool: str, cid: str, *args: str, timeout: float = 60, check: bool = True):
+    def _lxc(self, tool: str, cid: str, *args: str, timeout: float = 60, check: bool = True) -> Result:
         return run([tool, "-P", self.path, "-n", self.container_name(cid), *args], timeout=timeout,
                    check=check)
 
