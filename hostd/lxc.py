@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import shlex
+import shutil
 
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, Result, run
@@ -166,6 +167,8 @@ class LxcDriver(ContainerDriver):
         try:
             run(["lxc-copy", "-P", self.settings.template_lxc_path, "-n", source, "-p", self.path,
                  "-N", name, "-s", "-B", "overlayfs"], timeout=120)
+            if self.settings.rootfs_quota_mb:
+                self._make_layer(spec.id)
             self._rewrite_config(spec.id, self._managed_block(spec.id, spec.limits, spec.network, spec.mount))
             bootstrap = spec.bootstrap
             if spec.network.mode == "bridge":
@@ -196,6 +199,51 @@ class LxcDriver(ContainerDriver):
             return delta
         return os.path.join(self._dir(cid), "rootfs")
 
+    # ------------------------------------------------------------------ the writable layer's quota
+    def _layer_image(self, cid: str) -> str:
+        return os.path.join(self._dir(cid), "overlay.img")
+
+    def _layer_dir(self, cid: str) -> str:
+        return os.path.join(self._dir(cid), "overlay")
+
+    def _make_layer(self, cid: str) -> None:
+        """Puts the snapshot's writable layer (overlay upper and work dirs) on a filesystem of its own, a
+        sparse ext4 image of settings.rootfs_quota_mb: a container filling its root filesystem fills that,
+        not the host's disk (mkfs of a sparse image with lazy init: milliseconds)."""
+        layer, img = self._layer_dir(cid), self._layer_image(cid)
+        if not os.path.isdir(os.path.join(layer, "delta")):
+            return  # not an overlay snapshot
+        with open(img, "wb") as f:
+            f.truncate(self.settings.rootfs_quota_mb * 1024 * 1024)
+        run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", img],
+            timeout=120)
+        staging = layer + ".new"
+        os.makedirs(staging, exist_ok=True)
+        run(["mount", "-o", "loop", img, staging])
+        try:
+            st = os.stat(layer)
+            run(["cp", "-a", layer + "/.", staging + "/"])
+            os.chown(staging, st.st_uid, st.st_gid)
+            os.chmod(staging, st.st_mode & 0o7777)
+            lost = os.path.join(staging, "lost+found")
+            if os.path.isdir(lost):
+                os.rmdir(lost)
+        finally:
+            run(["umount", staging])
+        shutil.rmtree(layer)
+        os.rename(staging, layer)
+        self._mount_layer(cid)
+
+    def _mount_layer(self, cid: str) -> None:
+        layer, img = self._layer_dir(cid), self._layer_image(cid)
+        if os.path.exists(img) and not os.path.ismount(layer):
+            run(["mount", "-o", "loop", img, layer])  # a loop device of its own, freed at umount
+
+    def _unmount_layer(self, cid: str) -> None:
+        for path in (self._layer_dir(cid) + ".new", self._layer_dir(cid)):
+            if os.path.ismount(path):
+                run(["umount", path], timeout=60)
+
     def _ensure_bridge(self, plan: NetworkPlan) -> None:
         if plan.bridge != self.bridge.settings.name:
             raise FailedPrecondition(f"container is on bridge {plan.bridge}, this hostd runs "
@@ -221,6 +269,7 @@ class LxcDriver(ContainerDriver):
         st = self.status(cid)
         if st.state == "RUNNING":
             return st
+        self._mount_layer(cid)  # after a host reboot the writable layer's filesystem is not mounted
         plan = _network_from_block(self._read_block(cid))
         if plan.mode == "bridge":
             self._ensure_bridge(plan)  # after a host reboot (or the last neighbour's delete) it is gone
@@ -266,6 +315,7 @@ class LxcDriver(ContainerDriver):
         bridged = os.path.exists(self._config_path(cid)) and _network_from_block(self._read_block(cid)).mode \
             == "bridge"
         self._lxc("lxc-stop", cid, "-k", timeout=30, check=False)  # LXC removes the veth pair with it
+        self._unmount_layer(cid)
         res = self._lxc("lxc-destroy", cid, "-f", timeout=60, check=False)
         if res.returncode != 0 and os.path.exists(self._config_path(cid)):
             raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)

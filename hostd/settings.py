@@ -63,6 +63,9 @@ class Settings:
     # Containers run in a user namespace (root inside is an unprivileged id range outside, see
     # template.IDMAP_BASE); False keeps the old privileged containers.
     unprivileged: bool = True
+    # Size of each container's writable layer (its own ext4 image under the container's dir; 0 = on the
+    # lxcpath's filesystem, unbounded).
+    rootfs_quota_mb: int = 2048
     # How often stopped containers that should run are looked for and started again (0 = never).
     revive_seconds: int = 2
 

@@ -27,6 +27,7 @@ from tests.fixtures.mariadb import free_port
 from tests.fixtures.waiting import until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, network namespaces, nftables")
+QUOTA_MB = 64
 SLEEPER = "/bin/sleep 3600"  # PID 1 stand-in: these tests attack the container, not the guest agent
 CAP_BITS = {"sys_module": 16, "sys_rawio": 17, "sys_boot": 22, "sys_time": 25, "mknod": 27, "mac_override": 32,
             "mac_admin": 33, "syslog": 34, "net_raw": 13}
@@ -77,7 +78,7 @@ def bridged_hostd(root, pki) -> Iterator[tuple[RunningHostd, host_pb2_grpc.HostA
     cidr = free_subnet()
     root.mkdir(parents=True, exist_ok=True)
     config = root / "hostd.json"
-    config.write_text(json.dumps({"bridge": {"name": bridge, "cidr": cidr}}))
+    config.write_text(json.dumps({"bridge": {"name": bridge, "cidr": cidr}, "rootfs_quota_mb": QUOTA_MB}))
     try:
         with start_hostd(root / "h", pki.files("host", "h-iso"), agent_init_cmd=SLEEPER,
                          extra_args=("--config", str(config))) as h, \
@@ -244,6 +245,19 @@ umount $d 2>/dev/null; rmdir $d $e
     assert not marker.exists()
 
 
+def test_the_writable_layer_has_a_quota(tenants, bridged):
+    """A container filling its root filesystem fills its own layer's filesystem, not the host's disk."""
+    h, stub, _, _ = bridged
+    b = tenants[1]
+    layer = h.lxc_path / (h.prefix + b.id) / "overlay"
+    assert os.path.ismount(layer)
+    r = run_in(stub, b.id, f"dd if=/dev/zero of=/var/tmp/fill bs=1M count={QUOTA_MB * 2} 2>&1; "
+                          "du -m /var/tmp/fill; rm -f /var/tmp/fill")
+    assert b"No space left on device" in r.stdout, r.stdout
+    assert int(r.stdout.decode().splitlines()[-1].split()[0]) < QUOTA_MB
+    assert run_in(stub, b.id, "echo still-writable > /var/tmp/ok && cat /var/tmp/ok").stdout == b"still-writable\n"
+
+
 @pytest.mark.skipif(not apparmor_enabled(), reason="this kernel has no AppArmor (no /sys/module/apparmor, "
                     "CONFIG_SECURITY_APPARMOR off): containers run unconfined by AppArmor here")
 def test_apparmor_confines_the_container(tenants, bridged):
@@ -335,4 +349,6 @@ def test_deleting_the_last_container_removes_veths_bridge_and_filter(tmp_path, p
         assert sh("ip", "link", "show", "dev", veth_name_for(h, cids[1]), check=False).returncode != 0
         assert sh("ip", "link", "show", "dev", bridge, check=False).returncode != 0
         assert sh("nft", "list", "table", "inet", "rd_" + bridge, check=False).returncode != 0
+        mounts = open("/proc/self/mounts").read()
+        assert str(h.lxc_path) not in mounts  # the writable layers' filesystems are gone with them
         assert not any(os.path.exists(f"/proc/{p}") for p in pids)
