@@ -43,7 +43,10 @@ def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         value = flag if flag is not None else value
         if value is None or name == "bridge":
             continue
-        changes[name] = int(value) if f.type == "int" else value
+        if f.type == "bool" and isinstance(value, str):
+            changes[name] = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            changes[name] = int(value) if f.type == "int" else value
     if "host_id" in changes and "state_dir" not in changes and not args.config:
         changes["state_dir"] = ""  # re-derive from the new host id
     return dataclasses.replace(settings, **changes)
