@@ -352,3 +352,51 @@ def test_deleting_the_last_container_removes_veths_bridge_and_filter(tmp_path, p
         mounts = open("/proc/self/mounts").read()
         assert str(h.lxc_path) not in mounts  # the writable layers' filesystems are gone with them
         assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+
+
+# ---------------------------------------------------------------------------------------- the pieces
+def test_subordinate_ids_are_given_once(tmp_path):
+    from reddwarf.hostd.template import ensure_subids
+    sub = tmp_path / "subuid"
+    sub.write_text("alice:100000:65536\n")
+    ensure_subids(files=(str(sub),))
+    ensure_subids(files=(str(sub),))
+    assert sub.read_text() == f"alice:100000:65536\nroot:{IDMAP_BASE}:65536\n"
+    wider = tmp_path / "subgid"
+    wider.write_text(f"root:{IDMAP_BASE - 10}:200000\n")  # an operator's wider range is kept as it is
+    ensure_subids(files=(str(wider),))
+    assert wider.read_text() == f"root:{IDMAP_BASE - 10}:200000\n"
+
+
+def test_shifting_moves_owners_into_the_range_and_keeps_setuid(tmp_path):
+    from reddwarf.hostd.template import shift_tree
+    (tmp_path / "d").mkdir()
+    tool = tmp_path / "d" / "tool"
+    tool.write_text("x")
+    os.chown(tool, 0, 42)
+    os.chmod(tool, 0o4755)
+    os.symlink("tool", tmp_path / "d" / "link")
+    assert shift_tree(str(tmp_path)) == 4
+    st = os.stat(tool)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (IDMAP_BASE, IDMAP_BASE + 42, 0o4755)
+    assert os.lstat(tmp_path / "d" / "link").st_uid == IDMAP_BASE
+    assert shift_tree(str(tmp_path)) == 0  # once
+
+
+def test_search_is_granted_to_the_mapped_root_only(tmp_path):
+    from reddwarf.hostd.template import grant_search
+    top = tmp_path / "private"
+    inner = top / "lxc"
+    inner.mkdir(parents=True)
+    os.chmod(top, 0o700)
+    assert str(top) in grant_search(str(inner))
+    assert grant_search(str(inner)) == []  # nothing left to grant
+    os.chmod(top, 0o700)  # a chmod narrows the ACL's mask: granted again
+    assert str(top) in grant_search(str(inner))
+
+    def as_uid(uid: int, *argv: str) -> int:
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+                              capture_output=True, timeout=10).returncode
+    assert as_uid(IDMAP_BASE, "ls", str(inner)) == 0  # walks through
+    assert as_uid(IDMAP_BASE, "ls", str(top)) != 0  # but cannot list
+    assert as_uid(IDMAP_BASE + 1, "ls", str(inner)) != 0  # and no one else can walk
