@@ -181,6 +181,7 @@ class LxcDriver(ContainerDriver):
             bind = "0.0.0.0" if spec.network.mode == "bridge" else spec.network.address
             config = firstboot.agent_config(bootstrap, spec.network.port, spec.datadir, bind)
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
+            firstboot.write_name_files(self.upper_dir(spec.id), name, spec.network.mode == "bridge")
             if self._unprivileged(spec.id):
                 template.shift_tree(self.upper_dir(spec.id))  # hostd's files become the container root's
                 if spec.mount is not None:
