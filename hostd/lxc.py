@@ -65,6 +65,8 @@ class LxcDriver(ContainerDriver):
         self.path = settings.lxc_path
         os.makedirs(self.path, exist_ok=True)
         self.bridge = network.Bridge(settings.host_bridge)
+        self._bridge_ready = False
+        self._published: dict[str, str] = {}  # host service address -> what a container dials for it
         if settings.unprivileged:
             template.ensure_subids()
             # The mapped root mounts the container's overlay from inside its user namespace: it has to be
@@ -175,9 +177,8 @@ class LxcDriver(ContainerDriver):
                 self._ensure_bridge(spec.network)
                 # The agent dials the control server from its own network namespace: through the gateway.
                 bootstrap = dataclasses.replace(
-                    bootstrap, server_address=self.bridge.reach_host_service(bootstrap.server_address),
-                    enroll_address=self.bridge.reach_host_service(bootstrap.enroll_address)
-                    if bootstrap.enroll_address else "")
+                    bootstrap, server_address=self._reach(bootstrap.server_address),
+                    enroll_address=self._reach(bootstrap.enroll_address) if bootstrap.enroll_address else "")
             bind = "0.0.0.0" if spec.network.mode == "bridge" else spec.network.address
             config = firstboot.agent_config(bootstrap, spec.network.port, spec.datadir, bind)
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
@@ -210,30 +211,26 @@ class LxcDriver(ContainerDriver):
     def _make_layer(self, cid: str) -> None:
         """Puts the snapshot's writable layer (overlay upper and work dirs) on a filesystem of its own, a
         sparse ext4 image of settings.rootfs_quota_mb: a container filling its root filesystem fills that,
-        not the host's disk (mkfs of a sparse image with lazy init: milliseconds)."""
+        not the host's disk (mkfs of a sparse image with lazy init: milliseconds). The snapshot's upper and
+        work dirs are still empty here: they are made afresh on the new filesystem, as lxc-copy made them."""
         layer, img = self._layer_dir(cid), self._layer_image(cid)
         if not os.path.isdir(os.path.join(layer, "delta")):
             return  # not an overlay snapshot
+        dirs = {d: os.stat(os.path.join(layer, d)) for d in ("delta", "work")}
+        top = os.stat(layer)
         with open(img, "wb") as f:
             f.truncate(self.settings.rootfs_quota_mb * 1024 * 1024)
         run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1", img],
             timeout=120)
-        staging = layer + ".new"
-        os.makedirs(staging, exist_ok=True)
-        run(["mount", "-o", "loop", img, staging])
-        try:
-            st = os.stat(layer)
-            run(["cp", "-a", layer + "/.", staging + "/"])
-            os.chown(staging, st.st_uid, st.st_gid)
-            os.chmod(staging, st.st_mode & 0o7777)
-            lost = os.path.join(staging, "lost+found")
-            if os.path.isdir(lost):
-                os.rmdir(lost)
-        finally:
-            run(["umount", staging])
         shutil.rmtree(layer)
-        os.rename(staging, layer)
+        os.mkdir(layer)
         self._mount_layer(cid)
+        for path, st in [(layer, top)] + [(os.path.join(layer, d), st) for d, st in dirs.items()]:
+            if path != layer:
+                os.mkdir(path)
+            os.chown(path, st.st_uid, st.st_gid)
+            os.chmod(path, st.st_mode & 0o7777)
+        os.rmdir(os.path.join(layer, "lost+found"))
 
     def _mount_layer(self, cid: str) -> None:
         layer, img = self._layer_dir(cid), self._layer_image(cid)
@@ -241,16 +238,24 @@ class LxcDriver(ContainerDriver):
             run(["mount", "-o", "loop", img, layer])  # a loop device of its own, freed at umount
 
     def _unmount_layer(self, cid: str) -> None:
-        for path in (self._layer_dir(cid) + ".new", self._layer_dir(cid)):
-            if os.path.ismount(path):
-                run(["umount", path], timeout=60)
+        if os.path.ismount(self._layer_dir(cid)):
+            run(["umount", self._layer_dir(cid)], timeout=60)
 
     def _ensure_bridge(self, plan: NetworkPlan) -> None:
         if plan.bridge != self.bridge.settings.name:
             raise FailedPrecondition(f"container is on bridge {plan.bridge}, this hostd runs "
                                      f"{self.bridge.settings.name}", field="container.network_mode")
-        self.bridge.ensure()
-        self.bridge.write_veth_script(os.path.join(self.path, VETH_SCRIPT))
+        # Made once per hostd (and again when it went: a host reboot, or the last container's delete).
+        if not self._bridge_ready or not os.path.exists(f"/sys/class/net/{plan.bridge}"):
+            self.bridge.ensure()
+            self.bridge.write_veth_script(os.path.join(self.path, VETH_SCRIPT))
+            self._bridge_ready = True
+            self._published.clear()
+
+    def _reach(self, address: str) -> str:
+        if address not in self._published:
+            self._published[address] = self.bridge.reach_host_service(address)
+        return self._published[address]
 
     def _own_volume(self, host_path: str) -> None:
         """The data volume belongs to the container's mapped ids (once: a fresh or formerly privileged
@@ -325,6 +330,7 @@ class LxcDriver(ContainerDriver):
                                for o in self.list_names()):
             # The last container on the bridge is gone: so is the bridge, with its filter table.
             self.bridge.destroy()
+            self._bridge_ready = False
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.path, VETH_SCRIPT))
 
