@@ -187,13 +187,67 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+# hostd settings (environment) of a cluster without the isolation: privileged, host network, no layer quota.
+UNISOLATED = {"REDDWARF_HOSTD_UNPRIVILEGED": "0", "REDDWARF_HOSTD_NETWORK_MODE": "host",
+              "REDDWARF_HOSTD_ROOTFS_QUOTA_MB": "0"}
+
+
+def create_ab(rounds: int) -> int:
+    """What isolation costs a create: create -> ACTIVE on two clusters side by side, one with hostd's
+    defaults (unprivileged, own network namespace, layer quota) and one without, creates alternating."""
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from bench.provision_bench import create_once, delete_all
+    from reddwarf.v1 import admin_pb2
+    from tests.fixtures.cluster import start_cluster
+
+    work = Path(tempfile.mkdtemp(prefix="reddwarf-isolation-ab-", dir="/var/tmp"))
+    try:
+        with ExitStack() as stack:
+            isolated = stack.enter_context(start_cluster(work / "isolated"))
+            saved = {k: os.environ.get(k) for k in UNISOLATED}
+            os.environ.update(UNISOLATED)
+            try:
+                plain = stack.enter_context(start_cluster(work / "plain"))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            for c in (isolated, plain):
+                c.admin.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{c.tenant}", quota=admin_pb2.Quota(
+                    instances=1000, memory_mb=10**6, volume_gb=10**5, backups=10)))
+            times: dict[str, list[float]] = {"isolated": [], "plain": []}
+            for n in range(rounds):
+                pair = [("isolated", isolated), ("plain", plain)]
+                for name, c in (pair if n % 2 == 0 else pair[::-1]):
+                    times[name].append(create_once(c, n))
+                    delete_all(c)
+        iso, plain_p50 = statistics.median(times["isolated"]), statistics.median(times["plain"])
+        print("| measure | isolated | without isolation | ratio |")
+        print("|---|---|---|---|")
+        print(f"| create -> ACTIVE p50, {rounds} alternating creates each | {iso:.2f} s | {plain_p50:.2f} s | "
+              f"{100 * iso / plain_p50:.0f}% (isolation may cost at most 5%) |")
+        print(f"\nisolated {sorted(round(t, 2) for t in times['isolated'])}; "
+              f"without {sorted(round(t, 2) for t in times['plain'])}")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved pairs per comparison")
     parser.add_argument("--privileged", action="store_true",
                         help="privileged containers (no user namespace), to see what isolation costs")
+    parser.add_argument("--create-ab", type=int, default=0, metavar="N",
+                        help="instead: create -> ACTIVE with and without isolation, N alternating creates each")
     args = parser.parse_args()
+    if args.create_ab:
+        return create_ab(args.create_ab)
     work = tempfile.mkdtemp(prefix="reddwarf-isolation-", dir="/var/tmp")
     bench: Bench | None = None
     bare: subprocess.Popen[bytes] | None = None
