@@ -124,11 +124,13 @@ def write_root(root: str, script: str) -> None:
 
 
 class Bench:
-    def __init__(self, work: str) -> None:
+    def __init__(self, work: str, unprivileged: bool = True) -> None:
         self.work = work
+        # Containers as hostd makes them by default: unprivileged (user namespace, seccomp, dropped
+        # capabilities); --privileged measures the old way for comparison.
         self.settings = Settings(host_id="bench", state_dir=os.path.join(work, "state"),
                                  lxc_path=os.path.join(work, "lxc"), container_prefix="rdbench-",
-                                 agent_init_cmd="/bin/sh /srv/rd/start.sh")
+                                 agent_init_cmd="/bin/sh /srv/rd/start.sh", unprivileged=unprivileged)
         self.driver = LxcDriver(self.settings)
         self.template = template.build_template(self.settings)
         self.containers: list[str] = []
@@ -185,17 +187,73 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+# hostd settings (environment) of a cluster without the isolation: privileged, host network, no layer quota.
+UNISOLATED = {"REDDWARF_HOSTD_UNPRIVILEGED": "0", "REDDWARF_HOSTD_NETWORK_MODE": "host",
+              "REDDWARF_HOSTD_ROOTFS_QUOTA_MB": "0"}
+
+
+def create_ab(rounds: int) -> int:
+    """What isolation costs a create: create -> ACTIVE on two clusters side by side, one with hostd's
+    defaults (unprivileged, own network namespace, layer quota) and one without, creates alternating."""
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from bench.provision_bench import create_once, delete_all
+    from reddwarf.v1 import admin_pb2
+    from tests.fixtures.cluster import start_cluster
+
+    work = Path(tempfile.mkdtemp(prefix="reddwarf-isolation-ab-", dir="/var/tmp"))
+    try:
+        with ExitStack() as stack:
+            isolated = stack.enter_context(start_cluster(work / "isolated"))
+            saved = {k: os.environ.get(k) for k in UNISOLATED}
+            os.environ.update(UNISOLATED)
+            try:
+                plain = stack.enter_context(start_cluster(work / "plain"))
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            for c in (isolated, plain):
+                c.admin.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{c.tenant}", quota=admin_pb2.Quota(
+                    instances=1000, memory_mb=10**6, volume_gb=10**5, backups=10)))
+            times: dict[str, list[float]] = {"isolated": [], "plain": []}
+            for n in range(rounds):
+                pair = [("isolated", isolated), ("plain", plain)]
+                for name, c in (pair if n % 2 == 0 else pair[::-1]):
+                    times[name].append(create_once(c, n))
+                    delete_all(c)
+        iso, plain_p50 = statistics.median(times["isolated"]), statistics.median(times["plain"])
+        print("| measure | isolated | without isolation | ratio |")
+        print("|---|---|---|---|")
+        print(f"| create -> ACTIVE p50, {rounds} alternating creates each | {iso:.2f} s | {plain_p50:.2f} s | "
+              f"{100 * iso / plain_p50:.0f}% (isolation may cost at most 5%) |")
+        print(f"\nisolated {sorted(round(t, 2) for t in times['isolated'])}; "
+              f"without {sorted(round(t, 2) for t in times['plain'])}")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved pairs per comparison")
+    parser.add_argument("--privileged", action="store_true",
+                        help="privileged containers (no user namespace), to see what isolation costs")
+    parser.add_argument("--create-ab", type=int, default=0, metavar="N",
+                        help="instead: create -> ACTIVE with and without isolation, N alternating creates each")
     args = parser.parse_args()
+    if args.create_ab:
+        return create_ab(args.create_ab)
     work = tempfile.mkdtemp(prefix="reddwarf-isolation-", dir="/var/tmp")
     bench: Bench | None = None
     bare: subprocess.Popen[bytes] | None = None
     rows: list[tuple[str, str, str, str]] = []
     try:
-        bench = Bench(work)
+        bench = Bench(work, unprivileged=not args.privileged)
         roomy = Limits(memory_mb=1024, cpu_shares=1024, max_processes=512, io_weight=500)
 
         # 1. container vs bare, same config. Both servers stay up and are measured in turn (bare, container,
@@ -217,7 +275,8 @@ def main() -> int:
             bare_runs.append(sysbench("oltp_read_only", bare_sock, args.seconds, pin=True))
             ct_runs.append(sysbench("oltp_read_only", sock, args.seconds, pin=True))
         bare_qps, ct_qps = statistics.median(bare_runs), statistics.median(ct_runs)
-        rows.append(("oltp_read_only QPS: container vs bare mariadbd (client and server on separate CPUs; "
+        kind = "privileged container" if args.privileged else "unprivileged container"
+        rows.append((f"oltp_read_only QPS: {kind} vs bare mariadbd (client and server on separate CPUs; "
                      f"median of {args.rounds} interleaved runs)", f"{ct_qps:,.0f}", f"{bare_qps:,.0f}",
                      f"{100 * ct_qps / bare_qps:.0f}% (target >= 95%)"))
         # The same pair with client and server sharing both CPUs, for the record.

@@ -98,3 +98,24 @@ def write_firstboot(rootfs_upper: str, config: AgentConfig, ca_pem: str) -> None
         shutil.copytree(src, os.path.join(lib, sub), dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".stamp"))
     os.makedirs(os.path.join(rootfs_upper, AGENT_STATE_DIR.lstrip("/")), mode=0o700, exist_ok=True)
+
+
+def write_name_files(rootfs_upper: str, hostname: str, own_network: bool) -> None:
+    """/etc/hosts naming the container itself (mariadb-install-db and mariadbd look their host name up),
+    and, for a container in its own network namespace (which has no route to a DNS server), an
+    /etc/resolv.conf without servers, so a lookup fails at once instead of after the resolver's timeouts."""
+    etc = os.path.join(rootfs_upper, "etc")
+    os.makedirs(etc, mode=0o755, exist_ok=True)
+    hosts = (f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n\n"
+             "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n")
+    files = {"hosts": hosts}
+    if own_network:
+        files["resolv.conf"] = "# no DNS in this container's network namespace (reddwarf-hostd)\noptions attempts:1 timeout:1\n"
+    for name, text in files.items():
+        path = os.path.join(etc, name)
+        if os.path.islink(path):
+            os.unlink(path)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.chmod(path + ".tmp", 0o644)
+        os.replace(path + ".tmp", path)

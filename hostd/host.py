@@ -12,7 +12,7 @@ import logging
 import os
 import posixpath
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from reddwarf.common.errors import (
     AlreadyExists,
@@ -118,6 +118,8 @@ class Host:
     def create_container(self, req: CreateContainer) -> ContainerView:
         validate_id(req.id, "container.id")
         req.limits.validate("container.limits")
+        if not req.network_mode:  # unspecified: this host's default (settings.network_mode)
+            req = replace(req, network_mode=self.settings.network_mode)
         if req.network_mode not in ("host", "bridge"):
             raise InvalidArgument("container.network_mode must be NETWORK_MODE_HOST or NETWORK_MODE_BRIDGE",
                                   field="container.network_mode")
@@ -156,7 +158,7 @@ class Host:
             address = self.settings.advertise_address
         else:
             address, _, _ = network.allocate_address(
-                self.settings.bridge.cidr,
+                self.settings.host_bridge.cidr,
                 {c.address for c in self.state.containers.values() if c.network_mode == "bridge"})
             port = network.MYSQL_PORT
         rec = ContainerRecord(id=req.id, limits=req.limits, network_mode=req.network_mode, address=address,
@@ -176,8 +178,8 @@ class Host:
 
     def _spec(self, rec: ContainerRecord, b: Bootstrap, mount: VolumeMount | None = None) -> ContainerSpec:
         if rec.network_mode == "bridge":
-            _, plen, gw = network.allocate_address(self.settings.bridge.cidr, ())
-            plan = NetworkPlan("bridge", rec.address, rec.port, self.settings.bridge.name, plen, gw)
+            _, plen, gw = network.allocate_address(self.settings.host_bridge.cidr, ())
+            plan = NetworkPlan("bridge", rec.address, rec.port, self.settings.host_bridge.name, plen, gw)
         else:
             plan = NetworkPlan("host", rec.address, rec.port)
         if mount is None and rec.volume_id and rec.volume_id in self.state.volumes:

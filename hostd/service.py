@@ -39,7 +39,7 @@ T = TypeVar("T")
 # method's request and response; the context's own parameters only matter to streaming through it.
 Context = grpc.aio.ServicerContext[Any, Any]
 
-MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "host", host_pb2.NETWORK_MODE_HOST: "host",
+MODES = {host_pb2.NETWORK_MODE_UNSPECIFIED: "", host_pb2.NETWORK_MODE_HOST: "host",
          host_pb2.NETWORK_MODE_BRIDGE: "bridge"}
 
 

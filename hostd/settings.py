@@ -2,9 +2,10 @@
 see reddwarf.common.config), passed down everywhere."""
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from reddwarf.common import config
@@ -14,9 +15,11 @@ from reddwarf.common import config
 class BridgeSettings:
     """Bridge-mode networking: hostd owns one bridge and hands out addresses from a pool."""
 
-    name: str = "rdbr0"
+    # "" = derived from the host id (one bridge per hostd: two hostds on one machine never share one).
+    name: str = ""
     # CIDR of the bridge; the first host address is the bridge (gateway), containers get the rest.
-    cidr: str = "10.77.0.0/24"
+    # "" = a /24 in 10.128.0.0/10 derived from the host id.
+    cidr: str = ""
     # Network namespace the bridge lives in ("" = the host's); tests use a namespace of their own.
     netns: str = ""
 
@@ -49,6 +52,9 @@ class Settings:
     port_min: int = 33060
     port_max: int = 33999
     bridge: BridgeSettings = field(default_factory=BridgeSettings)
+    # Network of a container created without one (NETWORK_MODE_UNSPECIFIED): "bridge" (its own network
+    # namespace on this hostd's bridge) or "host".
+    network_mode: str = "bridge"
     # mTLS: this hostd's certificate/key, the CA bundle and an optional CRL (PEM).
     cert_path: str = ""
     key_path: str = ""
@@ -58,12 +64,26 @@ class Settings:
     iscsi_iqn_prefix: str = "iqn.2024-01.reddwarf"
     iscsi_portal: str = "127.0.0.1:3260"
     log_level: str = "INFO"
+    # Containers run in a user namespace (root inside is an unprivileged id range outside, see
+    # template.IDMAP_BASE); False keeps the old privileged containers.
+    unprivileged: bool = True
+    # Size of each container's writable layer (its own ext4 image under the container's dir; 0 = on the
+    # lxcpath's filesystem, unbounded).
+    rootfs_quota_mb: int = 2048
     # How often stopped containers that should run are looked for and started again (0 = never).
     revive_seconds: int = 2
 
     def __post_init__(self) -> None:
         if not self.state_dir:
             object.__setattr__(self, "state_dir", f"/var/lib/reddwarf/hostd/{self.host_id}")
+
+
+    @property
+    def host_bridge(self) -> BridgeSettings:
+        """The bridge settings with what is left "" derived from the host id."""
+        h = hashlib.sha256(self.host_id.encode()).digest()
+        return replace(self.bridge, name=self.bridge.name or f"rdbr{h.hex()[:8]}",
+                       cidr=self.bridge.cidr or f"10.{128 + h[0] % 64}.{h[1]}.0/24")
 
     @property
     def volumes_mount_dir(self) -> str:

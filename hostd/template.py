@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import stat
+import struct
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -31,6 +33,12 @@ AGENT_DISTRIBUTIONS = ("grpcio", "grpcio-status", "protobuf", "googleapis-common
                        "cryptography", "pyyaml")
 VENV = "/opt/reddwarf/venv"
 READY_MARKER = "reddwarf-template.json"
+# Unprivileged containers: container uid/gid 0..IDMAP_SIZE-1 are host uid/gid IDMAP_BASE.. (one range for
+# every container of the host, like LXD without security.idmap.isolated). /etc/subuid and /etc/subgid
+# record it for root.
+IDMAP_BASE = 1_000_000
+IDMAP_SIZE = 65536
+SHIFTED_SUFFIX = f"-u{IDMAP_BASE}"
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ def build_template(settings: Settings, *, force: bool = False) -> str:
         fcntl.flock(lockf, fcntl.LOCK_EX)
         if is_ready(settings, name) and not force:
             return name
+        # A rebuilt template's unprivileged copy is stale with it.
+        shutil.rmtree(os.path.join(tpath, name + SHIFTED_SUFFIX), ignore_errors=True)
         if os.path.exists(os.path.join(tpath, name)):
             log.info("removing half-built template", extra={"template": name})
             run(["lxc-destroy", "-P", tpath, "-n", name, "-f"], check=False)
@@ -124,6 +134,134 @@ def _write_template_config(path: str) -> None:
     lines += ["lxc.net.0.type = none", "lxc.apparmor.profile = unconfined"]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def ensure_subids(base: int = IDMAP_BASE, size: int = IDMAP_SIZE,
+                  files: tuple[str, ...] = ("/etc/subuid", "/etc/subgid")) -> None:
+    """Gives root the id range its unprivileged containers map onto; idempotent (an existing root line
+    covering the range is kept, nothing else in the files is touched)."""
+    for path in files:
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        covered = False
+        for ln in lines:
+            parts = ln.strip().split(":")
+            if len(parts) == 3 and parts[0] in ("root", "0") and parts[1].isdigit() and parts[2].isdigit():
+                start, count = int(parts[1]), int(parts[2])
+                covered = covered or (start <= base and base + size <= start + count)
+        if not covered:
+            with open(path, "a") as f:
+                f.write(f"root:{base}:{size}\n")
+            log.info("subordinate ids given to root", extra={"file": path, "range": f"{base}:{size}"})
+
+
+_ACL_XATTR = "system.posix_acl_access"
+
+
+def _acl_with_search(acl: bytes | None, mode: int, uid: int) -> bytes | None:
+    """The POSIX access ACL (the kernel's xattr format) `acl` (or the plain `mode` when None) with search
+    (x) added for `uid`; None when it already lets `uid` search."""
+    undefined = 0xFFFFFFFF
+    if acl:
+        entries = {(t, i): p for t, p, i in (struct.unpack_from("<HHI", acl, o) for o in range(4, len(acl), 8))}
+    else:
+        entries = {(0x01, undefined): (mode >> 6) & 7, (0x04, undefined): (mode >> 3) & 7,
+                   (0x20, undefined): mode & 7}
+    mask = entries.get((0x10, undefined), entries[(0x04, undefined)])
+    if entries.get((0x02, uid), 0) & 1 and mask & 1:
+        return None
+    entries[(0x02, uid)] = entries.get((0x02, uid), 0) | 1
+    entries[(0x10, undefined)] = mask | 1
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, i) for (t, i), p in sorted(entries.items()))
+
+
+def grant_search(path: str, uid: int = IDMAP_BASE) -> list[str]:
+    """Lets the containers' mapped root walk down to `path`: every ancestor it cannot search gets an ACL
+    entry giving that one uid search (x) only — no listing, nothing for anyone else (a chmod later, as
+    pytest does to its base dir, narrows the ACL's mask: the next call widens it again). Returns the
+    directories changed."""
+    changed = []
+    d = os.path.realpath(path)
+    while True:
+        st = os.stat(d)
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o001 and st.st_uid != uid:
+            try:
+                current: bytes | None = os.getxattr(d, _ACL_XATTR)
+            except OSError:
+                current = None
+            acl = _acl_with_search(current, stat.S_IMODE(st.st_mode), uid)
+            if acl is not None:
+                os.setxattr(d, _ACL_XATTR, acl)
+                changed.append(d)
+        if d == "/":
+            return changed
+        d = os.path.dirname(d)
+
+
+def shift_tree(root: str, base: int = IDMAP_BASE, size: int = IDMAP_SIZE) -> int:
+    """Moves every file's owner below `size` up by `base` (container root 0 -> host `base`), keeping
+    setuid/setgid bits (chown clears them). Files already in the range are left alone; returns the count."""
+    changed = 0
+
+    def shift(path: str) -> None:
+        nonlocal changed
+        st = os.lstat(path)
+        uid = st.st_uid + base if st.st_uid < size else st.st_uid
+        gid = st.st_gid + base if st.st_gid < size else st.st_gid
+        if (uid, gid) == (st.st_uid, st.st_gid):
+            return
+        os.lchown(path, uid, gid)
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o7000:
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+        changed += 1
+
+    shift(root)
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            shift(os.path.join(top, name))
+    return changed
+
+
+def shifted_template(settings: Settings, name: str) -> str:
+    """The unprivileged copy of template `name`: its root filesystem owned by the mapped ids (so the
+    container's root sees its files as root's, not nobody's) and id maps in its config, which every
+    snapshot inherits (lxc-copy then gives the snapshot's upper dir to the mapped root). Made once per
+    template revision (a copy plus a chown pass: seconds), beside the template; the template itself is
+    left as it is for privileged containers."""
+    tpath = settings.template_lxc_path
+    shifted = name + SHIFTED_SUFFIX
+    with open(os.path.join(tpath, f".{shifted}.lock"), "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if is_ready(settings, shifted):
+            return shifted
+        src, dst = os.path.join(tpath, name), os.path.join(tpath, shifted)
+        if not os.path.exists(os.path.join(src, READY_MARKER)):
+            raise FileNotFoundError(f"template {name} is not built")
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp = dst + ".new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        run(["cp", "-a", "--reflink=auto", os.path.join(src, "rootfs"), os.path.join(tmp, "rootfs")],
+            timeout=900)
+        shift_tree(os.path.join(tmp, "rootfs"))
+        with open(os.path.join(src, "config")) as f:
+            lines = [ln for ln in f.read().splitlines()
+                     if not ln.startswith(("lxc.rootfs.path", "lxc.uts.name", "lxc.idmap"))]
+        lines += [f"lxc.rootfs.path = dir:{dst}/rootfs", f"lxc.uts.name = {shifted}",
+                  f"lxc.idmap = u 0 {IDMAP_BASE} {IDMAP_SIZE}", f"lxc.idmap = g 0 {IDMAP_BASE} {IDMAP_SIZE}"]
+        with open(os.path.join(tmp, "config"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        # The mapped root mounts the overlay inside the container's user namespace: it must be able to
+        # walk down to the lower layer.
+        for d in (tpath, tmp):
+            os.chmod(d, os.stat(d).st_mode | 0o711)
+        shutil.copy(os.path.join(src, READY_MARKER), os.path.join(tmp, READY_MARKER))
+        os.rename(tmp, dst)
+        log.info("unprivileged template made", extra={"template": shifted})
+        return shifted
 
 
 def destroy_template(settings: Settings, name: str) -> None:

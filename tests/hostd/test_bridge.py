@@ -40,12 +40,22 @@ def test_a_container_on_the_bridge_reaches_its_gateway(namespaces):
     assert (plen, gateway) == (24, "10.77.9.1") and address == "10.77.9.2"
     bridge.add_port("vethrdt0", "eth0", guest_ns, address)
     assert f"inet {address}/24" in sh("ip", "-n", guest_ns, "addr", "show", "dev", "eth0").stdout
+    assert "isolated on" in sh("ip", "netns", "exec", host_ns, "bridge", "-d", "link", "show", "dev",
+                               "vethrdt0").stdout
+    table = sh("ip", "netns", "exec", host_ns, "nft", "list", "table", "inet", bridge.table).stdout
+    assert 'iifname "rdbr-t" counter packets' in table and "drop" in table
+    assert bridge.reach_host_service("127.0.0.1:8780") == "10.77.9.1:8780"
+    assert bridge.reach_host_service("127.0.0.1:8780") == "10.77.9.1:8780"  # idempotent: one rule
+    rules = sh("ip", "netns", "exec", host_ns, "nft", "list", "chain", "inet", bridge.table, "rd_pre").stdout
+    assert rules.count("dnat ip to 127.0.0.1:8780") == 1
     ping = sh("ip", "netns", "exec", guest_ns, "ping", "-c", "1", "-W", "2", gateway, check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
     bridge.remove_port("vethrdt0")
     assert sh("ip", "-n", guest_ns, "link", "show", "eth0", check=False).returncode != 0
     bridge.destroy()
     assert not bridge.exists()
+    assert sh("ip", "netns", "exec", host_ns, "nft", "list", "table", "inet", bridge.table,
+              check=False).returncode != 0
 
 
 def test_the_pool_hands_out_each_address_once():
