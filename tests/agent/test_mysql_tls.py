@@ -135,3 +135,66 @@ async def test_require_secure_transport_without_a_certificate_is_refused(driver:
     with pytest.raises(InvalidArgument) as exc:
         await driver.prepare(Prepare(allowed_cidrs=("10.0.0.0/33",)))
     assert exc.value.violations[0][0] == "allowed_cidrs[0]"
+
+
+async def make_driver(base) -> MysqlDriver:
+    d = MysqlDriver(MysqlSettings(state_dir=str(base / "state"), datadir=str(base / "data"), run_as="root",
+                                  port=free_port(), bind_address="127.0.0.1"))
+    await d.prepare(Prepare(databases=(Database(name="shop"),)))
+    return d
+
+
+@pytest.mark.slow
+async def test_backup_and_restore_work_on_the_volume_not_beside_it(tmp_path, monkeypatch) -> None:
+    for mark in needs_mariadb:
+        if mark.args[0]:
+            pytest.skip(mark.kwargs["reason"])
+    import tempfile
+
+    from reddwarf.agent.model import BackupChunk, StoredBackup
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args, **kw):  # records where the backup runner puts its work
+        path = real_mkdtemp(*args, **kw)
+        made.append(path)
+        return path
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    src, dst = await make_driver(tmp_path / "src"), await make_driver(tmp_path / "dst")
+    stored: dict[str, bytes] = {}
+    try:
+        with src._admin_connect() as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE shop.t (id INT PRIMARY KEY) ENGINE=InnoDB")
+            cur.execute("INSERT INTO shop.t VALUES (1), (2), (3)")
+
+        async def upload(chunks: AsyncIterator[BackupChunk]) -> StoredBackup:
+            data, bid = b"", ""
+            async for c in chunks:
+                bid = c.backup_id or bid
+                data += c.data
+            stored[bid] = data
+            import hashlib
+            return StoredBackup(size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+        async def download(backup_id: str) -> AsyncIterator[BackupChunk]:
+            yield BackupChunk(data=stored[backup_id])
+
+        async def progress(percent: int, message: str, done: int) -> None:
+            return None
+        res = await src.backups().backup("b1", "", upload, progress)
+        await dst.backups().restore(["b1"], [res.sha256], download, progress)
+        with dst._admin_connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM shop.t")
+            assert cur.fetchone() == (3,)
+            cur.execute("SHOW DATABASES")
+            assert VOLUME_WORK_DIR not in {r[0] for r in cur.fetchall()}
+        # Every work directory was on the volume (inside the datadir's work dir), none is left.
+        assert len(made) == 2
+        for path, d in zip(made, (src, dst), strict=True):
+            assert path.startswith(os.path.join(d.datadir, VOLUME_WORK_DIR) + os.sep)
+            assert not os.path.exists(path)
+        # The restored mysqld still has its tmpdir on the volume.
+        assert os.path.isdir(os.path.join(dst.datadir, VOLUME_WORK_DIR, "mysqld"))
+    finally:
+        await src.close()
+        await dst.close()
