@@ -179,10 +179,14 @@ class MysqlDriver(DatastoreDriver):
         self.mysqld.write_my_cnf(self.my_cnf())
 
     def ensure_admin(self) -> None:
-        """The internal admin exists with the password on record, and root is reachable only locally
-        (blocking; also after a restore, whose mysql.user is the source's)."""
+        """The internal admin exists with the password on record, root is reachable only locally, and every
+        account lies inside access.allowed_cidrs (blocking; also after a restore, whose mysql.user is the
+        source's)."""
         self._create_admin()
         self.admin.remove_remote_root()
+        moved = self.admin.enforce_access()
+        if moved:
+            log.warning("accounts outside access.allowed_cidrs moved inside", extra={"accounts": ",".join(moved)})
 
     def _create_admin(self) -> None:
         """Creates os_admin@localhost with a random password kept 0600 in the state dir (idempotent)."""

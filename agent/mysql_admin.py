@@ -318,6 +318,38 @@ class MysqlAdmin:
                 cur.execute("DROP USER %s@%s", ("root", host))
             cur.execute("DROP USER IF EXISTS %s@%s", ("", "localhost"))
 
+    def enforce_access(self) -> list[str]:
+        """Moves tenant accounts (and an enabled root) at hosts outside the networks inside them: user@host
+        becomes user@<each network's pattern> with the same authentication and grants, then user@host is
+        dropped. For a restore, whose mysql.* is the source's. Returns the accounts moved ("user@host")."""
+        if not self.allowed:
+            return []
+        patterns = self._hosts("%", "host")
+        moved: list[str] = []
+        with self.cursor() as cur:
+            cur.execute("SELECT User, Host FROM mysql.global_priv WHERE User <> '' AND Host <> '' "
+                        "AND (User NOT IN %s OR (User = 'root' AND Host <> 'localhost')) ORDER BY User, Host",
+                        (sorted(names.RESERVED_USERS),))
+            for user, host in cur.fetchall():
+                if host in patterns or cidrs.host_within(host, self.allowed):
+                    continue
+                old = names.quote_ident(user) + "@" + names.quote_ident(host)
+                cur.execute("SHOW CREATE USER %s@%s", (user, host))
+                create = str(cur.fetchone()[0])
+                cur.execute("SHOW GRANTS FOR %s@%s", (user, host))
+                grants = [str(r[0]) for r in cur.fetchall()]
+                for p in patterns:
+                    if self._user_exists(cur, user, p):
+                        continue
+                    new = names.quote_ident(user) + "@" + names.quote_ident(p)
+                    # Statements mysqld itself printed, with only the account name changed.
+                    cur.execute(create.replace(old, new, 1))
+                    for g in grants:
+                        cur.execute(g.replace(" TO " + old, " TO " + new, 1))
+                cur.execute("DROP USER %s@%s", (user, host))
+                moved.append(f"{user}@{host}")
+        return moved
+
     def disable_root(self) -> None:
         with self.cursor() as cur:
             for h in sorted({"%", *self._hosts("%", "host")}):

@@ -131,3 +131,20 @@ def test_root_is_enabled_only_inside_the_networks(server: MariaDB) -> None:
     finally:
         a.disable_root()
     assert not a.root_enabled_now() and hosts_of(server, "root") == ["localhost"]
+
+
+def test_accounts_restored_from_outside_the_networks_are_moved_inside(server: MariaDB) -> None:
+    s = uuid.uuid4().hex[:8]
+    db, user = f"mv_{s}", f"mv_{s}"
+    plain = admin(server)  # a source instance without access rules, as a restored mysql.user holds it
+    plain.create_databases([Database(name=db)])
+    plain.create_users([User(name=user, password="pw-moved-1", databases=(db,))])
+    assert hosts_of(server, user) == ["%"]
+    a = admin(server, "127.0.0.0/8", "10.9.0.0/16")
+    assert f"{user}@%" in a.enforce_access()
+    assert hosts_of(server, user) == ["10.9.0.0/255.255.0.0", "127.0.0.0/255.0.0.0"]
+    assert can_login(server, user, "pw-moved-1")  # the same password
+    assert a.get_user(user, "%").databases == (db,)  # the same grants
+    assert a.enforce_access() == []  # nothing left outside
+    a.delete_user(user, "%")
+    a.delete_database(db)
