@@ -327,8 +327,10 @@ class MysqlAdmin:
         patterns = self._hosts("%", "host")
         moved: list[str] = []
         with self.cursor() as cur:
-            cur.execute("SELECT User, Host FROM mysql.global_priv WHERE User <> '' AND Host <> '' "
-                        "AND (User NOT IN %s OR (User = 'root' AND Host <> 'localhost')) ORDER BY User, Host",
+            # localhost accounts (root, the internal admin, Debian's mysql@localhost) are reached only by
+            # the socket inside the guest: no network rule applies to them.
+            cur.execute("SELECT User, Host FROM mysql.global_priv WHERE User <> '' AND Host NOT IN ('', 'localhost') "
+                        "AND (User NOT IN %s OR User = 'root') ORDER BY User, Host",
                         (sorted(names.RESERVED_USERS),))
             for user, host in cur.fetchall():
                 if host in patterns or cidrs.host_within(host, self.allowed):

@@ -140,11 +140,17 @@ def test_accounts_restored_from_outside_the_networks_are_moved_inside(server: Ma
     plain.create_databases([Database(name=db)])
     plain.create_users([User(name=user, password="pw-moved-1", databases=(db,))])
     assert hosts_of(server, user) == ["%"]
+    with server.connect() as c, c.cursor() as cur:  # like Debian's mysql@localhost: the socket only
+        cur.execute("CREATE USER %s@'localhost' IDENTIFIED VIA unix_socket", (f"sys_{s}",))
+        cur.execute("GRANT PROXY ON ''@'%%' TO %s@'localhost' WITH GRANT OPTION", (f"sys_{s}",))
     a = admin(server, "127.0.0.0/8", "10.9.0.0/16")
     assert f"{user}@%" in a.enforce_access()
     assert hosts_of(server, user) == ["10.9.0.0/255.255.0.0", "127.0.0.0/255.0.0.0"]
     assert can_login(server, user, "pw-moved-1")  # the same password
     assert a.get_user(user, "%").databases == (db,)  # the same grants
     assert a.enforce_access() == []  # nothing left outside
+    assert hosts_of(server, f"sys_{s}") == ["localhost"]  # untouched
+    with server.connect() as c, c.cursor() as cur:
+        cur.execute("DROP USER %s@'localhost'", (f"sys_{s}",))
     a.delete_user(user, "%")
     a.delete_database(db)
