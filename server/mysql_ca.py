@@ -9,6 +9,7 @@ import ipaddress
 import threading
 from pathlib import Path
 
+from reddwarf.common.errors import InvalidArgument
 from reddwarf.common.pki import CertificateAuthority
 
 from .app import App
@@ -30,7 +31,10 @@ def mysql_ca(app: App) -> CertificateAuthority:
     with _lock:
         ca = _cas.get(d)
         if ca is None:
-            ca = CertificateAuthority.load(d) if (d / "ca.key").exists() else CertificateAuthority.init(d, CA_NAME)
+            try:
+                ca = CertificateAuthority.load(d) if (d / "ca.key").exists() else CertificateAuthority.init(d, CA_NAME)
+            except InvalidArgument:  # another server process sharing the state dir made it just now
+                ca = CertificateAuthority.load(d)
             _cas[d] = ca
         return ca
 
