@@ -63,7 +63,9 @@ class BackupSettings:
     zstd_threads: int = 0  # 0 = one per core
     backup_timeout: float = 6 * 3600.0
     prepare_timeout: float = 6 * 3600.0
-    # Where restores download and prepare; default: beside the datadir (same filesystem: moves are renames).
+    # Where backups keep their small files and restores download and prepare; default: beside the datadir
+    # (same filesystem: moves are renames). A guest passes a directory on its data volume, which may lie
+    # inside the datadir (the volume's root): the restore then leaves that directory where it is.
     work_dir: str = ""
     progress_interval: float = 1.0
 
@@ -213,7 +215,7 @@ class BackupRunner:
         if incremental_from_lsn and not _LSN_RE.match(incremental_from_lsn):
             raise InvalidArgument("incremental_from_lsn must be a decimal LSN", field="incremental_from_lsn")
         blog = bind(log, {"backup": backup_id})
-        tmp = tempfile.mkdtemp(prefix=f"reddwarf-backup-{backup_id}-")
+        tmp = tempfile.mkdtemp(prefix=f"reddwarf-backup-{backup_id}-", dir=self.settings.work_dir or None)
         pipeline = _Pipeline()
         digest = hashlib.sha256()
         sent = 0
@@ -422,19 +424,28 @@ class BackupRunner:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _kept_entry(self, datadir: str) -> str:
+        """The datadir entry holding the work directory when that lies inside the datadir ("" if not)."""
+        rel = os.path.relpath(os.path.abspath(self._work_parent()), datadir)
+        return "" if rel.startswith("..") or rel == "." else rel.split(os.sep)[0]
+
     async def _swap_datadir(self, prepared: str, datadir: str, tmp: str, rlog: logging.LoggerAdapter[logging.Logger]) -> None:
         st = os.stat(datadir)
         aside = os.path.join(tmp, "previous-datadir")
         os.mkdir(aside)
+        kept = self._kept_entry(datadir)
         await self.stop_mysqld()
         moved: list[str] = []
         try:
             # Entry by entry, so a datadir that is a volume's mount point works too.
             for name in os.listdir(datadir):
+                if name == kept:
+                    continue
                 shutil.move(os.path.join(datadir, name), os.path.join(aside, name))
                 moved.append(name)
             same_fs = os.stat(prepared).st_dev == st.st_dev
             await runner.run_async(["mariadb-backup", "--move-back" if same_fs else "--copy-back",
+                                    *(["--force-non-empty-directories"] if kept else []),
                                     f"--target-dir={prepared}", f"--datadir={datadir}"],
                                    timeout=self.settings.prepare_timeout)
             await asyncio.to_thread(_chown_tree, datadir, st.st_uid, st.st_gid)
@@ -442,6 +453,8 @@ class BackupRunner:
         except BaseException:
             rlog.warning("restore failed; putting the previous datadir back")
             for name in os.listdir(datadir):
+                if name == kept:
+                    continue
                 p = os.path.join(datadir, name)
                 if os.path.isdir(p) and not os.path.islink(p):
                     shutil.rmtree(p, ignore_errors=True)

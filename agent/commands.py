@@ -76,6 +76,7 @@ COMMANDS: dict[str, Handler] = {
     "restore": lambda c, cmd: c.backups.restore(list(cmd.restore.backup_ids), list(cmd.restore.sha256),
                                                 c.transfer.download, c.progress),
     "table_checksums": lambda c, cmd: c.backups.table_checksums(),
+    "mysql_tls_request": lambda c, cmd: c.driver.mysql_tls_request(),
 }
 
 

@@ -17,7 +17,7 @@ from . import model
 
 # What a command can answer with, and the CommandResult field each lands in.
 Outcome = (model.DatabasePage | model.UserPage | model.User | model.RootCredentials | model.RootStatus
-           | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | None)
+           | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | model.TlsCsr | None)
 
 
 # ---------------------------------------------------------------- messages → values
@@ -47,7 +47,9 @@ def prepare_from_pb(pb: agent_pb2.Prepare) -> model.Prepare:
     return model.Prepare(services=tuple(service_from_pb(s) for s in pb.services),
                          limits=limits_from_pb(pb.limits), datadir=pb.datadir,
                          databases=tuple(database_from_pb(d) for d in pb.databases),
-                         users=tuple(user_from_pb(u) for u in pb.users), bind_address=pb.bind_address)
+                         users=tuple(user_from_pb(u) for u in pb.users), bind_address=pb.bind_address,
+                         allowed_cidrs=tuple(pb.allowed_cidrs), require_secure_transport=pb.require_secure_transport,
+                         tls_cert_pem=pb.tls_cert_pem, tls_ca_pem=pb.tls_ca_pem)
 
 
 def chunk_from_pb(pb: agent_pb2.BackupChunk) -> model.BackupChunk:
@@ -79,7 +81,9 @@ def service_to_pb(s: model.ServiceSpec) -> agent_pb2.ServiceSpec:
 def prepare_to_pb(p: model.Prepare) -> agent_pb2.Prepare:
     return agent_pb2.Prepare(services=[service_to_pb(s) for s in p.services], limits=limits_to_pb(p.limits),
                              datadir=p.datadir, databases=[database_to_pb(d) for d in p.databases],
-                             users=[user_to_pb(u) for u in p.users], bind_address=p.bind_address)
+                             users=[user_to_pb(u) for u in p.users], bind_address=p.bind_address,
+                             allowed_cidrs=list(p.allowed_cidrs), require_secure_transport=p.require_secure_transport,
+                             tls_cert_pem=p.tls_cert_pem, tls_ca_pem=p.tls_ca_pem)
 
 
 def service_state_to_pb(state: ServiceState) -> common_pb2.ServiceState.ValueType:
@@ -135,6 +139,8 @@ def result_to_pb(outcome: Outcome) -> agent_pb2.CommandResult:
         res.checksums.checksums.extend(checksum_to_pb(c) for c in outcome)
     elif isinstance(outcome, model.GuestHealth):
         res.health.CopyFrom(health_to_pb(outcome))
+    elif isinstance(outcome, model.TlsCsr):
+        res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem))
     return res
 
 

@@ -42,6 +42,10 @@ class DatastoreDriver(ABC):
         """The datastore's backups, or None where this driver has none."""
         return None
 
+    async def mysql_tls_request(self) -> model.TlsCsr:
+        """A CSR for the datastore's TLS key (made once, kept in the guest); "" where it serves no TLS."""
+        return model.TlsCsr(csr_pem="")
+
     @abstractmethod
     async def create_databases(self, databases: Sequence[model.Database]) -> None: ...
 

@@ -83,6 +83,18 @@ class Prepare:
     databases: tuple[Database, ...] = ()
     users: tuple[User, ...] = ()
     bind_address: str = ""
+    # Networks users may connect from (empty: any); mysqld refusing plain TCP; mysqld's TLS certificate
+    # (on the key the agent made, MysqlTlsCsr) and the tenant-facing CA that signed it.
+    allowed_cidrs: tuple[str, ...] = ()
+    require_secure_transport: bool = False
+    tls_cert_pem: str = ""
+    tls_ca_pem: str = ""
+
+
+@dataclass(frozen=True)
+class TlsCsr:
+    """A CSR for mysqld's TLS key, which never leaves the guest ("": this datastore serves no TLS)."""
+    csr_pem: str
 
 
 @dataclass

@@ -1,9 +1,33 @@
-"""my.cnf for a guest's mysqld, sized to its flavor's limits (re-rendered on resize)."""
+"""my.cnf for a guest's mysqld, sized to its flavor's limits (re-rendered on resize), with its TLS files,
+its transport rule and its tmpdir on the data volume."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .model import Limits
+
+# mysqld's tmpdir and the agent's restore work directories live here, on the data volume (the container's
+# root filesystem has no quota). The volume is the datadir itself, where every directory is a schema: this
+# one is hidden from mysqld by ignore-db-dirs, and no database maps to it (mysqld encodes '.' and '-' in a
+# database's directory name, and the `#mysql50#` escape is refused by common/names.py).
+VOLUME_WORK_DIR = ".reddwarf-tmp"
+
+
+def volume_work_dir(datadir: str) -> str:
+    return os.path.join(datadir, VOLUME_WORK_DIR)
+
+
+def mysqld_tmpdir(datadir: str) -> str:
+    return os.path.join(volume_work_dir(datadir), "mysqld")
+
+
+@dataclass(frozen=True)
+class Tls:
+    """mysqld's server certificate, its key and the CA a client verifies it with (paths)."""
+    cert: str
+    key: str
+    ca: str
 
 
 @dataclass(frozen=True)
@@ -17,6 +41,9 @@ class MyCnf:
     buffer_pool_mb: int
     max_connections: int
     open_files_limit: int
+    tmpdir: str = ""
+    tls: Tls | None = None
+    require_secure_transport: bool = False
 
 
 def size_for_limits(limits: Limits) -> tuple[int, int]:
@@ -30,6 +57,14 @@ def size_for_limits(limits: Limits) -> tuple[int, int]:
 
 
 def render_my_cnf(c: MyCnf) -> str:
+    extra: list[str] = []
+    if c.tmpdir:
+        extra += [f"tmpdir = {c.tmpdir}", f"ignore-db-dirs = {VOLUME_WORK_DIR}"]
+    if c.tls is not None:
+        extra += [f"ssl_cert = {c.tls.cert}", f"ssl_key = {c.tls.key}", f"ssl_ca = {c.tls.ca}"]
+    if c.require_secure_transport:
+        # TCP clients must use TLS; the unix socket (the agent's own admin) is allowed by MariaDB.
+        extra.append("require_secure_transport = ON")
     return "\n".join([
         "# Written by the Red Dwarf agent from the flavor's limits; re-rendered on resize.",
         "[mysqld]",
@@ -49,6 +84,7 @@ def render_my_cnf(c: MyCnf) -> str:
         "slow_query_log = 1",
         "long_query_time = 2",
         "skip-log-bin",
+        *extra,
         "",
         "[client]",
         f"socket = {c.socket}",

@@ -13,16 +13,19 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pymysql
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from reddwarf.common import names
+from reddwarf.common import cidrs, names, pki
 from reddwarf.common.errors import InvalidArgument, RedDwarfError
 from reddwarf.common.states import ServiceState
 
 from . import convert, services
-from .backup import BackupRunner, MysqlAccess
+from .backup import BackupRunner, BackupSettings, MysqlAccess
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
 from .model import (
     BackupResult,
@@ -36,12 +39,13 @@ from .model import (
     RootCredentials,
     RootStatus,
     TableChecksum,
+    TlsCsr,
     Upload,
     User,
     UserPage,
     UserUpdate,
 )
-from .mycnf import MyCnf, size_for_limits
+from .mycnf import MyCnf, size_for_limits, volume_work_dir
 from .mysql_admin import MysqlAdmin, create_internal_admin
 from .mysqld import INIT_MARKER, Mysqld
 
@@ -62,6 +66,8 @@ class MysqlSettings:
     run_as: str = "mysql"
     mysqld: str = ""
     install_db: str = ""
+    # mysqld's TLS key and certificates; default /etc/mysql/reddwarf-tls (run_as root: <state_dir>/mysql-tls).
+    tls_dir: str = ""
 
 
 class MysqlDriver(DatastoreDriver):
@@ -76,9 +82,11 @@ class MysqlDriver(DatastoreDriver):
         self._limits = Limits(memory_mb=512)
         self._extra: dict[str, services.Memcached] = {}
         self._preparing = False
+        self._require_secure_transport = False
         self._lock = asyncio.Lock()
         os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
-        self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db)
+        self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db,
+                             settings.tls_dir)
         self.admin = MysqlAdmin(self._admin_connect)
 
     # private records -----------------------------------------------------
@@ -115,16 +123,70 @@ class MysqlDriver(DatastoreDriver):
     def my_cnf(self) -> MyCnf:
         pool, conns = size_for_limits(self._limits)
         return self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
-                                  int(self._limits.max_open_files) or 65535)
+                                  int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+
+    # TLS -----------------------------------------------------------------
+
+    def _tls_dir(self) -> str:
+        d = self.mysqld.tls_dir
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
+        if self.settings.run_as != "root":
+            shutil.chown(d, self.settings.run_as, self.settings.run_as)
+        return d
+
+    def _write_tls_file(self, path: str, data: bytes, mode: int) -> None:
+        pki.write_atomic(Path(path), data, mode)
+        if self.settings.run_as != "root":
+            shutil.chown(path, self.settings.run_as, self.settings.run_as)
+
+    def _tls_request(self) -> TlsCsr:
+        """mysqld's key, made once in the guest (a replayed request reuses it), and a CSR for it."""
+        self._tls_dir()
+        key_path = self.mysqld.tls_files.key
+        if not os.path.exists(key_path):
+            key_pem, _ = pki.make_key_and_csr("mysqld")
+            self._write_tls_file(key_path, key_pem, 0o600)
+        with open(key_path, "rb") as f:
+            return TlsCsr(csr_pem=pki.csr_for_key(f.read(), "mysqld").decode())
+
+    async def mysql_tls_request(self) -> TlsCsr:
+        return await asyncio.to_thread(self._tls_request)
+
+    def _install_tls(self, cert_pem: str, ca_pem: str) -> None:
+        """The server's certificate for our key, and the CA clients verify it with."""
+        key_path = self.mysqld.tls_files.key
+        if not os.path.exists(key_path):
+            raise InvalidArgument("no TLS key in this guest: ask for a CSR first (mysql_tls_request)",
+                                  field="tls_cert_pem")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem.encode())
+            x509.load_pem_x509_certificate(ca_pem.encode())
+            with open(key_path, "rb") as f:
+                key = serialization.load_pem_private_key(f.read(), password=None)
+        except ValueError as exc:
+            raise InvalidArgument(f"not a PEM certificate: {exc}", field="tls_cert_pem") from None
+        pub = serialization.PublicFormat.SubjectPublicKeyInfo
+        if cert.public_key().public_bytes(serialization.Encoding.DER, pub) \
+                != key.public_key().public_bytes(serialization.Encoding.DER, pub):
+            raise InvalidArgument("the certificate is not for this guest's TLS key", field="tls_cert_pem")
+        files = self.mysqld.tls_files
+        self._tls_dir()
+        self._write_tls_file(files.ca, ca_pem.encode(), 0o644)
+        self._write_tls_file(files.cert, cert_pem.encode(), 0o644)
 
     def _write_my_cnf(self) -> None:
         self.mysqld.write_my_cnf(self.my_cnf())
 
     def ensure_admin(self) -> None:
-        """The internal admin exists with the password on record, and root is reachable only locally
-        (blocking; also after a restore, whose mysql.user is the source's)."""
+        """The internal admin exists with the password on record, root is reachable only locally, and every
+        account lies inside access.allowed_cidrs (blocking; also after a restore, whose mysql.user is the
+        source's)."""
         self._create_admin()
         self.admin.remove_remote_root()
+        moved = self.admin.enforce_access()
+        if moved:
+            log.warning("accounts outside access.allowed_cidrs moved inside", extra={"accounts": ",".join(moved)})
 
     def _create_admin(self) -> None:
         """Creates os_admin@localhost with a random password kept 0600 in the state dir (idempotent)."""
@@ -161,6 +223,16 @@ class MysqlDriver(DatastoreDriver):
         for i, u in enumerate(spec.users):
             names.validate_user(u.name, f"users[{i}].user")
             names.validate_password(u.password, f"users[{i}].password")
+        allowed = cidrs.parse_cidrs(spec.allowed_cidrs, "allowed_cidrs")
+        if bool(spec.tls_cert_pem) != bool(spec.tls_ca_pem):
+            raise InvalidArgument("tls_cert_pem and tls_ca_pem go together", field="tls_ca_pem")
+        if spec.tls_cert_pem:
+            await asyncio.to_thread(self._install_tls, spec.tls_cert_pem, spec.tls_ca_pem)
+        if spec.require_secure_transport and not self.mysqld.tls_ready():
+            raise InvalidArgument("require_secure_transport needs a TLS certificate (tls_cert_pem)",
+                                  field="require_secure_transport")
+        self.admin.allowed = allowed
+        self._require_secure_transport = spec.require_secure_transport
         if spec.limits.memory_mb:
             self._limits = spec.limits
         if spec.datadir:
@@ -190,7 +262,8 @@ class MysqlDriver(DatastoreDriver):
                 await self._start_memcached(s.port or 11211)
         # Remember the shape (never the users' passwords) so a restarted agent brings mysqld back.
         kept = Prepare(services=spec.services, limits=self._limits, datadir=self.datadir,
-                       bind_address=self._bind)
+                       bind_address=self._bind, allowed_cidrs=spec.allowed_cidrs,
+                       require_secure_transport=spec.require_secure_transport)
         self._write_private("prepared.json", {"prepare": convert.prepare_to_json(kept), "port": self._port})
         await progress(100, "prepared")
 
@@ -211,6 +284,8 @@ class MysqlDriver(DatastoreDriver):
         self.datadir = spec.datadir or self.datadir
         self._bind = spec.bind_address or self._bind
         self._port = int(saved.get("port", self._port))
+        self.admin.allowed = cidrs.parse_cidrs(spec.allowed_cidrs, "allowed_cidrs")
+        self._require_secure_transport = spec.require_secure_transport
         self._write_my_cnf()
         await self.start()
         for s in spec.services:
@@ -336,7 +411,10 @@ class MysqlBackups:
         d = self.driver
         access = MysqlAccess(socket=d.mysqld.socket, user=names.ADMIN_USER, password=d.admin_password(),
                              datadir=d.datadir, defaults_file=d.mysqld.my_cnf_path)
-        return BackupRunner(access, d.stop, d.start)
+        # Backup and restore work on the data volume, never on the container's root filesystem.
+        work = volume_work_dir(d.datadir)
+        os.makedirs(work, mode=0o700, exist_ok=True)
+        return BackupRunner(access, d.stop, d.start, BackupSettings(work_dir=work))
 
     async def backup(self, backup_id: str, incremental_from_lsn: str, upload: Upload,
                      progress: Progress) -> BackupResult:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pymysql
 
-from reddwarf.common import names
+from reddwarf.common import cidrs, names
 from reddwarf.common.errors import AlreadyExists, Internal, InvalidArgument, NotFound, Unavailable
 
 from .model import Database, DatabasePage, User, UserPage, UserUpdate
@@ -61,10 +61,33 @@ def _like_unescape(db: str) -> str:
 
 
 class MysqlAdmin:
-    """The tenant-facing SQL operations, over a connection factory for the internal admin account."""
+    """The tenant-facing SQL operations, over a connection factory for the internal admin account.
 
-    def __init__(self, connect: Connect) -> None:
+    With `allowed` networks (Trove's access.allowed_cidrs), accounts exist only at hosts inside them: a user
+    asked for at "%" (any host) is made at each network's host pattern, and operations on user@"%" act on
+    all of those; a user asked for at a host outside the networks is refused."""
+
+    def __init__(self, connect: Connect, allowed: Sequence[cidrs.Network] = ()) -> None:
         self._connect = connect
+        self.allowed: tuple[cidrs.Network, ...] = tuple(allowed)
+
+    def _hosts(self, host: str, field: str, creating: bool = False) -> list[str]:
+        """The account hosts that `host` (validated, "" = "%") stands for under the access policy. Only
+        what is made (creating) must lie inside the networks: an existing account can still be dropped."""
+        host = names.validate_host(host, field)
+        if not self.allowed:
+            return [host]
+        if host == "%":
+            return [cidrs.host_pattern(n) for n in self.allowed]
+        if creating and not cidrs.host_within(host, self.allowed):
+            raise InvalidArgument(f"host {host!r} is outside the instance's access.allowed_cidrs", field=field)
+        return [host]
+
+    def _existing(self, cur: Any, user: str, hosts: Sequence[str], field: str = "user") -> list[str]:
+        found = [h for h in hosts if self._user_exists(cur, user, h)]
+        if not found:
+            raise NotFound(f"user {user}@{hosts[0] if len(hosts) == 1 else '%'} does not exist", field=field)
+        return found
 
     @contextmanager
     def cursor(self) -> Iterator[Any]:
@@ -152,20 +175,20 @@ class MysqlAdmin:
     # users ---------------------------------------------------------------
 
     def create_users(self, users: Sequence[User], skip_existing: bool = False) -> None:
-        checked: list[tuple[str, str, str, list[str]]] = []
+        checked: list[tuple[str, str, str, list[str], int]] = []
         seen: set[tuple[str, str]] = set()
         for i, u in enumerate(users):
             name = names.validate_user(u.name, f"users[{i}].user")
-            host = names.validate_host(u.host, f"users[{i}].host")
             pw = names.validate_password(u.password, f"users[{i}].password")
-            if (name, host) in seen:
-                raise InvalidArgument(f"user {name}@{host} is named twice", field=f"users[{i}].user")
-            seen.add((name, host))
             dbs = [names.validate_database(d, f"users[{i}].databases[{j}]") for j, d in enumerate(u.databases)]
-            checked.append((name, host, pw, dbs))
+            for host in self._hosts(u.host, f"users[{i}].host", creating=True):
+                if (name, host) in seen:
+                    raise InvalidArgument(f"user {name}@{host} is named twice", field=f"users[{i}].user")
+                seen.add((name, host))
+                checked.append((name, host, pw, dbs, i))
         with self.cursor() as cur:
             todo = []
-            for i, (name, host, pw, dbs) in enumerate(checked):
+            for name, host, pw, dbs, i in checked:
                 if self._user_exists(cur, name, host):
                     if skip_existing:
                         continue
@@ -180,16 +203,12 @@ class MysqlAdmin:
                     cur.execute("GRANT ALL PRIVILEGES ON " + names.quote_ident(_like_escape(d)) + ".* TO %s@%s",
                                 (name, host))
 
-    def _require_user(self, cur: Any, user: str, host: str, field: str = "user") -> None:
-        if not self._user_exists(cur, user, host):
-            raise NotFound(f"user {user}@{host} does not exist", field=field)
-
     def delete_user(self, user: str, host: str) -> None:
         names.validate_user(user, "user")
-        host = names.validate_host(host, "host")
+        hosts = self._hosts(host, "host")
         with self.cursor() as cur:
-            self._require_user(cur, user, host)
-            cur.execute("DROP USER %s@%s", (user, host))
+            for h in self._existing(cur, user, hosts):
+                cur.execute("DROP USER %s@%s", (user, h))
 
     def _user_databases(self, cur: Any, user: str, host: str) -> list[str]:
         cur.execute("SELECT Db FROM mysql.db WHERE User = %s AND Host = %s ORDER BY Db", (user, host))
@@ -197,9 +216,9 @@ class MysqlAdmin:
 
     def get_user(self, user: str, host: str) -> User:
         names.validate_user(user, "user")
-        host = names.validate_host(host, "host")
+        hosts = self._hosts(host, "host")
         with self.cursor() as cur:
-            self._require_user(cur, user, host)
+            host = self._existing(cur, user, hosts)[0]
             return User(name=user, host=host, databases=tuple(self._user_databases(cur, user, host)))
 
     def update_user(self, req: UserUpdate) -> None:
@@ -210,42 +229,54 @@ class MysqlAdmin:
         new_host = names.validate_host(req.new_host, "new_host") if req.new_host else host
         if not pw and (new_user, new_host) == (user, host):
             raise InvalidArgument("nothing to change: give a password, new_user or new_host", field="password")
+        hosts = self._hosts(host, "host")
+        targets = self._hosts(new_host, "new_host", creating=True) if new_host != host else []
         with self.cursor() as cur:
-            self._require_user(cur, user, host)
+            found = self._existing(cur, user, hosts)
+            if targets and len(targets) != len(found):
+                raise InvalidArgument(f"user {user}@{host} is {len(found)} accounts under access.allowed_cidrs, "
+                                      f"{new_host!r} would be {len(targets)}", field="new_host")
+            renames = list(zip(found, targets or found, strict=True))
             renamed = (new_user, new_host) != (user, host)
-            if renamed and self._user_exists(cur, new_user, new_host):
-                raise AlreadyExists(f"user {new_user}@{new_host} already exists",
-                                    field="new_user" if req.new_user else "new_host")
-            if pw:
-                cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", (user, host, pw))
             if renamed:
-                cur.execute("RENAME USER %s@%s TO %s@%s", (user, host, new_user, new_host))
+                for _, nh in renames:
+                    if self._user_exists(cur, new_user, nh):
+                        raise AlreadyExists(f"user {new_user}@{nh} already exists",
+                                            field="new_user" if req.new_user else "new_host")
+            for h in found:
+                if pw:
+                    cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", (user, h, pw))
+            if renamed:
+                for h, nh in renames:
+                    cur.execute("RENAME USER %s@%s TO %s@%s", (user, h, new_user, nh))
 
     def grant_access(self, user: str, host: str, databases: Sequence[str]) -> None:
         names.validate_user(user, "user")
-        host = names.validate_host(host, "host")
+        hosts = self._hosts(host, "host")
         if not databases:
             raise InvalidArgument("at least one database is required", field="databases")
         dbs = [names.validate_database(d, f"databases[{j}]") for j, d in enumerate(databases)]
         with self.cursor() as cur:
-            self._require_user(cur, user, host)
+            found = self._existing(cur, user, hosts)
             for j, d in enumerate(dbs):
                 if not self._db_exists(cur, d):
                     raise NotFound(f"database {d!r} does not exist", field=f"databases[{j}]")
-            for d in dbs:
-                cur.execute("GRANT ALL PRIVILEGES ON " + names.quote_ident(_like_escape(d)) + ".* TO %s@%s",
-                            (user, host))
+            for h in found:
+                for d in dbs:
+                    cur.execute("GRANT ALL PRIVILEGES ON " + names.quote_ident(_like_escape(d)) + ".* TO %s@%s",
+                                (user, h))
 
     def revoke_access(self, user: str, host: str, database: str) -> None:
         names.validate_user(user, "user")
-        host = names.validate_host(host, "host")
+        hosts = self._hosts(host, "host")
         db = names.validate_database(database, "database")
         with self.cursor() as cur:
-            self._require_user(cur, user, host)
-            if db not in self._user_databases(cur, user, host):
-                raise NotFound(f"user {user}@{host} has no access to {db!r}", field="database")
-            cur.execute("REVOKE ALL PRIVILEGES ON " + names.quote_ident(_like_escape(db)) + ".* FROM %s@%s",
-                        (user, host))
+            found = [h for h in self._existing(cur, user, hosts) if db in self._user_databases(cur, user, h)]
+            if not found:
+                raise NotFound(f"user {user}@{host or '%'} has no access to {db!r}", field="database")
+            for h in found:
+                cur.execute("REVOKE ALL PRIVILEGES ON " + names.quote_ident(_like_escape(db)) + ".* FROM %s@%s",
+                            (user, h))
 
     def list_users(self, page_size: int, page_token: str) -> UserPage:
         size = _page_size(page_size)
@@ -271,28 +302,64 @@ class MysqlAdmin:
         """Gives root@'%' a fresh random password (returned once, never stored) and all privileges."""
         password = secrets.token_urlsafe(24)
         with self.cursor() as cur:
-            cur.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", ("root", "%", password))
-            cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", ("root", "%", password))
-            cur.execute("GRANT ALL PRIVILEGES ON *.* TO %s@%s WITH GRANT OPTION", ("root", "%"))
+            for h in self._hosts("%", "host"):
+                cur.execute("CREATE USER IF NOT EXISTS %s@%s IDENTIFIED BY %s", ("root", h, password))
+                cur.execute("ALTER USER %s@%s IDENTIFIED BY %s", ("root", h, password))
+                cur.execute("GRANT ALL PRIVILEGES ON *.* TO %s@%s WITH GRANT OPTION", ("root", h))
         return password
 
     def remove_remote_root(self) -> None:
         """Drops the root@127.0.0.1/::1/<hostname> accounts install-db makes: more specific than root@'%',
         they would shadow an enabled root, and nobody should reach root but through the root API."""
         with self.cursor() as cur:
-            cur.execute("SELECT Host FROM mysql.global_priv WHERE User = %s AND Host NOT IN (%s, %s)",
-                        ("root", "localhost", "%"))
+            keep = sorted({"localhost", "%", *self._hosts("%", "host")})
+            cur.execute("SELECT Host FROM mysql.global_priv WHERE User = %s AND Host NOT IN %s", ("root", keep))
             for (host,) in cur.fetchall():
                 cur.execute("DROP USER %s@%s", ("root", host))
             cur.execute("DROP USER IF EXISTS %s@%s", ("", "localhost"))
 
+    def enforce_access(self) -> list[str]:
+        """Moves tenant accounts (and an enabled root) at hosts outside the networks inside them: user@host
+        becomes user@<each network's pattern> with the same authentication and grants, then user@host is
+        dropped. For a restore, whose mysql.* is the source's. Returns the accounts moved ("user@host")."""
+        if not self.allowed:
+            return []
+        patterns = self._hosts("%", "host")
+        moved: list[str] = []
+        with self.cursor() as cur:
+            # localhost accounts (root, the internal admin, Debian's mysql@localhost) are reached only by
+            # the socket inside the guest: no network rule applies to them.
+            cur.execute("SELECT User, Host FROM mysql.global_priv WHERE User <> '' AND Host NOT IN ('', 'localhost') "
+                        "AND (User NOT IN %s OR User = 'root') ORDER BY User, Host",
+                        (sorted(names.RESERVED_USERS),))
+            for user, host in cur.fetchall():
+                if host in patterns or cidrs.host_within(host, self.allowed):
+                    continue
+                old = names.quote_ident(user) + "@" + names.quote_ident(host)
+                cur.execute("SHOW CREATE USER %s@%s", (user, host))
+                create = str(cur.fetchone()[0])
+                cur.execute("SHOW GRANTS FOR %s@%s", (user, host))
+                grants = [str(r[0]) for r in cur.fetchall()]
+                for p in patterns:
+                    if self._user_exists(cur, user, p):
+                        continue
+                    new = names.quote_ident(user) + "@" + names.quote_ident(p)
+                    # Statements mysqld itself printed, with only the account name changed.
+                    cur.execute(create.replace(old, new, 1))
+                    for g in grants:
+                        cur.execute(g.replace(" TO " + old, " TO " + new, 1))
+                cur.execute("DROP USER %s@%s", (user, host))
+                moved.append(f"{user}@{host}")
+        return moved
+
     def disable_root(self) -> None:
         with self.cursor() as cur:
-            cur.execute("DROP USER IF EXISTS %s@%s", ("root", "%"))
+            for h in sorted({"%", *self._hosts("%", "host")}):
+                cur.execute("DROP USER IF EXISTS %s@%s", ("root", h))
 
     def root_enabled_now(self) -> bool:
         with self.cursor() as cur:
-            return self._user_exists(cur, "root", "%")
+            return any(self._user_exists(cur, "root", h) for h in self._hosts("%", "host"))
 
     # health --------------------------------------------------------------
 
@@ -308,8 +375,6 @@ class MysqlAdmin:
                 except (TypeError, ValueError):
                     pass
             return out
-
-
 
     # resize ----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pymysql
 from reddwarf.common import runner
 from reddwarf.common.errors import FailedPrecondition, Unavailable
 
-from .mycnf import MyCnf, render_my_cnf
+from .mycnf import VOLUME_WORK_DIR, MyCnf, Tls, mysqld_tmpdir, render_my_cnf
 from .supervisor import Supervisor
 
 log = logging.getLogger("reddwarf.agent.mysqld")
@@ -34,11 +34,14 @@ def find_binary(configured: str, *candidates: str) -> str:
 class Mysqld:
     """One local mysqld, configured by the my.cnf in `state_dir`, running as the OS user `run_as`."""
 
-    def __init__(self, state_dir: str, run_as: str = "mysql", mysqld: str = "", install_db: str = "") -> None:
+    def __init__(self, state_dir: str, run_as: str = "mysql", mysqld: str = "", install_db: str = "",
+                 tls_dir: str = "") -> None:
         self.state_dir = state_dir
         self.run_as = run_as
         self._mysqld_binary = mysqld
         self._install_db_binary = install_db
+        self._tls_dir = tls_dir
+        self._cnf: MyCnf | None = None
         self.supervisor: Supervisor | None = None
 
     # paths ---------------------------------------------------------------
@@ -62,17 +65,47 @@ class Mysqld:
     def socket(self) -> str:
         return os.path.join(self.run_dir, "mysqld.sock")
 
+    @property
+    def tls_dir(self) -> str:
+        """mysqld's TLS key and certificates: outside the private state dir, which mysqld (running as
+        run_as) cannot enter, yet readable by run_as only."""
+        if self._tls_dir:
+            return self._tls_dir
+        return os.path.join(self.state_dir, "mysql-tls") if self.run_as == "root" else "/etc/mysql/reddwarf-tls"
+
+    @property
+    def tls_files(self) -> Tls:
+        d = self.tls_dir
+        return Tls(cert=os.path.join(d, "server-cert.pem"), key=os.path.join(d, "server-key.pem"),
+                   ca=os.path.join(d, "ca.pem"))
+
+    def tls_ready(self) -> bool:
+        t = self.tls_files
+        return all(os.path.exists(p) for p in (t.cert, t.key, t.ca))
+
     def my_cnf(self, datadir: str, port: int, bind_address: str, buffer_pool_mb: int, max_connections: int,
-               open_files_limit: int) -> MyCnf:
+               open_files_limit: int, require_secure_transport: bool = False) -> MyCnf:
         run_dir = self.run_dir
         return MyCnf(datadir=datadir, socket=os.path.join(run_dir, "mysqld.sock"),
                      pid_file=os.path.join(run_dir, "mysqld.pid"), log_error=os.path.join(run_dir, "mysqld.err"),
                      port=port, bind_address=bind_address, buffer_pool_mb=buffer_pool_mb,
-                     max_connections=max_connections, open_files_limit=open_files_limit)
+                     max_connections=max_connections, open_files_limit=open_files_limit,
+                     tmpdir=mysqld_tmpdir(datadir), tls=self.tls_files if self.tls_ready() else None,
+                     require_secure_transport=require_secure_transport)
 
     def write_my_cnf(self, cnf: MyCnf) -> None:
         with open(self.my_cnf_path, "w") as f:
             f.write(render_my_cnf(cnf))
+        self._cnf = cnf
+
+    def ensure_tmpdir(self) -> None:
+        """mysqld's tmpdir on the volume, owned by run_as (made again after a restore swapped the datadir)."""
+        if self._cnf is None or not self._cnf.tmpdir:
+            return
+        os.makedirs(self._cnf.tmpdir, mode=0o700, exist_ok=True)
+        if self.run_as != "root":
+            shutil.chown(os.path.dirname(self._cnf.tmpdir), self.run_as, self.run_as)
+            shutil.chown(self._cnf.tmpdir, self.run_as, self.run_as)
 
     def require_configured(self) -> None:
         if not os.path.exists(self.my_cnf_path):
@@ -89,7 +122,7 @@ class Mysqld:
             log.warning("clearing a datadir whose initialisation was cut off", extra={"datadir": datadir})
             for name in os.listdir(datadir):
                 path = os.path.join(datadir, name)
-                if name in ("lost+found", INIT_MARKER):
+                if name in ("lost+found", INIT_MARKER, VOLUME_WORK_DIR):
                     continue
                 if os.path.isdir(path) and not os.path.islink(path):
                     shutil.rmtree(path)
@@ -98,12 +131,13 @@ class Mysqld:
         elif os.path.isdir(os.path.join(datadir, "mysql")):
             return False
         os.makedirs(datadir, exist_ok=True)
-        if any(n not in ("lost+found", INIT_MARKER) for n in os.listdir(datadir)):
+        if any(n not in ("lost+found", INIT_MARKER, VOLUME_WORK_DIR) for n in os.listdir(datadir)):
             raise FailedPrecondition(f"datadir {datadir} holds files but no MySQL data", field="datadir")
         with open(marker, "w"):
             pass
         if self.run_as != "root":
             shutil.chown(datadir, self.run_as, self.run_as)
+        self.ensure_tmpdir()
         install_db = find_binary(self._install_db_binary, "mariadb-install-db", "mysql_install_db")
         await runner.run_async([install_db, f"--defaults-file={self.my_cnf_path}", f"--datadir={datadir}",
                                 f"--user={self.run_as}", "--auth-root-authentication-method=socket",
@@ -130,6 +164,7 @@ class Mysqld:
     async def start(self) -> None:
         """Starts mysqld under supervision (no-op if running) and waits until it accepts connections."""
         self.require_configured()
+        self.ensure_tmpdir()
         if self.supervisor is None:
             binary = find_binary(self._mysqld_binary, "mariadbd", "mysqld")
             self.supervisor = Supervisor("mysqld", [binary, f"--defaults-file={self.my_cnf_path}",

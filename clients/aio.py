@@ -129,13 +129,20 @@ class AsyncClient:
                               databases: Iterable[str | r.DatabaseSpec | cpb.Database] = (),
                               users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
                               datastore_version: str = "", restore_from: str | None = None,
-                              request_id: str = "") -> pb.Instance:
+                              request_id: str = "", allowed_cidrs: Iterable[str] = (),
+                              require_secure_transport: bool = False) -> pb.Instance:
         return await self._call(self.instances.CreateInstance, r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
-            datastore_version=datastore_version, restore_from=restore_from, request_id=request_id))
+            datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
+            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport))
 
     async def get_instance(self, instance: str) -> pb.Instance:
         return await self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
+
+    async def get_instance_ca(self, instance: str) -> pb.InstanceCa:
+        """The CA certificate (PEM) to verify the instance's MySQL server certificate with, and the name
+        that certificate carries."""
+        return await self._call(self.instances.GetInstanceCa, pb.GetInstanceCaRequest(name=r.instance_name(instance)))
 
     def list_instances(self, status: str | int | None = None, page_size: int = 0) -> AsyncIterator[pb.Instance]:
         wanted = r.instance_status(status) if status is not None else pb.INSTANCE_STATUS_UNSPECIFIED

@@ -204,6 +204,10 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                                                    f"{PASSWORD_ENV} (one user) or a prompt."),
                     password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
                     restore_from: str = typer.Option(None, "--restore-from", help="Backup id to restore."),
+                    allowed_cidr: list[str] = typer.Option([], "--allowed-cidr",
+                                                           help="Network users may connect from (repeatable)."),
+                    require_tls: bool = typer.Option(False, "--require-tls",
+                                                     help="Refuse MySQL connections that are not TLS."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
     specs = []
     for spec in user:
@@ -229,7 +233,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
     def go() -> None:
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
-                                 restore_from=restore_from)
+                                 restore_from=restore_from, allowed_cidrs=allowed_cidr,
+                                 require_secure_transport=require_tls)
         if wait:
             inst = _progress_until(c, inst.name)
         emit(inst, INSTANCE_COLS)
@@ -246,6 +251,21 @@ def instance_show(instance: str) -> None:
     def go() -> None:
         i = client().get_instance(instance)
         emit(i, INSTANCE_COLS + [("task", lambda x: x.task_step or "-"), ("fault", lambda x: x.fault.message or "-")])
+    run(go)
+
+
+@instance_app.command("ca")
+def instance_ca(instance: str, output: Path | None = typer.Option(None, "--output", "-o",
+                                                           help="Save the CA certificate (PEM) to this file.")) -> None:
+    """The CA certificate to verify the instance's MySQL TLS with (e.g. mariadb --ssl-ca=FILE
+    --ssl-verify-server-cert -h SERVER_NAME)."""
+    def go() -> None:
+        ca = client().get_instance_ca(instance)
+        if output is None:
+            typer.echo(ca.ca_pem, nl=False)
+            return
+        output.write_text(ca.ca_pem)
+        typer.echo(f"saved the MySQL CA of {instance} to {output}; verify the server name {ca.server_name}", err=True)
     run(go)
 
 

@@ -142,8 +142,10 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
                             databases: Iterable[str | DatabaseSpec | cpb.Database] = (),
                             users: Iterable[UserSpec | cpb.User] = (), datastore: str = "",
                             datastore_version: str = "", restore_from: str | None = None,
-                            request_id: str = "") -> pb.CreateInstanceRequest:
+                            request_id: str = "", allowed_cidrs: Iterable[str] = (),
+                            require_secure_transport: bool = False) -> pb.CreateInstanceRequest:
     return pb.CreateInstanceRequest(
+        access=pb.InstanceAccess(allowed_cidrs=list(allowed_cidrs), require_secure_transport=require_secure_transport),
         instance=pb.Instance(display_name=name, flavor=flavor, volume=pb.Volume(size_gb=size_gb),
                              datastore=datastore, datastore_version=datastore_version),
         databases=[_database(d) for d in databases], users=[_user(u) for u in users],

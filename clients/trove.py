@@ -36,6 +36,7 @@ class InstanceCreate:
     datastore: str = ""
     datastore_version: str = ""
     restore_from: str | None = None
+    allowed_cidrs: tuple[str, ...] = ()  # Trove's access.allowed_cidrs (checked by the server)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,13 @@ def create_request(body: dict[str, Any]) -> InstanceCreate:
         if not isinstance(rp, dict):
             raise BadInput("instance.restorePoint must be an object")
         restore_from = ref_id(rp.get("backupRef"), "instance.restorePoint.backupRef")
-    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from)
+    access = body.get("access") or {}
+    if not isinstance(access, dict):
+        raise BadInput("instance.access must be an object")
+    cidrs = access.get("allowed_cidrs") or []
+    if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
+        raise BadInput("instance.access.allowed_cidrs must be a list of strings")
+    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs))
 
 
 def backup_request(body: dict[str, Any]) -> BackupCreate:

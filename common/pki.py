@@ -125,6 +125,17 @@ def make_key_and_csr(common_name: str) -> tuple[bytes, bytes]:
     return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM)
 
 
+def csr_for_key(key_pem: bytes, common_name: str) -> bytes:
+    """A CSR for a key already held (a guest's mysqld key, kept across replays of its request)."""
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidArgument("key must be an EC key", field="key")
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
 def identity_from_cert(pem: bytes | str) -> Identity:
     """The identity a certificate proves. Raises InvalidArgument if it carries none (or several)."""
     if isinstance(pem, str):
@@ -222,6 +233,41 @@ class CertificateAuthority:
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise InvalidArgument("certificate request must use an EC key", field="csr_pem")
         return self._sign(public_key, role, id, days, (), (), None)
+
+    def sign_tls_server_csr(self, csr_pem: bytes, common_name: str, dns_names: Iterable[str] = (),
+                            ip_addresses: Iterable[str] = (), days: int = 365) -> Issued:
+        """A plain TLS server certificate (no Red Dwarf identity, serverAuth only) for the CSR's key, naming
+        exactly the given DNS names and addresses: what a tenant-facing CA (MySQL's) issues."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as e:
+            raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem") from None
+        if not csr.is_signature_valid:
+            raise InvalidArgument("certificate request signature is invalid", field="csr_pem")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise InvalidArgument("certificate request must use an EC key", field="csr_pem")
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
+        if not sans:
+            raise InvalidArgument("a server certificate needs a name or an address", field="dns_names")
+        start = now_aware() - dt.timedelta(minutes=5)
+        end = start + dt.timedelta(days=days)
+        serial = x509.random_serial_number()
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
+                .issuer_name(self._cert.subject)
+                .public_key(public_key)
+                .serial_number(serial)
+                .not_valid_before(start)
+                .not_valid_after(end)
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                               critical=False)
+                .sign(self._key, hashes.SHA256()))
+        return Issued(cert.public_bytes(serialization.Encoding.PEM), b"", serial, end)
 
     def _sign(self, public_key: ec.EllipticCurvePublicKey, role: str, id: str, days: int,
               dns_names: Iterable[str], ip_addresses: Iterable[str],

@@ -37,6 +37,7 @@ from .enrollment import Enrollment
 from .events import EventBus
 from .guest_health import GuestHealthRecorder
 from .hosts import HostClient, HostPool, place
+from .mysql_ca import sign_instance_csr
 from .sealing import PasswordSealer
 
 DATADIR = "/var/lib/mysql"
@@ -152,6 +153,15 @@ class InstanceTasks:
                 models.DatastoreVersion.datastore_id == row.datastore,
                 models.DatastoreVersion.version == row.datastore_version))
             packages = list(version.packages) if version else []
+        access = params.get("access", {})
+        # mysqld's TLS: the guest makes the key and answers with a CSR (the same key on a replay), which the
+        # tenant-facing MySQL CA signs for the address clients dial. An agent with no TLS answers "".
+        tls = await self.registry.call(row.id, agent_pb2.Command(
+            command_id=f"{ctx.task_id}:mysql-tls", mysql_tls_request=agent_pb2.MysqlTlsRequest()), timeout=120)
+        cert_pem = ca_pem = ""
+        if tls.mysql_tls_csr.csr_pem:
+            cert_pem, ca_pem = await asyncio.to_thread(sign_instance_csr, self.app, tls.mysql_tls_csr.csr_pem,
+                                                       row.id, row.address or "127.0.0.1")
         spec = agent_pb2.Prepare(
             services=[agent_pb2.ServiceSpec(service=row.datastore, version=row.datastore_version,
                                             packages=packages, port=row.port)],
@@ -159,7 +169,10 @@ class InstanceTasks:
             databases=[json_format.ParseDict(d, common_pb2.Database()) for d in params.get("databases", [])],
             users=[json_format.ParseDict({**u, "password": self.sealer.unseal(u["password"])}
                                          if u.get("password") else u, common_pb2.User())
-                   for u in params.get("users", [])])
+                   for u in params.get("users", [])],
+            allowed_cidrs=list(access.get("allowed_cidrs", [])),
+            require_secure_transport=bool(access.get("require_secure_transport", False)),
+            tls_cert_pem=cert_pem, tls_ca_pem=ca_pem)
 
         async def progress(p: agent_pb2.Progress) -> None:
             await ctx.progress(min(95, 60 + p.percent // 3))
@@ -167,7 +180,8 @@ class InstanceTasks:
                                  timeout=PREPARE_TIMEOUT, on_progress=progress)
         # The users' passwords were needed exactly once; they are not kept.
         kept = {"databases": params.get("databases", []),
-                "users": [{k: v for k, v in u.items() if k != "password"} for u in params.get("users", [])]}
+                "users": [{k: v for k, v in u.items() if k != "password"} for u in params.get("users", [])],
+                **({"access": access} if access else {})}
         self._update(row.id, create_params=kept)
 
     async def step_restore(self, ctx: tasks.StepContext) -> None:

@@ -1,8 +1,9 @@
-"""Validation of a CreateInstanceRequest before anything is stored: the display name, the request id, and
-the initial databases and users (names, passwords, no duplicates, grants only on databases it creates)."""
+"""Validation of a CreateInstanceRequest before anything is stored: the display name, the request id, the
+access networks, and the initial databases and users (names, passwords, no duplicates, grants only on
+databases it creates, hosts inside the access networks)."""
 from __future__ import annotations
 
-from reddwarf.common import names
+from reddwarf.common import cidrs, names
 from reddwarf.common.errors import InvalidArgument
 from reddwarf.v1 import database_pb2
 
@@ -29,11 +30,14 @@ def validate_create(req: database_pb2.CreateInstanceRequest) -> None:
         if d.database in seen:
             raise InvalidArgument(f"database {d.database!r} is listed twice", field=f"databases[{i}].database")
         seen.add(d.database)
+    nets = cidrs.parse_cidrs(req.access.allowed_cidrs, "access.allowed_cidrs")
     users: set[tuple[str, str]] = set()
     for i, u in enumerate(req.users):
         names.validate_user(u.user, f"users[{i}].user")
         if u.host:
             names.validate_host(u.host, f"users[{i}].host")
+            if nets and u.host != "%" and not cidrs.host_within(u.host, nets):
+                raise InvalidArgument(f"host {u.host!r} is outside access.allowed_cidrs", field=f"users[{i}].host")
         names.validate_password(u.password, f"users[{i}].password")
         key = (u.user, u.host or "%")
         if key in users:

@@ -34,6 +34,7 @@ from .catalog import resource_id
 from .events import EventBus
 from .instance_validation import validate_create
 from .instance_views import derived_status, instance_pb, owned_instance
+from .mysql_ca import mysql_ca
 from .pagination import Paginator
 from .quotas import check_instance_quota
 from .sealing import PasswordSealer
@@ -118,7 +119,10 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     datastore_version=version, request_id=request.request_id or None, restored_from=restore_id,
                     create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
                                    "users": [{**json_format.MessageToDict(u), "password": self.sealer.seal(u.password)}
-                                             for u in request.users]})
+                                             for u in request.users],
+                                   **({"access": json_format.MessageToDict(request.access,
+                                                                           preserving_proto_field_name=True)}
+                                      if request.HasField("access") else {})})
                 s.add(row)
                 s.flush()
                 tasks.submit(s, "create_instance", f"instances/{row.id}", {})
@@ -127,6 +131,16 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         pb = await asyncio.to_thread(create)
         self._after_submit(pb.id)
         return pb
+
+    @grpc_edge
+    async def GetInstanceCa(self, request: database_pb2.GetInstanceCaRequest,
+                            context: Context) -> database_pb2.InstanceCa:
+        p = current_principal(context)
+        with self.app.sessions() as s:
+            row = owned_instance(s, p, request.name)
+            address, port = row.address or "", row.port or 0
+        ca = await asyncio.to_thread(mysql_ca, self.app)
+        return database_pb2.InstanceCa(ca_pem=ca.cert_pem.decode(), server_name=address, port=port)
 
     @grpc_edge
     async def GetInstance(self, request: database_pb2.GetInstanceRequest, context: Context) -> database_pb2.Instance:
