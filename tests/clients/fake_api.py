@@ -76,7 +76,7 @@ class Catalog(pb_grpc.CatalogServicer):
 
     def GetCaller(self, request, context):
         _auth(context)
-        return pb.Caller(tenant="demo", identity="spiffe://reddwarf/client/test")
+        return pb.Caller(tenant="tenants/demo", identity="spiffe://reddwarf/client/test")
 
 
 class Instances(pb_grpc.InstancesServicer):
