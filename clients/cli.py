@@ -1,5 +1,9 @@
-"""`reddwarf`: the command line over the SDK. Tables by default, `--json` for scripts, one-line errors
-(`error: NOT_FOUND: instance ... (field: name)`) and a non-zero exit code on failure.
+"""`reddwarf`: the command line over the SDK. One resource prints as a Field | Value table (nothing cut,
+the id and endpoint readable in 80 columns), several as a table whose ids are never cut. For scripts,
+every printing command takes `--json` (or `-f json`), `-f value` and `-c FIELD` (repeatable):
+`reddwarf instance show demo-db -f value -c id` prints just the id. Instances and backups are named by
+id or display name; a name several share is an error listing their ids. Errors are one line
+(`error: NOT_FOUND: instance ... (field: name)`) with a non-zero exit code.
 
 Credentials come from the same places as the SDK's: REDDWARF_* environment (see demo-openrc.sh) or
 ~/.config/reddwarf/config.yaml, and `--token-file`. Secrets never go on the command line (other users see
