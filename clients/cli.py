@@ -357,8 +357,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
         if ":" in spec:  # the old user:password[:dbs] form: refused rather than read as something else
             raise typer.BadParameter(f"--user takes user[=db1,db2]; {NO_SECRET_ARGS}use --password-file, "
                                      f"{PASSWORD_ENV} or the prompt")
-        name, _, dbs = spec.partition("=")
-        specs.append((name, tuple(d for d in dbs.split(",") if d)))
+        uname, _, dbs = spec.partition("=")  # not `name`: that is the instance's
+        specs.append((uname, tuple(d for d in dbs.split(",") if d)))
     passwords: list[str] = []
     if specs and password_file is not None:
         try:
@@ -465,11 +465,12 @@ USER_COLS: list[tuple[str, Callable[[Any], Any]]] = [("user", lambda u: u.user),
 
 @user_app.command("create")
 @output_options
-def user_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
+def user_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), password_file: Path = PASSWORD_FILE,
+                _password: str = PASSWORD_ARG,
                 host: str = typer.Option("%", "--host"), database: list[str] = typer.Option([], "--database")) -> None:
     password = secret(password_file, PASSWORD_ENV, "password", confirm=True)
-    run(lambda: emit(with_instance(lambda c, i: c.create_user(i, name, password, host, databases=database), instance),
-                     USER_COLS))
+    run(lambda: emit(with_instance(lambda c, i: c.create_user(i, name, password, host, databases=database),
+                                   instance), USER_COLS))
 
 
 @user_app.command("list")
@@ -500,8 +501,8 @@ def user_revoke(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), d
 
 @user_app.command("password")
 @output_options
-def user_password(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
-                  host: str = typer.Option("%", "--host")) -> None:
+def user_password(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), password_file: Path = PASSWORD_FILE,
+                  _password: str = PASSWORD_ARG, host: str = typer.Option("%", "--host")) -> None:
     password = secret(password_file, PASSWORD_ENV, "new password", confirm=True)
     run(lambda: emit(with_instance(lambda c, i: c.change_password(i, name, password, host), instance), USER_COLS))
 
@@ -509,8 +510,8 @@ def user_password(instance: str = INSTANCE_ARG, name: str = typer.Argument(...),
 @root_app.command("enable")
 @output_options
 def root_enable(instance: str = INSTANCE_ARG) -> None:
-    run(lambda: emit(with_instance(lambda c, i: c.enable_root(i), instance), [("user", lambda r: r.user), ("password (shown once)",
-                                                                                  lambda r: r.password)]))
+    run(lambda: emit(with_instance(lambda c, i: c.enable_root(i), instance),
+                     [("user", lambda r: r.user), ("password (shown once)", lambda r: r.password)]))
 
 
 @root_app.command("disable")

@@ -138,3 +138,12 @@ def test_sdk_find_helpers(state, client):
     add_instance(state, "x")
     with pytest.raises(InvalidArgument):
         client.instance_id("x")
+
+
+def test_create_keeps_the_instance_name_with_users_and_prints_fields(state, invoke, tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("app-password-1\n")
+    r = invoke("instance", "create", "shop-db", "--flavor", "f0", "--size", "1", "--user", "app=shop",
+               "--password-file", str(pw), "--no-wait", "-f", "value", "-c", "name", "-c", "status")
+    assert r.exit_code == 0, r.output
+    assert r.output == "shop-db\nBUILD\n"  # the instance's name, not the last --user's
