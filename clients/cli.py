@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from .config import ConfigError
 from .errors import ClientError
 from .resources import DatabaseSpec, UserSpec
 from .sdk import Client
@@ -226,6 +227,9 @@ def run(fn: Callable[[], None]) -> None:
     except ClientError as e:
         err.print(f"error: {e.one_line()}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2 if e.code_name in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS") else 1) from None
+    except ConfigError as e:  # no endpoint, an unreadable config file: a line, not a traceback
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 # -- secrets: never from the command line ---------------------------------------------------------
@@ -317,8 +321,8 @@ def datastore_list() -> None:
 
 
 # -- instances -------------------------------------------------------------------------------------
-INSTANCE_ARG = typer.Argument(..., metavar="INSTANCE", help="The instance's id or name.")
-BACKUP_ARG = typer.Argument(..., metavar="BACKUP", help="The backup's id or name.")
+INSTANCE_ARG = typer.Argument(..., help="The instance's id or name.")
+BACKUP_ARG = typer.Argument(..., help="The backup's id or name.")
 
 
 def with_instance(call: Callable[[Client, str], R], instance: str) -> R:
