@@ -25,6 +25,11 @@ DEFAULT_CHARSET = "utf8mb4"
 DEFAULT_COLLATION = "utf8mb4_general_ci"
 MAX_PAGE = 1000
 
+# What the tenant's listings never show (besides "#mysql50#..." schemas and "mysql.*" / mysql@localhost
+# accounts, matched in the queries).
+HIDDEN_DATABASES = sorted(names.RESERVED_DATABASES)
+HIDDEN_USERS = sorted(names.RESERVED_USERS)  # root, os_admin, mariadb.sys
+
 Connect = Callable[[], "pymysql.connections.Connection[Any]"]
 
 
@@ -161,12 +166,14 @@ class MysqlAdmin:
         after = _read_token(page_token, "page_token") if page_token else ""
         if not isinstance(after, str):
             raise InvalidArgument("page_token is not one this agent issued", field="page_token")
-        reserved = sorted(names.RESERVED_DATABASES)
         with self.cursor() as cur:
+            # Hidden: the system schemas, and directories of the datadir that are not databases (ext4's
+            # lost+found at the volume's root shows as "#mysql50#lost+found").
             cur.execute(
                 "SELECT schema_name, default_character_set_name, default_collation_name "
                 "FROM information_schema.schemata WHERE schema_name > %s AND schema_name NOT IN %s "
-                "ORDER BY schema_name LIMIT %s", (after, reserved, size + 1))
+                "AND schema_name NOT LIKE %s ORDER BY schema_name LIMIT %s",
+                (after, HIDDEN_DATABASES, names.MYSQL50_PREFIX + "%", size + 1))
             rows = cur.fetchall()
         return DatabasePage(
             databases=tuple(Database(name=r[0], character_set=r[1], collation=r[2]) for r in rows[:size]),
@@ -284,11 +291,14 @@ class MysqlAdmin:
         if not (isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)):
             raise InvalidArgument("page_token is not one this agent issued", field="page_token")
         with self.cursor() as cur:
-            # Roles (PUBLIC and tenant-made) have an empty host; they are not users.
+            # Roles (PUBLIC and tenant-made) have an empty host; they are not users. Internal accounts are
+            # never listed (as Trove hides os_admin, root and mysql.*): ours, MariaDB's mysql@localhost
+            # (10.4+, owner of the system tables) and mariadb.sys / mysql.* system accounts.
             cur.execute(
                 "SELECT User, Host FROM mysql.global_priv WHERE User <> '' AND Host <> '' AND User NOT IN %s "
+                "AND User NOT LIKE %s AND NOT (User = %s AND Host = %s) "
                 "AND (User > %s OR (User = %s AND Host > %s)) ORDER BY User, Host LIMIT %s",
-                (sorted(names.RESERVED_USERS), after[0], after[0], after[1], size + 1))
+                (HIDDEN_USERS, "mysql.%", "mysql", "localhost", after[0], after[0], after[1], size + 1))
             rows = cur.fetchall()
             users = tuple(User(name=u, host=h, databases=tuple(self._user_databases(cur, u, h)))
                           for u, h in rows[:size])

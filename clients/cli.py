@@ -1,5 +1,9 @@
-"""`reddwarf`: the command line over the SDK. Tables by default, `--json` for scripts, one-line errors
-(`error: NOT_FOUND: instance ... (field: name)`) and a non-zero exit code on failure.
+"""`reddwarf`: the command line over the SDK. One resource prints as a Field | Value table (nothing cut,
+the id and endpoint readable in 80 columns), several as a table whose ids are never cut. For scripts,
+every printing command takes `--json` (or `-f json`), `-f value` and `-c FIELD` (repeatable):
+`reddwarf instance show demo-db -f value -c id` prints just the id. Instances and backups are named by
+id or display name; a name several share is an error listing their ids. Errors are one line
+(`error: NOT_FOUND: instance ... (field: name)`) with a non-zero exit code.
 
 Credentials come from the same places as the SDK's: REDDWARF_* environment (see demo-openrc.sh) or
 ~/.config/reddwarf/config.yaml, and `--token-file`. Secrets never go on the command line (other users see
@@ -8,21 +12,26 @@ it in ps, shells keep it in their history): tokens come from REDDWARF_TOKEN, the
 """
 from __future__ import annotations
 
+import functools
 import getpass
+import inspect
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import typer
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from .config import ConfigError
 from .errors import ClientError
 from .resources import DatabaseSpec, UserSpec
 from .sdk import Client
@@ -49,6 +58,9 @@ err = Console(stderr=True)
 
 class State:
     json = False
+    # "table", "value" or "json"; columns: the -c selection (empty: all).
+    format = "table"
+    columns: list[str] = []
     endpoint: str | None = None
     token: str | None = None
     # Tests inject a factory; normally the SDK's configuration rules apply.
@@ -62,32 +74,150 @@ def client() -> Client:
     return Client.from_env(**kw)
 
 
-def emit(items: Iterable[Message] | Message, columns: list[tuple[str, Callable[[Any], Any]]]) -> None:
+Column = tuple[str, Callable[[Any], Any]]
+FORMATS = ("table", "value", "json")
+SHORT = 12  # list cells up to this long are never folded
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def output_options(fn: Callable[P, R]) -> Callable[P, R]:
+    """Adds --json, -f/--format (table, value, json) and repeatable -c/--column to a command that prints
+    resources, as the openstack CLI has them: `-f value -c id` prints just the id."""
+    extra = [
+        inspect.Parameter("json_flag", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--json", help="Machine-readable output (= -f json).")),
+        inspect.Parameter("output_format", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("", "-f", "--format", help="table (default), value or json.")),
+        inspect.Parameter("column", inspect.Parameter.KEYWORD_ONLY, annotation=list[str],
+                          default=typer.Option([], "-c", "--column", help="Show only this field (repeatable).")),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        json_flag, output_format = kwargs.pop("json_flag", False), kwargs.pop("output_format", "")
+        columns = kwargs.pop("column", [])
+        if output_format and output_format not in FORMATS:
+            raise typer.BadParameter(f"-f must be one of {', '.join(FORMATS)}, not {output_format!r}")
+        if json_flag or output_format:
+            State.format = "json" if json_flag else output_format
+            State.json = State.format == "json"
+        State.columns = list(columns or [])
+        return fn(*args, **kwargs)
+
+    sig = inspect.signature(fn)
+    wrapper.__signature__ = sig.replace(  # type: ignore[attr-defined]  # read by inspect.signature (typer)
+        parameters=[*sig.parameters.values(), *extra])
+    wrapper.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in extra}}
+    return wrapper
+
+
+def _key(title: str) -> str:
+    return re.sub(r"[\s_-]+", "_", title.strip().lower())
+
+
+def _select(columns: list[Column]) -> list[Column]:
+    if not State.columns:
+        return columns
+    by_key = {_key(t): (t, fn) for t, fn in columns}
+    unknown = [c for c in State.columns if _key(c) not in by_key]
+    if unknown:
+        raise typer.BadParameter(f"no column {', '.join(unknown)}; the columns are: "
+                                 + ", ".join(_key(t) for t, _ in columns))
+    return [by_key[_key(c)] for c in State.columns]
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def emit(items: Iterable[Message] | Message, columns: list[Column]) -> None:
+    """One message: a Field | Value table (one row per field, nothing cut). Several: a table with one row
+    each, ids never cut (other columns wrap). -f value: bare values (one per line for one message, a line
+    per row for several); -f json / --json: the messages as JSON (-c keeps those top-level keys)."""
+    single = isinstance(items, Message)
     rows = [items] if isinstance(items, Message) else list(items)
-    if State.json:
+    if State.format == "json" or State.json:
         data = [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in rows]
-        out.print_json(json.dumps(data[0] if isinstance(items, Message) else data))
+        if State.columns:
+            wanted = {_key(c) for c in State.columns}
+            data = [{k: v for k, v in d.items() if _key(k) in wanted} for d in data]
+        typer.echo(json.dumps(data[0] if single else data, indent=2))
         return
-    table = Table(show_header=True, header_style="bold")
-    for title, _ in columns:
-        table.add_column(title)
-    for m in rows:
-        table.add_row(*[str(fn(m)) for _, fn in columns])
-    out.print(table)
+    cols = _select(columns)
+    if State.format == "value":
+        for m in rows:
+            values = [_text(fn(m)) for _, fn in cols]
+            typer.echo("\n".join(values) if single else " ".join(values))
+        return
+    if single:
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("Field", no_wrap=True)
+        table.add_column("Value", overflow="fold")
+        for title, fn in cols:
+            table.add_row(title, _text(fn(rows[0])))
+        out.print(table, markup=False, highlight=False)
+        return
+    # No vertical rules: more room for the values.
+    table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    cells = [[_text(fn(m)) for _, fn in cols] for m in rows]
+    widest = [max([len(v[n]) for v in cells] + [len(title) if _key(title) == "id" else 0])
+              for n, (title, _) in enumerate(cols)]
+    ids = [n for n, (title, _) in enumerate(cols) if _key(title) == "id"]
+    # What is left of the terminal once the ids are whole (3 columns of padding and rule per column).
+    budget = out.width - sum(widest[n] for n in ids) - 3 * len(cols)
+    for n, (title, _) in enumerate(cols):
+        if n in ids:
+            # The id is what users copy: it keeps its full width, the other columns wrap around it.
+            table.add_column(title, no_wrap=True, min_width=widest[n])
+            continue
+        # Short values (a status, a flavor) stay whole while there is room (leaving 4 for each later column);
+        # long ones fold.
+        later = sum(1 for m in range(n + 1, len(cols)) if m not in ids)
+        keep = widest[n] if widest[n] <= SHORT and widest[n] <= budget - 4 * later else None
+        budget -= keep or 4
+        table.add_column(title, overflow="fold", min_width=keep)
+    for v in cells:
+        table.add_row(*v)
+    out.print(table, markup=False, highlight=False)
 
 
 def short(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
+def enum_name(msg: Any, field: str) -> str:
+    """An enum field's value without its enum's prefix (INSTANCE_STATUS_ACTIVE → ACTIVE)."""
+    enum = msg.DESCRIPTOR.fields_by_name[field].enum_type
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    value = enum.values_by_number.get(getattr(msg, field))
+    return str(value.name).removeprefix(prefix) if value is not None else str(getattr(msg, field))
+
+
 def status_name(msg: Any) -> str:
-    return str(msg.DESCRIPTOR.fields_by_name["status"].enum_type.values_by_number[msg.status].name)
+    return enum_name(msg, "status")
 
 
-INSTANCE_COLS: list[tuple[str, Callable[[Any], Any]]] = [
+def ts(msg: Any, field: str) -> str:
+    return str(getattr(msg, field).ToJsonString()) if msg.HasField(field) else ""
+
+
+def endpoints(i: Any) -> str:
+    return ", ".join(f"{e.host}:{e.port}" for e in i.endpoints)
+
+
+INSTANCE_COLS: list[Column] = [
     ("id", lambda i: i.id), ("name", lambda i: i.display_name), ("status", status_name),
-    ("flavor", lambda i: short(i.flavor)), ("volume GB", lambda i: i.volume.size_gb),
-    ("endpoint", lambda i: ", ".join(f"{e.host}:{e.port}" for e in i.endpoints)),
+    ("flavor", lambda i: short(i.flavor)), ("volume GB", lambda i: i.volume.size_gb), ("endpoint", endpoints),
+]
+# One instance (show, create, resize...): everything a user looks for.
+INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
+    ("health", lambda i: enum_name(i.health, "service_state") if i.health.service_state else ""),
+    ("volume used MB", lambda i: round(i.volume.used_bytes / 2**20, 1)),
+    ("datastore", lambda i: i.datastore), ("datastore version", lambda i: i.datastore_version),
+    ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
+    ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
+    ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
 ]
 
 
@@ -95,8 +225,11 @@ def run(fn: Callable[[], None]) -> None:
     try:
         fn()
     except ClientError as e:
-        err.print(f"error: {e.one_line()}", markup=False, highlight=False)
+        err.print(f"error: {e.one_line()}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2 if e.code_name in ("INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS") else 1) from None
+    except ConfigError as e:  # no endpoint, an unreadable config file: a line, not a traceback
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 # -- secrets: never from the command line ---------------------------------------------------------
@@ -156,11 +289,13 @@ def main_options(json_output: bool = typer.Option(False, "--json", help="Machine
                  _token: str = typer.Option(None, "--token", hidden=True, callback=_refuse_secret_arg(
                      "token", "REDDWARF_TOKEN, the config file or --token-file"))) -> None:
     State.json, State.endpoint = json_output, endpoint
+    State.format, State.columns = ("json" if json_output else "table"), []
     State.token = read_secret_file(token_file, "token") if token_file is not None else None
 
 
 # -- catalog ---------------------------------------------------------------------------------------
 @flavor_app.command("list")
+@output_options
 def flavor_list() -> None:
     run(lambda: emit(client().list_flavors(), [
         ("id", lambda f: f.id), ("memory MB", lambda f: f.limits.memory_mb), ("cpu shares", lambda f: f.limits.cpu_shares),
@@ -169,11 +304,16 @@ def flavor_list() -> None:
 
 
 @flavor_app.command("show")
+@output_options
 def flavor_show(flavor: str) -> None:
-    run(lambda: emit(client().get_flavor(flavor), [("id", lambda f: f.id), ("memory MB", lambda f: f.limits.memory_mb)]))
+    run(lambda: emit(client().get_flavor(flavor), [
+        ("id", lambda f: f.id), ("name", lambda f: f.display_name), ("memory MB", lambda f: f.limits.memory_mb),
+        ("cpu shares", lambda f: f.limits.cpu_shares), ("cpu cap (m)", lambda f: f.limits.cpu_limit_millicores or "-"),
+        ("processes", lambda f: f.limits.max_processes), ("volume GB", lambda f: f.default_volume_gb)]))
 
 
 @datastore_app.command("list")
+@output_options
 def datastore_list() -> None:
     run(lambda: emit(client().list_datastores(), [
         ("id", lambda d: d.id), ("default", lambda d: d.default_version),
@@ -181,6 +321,16 @@ def datastore_list() -> None:
 
 
 # -- instances -------------------------------------------------------------------------------------
+INSTANCE_ARG = typer.Argument(..., help="The instance's id or name.")
+BACKUP_ARG = typer.Argument(..., help="The backup's id or name.")
+
+
+def with_instance(call: Callable[[Client, str], R], instance: str) -> R:
+    """call(client, id) for the instance with this id or name (an ambiguous name is an error naming the ids)."""
+    c = client()
+    return call(c, c.instance_id(instance))
+
+
 def _progress_until(c: Client, name: str, status: str = "ACTIVE", timeout: float = 900) -> Any:
     """A live progress display driven by WatchInstance (the SDK falls back to polling)."""
     if State.json or not out.is_terminal:
@@ -196,6 +346,7 @@ def _progress_until(c: Client, name: str, status: str = "ACTIVE", timeout: float
 
 
 @instance_app.command("create")
+@output_options
 def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size: int = typer.Option(0, "--size",
                     help="Volume GB (default: the flavor's)."),
                     database: list[str] = typer.Option([], "--database", help="Initial database (repeatable)."),
@@ -214,8 +365,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
         if ":" in spec:  # the old user:password[:dbs] form: refused rather than read as something else
             raise typer.BadParameter(f"--user takes user[=db1,db2]; {NO_SECRET_ARGS}use --password-file, "
                                      f"{PASSWORD_ENV} or the prompt")
-        name, _, dbs = spec.partition("=")
-        specs.append((name, tuple(d for d in dbs.split(",") if d)))
+        uname, _, dbs = spec.partition("=")  # not `name`: that is the instance's
+        specs.append((uname, tuple(d for d in dbs.split(",") if d)))
     passwords: list[str] = []
     if specs and password_file is not None:
         try:
@@ -233,34 +384,34 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
     def go() -> None:
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
-                                 restore_from=restore_from, allowed_cidrs=allowed_cidr,
-                                 require_secure_transport=require_tls)
+                                 restore_from=c.backup_id(restore_from) if restore_from else None,
+                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls)
         if wait:
             inst = _progress_until(c, inst.name)
-        emit(inst, INSTANCE_COLS)
+        emit(inst, INSTANCE_FIELDS)
     run(go)
 
 
 @instance_app.command("list")
+@output_options
 def instance_list() -> None:
     run(lambda: emit(client().list_instances(), INSTANCE_COLS))
 
 
 @instance_app.command("show")
-def instance_show(instance: str) -> None:
-    def go() -> None:
-        i = client().get_instance(instance)
-        emit(i, INSTANCE_COLS + [("task", lambda x: x.task_step or "-"), ("fault", lambda x: x.fault.message or "-")])
-    run(go)
+@output_options
+def instance_show(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: emit(client().find_instance(instance), INSTANCE_FIELDS))
 
 
 @instance_app.command("ca")
-def instance_ca(instance: str, output: Path | None = typer.Option(None, "--output", "-o",
+def instance_ca(instance: str = INSTANCE_ARG, output: Path | None = typer.Option(None, "--output", "-o",
                                                            help="Save the CA certificate (PEM) to this file.")) -> None:
     """The CA certificate to verify the instance's MySQL TLS with (e.g. mariadb --ssl-ca=FILE
     --ssl-verify-server-cert -h SERVER_NAME)."""
     def go() -> None:
-        ca = client().get_instance_ca(instance)
+        c = client()
+        ca = c.get_instance_ca(c.instance_id(instance))
         if output is None:
             typer.echo(ca.ca_pem, nl=False)
             return
@@ -270,34 +421,40 @@ def instance_ca(instance: str, output: Path | None = typer.Option(None, "--outpu
 
 
 @instance_app.command("delete")
-def instance_delete(instance: str) -> None:
-    run(lambda: emit(client().delete_instance(instance), INSTANCE_COLS))
+@output_options
+def instance_delete(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.delete_instance(i), instance), INSTANCE_FIELDS))
 
 
 @instance_app.command("restart")
-def instance_restart(instance: str) -> None:
-    run(lambda: emit(client().restart_instance(instance), INSTANCE_COLS))
+@output_options
+def instance_restart(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.restart_instance(i), instance), INSTANCE_FIELDS))
 
 
 @instance_app.command("resize")
-def instance_resize(instance: str, flavor: str = typer.Option(..., "--flavor"),
+@output_options
+def instance_resize(instance: str = INSTANCE_ARG, flavor: str = typer.Option(..., "--flavor"),
                     wait: bool = typer.Option(True, "--wait/--no-wait")) -> None:
     def go() -> None:
         c = client()
-        i = c.resize_flavor(instance, flavor)
-        emit(_progress_until(c, i.name) if wait else i, INSTANCE_COLS)
+        i = c.resize_flavor(c.instance_id(instance), flavor)
+        emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
     run(go)
 
 
 @instance_app.command("resize-volume")
-def instance_resize_volume(instance: str, size: int = typer.Option(..., "--size")) -> None:
-    run(lambda: emit(client().resize_volume(instance, size), INSTANCE_COLS))
+@output_options
+def instance_resize_volume(instance: str = INSTANCE_ARG, size: int = typer.Option(..., "--size")) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.resize_volume(i, size), instance), INSTANCE_FIELDS))
 
 
 @instance_app.command("watch")
-def instance_watch(instance: str, timeout: float = typer.Option(600, "--timeout")) -> None:
+@output_options
+def instance_watch(instance: str = INSTANCE_ARG, timeout: float = typer.Option(600, "--timeout")) -> None:
     def go() -> None:
-        for ev in client().watch_instance(instance, timeout=timeout):
+        c = client()
+        for ev in c.watch_instance(c.instance_id(instance), timeout=timeout):
             i = ev.instance
             if State.json:
                 out.print_json(json_format.MessageToJson(ev))
@@ -308,19 +465,23 @@ def instance_watch(instance: str, timeout: float = typer.Option(600, "--timeout"
 
 # -- databases, users, root ------------------------------------------------------------------------
 @database_app.command("create")
-def database_create(instance: str, name: str) -> None:
-    run(lambda: emit(client().create_database(instance, name), [("database", lambda d: d.database)]))
+@output_options
+def database_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...)) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.create_database(i, name), instance),
+                     [("database", lambda d: d.database)]))
 
 
 @database_app.command("list")
-def database_list(instance: str) -> None:
-    run(lambda: emit(client().list_databases(instance), [("database", lambda d: d.database),
-                                                          ("charset", lambda d: d.character_set)]))
+@output_options
+def database_list(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.list_databases(i), instance),
+                     [("database", lambda d: d.database), ("charset", lambda d: d.character_set),
+                      ("collation", lambda d: d.collation)]))
 
 
 @database_app.command("delete")
-def database_delete(instance: str, name: str) -> None:
-    run(lambda: client().delete_database(instance, name))
+def database_delete(instance: str = INSTANCE_ARG, name: str = typer.Argument(...)) -> None:
+    run(lambda: with_instance(lambda c, i: c.delete_database(i, name), instance))
 
 
 USER_COLS: list[tuple[str, Callable[[Any], Any]]] = [("user", lambda u: u.user), ("host", lambda u: u.host or "%"),
@@ -328,55 +489,66 @@ USER_COLS: list[tuple[str, Callable[[Any], Any]]] = [("user", lambda u: u.user),
 
 
 @user_app.command("create")
-def user_create(instance: str, name: str, password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
+@output_options
+def user_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), password_file: Path = PASSWORD_FILE,
+                _password: str = PASSWORD_ARG,
                 host: str = typer.Option("%", "--host"), database: list[str] = typer.Option([], "--database")) -> None:
     password = secret(password_file, PASSWORD_ENV, "password", confirm=True)
-    run(lambda: emit(client().create_user(instance, name, password, host, databases=database), USER_COLS))
+    run(lambda: emit(with_instance(lambda c, i: c.create_user(i, name, password, host, databases=database),
+                                   instance), USER_COLS))
 
 
 @user_app.command("list")
-def user_list(instance: str) -> None:
-    run(lambda: emit(client().list_users(instance), USER_COLS))
+@output_options
+def user_list(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.list_users(i), instance), USER_COLS))
 
 
 @user_app.command("delete")
-def user_delete(instance: str, name: str, host: str = typer.Option("%", "--host")) -> None:
-    run(lambda: client().delete_user(instance, name, host))
+def user_delete(instance: str = INSTANCE_ARG, name: str = typer.Argument(...),
+                host: str = typer.Option("%", "--host")) -> None:
+    run(lambda: with_instance(lambda c, i: c.delete_user(i, name, host), instance))
 
 
 @user_app.command("grant")
-def user_grant(instance: str, name: str, database: list[str] = typer.Argument(...),
+@output_options
+def user_grant(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), database: list[str] = typer.Argument(...),
                host: str = typer.Option("%", "--host")) -> None:
-    run(lambda: emit(client().grant_access(instance, name, database, host), USER_COLS))
+    run(lambda: emit(with_instance(lambda c, i: c.grant_access(i, name, database, host), instance), USER_COLS))
 
 
 @user_app.command("revoke")
-def user_revoke(instance: str, name: str, database: str, host: str = typer.Option("%", "--host")) -> None:
-    run(lambda: emit(client().revoke_access(instance, name, database, host), USER_COLS))
+@output_options
+def user_revoke(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), database: str = typer.Argument(...),
+                host: str = typer.Option("%", "--host")) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.revoke_access(i, name, database, host), instance), USER_COLS))
 
 
 @user_app.command("password")
-def user_password(instance: str, name: str, password_file: Path = PASSWORD_FILE, _password: str = PASSWORD_ARG,
-                  host: str = typer.Option("%", "--host")) -> None:
+@output_options
+def user_password(instance: str = INSTANCE_ARG, name: str = typer.Argument(...), password_file: Path = PASSWORD_FILE,
+                  _password: str = PASSWORD_ARG, host: str = typer.Option("%", "--host")) -> None:
     password = secret(password_file, PASSWORD_ENV, "new password", confirm=True)
-    run(lambda: emit(client().change_password(instance, name, password, host), USER_COLS))
+    run(lambda: emit(with_instance(lambda c, i: c.change_password(i, name, password, host), instance), USER_COLS))
 
 
 @root_app.command("enable")
-def root_enable(instance: str) -> None:
-    run(lambda: emit(client().enable_root(instance), [("user", lambda r: r.user), ("password (shown once)",
-                                                                                  lambda r: r.password)]))
+@output_options
+def root_enable(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: emit(with_instance(lambda c, i: c.enable_root(i), instance),
+                     [("user", lambda r: r.user), ("password (shown once)", lambda r: r.password)]))
 
 
 @root_app.command("disable")
-def root_disable(instance: str) -> None:
-    run(lambda: client().disable_root(instance))
+def root_disable(instance: str = INSTANCE_ARG) -> None:
+    run(lambda: with_instance(lambda c, i: c.disable_root(i), instance))
 
 
 @root_app.command("status")
-def root_status(instance: str) -> None:
+@output_options
+def root_status(instance: str = INSTANCE_ARG) -> None:
     def go() -> None:
-        enabled = client().root_enabled(instance)
+        enabled = with_instance(lambda c, i: c.root_enabled(i), instance)
         out.print_json(json.dumps({"root_enabled": enabled})) if State.json else out.print(
             "root enabled" if enabled else "root not enabled")
     run(go)
@@ -386,48 +558,74 @@ def root_status(instance: str) -> None:
 BACKUP_COLS: list[tuple[str, Callable[[Any], Any]]] = [
     ("id", lambda b: b.id), ("name", lambda b: b.display_name), ("instance", lambda b: short(b.instance)),
     ("status", status_name), ("kind", lambda b: b.kind), ("size", lambda b: b.size_bytes),
-    ("verify", lambda b: b.DESCRIPTOR.fields_by_name["verify_status"].enum_type.values_by_number[b.verify_status].name)]
+    ("verify", lambda b: enum_name(b, "verify_status"))]
+BACKUP_FIELDS: list[Column] = BACKUP_COLS + [
+    ("description", lambda b: b.description), ("parent", lambda b: short(b.parent) if b.parent else ""),
+    ("datastore", lambda b: b.datastore), ("datastore version", lambda b: b.datastore_version),
+    ("created", lambda b: ts(b, "create_time")), ("updated", lambda b: ts(b, "update_time")),
+    ("sha256", lambda b: b.sha256), ("fault", lambda b: b.fault.message)]
 
 
 @backup_app.command("create")
-def backup_create(instance: str, name: str, parent: str = typer.Option(None, "--parent", help="Incremental on this."),
+@output_options
+def backup_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...),
+                  parent: str = typer.Option(None, "--parent", help="Incremental on this backup (id or name)."),
                   description: str = typer.Option("", "--description")) -> None:
-    run(lambda: emit(client().create_backup(instance, name, description, parent), BACKUP_COLS))
+    def go() -> None:
+        c = client()
+        emit(c.create_backup(c.instance_id(instance), name, description, c.backup_id(parent) if parent else None),
+             BACKUP_FIELDS)
+    run(go)
 
 
 @backup_app.command("list")
-def backup_list(instance: str = typer.Option(None, "--instance")) -> None:
-    run(lambda: emit(client().list_backups(instance), BACKUP_COLS))
+@output_options
+def backup_list(instance: str = typer.Option(None, "--instance", help="Only this instance's (id or name).")) -> None:
+    def go() -> None:
+        c = client()
+        emit(c.list_backups(c.instance_id(instance) if instance else None), BACKUP_COLS)
+    run(go)
 
 
 @backup_app.command("show")
-def backup_show(backup: str) -> None:
-    run(lambda: emit(client().get_backup(backup), BACKUP_COLS + [("sha256", lambda b: b.sha256)]))
+@output_options
+def backup_show(backup: str = BACKUP_ARG) -> None:
+    run(lambda: emit(client().find_backup(backup), BACKUP_FIELDS))
 
 
 @backup_app.command("delete")
-def backup_delete(backup: str, cascade: bool = typer.Option(False, "--cascade")) -> None:
-    run(lambda: client().delete_backup(backup, cascade))
+def backup_delete(backup: str = BACKUP_ARG, cascade: bool = typer.Option(False, "--cascade")) -> None:
+    def go() -> None:
+        c = client()
+        c.delete_backup(c.backup_id(backup), cascade)
+    run(go)
 
 
 @backup_app.command("verify")
-def backup_verify(backup: str) -> None:
-    run(lambda: emit(client().verify_backup(backup), BACKUP_COLS))
+@output_options
+def backup_verify(backup: str = BACKUP_ARG) -> None:
+    def go() -> None:
+        c = client()
+        emit(c.verify_backup(c.backup_id(backup)), BACKUP_FIELDS)
+    run(go)
 
 
 # -- admin -----------------------------------------------------------------------------------------
 @admin_app.command("tenant-create")
+@output_options
 def tenant_create(tenant_id: str, display_name: str = typer.Option("", "--name")) -> None:
     run(lambda: emit(client().create_tenant(tenant_id, display_name), [("id", lambda t: t.id)]))
 
 
 @admin_app.command("tenant-list")
+@output_options
 def tenant_list() -> None:
     run(lambda: emit(client().list_tenants(), [("id", lambda t: t.id), ("name", lambda t: t.display_name),
                                                ("instances", lambda t: t.quota.instances)]))
 
 
 @admin_app.command("token-create")
+@output_options
 def token_create(tenant: str, admin: bool = typer.Option(False, "--admin"),
                  ttl: int = typer.Option(0, "--ttl", help="Seconds; 0 = the server's default (30 days unless "
                                          "configured otherwise).")) -> None:
@@ -436,11 +634,13 @@ def token_create(tenant: str, admin: bool = typer.Option(False, "--admin"),
 
 
 @admin_app.command("host-register")
+@output_options
 def host_register(host_id: str, address: str) -> None:
     run(lambda: emit(client().register_host(host_id, address), [("id", lambda h: h.id), ("address", lambda h: h.address)]))
 
 
 @admin_app.command("host-list")
+@output_options
 def host_list() -> None:
     run(lambda: emit(client().list_hosts(), [("id", lambda h: h.id), ("address", lambda h: h.address),
                                              ("memory MB", lambda h: h.capacity.memory_mb_total),
@@ -448,6 +648,7 @@ def host_list() -> None:
 
 
 @admin_app.command("task-list")
+@output_options
 def task_list(resource: str = typer.Option("", "--resource")) -> None:
     run(lambda: emit(client().list_tasks(resource), [("id", lambda t: t.id), ("kind", lambda t: t.kind),
                                                      ("resource", lambda t: t.resource), ("state", lambda t: t.state),
@@ -455,18 +656,21 @@ def task_list(resource: str = typer.Option("", "--resource")) -> None:
 
 
 @admin_app.command("quota")
+@output_options
 def quota_show(tenant: str) -> None:
     run(lambda: emit(client().get_quota(tenant), [("limit", lambda q: json_format.MessageToDict(q.limit)),
                                                   ("in use", lambda q: json_format.MessageToDict(q.in_use))]))
 
 
 @admin_app.command("cert-list")
+@output_options
 def cert_list() -> None:
     run(lambda: emit(client().list_certificates(), [("identity", lambda c: c.identity), ("serial", lambda c: c.serial),
                                                     ("revoked", lambda c: c.revoked)]))
 
 
 @admin_app.command("cert-revoke")
+@output_options
 def cert_revoke(serial: str, reason: str = typer.Option("", "--reason")) -> None:
     run(lambda: emit(client().revoke_certificate(serial, reason), [("identity", lambda c: c.identity),
                                                                    ("revoked", lambda c: c.revoked)]))

@@ -10,22 +10,30 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
+from reddwarf.common import errors as common_errors
 from reddwarf.common import states
-from reddwarf.common.errors import InvalidArgument
 from reddwarf.common.tls import SERVER_PEER, peer_name
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
 
 from .config import ClientConfig
-from .errors import InstanceFailed, WaitTimeout
+from .errors import FieldViolation, InstanceFailed, InvalidArgument, NotFound, WaitTimeout
 
 # Instances reach these and stay there unless someone acts; wait_for stops on them.
 FAILED_STATUSES = frozenset({pb.INSTANCE_STATUS_ERROR, pb.INSTANCE_STATUS_FAILED})
+
+
+class HasId(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+Named = TypeVar("Named", bound=HasId)
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,26 @@ def database_name(instance: str, database: str) -> str:
     if database.startswith("instances/"):
         return database
     return f"{instance_name(instance)}/databases/{database}"
+
+
+def may_be_id(collection: str, ref: str) -> bool:
+    """Whether ref could name a resource by id (the server refuses ids with "/" or over 64 characters:
+    such a ref can only be a display name)."""
+    rid = ref.removeprefix(collection + "/")
+    return bool(rid) and "/" not in rid and len(rid) <= 64
+
+
+def one_match(kind: str, ref: str, matches: Sequence[Named]) -> Named:
+    """The one resource a display name found: NotFound when none has it, InvalidArgument listing the ids
+    when several do (names need not be unique; the id always is)."""
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise NotFound(f"{kind} {ref!r} not found: no {kind} has this id or name",
+                       (FieldViolation("name", "no such id or name"),))
+    ids = ", ".join(m.id for m in matches)
+    raise InvalidArgument(f"{len(matches)} {kind}s are named {ref!r}: {ids}; give the id",
+                          (FieldViolation("name", "ambiguous name"),))
 
 
 def short_id(name: str) -> str:
@@ -209,7 +237,7 @@ def server_name(config: ClientConfig) -> str:
     default = peer_name(SERVER_PEER)
     name = (config.server_name or default).lower().rstrip(".")
     if name != default and not name.endswith("." + default):
-        raise InvalidArgument(f"server_name must be {default} or <server id>.{default}, got {name!r}",
+        raise common_errors.InvalidArgument(f"server_name must be {default} or <server id>.{default}, got {name!r}",
                               field="server_name")
     return name
 

@@ -30,7 +30,7 @@ from reddwarf.v1 import database_pb2_grpc as pb_grpc
 
 from . import resources as r
 from .config import ClientConfig, load_config
-from .errors import InstanceGone, Unimplemented, WaitTimeout, from_rpc_error
+from .errors import InstanceGone, NotFound, Unimplemented, WaitTimeout, from_rpc_error
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -207,6 +207,22 @@ class Client:
                 raise r.wait_timeout(inst, wanted, instance, timeout)
             time.sleep(poll_interval)
 
+    def find_instance(self, instance: str) -> pb.Instance:
+        """The instance with this id (or resource name), else the one whose display name this is.
+        NotFound when none matches; InvalidArgument listing the ids when several have that name."""
+        if r.may_be_id("instances", instance):
+            try:
+                return self.get_instance(instance)
+            except NotFound:
+                if instance.startswith("instances/"):
+                    raise
+        matches = [i for i in self.list_instances() if i.display_name == instance]
+        return r.one_match("instance", instance, matches)
+
+    def instance_id(self, instance: str) -> str:
+        """The id of the instance with this id or display name (see find_instance)."""
+        return (self.find_instance(instance)).id
+
     # ------------------------------------------------------------------ databases
 
     def create_database(self, instance: str, database: str | r.DatabaseSpec | cpb.Database) -> cpb.Database:
@@ -294,6 +310,22 @@ class Client:
     def verify_backup(self, backup: str) -> pb.Backup:
         return self._call(self.backups.VerifyBackup,
                           pb.VerifyBackupRequest(name=r.resource("backups", backup)))
+
+    def find_backup(self, backup: str) -> pb.Backup:
+        """The backup with this id (or resource name), else the one whose display name this is.
+        NotFound when none matches; InvalidArgument listing the ids when several have that name."""
+        if r.may_be_id("backups", backup):
+            try:
+                return self.get_backup(backup)
+            except NotFound:
+                if backup.startswith("backups/"):
+                    raise
+        matches = [b for b in self.list_backups() if b.display_name == backup]
+        return r.one_match("backup", backup, matches)
+
+    def backup_id(self, backup: str) -> str:
+        """The id of the backup with this id or display name (see find_backup)."""
+        return (self.find_backup(backup)).id
 
     def set_backup_schedule(self, instance: str, interval_seconds: int, keep: int,
                             full_every: int = 0) -> pb.BackupSchedule:

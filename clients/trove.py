@@ -96,13 +96,46 @@ def datastore(d: database_pb2.Datastore) -> dict[str, Any]:
             "versions": [{"id": v.version, "name": v.version, "active": v.active, "links": []} for v in d.versions]}
 
 
+def datastore_ref(kind: str, version: str) -> dict[str, str]:
+    """An instance's or backup's datastore as Trove gives it: a version's id is its version string here
+    (the /datastores listing gives the same ids)."""
+    return {"type": kind, "version": version, "version_id": version, "version_number": version}
+
+
+# Trove's operating_status (the guest's service status, ServiceStatuses' api_status), from guest health.
+_SERVICE_OPERATING = {"BUILDING": "BUILD", "SHUTDOWN": "SHUTDOWN", "CRASHED": "SHUTDOWN", "FAILED": "FAILED",
+                      "NEW": "NEW", "UNKNOWN": "ERROR"}
+
+
+def operating_status(i: database_pb2.Instance) -> str:
+    """HEALTHY when mysqld accepts connections, ACTIVE when it runs but does not yet; BUILD while it is being
+    made, SHUTDOWN when stopped (or the agent's reports have lapsed), ERROR when no report is to be had."""
+    status = states.from_pb(states.InstanceStatus, i.status)
+    if status in (states.InstanceStatus.SHUTDOWN, states.InstanceStatus.DELETING):
+        return "SHUTDOWN"
+    service = i.health.service_state
+    if not service or service == states.to_pb(states.ServiceState.UNKNOWN):
+        if status in (states.InstanceStatus.BUILD, states.InstanceStatus.RESTORING):
+            return "BUILD"
+        return "ERROR"  # Trove's UNKNOWN service status reads ERROR
+    try:
+        state = states.from_pb(states.ServiceState, service)
+    except ValueError:  # a state newer than this gateway
+        return "ERROR"
+    if state == states.ServiceState.RUNNING:
+        return "HEALTHY" if i.health.accepting_connections else "ACTIVE"
+    return _SERVICE_OPERATING.get(state.value, "ERROR")
+
+
 def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     status = states.from_pb(states.InstanceStatus, i.status).value
     out: dict[str, Any] = {
         "id": i.id, "name": i.display_name, "status": STATUS.get(status, status),
         "flavor": {"id": i.flavor.rsplit("/", 1)[-1], "links": _links(request, f"flavors/{i.flavor.rsplit('/', 1)[-1]}")},
         "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3)},
-        "datastore": {"type": i.datastore, "version": i.datastore_version},
+        "datastore": datastore_ref(i.datastore, i.datastore_version),
+        "operating_status": operating_status(i),
+        "addresses": [{"address": e.host, "type": "private", "port": e.port} for e in i.endpoints],
         "created": i.create_time.ToJsonString() if i.HasField("create_time") else "",
         "updated": i.update_time.ToJsonString() if i.HasField("update_time") else "",
         "ip": [e.host for e in i.endpoints], "port": i.endpoints[0].port if i.endpoints else 0,
@@ -197,7 +230,7 @@ def backup(b: database_pb2.Backup) -> dict[str, Any]:
             "parent_id": b.parent.rsplit("/", 1)[-1] if b.parent else None, "size": round(b.size_bytes / 2**30, 6),
             "locationRef": b.location, "created": b.create_time.ToJsonString() if b.HasField("create_time") else "",
             "updated": b.update_time.ToJsonString() if b.HasField("update_time") else "",
-            "datastore": {"type": b.datastore, "version": b.datastore_version}}
+            "datastore": datastore_ref(b.datastore, b.datastore_version)}
 
 
 def limits(t: database_pb2.TenantLimits) -> list[dict[str, Any]]:

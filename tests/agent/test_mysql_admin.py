@@ -249,3 +249,48 @@ def test_hostile_password_is_stored_as_a_value_not_sql(admin: MysqlAdmin, server
         login(server, user, pw).close()
     finally:
         admin.delete_user(user, "%")
+
+
+def test_listings_hide_internal_accounts_and_non_database_directories(admin: MysqlAdmin, server: MariaDB) -> None:
+    """What a tenant lists is only its own: no MariaDB-internal accounts (mysql@localhost, mariadb.sys, root,
+    os_admin, mysql.*) and no system schemas or datadir directories that are not databases (ext4's
+    lost+found at a volume's root reads as "#mysql50#lost+found")."""
+    import os
+    lost = os.path.join(server.datadir, "lost+found")
+    os.makedirs(lost, exist_ok=True)
+    s = sfx()
+    db, user = f"mine_{s}", f"app_{s}"
+    try:
+        with server.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT schema_name FROM information_schema.schemata")
+            assert "#mysql50#lost+found" in {r[0] for r in cur.fetchall()}  # MariaDB does show it
+            # mariadb-install-db --user=mysql (as in a guest) makes mysql@localhost (unix_socket); this
+            # fixture's runs as root, so it is made here.
+            cur.execute("CREATE USER IF NOT EXISTS 'mysql'@'localhost' IDENTIFIED VIA unix_socket")
+            cur.execute("CREATE USER IF NOT EXISTS 'os_admin'@'localhost' IDENTIFIED BY 'x-internal-1'")
+            cur.execute("CREATE USER IF NOT EXISTS 'mysql.session'@'localhost' IDENTIFIED BY 'x-internal-2'")
+        admin.create_databases([Database(name=db)])
+        admin.create_users([User(name=user, host="%", password="pw-1234567", databases=(db,))])
+        listed_dbs = {d.name for d in admin.list_databases(1000, "").databases}
+        assert db in listed_dbs
+        assert not listed_dbs & {"#mysql50#lost+found", "lost+found", "mysql", "information_schema",
+                                 "performance_schema", "sys"}
+        assert not [n for n in listed_dbs if n.startswith("#mysql50#")]
+        listed = {(u.name, u.host) for u in admin.list_users(1000, "").users}
+        assert (user, "%") in listed
+        assert not {u for u, _ in listed} & {"mysql", "root", "os_admin", "mariadb.sys", "mysql.session"}
+        # Paging walks the same filtered list.
+        seen, token = [], ""
+        while True:
+            page = admin.list_users(1, token)
+            seen += [(u.name, u.host) for u in page.users]
+            token = page.next_page_token
+            if not token:
+                break
+        assert set(seen) == listed
+    finally:
+        os.rmdir(lost)
+        with server.connect() as c, c.cursor() as cur:
+            cur.execute("DROP USER IF EXISTS 'os_admin'@'localhost', 'mysql.session'@'localhost', "
+                        "'mysql'@'localhost', %s@'%%'", (user,))
+            cur.execute("DROP DATABASE IF EXISTS " + db)

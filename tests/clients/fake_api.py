@@ -40,6 +40,7 @@ def _auth(context: grpc.ServicerContext) -> None:
 class FakeState:
     flavors: list[pb.Flavor] = field(default_factory=list)
     instances: dict[str, pb.Instance] = field(default_factory=dict)
+    backups: dict[str, pb.Backup] = field(default_factory=dict)
     watch_implemented: bool = True
     list_calls: int = 0
 
@@ -75,7 +76,7 @@ class Catalog(pb_grpc.CatalogServicer):
 
     def GetCaller(self, request, context):
         _auth(context)
-        return pb.Caller(tenant="demo", identity="spiffe://reddwarf/client/test")
+        return pb.Caller(tenant="tenants/demo", identity="spiffe://reddwarf/client/test")
 
 
 class Instances(pb_grpc.InstancesServicer):
@@ -136,6 +137,25 @@ class Instances(pb_grpc.InstancesServicer):
             time.sleep(0.05)
 
 
+class Backups(pb_grpc.BackupsServicer):
+    """Only reads: tests put backups into state.backups."""
+
+    def __init__(self, state: FakeState) -> None:
+        self.state = state
+
+    def GetBackup(self, request, context):
+        _auth(context)
+        b = self.state.backups.get(request.name.removeprefix("backups/"))
+        if b is None:
+            _abort(context, NotFound(f"backup {request.name} not found", field="name"))
+        return b
+
+    def ListBackups(self, request, context):
+        _auth(context)
+        return pb.ListBackupsResponse(backups=[b for b in self.state.backups.values()
+                                               if not request.instance or b.instance == request.instance])
+
+
 @contextmanager
 def fake_api(pki: TestPki, n_flavors: int = 7) -> Iterator[tuple[str, FakeState]]:
     """Serves on 127.0.0.1 with mTLS (client certificates from pki's CA required)."""
@@ -146,6 +166,7 @@ def fake_api(pki: TestPki, n_flavors: int = 7) -> Iterator[tuple[str, FakeState]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb_grpc.add_CatalogServicer_to_server(Catalog(state), server)
     pb_grpc.add_InstancesServicer_to_server(Instances(state), server)
+    pb_grpc.add_BackupsServicer_to_server(Backups(state), server)
     creds = grpc.ssl_server_credentials([(pki.server_key.read_bytes(), pki.server_cert.read_bytes())],
                                         root_certificates=pki.ca.read_bytes(), require_client_auth=True)
     port = server.add_secure_port("127.0.0.1:0", creds)

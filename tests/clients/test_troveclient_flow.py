@@ -33,7 +33,12 @@ def test_troveclient_full_flow(tmp_path):
         pymysql.connect(host=inst.ip[0], port=inst.port, user="root", password=password).close()
         b = trove.backups.create("flow-backup", inst.id)
         b = until(lambda: trove.backups.get(b.id), lambda x: x.status in ("COMPLETED", "FAILED"))
-        assert b.status == "COMPLETED"
+        assert b.status == "COMPLETED", b._info
+        from troveclient.osc.v1 import database_backups, database_instances
+        assert database_backups.set_attributes_for_print_detail(b)["datastore_version_id"]  # `backup show`
+        listed = {i["id"]: i for i in database_instances.get_instances_info(trove.instances.list())}
+        assert listed[inst.id]["operating_status"] == "HEALTHY"
+        assert listed[inst.id]["addresses"][0]["address"] == inst.ip[0]
         trove.backups.delete(b.id)
         trove.instances.delete(inst.id)
         until(lambda: [i.id for i in trove.instances.list()], lambda ids: inst.id not in ids, 120)
