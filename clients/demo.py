@@ -163,11 +163,12 @@ def up() -> int:
         f"export REDDWARF_TENANT={TENANT}",
         f"export OS_AUTH_TOKEN={token}",
         f"export TROVE_URL=http://{GATEWAY}/v1.0/{TENANT}",
+        f"export REDDWARF_DEMO_DB_PASSWORD={shlex.quote(DB_PASSWORD)}",
         ""]))
     os.chmod(openrc, 0o600)
     print(f"""
 Red Dwarf is up.
-  connect:   mariadb -h {ep.host} -P {ep.port} -u {DB_USER} -p{shlex.quote(DB_PASSWORD)} {DB_NAME}
+  connect:   . {openrc}; mariadb -h {ep.host} -P {ep.port} -u {DB_USER} -p"$REDDWARF_DEMO_DB_PASSWORD" {DB_NAME}
   gRPC API:  {API} (mTLS; credentials in {openrc})
   CLI:       . {openrc}; .venv/bin/reddwarf instance list
   REST:      curl -H "X-Auth-Token: $REDDWARF_TOKEN" http://{GATEWAY}/v1.0/{TENANT}/instances
