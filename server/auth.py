@@ -18,7 +18,7 @@ import datetime as dt
 import hashlib
 import inspect
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,22 +131,36 @@ class Authenticator:
             return Principal(token.tenant_id, token.admin, identity)
 
 
-def _wrap_unary(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
-        if not await check(context):
-            return None
-        result = behavior(request_or_iterator, context)
-        return await result if inspect.isawaitable(result) else result
-    return wrapper
+def guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
+                  check: Callable[[Context], Awaitable[bool]]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same method handler, each call running `check(context)` first: a check that returns False has
+    aborted the call, and the method does not run. Serves every interceptor of the API port."""
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request_or_iterator: Any, context: Context) -> Any:
+            if not await check(context):
+                return None
+            result = behavior(request_or_iterator, context)
+            return await result if inspect.isawaitable(result) else result
+        return wrapper
 
+    def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request_or_iterator: Any, context: Context) -> Any:
+            if not await check(context):
+                return
+            async for item in behavior(request_or_iterator, context):
+                yield item
+        return wrapper
 
-def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
-        if not await check(context):
-            return
-        async for item in behavior(request_or_iterator, context):
-            yield item
-    return wrapper
+    de, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), de, ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), de, ser)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), de, ser)
+    raise TypeError(f"a method handler with no behaviour: {handler!r}")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -172,18 +186,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             _principal.set(principal)
             return True
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, check), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, check), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, check), handler.request_deserializer,
-                handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, check), handler.request_deserializer,
-            handler.response_serializer)
+        return guard_handler(handler, check)

@@ -16,7 +16,6 @@ interceptor that runs after authentication (server/auth.py) on the API port.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 import time
@@ -29,7 +28,7 @@ import grpc.aio
 
 from reddwarf.common.errors import RedDwarfError, ResourceExhausted, Unauthenticated, abort
 
-from .auth import Principal, current_principal
+from .auth import Principal, current_principal, guard_handler
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -173,27 +172,4 @@ class RateLimitInterceptor(grpc.aio.ServerInterceptor):
             await abort(context, err)
             return False
 
-        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if not await allowed(context):
-                    return None
-                result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
-            return wrapper
-
-        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if not await allowed(context):
-                    return
-                async for item in behavior(request, context):
-                    yield item
-            return wrapper
-
-        ser, de = handler.response_serializer, handler.request_deserializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), de, ser)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), de, ser)
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), de, ser)
+        return guard_handler(handler, allowed)
