@@ -131,10 +131,10 @@ class Authenticator:
             return Principal(token.tenant_id, token.admin, identity)
 
 
-def guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
-                  check: Callable[[Context], Awaitable[bool]]) -> grpc.RpcMethodHandler[Any, Any]:
+def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
+                   check: Callable[[Context], Awaitable[bool]]) -> grpc.RpcMethodHandler[Any, Any]:
     """The same method handler, each call running `check(context)` first: a check that returns False has
-    aborted the call, and the method does not run. Serves every interceptor of the API port."""
+    aborted the call, and the method does not run."""
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
         async def wrapper(request_or_iterator: Any, context: Context) -> Any:
             if not await check(context):
@@ -163,27 +163,36 @@ def guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
     raise TypeError(f"a method handler with no behaviour: {handler!r}")
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.auth = authenticator
+class CheckingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs `check` before every call of every method, unary or streaming: a check
+    that returns False has aborted the call, and the method does not run."""
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
-                    if isinstance(v, str)}
 
         async def check(context: Context) -> bool:
-            try:
-                principal = await asyncio.to_thread(self.auth.authenticate, method, peer_identity(context),
-                                                    metadata)
-            except RedDwarfError as err:
-                await abort(context, err)
-                return False
-            _principal.set(principal)
-            return True
+            return await self.check(handler_call_details, context)
 
-        return guard_handler(handler, check)
+        return _guard_handler(handler, check)
+
+    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+        raise NotImplementedError
+
+
+class AuthInterceptor(CheckingInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.auth = authenticator
+
+    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        try:
+            principal = await asyncio.to_thread(self.auth.authenticate, details.method, peer_identity(context),
+                                                metadata)
+        except RedDwarfError as err:
+            await abort(context, err)
+            return False
+        _principal.set(principal)
+        return True
