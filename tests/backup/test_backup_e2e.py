@@ -15,16 +15,9 @@ import pymysql
 import pytest
 
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
-from tests.fixtures.cluster import start_cluster
 from tests.fixtures.waiting import until as wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, loop devices")]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with start_cluster(tmp_path_factory.mktemp("bk")) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

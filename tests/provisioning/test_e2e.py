@@ -70,12 +70,6 @@ def host_leftovers(c, iid: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with start_cluster(tmp_path_factory.mktemp("e2e")) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def shop_created(cluster):
     """The shared instance as CreateInstance answered it (BUILD); test_create_reaches_active waits for it."""
     inst = create(cluster, databases=[common_pb2.Database(database="shop")],
