@@ -68,6 +68,13 @@ def take(c, bk, inst, name, parent=""):
                 lambda x: x.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED), what="backup done")
 
 
+def completed(c, bk, inst, name):
+    """A backup that must complete: the test fails with its fault otherwise."""
+    b = take(c, bk, inst, name)
+    assert b.status == database_pb2.BACKUP_STATUS_COMPLETED, b.fault.message
+    return b
+
+
 def verified(c, bk, name):
     """The backup once the VerifyBackup this asks for has ended."""
     bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=name), metadata=c.md)
@@ -138,8 +145,7 @@ def test_the_full_cannot_go_while_the_incremental_depends_on_it(cluster, bk, ful
 @pytest.mark.dependency(depends=["source"])
 def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
     c, bk, inst = env
-    b = take(c, bk, inst, "to-corrupt")
-    assert b.status == database_pb2.BACKUP_STATUS_COMPLETED
+    b = completed(c, bk, inst, "to-corrupt")
     path = b.location
     assert os.path.exists(path), path
     with open(path, "r+b") as f:
@@ -167,8 +173,7 @@ def test_backup_of_another_tenants_instance_is_not_found(env):
 @pytest.mark.dependency(depends=["source"])
 def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
     c, bk, inst = env
-    mine = take(c, bk, inst, "private")
-    assert mine.status == database_pb2.BACKUP_STATUS_COMPLETED
+    mine = completed(c, bk, inst, "private")
     _, token = c.new_tenant()
     other = (("authorization", f"Bearer {token}"),)
     assert not bk.ListBackups(database_pb2.ListBackupsRequest(), metadata=other).backups
