@@ -163,10 +163,9 @@ def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
 @pytest.mark.dependency(depends=["source"])
 def test_backup_of_another_tenants_instance_is_not_found(env):
     c, bk, inst = env
-    _, token = c.new_tenant()
     with pytest.raises(grpc.RpcError) as e:
         bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
-            display_name="steal", instance=inst.name)), metadata=(("authorization", f"Bearer {token}"),))
+            display_name="steal", instance=inst.name)), metadata=c.other_tenant_md())
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -174,8 +173,7 @@ def test_backup_of_another_tenants_instance_is_not_found(env):
 def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
     c, bk, inst = env
     mine = completed(c, bk, inst, "private")
-    _, token = c.new_tenant()
-    other = (("authorization", f"Bearer {token}"),)
+    other = c.other_tenant_md()
     assert not bk.ListBackups(database_pb2.ListBackupsRequest(), metadata=other).backups
     assert not bk.ListBackups(database_pb2.ListBackupsRequest(instance=inst.name), metadata=other).backups
     calls = [
