@@ -13,6 +13,7 @@ import os
 import posixpath
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import TypeVar
 
 from reddwarf.common.errors import (
     AlreadyExists,
@@ -38,7 +39,7 @@ from .containers import (
 )
 from .loop import OnlineResizeDenied, device_numbers
 from .settings import Settings
-from .state import ContainerRecord, HostState, VolumeRecord
+from .state import ContainerRecord, HostState, Record, VolumeRecord
 from .volumes import GIB, VolumeDriver, VolumeInfo
 
 log = logging.getLogger("reddwarf.hostd.host")
@@ -46,6 +47,7 @@ log = logging.getLogger("reddwarf.hostd.host")
 DEFAULT_DATADIR = "/var/lib/mysql"
 MAX_VOLUME_GB = 16 * 1024
 REVIVE_MAX_DELAY = 60.0
+R = TypeVar("R", bound=Record)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,15 @@ def _validate_path(value: str, field: str) -> str:
         raise InvalidArgument(f"{field} must be an absolute, normalised path without spaces, got {value!r}",
                               field=field)
     return value
+
+
+def _managed(kind: str, records: dict[str, R], rid: str, field: str) -> R:
+    """The record kept for a valid id, or NotFound naming the request field."""
+    validate_id(rid, field)
+    rec = records.get(rid)
+    if rec is None:
+        raise NotFound(f"{kind} {rid} is not managed by this host", field=field)
+    return rec
 
 
 class Host:
@@ -196,11 +207,7 @@ class Host:
                            device=device_numbers(info.device) if info.device.startswith("/dev/") else "")
 
     def _container(self, cid: str, field: str = "id") -> ContainerRecord:
-        validate_id(cid, field)
-        rec = self.state.containers.get(cid)
-        if rec is None:
-            raise NotFound(f"container {cid} is not managed by this host", field=field)
-        return rec
+        return _managed("container", self.state.containers, cid, field)
 
     def get_container(self, cid: str) -> ContainerView:
         rec = self._container(cid)
@@ -306,11 +313,7 @@ class Host:
 
     # ------------------------------------------------------------------ volumes
     def _volume(self, vid: str, field: str = "id") -> VolumeRecord:
-        validate_id(vid, field)
-        rec = self.state.volumes.get(vid)
-        if rec is None:
-            raise NotFound(f"volume {vid} is not managed by this host", field=field)
-        return rec
+        return _managed("volume", self.state.volumes, vid, field)
 
     def _check_space(self, needed_gb: int, field: str) -> None:
         free = self.volumes.free_bytes()

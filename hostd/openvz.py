@@ -55,22 +55,10 @@ SAFE_PATH = re.compile(r"^/[A-Za-z0-9_./-]*\Z")
 _STATES = {"running": "RUNNING", "stopped": "STOPPED", "mounted": "STOPPED", "suspended": "FROZEN"}
 
 
-@dataclass(frozen=True)
-class UbcRow:
-    """One /proc/user_beancounters row."""
-
-    ctid: int
-    resource: str
-    held: int
-    maxheld: int
-    barrier: int
-    limit: int
-    failcnt: int
-
-
-def parse_beancounters(text: str) -> dict[int, dict[str, UbcRow]]:
-    """Parses /proc/user_beancounters: rows grouped under "<uid>:" lines; "dummy" rows dropped."""
-    out: dict[int, dict[str, UbcRow]] = {}
+def parse_beancounters(text: str) -> dict[int, dict[str, Beancounter]]:
+    """Parses /proc/user_beancounters: rows grouped under "<uid>:" lines; "dummy" rows dropped. Each row as
+    UBC prints it (its own resource name, pages for the *pages rows): usage_from_ubc scales them."""
+    out: dict[int, dict[str, Beancounter]] = {}
     ctid: int | None = None
     for raw in text.splitlines():
         parts = raw.split()
@@ -83,7 +71,7 @@ def parse_beancounters(text: str) -> dict[int, dict[str, UbcRow]]:
             continue
         name, *nums = parts
         held, maxheld, barrier, limit, failcnt = (int(n) for n in nums)
-        out.setdefault(ctid, {})[name] = UbcRow(ctid, name, held, maxheld, barrier, limit, failcnt)
+        out.setdefault(ctid, {})[name] = Beancounter(name, held, maxheld, barrier, limit, failcnt)
     return out
 
 
@@ -290,7 +278,7 @@ class OpenVzDriver(ContainerDriver):
         return sorted(e.name[len(prefix):] for e in self._entries() if e.name.startswith(prefix))
 
 
-def usage_from_ubc(cid: str, rows: dict[str, UbcRow]) -> Usage:
+def usage_from_ubc(cid: str, rows: dict[str, Beancounter]) -> Usage:
     """Beancounters in hostd's shape (bytes for memory/swap, counts for processes)."""
     out: list[Beancounter] = []
 

@@ -8,14 +8,30 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Self
 
 from .containers import Limits
 
 
 @dataclass(frozen=True)
-class ContainerRecord:
+class Record:
+    """A kept thing, by id: a JSON object in the state file, changed by copying."""
+
     id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> Self:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ContainerRecord(Record):
     limits: Limits
     network_mode: str  # "host" | "bridge"
     address: str
@@ -31,35 +47,18 @@ class ContainerRecord:
     # "" only in state written before this field existed: resolved from the container's state at load.
     desired: str = ""
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ContainerRecord:
+    def from_dict(cls, d: dict[str, Any]) -> Self:
         return cls(**{**d, "limits": Limits(**d["limits"])})
-
-    def with_(self, **changes: Any) -> ContainerRecord:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
-class VolumeRecord:
-    id: str
+class VolumeRecord(Record):
     size_gb: int
     driver: str
     locator: str
     attached_to: str = ""
     container_path: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VolumeRecord:
-        return cls(**d)
-
-    def with_(self, **changes: Any) -> VolumeRecord:
-        return replace(self, **changes)
 
 
 @dataclass

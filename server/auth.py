@@ -18,7 +18,7 @@ import datetime as dt
 import hashlib
 import inspect
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,59 +131,68 @@ class Authenticator:
             return Principal(token.tenant_id, token.admin, identity)
 
 
-def _wrap_unary(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
-        if not await check(context):
-            return None
-        result = behavior(request_or_iterator, context)
-        return await result if inspect.isawaitable(result) else result
-    return wrapper
+def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
+                   check: Callable[[Context], Awaitable[bool]]) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same method handler, each call running `check(context)` first: a check that returns False has
+    aborted the call, and the method does not run."""
+    def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request_or_iterator: Any, context: Context) -> Any:
+            if not await check(context):
+                return None
+            result = behavior(request_or_iterator, context)
+            return await result if inspect.isawaitable(result) else result
+        return wrapper
+
+    def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request_or_iterator: Any, context: Context) -> Any:
+            if not await check(context):
+                return
+            async for item in behavior(request_or_iterator, context):
+                yield item
+        return wrapper
+
+    de, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), de, ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), de, ser)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), de, ser)
+    raise TypeError(f"a method handler with no behaviour: {handler!r}")
 
 
-def _wrap_stream(behavior: Callable[..., Any], check: Callable[[Any], Any]) -> Callable[..., Any]:
-    async def wrapper(request_or_iterator: Any, context: Context) -> Any:
-        if not await check(context):
-            return
-        async for item in behavior(request_or_iterator, context):
-            yield item
-    return wrapper
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.auth = authenticator
+class CheckingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that runs `check` before every call of every method, unary or streaming: a check
+    that returns False has aborted the call, and the method does not run."""
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
-                    if isinstance(v, str)}
 
         async def check(context: Context) -> bool:
-            try:
-                principal = await asyncio.to_thread(self.auth.authenticate, method, peer_identity(context),
-                                                    metadata)
-            except RedDwarfError as err:
-                await abort(context, err)
-                return False
-            _principal.set(principal)
-            return True
+            return await self.check(handler_call_details, context)
 
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, check), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, check), handler.request_deserializer,
-                handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, check), handler.request_deserializer,
-                handler.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, check), handler.request_deserializer,
-            handler.response_serializer)
+        return _guard_handler(handler, check)
+
+    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+        raise NotImplementedError
+
+
+class AuthInterceptor(CheckingInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.auth = authenticator
+
+    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        try:
+            principal = await asyncio.to_thread(self.auth.authenticate, details.method, peer_identity(context),
+                                                metadata)
+        except RedDwarfError as err:
+            await abort(context, err)
+            return False
+        _principal.set(principal)
+        return True

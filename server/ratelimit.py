@@ -16,20 +16,20 @@ interceptor that runs after authentication (server/auth.py) on the API port.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
 
 from reddwarf.common.errors import RedDwarfError, ResourceExhausted, Unauthenticated, abort
 
-from .auth import Principal, current_principal
+from .app import Context
+from .auth import CheckingInterceptor, Principal, current_principal
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -143,57 +143,24 @@ class RateLimiter:
         return self.admin_rate if key.startswith("admin|") else self.tenant_rate
 
 
-class RateLimitInterceptor(grpc.aio.ServerInterceptor):
+class RateLimitInterceptor(CheckingInterceptor):
     """Install after the AuthInterceptor (interceptors=[auth, ratelimit]): it reads the principal auth set."""
 
     def __init__(self, limiter: RateLimiter) -> None:
         self.limiter = limiter
 
-    async def intercept_service(self, continuation: Callable[..., Any],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cost = 0.0 if method in FREE_METHODS else 1.0
+    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+        try:
+            principal = current_principal(context)
+        except Unauthenticated:
+            return True  # the open services (health, reflection): no principal, no bucket
         limiter = self.limiter
-
-        async def allowed(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
-            try:
-                principal = current_principal(context)
-            except Unauthenticated:
-                return True  # the open services (health, reflection): no principal, no bucket
-            wait = limiter.take(principal, cost)
-            if wait is None:
-                return True
-            who = principal.tenant_id or principal.identity.uri
-            err: RedDwarfError = ResourceExhausted(
-                f"API rate limit of {who}: {limiter.key_rate(principal)[1].limit} calls per "
-                f"{limiter.key_rate(principal)[1].period:g} s; retry in {wait:.1f} s", retry_after=wait)
-            await abort(context, err)
-            return False
-
-        def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if not await allowed(context):
-                    return None
-                result = behavior(request, context)
-                return await result if inspect.isawaitable(result) else result
-            return wrapper
-
-        def stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if not await allowed(context):
-                    return
-                async for item in behavior(request, context):
-                    yield item
-            return wrapper
-
-        ser, de = handler.response_serializer, handler.request_deserializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), de, ser)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), de, ser)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), de, ser)
-        return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), de, ser)
+        wait = limiter.take(principal, 0.0 if details.method in FREE_METHODS else 1.0)
+        if wait is None:
+            return True
+        who = principal.tenant_id or principal.identity.uri
+        err: RedDwarfError = ResourceExhausted(
+            f"API rate limit of {who}: {limiter.key_rate(principal)[1].limit} calls per "
+            f"{limiter.key_rate(principal)[1].period:g} s; retry in {wait:.1f} s", retry_after=wait)
+        await abort(context, err)
+        return False

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fixtures import leaks
+from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.mariadb import MariaDB, mariadb_server
 from tests.fixtures.pki import TestPki, make_test_pki
+from tests.fixtures.server import RunningServer, start_server
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +25,22 @@ def mariadb() -> Iterator[MariaDB]:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     """A real CA for the session: `pki.files(role, id)`, `pki.foreign_files(...)`, `pki.expired_files(...)`."""
     return make_test_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A real server process with default settings, one per test module (a module that needs other
+    settings defines its own `server`)."""
+    with start_server(tmp_path_factory.mktemp("srv")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A whole real cluster (server, hostd with LXC and loop volumes, a tenant), one per test module: needs
+    root. tests/functional overrides it with the fake drivers."""
+    with start_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
 
 
 @pytest.fixture(scope="session", autouse=True)

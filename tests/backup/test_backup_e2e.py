@@ -15,16 +15,9 @@ import pymysql
 import pytest
 
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
-from tests.fixtures.cluster import start_cluster
 from tests.fixtures.waiting import until as wait
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC, loop devices")]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with start_cluster(tmp_path_factory.mktemp("bk")) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +68,30 @@ def take(c, bk, inst, name, parent=""):
                 lambda x: x.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED), what="backup done")
 
 
+def completed(c, bk, inst, name):
+    """A backup that must complete: the test fails with its fault otherwise."""
+    b = take(c, bk, inst, name)
+    assert b.status == database_pb2.BACKUP_STATUS_COMPLETED, b.fault.message
+    return b
+
+
+def verified(c, bk, name):
+    """The backup once the VerifyBackup this asks for has ended."""
+    bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=name), metadata=c.md)
+    return wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=name), metadata=c.md),
+                lambda x: x.verify_status != database_pb2.VERIFY_STATUS_VERIFYING, what="verify done")
+
+
+def restored(c, backup_name, display_name):
+    """A new instance restored from the backup, once its create has ended (ACTIVE or ERROR)."""
+    new = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name=display_name, flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
+        restore_from_backup=backup_name), metadata=c.md)
+    return wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=new.name), metadata=c.md),
+                lambda i: i.status in (database_pb2.INSTANCE_STATUS_ACTIVE, database_pb2.INSTANCE_STATUS_ERROR),
+                what=f"{display_name} restored")
+
+
 @pytest.fixture(scope="module")
 def full(cluster, bk, source_created):
     """A full backup of the source holding rows 1 and 2 of shop.orders."""
@@ -105,21 +122,13 @@ def test_incremental_backup_completes(inc):
 
 @pytest.mark.dependency(depends=["inc"])
 def test_verify_restores_the_chain_and_finds_it_whole(cluster, bk, inc):
-    c = cluster
-    bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=inc.name), metadata=c.md)
-    v = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=inc.name), metadata=c.md),
-             lambda x: x.verify_status not in (database_pb2.VERIFY_STATUS_VERIFYING,), what="verified")
+    v = verified(cluster, bk, inc.name)
     assert v.verify_status == database_pb2.VERIFY_STATUS_VERIFIED, v.verify_detail
 
 
 @pytest.mark.dependency(depends=["inc"])
 def test_a_new_instance_restored_from_the_incremental_holds_every_row(cluster, inc):
-    c = cluster
-    new = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
-        instance=database_pb2.Instance(display_name="copy", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
-        restore_from_backup=inc.name), metadata=c.md)
-    new = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=new.name), metadata=c.md),
-               lambda i: i.status in (database_pb2.INSTANCE_STATUS_ACTIVE, database_pb2.INSTANCE_STATUS_ERROR), what="restored")
+    new = restored(cluster, inc.name, "copy")
     assert new.status == database_pb2.INSTANCE_STATUS_ACTIVE, new.fault.message
     assert new.restored_from == inc.id
     assert sql(new, "SELECT id FROM orders ORDER BY id") == ((1,), (2,), (3,))
@@ -136,8 +145,7 @@ def test_the_full_cannot_go_while_the_incremental_depends_on_it(cluster, bk, ful
 @pytest.mark.dependency(depends=["source"])
 def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
     c, bk, inst = env
-    b = take(c, bk, inst, "to-corrupt")
-    assert b.status == database_pb2.BACKUP_STATUS_COMPLETED
+    b = completed(c, bk, inst, "to-corrupt")
     path = b.location
     assert os.path.exists(path), path
     with open(path, "r+b") as f:
@@ -145,15 +153,9 @@ def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0xFF]))
-    bk.VerifyBackup(database_pb2.VerifyBackupRequest(name=b.name), metadata=c.md)
-    v = wait(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=c.md),
-             lambda x: x.verify_status != database_pb2.VERIFY_STATUS_VERIFYING, what="verify done")
+    v = verified(c, bk, b.name)
     assert v.verify_status == database_pb2.VERIFY_STATUS_MISMATCH and b.sha256 in v.verify_detail
-    new = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
-        instance=database_pb2.Instance(display_name="bad-copy", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
-        restore_from_backup=b.name), metadata=c.md)
-    new = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=new.name), metadata=c.md),
-               lambda i: i.status in (database_pb2.INSTANCE_STATUS_ACTIVE, database_pb2.INSTANCE_STATUS_ERROR), what="restore ended")
+    new = restored(c, b.name, "bad-copy")
     assert new.status == database_pb2.INSTANCE_STATUS_ERROR and "sha" in new.fault.message.lower()
     c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=new.name), metadata=c.md)
 
@@ -161,20 +163,17 @@ def test_a_flipped_byte_is_caught_by_verify_and_refused_by_restore(env):
 @pytest.mark.dependency(depends=["source"])
 def test_backup_of_another_tenants_instance_is_not_found(env):
     c, bk, inst = env
-    _, token = c.new_tenant()
     with pytest.raises(grpc.RpcError) as e:
         bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
-            display_name="steal", instance=inst.name)), metadata=(("authorization", f"Bearer {token}"),))
+            display_name="steal", instance=inst.name)), metadata=c.other_tenant_md())
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.dependency(depends=["source"])
 def test_another_tenant_cannot_see_touch_or_restore_a_backup(env):
     c, bk, inst = env
-    mine = take(c, bk, inst, "private")
-    assert mine.status == database_pb2.BACKUP_STATUS_COMPLETED
-    _, token = c.new_tenant()
-    other = (("authorization", f"Bearer {token}"),)
+    mine = completed(c, bk, inst, "private")
+    other = c.other_tenant_md()
     assert not bk.ListBackups(database_pb2.ListBackupsRequest(), metadata=other).backups
     assert not bk.ListBackups(database_pb2.ListBackupsRequest(instance=inst.name), metadata=other).backups
     calls = [
@@ -199,8 +198,7 @@ def test_agent_killed_mid_backup_fails_the_backup_and_stores_nothing(cluster, bk
     victim = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="victim", flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
         metadata=c.md)
-    victim = wait(lambda: c.instances.GetInstance(database_pb2.GetInstanceRequest(name=victim.name), metadata=c.md),
-                  lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE, what="victim ACTIVE")
+    victim = wait_active(c, victim.name)
     b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
         display_name="doomed", instance=victim.name)), metadata=c.md)
     name = f"{c.hostd.prefix}{victim.id}"

@@ -123,8 +123,7 @@ def test_get_and_list_show_the_instance_to_its_tenant_only(cluster, shop):
         ("shop", "flavors/tiny", 1, "mariadb")
     listed = c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=c.md).instances
     assert shop.name in {i.name for i in listed}
-    _, token = c.new_tenant()
-    other = (("authorization", f"Bearer {token}"),)
+    other = c.other_tenant_md()
     assert not c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=other).instances
     with pytest.raises(grpc.RpcError) as e:
         c.instances.GetInstance(database_pb2.GetInstanceRequest(name=shop.name), metadata=other)

@@ -70,12 +70,6 @@ def host_leftovers(c, iid: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with start_cluster(tmp_path_factory.mktemp("e2e")) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def shop_created(cluster):
     """The shared instance as CreateInstance answered it (BUILD); test_create_reaches_active waits for it."""
     inst = create(cluster, databases=[common_pb2.Database(database="shop")],
@@ -179,8 +173,7 @@ def test_root_enable_returns_a_password_once_and_disable_locks_it(cluster, shop)
 
 @pytest.mark.dependency(depends=["shop"])
 def test_other_tenants_cannot_see_or_touch_the_instance(cluster, shop):
-    _, token = cluster.new_tenant()
-    md = (("authorization", f"Bearer {token}"),)
+    md = cluster.other_tenant_md()
     with pytest.raises(grpc.RpcError) as e:
         cluster.instances.GetInstance(database_pb2.GetInstanceRequest(name=shop.name), metadata=md)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -45,16 +45,21 @@ def submit(db: sessionmaker[Session], kind: str, n: int = 1) -> list[str]:
     return ids
 
 
+async def run_one(db: sessionmaker[Session], engine: tasks.TaskEngine) -> tuple[str, tasks.TaskView]:
+    """Submits one "demo" task, runs the engine until the task has ended, stops the engine."""
+    (tid,) = submit(db, "demo")
+    await engine.start()
+    try:
+        return tid, await tasks.wait_for(db, tid, timeout=20)
+    finally:
+        await engine.stop()
+
+
 async def test_steps_run_once_in_order_and_are_recorded(state_db: sessionmaker[Session]) -> None:
     rec = Recorder()
     engine = tasks.TaskEngine(state_db, "srv-a", poll_seconds=0.05)
     engine.register(tasks.TaskKind("demo", (rec.step("one"), rec.step("two"), rec.step("three"))))
-    (tid,) = submit(state_db, "demo")
-    await engine.start()
-    try:
-        tv = await tasks.wait_for(state_db, tid, timeout=20)
-    finally:
-        await engine.stop()
+    tid, tv = await run_one(state_db, engine)
     assert tv.state == TaskState.SUCCEEDED and tv.progress_percent == 100
     assert rec.order[tid] == ["one", "two", "three"]
     assert [s["step"] for s in tv.steps] == ["one", "two", "three"]
@@ -180,12 +185,7 @@ async def test_transient_failures_are_retried_with_backoff(state_db: sessionmake
 
     engine = tasks.TaskEngine(state_db, "srv-a", poll_seconds=0.02, backoff_seconds=0.05)
     engine.register(tasks.TaskKind("demo", (tasks.Step("flaky", flaky),)))
-    (tid,) = submit(state_db, "demo")
-    await engine.start()
-    try:
-        tv = await tasks.wait_for(state_db, tid, timeout=20)
-    finally:
-        await engine.stop()
+    _, tv = await run_one(state_db, engine)
     assert tv.state == TaskState.SUCCEEDED and calls == 3
 
 

@@ -18,15 +18,8 @@ from reddwarf.common import names
 from reddwarf.common.errors import InvalidArgument
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
 from tests.fixtures.errors import field_violations
-from tests.fixtures.server import start_server
 
 THIRTY_DAYS = dt.timedelta(days=30)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with start_server(tmp_path_factory.mktemp("secrets")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
