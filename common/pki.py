@@ -157,6 +157,21 @@ def identity_from_cert(pem: bytes | str) -> Identity:
     return Identity(m.group(1), m.group(2), cert.serial_number)
 
 
+def csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The EC public key of a well-formed, self-signed CSR; INVALID_ARGUMENT naming csr_pem otherwise.
+    Nothing else in the CSR is read: the CA decides what the certificate names."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as e:
+        raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem") from None
+    if not csr.is_signature_valid:
+        raise InvalidArgument("certificate request signature is invalid", field="csr_pem")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise InvalidArgument("certificate request must use an EC key", field="csr_pem")
+    return public_key
+
+
 class CertificateAuthority:
     def __init__(self, directory: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
         self.dir = directory
@@ -223,30 +238,14 @@ class CertificateAuthority:
 
     def sign_csr(self, csr_pem: bytes, role: str, id: str, days: int = 365) -> Issued:
         """Sign the CSR's public key for (role, id); whatever identity the CSR names is ignored."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
-            raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem") from None
-        if not csr.is_signature_valid:
-            raise InvalidArgument("certificate request signature is invalid", field="csr_pem")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise InvalidArgument("certificate request must use an EC key", field="csr_pem")
+        public_key = csr_public_key(csr_pem)
         return self._sign(public_key, role, id, days, (), (), None)
 
     def sign_tls_server_csr(self, csr_pem: bytes, common_name: str, dns_names: Iterable[str] = (),
                             ip_addresses: Iterable[str] = (), days: int = 365) -> Issued:
         """A plain TLS server certificate (no Red Dwarf identity, serverAuth only) for the CSR's key, naming
         exactly the given DNS names and addresses: what a tenant-facing CA (MySQL's) issues."""
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as e:
-            raise InvalidArgument(f"not a PEM certificate request: {e}", field="csr_pem") from None
-        if not csr.is_signature_valid:
-            raise InvalidArgument("certificate request signature is invalid", field="csr_pem")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise InvalidArgument("certificate request must use an EC key", field="csr_pem")
+        public_key = csr_public_key(csr_pem)
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
         if not sans:
