@@ -252,21 +252,7 @@ class CertificateAuthority:
             raise InvalidArgument("a server certificate needs a name or an address", field="dns_names")
         start = now_aware() - dt.timedelta(minutes=5)
         end = start + dt.timedelta(days=days)
-        serial = x509.random_serial_number()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
-                .issuer_name(self._cert.subject)
-                .public_key(public_key)
-                .serial_number(serial)
-                .not_valid_before(start)
-                .not_valid_after(end)
-                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                               critical=False)
-                .sign(self._key, hashes.SHA256()))
-        return Issued(cert.public_bytes(serialization.Encoding.PEM), b"", serial, end)
+        return self._certificate(public_key, common_name, sans, [ExtendedKeyUsageOID.SERVER_AUTH], start, end)
 
     def _sign(self, public_key: ec.EllipticCurvePublicKey, role: str, id: str, days: int,
               dns_names: Iterable[str], ip_addresses: Iterable[str],
@@ -291,9 +277,14 @@ class CertificateAuthority:
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
         if role in ("server", "host", "gateway"):  # the gateway also serves HTTPS (reddwarf-gateway --tls-cert)
             usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+        return self._certificate(public_key, f"{role}/{id}", sans, usages, start, end)
+
+    def _certificate(self, public_key: ec.EllipticCurvePublicKey, common_name: str, sans: list[x509.GeneralName],
+                     usages: list[x509.ObjectIdentifier], start: dt.datetime, end: dt.datetime) -> Issued:
+        """A leaf certificate signed by this CA (the public key only: the private key is the caller's)."""
         serial = x509.random_serial_number()
         cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{role}/{id}"[:64])]))
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
                 .issuer_name(self._cert.subject)
                 .public_key(public_key)
                 .serial_number(serial)
