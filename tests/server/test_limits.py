@@ -118,7 +118,7 @@ async def run_stream(g: Gateway, iid: str, messages: AsyncIterator[agent_pb2.Age
 
 
 async def test_a_heartbeat_flood_is_written_at_most_once_per_interval_and_cut_off_while_others_beat_on(
-        gw: Gateway) -> None:
+        gw: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     good, bad = f"good-{uuid.uuid4().hex[:6]}", f"bad-{uuid.uuid4().hex[:6]}"
     stop = asyncio.Event()
     sent = 0
@@ -145,7 +145,10 @@ async def test_a_heartbeat_flood_is_written_at_most_once_per_interval_and_cut_of
     await asyncio.sleep(1.5)
     started = time.monotonic()
     flooded = await asyncio.wait_for(run_stream(gw, bad, flood()), 30)
-    assert flooded == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The server ends the call RESOURCE_EXHAUSTED; a flooder still writing when the trailers arrive may
+    # see its own write fail instead (grpc's client then reports INTERNAL).
+    assert flooded in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL)
+    assert any(getattr(r, "reason", "").startswith("heartbeats far faster") for r in caplog.records)
     assert not gw.registry.is_connected(bad)
     good_before = gw.writes[good]
     await asyncio.sleep(3 * INTERVAL + 0.5)  # any coalesced report of the flooder lands in this time
