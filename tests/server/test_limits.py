@@ -447,3 +447,64 @@ async def test_one_tenants_long_verifies_and_tasks_leave_workers_for_another_ten
     finally:
         release.set()
         await engine.stop()
+
+
+def test_the_schedule_shows_why_its_last_run_took_no_backup() -> None:
+    from reddwarf.server.backups import schedule_pb
+    row = models.BackupSchedule(instance_id="i1", interval_seconds=3600, keep=2, full_every=1,
+                                fault_message="scheduled backup not taken: quota exceeded",
+                                fault_at=dt.datetime(2026, 1, 1))
+    pb = schedule_pb(row)
+    assert pb.HasField("fault") and pb.fault.message.endswith("quota exceeded") and pb.fault.created.seconds
+    row.fault_message, row.fault_at = "", None
+    assert not schedule_pb(row).HasField("fault")
+
+
+def test_migration_0003_gives_running_tasks_their_tenant(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/m.db"
+    db.upgrade(url, "0002")
+    engine = db.make_engine(url)
+    with engine.begin() as c:
+        c.exec_driver_sql("INSERT INTO flavors (id, display_name, memory_mb, swap_mb, cpu_shares, "
+                          "cpu_limit_millicores, max_processes, max_open_files, io_weight, io_iops, "
+                          "io_bytes_per_sec, default_volume_gb) VALUES ('f', 'f', 1, 0, 1, 0, 1, 0, 1, 0, 0, 1)")
+        c.exec_driver_sql("INSERT INTO tenants (id, display_name, quota_instances, quota_memory_mb, "
+                          "quota_volume_gb, quota_backups, created_at) VALUES ('t1', 't1', 1, 1, 1, 1, '2026-01-01')")
+        c.exec_driver_sql("INSERT INTO instances (id, tenant_id, display_name, status, flavor_id, volume_size_gb, "
+                          "datastore, datastore_version, address, port, fault_message, fault_details, health, "
+                          "root_enabled, restored_from, create_params, created_at, updated_at) VALUES ('i1', 't1', "
+                          "'i', 'BUILD', 'f', 1, 'mariadb', '10.11', '', 0, '', '', '{}', 0, '', '{}', "
+                          "'2026-01-01', '2026-01-01')")
+        for tid, state in (("k1", "pending"), ("k2", "succeeded")):
+            c.exec_driver_sql("INSERT INTO tasks (id, kind, resource, state, current_step, steps, params, "
+                              "attempts, progress_percent, fault_message, fault_details, created_at, updated_at) "
+                              f"VALUES ('{tid}', 'create_instance', 'instances/i1', '{state}', '', '[]', '{{}}', "
+                              "0, 0, '', '', '2026-01-01', '2026-01-01')")
+    engine.dispose()
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    with engine.connect() as c:
+        got = dict(c.exec_driver_sql("SELECT id, tenant_id FROM tasks").fetchall())
+        assert got == {"k1": "t1", "k2": None}
+        assert c.exec_driver_sql("SELECT quota_backup_bytes FROM tenants").scalar() == 1 << 40
+    engine.dispose()
+
+
+def test_the_backup_bytes_quota_is_optional_on_the_api(server: Any) -> None:
+    from reddwarf.v1 import admin_pb2, admin_pb2_grpc
+    with server.channel(server.admin_files) as ch:
+        a = admin_pb2_grpc.AdminStub(ch)
+        tid = f"t{uuid.uuid4().hex[:8]}"
+        t = a.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(
+            id=tid, quota=admin_pb2.Quota(instances=1, memory_mb=1024, volume_gb=10, backups=5))))
+        assert t.quota.backup_bytes == 1 << 40  # absent: the server's default
+        q = a.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{tid}", quota=admin_pb2.Quota(
+            instances=1, memory_mb=1024, volume_gb=10, backups=5, backup_bytes=5 << 30)))
+        assert q.limit.backup_bytes == 5 << 30 and q.in_use.backup_bytes == 0
+        q = a.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{tid}", quota=admin_pb2.Quota(
+            instances=2, memory_mb=1024, volume_gb=10, backups=5)))
+        assert q.limit.backup_bytes == 5 << 30 and q.limit.instances == 2  # absent: left as it was
+        with pytest.raises(grpc.RpcError) as e:
+            a.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{tid}", quota=admin_pb2.Quota(
+                backup_bytes=-1)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
