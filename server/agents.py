@@ -53,7 +53,7 @@ class _Conn:
     outbox: asyncio.Queue[agent_pb2.ServerMessage | None] = field(default_factory=asyncio.Queue)
     last_seen: float = field(default_factory=time.monotonic)
     # Heartbeat flood bucket: tokens left and when they were counted (see AgentRegistry._heartbeat_allowed).
-    tokens: float = -1.0
+    tokens: float | None = None
     counted_at: float = field(default_factory=time.monotonic)
     # Why the server ended the stream, sent to the agent as its status.
     error: RedDwarfError | None = None
@@ -229,7 +229,9 @@ class AgentRegistry:
             if gate.flush is None:
                 gate.flush = asyncio.create_task(self._flush_later(instance_id, gate, wait))
             return
-        gate.written_at = time.monotonic()
+        if gate.flush is not None:  # its time came, but this report is newer than the one it holds
+            gate.flush.cancel()
+        gate.pending, gate.flush, gate.written_at = None, None, time.monotonic()
         await self._write_health(instance_id, health)
 
     async def _flush_later(self, instance_id: str, gate: _HealthGate, wait: float) -> None:
@@ -250,10 +252,9 @@ class AgentRegistry:
         """A token bucket per stream: heartbeat_flood_burst tokens, refilled at twice the configured rate
         (an honest agent sends one per interval); a heartbeat finding it empty is a flood."""
         now = time.monotonic()
-        if conn.tokens < 0:
-            conn.tokens = float(self.heartbeat_flood_burst)
-        conn.tokens = min(float(self.heartbeat_flood_burst),
-                          conn.tokens + (now - conn.counted_at) * 2 / max(self.heartbeat_seconds, 0.001))
+        burst = float(self.heartbeat_flood_burst)
+        tokens = burst if conn.tokens is None else conn.tokens
+        conn.tokens = min(burst, tokens + (now - conn.counted_at) * 2 / max(self.heartbeat_seconds, 0.001))
         conn.counted_at = now
         if conn.tokens < 1:
             return False

@@ -226,7 +226,10 @@ async def test_one_connection_gets_at_most_the_agent_ports_concurrent_streams(gw
             await stub.UploadBackup(chunks())
 
         calls = [asyncio.create_task(one()) for _ in range(tls.AGENT_MAX_CONCURRENT_STREAMS + 4)]
-        await asyncio.sleep(2)
+        deadline = time.monotonic() + 20
+        while gw.max_in_upload < tls.AGENT_MAX_CONCURRENT_STREAMS and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.5)
         assert gw.max_in_upload == tls.AGENT_MAX_CONCURRENT_STREAMS  # the rest wait for a free stream
         gw.release.set()
         await asyncio.wait_for(asyncio.gather(*calls), 20)  # ... and then run
@@ -508,3 +511,33 @@ def test_the_backup_bytes_quota_is_optional_on_the_api(server: Any) -> None:
             a.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{tid}", quota=admin_pb2.Quota(
                 backup_bytes=-1)))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_progress_faster_than_once_a_second_is_dropped(gw: Gateway) -> None:
+    iid = f"progress-{uuid.uuid4().hex[:6]}"
+    outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+    await outbox.put(agent_pb2.AgentMessage(hello=agent_pb2.Hello(instance_id=iid)))
+
+    async def messages() -> AsyncIterator[agent_pb2.AgentMessage]:
+        while True:
+            yield await outbox.get()
+
+    async def guest() -> None:
+        async with gw.channel(iid) as ch:
+            async for msg in agent_pb2_grpc.AgentGatewayStub(ch).Connect(messages()):
+                if msg.WhichOneof("message") == "command":
+                    cid = msg.command.command_id
+                    for n in range(100):
+                        await outbox.put(agent_pb2.AgentMessage(progress=agent_pb2.Progress(command_id=cid,
+                                                                                            percent=n)))
+                    await outbox.put(agent_pb2.AgentMessage(result=agent_pb2.CommandResult(command_id=cid)))
+
+    seen: list[int] = []
+    stream = asyncio.create_task(guest())
+    try:
+        await gw.registry.wait_for_hello(iid, 10)
+        await gw.registry.call(iid, agent_pb2.Command(table_checksums=agent_pb2.TableChecksums()), timeout=10,
+                               on_progress=lambda p: seen.append(p.percent))
+        assert seen == [0]  # a hundred in a blink: one reached the task
+    finally:
+        stream.cancel()
