@@ -91,7 +91,6 @@ def test_a_heartbeat_flood_with_a_real_instance_certificate_is_throttled_and_cut
     time.sleep(3 * INTERVAL)
     window = time.monotonic() - started
     hostile_writes = writes(db, hostile.id) - hostile_before
-    print(f"flood: sent={sent} cut_after={cut_after:.2f}s hostile_writes={hostile_writes} window={window:.1f}s")
     # At most one write per interval for the instance, whoever sends (its real agent heartbeats too).
     assert hostile_writes <= int(window / INTERVAL) + 2, (hostile_writes, sent, window)
     # The neighbour kept heartbeating and being written, and stays ACTIVE.
