@@ -35,10 +35,13 @@ from .pki import (
 log = logging.getLogger("reddwarf.tls")
 
 __all__ = [
+    "AGENT_MAX_CONCURRENT_STREAMS",
+    "MAX_CONCURRENT_STREAMS",
     "SERVER_OPTIONS",
     "SERVER_PEER",
     "RevocationList",
     "TlsFiles",
+    "agent_server_options",
     "aio_channel",
     "channel_credentials",
     "channel_options",
@@ -72,11 +75,30 @@ _KEEPALIVE = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 
               ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
 
 
-# Servers accept the clients' keepalive pings (every 20 s, also between calls: idle agent streams), instead
-# of answering them with GOAWAY "too_many_pings".
-SERVER_OPTIONS = [("grpc.keepalive_permit_without_calls", 1),
-                  ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-                  ("grpc.http2.max_ping_strikes", 0)]
+# Every gRPC server (API, agent, enrollment, hostd) limits each connection:
+# - at most MAX_CONCURRENT_STREAMS calls open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a client
+#   asking for more waits for one to end; it cannot open thousands);
+# - keepalive pings are accepted every 10 s or slower, also between calls (the clients of _KEEPALIVE ping
+#   every 20 s, idle agent streams included), and a peer pinging faster is sent GOAWAY "too_many_pings"
+#   after 2 strikes (gRPC's default) instead of being answered for ever. Sending data resets the strikes.
+MAX_CONCURRENT_STREAMS = 100
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2)]
+
+# A guest agent holds one Connect stream and uploads or downloads one backup at a time.
+AGENT_MAX_CONCURRENT_STREAMS = 8
+
+
+def agent_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS for the agent port: fewer streams per connection, and no message larger than
+    max_message_bytes (a backup upload chunk is 1 MiB; everything else an agent sends is far smaller)."""
+    opts = dict(SERVER_OPTIONS)
+    opts["grpc.max_concurrent_streams"] = AGENT_MAX_CONCURRENT_STREAMS
+    opts["grpc.max_receive_message_length"] = max_message_bytes
+    return list(opts.items())
 
 
 def server_credentials(cert_pem: bytes, key_pem: bytes, ca_pem: bytes | None,

@@ -51,15 +51,17 @@ def quota_usage(s: Session, t: models.Tenant) -> admin_pb2.QuotaUsage:
     used = quotas.tenant_allocation(s, t.id)
     return admin_pb2.QuotaUsage(
         limit=admin_pb2.Quota(instances=t.quota_instances, memory_mb=t.quota_memory_mb,
-                              volume_gb=t.quota_volume_gb, backups=t.quota_backups),
+                              volume_gb=t.quota_volume_gb, backups=t.quota_backups,
+                              backup_bytes=t.quota_backup_bytes),
         in_use=admin_pb2.Quota(instances=used.instances, memory_mb=used.memory_mb, volume_gb=used.volume_gb,
-                               backups=quotas.backup_count(s, t.id)))
+                               backups=quotas.backup_count(s, t.id), backup_bytes=quotas.backup_bytes(s, t.id)))
 
 
 def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
     return admin_pb2.Tenant(name=f"tenants/{t.id}", id=t.id, display_name=t.display_name,
                             quota=admin_pb2.Quota(instances=t.quota_instances, memory_mb=t.quota_memory_mb,
-                                                  volume_gb=t.quota_volume_gb, backups=t.quota_backups),
+                                                  volume_gb=t.quota_volume_gb, backups=t.quota_backups,
+                                                  backup_bytes=t.quota_backup_bytes),
                             create_time=ts(t.created_at))
 
 
@@ -129,6 +131,8 @@ def _quota_values(q: admin_pb2.Quota, field: str) -> None:
         v = getattr(q, name)
         if v < 0 or v > 10**9:
             raise InvalidArgument(f"{field}.{name} must be between 0 and 1e9", field=f"{field}.{name}")
+    if q.HasField("backup_bytes") and not 0 <= q.backup_bytes <= 1 << 60:
+        raise InvalidArgument(f"{field}.backup_bytes must be between 0 and 2^60", field=f"{field}.backup_bytes")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -172,7 +176,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 quota_instances=t.quota.instances if t.HasField("quota") else q.instances,
                 quota_memory_mb=t.quota.memory_mb if t.HasField("quota") else q.memory_mb,
                 quota_volume_gb=t.quota.volume_gb if t.HasField("quota") else q.volume_gb,
-                quota_backups=t.quota.backups if t.HasField("quota") else q.backups)
+                quota_backups=t.quota.backups if t.HasField("quota") else q.backups,
+                quota_backup_bytes=t.quota.backup_bytes if t.quota.HasField("backup_bytes") else q.backup_bytes)
             s.add(row)
             s.flush()
             return tenant_pb(row)
@@ -275,6 +280,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             row.quota_memory_mb = request.quota.memory_mb
             row.quota_volume_gb = request.quota.volume_gb
             row.quota_backups = request.quota.backups
+            if request.quota.HasField("backup_bytes"):
+                row.quota_backup_bytes = request.quota.backup_bytes
             s.flush()
             return quota_usage(s, row)
 

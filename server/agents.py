@@ -5,6 +5,11 @@ Trust: a stream is accepted only from a certificate with role `instance` whose i
 instance id (and is not revoked). Commands for instance A are only ever written to A's stream, so a
 compromised guest neither sees nor answers another tenant's commands. The registry holds no database
 handle: callbacks given at construction connect it to the state (health, silence, revocation).
+
+Limits: a guest's health reaches the state at most once per heartbeat interval (what comes faster is
+coalesced: the newest is written when the interval is up), progress at most once a second per command; a
+heartbeat or hello larger than heartbeat_max_bytes, or a flood of heartbeats (a token bucket of
+heartbeat_flood_burst refilled at twice the configured rate), ends the stream with an error.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from reddwarf.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     PermissionDenied,
+    RedDwarfError,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
     abort,
@@ -36,6 +43,7 @@ from .app import Context
 log = logging.getLogger("reddwarf.server.agents")
 
 ProgressCb = Callable[[agent_pb2.Progress], Awaitable[None] | None]
+PROGRESS_MIN_SECONDS = 1.0  # progress of one command reaches its task at most this often
 
 
 @dataclass
@@ -44,6 +52,20 @@ class _Conn:
     hello: agent_pb2.Hello
     outbox: asyncio.Queue[agent_pb2.ServerMessage | None] = field(default_factory=asyncio.Queue)
     last_seen: float = field(default_factory=time.monotonic)
+    # Heartbeat flood bucket: tokens left and when they were counted (see AgentRegistry._heartbeat_allowed).
+    tokens: float | None = None
+    counted_at: float = field(default_factory=time.monotonic)
+    # Why the server ended the stream, sent to the agent as its status.
+    error: RedDwarfError | None = None
+
+
+@dataclass
+class _HealthGate:
+    """Per instance (kept across reconnects): when its health was last written, and a newer report
+    waiting for the interval to end."""
+    written_at: float = float("-inf")
+    pending: common_pb2.GuestHealth | None = None
+    flush: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -52,18 +74,23 @@ class _Pending:
     command: agent_pb2.Command
     future: asyncio.Future[agent_pb2.CommandResult]
     on_progress: ProgressCb | None
+    progress_at: float = float("-inf")
 
 
 class AgentRegistry:
     def __init__(self, on_health: Callable[[str, common_pb2.GuestHealth], Awaitable[None]] | None = None,
                  on_silent: Callable[[str], Awaitable[None]] | None = None,
                  is_revoked: Callable[[int], bool] = lambda serial: False,
-                 heartbeat_seconds: int = 5, heartbeat_expiry: float = 20.0) -> None:
+                 heartbeat_seconds: int = 5, heartbeat_expiry: float = 20.0,
+                 heartbeat_max_bytes: int = 64 * 1024, heartbeat_flood_burst: int = 20) -> None:
         self.on_health = on_health
         self.on_silent = on_silent
         self.is_revoked = is_revoked
         self.heartbeat_seconds = heartbeat_seconds
         self.heartbeat_expiry = heartbeat_expiry
+        self.heartbeat_max_bytes = heartbeat_max_bytes
+        self.heartbeat_flood_burst = heartbeat_flood_burst
+        self._gates: dict[str, _HealthGate] = {}
         self._conns: dict[str, _Conn] = {}
         self._pending: dict[str, _Pending] = {}
         self._hello_waiters: dict[str, list[asyncio.Future[agent_pb2.Hello]]] = {}
@@ -161,6 +188,9 @@ class AgentRegistry:
         conn = self._conns.pop(instance_id, None)
         if conn is not None:
             conn.outbox.put_nowait(None)
+        gate = self._gates.pop(instance_id, None)
+        if gate is not None and gate.flush is not None:
+            gate.flush.cancel()
 
     # -- used by the servicer --------------------------------------------------------------------
     async def _attach(self, conn: _Conn) -> None:
@@ -189,18 +219,60 @@ class AgentRegistry:
             log.info("guest disconnected", extra={"instance": conn.instance_id})
 
     async def _record_health(self, instance_id: str, health: common_pb2.GuestHealth) -> None:
+        """Keeps the newest report in memory; writes it to the state at most once per heartbeat interval
+        per instance (a report arriving sooner waits, and is replaced by any newer one meanwhile)."""
         self._health[instance_id] = health
+        gate = self._gates.setdefault(instance_id, _HealthGate())
+        wait = gate.written_at + self.heartbeat_seconds - time.monotonic()
+        if wait > 0:
+            gate.pending = health
+            if gate.flush is None:
+                gate.flush = asyncio.create_task(self._flush_later(instance_id, gate, wait))
+            return
+        if gate.flush is not None:  # its time came, but this report is newer than the one it holds
+            gate.flush.cancel()
+        gate.pending, gate.flush, gate.written_at = None, None, time.monotonic()
+        await self._write_health(instance_id, health)
+
+    async def _flush_later(self, instance_id: str, gate: _HealthGate, wait: float) -> None:
+        await asyncio.sleep(wait)
+        health, gate.pending, gate.flush = gate.pending, None, None
+        if health is not None and self._gates.get(instance_id) is gate:
+            gate.written_at = time.monotonic()
+            await self._write_health(instance_id, health)
+
+    async def _write_health(self, instance_id: str, health: common_pb2.GuestHealth) -> None:
         if self.on_health is not None:
             try:
                 await self.on_health(instance_id, health)
             except Exception:  # noqa: BLE001 - a state write failing must not drop the stream
                 log.exception("recording health failed")
 
+    def _heartbeat_allowed(self, conn: _Conn) -> bool:
+        """A token bucket per stream: heartbeat_flood_burst tokens, refilled at twice the configured rate
+        (an honest agent sends one per interval); a heartbeat finding it empty is a flood."""
+        now = time.monotonic()
+        burst = float(self.heartbeat_flood_burst)
+        tokens = burst if conn.tokens is None else conn.tokens
+        conn.tokens = min(burst, tokens + (now - conn.counted_at) * 2 / max(self.heartbeat_seconds, 0.001))
+        conn.counted_at = now
+        if conn.tokens < 1:
+            return False
+        conn.tokens -= 1
+        return True
+
     async def _on_message(self, conn: _Conn, msg: agent_pb2.AgentMessage) -> None:
         conn.last_seen = time.monotonic()
         self._silent_reported.discard(conn.instance_id)
         kind = msg.WhichOneof("message")
         if kind == "heartbeat":
+            size = msg.heartbeat.ByteSize()
+            if size > self.heartbeat_max_bytes:
+                raise InvalidArgument(f"a heartbeat of {size} bytes is over the limit of {self.heartbeat_max_bytes}",
+                                      field="heartbeat")
+            if not self._heartbeat_allowed(conn):
+                raise ResourceExhausted(f"heartbeats far faster than one per {self.heartbeat_seconds}s: "
+                                        "the stream is closed", field="heartbeat")
             await self._record_health(conn.instance_id, msg.heartbeat.health)
         elif kind == "result":
             p = self._pending.get(msg.result.command_id)
@@ -210,6 +282,10 @@ class AgentRegistry:
         elif kind == "progress":
             p = self._pending.get(msg.progress.command_id)
             if p is not None and p.instance_id == conn.instance_id and p.on_progress is not None:
+                now = time.monotonic()
+                if now - p.progress_at < PROGRESS_MIN_SECONDS:
+                    return  # each progress is a state write: dropped when faster than this
+                p.progress_at = now
                 res = p.on_progress(msg.progress)
                 if asyncio.iscoroutine(res):
                     await res
@@ -249,6 +325,9 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             if first.hello.instance_id != cert_instance:
                 raise PermissionDenied(f"this certificate belongs to instance {cert_instance}, not "
                                        f"{first.hello.instance_id!r}", field="hello.instance_id")
+            if first.hello.ByteSize() > self.registry.heartbeat_max_bytes:
+                raise InvalidArgument(f"a hello of {first.hello.ByteSize()} bytes is over the limit of "
+                                      f"{self.registry.heartbeat_max_bytes}", field="hello")
         except (Unauthenticated, PermissionDenied, InvalidArgument) as err:
             log.warning("agent stream refused", extra={"reason": err.message})
             await abort(context, err)
@@ -260,6 +339,9 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             try:
                 async for msg in request_iterator:
                     await self.registry._on_message(conn, msg)
+            except (InvalidArgument, ResourceExhausted) as err:
+                conn.error = err
+                log.warning("agent stream closed", extra={"instance": conn.instance_id, "reason": err.message})
             finally:
                 conn.outbox.put_nowait(None)
 
@@ -273,6 +355,8 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         finally:
             task.cancel()
             self.registry._detach(conn)
+        if conn.error is not None:
+            await abort(context, conn.error)
 
     @grpc_edge
     async def UploadBackup(self, request_iterator: AsyncIterator[agent_pb2.BackupChunk],
@@ -293,7 +377,6 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
         except (Unauthenticated, PermissionDenied, FailedPrecondition, InvalidArgument) as err:
             await abort(context, err)
         except Exception as exc:  # noqa: BLE001
-            from reddwarf.common.errors import RedDwarfError
             if isinstance(exc, RedDwarfError):
                 await abort(context, exc)
             raise

@@ -40,6 +40,7 @@ from reddwarf.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     grpc_edge,
 )
 from reddwarf.common.runner import run_async
@@ -55,7 +56,7 @@ from .catalog import resource_id, ts
 from .db import update_row
 from .instance_views import derived_status, owned_instance
 from .pagination import Paginator
-from .quotas import check_backup_quota
+from .quotas import check_backup_quota, remaining_backup_bytes
 
 log = logging.getLogger("reddwarf.server.backups")
 BACKUP_TIMEOUT = 6 * 3600
@@ -79,6 +80,15 @@ def backup_pb(b: models.Backup) -> database_pb2.Backup:
         verify_detail=b.verify_detail, kind=b.kind, location=b.location, tenant=f"tenants/{b.tenant_id}")
     if b.fault_message:
         pb.fault.CopyFrom(common_pb2.Fault(message=b.fault_message, details=b.fault_details, created=ts(b.updated_at)))
+    return pb
+
+
+def schedule_pb(row: models.BackupSchedule) -> database_pb2.BackupSchedule:
+    pb = database_pb2.BackupSchedule(name=f"instances/{row.instance_id}/backupSchedule",
+                                     interval_seconds=row.interval_seconds, keep=row.keep,
+                                     full_every=row.full_every, next_run=ts(row.next_run))
+    if row.fault_message:
+        pb.fault.CopyFrom(common_pb2.Fault(message=row.fault_message, created=ts(row.fault_at)))
     return pb
 
 
@@ -123,6 +133,11 @@ class BackupSink:
                         cap = upload_cap(inst.volume_size_gb if inst is not None else 0, st.backup_upload_factor,
                                          st.backup_upload_margin_mb)
                         tenant_id = b.tenant_id
+                        room = remaining_backup_bytes(s, tenant_id)  # the tenant's stored-bytes quota
+                        if room <= 0:
+                            raise ResourceExhausted("quota exceeded: the tenant's backups hold all the bytes "
+                                                    "it may store", field="backup_id")
+                        cap = min(cap, room)
                     writer = self.store.open_writer(bid, tenant_id, max_bytes=cap)
                 if chunk.data:
                     await writer.write(chunk.data)
@@ -445,8 +460,7 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
             row.next_run = now() + dt.timedelta(seconds=sch.interval_seconds) if sch.interval_seconds else None
             s.add(row)
             s.flush()
-            return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
-                                               keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
+            return schedule_pb(row)
 
     @grpc_edge
     async def GetBackupSchedule(self, request: database_pb2.GetBackupScheduleRequest,
@@ -460,8 +474,7 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
             row = s.get(models.BackupSchedule, iid)
             if row is None:
                 raise NotFound("this instance has no backup schedule", field="instance")
-            return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
-                                               keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
+            return schedule_pb(row)
 
 
 async def apply_retention(app: App, store: BackupStore) -> None:
@@ -486,31 +499,50 @@ async def apply_retention(app: App, store: BackupStore) -> None:
         await store.delete(bid)
 
 
-async def schedule_loop(app: App, store: BackupStore, engine: tasks.TaskEngine) -> None:
+async def schedule_loop(app: App, store: BackupStore, engine: tasks.TaskEngine, every: float = 30.0) -> None:
     """Takes scheduled backups (a full every `full_every` runs, incrementals between) and keeps the newest
     `keep` fulls with their incrementals."""
     while True:
-        await asyncio.sleep(30)
-        with app.sessions() as s, s.begin():
-            due = s.scalars(select(models.BackupSchedule).where(models.BackupSchedule.next_run.is_not(None),
-                                                                models.BackupSchedule.next_run <= now())).all()
-            for sch in due:
-                inst = s.get(models.Instance, sch.instance_id)
-                sch.next_run = now() + dt.timedelta(seconds=sch.interval_seconds)
-                if inst is None or inst.deleted_at is not None or inst.status != InstanceStatus.ACTIVE \
-                        or tasks.active_task_for(s, f"instances/{inst.id}") is not None:
-                    continue
-                last = s.scalars(select(models.Backup).where(models.Backup.instance_id == inst.id,
-                                                             models.Backup.status == BackupStatus.COMPLETED)
-                                 .order_by(models.Backup.created_at.desc())).first()
-                full = last is None or sch.runs % max(1, sch.full_every) == 0
-                row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
-                                    display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status=BackupStatus.NEW,
-                                    parent_id=None if full or last is None else last.id, kind="full" if full else "incremental",
-                                    datastore=inst.datastore, datastore_version=inst.datastore_version)
-                s.add(row)
-                s.flush()
-                tasks.submit(s, "create_backup", f"instances/{inst.id}", {"backup_id": row.id})
-                sch.runs += 1
+        await asyncio.sleep(every)
+        await asyncio.to_thread(take_scheduled_backups, app)
         engine.wake()
         await apply_retention(app, store)
+
+
+def take_scheduled_backups(app: App) -> int:
+    """Submits the due schedules' backups, under the same quotas as CreateBackup: a run over quota takes
+    no backup and leaves its fault on the schedule (GetBackupSchedule shows it). Returns how many."""
+    taken = 0
+    with app.sessions() as s, s.begin():
+        due = s.scalars(select(models.BackupSchedule).where(models.BackupSchedule.next_run.is_not(None),
+                                                            models.BackupSchedule.next_run <= now())).all()
+        for sch in due:
+            inst = s.get(models.Instance, sch.instance_id)
+            sch.next_run = now() + dt.timedelta(seconds=sch.interval_seconds)
+            if inst is None or inst.deleted_at is not None or inst.status != InstanceStatus.ACTIVE \
+                    or tasks.active_task_for(s, f"instances/{inst.id}") is not None:
+                continue
+            tenant = s.get(models.Tenant, inst.tenant_id)
+            try:
+                if tenant is None:
+                    raise PermissionDenied(f"tenant {inst.tenant_id!r} does not exist", field="tenant")
+                check_backup_quota(s, tenant)
+            except (ResourceExhausted, PermissionDenied) as err:
+                sch.fault_message, sch.fault_at = f"scheduled backup not taken: {err.message}"[:2000], now()
+                log.warning("scheduled backup refused", extra={"instance": inst.id, "reason": err.message})
+                continue
+            last = s.scalars(select(models.Backup).where(models.Backup.instance_id == inst.id,
+                                                         models.Backup.status == BackupStatus.COMPLETED)
+                             .order_by(models.Backup.created_at.desc())).first()
+            full = last is None or sch.runs % max(1, sch.full_every) == 0
+            row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
+                                display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status=BackupStatus.NEW,
+                                parent_id=None if full or last is None else last.id, kind="full" if full else "incremental",
+                                datastore=inst.datastore, datastore_version=inst.datastore_version)
+            s.add(row)
+            s.flush()
+            tasks.submit(s, "create_backup", f"instances/{inst.id}", {"backup_id": row.id})
+            sch.runs += 1
+            sch.fault_message, sch.fault_at = "", None
+            taken += 1
+    return taken

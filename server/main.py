@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from reddwarf.common.log import setup as setup_logging
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
-from reddwarf.common.tls import SERVER_OPTIONS, reloading_server_credentials
+from reddwarf.common.tls import SERVER_OPTIONS, agent_server_options, reloading_server_credentials
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
 
 from . import db, models, provisioning
@@ -124,7 +124,8 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
         if s.get(models.Tenant, ADMIN_TENANT) is None:
             q = settings.default_quota
             s.add(models.Tenant(id=ADMIN_TENANT, display_name="operators", quota_instances=q.instances,
-                                quota_memory_mb=q.memory_mb, quota_volume_gb=q.volume_gb, quota_backups=q.backups))
+                                quota_memory_mb=q.memory_mb, quota_volume_gb=q.volume_gb, quota_backups=q.backups,
+                                quota_backup_bytes=q.backup_bytes))
             s.flush()
         if not token_path.exists():
             import uuid
@@ -193,7 +194,7 @@ async def serve(settings: Settings) -> None:
     servers = [api]
 
     if wiring.agent:
-        agent = grpc.aio.server(options=SERVER_OPTIONS)
+        agent = grpc.aio.server(options=agent_server_options(settings.agent_max_message_bytes))
         for add, servicer, _ in wiring.agent:
             add(servicer, agent)
         agent.add_secure_port(settings.agent_listen, reloading_server_credentials(app.tls, require_client_auth=True))

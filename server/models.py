@@ -41,6 +41,8 @@ class Tenant(Base):
     quota_memory_mb: Mapped[int] = mapped_column(BigInteger, default=32768)
     quota_volume_gb: Mapped[int] = mapped_column(BigInteger, default=200)
     quota_backups: Mapped[int] = mapped_column(Integer, default=50)
+    # Bytes the tenant's stored (not FAILED) backups may hold in total.
+    quota_backup_bytes: Mapped[int] = mapped_column(BigInteger, default=1 << 40, server_default=str(1 << 40))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     # A deleted tenant's row stays as a tombstone: its id is never given out again, so a new tenant
     # cannot inherit anything recorded under the old one.
@@ -162,6 +164,8 @@ class Task(Base):
     kind: Mapped[str] = mapped_column(String(32))
     # "instances/{id}" / "backups/{id}"
     resource: Mapped[str] = mapped_column(String(128), index=True)
+    # Whose resource it is: the engine caps how many of one tenant's tasks run at once. None: no tenant.
+    tenant_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     state: Mapped[str] = mapped_column(String(16), default=TaskState.PENDING)
     current_step: Mapped[str] = mapped_column(String(64), default="")
     # [{"step": str, "state": str, "started": iso, "finished": iso|None, "detail": str}]
@@ -212,6 +216,9 @@ class BackupSchedule(Base):
     full_every: Mapped[int] = mapped_column(Integer, default=1)
     runs: Mapped[int] = mapped_column(Integer, default=0)
     next_run: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # Why the last scheduled run took no backup (a quota), cleared when one is taken again.
+    fault_message: Mapped[str] = mapped_column(Text, default="")
+    fault_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Certificate(Base):

@@ -47,7 +47,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     def is_revoked(serial: int) -> bool:
         return certificate_revoked(app.sessions, serial)
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
-                             heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds)
+                             heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
+                             heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
     backups = Backups(app, store, registry)
     backups.clear_scratch()  # what a killed server left of a scratch restore
     store.clean_partials()   # and of uploads cut off with it
@@ -60,6 +61,9 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
             events.publish(resource.split("/", 1)[1], "task")
 
     engine = tasks.TaskEngine(app.sessions, owner=st.name, workers=st.task_workers,
+                              per_tenant=st.task_workers_per_tenant,
+                              pools=[tasks.Pool("verify", st.verify_workers, st.verify_workers_per_tenant,
+                                                ("verify_backup",))],
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change)
     for kind in instance_tasks.kinds() + backups.kinds():

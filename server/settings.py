@@ -18,6 +18,7 @@ class Quota:
     memory_mb: int = 16384
     volume_gb: int = 200
     backups: int = 50
+    backup_bytes: int = 1 << 40            # what the tenant's stored backups may hold in total (1 TiB)
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,21 @@ class Settings:
     backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
     heartbeat_expiry_seconds: int = 20
+    # A guest's heartbeats reach the state DB at most once per heartbeat_seconds (the excess is coalesced);
+    # one larger than heartbeat_max_bytes ends its stream, and so does a flood: more than
+    # heartbeat_flood_burst heartbeats beyond twice the configured rate.
+    heartbeat_max_bytes: int = 64 * 1024
+    heartbeat_flood_burst: int = 20
+    # Any one message an agent sends (gRPC max_receive_message_length on the agent port); must hold a
+    # backup upload chunk (1 MiB of data).
+    agent_max_message_bytes: int = 2 << 20
     task_lease_seconds: int = 30
     task_workers: int = 8
+    # At most this many of one tenant's tasks run at once (across servers sharing the DB), so one tenant
+    # cannot hold every worker. VerifyBackup tasks run in a pool of their own, never on task_workers.
+    task_workers_per_tenant: int = 4
+    verify_workers: int = 2
+    verify_workers_per_tenant: int = 1
     capacity_refresh_seconds: int = 30
     memory_overcommit: float = 1.0
     storage_overcommit: float = 1.0
@@ -74,6 +88,12 @@ class Settings:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
         if not self.api_rate_period_seconds > 0:
             raise InvalidArgument("api_rate_period_seconds must be more than 0", field="api_rate_period_seconds")
+        if self.agent_max_message_bytes < (1 << 20) + 64 * 1024:
+            raise InvalidArgument("agent_max_message_bytes must hold a backup chunk: at least 1114112",
+                                  field="agent_max_message_bytes")
+        for key in ("task_workers", "task_workers_per_tenant", "verify_workers", "verify_workers_per_tenant"):
+            if getattr(self, key) < 1:
+                raise InvalidArgument(f"{key} must be at least 1", field=key)
         for key in ("api_listen", "agent_listen", "enroll_listen"):
             host, sep, port = getattr(self, key).rpartition(":")
             if not sep or not host or not port.isdigit():

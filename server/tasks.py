@@ -8,6 +8,13 @@ loses its lease stops at once, so two servers never run one task at the same tim
 makes is guarded by `lease_owner = me`. Transient failures are retried with backoff (the lease's expiry
 doubles as the not-before time); anything else, or too many attempts, ends the task in FAILED after the
 kind's compensation ran.
+
+Fairness: every task records its tenant (from its resource at submit). Workers belong to pools: the main
+pool runs every kind no other pool names; a Pool of its own (VerifyBackup's hours-long scratch restores)
+never takes the main pool's workers. In each pool, a tenant with `per_tenant` tasks running (live leases,
+counted in the DB, so across servers) is passed over: its queue waits and other tenants' tasks run. Claims
+within one engine are serialised per pool, so its own workers never overshoot the cap; two servers
+claiming the same instant may, by one task each.
 """
 from __future__ import annotations
 
@@ -17,19 +24,20 @@ import logging
 import os
 import random
 import signal
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, or_, select, update
+from sqlalchemy import CursorResult, Update, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
 from reddwarf.common.clock import now as utcnow
 from reddwarf.common.log import bind
 from reddwarf.common.states import StepState, TaskState
-from reddwarf.server.models import Task
+from reddwarf.server.models import Backup, Instance, Task
 
 log = logging.getLogger("reddwarf.server.tasks")
 
@@ -130,12 +138,25 @@ def view(task: Task) -> TaskView:
                     task.fault_message, tuple(task.steps or ()))
 
 
+def tenant_of(session: Session, resource: str) -> str | None:
+    """The tenant owning `instances/<id>` or `backups/<id>` (None for anything else, or a row not there)."""
+    collection, _, rid = resource.partition("/")
+    row: Instance | Backup | None = None
+    if collection == "instances" and rid:
+        row = session.get(Instance, rid)
+    elif collection == "backups" and rid:
+        row = session.get(Backup, rid)
+    return row.tenant_id if row is not None else None
+
+
 def submit(session: Session, kind: str, resource: str, params: dict[str, Any] | None = None,
-           task_id: str | None = None) -> Task:
+           task_id: str | None = None, tenant_id: str | None = None) -> Task:
     """Adds a pending task in the caller's transaction, so the resource row and its task commit together
-    (a crash between them cannot leave an instance without its create task)."""
+    (a crash between them cannot leave an instance without its create task). Its tenant, unless given, is
+    the resource's (flushed) row's."""
     task = Task(id=task_id or str(uuid.uuid4()), kind=kind, resource=resource, state=TaskState.PENDING,
-                steps=[], params=dict(params or {}), attempts=0, progress_percent=0)
+                steps=[], params=dict(params or {}), attempts=0, progress_percent=0,
+                tenant_id=tenant_id if tenant_id is not None else tenant_of(session, resource))
     session.add(task)
     return task
 
@@ -148,16 +169,30 @@ def active_task_for(session: Session, resource: str) -> Task | None:
 ChangeListener = Callable[[str, str], None]  # (task_id, resource)
 
 
+@dataclass(frozen=True)
+class Pool:
+    """Workers of their own for some kinds: `workers` of them, at most `per_tenant` (0: no cap) running
+    one tenant's tasks. kinds=() is the main pool: every kind no other pool names."""
+    name: str
+    workers: int
+    per_tenant: int = 0
+    kinds: tuple[str, ...] = ()
+
+
 class TaskEngine:
-    """Runs tasks from the state DB with `workers` concurrent workers under leases owned by `owner`."""
+    """Runs tasks from the state DB under leases owned by `owner`: `workers` in the main pool (at most
+    `per_tenant` of them on one tenant's tasks; 0 = no cap), plus the workers of `pools`."""
 
     def __init__(self, session_factory: sessionmaker[Session], owner: str, *, workers: int = 4,
+                 per_tenant: int = 0, pools: Sequence[Pool] = (),
                  lease_seconds: float = 30.0, poll_seconds: float = 0.5, backoff_seconds: float = 1.0,
                  backoff_max_seconds: float = 30.0, exit_after_step: str = "",
                  on_change: ChangeListener | None = None) -> None:
         self.session_factory = session_factory
         self.owner = owner
         self.workers = workers
+        self.pools = (Pool("main", workers, per_tenant), *pools)
+        self._claim_locks = {p.name: threading.Lock() for p in self.pools}
         self.lease = dt.timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.backoff_seconds = backoff_seconds
@@ -184,8 +219,8 @@ class TaskEngine:
         if n:
             log.info("reclaimed own task leases count=%s owner=%s", n, self.owner)
         self._stopping = False
-        self._runners = [asyncio.create_task(self._worker(i), name=f"task-worker-{i}")
-                         for i in range(self.workers)]
+        self._runners = [asyncio.create_task(self._worker(i, pool), name=f"task-worker-{pool.name}-{i}")
+                         for pool in self.pools for i in range(pool.workers)]
 
     async def stop(self) -> None:
         """Stops the workers; tasks they were running keep their recorded step and resume later."""
@@ -214,11 +249,38 @@ class TaskEngine:
             return _rowcount(s, update(Task).where(Task.lease_owner == self.owner, Task.state.in_(ACTIVE_STATES))
                              .values(lease_owner=None, lease_expires=None))
 
-    def _claim(self) -> Task | None:
+    def pool_kinds(self, pool: Pool) -> list[str]:
+        """The registered kinds `pool` runs."""
+        if pool.kinds:
+            return [k for k in pool.kinds if k in self.kinds]
+        elsewhere = {k for p in self.pools for k in p.kinds}
+        return [k for k in self.kinds if k not in elsewhere]
+
+    def _busy_tenants(self, s: Session, kinds: list[str], cap: int, now: dt.datetime) -> list[str]:
+        """Tenants with `cap` or more of these kinds running under a live lease (any server's)."""
+        return list(s.scalars(
+            select(Task.tenant_id).where(Task.kind.in_(kinds), Task.state == TaskState.RUNNING,
+                                         Task.lease_owner.is_not(None), Task.lease_expires >= now,
+                                         Task.tenant_id.is_not(None))
+            .group_by(Task.tenant_id).having(func.count() >= cap)))
+
+    def _claim(self, pool: Pool | None = None) -> Task | None:
+        pool = pool or self.pools[0]
+        kinds = self.pool_kinds(pool)
+        if not kinds:
+            return None
+        with self._claim_locks[pool.name]:
+            return self._claim_locked(pool, kinds)
+
+    def _claim_locked(self, pool: Pool, kinds: list[str]) -> Task | None:
         now = utcnow()
-        runnable = (Task.state.in_(ACTIVE_STATES), Task.kind.in_(list(self.kinds)),
-                    or_(Task.lease_expires.is_(None), Task.lease_expires < now))
+        runnable = [Task.state.in_(ACTIVE_STATES), Task.kind.in_(kinds),
+                    or_(Task.lease_expires.is_(None), Task.lease_expires < now)]
         with self.session_factory() as s, s.begin():
+            if pool.per_tenant:
+                busy = self._busy_tenants(s, kinds, pool.per_tenant, now)
+                if busy:
+                    runnable.append(or_(Task.tenant_id.is_(None), Task.tenant_id.not_in(busy)))
             if self._dialect in ("mysql", "mariadb", "postgresql"):
                 task = s.scalars(select(Task).where(*runnable).order_by(Task.created_at).limit(1)
                                  .with_for_update(skip_locked=True)).first()
@@ -246,18 +308,19 @@ class TaskEngine:
                     return task
         return None
 
-    async def run_one(self) -> bool:
-        """Claims and runs one runnable task to its end (or to a retry); False when none was runnable."""
-        task = await asyncio.to_thread(self._claim)
+    async def run_one(self, pool: Pool | None = None) -> bool:
+        """Claims and runs one runnable task of `pool` (default: the main pool) to its end (or to a
+        retry); False when none was runnable."""
+        task = await asyncio.to_thread(self._claim, pool)
         if task is None:
             return False
         await self._run(task)
         return True
 
-    async def _worker(self, index: int) -> None:
+    async def _worker(self, index: int, pool: Pool | None = None) -> None:
         while not self._stopping:
             try:
-                ran = await self.run_one()
+                ran = await self.run_one(pool)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -333,6 +396,7 @@ class TaskEngine:
                 body.cancel()
             await asyncio.gather(renew, body, return_exceptions=True)
             self._resources.pop(task.id, None)
+            self._wake.set()  # a tenant's slot may have freed: a passed-over task can run now
 
     async def _run_steps(self, ctx: StepContext, kind: TaskKind, steps: list[dict[str, Any]],
                          done: set[str]) -> None:
