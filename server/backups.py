@@ -4,8 +4,8 @@
   being taken, and belongs to the uploading instance (its certificate). The store publishes an object only
   when its SHA-256 equals the digest the guest computed (server/backup_store.py).
 - A backup is COMPLETED only after the stored object matches the size and digest the agent reported AND
-  the chain restored into a scratch mariadbd on the server host (a child process: `python -m
-  reddwarf.agent.verify`). The per-table checksums of that restored copy are recorded: they are the
+  the chain restored into a scratch mariadbd in a throw-away sandbox (`python -m reddwarf.agent.sandbox`
+  under unshare: an unprivileged uid, no network, the server's secrets hidden; then reddwarf.agent.verify). The per-table checksums of that restored copy are recorded: they are the
   backup's point in time exactly, even when the database was being written to during the backup (a
   checksum pass on the live guest could only approximate it).
 - VerifyBackup re-hashes the stored chain and restores it again, comparing the table checksums with those
@@ -17,13 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +31,7 @@ from google.protobuf import empty_pb2
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from reddwarf.agent import sandbox
 from reddwarf.common import states
 from reddwarf.common.clock import now
 from reddwarf.common.errors import (
@@ -198,58 +197,74 @@ class Backups:
 
     async def _restore_in_scratch(self, links: list[tuple[str, str]], expected: dict[str, int] | None
                                   ) -> dict[str, Any]:
-        """Restores the chain into a scratch mariadbd (child process) and returns {ok, detail, checksums};
+        """Restores the chain in a throw-away sandbox (agent/sandbox.py: an unprivileged uid in new mount,
+        net, pid, ipc and uts namespaces, the server's secrets hidden) and returns {ok, detail, checksums};
         with `expected`, ok also needs the restored tables' checksums to equal it."""
         with tempfile.TemporaryDirectory(prefix="verify-", dir=self.scratch_dir()) as tmp:
+            os.mkdir(os.path.join(tmp, "in"))
             files = []
-            for lid, _ in links:
-                path = os.path.join(tmp, f"{lid}.bin")
-                with open(path, "wb") as f:
+            for i, (lid, _) in enumerate(links):
+                name = f"in/{i:03d}.bin"
+                with open(os.path.join(tmp, name), "wb") as f:
                     async for data in self.store.open_reader(lid):
                         await asyncio.to_thread(f.write, data)
-                files.append(path)
-            spec = os.path.join(tmp, "spec.json")
-            with open(spec, "w") as f:
+                files.append(f"{sandbox.SANDBOX_ROOT}/{name}")
+            with open(os.path.join(tmp, sandbox.SPEC), "w") as f:
                 json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
-                           "checksums": expected, "scratch_dir": tmp, "socket_dir": self.socket_dir()}, f)
-            try:
-                res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec],
-                                      timeout=BACKUP_TIMEOUT)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.socket_dir(create=False))  # empty once the scratch run is over
-        out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
+                           "checksums": expected, "scratch_dir": sandbox.SANDBOX_ROOT,
+                           "max_extract_bytes": self._extract_cap(links)}, f)
+            with open(os.path.join(tmp, sandbox.CONFIG), "w") as f:
+                json.dump({"uid": sandbox.SANDBOX_UID, "hide": self.secret_paths()}, f)
+            await asyncio.to_thread(_chown_tree, tmp, sandbox.SANDBOX_UID)
+            res = await run_async(sandbox.sandbox_argv(tmp), timeout=BACKUP_TIMEOUT, check=False)
+        lines = res.stdout.strip().splitlines()
+        if res.returncode != 0 or not lines:
+            return {"ok": False, "checksums": {},
+                    "detail": f"the restore sandbox failed (exit {res.returncode}): {res.stderr.strip()[-500:]}"}
+        out: dict[str, Any] = json.loads(lines[-1])
         return out
 
+    def _extract_cap(self, links: list[tuple[str, str]]) -> int:
+        """Bytes one stream of the chain may unpack to: twice its instance's volume and 1 GiB (0: unknown)."""
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, links[-1][0])
+            inst = s.get(models.Instance, b.instance_id) if b is not None else None
+            gb = inst.volume_size_gb if inst is not None else 0
+        return (2 * gb + 1) << 30 if gb else 0
+
+    def secret_paths(self) -> list[str]:
+        """What the sandbox must not see: the state dir (CA key, KEK, state DB, tokens) and each of the
+        server's key, database and config paths wherever they were configured."""
+        st = self.app.settings
+        paths = [st.state_dir, st.pki_dir, st.backup_dir, st.backup_kek_file, str(st.server_tls_dir)]
+        if st.db_url.startswith("sqlite:///"):
+            paths.append(st.db_url.removeprefix("sqlite:///"))
+        if os.environ.get("REDDWARF_CONFIG"):
+            paths.append(os.environ["REDDWARF_CONFIG"])
+        return [os.path.abspath(p) for p in paths if p]
+
     def scratch_dir(self, create: bool = True) -> str:
-        """Scratch restores live under the server's state dir, emptied at every start (a killed server
+        """Scratch restores are staged under the server's state dir, emptied at every start (a killed server
         must not leave a restored copy of a tenant's data behind)."""
         path = os.path.join(self.app.settings.state_dir, "scratch")
         if create:
             os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    def socket_dir(self, create: bool = True) -> str:
-        """Short, root-only home for scratch mariadbd sockets (keyed by this server's state dir)."""
-        key = hashlib.sha256(os.path.abspath(self.app.settings.state_dir).encode()).hexdigest()[:12]
-        path = os.path.join("/run/reddwarf-scratch", key)
-        if create:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        return path
-
     def clear_scratch(self) -> None:
-        shutil.rmtree(self.socket_dir(create=False), ignore_errors=True)
-        scratch = self.scratch_dir(create=False)
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a scratch mariadbd that outlived us
+        scratch = self.scratch_dir(create=False).encode() + b"/"
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a sandbox that outlived us
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     argv = f.read().split(b"\0")
             except OSError:
                 continue
-            if any(a.startswith(b"--datadir=" + scratch.encode() + b"/") for a in argv):
+            # unshare and the sandbox's pid 1 name the staging dir; killing pid 1 ends the whole pid namespace.
+            if any(a.startswith(scratch) or a.startswith(b"--origin=" + scratch)
+                   or a.startswith(b"--datadir=" + scratch) for a in argv):
                 with contextlib.suppress(OSError):
                     os.kill(int(pid), signal.SIGKILL)
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(self.scratch_dir(create=False), ignore_errors=True)
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
         bid = ctx.params["backup_id"]
@@ -462,6 +477,14 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                 raise NotFound("this instance has no backup schedule", field="instance")
             return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
                                                keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
+
+
+def _chown_tree(path: str, uid: int) -> None:
+    """The staged chain belongs to the sandbox uid (it reads it and unpacks beside it); root still removes it."""
+    os.chown(path, uid, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, uid)
 
 
 async def apply_retention(app: App, store: BackupStore) -> None:

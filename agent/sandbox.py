@@ -1,0 +1,179 @@
+"""`python -m reddwarf.agent.sandbox HOST_DIR`: the throw-away sandbox a proof restore runs in.
+
+The control server starts this under util-linux `unshare --mount --net --pid --ipc --uts --fork
+--kill-child --mount-proc` (argv from `sandbox_argv`), so it begins as root in new namespaces with only a
+down loopback and a fresh /proc. Before any tenant byte is read it: mounts a private tmpfs on /run and binds
+HOST_DIR (the chain's files and spec.json, owned by the sandbox uid) at /run/reddwarf-sandbox; hides every
+secret path named in HOST_DIR/sandbox.json (the server's state dir, PKI, KEK, database, config: a tmpfs over
+a directory, /dev/null over a file) and puts empty tmpfs on /tmp, /var/tmp, /dev/shm, /root and /home; then
+drops to the dedicated unprivileged uid (no groups, no capabilities, no_new_privs, SIGKILL when unshare
+dies) and execs `reddwarf.agent.verify` there. What it still shares with the server: the kernel, the host's
+read-only view of /usr, /etc and the like (as an unprivileged uid), and the disk the scratch dir is on.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+
+SANDBOX_ROOT = "/run/reddwarf-sandbox"   # where HOST_DIR appears inside the sandbox
+SANDBOX_UID = 2_000_000_000              # owns nothing on the host; no passwd entry, no groups
+SPEC = "spec.json"
+CONFIG = "sandbox.json"
+# Empty tmpfs on these as well: world-writable places and homes.
+ALWAYS_HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/etc/reddwarf", "/var/lib/reddwarf")
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_PR_CAPBSET_DROP = 24
+
+
+def sandbox_argv(host_dir: str) -> list[str]:
+    """The command the server runs (as root) to prove a chain staged in `host_dir`."""
+    return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
+            "--propagation", "private", "--", sys.executable, "-m", "reddwarf.agent.sandbox", host_dir]
+
+
+def _mount(*args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True, timeout=30)
+
+
+def _needed() -> list[str]:
+    """Paths the unprivileged side must still read: the interpreter, its venv and our package."""
+    import reddwarf
+    paths = [os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
+             os.path.realpath(os.path.dirname(sys.executable))]
+    paths += [os.path.realpath(p) for p in getattr(reddwarf, "__path__", [])]
+    return [p for p in paths if os.path.isdir(p)]
+
+
+def _hide(paths: list[str]) -> list[str]:
+    """An empty tmpfs over each directory, /dev/null over each file (system dirs are never hidden whole)."""
+    hidden: list[str] = []
+    for raw in paths:
+        path = os.path.realpath(raw)
+        if path in ("/", "/usr", "/etc", "/var", "/run", "/proc", "/dev", "/sys") or not os.path.lexists(path):
+            continue
+        if os.path.isdir(path):
+            world = path in ("/tmp", "/var/tmp", "/dev/shm")
+            mode = "1777" if world else "0700"
+            _mount("-t", "tmpfs", "-o", f"size={'16m' if world else '1m'},mode={mode},nosuid,nodev,noexec",
+                   "tmpfs", path)
+        else:
+            _mount("--bind", "/dev/null", path)
+        hidden.append(path)
+    return hidden
+
+
+def _keep(needed: list[str], hidden: list[str], staged: dict[str, str]) -> None:
+    """Puts back, read-only, what the unprivileged side needs from under a hidden dir (an interpreter
+    installed under /root, say): bound from where it was staged before the hiding."""
+    for path, stage in staged.items():
+        under = [h for h in hidden if path == h or path.startswith(h + "/")]
+        if not under:
+            continue
+        for h in under:
+            os.chmod(h, 0o755)  # the empty tmpfs: traversable, still holding nothing else
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount("--bind", stage, path)
+        _mount("-o", "remount,bind,ro,nosuid,nodev", path)
+    for stage in staged.values():
+        subprocess.run(["umount", "-l", stage], check=True, capture_output=True, timeout=30)
+
+
+def _drop(uid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):  # an empty bounding set: nothing exec'd can ever regain a capability
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
+            raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP failed")
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS failed")
+    # A change of uid clears the parent-death signal unshare's --kill-child set: set it again.
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_PDEATHSIG failed")
+    if os.getuid() != uid or os.geteuid() != uid or os.getgroups():
+        raise OSError("could not drop to the sandbox uid")
+
+
+def enter(host_dir: str) -> None:
+    """As root in the fresh namespaces: private mounts, secrets hidden, then exec verify as the sandbox uid."""
+    if os.getpid() != 1:
+        raise SystemExit("reddwarf.agent.sandbox must run as pid 1 of a new pid namespace (see sandbox_argv)")
+    with open(os.path.join(host_dir, CONFIG)) as f:
+        config = json.load(f)
+    uid = int(config.get("uid") or SANDBOX_UID)
+    if uid == 0:
+        raise SystemExit("the sandbox uid must not be root")
+    _mount("-t", "tmpfs", "-o", "size=4m,mode=0755,nosuid,nodev,noexec", "tmpfs", "/run")
+    os.mkdir(SANDBOX_ROOT, 0o700)
+    os.chown(SANDBOX_ROOT, uid, uid)
+    _mount("--bind", host_dir, SANDBOX_ROOT)
+    _mount("-o", "remount,bind,nosuid,nodev,noexec", SANDBOX_ROOT)
+    staged: dict[str, str] = {}
+    for i, path in enumerate(dict.fromkeys(_needed())):
+        stage = f"/run/reddwarf-keep/{i}"
+        os.makedirs(stage, mode=0o700)
+        _mount("--bind", path, stage)
+        staged[path] = stage
+    os.umask(0o022)
+    hidden = _hide([str(p) for p in config.get("hide", [])])
+    hidden += _hide([p for p in ALWAYS_HIDDEN if os.path.realpath(p) not in hidden])
+    _keep(list(staged), hidden, staged)
+    os.chdir(SANDBOX_ROOT)
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+           "HOME": SANDBOX_ROOT, "TMPDIR": SANDBOX_ROOT, "PYTHONDONTWRITEBYTECODE": "1"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    argv = [sys.executable, "-m", "reddwarf.agent.verify", "--spec", os.path.join(SANDBOX_ROOT, SPEC),
+            f"--origin={host_dir}"]
+    if config.get("probe"):  # the hostile tests' look from inside: who am I, what can I read
+        argv = [sys.executable, "-m", "reddwarf.agent.sandbox", "--probe", json.dumps(config["probe"]),
+                f"--origin={host_dir}"]
+    _drop(uid)
+    os.execve(sys.executable, argv, env)
+
+
+def _interfaces() -> list[str]:
+    """This network namespace's interfaces (/proc/self/net/dev follows the caller's namespace)."""
+    with open("/proc/self/net/dev") as f:
+        return sorted(line.split(":", 1)[0].strip() for line in f.readlines()[2:])
+
+
+def probe(paths: list[str]) -> dict[str, object]:
+    """What the sandbox sees: its ids, capabilities, network interfaces and which of `paths` it can read."""
+    readable: dict[str, object] = {}  # a file: whether it could be read; a directory: its listing or False
+    for p in paths:
+        try:
+            if os.path.isdir(p):
+                readable[p] = sorted(os.listdir(p))
+            else:
+                with open(p, "rb") as f:
+                    readable[p] = bool(f.read(1))
+        except OSError:
+            readable[p] = False
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
+            "cap_eff": status.get("CapEff", "").strip(), "cap_bnd": status.get("CapBnd", "").strip(),
+            "no_new_privs": status.get("NoNewPrivs", "").strip(), "pid": os.getpid(),
+            "interfaces": _interfaces(),
+            "readable": readable}
+
+
+def main() -> int:
+    if len(sys.argv) >= 3 and sys.argv[1] == "--probe":
+        print(json.dumps(probe(json.loads(sys.argv[2]))))
+        return 0
+    if len(sys.argv) != 2:
+        print("usage: python -m reddwarf.agent.sandbox HOST_DIR (under unshare; see sandbox_argv)", file=sys.stderr)
+        return 2
+    enter(sys.argv[1])
+    return 1  # not reached: enter execs
+
+
+if __name__ == "__main__":
+    sys.exit(main())
