@@ -1,7 +1,7 @@
 """`python -m reddwarf.agent.sandbox HOST_DIR`: the throw-away sandbox a proof restore runs in.
 
-The control server starts this under util-linux `unshare --mount --net --pid --ipc --uts --fork
---kill-child --mount-proc` (argv from `sandbox_argv`), so it begins as root in new namespaces with only a
+The control server starts this under util-linux `unshare --mount --net --pid --ipc --uts --cgroup
+--fork --kill-child --mount-proc` (argv from `sandbox_argv`), so it begins as root in new namespaces with only a
 down loopback and a fresh /proc. Before any tenant byte is read it: mounts a private tmpfs on /run and binds
 HOST_DIR (the chain's files and spec.json, owned by the sandbox uid) at /run/reddwarf-sandbox; hides every
 secret path named in HOST_DIR/sandbox.json (the server's state dir, PKI, KEK, database, config: a tmpfs over
@@ -24,14 +24,16 @@ SANDBOX_UID = 2_000_000_000              # owns nothing on the host; no passwd e
 SPEC = "spec.json"
 CONFIG = "sandbox.json"
 # Empty tmpfs on these as well: world-writable places and homes.
-ALWAYS_HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/etc/reddwarf", "/var/lib/reddwarf")
+ALWAYS_HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/etc/reddwarf", "/var/lib/reddwarf",
+                 "/var/lib/lxc", "/var/lib/mysql", "/var/lib/vz", "/var/backups", "/var/log", "/srv", "/mnt",
+                 "/media")
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
 _PR_CAPBSET_DROP = 24
 
 
 def sandbox_argv(host_dir: str) -> list[str]:
     """The command the server runs (as root) to prove a chain staged in `host_dir`."""
-    return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child", "--mount-proc",
+    return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--cgroup", "--fork", "--kill-child", "--mount-proc",
             "--propagation", "private", "--", sys.executable, "-m", "reddwarf.agent.sandbox", host_dir]
 
 

@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 import pymysql
 
 from .backup import BackupRunner, BackupSettings, MysqlAccess
-from .xbstream import BackupRefused
 from .model import BackupChunk
+from .xbstream import BackupRefused
 
 
 class Scratch:

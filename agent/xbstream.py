@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from typing import BinaryIO
+from typing import IO
 
 from reddwarf.common.errors import FailedPrecondition
 
@@ -71,7 +71,7 @@ def check_member(path: str) -> None:
                             "of it is restored", field="backup")
 
 
-def filter_stream(src: BinaryIO, dst: BinaryIO, max_bytes: int = 0) -> int:
+def filter_stream(src: IO[bytes], dst: IO[bytes], max_bytes: int = 0) -> int:
     """Copies an xbstream from `src` to `dst` (mbstream's stdin), chunk by chunk, refusing a chunk whose
     path is not allowed, an unknown chunk type, a payload out of order, or more than `max_bytes` of
     payload (0: no cap) before any of that chunk reaches `dst`. Returns the payload bytes copied."""
