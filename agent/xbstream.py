@@ -30,8 +30,9 @@ _TOP_FILE = re.compile(
     r"|aria_log\.[0-9]{8}|aria_log_control|ib_buffer_pool|ddl_recovery\.log"
     r"|(?:xtrabackup|mariadb_backup)_[a-z_]{1,40}|donor_galera_info|[0-9]{1,10}\.(?:ren|del|crpt|new))"
     r"(?:\.delta|\.meta)?\Z")
-# A database directory (filename-encoded schema name: `@0020` etc.; `#` for `#mysql50#`-free temp names).
-_DB_DIR = re.compile(r"[A-Za-z0-9_@$#-][A-Za-z0-9_@$#.-]{0,191}\Z")
+# A database directory (filename-encoded schema names: `@0020` etc.), or a plain directory of the datadir
+# that mariadb-backup also copies as one (a volume's `lost+found` holds a db.opt in the stream).
+_DB_DIR = re.compile(r"[A-Za-z0-9_@$#+-][A-Za-z0-9_@$#+.-]{0,191}\Z")
 # Files inside one: table and partition data of the engines mariadbd has built in, definitions, triggers,
 # db.opt, and the .delta/.meta/.new/.ren/.del companions of an incremental or of DDL during the backup.
 # Not .isl (a link to a tablespace elsewhere), not .MRG (a list of paths), nothing else.

@@ -221,8 +221,7 @@ class Backups:
         if res.returncode != 0 or not lines:
             return {"ok": False, "checksums": {},
                     "detail": f"the restore sandbox failed (exit {res.returncode}): {res.stderr.strip()[-500:]}"}
-        out: dict[str, Any] = json.loads(lines[-1])
-        return out
+        return _proof_result(lines[-1])
 
     def _extract_cap(self, links: list[tuple[str, str]]) -> int:
         """Bytes one stream of the chain may unpack to: twice its instance's volume and 1 GiB (0: unknown)."""
@@ -477,6 +476,20 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                 raise NotFound("this instance has no backup schedule", field="instance")
             return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
                                                keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
+
+
+def _proof_result(line: str) -> dict[str, Any]:
+    """The sandbox's one JSON line, checked for shape: what ran there handled a tenant's data."""
+    try:
+        out = json.loads(line)
+        ok, detail, sums = out["ok"], out["detail"], out["checksums"]
+        if not isinstance(ok, bool) or not isinstance(detail, str) or not isinstance(sums, dict) \
+                or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                           for k, v in sums.items()):
+            raise TypeError("unexpected shape")
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"ok": False, "checksums": {}, "detail": f"the restore sandbox gave no readable result ({exc})"}
+    return {"ok": ok, "detail": detail[:2000], "checksums": sums}
 
 
 def _chown_tree(path: str, uid: int) -> None:

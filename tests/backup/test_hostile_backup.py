@@ -363,3 +363,12 @@ async def test_from_inside_the_sandbox_the_server_secrets_cannot_be_read(tmp_pat
     for path in secrets:  # still there for the server itself
         with open(path) as f:
             assert f.read() == "SECRET\n"
+
+
+@pytest.mark.parametrize("line", ['not json', '{"ok": true}', '{"ok": "yes", "detail": "", "checksums": {}}',
+                                  '{"ok": true, "detail": "", "checksums": {"t": "1"}}',
+                                  '{"ok": true, "detail": "", "checksums": {"t": true}}'])
+def test_a_result_of_the_wrong_shape_from_the_sandbox_is_a_failed_proof(line: str) -> None:
+    from reddwarf.server.backups import _proof_result
+    out = _proof_result(line)
+    assert out["ok"] is False and out["checksums"] == {} and "no readable result" in out["detail"]
