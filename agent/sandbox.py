@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -25,8 +26,9 @@ SPEC = "spec.json"
 CONFIG = "sandbox.json"
 # Empty tmpfs on these as well: world-writable places and homes.
 ALWAYS_HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/root", "/home", "/etc/reddwarf", "/var/lib/reddwarf",
-                 "/var/lib/lxc", "/var/lib/mysql", "/var/lib/vz", "/var/backups", "/var/log", "/srv", "/mnt",
-                 "/media")
+                 "/var/lib/lxc", "/var/cache/lxc", "/var/lib/mysql", "/var/lib/vz", "/var/backups", "/var/log",
+                 "/var/crash", "/srv", "/mnt", "/media")
+_DISK_FS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "overlay", "f2fs", "nfs", "nfs4", "9p", "virtiofs")
 _PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
 _PR_CAPBSET_DROP = 24
 
@@ -84,6 +86,19 @@ def _keep(needed: list[str], hidden: list[str], staged: dict[str, str]) -> None:
         subprocess.run(["umount", "-l", stage], check=True, capture_output=True, timeout=30)
 
 
+def _read_only_disks() -> None:
+    """Every disk filesystem read-only in this mount namespace (the host's stay as they are): the sandbox
+    writes only to its own dir and its tmpfs. `/` must take it; other disk mounts are best effort (the
+    unprivileged uid's permissions still hold there)."""
+    _mount("-o", "remount,bind,ro,nosuid,nodev", "/")
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split() for line in f]
+    for _dev, point, fstype, *_ in mounts:
+        point = point.replace("\\040", " ")
+        if fstype in _DISK_FS and point not in ("/", SANDBOX_ROOT) and not point.startswith(SANDBOX_ROOT + "/"):
+            subprocess.run(["mount", "-o", "remount,bind,ro,nosuid,nodev", point], capture_output=True, timeout=30)
+
+
 def _drop(uid: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     for cap in range(64):  # an empty bounding set: nothing exec'd can ever regain a capability
@@ -125,6 +140,7 @@ def enter(host_dir: str) -> None:
     hidden = _hide([str(p) for p in config.get("hide", [])])
     hidden += _hide([p for p in ALWAYS_HIDDEN if os.path.realpath(p) not in hidden])
     _keep(list(staged), hidden, staged)
+    _read_only_disks()
     os.chdir(SANDBOX_ROOT)
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
            "HOME": SANDBOX_ROOT, "TMPDIR": SANDBOX_ROOT, "PYTHONDONTWRITEBYTECODE": "1"}
@@ -135,6 +151,8 @@ def enter(host_dir: str) -> None:
     if config.get("probe"):  # the hostile tests' look from inside: who am I, what can I read
         argv = [sys.executable, "-m", "reddwarf.agent.sandbox", "--probe", json.dumps(config["probe"]),
                 f"--origin={host_dir}"]
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of a tenant's data
+    resource.setrlimit(resource.RLIMIT_NPROC, (1024, 1024))  # mariadbd threads count here
     _drop(uid)
     os.execve(sys.executable, argv, env)
 
@@ -146,7 +164,8 @@ def _interfaces() -> list[str]:
 
 
 def probe(paths: list[str]) -> dict[str, object]:
-    """What the sandbox sees: its ids, capabilities, network interfaces and which of `paths` it can read."""
+    """What the sandbox sees: its ids, capabilities, network interfaces, which of `paths` it can read and
+    whether it can create a file in the host's system directories."""
     readable: dict[str, object] = {}  # a file: whether it could be read; a directory: its listing or False
     for p in paths:
         try:
@@ -157,13 +176,23 @@ def probe(paths: list[str]) -> dict[str, object]:
                     readable[p] = bool(f.read(1))
         except OSError:
             readable[p] = False
+    writable: dict[str, bool] = {}
+    for d in ("/", "/etc", "/usr", "/var", "/var/lib", "/var/cache", "/opt"):
+        try:
+            fd = os.open(os.path.join(d, f"reddwarf-probe-{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError:
+            writable[d] = False
+        else:
+            os.close(fd)
+            os.unlink(os.path.join(d, f"reddwarf-probe-{os.getpid()}"))
+            writable[d] = True
     with open("/proc/self/status") as f:
         status = dict(line.split(":", 1) for line in f if ":" in line)
     return {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "groups": os.getgroups(),
             "cap_eff": status.get("CapEff", "").strip(), "cap_bnd": status.get("CapBnd", "").strip(),
             "no_new_privs": status.get("NoNewPrivs", "").strip(), "pid": os.getpid(),
             "interfaces": _interfaces(),
-            "readable": readable}
+            "readable": readable, "writable": writable}
 
 
 def main() -> int:

@@ -360,6 +360,7 @@ async def test_from_inside_the_sandbox_the_server_secrets_cannot_be_read(tmp_pat
     # /root is an empty tmpfs, but for an interpreter installed under it, put back read-only.
     kept = {os.path.relpath(os.path.realpath(sys.base_prefix), "/root").split("/")[0]}
     assert readable["/root"] is False or set(readable["/root"]) <= kept, readable
+    assert not any(seen["writable"].values()), seen["writable"]
     for path in secrets:  # still there for the server itself
         with open(path) as f:
             assert f.read() == "SECRET\n"
@@ -372,3 +373,18 @@ def test_a_result_of_the_wrong_shape_from_the_sandbox_is_a_failed_proof(line: st
     from reddwarf.server.backups import _proof_result
     out = _proof_result(line)
     assert out["ok"] is False and out["checksums"] == {} and "no readable result" in out["detail"]
+
+
+def test_a_sandbox_left_by_a_killed_server_is_killed_and_removed_at_start(tmp_path: Any) -> None:
+    backups, _ = server_with_secrets(str(tmp_path))
+    stage = tempfile.mkdtemp(prefix="verify-", dir=backups.scratch_dir())
+    # What a killed server leaves: a process naming the staging dir (unshare, the sandbox's pid 1).
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", f"--origin={stage}"])
+    try:
+        backups.clear_scratch()
+        assert left.wait(10) == -9
+        assert not os.path.exists(backups.scratch_dir(create=False))
+    finally:
+        if left.poll() is None:
+            left.kill()
+            left.wait()
