@@ -12,6 +12,7 @@ read-only view of /usr, /etc and the like (as an unprivileged uid), and the disk
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import json
 import os
@@ -19,6 +20,11 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from reddwarf.common.runner import run_async
 
 SANDBOX_ROOT = "/run/reddwarf-sandbox"   # where HOST_DIR appears inside the sandbox
 SANDBOX_UID = 2_000_000_000              # owns nothing on the host; no passwd entry, no groups
@@ -37,6 +43,77 @@ def sandbox_argv(host_dir: str) -> list[str]:
     """The command the server runs (as root) to prove a chain staged in `host_dir`."""
     return ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--cgroup", "--fork", "--kill-child", "--mount-proc",
             "--propagation", "private", "--", sys.executable, "-m", "reddwarf.agent.sandbox", host_dir]
+
+
+def new_stage(parent: str) -> str:
+    """A fresh staging dir for one proof (root-only until `prove` hands it to the sandbox uid)."""
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix="verify-", dir=parent)
+    os.mkdir(os.path.join(stage, "in"), 0o700)
+    return stage
+
+
+def input_path(stage: str, link: int) -> str:
+    """Where the caller writes link `link` (0 = the full backup) of the chain before `prove`."""
+    return os.path.join(stage, "in", f"{link:03d}.bin")
+
+
+async def prove(stage: str, ids: Sequence[str], sha256s: Sequence[str], expected: dict[str, int] | None,
+                max_extract_bytes: int, hide: Sequence[str], timeout: float, uid: int = SANDBOX_UID
+                ) -> dict[str, Any]:
+    """Runs reddwarf.agent.verify in the sandbox on the chain staged in `stage` (by `input_path`) and returns
+    {ok, detail, checksums}. The caller (the server, or hostd for ProveBackup) removes `stage` afterwards."""
+    files = [f"{SANDBOX_ROOT}/in/{i:03d}.bin" for i in range(len(ids))]
+    with open(os.path.join(stage, SPEC), "w") as f:
+        json.dump({"files": files, "ids": list(ids), "sha256s": list(sha256s), "checksums": expected,
+                   "scratch_dir": SANDBOX_ROOT, "max_extract_bytes": max_extract_bytes}, f)
+    with open(os.path.join(stage, CONFIG), "w") as f:
+        json.dump({"uid": uid, "hide": [os.path.abspath(p) for p in hide if p]}, f)
+    await asyncio.to_thread(chown_tree, stage, uid)
+    res = await run_async(sandbox_argv(stage), timeout=timeout, check=False)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:
+        return {"ok": False, "checksums": {},
+                "detail": f"the restore sandbox failed (exit {res.returncode}): {res.stderr.strip()[-500:]}"}
+    return proof_result(lines[-1])
+
+
+def proof_result(line: str) -> dict[str, Any]:
+    """The sandbox's one JSON line, checked for shape: what ran there handled a tenant's data."""
+    try:
+        out = json.loads(line)
+        ok, detail, sums = out["ok"], out["detail"], out["checksums"]
+        if not isinstance(ok, bool) or not isinstance(detail, str) or not isinstance(sums, dict) \
+                or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                           for k, v in sums.items()):
+            raise TypeError("unexpected shape")
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"ok": False, "checksums": {}, "detail": f"the restore sandbox gave no readable result ({exc})"}
+    return {"ok": ok, "detail": detail[:2000], "checksums": sums}
+
+
+def chown_tree(path: str, uid: int) -> None:
+    """The staged chain belongs to the sandbox uid (it reads it and unpacks beside it); root still removes it."""
+    os.chown(path, uid, uid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, uid)
+
+
+def leftovers(stage_parent: str) -> list[int]:
+    """Pids of sandboxes (unshare, or the sandbox's pid 1) staged under `stage_parent`: what a killed server
+    or hostd left running. Killing the sandbox's pid 1 ends its whole pid namespace."""
+    prefix = os.path.abspath(stage_parent).encode() + b"/"
+    pids = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(prefix) or a.startswith(b"--origin=" + prefix) for a in argv):
+            pids.append(int(pid))
+    return pids
 
 
 def _mount(*args: str) -> None:

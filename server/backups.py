@@ -17,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
+import random
 import shutil
 import signal
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf import empty_pb2
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -39,11 +39,13 @@ from reddwarf.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RedDwarfError,
+    Unavailable,
+    from_rpc_error,
     grpc_edge,
 )
-from reddwarf.common.runner import run_async
-from reddwarf.common.states import BackupStatus, InstanceStatus, VerifyStatus
-from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
+from reddwarf.common.states import BackupStatus, HostState, InstanceStatus, VerifyStatus
+from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, host_pb2
 
 from . import models, tasks
 from .agents import AgentRegistry
@@ -52,6 +54,7 @@ from .auth import current_principal
 from .backup_store import BackupStore, upload_cap
 from .catalog import resource_id, ts
 from .db import update_row
+from .hosts import HostPool
 from .instance_views import derived_status, owned_instance
 from .pagination import Paginator
 from .quotas import check_backup_quota
@@ -153,10 +156,11 @@ class BackupSink:
 class Backups:
     """The create_backup and verify_backup tasks, and the restore step of create_instance."""
 
-    def __init__(self, app: App, store: BackupStore, registry: AgentRegistry) -> None:
+    def __init__(self, app: App, store: BackupStore, registry: AgentRegistry, hosts: HostPool | None = None) -> None:
         self.app = app
         self.store = store
         self.registry = registry
+        self.hosts = hosts
 
     def _update(self, bid: str, **values: Any) -> None:
         update_row(self.app.sessions, models.Backup, bid, **values)
@@ -197,31 +201,58 @@ class Backups:
 
     async def _restore_in_scratch(self, links: list[tuple[str, str]], expected: dict[str, int] | None
                                   ) -> dict[str, Any]:
-        """Restores the chain in a throw-away sandbox (agent/sandbox.py: an unprivileged uid in new mount,
-        net, pid, ipc and uts namespaces, the server's secrets hidden) and returns {ok, detail, checksums};
-        with `expected`, ok also needs the restored tables' checksums to equal it."""
-        with tempfile.TemporaryDirectory(prefix="verify-", dir=self.scratch_dir()) as tmp:
-            os.mkdir(os.path.join(tmp, "in"))
-            files = []
+        """Restores the chain in a throw-away sandbox and returns {ok, detail, checksums}; with `expected`,
+        ok also needs the restored tables' checksums to equal it. On a host (hostd's ProveBackup), never
+        here: only a Backups wired without hosts (tests of the sandbox itself) runs it on this machine."""
+        cap = self._extract_cap(links)
+        if self.hosts is not None:
+            return await self._prove_on_a_host(links, expected, cap)
+        stage = await asyncio.to_thread(sandbox.new_stage, self.scratch_dir())
+        try:
             for i, (lid, _) in enumerate(links):
-                name = f"in/{i:03d}.bin"
-                with open(os.path.join(tmp, name), "wb") as f:
+                with open(sandbox.input_path(stage, i), "wb") as f:
                     async for data in self.store.open_reader(lid):
                         await asyncio.to_thread(f.write, data)
-                files.append(f"{sandbox.SANDBOX_ROOT}/{name}")
-            with open(os.path.join(tmp, sandbox.SPEC), "w") as f:
-                json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
-                           "checksums": expected, "scratch_dir": sandbox.SANDBOX_ROOT,
-                           "max_extract_bytes": self._extract_cap(links)}, f)
-            with open(os.path.join(tmp, sandbox.CONFIG), "w") as f:
-                json.dump({"uid": sandbox.SANDBOX_UID, "hide": self.secret_paths()}, f)
-            await asyncio.to_thread(_chown_tree, tmp, sandbox.SANDBOX_UID)
-            res = await run_async(sandbox.sandbox_argv(tmp), timeout=BACKUP_TIMEOUT, check=False)
-        lines = res.stdout.strip().splitlines()
-        if res.returncode != 0 or not lines:
-            return {"ok": False, "checksums": {},
-                    "detail": f"the restore sandbox failed (exit {res.returncode}): {res.stderr.strip()[-500:]}"}
-        return _proof_result(lines[-1])
+            return await sandbox.prove(stage, [x[0] for x in links], [x[1] for x in links], expected, cap,
+                                       self.secret_paths(), timeout=BACKUP_TIMEOUT)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, stage, True)
+
+    async def _prove_on_a_host(self, links: list[tuple[str, str]], expected: dict[str, int] | None,
+                               cap: int) -> dict[str, Any]:
+        """Streams the chain to an UP host, in random order of hosts until one answers."""
+        assert self.hosts is not None
+        with self.app.sessions() as s:
+            host_ids = list(s.scalars(select(models.Host.id).where(models.Host.state == HostState.UP)))
+        if not host_ids:
+            raise Unavailable("no host is up to prove the backup on", field="backup")
+        random.shuffle(host_ids)
+        spec = host_pb2.ProveBackupSpec(backup_ids=[x[0] for x in links], sha256s=[x[1] for x in links],
+                                        compare=expected is not None, expected=expected or {},
+                                        max_extract_bytes=cap)
+
+        async def chunks() -> AsyncIterator[host_pb2.ProveBackupChunk]:
+            yield host_pb2.ProveBackupChunk(spec=spec)
+            for i, (lid, _) in enumerate(links):
+                async for data in self.store.open_reader(lid):
+                    yield host_pb2.ProveBackupChunk(link=i, data=data)
+
+        last: RedDwarfError = Unavailable("no host is up to prove the backup on", field="backup")
+        for hid in host_ids:
+            try:
+                await self.hosts.ensure_crl(hid)
+                res = await self.hosts.stub(hid).ProveBackup(chunks(), timeout=BACKUP_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                last = from_rpc_error(exc)
+            except Unavailable as exc:
+                last = exc
+            else:
+                log.info("backup proven on a host", extra={"host": hid, "backup": links[-1][0], "ok": res.ok})
+                return {"ok": res.ok, "detail": res.detail, "checksums": dict(res.checksums)}
+            if not isinstance(last, Unavailable):
+                raise last
+            log.warning("proof restore: host unavailable, trying another", extra={"host": hid})
+        raise last
 
     def _extract_cap(self, links: list[tuple[str, str]]) -> int:
         """Bytes one stream of the chain may unpack to: twice its instance's volume and 1 GiB (0: unknown)."""
@@ -251,18 +282,9 @@ class Backups:
         return path
 
     def clear_scratch(self) -> None:
-        scratch = self.scratch_dir(create=False).encode() + b"/"
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a sandbox that outlived us
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            # unshare and the sandbox's pid 1 name the staging dir; killing pid 1 ends the whole pid namespace.
-            if any(a.startswith(scratch) or a.startswith(b"--origin=" + scratch)
-                   or a.startswith(b"--datadir=" + scratch) for a in argv):
-                with contextlib.suppress(OSError):
-                    os.kill(int(pid), signal.SIGKILL)
+        for pid in sandbox.leftovers(self.scratch_dir(create=False)):  # a sandbox that outlived us
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.scratch_dir(create=False), ignore_errors=True)
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
@@ -476,28 +498,6 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                 raise NotFound("this instance has no backup schedule", field="instance")
             return database_pb2.BackupSchedule(name=f"instances/{iid}/backupSchedule", interval_seconds=row.interval_seconds,
                                                keep=row.keep, full_every=row.full_every, next_run=ts(row.next_run))
-
-
-def _proof_result(line: str) -> dict[str, Any]:
-    """The sandbox's one JSON line, checked for shape: what ran there handled a tenant's data."""
-    try:
-        out = json.loads(line)
-        ok, detail, sums = out["ok"], out["detail"], out["checksums"]
-        if not isinstance(ok, bool) or not isinstance(detail, str) or not isinstance(sums, dict) \
-                or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                           for k, v in sums.items()):
-            raise TypeError("unexpected shape")
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"ok": False, "checksums": {}, "detail": f"the restore sandbox gave no readable result ({exc})"}
-    return {"ok": ok, "detail": detail[:2000], "checksums": sums}
-
-
-def _chown_tree(path: str, uid: int) -> None:
-    """The staged chain belongs to the sandbox uid (it reads it and unpacks beside it); root still removes it."""
-    os.chown(path, uid, uid)
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.lchown(os.path.join(root, name), uid, uid)
 
 
 async def apply_retention(app: App, store: BackupStore) -> None:

@@ -48,7 +48,7 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         return certificate_revoked(app.sessions, serial)
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds)
-    backups = Backups(app, store, registry)
+    backups = Backups(app, store, registry, hosts)
     backups.clear_scratch()  # what a killed server left of a scratch restore
     store.clean_partials()   # and of uploads cut off with it
     sealer = PasswordSealer(secret)

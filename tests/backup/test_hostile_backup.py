@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import pytest
 
 from reddwarf.agent import sandbox, xbstream
 from reddwarf.agent.backup import BackupRunner, BackupSettings, MysqlAccess
-from reddwarf.server.backups import Backups, _chown_tree
+from reddwarf.server.backups import Backups
 from reddwarf.server.settings import Settings
 from reddwarf.v1 import agent_pb2
 from tests.backup.conftest import Mysqld
@@ -345,7 +346,7 @@ async def test_from_inside_the_sandbox_the_server_secrets_cannot_be_read(tmp_pat
     look = [*secrets, state, os.path.join(state, "pki"), "/etc/shadow", "/root"]
     with open(os.path.join(stage, sandbox.CONFIG), "w") as f:
         json.dump({"uid": sandbox.SANDBOX_UID, "hide": backups.secret_paths(), "probe": look}, f)
-    _chown_tree(stage, sandbox.SANDBOX_UID)
+    sandbox.chown_tree(stage, sandbox.SANDBOX_UID)
     try:
         done = subprocess.run(sandbox.sandbox_argv(stage), capture_output=True, text=True, timeout=60)
     finally:
@@ -370,8 +371,7 @@ async def test_from_inside_the_sandbox_the_server_secrets_cannot_be_read(tmp_pat
                                   '{"ok": true, "detail": "", "checksums": {"t": "1"}}',
                                   '{"ok": true, "detail": "", "checksums": {"t": true}}'])
 def test_a_result_of_the_wrong_shape_from_the_sandbox_is_a_failed_proof(line: str) -> None:
-    from reddwarf.server.backups import _proof_result
-    out = _proof_result(line)
+    out = sandbox.proof_result(line)
     assert out["ok"] is False and out["checksums"] == {} and "no readable result" in out["detail"]
 
 
@@ -381,6 +381,11 @@ def test_a_sandbox_left_by_a_killed_server_is_killed_and_removed_at_start(tmp_pa
     # What a killed server leaves: a process naming the staging dir (unshare, the sandbox's pid 1).
     left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", f"--origin={stage}"])
     try:
+        for _ in range(500):  # until it has exec'd (before that its cmdline is ours)
+            with open(f"/proc/{left.pid}/cmdline", "rb") as f:
+                if b"--origin=" in f.read():
+                    break
+            time.sleep(0.01)
         backups.clear_scratch()
         assert left.wait(10) == -9
         assert not os.path.exists(backups.scratch_dir(create=False))
