@@ -23,13 +23,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import pytest
 
 from reddwarf.agent import sandbox, xbstream
 from reddwarf.agent.backup import BackupRunner, BackupSettings, MysqlAccess
 from reddwarf.server.backups import Backups
 from reddwarf.server.settings import Settings
-from reddwarf.v1 import agent_pb2
+from reddwarf.v1 import agent_pb2, host_pb2, host_pb2_grpc
 from tests.backup.conftest import Mysqld
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
@@ -393,3 +394,45 @@ def test_a_sandbox_left_by_a_killed_server_is_killed_and_removed_at_start(tmp_pa
         if left.poll() is None:
             left.kill()
             left.wait()
+
+
+# ---------------------------------------------------------------- the same proof on a host, over mTLS
+
+@pytest.fixture(scope="module")
+def hostd(tmp_path_factory: Any, pki: Any) -> Iterator[Any]:
+    from tests.fixtures.hostd import start_hostd
+    root = tmp_path_factory.mktemp("hostd")
+    with start_hostd(root, pki.files("host", "h-prove"), host_id="h-prove", agent_init_cmd="/bin/sleep 3600",
+                     crl_path=pki.ca.dir / "crl.pem") as h:
+        yield h
+
+
+def prove_requests(zst: bytes, expected: dict[str, int] | None) -> Iterator[host_pb2.ProveBackupChunk]:
+    spec = host_pb2.ProveBackupSpec(backup_ids=["b1"], sha256s=[hashlib.sha256(zst).hexdigest()],
+                                    compare=expected is not None, expected=expected or {})
+    yield host_pb2.ProveBackupChunk(spec=spec)
+    for i in range(0, len(zst), 1 << 20):
+        yield host_pb2.ProveBackupChunk(link=0, data=zst[i:i + (1 << 20)])
+
+
+@pytest.mark.parametrize("role", ["instance", "host", "admin"])
+def test_only_the_control_server_may_prove_a_backup_on_a_host(hostd: Any, pki: Any, taken: Taken, role: str) -> None:
+    with hostd.channel(pki.files(role, "x")) as ch, pytest.raises(grpc.RpcError) as e:
+        host_pb2_grpc.HostAgentStub(ch).ProveBackup(prove_requests(taken.zst, None), timeout=30)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_host_proves_a_clean_backup_and_refuses_a_hostile_one(hostd: Any, pki: Any, taken: Taken) -> None:
+    with hostd.channel(pki.files("server", "control")) as ch:
+        stub = host_pb2_grpc.HostAgentStub(ch)
+        good = stub.ProveBackup(prove_requests(taken.zst, taken.checksums), timeout=300)
+        assert good.ok, good.detail
+        assert dict(good.checksums) == taken.checksums
+        evil = pack(with_cnf(add_file(unpack(taken.zst), "shop/evil.so", b"\x7fELF"), "\nplugin_load_add=x\n"))
+        bad = stub.ProveBackup(prove_requests(evil, taken.checksums), timeout=300)
+        assert not bad.ok and bad.detail.startswith("restore refused: the backup stream holds an unexpected file")
+        with pytest.raises(grpc.RpcError) as e:  # links out of order / a stream without its spec
+            stub.ProveBackup(iter([host_pb2.ProveBackupChunk(link=0, data=b"x")]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    scratch = hostd.root / "state" / "scratch"
+    assert not scratch.exists() or not os.listdir(scratch), "hostd removes every staged chain"
