@@ -116,7 +116,7 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
             return handler
         pushing = details.method == PUSH_REVOCATIONS
 
-        async def admitted(context: grpc.aio.ServicerContext) -> bool:
+        async def admitted(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
             ident = peer_identity(context)
             if ident is None:
                 await abort(context, Unauthenticated("a certificate from the deployment CA is required"))
@@ -136,7 +136,7 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
-            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 return await unary(request, context) if await admitted(context) else None
 
             return grpc.unary_unary_rpc_method_handler(guarded, handler.request_deserializer,
@@ -144,7 +144,7 @@ class ServerOnly(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is u
         if handler.stream_unary is not None:  # ProveBackup: the same gate before a byte is read
             streamed = handler.stream_unary
 
-            async def guarded_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def guarded_stream(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 return await streamed(requests, context) if await admitted(context) else None
 
             return grpc.stream_unary_rpc_method_handler(guarded_stream, handler.request_deserializer,
@@ -273,7 +273,8 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
 
     @grpc_edge
     async def ProveBackup(self, request_iterator: AsyncIterator[host_pb2.ProveBackupChunk],
-                          context: grpc.aio.ServicerContext) -> host_pb2.ProveBackupResponse:
+                          context: grpc.aio.ServicerContext[host_pb2.ProveBackupChunk, host_pb2.ProveBackupResponse]
+                          ) -> host_pb2.ProveBackupResponse:
         """Stages the streamed chain and restores it in the throw-away sandbox (reddwarf.agent.sandbox) with
         this host's keys, containers and volumes hidden; the stage is removed whatever happens."""
         st = self.host.settings
