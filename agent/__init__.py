@@ -7,6 +7,8 @@ Where things live:
 - datastore.py: the driver interface; mysql.py: the MySQL/MariaDB driver, composing mycnf.py (my.cnf),
   mysqld.py (install-db, start/stop under supervisor.py) and mysql_admin.py (databases, users, grants,
   root); fake.py: a driver with no mysqld, for tests of the stream.
-- backup.py: backups and restores (mariadb-backup | zstd | SHA-256); verify.py: the scratch restore the
-  server runs as a child process; services.py: packages and memcached.
+- backup.py: backups and restores (mariadb-backup | zstd | SHA-256); xbstream.py: what a stream may unpack
+  to (file allowlist, backup-my.cnf rebuilt); verify.py: the scratch restore the server runs in the
+  throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);
+  services.py: packages and memcached.
 """

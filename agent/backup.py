@@ -27,6 +27,7 @@ from reddwarf.common.errors import FailedPrecondition, Internal, InvalidArgument
 from reddwarf.common.log import bind
 from reddwarf.common.names import quote_ident
 
+from . import xbstream
 from .model import BackupChunk, BackupResult, Download, Progress, TableChecksum, Upload
 
 log = logging.getLogger("reddwarf.agent.backup")
@@ -68,6 +69,10 @@ class BackupSettings:
     # inside the datadir (the volume's root): the restore then leaves that directory where it is.
     work_dir: str = ""
     progress_interval: float = 1.0
+    # Bytes one stream may unpack to (0: no cap): a small upload must not decompress into a full disk.
+    max_extract_bytes: int = 0
+    # Extra `mariadb-backup --prepare` options (the proof sandbox points --plugin-dir at an empty dir).
+    prepare_options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -348,27 +353,48 @@ class BackupRunner:
         return size
 
     async def _extract(self, archive: str, dest: str, tmp: str) -> None:
-        os.makedirs(dest)
-        pipeline = _Pipeline()
-        zerr, xerr = os.path.join(tmp, "unzstd.log"), os.path.join(tmp, "mbstream.log")
-        read_fd, write_fd = os.pipe()
+        """zstd -d | (the allowlist filter) | mbstream -x into a new, empty `dest`; then the tree is checked
+        again and backup-my.cnf rebuilt from its allowlist (agent/xbstream.py)."""
+        os.makedirs(dest)  # must not exist yet: mbstream writes into an empty directory of our own
+        procs: list[subprocess.Popen[bytes]] = []
         try:
-            with open(zerr, "wb") as zf, open(xerr, "wb") as xf, open(archive, "rb") as src:
-                try:
-                    pipeline.procs.append(await runner.spawn(["zstd", "-q", "-d", "-c"], stdin=src.fileno(),
-                                                             stdout=write_fd, stderr=zf.fileno()))
-                    pipeline.procs.append(await runner.spawn(["mbstream", "-x", "-C", dest], stdin=read_fd,
-                                                             stderr=xf.fileno()))
-                finally:
-                    os.close(read_fd)
-                    os.close(write_fd)
-            rcs = [await asyncio.wait_for(p.wait(), self.settings.prepare_timeout) for p in pipeline.procs]
-            if rcs[0] != 0:
-                raise Internal(f"zstd -d exited {rcs[0]}: {_tail(zerr)}")
-            if rcs[1] != 0:
-                raise Internal(f"mbstream -x exited {rcs[1]}: {_tail(xerr)}")
+            await asyncio.wait_for(asyncio.to_thread(self._extract_sync, archive, dest, tmp, procs),
+                                   self.settings.prepare_timeout)
         finally:
-            await pipeline.kill()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+            for proc in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(10)
+        xbstream.check_tree(dest)
+        xbstream.rebuild_cnf(dest)
+
+    def _extract_sync(self, archive: str, dest: str, tmp: str, procs: list[subprocess.Popen[bytes]]) -> None:
+        zerr, xerr = os.path.join(tmp, "unzstd.log"), os.path.join(tmp, "mbstream.log")
+        with open(zerr, "wb") as zf, open(xerr, "wb") as xf, open(archive, "rb") as src:
+            zstd = subprocess.Popen(["zstd", "-q", "-d", "-c"], stdin=src, stdout=subprocess.PIPE, stderr=zf)
+            procs.append(zstd)
+            mbstream = subprocess.Popen(["mbstream", "-x", "-C", dest], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=xf, cwd=dest)
+            procs.append(mbstream)
+            assert zstd.stdout is not None and mbstream.stdin is not None
+            try:
+                xbstream.filter_stream(zstd.stdout, mbstream.stdin, self.settings.max_extract_bytes)
+            except BrokenPipeError:
+                pass  # mbstream gave up: its exit status and log say why
+            except BaseException:
+                mbstream.kill()  # nothing after a refused chunk reaches the disk
+                raise
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    mbstream.stdin.close()
+                zstd.stdout.close()
+            rc_z, rc_x = zstd.wait(self.settings.prepare_timeout), mbstream.wait(self.settings.prepare_timeout)
+        if rc_z != 0:
+            raise Internal(f"zstd -d exited {rc_z}: {_tail(zerr)}")
+        if rc_x != 0:
+            raise Internal(f"mbstream -x exited {rc_x}: {_tail(xerr)}")
 
     async def restore(self, backup_ids: Sequence[str], sha256s: Sequence[str], download: Download,
                       progress: Progress) -> None:
@@ -403,11 +429,10 @@ class BackupRunner:
                 dirs.append(dest)
             await progress(45, "extracted", 0)
             full = dirs[0]
-            await runner.run_async(["mariadb-backup", "--prepare", f"--target-dir={full}"],
-                                   timeout=self.settings.prepare_timeout)
+            prepare = ["mariadb-backup", "--prepare", *self.settings.prepare_options, f"--target-dir={full}"]
+            await runner.run_async(prepare, timeout=self.settings.prepare_timeout)
             for inc in dirs[1:]:
-                await runner.run_async(["mariadb-backup", "--prepare", f"--target-dir={full}",
-                                        f"--incremental-dir={inc}"], timeout=self.settings.prepare_timeout)
+                await runner.run_async([*prepare, f"--incremental-dir={inc}"], timeout=self.settings.prepare_timeout)
                 shutil.rmtree(inc, ignore_errors=True)
             await progress(70, "prepared", 0)
             # 3. Swap the datadir, keeping the old one until mysqld runs on the new.

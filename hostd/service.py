@@ -9,17 +9,24 @@ never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+import os
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import IO, Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
 
+from reddwarf.agent import sandbox
 from reddwarf.common import states
 from reddwarf.common.errors import (
     FailedPrecondition,
+    InvalidArgument,
     PermissionDenied,
     RedDwarfError,
     Unauthenticated,
@@ -85,6 +92,18 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
 
 
 PUSH_REVOCATIONS = "/reddwarf.v1.HostAgent/PushRevocations"
+PROVE_TIMEOUT = 6 * 3600
+_PROVE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+_PROVE_SHA = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _check_prove_spec(spec: host_pb2.ProveBackupSpec) -> None:
+    if not 1 <= len(spec.backup_ids) <= 1000 or len(spec.sha256s) != len(spec.backup_ids):
+        raise InvalidArgument("1..1000 backup ids, one sha256 each", field="spec.backup_ids")
+    if not all(_PROVE_ID.match(b) for b in spec.backup_ids) or not all(_PROVE_SHA.match(x) for x in spec.sha256s):
+        raise InvalidArgument("malformed backup id or sha256", field="spec")
+    if spec.max_extract_bytes < 0:
+        raise InvalidArgument("max_extract_bytes must not be negative", field="spec.max_extract_bytes")
 
 
 class ServerOnly(grpc.aio.ServerInterceptor):
@@ -96,35 +115,55 @@ class ServerOnly(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         pushing = details.method == PUSH_REVOCATIONS
 
-        async def guarded(request: Any, context: Context) -> Any:
+        async def admitted(context: Context) -> bool:
             ident = peer_identity(context)
             if ident is None:
                 await abort(context, Unauthenticated("a certificate from the deployment CA is required"))
-                return None
+                return False
             try:
                 if not (pushing and self.revocations.current() is None):
                     self.revocations.check(ident)
             except RedDwarfError as err:
                 await abort(context, err)
-                return None
+                return False
             if ident.role != "server":
                 await abort(context, PermissionDenied(
                     f"only the control server may call hostd; {ident.uri} is a {ident.role}"))
-                return None
-            return await inner(request, context)
+                return False
+            return True
 
-        return grpc.unary_unary_rpc_method_handler(guarded, handler.request_deserializer,
-                                                   handler.response_serializer)
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def guarded(request: Any, context: Context) -> Any:
+                return await unary(request, context) if await admitted(context) else None
+
+            return grpc.unary_unary_rpc_method_handler(guarded, handler.request_deserializer,
+                                                       handler.response_serializer)
+        if handler.stream_unary is not None:  # ProveBackup: the same gate before a byte is read
+            streamed = handler.stream_unary
+
+            async def guarded_stream(requests: Any, context: Context) -> Any:
+                return await streamed(requests, context) if await admitted(context) else None
+
+            return grpc.stream_unary_rpc_method_handler(guarded_stream, handler.request_deserializer,
+                                                        handler.response_serializer)
+        return handler  # grpc.health's Watch (unary-stream), as before: it says only SERVING
 
 
 class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     def __init__(self, host: Host, revocations: RevocationList | None = None,
                  renewer: CertificateRenewer | None = None) -> None:
+        # What a killed hostd left of a proof restore: the sandbox killed, the staged tenant data removed.
+        scratch = os.path.join(host.settings.state_dir, "scratch")
+        for pid in sandbox.leftovers(scratch):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
         self.host = host
         self.revocations = revocations
         self.renewer = renewer
@@ -234,6 +273,52 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                    context: Context) -> host_pb2.ExecResponse:
         r = await asyncio.to_thread(self.host.exec, request.id, list(request.argv), request.timeout_seconds)
         return host_pb2.ExecResponse(exit_code=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+    @grpc_edge
+    async def ProveBackup(self, request_iterator: AsyncIterator[host_pb2.ProveBackupChunk],
+                          context: grpc.aio.ServicerContext[host_pb2.ProveBackupChunk, host_pb2.ProveBackupResponse]
+                          ) -> host_pb2.ProveBackupResponse:
+        """Stages the streamed chain and restores it in the throw-away sandbox (reddwarf.agent.sandbox) with
+        this host's keys, containers and volumes hidden; the stage is removed whatever happens."""
+        st = self.host.settings
+        parent = os.path.join(st.state_dir, "scratch")
+        stage = await asyncio.to_thread(sandbox.new_stage, parent)
+        out: IO[bytes] | None = None
+        try:
+            spec: host_pb2.ProveBackupSpec | None = None
+            link = -1
+            async for chunk in request_iterator:
+                if spec is None:
+                    if not chunk.HasField("spec"):
+                        raise InvalidArgument("the first message must carry the spec", field="spec")
+                    spec = chunk.spec
+                    _check_prove_spec(spec)
+                    continue
+                if not link <= chunk.link < len(spec.backup_ids):
+                    raise InvalidArgument("links must come in order, each within the chain", field="link")
+                if chunk.link != link:
+                    if out is not None:
+                        out.close()
+                    link = chunk.link
+                    out = open(sandbox.input_path(stage, link), "xb")  # noqa: SIM115 - closed on the next link
+                assert out is not None
+                await asyncio.to_thread(out.write, chunk.data)
+            if out is not None:
+                out.close()
+                out = None
+            if spec is None or link != len(spec.backup_ids) - 1:
+                raise InvalidArgument("the stream ended before every link of the chain", field="link")
+            hide = [st.state_dir, st.cert_path, st.key_path, st.ca_path, st.crl_path, st.lxc_path,
+                    st.template_lxc_path, st.storage_path, st.wheelhouse]
+            res = await sandbox.prove(stage, list(spec.backup_ids), list(spec.sha256s),
+                                      dict(spec.expected) if spec.compare else None, spec.max_extract_bytes,
+                                      hide, timeout=PROVE_TIMEOUT)
+            log.info("backup proof done", extra={"backup": spec.backup_ids[-1], "ok": res["ok"]})
+            return host_pb2.ProveBackupResponse(ok=res["ok"], detail=res["detail"], checksums=res["checksums"])
+        finally:
+            if out is not None:
+                out.close()
+            await asyncio.to_thread(shutil.rmtree, stage, True)
 
     @grpc_edge
     async def CreateVolume(self, request: host_pb2.CreateVolumeRequest,

@@ -4,10 +4,12 @@
   being taken, and belongs to the uploading instance (its certificate). The store publishes an object only
   when its SHA-256 equals the digest the guest computed (server/backup_store.py).
 - A backup is COMPLETED only after the stored object matches the size and digest the agent reported AND
-  the chain restored into a scratch mariadbd on the server host (a child process: `python -m
-  reddwarf.agent.verify`). The per-table checksums of that restored copy are recorded: they are the
-  backup's point in time exactly, even when the database was being written to during the backup (a
-  checksum pass on the live guest could only approximate it).
+  the chain restored into a scratch mariadbd in a throw-away sandbox on a host, never on this server:
+  the chain is streamed to hostd's ProveBackup, which runs reddwarf.agent.sandbox (an unprivileged uid in
+  new namespaces, no network, the host's keys and other tenants' volumes hidden) and reddwarf.agent.verify
+  there. The per-table checksums of that restored copy are recorded: they are the backup's point in time
+  exactly, even when the database was being written to during the backup (a checksum pass on the live
+  guest could only approximate it).
 - VerifyBackup re-hashes the stored chain and restores it again, comparing the table checksums with those
   recorded: VERIFIED only when the same data came back.
 - Restores (CreateInstance with restore_from_backup) check every digest before the datadir is touched.
@@ -17,22 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
-import json
 import logging
 import os
+import random
 import shutil
 import signal
-import sys
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from google.protobuf import empty_pb2
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from reddwarf.agent import sandbox
 from reddwarf.common import states
 from reddwarf.common.clock import now
 from reddwarf.common.errors import (
@@ -40,12 +41,14 @@ from reddwarf.common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RedDwarfError,
     ResourceExhausted,
+    Unavailable,
+    from_rpc_error,
     grpc_edge,
 )
-from reddwarf.common.runner import run_async
-from reddwarf.common.states import BackupStatus, InstanceStatus, VerifyStatus
-from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc
+from reddwarf.common.states import BackupStatus, HostState, InstanceStatus, VerifyStatus
+from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, host_pb2
 
 from . import models, tasks
 from .agents import AgentRegistry
@@ -54,6 +57,7 @@ from .auth import current_principal
 from .backup_store import BackupStore, upload_cap
 from .catalog import resource_id, ts
 from .db import update_row
+from .hosts import HostPool
 from .instance_views import derived_status, owned_instance
 from .pagination import Paginator
 from .quotas import check_backup_quota, remaining_backup_bytes
@@ -169,10 +173,11 @@ class BackupSink:
 class Backups:
     """The create_backup and verify_backup tasks, and the restore step of create_instance."""
 
-    def __init__(self, app: App, store: BackupStore, registry: AgentRegistry) -> None:
+    def __init__(self, app: App, store: BackupStore, registry: AgentRegistry, hosts: HostPool | None = None) -> None:
         self.app = app
         self.store = store
         self.registry = registry
+        self.hosts = hosts
 
     def _update(self, bid: str, **values: Any) -> None:
         update_row(self.app.sessions, models.Backup, bid, **values)
@@ -213,58 +218,91 @@ class Backups:
 
     async def _restore_in_scratch(self, links: list[tuple[str, str]], expected: dict[str, int] | None
                                   ) -> dict[str, Any]:
-        """Restores the chain into a scratch mariadbd (child process) and returns {ok, detail, checksums};
-        with `expected`, ok also needs the restored tables' checksums to equal it."""
-        with tempfile.TemporaryDirectory(prefix="verify-", dir=self.scratch_dir()) as tmp:
-            files = []
-            for lid, _ in links:
-                path = os.path.join(tmp, f"{lid}.bin")
-                with open(path, "wb") as f:
+        """Restores the chain in a throw-away sandbox and returns {ok, detail, checksums}; with `expected`,
+        ok also needs the restored tables' checksums to equal it. On a host (hostd's ProveBackup), never
+        here: only a Backups wired without hosts (tests of the sandbox itself) runs it on this machine."""
+        cap = self._extract_cap(links)
+        if self.hosts is not None:
+            return await self._prove_on_a_host(links, expected, cap)
+        stage = await asyncio.to_thread(sandbox.new_stage, self.scratch_dir())
+        try:
+            for i, (lid, _) in enumerate(links):
+                with open(sandbox.input_path(stage, i), "wb") as f:
                     async for data in self.store.open_reader(lid):
                         await asyncio.to_thread(f.write, data)
-                files.append(path)
-            spec = os.path.join(tmp, "spec.json")
-            with open(spec, "w") as f:
-                json.dump({"files": files, "ids": [x[0] for x in links], "sha256s": [x[1] for x in links],
-                           "checksums": expected, "scratch_dir": tmp, "socket_dir": self.socket_dir()}, f)
+            return await sandbox.prove(stage, [x[0] for x in links], [x[1] for x in links], expected, cap,
+                                       self.secret_paths(), timeout=BACKUP_TIMEOUT)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, stage, True)
+
+    async def _prove_on_a_host(self, links: list[tuple[str, str]], expected: dict[str, int] | None,
+                               cap: int) -> dict[str, Any]:
+        """Streams the chain to an UP host, in random order of hosts until one answers."""
+        assert self.hosts is not None
+        with self.app.sessions() as s:
+            host_ids = list(s.scalars(select(models.Host.id).where(models.Host.state == HostState.UP)))
+        if not host_ids:
+            raise Unavailable("no host is up to prove the backup on", field="backup")
+        random.shuffle(host_ids)
+        spec = host_pb2.ProveBackupSpec(backup_ids=[x[0] for x in links], sha256s=[x[1] for x in links],
+                                        compare=expected is not None, expected=expected or {},
+                                        max_extract_bytes=cap)
+
+        async def chunks() -> AsyncIterator[host_pb2.ProveBackupChunk]:
+            yield host_pb2.ProveBackupChunk(spec=spec)
+            for i, (lid, _) in enumerate(links):
+                async for data in self.store.open_reader(lid):
+                    yield host_pb2.ProveBackupChunk(link=i, data=data)
+
+        last: RedDwarfError = Unavailable("no host is up to prove the backup on", field="backup")
+        for hid in host_ids:
             try:
-                res = await run_async([sys.executable, "-m", "reddwarf.agent.verify", "--spec", spec],
-                                      timeout=BACKUP_TIMEOUT)
-            finally:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.socket_dir(create=False))  # empty once the scratch run is over
-        out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
-        return out
+                await self.hosts.ensure_crl(hid)
+                res = await self.hosts.stub(hid).ProveBackup(chunks(), timeout=BACKUP_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                last = from_rpc_error(exc)
+            except Unavailable as exc:
+                last = exc
+            else:
+                log.info("backup proven on a host", extra={"host": hid, "backup": links[-1][0], "ok": res.ok})
+                return {"ok": res.ok, "detail": res.detail, "checksums": dict(res.checksums)}
+            if not isinstance(last, Unavailable):
+                raise last
+            log.warning("proof restore: host unavailable, trying another", extra={"host": hid})
+        raise last
+
+    def _extract_cap(self, links: list[tuple[str, str]]) -> int:
+        """Bytes one stream of the chain may unpack to: twice its instance's volume and 1 GiB (0: unknown)."""
+        with self.app.sessions() as s:
+            b = s.get(models.Backup, links[-1][0])
+            inst = s.get(models.Instance, b.instance_id) if b is not None else None
+            gb = inst.volume_size_gb if inst is not None else 0
+        return (2 * gb + 1) << 30 if gb else 0
+
+    def secret_paths(self) -> list[str]:
+        """What the sandbox must not see: the state dir (CA key, KEK, state DB, tokens) and each of the
+        server's key, database and config paths wherever they were configured."""
+        st = self.app.settings
+        paths = [st.state_dir, st.pki_dir, st.backup_dir, st.backup_kek_file, str(st.server_tls_dir)]
+        if st.db_url.startswith("sqlite:///"):
+            paths.append(st.db_url.removeprefix("sqlite:///"))
+        if os.environ.get("REDDWARF_CONFIG"):
+            paths.append(os.environ["REDDWARF_CONFIG"])
+        return [os.path.abspath(p) for p in paths if p]
 
     def scratch_dir(self, create: bool = True) -> str:
-        """Scratch restores live under the server's state dir, emptied at every start (a killed server
+        """Scratch restores are staged under the server's state dir, emptied at every start (a killed server
         must not leave a restored copy of a tenant's data behind)."""
         path = os.path.join(self.app.settings.state_dir, "scratch")
         if create:
             os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
-    def socket_dir(self, create: bool = True) -> str:
-        """Short, root-only home for scratch mariadbd sockets (keyed by this server's state dir)."""
-        key = hashlib.sha256(os.path.abspath(self.app.settings.state_dir).encode()).hexdigest()[:12]
-        path = os.path.join("/run/reddwarf-scratch", key)
-        if create:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        return path
-
     def clear_scratch(self) -> None:
-        shutil.rmtree(self.socket_dir(create=False), ignore_errors=True)
-        scratch = self.scratch_dir(create=False)
-        for pid in (p for p in os.listdir("/proc") if p.isdigit()):  # a scratch mariadbd that outlived us
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if any(a.startswith(b"--datadir=" + scratch.encode() + b"/") for a in argv):
-                with contextlib.suppress(OSError):
-                    os.kill(int(pid), signal.SIGKILL)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for pid in sandbox.leftovers(self.scratch_dir(create=False)):  # a sandbox that outlived us
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.scratch_dir(create=False), ignore_errors=True)
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
         bid = ctx.params["backup_id"]

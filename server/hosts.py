@@ -167,6 +167,10 @@ class HostPool:
             self._channels[host_id] = (address, aio_channel(address, self.app.tls, peer=host_peer(host_id)))
         return self._channels[host_id]
 
+    def stub(self, host_id: str) -> host_pb2_grpc.HostAgentAsyncStub:
+        """The raw stub, for a streaming call (ProveBackup); HostClient wraps the unary ones."""
+        return host_pb2_grpc.HostAgentStub(self._channel(host_id)[1])
+
     def client(self, host_id: str) -> HostClient:
         return HostClient(host_pb2_grpc.HostAgentStub(self._channel(host_id)[1]), host_id, self)
 

@@ -49,7 +49,7 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
                              heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
-    backups = Backups(app, store, registry)
+    backups = Backups(app, store, registry, hosts)
     backups.clear_scratch()  # what a killed server left of a scratch restore
     store.clean_partials()   # and of uploads cut off with it
     sealer = PasswordSealer(secret)
