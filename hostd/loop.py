@@ -42,7 +42,8 @@ class LoopDriver(LocalVolumeDriver):
         if not os.path.exists(locator):
             tmp = locator + ".new"
             try:
-                with open(tmp, "wb") as f:
+                # 0600: a volume image is a tenant's whole database; nobody but hostd (root) reads it.
+                with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                     f.truncate(size_gb * GIB)  # sparse: costs nothing until written
                 # lazy init keeps mkfs of a large sparse file at a fraction of a second
                 run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1",
@@ -57,6 +58,7 @@ class LoopDriver(LocalVolumeDriver):
     def activate(self, vid: str, locator: str) -> VolumeInfo:
         if not os.path.exists(locator):
             raise NotFound(f"backing file {locator} does not exist", field="locator")
+        os.chmod(locator, 0o600)  # images made by an earlier hostd were 0644
         dev = self.loop_device(locator)
         if not dev:
             dev = run(["losetup", "-f", "--show", locator]).stdout.strip()

@@ -119,6 +119,7 @@ def test_container_lifecycle_limits_and_volume(stub, pki, hostd):
     vid = f"v{cid}"
     vol = stub.CreateVolume(host_pb2.CreateVolumeRequest(volume=host_pb2.HostVolume(id=vid, size_gb=1)))
     assert vol.state == host_pb2.VOLUME_STATE_AVAILABLE and vol.fs_bytes_total > 0
+    assert os.stat(vol.locator).st_mode & 0o777 == 0o600  # a tenant's data is nobody else's to read
     # idempotent by id; other parameters conflict
     assert stub.CreateVolume(host_pb2.CreateVolumeRequest(volume=host_pb2.HostVolume(id=vid, size_gb=1))).id == vid
     with pytest.raises(grpc.RpcError) as e:
