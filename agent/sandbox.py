@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import importlib.util
 import json
 import os
 import resource
@@ -122,11 +123,15 @@ def _mount(*args: str) -> None:
 
 def _needed() -> list[str]:
     """Paths the unprivileged side must still read: the interpreter, its venv and our package."""
-    import reddwarf
     paths = [os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix),
              os.path.realpath(os.path.dirname(sys.executable))]
-    paths += [os.path.realpath(p) for p in getattr(reddwarf, "__path__", [])]
-    return [p for p in paths if os.path.isdir(p)]
+    # Each package's own folder: an editable install maps reddwarf.agent, reddwarf.common and reddwarf.v1
+    # onto separate folders of a checkout (which may sit under /tmp, hidden below), not under reddwarf's.
+    for name in ("reddwarf", "reddwarf.agent", "reddwarf.common", "reddwarf.v1"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            paths += [os.path.realpath(p) for p in spec.submodule_search_locations]
+    return sorted({p for p in paths if os.path.isdir(p)})
 
 
 def _hide(paths: list[str]) -> list[str]:
