@@ -10,6 +10,10 @@ Limits: a guest's health reaches the state at most once per heartbeat interval (
 coalesced: the newest is written when the interval is up), progress at most once a second per command; a
 heartbeat or hello larger than heartbeat_max_bytes, or a flood of heartbeats (a token bucket of
 heartbeat_flood_burst refilled at twice the configured rate), ends the stream with an error.
+
+Renewal: an agent renews its own certificate over this port (RenewCertificate, mTLS with its current,
+unrevoked instance certificate); the new one names the caller's id from its verified certificate, never
+anything the request says, and is recorded like enrollment's. At most RENEWALS_PER_DAY per instance.
 """
 from __future__ import annotations
 
@@ -44,6 +48,10 @@ log = logging.getLogger("reddwarf.server.agents")
 
 ProgressCb = Callable[[agent_pb2.Progress], Awaitable[None] | None]
 PROGRESS_MIN_SECONDS = 1.0  # progress of one command reaches its task at most this often
+# An honest agent renews once per two thirds of a certificate's life; a guest asking more often than this
+# (in one server's memory) only fills the certificates table, so it is refused.
+RENEWALS_PER_DAY = 4
+SignCsr = Callable[[bytes, str], tuple[bytes, bytes]]  # (csr_pem, instance_id) -> (cert_pem, ca_pem)
 
 
 @dataclass
@@ -301,9 +309,13 @@ class BackupTransfer(Protocol):
 
 
 class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
-    def __init__(self, registry: AgentRegistry, backup_sink: BackupTransfer | None = None) -> None:
+    def __init__(self, registry: AgentRegistry, backup_sink: BackupTransfer | None = None,
+                 sign_csr: SignCsr | None = None) -> None:
         self.registry = registry
         self.backup_sink = backup_sink
+        # Signs and records an instance certificate (server/enrollment.py's Enrollment.sign_csr).
+        self.sign = sign_csr
+        self._renewals: dict[str, list[float]] = {}
 
     def _instance(self, context: Context) -> str:
         ident = peer_identity(context)
@@ -380,6 +392,31 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             if isinstance(exc, RedDwarfError):
                 await abort(context, exc)
             raise
+
+
+    @grpc_edge
+    async def RenewCertificate(self, request: agent_pb2.RenewCertificateRequest, context: Context
+                               ) -> agent_pb2.RenewCertificateResponse:
+        # Revoked, foreign-role and certificate-less callers are refused here; the id signed is the one
+        # the caller's verified certificate proves.
+        iid = self._instance(context)
+        if self.sign is None:
+            raise FailedPrecondition("certificate renewal is not enabled on this server", field="csr_pem")
+        if not request.csr_pem.startswith("-----BEGIN CERTIFICATE REQUEST-----"):
+            raise InvalidArgument("csr_pem must be a PEM certificate request", field="csr_pem")
+        now = time.monotonic()
+        recent = [t for t in self._renewals.get(iid, []) if now - t < 86400]
+        if len(recent) >= RENEWALS_PER_DAY:
+            raise ResourceExhausted(f"instance {iid} renewed its certificate {len(recent)} times in the last "
+                                    "day; try again later", field="csr_pem")
+        self._renewals[iid] = [*recent, now]  # counted before signing: concurrent calls cannot all pass
+        cert, _ = await asyncio.to_thread(self.sign, request.csr_pem.encode(), iid)
+        # The caller's current certificate is NOT revoked: its stream (and any backup upload or download
+        # in flight) runs on it until the agent reconnects with the new one, and an agent that dies before
+        # writing the new files must still be able to come back with the old one. It lapses at its own
+        # expiry; deleting the instance revokes both (revoke_identity revokes every recorded certificate).
+        log.info("agent certificate renewed", extra={"instance": iid})
+        return agent_pb2.RenewCertificateResponse(certificate_pem=cert.decode())
 
 
 class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):

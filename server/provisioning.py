@@ -81,7 +81,7 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
          full_name(db, "Backups")),
     ]
     wiring.agent.append((agent_pb2_grpc.add_AgentGatewayServicer_to_server,
-                         AgentGatewayServicer(registry, sink), full_name(agent_pb2.DESCRIPTOR, "AgentGateway")))
+                         AgentGatewayServicer(registry, sink, enrollment.sign_csr), full_name(agent_pb2.DESCRIPTOR, "AgentGateway")))
     wiring.enroll.append((agent_pb2_grpc.add_EnrollmentServicer_to_server,
                           EnrollmentServicer(enrollment.verify_and_consume_token, enrollment.sign_csr),
                           full_name(agent_pb2.DESCRIPTOR, "Enrollment")))
