@@ -39,6 +39,7 @@ from reddwarf.common.errors import (
     from_status_pb,
     grpc_edge,
 )
+from reddwarf.common.pki import Identity, identity_from_cert
 from reddwarf.common.tls import peer_identity
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -310,14 +311,19 @@ class BackupTransfer(Protocol):
 
 class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
     def __init__(self, registry: AgentRegistry, backup_sink: BackupTransfer | None = None,
-                 sign_csr: SignCsr | None = None) -> None:
+                 sign_csr: SignCsr | None = None, revoke_serial: Callable[[int, str], None] | None = None) -> None:
         self.registry = registry
         self.backup_sink = backup_sink
-        # Signs and records an instance certificate (server/enrollment.py's Enrollment.sign_csr).
+        # Signs and records an instance certificate (server/enrollment.py's Enrollment.sign_csr); revokes
+        # one it issued to a caller revoked meanwhile (in the table and the CRL).
         self.sign = sign_csr
+        self.revoke_serial = revoke_serial
         self._renewals: dict[str, list[float]] = {}
 
     def _instance(self, context: Context) -> str:
+        return self._caller(context).id
+
+    def _caller(self, context: Context) -> Identity:
         ident = peer_identity(context)
         if ident is None:
             raise Unauthenticated("a certificate from the deployment CA is required")
@@ -325,7 +331,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             raise Unauthenticated(f"certificate of {ident.uri} is revoked")
         if ident.role != "instance":
             raise PermissionDenied(f"only guest agents may connect here; {ident.uri} is a {ident.role}")
-        return ident.id
+        return ident
 
     async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
                       context: Context) -> AsyncIterator[agent_pb2.ServerMessage]:
@@ -399,7 +405,8 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                                ) -> agent_pb2.RenewCertificateResponse:
         # Revoked, foreign-role and certificate-less callers are refused here; the id signed is the one
         # the caller's verified certificate proves.
-        iid = self._instance(context)
+        caller = self._caller(context)
+        iid = caller.id
         if self.sign is None:
             raise FailedPrecondition("certificate renewal is not enabled on this server", field="csr_pem")
         if not request.csr_pem.startswith("-----BEGIN CERTIFICATE REQUEST-----"):
@@ -411,6 +418,13 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
                                     "day; try again later", field="csr_pem")
         self._renewals[iid] = [*recent, now]  # counted before signing: concurrent calls cannot all pass
         cert, _ = await asyncio.to_thread(self.sign, request.csr_pem.encode(), iid)
+        if self.registry.is_revoked(caller.serial):
+            # Revoked while we signed (the instance was deleted: revoke_identity ran before our record was
+            # written and missed it). The new certificate must not outlive the old one's revocation.
+            if self.revoke_serial is not None:
+                await asyncio.to_thread(self.revoke_serial, identity_from_cert(cert).serial,
+                                        "issued to a certificate revoked during its renewal")
+            raise Unauthenticated(f"certificate of {caller.uri} was revoked during its renewal")
         # The caller's current certificate is NOT revoked: its stream (and any backup upload or download
         # in flight) runs on it until the agent reconnects with the new one, and an agent that dies before
         # writing the new files must still be able to come back with the old one. It lapses at its own

@@ -273,3 +273,43 @@ def test_an_install_cut_off_by_a_crash_is_finished_or_discarded(pki, tmp_path) -
     install_renewed(files, key2, cert2)
     assert (files.cert.read_bytes(), files.key.read_bytes()) == (cert2, key2)
     assert sorted(p.name for p in files.cert.parent.iterdir()) == ["agent.key", "agent.pem", "ca.pem"]
+
+
+async def test_a_caller_revoked_while_its_renewal_is_signed_gets_nothing_that_lives(pki, tmp_path) -> None:
+    """The instance is deleted (its certificates revoked) between the check of the caller and the record
+    of the new certificate: the new one is revoked too and the call refused. In process: a real grpc.aio
+    server with mTLS holding AgentGatewayServicer, the deletion injected into the signer."""
+    from reddwarf.common.tls import server_credentials
+    from reddwarf.server.agents import AgentGatewayServicer, AgentRegistry
+    from tests.fixtures.mariadb import free_port
+
+    revoked: set[int] = set()
+    caller, caller_serial = _files(pki.ca, tmp_path / "race", "instance", "i-race")
+    issued: list[int] = []
+
+    def sign(csr: bytes, iid: str) -> tuple[bytes, bytes]:
+        revoked.add(caller_serial)  # the delete lands here
+        out = pki.ca.sign_csr(csr, "instance", iid)
+        issued.append(out.serial)
+        return out.cert_pem, pki.ca.cert_pem
+
+    def revoke_serial(serial: int, reason: str) -> None:
+        revoked.add(serial)
+
+    registry = AgentRegistry(is_revoked=lambda serial: serial in revoked)
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentGatewayServicer_to_server(
+        AgentGatewayServicer(registry, None, sign, revoke_serial), server)
+    port = free_port()
+    cert, key, ca = pki.files("server", "control").read()
+    server.add_secure_port(f"127.0.0.1:{port}", server_credentials(cert, key, ca))
+    await server.start()
+    try:
+        async with tls.aio_channel(f"127.0.0.1:{port}", caller) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await agent_pb2_grpc.AgentGatewayStub(ch).RenewCertificate(
+                    agent_pb2.RenewCertificateRequest(csr_pem=make_key_and_csr("x")[1].decode()), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert issued and issued[0] in revoked
+    finally:
+        await server.stop(None)
