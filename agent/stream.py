@@ -166,6 +166,9 @@ class AgentStream:
             while True:
                 yield await outbox.get()
 
+        # This session dials with the TLS files as they are now: a renewal installed before this point
+        # needs no further reconnect.
+        self._cycle.clear()
         async with aio_channel(self.s.server_address, self.s.tls) as channel:
             stub = agent_pb2_grpc.AgentGatewayStub(channel)
             self._wire_backups(stub)
