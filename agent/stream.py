@@ -5,6 +5,10 @@ certificate), then runs the commands it is sent (agent/commands.py) and heartbea
 carry ids and their results are kept on disk (agent/results.py), so a command replayed after a reconnect
 (or a restarted agent) is answered from the record instead of acting twice. Root passwords are never kept:
 a replayed EnableRoot answers FAILED_PRECONDITION rather than resetting the password a second time.
+
+After the agent renewed its certificate (agent/main.py), `reconnect()` ends the stream once no command is
+running (a backup upload or download runs on the stream's channel) and the next session dials with the
+new certificate files.
 """
 from __future__ import annotations
 
@@ -62,6 +66,13 @@ class AgentStream:
         self.boot_id = os.urandom(8).hex()
         self._stop = asyncio.Event()
         self._welcomed = False
+        self._cycle = asyncio.Event()  # reconnect() asked for a new session (renewed certificate)
+        self._cycling = False
+
+    def reconnect(self) -> None:
+        """Ends the current session as soon as no command is running; the next one reads the TLS files
+        afresh (a renewed certificate)."""
+        self._cycle.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -133,6 +144,16 @@ class AgentStream:
                 health = convert.health_to_pb(await self.health())
                 await self._send(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(health=health)))
 
+    async def _cycle_when_idle(self, call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage,
+                                                                        agent_pb2.ServerMessage]) -> None:
+        await self._cycle.wait()
+        while self._running:  # never cut a running command's upload or download
+            await asyncio.sleep(0.5)
+        self._cycle.clear()
+        self._cycling = True
+        self.log.info("reconnecting with the renewed certificate")
+        call.cancel()
+
     async def _session(self) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         hello = agent_pb2.Hello(instance_id=self.s.instance_id, agent_version=AGENT_VERSION, boot_id=self.boot_id,
@@ -145,11 +166,15 @@ class AgentStream:
             while True:
                 yield await outbox.get()
 
+        # This session dials with the TLS files as they are now: a renewal installed before this point
+        # needs no further reconnect.
+        self._cycle.clear()
         async with aio_channel(self.s.server_address, self.s.tls) as channel:
             stub = agent_pb2_grpc.AgentGatewayStub(channel)
             self._wire_backups(stub)
             call = stub.Connect(outgoing())
             heartbeat: asyncio.Task[None] | None = None
+            cycler = asyncio.create_task(self._cycle_when_idle(call))
             try:
                 async for msg in call:
                     kind = msg.WhichOneof("message")
@@ -166,7 +191,14 @@ class AgentStream:
                                 await self._send(agent_pb2.AgentMessage(result=done))
                     elif kind == "command":
                         await self._on_command(msg.command)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._cycling or (task is not None and task.cancelling()):
+                    raise
+                # We cancelled the call ourselves to reconnect with the renewed certificate: a clean end.
             finally:
+                self._cycling = False
+                cycler.cancel()
                 self.connected.clear()
                 self._outbox = None
                 if heartbeat is not None:

@@ -10,6 +10,10 @@ Limits: a guest's health reaches the state at most once per heartbeat interval (
 coalesced: the newest is written when the interval is up), progress at most once a second per command; a
 heartbeat or hello larger than heartbeat_max_bytes, or a flood of heartbeats (a token bucket of
 heartbeat_flood_burst refilled at twice the configured rate), ends the stream with an error.
+
+Renewal: an agent renews its own certificate over this port (RenewCertificate, mTLS with its current,
+unrevoked instance certificate); the new one names the caller's id from its verified certificate, never
+anything the request says, and is recorded like enrollment's. At most RENEWALS_PER_DAY per instance.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from reddwarf.common.errors import (
     from_status_pb,
     grpc_edge,
 )
+from reddwarf.common.pki import Identity, identity_from_cert
 from reddwarf.common.tls import peer_identity
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
@@ -44,6 +49,10 @@ log = logging.getLogger("reddwarf.server.agents")
 
 ProgressCb = Callable[[agent_pb2.Progress], Awaitable[None] | None]
 PROGRESS_MIN_SECONDS = 1.0  # progress of one command reaches its task at most this often
+# An honest agent renews once per two thirds of a certificate's life; a guest asking more often than this
+# (in one server's memory) only fills the certificates table, so it is refused.
+RENEWALS_PER_DAY = 4
+SignCsr = Callable[[bytes, str], tuple[bytes, bytes]]  # (csr_pem, instance_id) -> (cert_pem, ca_pem)
 
 
 @dataclass
@@ -301,11 +310,20 @@ class BackupTransfer(Protocol):
 
 
 class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
-    def __init__(self, registry: AgentRegistry, backup_sink: BackupTransfer | None = None) -> None:
+    def __init__(self, registry: AgentRegistry, backup_sink: BackupTransfer | None = None,
+                 sign_csr: SignCsr | None = None, revoke_serial: Callable[[int, str], None] | None = None) -> None:
         self.registry = registry
         self.backup_sink = backup_sink
+        # Signs and records an instance certificate (server/enrollment.py's Enrollment.sign_csr); revokes
+        # one it issued to a caller revoked meanwhile (in the table and the CRL).
+        self.sign = sign_csr
+        self.revoke_serial = revoke_serial
+        self._renewals: dict[str, list[float]] = {}
 
     def _instance(self, context: Context) -> str:
+        return self._caller(context).id
+
+    def _caller(self, context: Context) -> Identity:
         ident = peer_identity(context)
         if ident is None:
             raise Unauthenticated("a certificate from the deployment CA is required")
@@ -313,7 +331,7 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             raise Unauthenticated(f"certificate of {ident.uri} is revoked")
         if ident.role != "instance":
             raise PermissionDenied(f"only guest agents may connect here; {ident.uri} is a {ident.role}")
-        return ident.id
+        return ident
 
     async def Connect(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage],
                       context: Context) -> AsyncIterator[agent_pb2.ServerMessage]:
@@ -380,6 +398,39 @@ class AgentGatewayServicer(agent_pb2_grpc.AgentGatewayServicer):
             if isinstance(exc, RedDwarfError):
                 await abort(context, exc)
             raise
+
+
+    @grpc_edge
+    async def RenewCertificate(self, request: agent_pb2.RenewCertificateRequest, context: Context
+                               ) -> agent_pb2.RenewCertificateResponse:
+        # Revoked, foreign-role and certificate-less callers are refused here; the id signed is the one
+        # the caller's verified certificate proves.
+        caller = self._caller(context)
+        iid = caller.id
+        if self.sign is None:
+            raise FailedPrecondition("certificate renewal is not enabled on this server", field="csr_pem")
+        if not request.csr_pem.startswith("-----BEGIN CERTIFICATE REQUEST-----"):
+            raise InvalidArgument("csr_pem must be a PEM certificate request", field="csr_pem")
+        now = time.monotonic()
+        recent = [t for t in self._renewals.get(iid, []) if now - t < 86400]
+        if len(recent) >= RENEWALS_PER_DAY:
+            raise ResourceExhausted(f"instance {iid} renewed its certificate {len(recent)} times in the last "
+                                    "day; try again later", field="csr_pem")
+        self._renewals[iid] = [*recent, now]  # counted before signing: concurrent calls cannot all pass
+        cert, _ = await asyncio.to_thread(self.sign, request.csr_pem.encode(), iid)
+        if self.registry.is_revoked(caller.serial):
+            # Revoked while we signed (the instance was deleted: revoke_identity ran before our record was
+            # written and missed it). The new certificate must not outlive the old one's revocation.
+            if self.revoke_serial is not None:
+                await asyncio.to_thread(self.revoke_serial, identity_from_cert(cert).serial,
+                                        "issued to a certificate revoked during its renewal")
+            raise Unauthenticated(f"certificate of {caller.uri} was revoked during its renewal")
+        # The caller's current certificate is NOT revoked: its stream (and any backup upload or download
+        # in flight) runs on it until the agent reconnects with the new one, and an agent that dies before
+        # writing the new files must still be able to come back with the old one. It lapses at its own
+        # expiry; deleting the instance revokes both (revoke_identity revokes every recorded certificate).
+        log.info("agent certificate renewed", extra={"instance": iid})
+        return agent_pb2.RenewCertificateResponse(certificate_pem=cert.decode())
 
 
 class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):

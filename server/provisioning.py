@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.descriptor import FileDescriptor
 
+from reddwarf.common.clock import now as utcnow
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, database_pb2, database_pb2_grpc
 
-from . import tasks
+from . import models, tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
-from .auth import certificate_revoked
+from .auth import certificate_revoked, serial_hex
 from .backup_store import BackupStore
 from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
 from .enrollment import Enrollment
@@ -80,8 +81,14 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         (database_pb2_grpc.add_BackupsServicer_to_server, BackupsServicer(app, backups, engine, paginator),
          full_name(db, "Backups")),
     ]
+    def revoke_serial(serial: int, reason: str) -> None:
+        with app.sessions() as s, s.begin():
+            row = s.get(models.Certificate, serial_hex(serial))
+            if row is not None and row.revoked_at is None:
+                row.revoked_at, row.revoke_reason = utcnow(), reason[:255]
+        app.ca.revoke(serial)
     wiring.agent.append((agent_pb2_grpc.add_AgentGatewayServicer_to_server,
-                         AgentGatewayServicer(registry, sink), full_name(agent_pb2.DESCRIPTOR, "AgentGateway")))
+                         AgentGatewayServicer(registry, sink, enrollment.sign_csr, revoke_serial), full_name(agent_pb2.DESCRIPTOR, "AgentGateway")))
     wiring.enroll.append((agent_pb2_grpc.add_EnrollmentServicer_to_server,
                           EnrollmentServicer(enrollment.verify_and_consume_token, enrollment.sign_csr),
                           full_name(agent_pb2.DESCRIPTOR, "Enrollment")))
