@@ -79,21 +79,31 @@ class HostPool:
     def __init__(self, app: App) -> None:
         self.app = app
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
-        self._crl_sent: dict[str, bytes] = {}   # host id -> the CRL (PEM) it last accepted from us
+        # host id -> (generation, PEM) of the CRL it last accepted from us. The generation counts the CA's
+        # CRL writes (each one calls _on_crl), so the check before every hostd call is a comparison in memory,
+        # not a read of crl.pem.
+        self._crl_sent: dict[str, tuple[int, bytes]] = {}
+        self._crl_generation = 0
         self._crl_changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         app.ca.crl_listeners.append(self._on_crl)
 
     def _on_crl(self) -> None:
         """A revocation (or a re-signed CRL), from any thread: wake the push loop."""
+        self._crl_generation += 1
         loop, event = self._loop, self._crl_changed
         if loop is not None and event is not None and not loop.is_closed():
             loop.call_soon_threadsafe(event.set)
 
     async def ensure_crl(self, host_id: str, force: bool = False) -> None:
         """Pushes the CA's current CRL to a host that has not yet accepted this exact list from us."""
+        sent = self._crl_sent.get(host_id)
+        generation = self._crl_generation
+        if not force and sent is not None and sent[0] == generation:
+            return
         crl = await asyncio.to_thread(self.app.ca.crl_pem)
-        if not force and self._crl_sent.get(host_id) == crl:
+        if not force and sent is not None and sent[1] == crl:
+            self._crl_sent[host_id] = (generation, crl)
             return
         address, channel = self._channel(host_id)
         try:
@@ -101,7 +111,7 @@ class HostPool:
                 host_pb2.PushRevocationsRequest(crl_pem=crl.decode()), timeout=15)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
-        self._crl_sent[host_id] = crl
+        self._crl_sent[host_id] = (generation, crl)
 
     async def crl_loop(self, every: float = 3600) -> None:
         """Pushes every new CRL to all hosts as soon as it is written, re-signs it before it expires, and
