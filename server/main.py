@@ -51,20 +51,19 @@ AddFn = Callable[[Any, grpc.aio.Server], None]
 
 @dataclass
 class Wiring:
+    rate_limiter: RateLimiter  # enforced by the API port's interceptor, shown by Catalog.GetLimits
     api: list[tuple[AddFn, Any, str]] = field(default_factory=list)      # (add_fn, servicer, service name)
     agent: list[tuple[AddFn, Any, str]] = field(default_factory=list)
     enroll: list[tuple[AddFn, Any, str]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    rate_limiter: RateLimiter | None = None
 
 
 def wire(app: App, paginator: Paginator) -> Wiring:
-    w = Wiring()
+    w = Wiring(RateLimiter.from_settings(app.settings))
     hosts = HostPool(app)
     st = app.settings
     store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
-    w.rate_limiter = RateLimiter.from_settings(app.settings)  # enforced by the API interceptor, shown by GetLimits
     w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator, w.rate_limiter),
                   full_name(database_pb2.DESCRIPTOR, "Catalog")))
     w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator, hosts, store),
@@ -180,7 +179,6 @@ async def serve(settings: Settings) -> None:
     wiring.background.append(lambda: renew_loop(app))
 
     # Auth first: the rate limiter keys its buckets by the principal auth found.
-    assert wiring.rate_limiter is not None  # wire() makes it
     api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions)),
                                         RateLimitInterceptor(wiring.rate_limiter)], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
