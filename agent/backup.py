@@ -65,8 +65,9 @@ class BackupSettings:
     backup_timeout: float = 6 * 3600.0
     prepare_timeout: float = 6 * 3600.0
     # Where backups keep their small files and restores download and prepare; default: beside the datadir
-    # (same filesystem: moves are renames). A guest passes a directory on its data volume, which may lie
-    # inside the datadir (the volume's root): the restore then leaves that directory where it is.
+    # (same filesystem: moves are renames). A guest passes a directory on its data volume, beside the datadir
+    # (or inside it, on an older instance whose datadir is the volume's root: the restore then leaves that
+    # directory where it is).
     work_dir: str = ""
     progress_interval: float = 1.0
     # Bytes one stream may unpack to (0: no cap): a small upload must not decompress into a full disk.

@@ -1,5 +1,5 @@
 """my.cnf for a guest's mysqld, sized to its flavor's limits (re-rendered on resize), with its TLS files,
-its transport rule and its tmpdir on the data volume."""
+its transport rule and its tmpdir on the data volume (beside the datadir, never in it)."""
 from __future__ import annotations
 
 import os
@@ -8,18 +8,23 @@ from dataclasses import dataclass
 from .model import Limits
 
 # mysqld's tmpdir and the agent's restore work directories live here, on the data volume (the container's
-# root filesystem has no quota). The volume is the datadir itself, where every directory is a schema: this
-# one is hidden from mysqld by ignore-db-dirs, and no database maps to it (mysqld encodes '.' and '-' in a
-# database's directory name, and the `#mysql50#` escape is refused by common/names.py).
+# root filesystem has no quota), at the volume's root beside the datadir (agent/mysqld.py: datadir_on_volume).
+# On an older instance whose datadir is the volume's root this directory is inside it, where every directory
+# is a schema: there it is hidden from mysqld by ignore-db-dirs, and no database maps to it (mysqld encodes
+# '.' and '-' in a database's directory name, and the `#mysql50#` escape is refused by common/names.py).
 VOLUME_WORK_DIR = ".reddwarf-tmp"
 
 
-def volume_work_dir(datadir: str) -> str:
-    return os.path.join(datadir, VOLUME_WORK_DIR)
+def volume_work_dir(volume: str) -> str:
+    return os.path.join(volume, VOLUME_WORK_DIR)
 
 
-def mysqld_tmpdir(datadir: str) -> str:
-    return os.path.join(volume_work_dir(datadir), "mysqld")
+def mysqld_tmpdir(volume: str) -> str:
+    return os.path.join(volume_work_dir(volume), "mysqld")
+
+
+def _inside(path: str, directory: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(directory)]) == os.path.abspath(directory)
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,9 @@ def size_for_limits(limits: Limits) -> tuple[int, int]:
 def render_my_cnf(c: MyCnf) -> str:
     extra: list[str] = []
     if c.tmpdir:
-        extra += [f"tmpdir = {c.tmpdir}", f"ignore-db-dirs = {VOLUME_WORK_DIR}"]
+        extra.append(f"tmpdir = {c.tmpdir}")
+        if _inside(c.tmpdir, c.datadir):  # an older instance's datadir at the volume's root
+            extra.append(f"ignore-db-dirs = {VOLUME_WORK_DIR}")
     if c.tls is not None:
         extra += [f"ssl_cert = {c.tls.cert}", f"ssl_key = {c.tls.key}", f"ssl_ca = {c.tls.ca}"]
     if c.require_secure_transport:

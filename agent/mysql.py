@@ -47,7 +47,7 @@ from .model import (
 )
 from .mycnf import MyCnf, size_for_limits, volume_work_dir
 from .mysql_admin import MysqlAdmin, create_internal_admin
-from .mysqld import INIT_MARKER, Mysqld
+from .mysqld import INIT_MARKER, Mysqld, datadir_on_volume
 
 log = logging.getLogger("reddwarf.agent.mysql")
 
@@ -59,6 +59,7 @@ KNOWN_SERVICES = frozenset({"mariadb", "mysql", "memcached"})
 @dataclass(frozen=True)
 class MysqlSettings:
     state_dir: str
+    # Where the data volume is mounted; mysqld's datadir is a directory on it (mysqld.datadir_on_volume).
     datadir: str
     port: int = 3306
     bind_address: str = "0.0.0.0"
@@ -76,7 +77,8 @@ class MysqlDriver(DatastoreDriver):
 
     def __init__(self, settings: MysqlSettings) -> None:
         self.settings = settings
-        self.datadir = settings.datadir
+        self.volume = settings.datadir
+        self.datadir = datadir_on_volume(self.volume)
         self._port = settings.port
         self._bind = settings.bind_address
         self._limits = Limits(memory_mb=512)
@@ -122,7 +124,7 @@ class MysqlDriver(DatastoreDriver):
 
     def my_cnf(self) -> MyCnf:
         pool, conns = size_for_limits(self._limits)
-        return self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
+        return self.mysqld.my_cnf(self.volume, self.datadir, self._port, self._bind, pool, conns,
                                   int(self._limits.max_open_files) or 65535, self._require_secure_transport)
 
     # TLS -----------------------------------------------------------------
@@ -235,8 +237,9 @@ class MysqlDriver(DatastoreDriver):
         self._require_secure_transport = spec.require_secure_transport
         if spec.limits.memory_mb:
             self._limits = spec.limits
-        if spec.datadir:
-            self.datadir = spec.datadir
+        if spec.datadir:  # the volume's mount point (Prepare.datadir)
+            self.volume = spec.datadir
+        self.datadir = datadir_on_volume(self.volume)
         if spec.bind_address:
             self._bind = spec.bind_address
         await progress(5, "installing packages")
@@ -261,7 +264,7 @@ class MysqlDriver(DatastoreDriver):
             if s.service == "memcached":
                 await self._start_memcached(s.port or 11211)
         # Remember the shape (never the users' passwords) so a restarted agent brings mysqld back.
-        kept = Prepare(services=spec.services, limits=self._limits, datadir=self.datadir,
+        kept = Prepare(services=spec.services, limits=self._limits, datadir=self.volume,
                        bind_address=self._bind, allowed_cidrs=spec.allowed_cidrs,
                        require_secure_transport=spec.require_secure_transport)
         self._write_private("prepared.json", {"prepare": convert.prepare_to_json(kept), "port": self._port})
@@ -281,7 +284,9 @@ class MysqlDriver(DatastoreDriver):
             return
         spec = convert.prepare_from_json(saved["prepare"])
         self._limits = spec.limits
-        self.datadir = spec.datadir or self.datadir
+        # An older agent kept the datadir here, which was then the volume's root: the same path either way.
+        self.volume = spec.datadir or self.volume
+        self.datadir = datadir_on_volume(self.volume)
         self._bind = spec.bind_address or self._bind
         self._port = int(saved.get("port", self._port))
         self.admin.allowed = cidrs.parse_cidrs(spec.allowed_cidrs, "allowed_cidrs")
@@ -412,7 +417,7 @@ class MysqlBackups:
         access = MysqlAccess(socket=d.mysqld.socket, user=names.ADMIN_USER, password=d.admin_password(),
                              datadir=d.datadir, defaults_file=d.mysqld.my_cnf_path)
         # Backup and restore work on the data volume, never on the container's root filesystem.
-        work = volume_work_dir(d.datadir)
+        work = volume_work_dir(d.volume)
         os.makedirs(work, mode=0o700, exist_ok=True)
         return BackupRunner(access, d.stop, d.start, BackupSettings(work_dir=work))
 

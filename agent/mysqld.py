@@ -19,6 +19,21 @@ from .supervisor import Supervisor
 log = logging.getLogger("reddwarf.agent.mysqld")
 
 INIT_MARKER = ".reddwarf-initialising"
+# The datadir's directory on the data volume. Not the volume's root: there ext4's lost+found would be a
+# schema ("#mysql50#lost+found") and the agent's work directory would need hiding.
+DATADIR_ON_VOLUME = "data"
+
+
+def datadir_on_volume(volume: str) -> str:
+    """mysqld's datadir on the volume mounted at `volume`: `<volume>/data`, except on a volume an older
+    agent initialised, whose system schema (or cut-off initialisation) is at the root: that datadir stays
+    where it is (moving a tenant's live files buys nothing but risk; the listings hide lost+found there)."""
+    sub = os.path.join(volume, DATADIR_ON_VOLUME)
+    if os.path.isdir(os.path.join(sub, "mysql")):
+        return sub
+    if os.path.isdir(os.path.join(volume, "mysql")) or os.path.exists(os.path.join(volume, INIT_MARKER)):
+        return volume
+    return sub
 
 
 def find_binary(configured: str, *candidates: str) -> str:
@@ -83,14 +98,14 @@ class Mysqld:
         t = self.tls_files
         return all(os.path.exists(p) for p in (t.cert, t.key, t.ca))
 
-    def my_cnf(self, datadir: str, port: int, bind_address: str, buffer_pool_mb: int, max_connections: int,
-               open_files_limit: int, require_secure_transport: bool = False) -> MyCnf:
+    def my_cnf(self, volume: str, datadir: str, port: int, bind_address: str, buffer_pool_mb: int,
+               max_connections: int, open_files_limit: int, require_secure_transport: bool = False) -> MyCnf:
         run_dir = self.run_dir
         return MyCnf(datadir=datadir, socket=os.path.join(run_dir, "mysqld.sock"),
                      pid_file=os.path.join(run_dir, "mysqld.pid"), log_error=os.path.join(run_dir, "mysqld.err"),
                      port=port, bind_address=bind_address, buffer_pool_mb=buffer_pool_mb,
                      max_connections=max_connections, open_files_limit=open_files_limit,
-                     tmpdir=mysqld_tmpdir(datadir), tls=self.tls_files if self.tls_ready() else None,
+                     tmpdir=mysqld_tmpdir(volume), tls=self.tls_files if self.tls_ready() else None,
                      require_secure_transport=require_secure_transport)
 
     def write_my_cnf(self, cnf: MyCnf) -> None:
@@ -130,7 +145,7 @@ class Mysqld:
                     os.unlink(path)
         elif os.path.isdir(os.path.join(datadir, "mysql")):
             return False
-        os.makedirs(datadir, exist_ok=True)
+        os.makedirs(datadir, mode=0o750, exist_ok=True)
         if any(n not in ("lost+found", INIT_MARKER, VOLUME_WORK_DIR) for n in os.listdir(datadir)):
             raise FailedPrecondition(f"datadir {datadir} holds files but no MySQL data", field="datadir")
         with open(marker, "w"):

@@ -27,7 +27,9 @@ log = logging.getLogger("reddwarf.hostd.template")
 
 RECIPE_VERSION = 1
 RELEASE = "bookworm"
-PACKAGES = ("python3", "python3-venv", "mariadb-server", "mariadb-backup", "zstd", "procps")
+# memcached: the blueprint's second service in the container (CreateInstance services); bridge-mode guests
+# cannot reach a mirror, so prepare must find it installed.
+PACKAGES = ("python3", "python3-venv", "mariadb-server", "mariadb-backup", "zstd", "procps", "memcached")
 # The agent's third-party dependencies, installed at the host venv's exact versions.
 AGENT_DISTRIBUTIONS = ("grpcio", "grpcio-status", "protobuf", "googleapis-common-protos", "pymysql",
                        "cryptography", "pyyaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ def driver(tmp_path) -> MysqlDriver:
 
 async def test_a_cut_off_initialisation_is_cleared_and_made_again(tmp_path):
     d = driver(tmp_path)
-    data = tmp_path / "data"
+    data = Path(d.datadir)
     (data / "mysql").mkdir(parents=True)  # what a killed mariadb-install-db leaves: a partial system schema
     (data / "mysql" / "half.frm").write_bytes(b"\0" * 10)
     (data / "aria_log_control").write_bytes(b"x")
@@ -38,8 +39,8 @@ async def test_a_cut_off_initialisation_is_cleared_and_made_again(tmp_path):
 
 async def test_a_datadir_with_foreign_files_is_refused_and_left_alone(tmp_path):
     d = driver(tmp_path)
-    data = tmp_path / "data"
-    data.mkdir()
+    data = Path(d.datadir)
+    data.mkdir(parents=True)
     (data / "precious.txt").write_text("not ours")
     with pytest.raises(FailedPrecondition):
         await d.mysqld.init_datadir(d.datadir)

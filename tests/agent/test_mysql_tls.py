@@ -102,7 +102,7 @@ async def test_prepared_mysqld_serves_verified_tls_refuses_plain_and_keeps_users
         assert {r[0] for r in cur.fetchall()} == {"shop", "information_schema"}  # the volume's tmp is no schema
         cur.execute("SELECT @@tmpdir, @@require_secure_transport")
         tmpdir, rst = cur.fetchone()
-        assert tmpdir.startswith(os.path.join(d.datadir, VOLUME_WORK_DIR)) and rst == 1
+        assert tmpdir.startswith(os.path.join(d.volume, VOLUME_WORK_DIR)) and rst == 1
     # Another CA's certificate is not trusted.
     other = CertificateAuthority.init(tmp_path / "other-ca", "Other")
     with pytest.raises(pymysql.err.OperationalError):
@@ -188,13 +188,13 @@ async def test_backup_and_restore_work_on_the_volume_not_beside_it(tmp_path, mon
             assert cur.fetchone() == (3,)
             cur.execute("SHOW DATABASES")
             assert VOLUME_WORK_DIR not in {r[0] for r in cur.fetchall()}
-        # Every work directory was on the volume (inside the datadir's work dir), none is left.
+        # Every work directory was on the volume (its work dir, beside the datadir), none is left.
         assert len(made) == 2
         for path, d in zip(made, (src, dst), strict=True):
-            assert path.startswith(os.path.join(d.datadir, VOLUME_WORK_DIR) + os.sep)
+            assert path.startswith(os.path.join(d.volume, VOLUME_WORK_DIR) + os.sep)
             assert not os.path.exists(path)
         # The restored mysqld still has its tmpdir on the volume.
-        assert os.path.isdir(os.path.join(dst.datadir, VOLUME_WORK_DIR, "mysqld"))
+        assert os.path.isdir(os.path.join(dst.volume, VOLUME_WORK_DIR, "mysqld"))
     finally:
         await src.close()
         await dst.close()
