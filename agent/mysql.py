@@ -5,6 +5,7 @@ admin's password and the shape of the last prepare (never a tenant's password)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ class MysqlDriver(DatastoreDriver):
         self._bind = settings.bind_address
         self._limits = Limits(memory_mb=512)
         self._extra: dict[str, services.Memcached] = {}
+        self._wants_memcached = False
         self._preparing = False
         self._require_secure_transport = False
         self._lock = asyncio.Lock()
@@ -122,8 +124,15 @@ class MysqlDriver(DatastoreDriver):
 
     # prepare -------------------------------------------------------------
 
+    def _mysqld_limits(self) -> Limits:
+        """The flavor's limits less what memcached beside mysqld is given: both live in one memory cgroup."""
+        if not self._wants_memcached:
+            return self._limits
+        mem = int(self._limits.memory_mb)
+        return dataclasses.replace(self._limits, memory_mb=max(128, mem - services.memcached_memory_mb(mem)))
+
     def my_cnf(self) -> MyCnf:
-        pool, conns = size_for_limits(self._limits)
+        pool, conns = size_for_limits(self._mysqld_limits())
         return self.mysqld.my_cnf(self.volume, self.datadir, self._port, self._bind, pool, conns,
                                   int(self._limits.max_open_files) or 65535, self._require_secure_transport)
 
@@ -247,6 +256,7 @@ class MysqlDriver(DatastoreDriver):
             await services.ensure_packages(list(s.packages), f"services[{i}].packages")
             if s.service in ("mariadb", "mysql") and s.port:
                 self._port = s.port
+        self._wants_memcached = any(s.service == "memcached" for s in spec.services)
         await progress(30, "writing my.cnf")
         self._write_my_cnf()
         await progress(40, "initialising the datadir")
@@ -271,11 +281,17 @@ class MysqlDriver(DatastoreDriver):
         await progress(100, "prepared")
 
     async def _start_memcached(self, port: int) -> None:
-        if "memcached" not in self._extra:
-            mem = max(16, int(self._limits.memory_mb) // 8)
-            self._extra["memcached"] = services.Memcached(port, "127.0.0.1" if self._bind == "127.0.0.1"
-                                                          else self._bind, mem, self.settings.run_as
-                                                          if self.settings.run_as != "mysql" else "memcache")
+        """memcached on the instance's own address (mysqld's bind address: in bridge mode the container's
+        address, reachable where mysqld is and nowhere else), sized to the flavor; a new size restarts it."""
+        mem = services.memcached_memory_mb(int(self._limits.memory_mb))
+        running = self._extra.get("memcached")
+        if running is not None and (running.memory_mb != mem or running.port != port):
+            await running.stop()  # a cache: emptied by a resize, like a reboot
+            running = None
+        if running is None:
+            # Debian's memcached package runs it as "memcache"; host tests run everything as root.
+            user = self.settings.run_as if self.settings.run_as != "mysql" else "memcache"
+            self._extra["memcached"] = services.Memcached(port, self._bind, mem, user)
         await self._extra["memcached"].start()
 
     async def resume(self) -> None:
@@ -291,6 +307,7 @@ class MysqlDriver(DatastoreDriver):
         self._port = int(saved.get("port", self._port))
         self.admin.allowed = cidrs.parse_cidrs(spec.allowed_cidrs, "allowed_cidrs")
         self._require_secure_transport = spec.require_secure_transport
+        self._wants_memcached = any(s.service == "memcached" for s in spec.services)
         self._write_my_cnf()
         await self.start()
         for s in spec.services:
@@ -311,12 +328,14 @@ class MysqlDriver(DatastoreDriver):
         self._limits = limits
         self.mysqld.require_configured()
         self._write_my_cnf()
-        pool, conns = size_for_limits(limits)
+        pool, conns = size_for_limits(self._mysqld_limits())
         await asyncio.to_thread(self.admin.apply_sizes, pool, conns)
         saved = self._read_private("prepared.json")
         if saved:
             saved["prepare"]["limits"] = convert.limits_to_json(limits)
             self._write_private("prepared.json", saved)
+        if "memcached" in self._extra:
+            await self._start_memcached(self._extra["memcached"].port)
 
     async def close(self) -> None:
         for svc in self._extra.values():

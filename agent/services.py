@@ -53,14 +53,20 @@ async def ensure_packages(packages: Sequence[str], field: str = "services.packag
     return PackageReport(installed=tuple(missing), skipped=skipped)
 
 
+def memcached_memory_mb(flavor_memory_mb: int) -> int:
+    """memcached's share of a flavor's memory: an eighth, at least 16 MB (mysqld is sized to the rest)."""
+    return max(16, int(flavor_memory_mb) // 8)
+
+
 class Memcached:
-    """memcached on the given port, bound to bind_address, sized to memory_mb."""
+    """memcached on the given port, bound to bind_address only (no UDP), its cache capped at memory_mb."""
 
     def __init__(self, port: int, bind_address: str = "127.0.0.1", memory_mb: int = 64,
                  run_as: str = "root") -> None:
         binary = shutil.which("memcached") or "/usr/bin/memcached"
         self.port = port
         self.bind_address = bind_address
+        self.memory_mb = memory_mb
         self.supervisor = Supervisor("memcached", [binary, "-p", str(port), "-l", bind_address,
                                                    "-m", str(memory_mb), "-U", "0", "-u", run_as],
                                      ready=self._ready)

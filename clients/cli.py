@@ -31,6 +31,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from reddwarf.v1 import common_pb2
+
 from .config import ConfigError
 from .errors import ClientError
 from .resources import DatabaseSpec, UserSpec
@@ -203,7 +205,23 @@ def ts(msg: Any, field: str) -> str:
 
 
 def endpoints(i: Any) -> str:
-    return ", ".join(f"{e.host}:{e.port}" for e in i.endpoints)
+    """MySQL's endpoint; an extra service's (memcached) is in the services field."""
+    return ", ".join(f"{e.host}:{e.port}" for e in i.endpoints if e.service in ("", "mysql"))
+
+
+def services(i: Any) -> str:
+    """Extra services beside MySQL: name, endpoint and the state the guest reports ("memcached 10.0.0.2:11211
+    RUNNING")."""
+    out = []
+    for name in i.services:
+        where = " ".join(f"{e.host}:{e.port}" for e in i.endpoints if e.service == name)
+        state = i.health.services.get(name)
+        out.append(" ".join(x for x in (name, where, _service_state(state) if state else "") if x))
+    return ", ".join(out)
+
+
+def _service_state(value: int) -> str:
+    return common_pb2.ServiceState.Name(value).removeprefix("SERVICE_STATE_")
 
 
 INSTANCE_COLS: list[Column] = [
@@ -218,6 +236,7 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
+    ("services", services),
 ]
 
 
@@ -359,6 +378,9 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                                                            help="Network users may connect from (repeatable)."),
                     require_tls: bool = typer.Option(False, "--require-tls",
                                                      help="Refuse MySQL connections that are not TLS."),
+                    service: list[str] = typer.Option([], "--service", help="Extra service beside MySQL in the "
+                                                      "instance's container: memcached (repeatable)."),
+                    memcached: bool = typer.Option(False, "--memcached", help="Same as --service memcached."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
     specs = []
     for spec in user:
@@ -385,7 +407,9 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
                                  restore_from=c.backup_id(restore_from) if restore_from else None,
-                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls)
+                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls,
+                                 services=[*service, *(["memcached"] if memcached and "memcached" not in service
+                                                       else [])])
         if wait:
             inst = _progress_until(c, inst.name)
         emit(inst, INSTANCE_FIELDS)

@@ -351,7 +351,8 @@ class Gateway:
         c = trove.create_request(await self._json(request, "instance"))
         inst = await rd.create_instance(c.name, c.flavor, c.size_gb, databases=c.databases, users=c.users,
                                         datastore=c.datastore, datastore_version=c.datastore_version,
-                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs)
+                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs,
+                                        services=c.services)
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, rd: AsyncClient) -> Response:

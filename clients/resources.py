@@ -171,11 +171,12 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
                             users: Iterable[UserSpec | cpb.User] = (), datastore: str = "",
                             datastore_version: str = "", restore_from: str | None = None,
                             request_id: str = "", allowed_cidrs: Iterable[str] = (),
-                            require_secure_transport: bool = False) -> pb.CreateInstanceRequest:
+                            require_secure_transport: bool = False,
+                            services: Iterable[str] = ()) -> pb.CreateInstanceRequest:
     return pb.CreateInstanceRequest(
         access=pb.InstanceAccess(allowed_cidrs=list(allowed_cidrs), require_secure_transport=require_secure_transport),
         instance=pb.Instance(display_name=name, flavor=flavor, volume=pb.Volume(size_gb=size_gb),
-                             datastore=datastore, datastore_version=datastore_version),
+                             datastore=datastore, datastore_version=datastore_version, services=list(services)),
         databases=[_database(d) for d in databases], users=[_user(u) for u in users],
         restore_from_backup=resource("backups", restore_from) if restore_from else "",
         request_id=request_id)

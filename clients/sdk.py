@@ -128,11 +128,13 @@ class Client:
                         users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
                         datastore_version: str = "", restore_from: str | None = None,
                         request_id: str = "", allowed_cidrs: Iterable[str] = (),
-                        require_secure_transport: bool = False) -> pb.Instance:
+                        require_secure_transport: bool = False,
+                        services: Iterable[str] = ()) -> pb.Instance:
+        """`services`: extra services beside the datastore in the same container ("memcached")."""
         return self._call(self.instances.CreateInstance, r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
-            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport))
+            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport, services=services))
 
     def get_instance(self, instance: str) -> pb.Instance:
         return self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))

@@ -37,6 +37,7 @@ class InstanceCreate:
     datastore_version: str = ""
     restore_from: str | None = None
     allowed_cidrs: tuple[str, ...] = ()  # Trove's access.allowed_cidrs (checked by the server)
+    services: tuple[str, ...] = ()  # our extension: extra services in the container ("memcached")
 
 
 @dataclass(frozen=True)
@@ -127,19 +128,30 @@ def operating_status(i: database_pb2.Instance) -> str:
     return _SERVICE_OPERATING.get(state.value, "ERROR")
 
 
+def service(i: database_pb2.Instance, name: str) -> dict[str, Any]:
+    """An extra service of the instance (our extension; Trove has none): where it answers and the state the
+    guest reports for it ("" until the guest has reported)."""
+    where = next((e for e in i.endpoints if e.service == name), None)
+    state = i.health.services.get(name)
+    return {"name": name, "address": where.host if where else "", "port": where.port if where else 0,
+            "status": common_pb2.ServiceState.Name(state).removeprefix("SERVICE_STATE_") if state else ""}
+
+
 def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     status = states.from_pb(states.InstanceStatus, i.status).value
+    mysql = [e for e in i.endpoints if e.service in ("", "mysql")]
     out: dict[str, Any] = {
         "id": i.id, "name": i.display_name, "status": STATUS.get(status, status),
         "flavor": {"id": i.flavor.rsplit("/", 1)[-1], "links": _links(request, f"flavors/{i.flavor.rsplit('/', 1)[-1]}")},
         "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3)},
         "datastore": datastore_ref(i.datastore, i.datastore_version),
         "operating_status": operating_status(i),
-        "addresses": [{"address": e.host, "type": "private", "port": e.port} for e in i.endpoints],
+        "addresses": [{"address": e.host, "type": "private", "port": e.port} for e in mysql],
         "created": i.create_time.ToJsonString() if i.HasField("create_time") else "",
         "updated": i.update_time.ToJsonString() if i.HasField("update_time") else "",
-        "ip": [e.host for e in i.endpoints], "port": i.endpoints[0].port if i.endpoints else 0,
+        "ip": [e.host for e in mysql], "port": mysql[0].port if mysql else 0,
         "links": _links(request, f"instances/{i.id}"),
+        "services": [service(i, name) for name in i.services],
     }
     if i.HasField("fault"):
         out["fault"] = {"message": i.fault.message, "details": i.fault.details,
@@ -213,7 +225,24 @@ def create_request(body: dict[str, Any]) -> InstanceCreate:
     cidrs = access.get("allowed_cidrs") or []
     if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
         raise BadInput("instance.access.allowed_cidrs must be a list of strings")
-    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs))
+    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs),
+                          extra_services(body.get("services")))
+
+
+def extra_services(items: Any) -> tuple[str, ...]:
+    """Our extension of Trove's create body: "services": ["memcached"] (or [{"name": "memcached"}]); the
+    server checks the names."""
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise BadInput("instance.services must be a list")
+    out = []
+    for n, item in enumerate(items):
+        name = item.get("name") if isinstance(item, dict) else item
+        if not isinstance(name, str) or not name:
+            raise BadInput(f"instance.services[{n}] must be a service name or an object with a name")
+        out.append(name)
+    return tuple(out)
 
 
 def backup_request(body: dict[str, Any]) -> BackupCreate:

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from sqlalchemy import select
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.common.errors import NotFound
+from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.states import InstanceStatus
 from reddwarf.v1 import agent_pb2, common_pb2, host_pb2
 
@@ -37,6 +37,7 @@ from .enrollment import Enrollment
 from .events import EventBus
 from .guest_health import GuestHealthRecorder
 from .hosts import HostClient, HostPool, place
+from .instance_views import MEMCACHED_PORT, extra_services
 from .mysql_ca import sign_instance_csr
 from .sealing import PasswordSealer
 
@@ -136,6 +137,11 @@ class InstanceTasks:
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
                     ca_pem=self.app.ca.cert_pem.decode(), enrollment_token=token, instance_id=row.id,
                     heartbeat_seconds=st.heartbeat_seconds))))
+        if extra_services(row) and c.network_mode != host_pb2.NETWORK_MODE_BRIDGE:
+            # Host networking shares one port space between instances: 11211 would be the first one's.
+            raise FailedPrecondition(f"{', '.join(extra_services(row))} needs a host in bridge network mode; "
+                                     f"host {row.host_id} placed this instance in host mode",
+                                     field="instance.services")
         self._update(row.id, address=c.address, port=c.port)
 
     async def step_start_container(self, ctx: tasks.StepContext) -> None:
@@ -164,7 +170,9 @@ class InstanceTasks:
                                                        row.id, row.address or "127.0.0.1")
         spec = agent_pb2.Prepare(
             services=[agent_pb2.ServiceSpec(service=row.datastore, version=row.datastore_version,
-                                            packages=packages, port=row.port)],
+                                            packages=packages, port=row.port),
+                      *[agent_pb2.ServiceSpec(service=x, packages=[x], port=MEMCACHED_PORT)
+                        for x in extra_services(row)]],
             limits=limits_of(self._flavor(row.flavor_id)), datadir=DATADIR, bind_address=row.address or "127.0.0.1",
             databases=[json_format.ParseDict(d, common_pb2.Database()) for d in params.get("databases", [])],
             users=[json_format.ParseDict({**u, "password": self.sealer.unseal(u["password"])}
@@ -181,7 +189,8 @@ class InstanceTasks:
         # The users' passwords were needed exactly once; they are not kept.
         kept = {"databases": params.get("databases", []),
                 "users": [{k: v for k, v in u.items() if k != "password"} for u in params.get("users", [])],
-                **({"access": access} if access else {})}
+                **({"access": access} if access else {}),
+                **({"services": params["services"]} if params.get("services") else {})}
         self._update(row.id, create_params=kept)
 
     async def step_restore(self, ctx: tasks.StepContext) -> None:

@@ -1,5 +1,5 @@
 """Validation of a CreateInstanceRequest before anything is stored: the display name, the request id, the
-access networks, and the initial databases and users (names, passwords, no duplicates, grants only on
+extra services, the access networks, and the initial databases and users (names, passwords, no duplicates, grants only on
 databases it creates, hosts inside the access networks)."""
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from reddwarf.v1 import database_pb2
 
 MAX_NAME = 255
 MAX_REQUEST_ID = 64
+# Services a create may ask for beside the datastore (Instance.services).
+EXTRA_SERVICES = ("memcached",)
 
 
 def validate_create(req: database_pb2.CreateInstanceRequest) -> None:
@@ -22,6 +24,11 @@ def validate_create(req: database_pb2.CreateInstanceRequest) -> None:
         v.append(("instance.flavor", "is required"))
     if len(req.request_id) > MAX_REQUEST_ID:
         v.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
+    for i, svc in enumerate(inst.services):
+        if svc not in EXTRA_SERVICES:
+            v.append((f"instance.services[{i}]", f"must be one of {', '.join(EXTRA_SERVICES)}"))
+        elif svc in inst.services[:i]:
+            v.append((f"instance.services[{i}]", f"lists {svc!r} twice"))
     if v:
         raise InvalidArgument(f"{v[0][0]} {v[0][1]}", violations=v)
     seen: set[str] = set()

@@ -27,6 +27,13 @@ TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": Insta
 SETTLED = (InstanceStatus.ERROR, InstanceStatus.BUILD, InstanceStatus.FAILED)
 GUEST_DOWN = (ServiceState.CRASHED, ServiceState.SHUTDOWN, ServiceState.FAILED)
 FAULTED = (InstanceStatus.ERROR, InstanceStatus.FAILED)
+# Where an instance's memcached listens (Instance.services), on the instance's own address.
+MEMCACHED_PORT = 11211
+
+
+def extra_services(row: models.Instance) -> list[str]:
+    """The services asked for at create beside the datastore (kept in create_params)."""
+    return [str(x) for x in (row.create_params or {}).get("services", [])]
 
 
 def owned_instance(s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:
@@ -77,8 +84,11 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         datastore=row.datastore, datastore_version=row.datastore_version,
         create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
         host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "")
+    pb.services.extend(extra_services(row))
     if row.port:
-        pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port))
+        pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port, service="mysql"))
+        if "memcached" in pb.services:
+            pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=MEMCACHED_PORT, service="memcached"))
     if row.health:
         json_format.ParseDict(row.health, pb.health, ignore_unknown_fields=True)
         pb.volume.used_bytes = pb.health.datadir_bytes_used

@@ -120,6 +120,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
                                    "users": [{**json_format.MessageToDict(u), "password": self.sealer.seal(u.password)}
                                              for u in request.users],
+                                   **({"services": list(inst.services)} if inst.services else {}),
                                    **({"access": json_format.MessageToDict(request.access,
                                                                            preserving_proto_field_name=True)}
                                       if request.HasField("access") else {})})
