@@ -48,7 +48,7 @@ from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
 from reddwarf.common.tls import aio_channel
 
-from . import trove
+from . import trove, trove_schemas
 from .aio import AsyncClient
 from .config import ClientConfig
 
@@ -478,7 +478,7 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
     R = Route
     routes = [
         R("/", versions), R("/v1.0", versions), R("/v1.0/", versions),
-        R("/openapi.json", lambda r: JSONResponse(trove.openapi(routes_spec))),
+        R("/openapi.json", lambda r: JSONResponse(trove_schemas.openapi(routes_spec))),
         R(t + "/limits", g.route(g.limits), methods=["GET"]),
         R(t + "/flavors", g.route(g.list_flavors)), R(t + "/flavors/{flavor_id}", g.route(g.get_flavor)),
         R(t + "/datastores", g.route(g.list_datastores)),
@@ -506,7 +506,7 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),
         R(t + "/backups/{backup_id}", g.route(g.delete_backup), methods=["DELETE"]),
     ]
-    routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path.startswith("/v1.0/")]
+    routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path != "/openapi.json"]
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, f"no such resource: {request.url.path}")

@@ -199,7 +199,9 @@ def user(u: common_pb2.User) -> dict[str, Any]:
     return {"name": u.user, "host": u.host or "%", "databases": [{"name": d} for d in u.databases]}
 
 
-def create_request(body: dict[str, Any]) -> InstanceCreate:
+def create_request(body: Any) -> InstanceCreate:
+    if not isinstance(body, dict):
+        raise BadInput("instance must be an object")
     name = _str(body, "name", "instance")
     flavor_id = ref_id(body.get("flavorRef"), "instance.flavorRef")
     vol = body.get("volume", {})
@@ -245,7 +247,9 @@ def extra_services(items: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def backup_request(body: dict[str, Any]) -> BackupCreate:
+def backup_request(body: Any) -> BackupCreate:
+    if not isinstance(body, dict):
+        raise BadInput("backup must be an object")
     name = _str(body, "name", "backup")
     instance = ref_id(body.get("instance"), "backup.instance")
     return BackupCreate(instance, name, description=_str(body, "description", "backup", False),
@@ -270,29 +274,3 @@ def limits(t: database_pb2.TenantLimits) -> list[dict[str, Any]]:
     return [absolute] + [
         {"verb": r.verb, "uri": r.uri, "regex": r.regex, "value": r.value, "unit": r.unit, "remaining": r.remaining,
          "nextAvailable": r.next_available.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")} for r in t.rates]
-
-
-def openapi(routes: list[tuple[str, list[str]]]) -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    for path, methods in routes:
-        params = [{"name": p.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
-                  for p in path.split("/") if p.startswith("{")]
-        entry = paths.setdefault(path, {})
-        for m in methods:
-            op: dict[str, Any] = {"parameters": params + [{"name": "X-Auth-Token", "in": "header", "required": True,
-                                                           "schema": {"type": "string"}}],
-                                  "responses": {"200": {"description": "ok"}, "202": {"description": "accepted"},
-                                                "204": {"description": "no content"},
-                                                "400": {"description": "badRequest"},
-                                                "401": {"description": "unauthorized"},
-                                                "403": {"description": "forbidden"},
-                                                "404": {"description": "itemNotFound"},
-                                                "411": {"description": "lengthRequired"},
-                                                "413": {"description": "overLimit"},
-                                                "422": {"description": "unprocessableEntity"},
-                                                "429": {"description": "overLimit (rate)"}}}
-            if m in ("POST", "PUT"):
-                op["requestBody"] = {"content": {"application/json": {"schema": {"type": "object"}}}}
-            entry[m.lower()] = op
-    return {"openapi": "3.0.3", "info": {"title": "Red Dwarf — Trove v1.0 compatible REST gateway", "version": "1.0"},
-            "paths": paths}
