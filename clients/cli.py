@@ -220,7 +220,7 @@ def services(i: Any) -> str:
     return ", ".join(out)
 
 
-def _service_state(value: int) -> str:
+def _service_state(value: common_pb2.ServiceState.ValueType) -> str:
     return common_pb2.ServiceState.Name(value).removeprefix("SERVICE_STATE_")
 
 

@@ -18,7 +18,6 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_spec
 
-from reddwarf.client import trove_schemas
 from reddwarf.client.gateway import build_routes
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.gateway import start_gateway
