@@ -35,6 +35,21 @@ def memcached(host: str, port: int, request: bytes, end: bytes = b"END\r\n") -> 
         return data
 
 
+def memcached_argv(address: str) -> list[str]:
+    """The argv of the memcached serving `address` (the container's processes are visible from the host)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode() for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if argv and argv[0].endswith("memcached") and address in argv:
+            found.append(argv)
+    assert len(found) == 1, found
+    return found[0]
+
+
 def maxbytes(host: str, port: int) -> int:
     for line in memcached(host, port, b"stats settings\r\n").decode().splitlines():
         if line.startswith("STAT maxbytes "):
@@ -90,6 +105,9 @@ def test_memcached_requested_at_create_serves_outside_the_container(tmp_path):
             assert memcached(cache.host, cache.port, b"set greeting 0 0 5\r\nhello\r\n", b"\r\n") == b"STORED\r\n"
             assert memcached(cache.host, cache.port, b"get greeting\r\n") == b"VALUE greeting 0 5\r\nhello\r\nEND\r\n"
             assert maxbytes(cache.host, cache.port) == 32 * 2**20  # tiny: 256 MB / 8
+            # It listens on the instance's own address only, TCP only (read from the host's process table).
+            argv = memcached_argv(cache.host)
+            assert argv[argv.index("-l") + 1] == cache.host and argv[argv.index("-U") + 1] == "0", argv
 
             # A resize gives it the new flavor's share (a cache: it starts empty).
             sdk.resize_flavor(iid, "small")
