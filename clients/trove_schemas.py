@@ -90,15 +90,16 @@ COMPONENTS: dict[str, Schema] = {
                       "remaining": INTEGER, "nextAvailable": STRING}),
     # Request bodies.
     "Ref": {"anyOf": [{"type": "string", "minLength": 1}, INTEGER]},
+    # Optional members may be null: the gateway reads null as absent, as Trove does.
     "DatabaseCreate": obj({"name": {"type": "string", "minLength": 1}},
-                          {"character_set": STRING, "collate": STRING}),
+                          {"character_set": nullable(STRING), "collate": nullable(STRING)}),
     "UserCreate": obj({"name": {"type": "string", "minLength": 1}, "password": {"type": "string", "minLength": 1}},
-                      {"host": STRING, "databases": array(ref("DatabaseCreate"))}),
+                      {"host": nullable(STRING), "databases": array(ref("DatabaseCreate"))}),
     "InstanceCreate": obj(
         {"name": {"type": "string", "minLength": 1}, "flavorRef": ref("Ref")},
         {"volume": obj({}, {"size": {"anyOf": [INTEGER, STRING]}, "type": nullable(STRING)}),
          "databases": array(ref("DatabaseCreate")), "users": array(ref("UserCreate")),
-         "datastore": nullable(obj({}, {"type": STRING, "version": STRING})),
+         "datastore": nullable(obj({}, {"type": nullable(STRING), "version": nullable(STRING)})),
          "restorePoint": obj({"backupRef": ref("Ref")}),
          "access": obj({}, {"allowed_cidrs": array(STRING), "is_public": BOOLEAN}),
          # Our extension (Trove has none): extra services in the instance's container.
