@@ -139,8 +139,8 @@ class InstanceTasks:
                     heartbeat_seconds=st.heartbeat_seconds))))
         if extra_services(row) and c.network_mode != host_pb2.NETWORK_MODE_BRIDGE:
             # Host networking shares one port space between instances: 11211 would be the first one's.
-            raise FailedPrecondition(f"{', '.join(extra_services(row))} needs a host in bridge network mode; "
-                                     f"host {row.host_id} placed this instance in host mode",
+            raise FailedPrecondition(f"instance.services: {', '.join(extra_services(row))} needs a host in bridge "
+                                     f"network mode; host {row.host_id} placed this instance in host mode",
                                      field="instance.services")
         self._update(row.id, address=c.address, port=c.port)
 
