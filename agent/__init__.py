@@ -10,5 +10,7 @@ Where things live:
 - backup.py: backups and restores (mariadb-backup | zstd | SHA-256); xbstream.py: what a stream may unpack
   to (file allowlist, backup-my.cnf rebuilt); verify.py: the scratch restore the server runs in the
   throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);
-  services.py: packages and memcached.
+  services.py: packages and memcached (the second service, beside mysqld, sized to the flavor).
+- The volume is mounted where Prepare.datadir says; mysqld's datadir is its data/ directory
+  (mysqld.py: datadir_on_volume), the agent's work directory beside it.
 """
