@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import httpx
+import jsonschema
 import pytest
 
 from reddwarf.client import Client
@@ -96,6 +97,10 @@ def test_memcached_requested_at_create_serves_outside_the_container(tmp_path):
             assert body["services"] == [{"name": "memcached", "address": mysql.host, "port": 11211,
                                          "status": "RUNNING"}]
             assert [a["port"] for a in body["addresses"]] == [mysql.port]  # addresses stay MySQL's
+            doc = httpx.get(f"{base}/openapi.json").json()  # and it is the shape the OpenAPI document declares
+            declared = doc["paths"]["/v1.0/{tenant}/instances/{instance_id}"]["get"]["responses"]["200"]
+            jsonschema.Draft202012Validator({**declared["content"]["application/json"]["schema"],
+                                             "components": doc["components"]}).validate({"instance": body})
             shown = subprocess.run([sys.executable, "-m", "reddwarf.client.cli", "instance", "show", "cache-db",
                                     "-f", "value", "-c", "services"], env=env, capture_output=True, text=True,
                                    timeout=60)
