@@ -1,6 +1,6 @@
 """What a user sees of an instance: its status, derived Trove-style (the running task first, then the stored
-state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE), the Instance message, and the
-ownership check every instance-scoped call starts with."""
+state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE; a stopped one is SHUTDOWN too),
+the Instance message, and the ownership check every instance-scoped call starts with."""
 from __future__ import annotations
 
 from typing import Any
@@ -22,7 +22,12 @@ from .catalog import resource_id, ts
 TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": InstanceStatus.DELETING,
                "restart_instance": InstanceStatus.REBOOT, "resize_instance": InstanceStatus.RESIZE,
                "resize_volume": InstanceStatus.RESIZE, "create_backup": InstanceStatus.BACKUP,
-               "restore_instance": InstanceStatus.RESTORING}
+               "restore_instance": InstanceStatus.RESTORING, "stop_instance": InstanceStatus.STOPPING,
+               "start_instance": InstanceStatus.STARTING}
+# Stored on a row StopInstance stopped (until StartInstance): shown as SHUTDOWN. Not the SHUTDOWN a silent
+# guest is stored with, which its next health report turns back into ACTIVE: a stopped instance stays
+# stopped whatever a late heartbeat says, and only it can be started.
+STOPPED = "STOPPED"
 # Stored statuses shown as they are, whatever the guest reports.
 SETTLED = (InstanceStatus.ERROR, InstanceStatus.BUILD, InstanceStatus.FAILED)
 GUEST_DOWN = (ServiceState.CRASHED, ServiceState.SHUTDOWN, ServiceState.FAILED)
@@ -60,6 +65,8 @@ def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
         return TASK_STATUS.get(task.kind, InstanceStatus.BUILD), task
     if row.status in SETTLED:
         return InstanceStatus(row.status), None
+    if row.status == STOPPED:
+        return InstanceStatus.SHUTDOWN, None
     if row.status == InstanceStatus.SHUTDOWN or row.health_at is None \
             or (utcnow() - row.health_at).total_seconds() > heartbeat_expiry:
         return InstanceStatus.SHUTDOWN, None
@@ -76,7 +83,8 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
         datastore=row.datastore, datastore_version=row.datastore_version,
         create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
-        host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "")
+        host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "",
+        tags=row.tags or {}, deletion_protection=bool(row.deletion_protection))
     if row.port:
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port))
     if row.health:
@@ -85,7 +93,9 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
     if task is not None:
         pb.task, pb.task_step, pb.task_progress_percent = f"tasks/{task.id}", task.current_step, \
             task.progress_percent
-    if row.fault_message and status in FAULTED:
+    # An ERROR instance's fault; or, on an instance that is not in ERROR, why the last operation failed
+    # without harming it (a delete whose final backup failed, a stop or start that failed) until the next.
+    if row.fault_message and (status in FAULTED or row.status not in FAULTED):
         pb.fault.CopyFrom(common_pb2.Fault(message=row.fault_message, details=row.fault_details,
                                            created=ts(row.fault_at)))
     return pb
