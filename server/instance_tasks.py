@@ -49,9 +49,12 @@ from .sealing import PasswordSealer
 DATADIR = "/var/lib/mysql"
 AGENT_CONNECT_TIMEOUT = 180
 PREPARE_TIMEOUT = 900
-# A clean mysqld shutdown flushes InnoDB; past this the container's stop kills what is left.
+# A clean mysqld shutdown flushes InnoDB; past this the step fails (and is retried).
 STOP_TIMEOUT = 300
-CONTAINER_STOP_SECONDS = 60
+# How long a container's init (the agent) gets to end before it is killed, when mysqld was not stopped
+# cleanly first. Once it was, nothing in the container holds data worth waiting for: it is killed at once
+# (an agent as a container's PID 1 ignores lxc-stop's SIGPWR, and a connected one keeps its stream).
+CONTAINER_STOP_SECONDS = 10
 # Stored on a deleted instance's row only (deleted_at says so too); never shown, so not an InstanceStatus.
 DELETED = "DELETED"
 Row = TypeVar("Row", bound=models.Base)
@@ -286,13 +289,15 @@ class InstanceTasks:
         if self.registry.is_connected(ctx.resource_id):
             await self.registry.call(ctx.resource_id, agent_pb2.Command(
                 command_id=f"{ctx.task_id}:stop", stop=agent_pb2.StopDatastore()), timeout=STOP_TIMEOUT)
+            await ctx.save(stopped_cleanly=True)
 
     async def step_stop_container(self, ctx: tasks.StepContext) -> None:
         """hostd stops the container and keeps it stopped (it revives only containers meant to run); the
         volume stays. Also the start's compensation: a start that failed leaves the instance stopped."""
         row = self._row(ctx.resource_id)
-        await self._host(row).StopContainer(host_pb2.StopContainerRequest(
-            id=row.id, timeout_seconds=CONTAINER_STOP_SECONDS), timeout=CONTAINER_STOP_SECONDS + 120)
+        grace = 0 if ctx.params.get("stopped_cleanly") else CONTAINER_STOP_SECONDS
+        await self._host(row).StopContainer(host_pb2.StopContainerRequest(id=row.id, timeout_seconds=grace),
+                                            timeout=CONTAINER_STOP_SECONDS + 120)
         self.registry.disconnect(row.id)  # its stream died with it; a start waits for a new hello
 
     async def step_mark_stopped(self, ctx: tasks.StepContext) -> None:
