@@ -5,10 +5,10 @@
                     container and volume
   delete_instance   final_backup → delete_container → delete_volume → revoke_certificate → mark_deleted;
                     final_backup (only when asked) takes a full backup first, and a failed one ends the task
-                    with nothing deleted and the fault on the instance
+                    with nothing deleted (the failed task's fault shows on the instance)
   stop_instance     stop_datastore → stop_container → mark_stopped (the volume and its data stay)
   start_instance    start_container → wait_agent → activate; a start that cannot succeed stops the
-                    container again (still stopped, the fault on the instance)
+                    container again (still stopped, the task's fault shown on it)
   restart_instance  restart
   resize_instance   set_limits → apply_limits
   resize_volume     resize_volume → wait_agent
@@ -84,13 +84,13 @@ class InstanceTasks:
                 S("final_backup", self.step_final_backup),
                 S("delete_container", self.step_delete_container), S("delete_volume", self.step_delete_volume),
                 S("revoke_certificate", self.step_revoke), S("mark_deleted", self.step_mark_deleted)),
-                max_attempts=20, on_failed=self.note_fault),
+                max_attempts=20),
             tasks.TaskKind("stop_instance", (
                 S("stop_datastore", self.step_stop_datastore), S("stop_container", self.step_stop_container),
-                S("mark_stopped", self.step_mark_stopped)), on_failed=self.note_fault),
+                S("mark_stopped", self.step_mark_stopped))),
             tasks.TaskKind("start_instance", (
                 S("start_container", self.step_start_container), S("wait_agent", self.step_wait_agent),
-                S("activate", self.step_activate)), compensate=self.step_stop_container, on_failed=self.note_fault),
+                S("activate", self.step_activate)), compensate=self.step_stop_container),
             tasks.TaskKind("restart_instance", (S("restart", self.step_restart),)),
             tasks.TaskKind("resize_instance", (S("set_limits", self.step_set_limits),
                                                S("apply_limits", self.step_apply_limits))),
@@ -229,11 +229,6 @@ class InstanceTasks:
     async def failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
         self._update(ctx.resource_id, status=InstanceStatus.ERROR, fault_message=fault, fault_details=details,
                      fault_at=utcnow())
-
-    async def note_fault(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
-        """A delete, stop or start that failed leaves the instance as it was (a stopped one stopped), with the
-        fault saying why; the next operation clears it."""
-        self._update(ctx.resource_id, fault_message=fault, fault_details=details, fault_at=utcnow())
 
     # -- delete_instance -----------------------------------------------------------------------------
     async def step_final_backup(self, ctx: tasks.StepContext) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import json_format
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reddwarf.common import states
 from reddwarf.common.clock import now as utcnow
 from reddwarf.common.errors import NotFound
-from reddwarf.common.states import InstanceStatus, ServiceState
+from reddwarf.common.states import InstanceStatus, ServiceState, TaskState
 from reddwarf.v1 import common_pb2, database_pb2
 
 from . import models, tasks
@@ -32,6 +33,10 @@ STOPPED = "STOPPED"
 SETTLED = (InstanceStatus.ERROR, InstanceStatus.BUILD, InstanceStatus.FAILED)
 GUEST_DOWN = (ServiceState.CRASHED, ServiceState.SHUTDOWN, ServiceState.FAILED)
 FAULTED = (InstanceStatus.ERROR, InstanceStatus.FAILED)
+# Tasks whose failure leaves the instance as it was (a delete whose final backup failed deleted nothing; a
+# failed stop or start leaves it running or stopped): their fault is shown on the instance, not in ERROR,
+# until its next task.
+HARMLESS_FAILURES = ("delete_instance", "stop_instance", "start_instance")
 
 
 def owned_instance(s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:
@@ -93,9 +98,17 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
     if task is not None:
         pb.task, pb.task_step, pb.task_progress_percent = f"tasks/{task.id}", task.current_step, \
             task.progress_percent
-    # An ERROR instance's fault; or, on an instance that is not in ERROR, why the last operation failed
-    # without harming it (a delete whose final backup failed, a stop or start that failed) until the next.
-    if row.fault_message and (status in FAULTED or row.status not in FAULTED):
+    if row.fault_message and status in FAULTED:
         pb.fault.CopyFrom(common_pb2.Fault(message=row.fault_message, details=row.fault_details,
                                            created=ts(row.fault_at)))
+    elif task is None and status not in FAULTED:
+        last = last_task(s, row.id)
+        if last is not None and last.kind in HARMLESS_FAILURES and last.state == TaskState.FAILED:
+            pb.fault.CopyFrom(common_pb2.Fault(message=last.fault_message, details=last.fault_details,
+                                               created=ts(last.updated_at)))
     return pb
+
+
+def last_task(s: Session, iid: str) -> models.Task | None:
+    return s.scalars(select(models.Task).where(models.Task.resource == f"instances/{iid}")
+                     .order_by(models.Task.created_at.desc()).limit(1)).first()

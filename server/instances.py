@@ -34,7 +34,7 @@ from .auth import current_principal
 from .catalog import resource_id
 from .events import EventBus
 from .instance_validation import display_name_problem, validate_create, validate_update
-from .instance_views import FAULTED, STOPPED, derived_status, instance_pb, owned_instance
+from .instance_views import STOPPED, derived_status, instance_pb, owned_instance
 from .mysql_ca import mysql_ca
 from .pagination import Paginator
 from .quotas import check_backup_quota, check_instance_quota
@@ -60,10 +60,6 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         if tasks.active_task_for(s, f"instances/{iid}") is not None:
             raise FailedPrecondition(f"instance {iid} is busy with another operation; retry when it is ACTIVE",
                                      field="name")
-        row = s.get(models.Instance, iid)
-        if row is not None and row.status not in FAULTED and row.fault_message:
-            # The last failed operation's fault is shown until the next one starts.
-            row.fault_message, row.fault_details, row.fault_at = "", "", None
         tasks.submit(s, kind, f"instances/{iid}", params or {})
 
     def _after_submit(self, iid: str) -> None:

@@ -172,3 +172,17 @@ def test_cli_update_tags_stop_start_and_delete(invoke, sdk):
     assert invoke("backup", "list", "--tag", "why=final", "-f", "value", "-c", "name").output.split() == \
         ["last-words"]
     assert invoke("instance", "delete", iid).exit_code == 0
+
+
+def test_rest_delete_with_a_final_backup_that_fails_keeps_the_instance_with_its_fault(rest, made):
+    url, h = rest
+    iid = made["id"]
+    assert httpx.patch(f"{url}/instances/{iid}", headers=h,
+                       json={"instance": {"deletion_protection": False}}).status_code == 202
+    r = httpx.delete(f"{url}/instances/{iid}", params={"final_backup": "rest-final"}, headers=h)
+    assert r.status_code == 202, r.text
+    inst = until(lambda: trove_status(rest, iid), lambda i: i["status"] != "SHUTDOWN", timeout=60,
+                 what="delete ended", interval=0.2)  # DELETING reads SHUTDOWN on Trove's wire
+    assert inst["status"] == "ACTIVE" and "final backup" in inst["fault"]["message"]
+    backups = httpx.get(f"{url}/backups", headers=h).json()["backups"]
+    assert [b["status"] for b in backups if b["name"] == "rest-final"] == ["FAILED"]
