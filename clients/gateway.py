@@ -468,6 +468,12 @@ class Gateway:
     async def get_backup(self, request: Request, rd: AsyncClient) -> Response:
         return JSONResponse({"backup": trove.backup(await rd.get_backup(request.path_params["backup_id"]))})
 
+    async def update_backup(self, request: Request, rd: AsyncClient) -> Response:
+        u = trove.backup_update_request(await self._json(request, "backup"))
+        out = await rd.update_backup(request.path_params["backup_id"], name=u.name, description=u.description,
+                                     tags=u.tags)
+        return JSONResponse({"backup": trove.backup(out)})
+
     async def delete_backup(self, request: Request, rd: AsyncClient) -> Response:
         await rd.delete_backup(request.path_params["backup_id"])
         return Response(status_code=202)
@@ -521,6 +527,7 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),
         R(t + "/backups/{backup_id}", g.route(g.delete_backup), methods=["DELETE"]),
+        R(t + "/backups/{backup_id}", g.route(g.update_backup), methods=["PUT", "PATCH"]),
     ]
     routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path.startswith("/v1.0/")]
 

@@ -265,6 +265,29 @@ def update_request(body: dict[str, Any]) -> InstanceUpdate:
     return update
 
 
+@dataclass(frozen=True)
+class BackupUpdate:
+    """The arguments of AsyncClient.update_backup that a PUT/PATCH /backups/{id} body carries (None: unchanged;
+    Trove has no such call: this is Red Dwarf's, in Trove's shape)."""
+    name: str | None = None
+    description: str | None = None
+    tags: dict[str, str] | None = None
+
+
+def backup_update_request(body: dict[str, Any]) -> BackupUpdate:
+    fields = ("name", "description", "tags")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise BadInput(f"backup.{unknown[0]} cannot be changed; an update takes {', '.join(fields)}")
+    for key in ("name", "description"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadInput(f"backup.{key} must be a string")
+    update = BackupUpdate(body.get("name"), body.get("description"), tags_field(body, "backup"))
+    if update == BackupUpdate():
+        raise BadInput(f"backup: nothing to change; give one of {', '.join(fields)}")
+    return update
+
+
 def backup_request(body: dict[str, Any]) -> BackupCreate:
     name = _str(body, "name", "backup")
     instance = ref_id(body.get("instance"), "backup.instance")

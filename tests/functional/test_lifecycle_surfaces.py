@@ -186,3 +186,13 @@ def test_rest_delete_with_a_final_backup_that_fails_keeps_the_instance_with_its_
     assert inst["status"] == "ACTIVE" and "final backup" in inst["fault"]["message"]
     backups = httpx.get(f"{url}/backups", headers=h).json()["backups"]
     assert [b["status"] for b in backups if b["name"] == "rest-final"] == ["FAILED"]
+
+    b = [b for b in backups if b["name"] == "rest-final"][0]
+    r = httpx.patch(f"{url}/backups/{b['id']}", headers=h, json={"backup": {"tags": {"kept": "yes"}}})
+    assert r.status_code == 200 and r.json()["backup"]["tags"] == {"kept": "yes"}, r.text
+    r = httpx.patch(f"{url}/backups/{b['id']}", headers=h, json={"backup": {"tags": {"kept": "no;"}}})
+    assert r.status_code == 400 and "backup.tags" in r.text
+    r = httpx.put(f"{url}/backups/{b['id']}", headers=h, json={"backup": {"instance": "x"}})
+    assert r.status_code == 400 and "backup.instance" in r.text
+    assert [x["name"] for x in httpx.get(f"{url}/backups", params={"tag": "kept=yes"}, headers=h)
+            .json()["backups"]] == ["rest-final"]
