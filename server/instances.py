@@ -214,7 +214,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 s.flush()
                 return self._pb(s, row)
         pb = await asyncio.to_thread(update)
-        self.events.publish(pb.id, "update")
+        self.events.publish(pb.id)
         return pb
 
     @grpc_edge
