@@ -53,6 +53,8 @@ SERVICE_STATES = sorted(["", *(s.value for s in states.ServiceState)])
 
 COMPONENTS: dict[str, Schema] = {
     "Link": obj({"href": STRING, "rel": STRING}),
+    # Labels on instances and backups (the server checks their count and characters).
+    "Tags": {"type": "object", "additionalProperties": STRING},
     "FaultBody": obj({"code": INTEGER, "message": STRING}),
     # {"itemNotFound": {"code": 404, "message": "..."}}: one member, named by the HTTP status.
     "Fault": {"type": "object", "minProperties": 1, "maxProperties": 1,
@@ -74,7 +76,8 @@ COMPONENTS: dict[str, Schema] = {
          "volume": obj({"size": INTEGER, "used": NUMBER}), "datastore": ref("DatastoreRef"),
          "operating_status": {"type": "string", "enum": OPERATING_STATUSES},
          "addresses": array(ref("Address")), "created": STRING, "updated": STRING, "ip": array(STRING),
-         "port": INTEGER, "links": array(ref("Link")), "services": array(ref("InstanceService"))},
+         "port": INTEGER, "links": array(ref("Link")), "services": array(ref("InstanceService")),
+         "tags": ref("Tags"), "deletion_protection": BOOLEAN},
         {"fault": obj({"message": STRING, "details": STRING, "created": STRING}),
          "restorePoint": obj({"backupRef": STRING})}),
     "Database": obj({"name": STRING, "character_set": STRING, "collate": STRING}),
@@ -83,7 +86,7 @@ COMPONENTS: dict[str, Schema] = {
     "Backup": obj({"id": STRING, "name": STRING, "description": STRING, "instance_id": STRING,
                    "status": {"type": "string", "enum": BACKUP_STATUSES}, "parent_id": nullable(STRING),
                    "size": NUMBER, "locationRef": STRING, "created": STRING, "updated": STRING,
-                   "datastore": ref("DatastoreRef")}),
+                   "datastore": ref("DatastoreRef"), "tags": ref("Tags")}),
     "AbsoluteLimits": obj({"verb": {"const": "ABSOLUTE"}, "max_instances": INTEGER, "max_backups": INTEGER,
                            "max_volumes": INTEGER, "max_ram": INTEGER}),
     "RateLimit": obj({"verb": STRING, "uri": STRING, "regex": STRING, "value": INTEGER, "unit": STRING,
@@ -102,12 +105,18 @@ COMPONENTS: dict[str, Schema] = {
          "datastore": nullable(obj({}, {"type": nullable(STRING), "version": nullable(STRING)})),
          "restorePoint": obj({"backupRef": ref("Ref")}),
          "access": obj({}, {"allowed_cidrs": array(STRING), "is_public": BOOLEAN}),
+         "tags": nullable(ref("Tags")), "deletion_protection": nullable(BOOLEAN),
          # Our extension (Trove has none): extra services in the instance's container.
          "services": {"type": "array", "description": 'Extra services beside MySQL in the container: "memcached".',
                       "items": {"anyOf": [{"type": "string", "enum": ["memcached"]},
                                           obj({"name": {"type": "string", "enum": ["memcached"]}})]}}}),
+    # Only these members; at least one of them.
+    "InstanceUpdate": {**obj({}, {"name": nullable(STRING), "deletion_protection": nullable(BOOLEAN),
+                                  "tags": nullable(ref("Tags"))}, additional=False), "minProperties": 1},
+    "BackupUpdate": {**obj({}, {"name": nullable(STRING), "description": nullable(STRING),
+                                "tags": nullable(ref("Tags"))}, additional=False), "minProperties": 1},
     "InstanceAction": {"anyOf": [
-        obj({"restart": {"type": "object"}}),
+        obj({"restart": {"type": "object"}}), obj({"stop": {"type": "object"}}), obj({"start": {"type": "object"}}),
         obj({"resize": {"anyOf": [obj({"flavorRef": ref("Ref")}),
                                   obj({"volume": obj({"size": {"anyOf": [INTEGER, STRING]}})})]}}),
     ], "minProperties": 1, "maxProperties": 1},
@@ -140,7 +149,10 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/instances", "POST"): (body(instance=ref("InstanceCreate")), {200: body(instance=ref("Instance"))}),
     (INSTANCE, "GET"): (None, {200: body(instance=ref("Instance"))}),
     (INSTANCE, "DELETE"): (None, {202: None}),
+    (INSTANCE, "PUT"): (body(instance=ref("InstanceUpdate")), {202: None}),
+    (INSTANCE, "PATCH"): (body(instance=ref("InstanceUpdate")), {202: None}),
     (INSTANCE + "/action", "POST"): (ref("InstanceAction"), {202: None}),
+    ("/mgmt" + INSTANCE + "/action", "POST"): (ref("InstanceAction"), {202: None}),
     (INSTANCE + "/databases", "GET"): (None, {200: body(databases=array(ref("Database")))}),
     (INSTANCE + "/databases", "POST"): (body(databases=array(ref("DatabaseCreate"), 1)), {202: None}),
     (INSTANCE + "/databases/{name}", "DELETE"): (None, {202: None}),
@@ -159,7 +171,18 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/backups", "POST"): (body(backup=ref("BackupCreate")), {202: body(backup=ref("Backup"))}),
     ("/backups/{backup_id}", "GET"): (None, {200: body(backup=ref("Backup"))}),
     ("/backups/{backup_id}", "DELETE"): (None, {202: None}),
+    ("/backups/{backup_id}", "PUT"): (body(backup=ref("BackupUpdate")), {200: body(backup=ref("Backup"))}),
+    ("/backups/{backup_id}", "PATCH"): (body(backup=ref("BackupUpdate")), {200: body(backup=ref("Backup"))}),
 }
+_TAG_FILTER = {"name": "tag", "in": "query", "required": False, "style": "form", "explode": True,
+               "description": '"key=value" or "key"; repeated: every one must match',
+               "schema": array(STRING)}
+# Query parameters, by the same keys.
+QUERY: dict[tuple[str, str], list[Schema]] = {
+    ("/instances", "GET"): [_TAG_FILTER],
+    ("/backups", "GET"): [_TAG_FILTER],
+    (INSTANCE, "DELETE"): [{"name": "final_backup", "in": "query", "required": False, "schema": STRING,
+                            "description": "take a backup of this name first; nothing is deleted if it fails"}]}
 TENANT_PREFIX = "/v1.0/{tenant}"
 # Every error the gateway answers with (the error table's HTTP statuses, and the body guard's).
 ERRORS = {400: "bad request", 401: "no or an unknown token", 403: "not the token's tenant, or not allowed",
@@ -168,10 +191,13 @@ ERRORS = {400: "bad request", 401: "no or an unknown token", 403: "not the token
           429: "rate limited (Retry-After)", 500: "internal error", 503: "unavailable, try again"}
 
 
+def _relative(path: str) -> str:
+    return path.removeprefix(TENANT_PREFIX) if path.startswith(TENANT_PREFIX + "/") else path
+
+
 def operation(path: str, method: str) -> Operation | None:
     """The declared schemas of a route (its full path), or None if it has none."""
-    rel = path.removeprefix(TENANT_PREFIX) if path.startswith(TENANT_PREFIX + "/") else path
-    return OPERATIONS.get((rel, method.upper()))
+    return OPERATIONS.get((_relative(path), method.upper()))
 
 
 def _json(schema: Schema) -> Schema:
@@ -193,7 +219,7 @@ def openapi(routes: list[tuple[str, list[str]]]) -> Schema:
             request, responses = declared or ({"type": "object"} if m in ("POST", "PUT", "PATCH") else None,
                                               {200: {"type": "object"}})
             op: Schema = {"operationId": m.lower() + re.sub(r"[{}.]", "", path).replace("/", "_"),
-                          "parameters": params,
+                          "parameters": params + QUERY.get((_relative(path), m.upper()), []),
                           "responses": {str(code): ({"description": "ok", **_json(s)} if s is not None else
                                                     {"description": "accepted, no body"})
                                         for code, s in responses.items()}}
