@@ -17,6 +17,8 @@ import pytest
 
 from reddwarf.client import Client
 from reddwarf.client.config import load_config
+from reddwarf.v1 import common_pb2 as cpb
+from reddwarf.v1 import database_pb2 as pb
 from tests.fixtures.cluster import start_cluster
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.waiting import until
@@ -49,6 +51,13 @@ def memcached_argv(address: str) -> list[str]:
             found.append(argv)
     assert len(found) == 1, found
     return found[0]
+
+
+def memcached_or_none(host: str, port: int) -> bytes | None:
+    try:
+        return memcached(host, port, b"get greeting\r\n")
+    except OSError:
+        return None
 
 
 def maxbytes(host: str, port: int) -> int:
@@ -118,6 +127,17 @@ def test_memcached_requested_at_create_serves_outside_the_container(tmp_path):
             sdk.resize_flavor(iid, "small")
             until(lambda: sdk.get_instance(iid), lambda i: i.flavor.endswith("small") and i.task == "", 300)
             assert until(lambda: maxbytes(cache.host, cache.port), lambda n: n == 64 * 2**20, 60)
+
+            # Stopped, the container is down and memcached with it; started, the agent brings it back (empty).
+            sdk.stop_instance(iid)
+            until(lambda: sdk.get_instance(iid), lambda i: i.task == "" and i.status == pb.INSTANCE_STATUS_SHUTDOWN, 180,
+                  "stopped")
+            with pytest.raises(OSError):
+                memcached(cache.host, cache.port, b"version\r\n", b"\r\n")
+            sdk.start_instance(iid)
+            sdk.wait_for(iid, "ACTIVE", timeout=240)
+            assert until(lambda: memcached_or_none(cache.host, cache.port), lambda out: out == b"END\r\n", 60)
+            assert sdk.get_instance(iid).health.services["memcached"] == cpb.SERVICE_STATE_RUNNING
 
             sdk.delete_instance(iid)
             until(lambda: [i.id for i in sdk.list_instances()], lambda ids: iid not in ids, 180)
