@@ -77,6 +77,7 @@ COMMANDS: dict[str, Handler] = {
                                                 c.transfer.download, c.progress),
     "table_checksums": lambda c, cmd: c.backups.table_checksums(),
     "mysql_tls_request": lambda c, cmd: c.driver.mysql_tls_request(),
+    "apply_configuration": lambda c, cmd: c.driver.apply_configuration(dict(cmd.apply_configuration.values)),
 }
 
 

@@ -17,7 +17,8 @@ from . import model
 
 # What a command can answer with, and the CommandResult field each lands in.
 Outcome = (model.DatabasePage | model.UserPage | model.User | model.RootCredentials | model.RootStatus
-           | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | model.TlsCsr | None)
+           | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | model.TlsCsr
+           | model.ConfigurationApplied | None)
 
 
 # ---------------------------------------------------------------- messages → values
@@ -49,7 +50,8 @@ def prepare_from_pb(pb: agent_pb2.Prepare) -> model.Prepare:
                          databases=tuple(database_from_pb(d) for d in pb.databases),
                          users=tuple(user_from_pb(u) for u in pb.users), bind_address=pb.bind_address,
                          allowed_cidrs=tuple(pb.allowed_cidrs), require_secure_transport=pb.require_secure_transport,
-                         tls_cert_pem=pb.tls_cert_pem, tls_ca_pem=pb.tls_ca_pem)
+                         tls_cert_pem=pb.tls_cert_pem, tls_ca_pem=pb.tls_ca_pem,
+                         configuration=dict(pb.configuration))
 
 
 def chunk_from_pb(pb: agent_pb2.BackupChunk) -> model.BackupChunk:
@@ -83,7 +85,8 @@ def prepare_to_pb(p: model.Prepare) -> agent_pb2.Prepare:
                              datadir=p.datadir, databases=[database_to_pb(d) for d in p.databases],
                              users=[user_to_pb(u) for u in p.users], bind_address=p.bind_address,
                              allowed_cidrs=list(p.allowed_cidrs), require_secure_transport=p.require_secure_transport,
-                             tls_cert_pem=p.tls_cert_pem, tls_ca_pem=p.tls_ca_pem)
+                             tls_cert_pem=p.tls_cert_pem, tls_ca_pem=p.tls_ca_pem,
+                             configuration=dict(p.configuration))
 
 
 def service_state_to_pb(state: ServiceState) -> common_pb2.ServiceState.ValueType:
@@ -141,6 +144,9 @@ def result_to_pb(outcome: Outcome) -> agent_pb2.CommandResult:
         res.health.CopyFrom(health_to_pb(outcome))
     elif isinstance(outcome, model.TlsCsr):
         res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem))
+    elif isinstance(outcome, model.ConfigurationApplied):
+        res.configuration_applied.CopyFrom(agent_pb2.ConfigurationApplied(
+            restart_required=outcome.restart_required, applied=list(outcome.applied)))
     return res
 
 

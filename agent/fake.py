@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
-from reddwarf.common import names
+from reddwarf.common import names, parameters
 from reddwarf.common.errors import AlreadyExists, NotFound
 from reddwarf.common.states import ServiceState
 
 from .datastore import DatastoreDriver, ProgressFn, no_progress
 from .model import (
+    ConfigurationApplied,
     Database,
     DatabasePage,
     GuestHealth,
@@ -34,6 +35,10 @@ class FakeDriver(DatastoreDriver):
         self.dbs: set[str] = set()
         self.users: dict[tuple[str, str], set[str]] = {}
         self.root = False
+        self.memory_mb = 0
+        # Configuration overrides, and the static ones the pretend mysqld last started with.
+        self.config: dict[str, str] = {}
+        self.started_static: dict[str, str] = {}
 
     def _act(self, what: str) -> None:
         with open(self.log_path, "a") as f:
@@ -41,6 +46,11 @@ class FakeDriver(DatastoreDriver):
 
     async def prepare(self, spec: Prepare, progress: ProgressFn = no_progress) -> None:
         await progress(50, "pretending")
+        self.memory_mb = spec.limits.memory_mb
+        if spec.configuration:
+            self.config = parameters.validate("mariadb", "10.11", spec.configuration, self.memory_mb or None,
+                                              "configuration")
+            self.started_static = self._static(self.config)
         self._act("prepare")
         # What a real prepare makes besides mysqld: the initial databases and users.
         self.dbs.update(d.name for d in spec.databases)
@@ -107,7 +117,22 @@ class FakeDriver(DatastoreDriver):
         return RootStatus(enabled=self.root)
 
     async def start(self) -> None:
+        self.started_static = self._static(self.config)
         self._act("start")
+
+    @staticmethod
+    def _static(values: dict[str, str]) -> dict[str, str]:
+        rules = parameters.rules_for("mariadb", "10.11")
+        return {k: v for k, v in values.items() if not rules[k].dynamic}
+
+    async def apply_configuration(self, values: Mapping[str, str]) -> ConfigurationApplied:
+        checked = parameters.validate("mariadb", "10.11", values, self.memory_mb or None)
+        rules = parameters.rules_for("mariadb", "10.11")
+        live = tuple(sorted(k for k in set(checked) | set(self.config)
+                            if rules[k].dynamic and checked.get(k) != self.config.get(k)))
+        self.config = checked
+        self._act("apply_configuration " + ",".join(f"{k}={v}" for k, v in sorted(checked.items())))
+        return ConfigurationApplied(restart_required=self._static(checked) != self.started_static, applied=live)
 
     async def stop(self) -> None:
         self._act("stop")

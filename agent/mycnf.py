@@ -44,6 +44,8 @@ class MyCnf:
     tmpdir: str = ""
     tls: Tls | None = None
     require_secure_transport: bool = False
+    # The configuration group's overrides (agent/configuration.py), read last so that its values win.
+    include: str = ""
 
 
 def size_for_limits(limits: Limits) -> tuple[int, int]:
@@ -89,4 +91,5 @@ def render_my_cnf(c: MyCnf) -> str:
         "[client]",
         f"socket = {c.socket}",
         "",
+        *([f"!include {c.include}", ""] if c.include else []),
     ])

@@ -10,8 +10,8 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,17 @@ import pymysql
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from reddwarf.common import cidrs, names, pki
+from reddwarf.common import cidrs, names, parameters, pki
 from reddwarf.common.errors import InvalidArgument, RedDwarfError
 from reddwarf.common.states import ServiceState
 
 from . import convert, services
 from .backup import BackupRunner, BackupSettings, MysqlAccess
+from .configuration import ConfigurationOverrides
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
 from .model import (
     BackupResult,
+    ConfigurationApplied,
     Database,
     DatabasePage,
     Download,
@@ -88,6 +90,7 @@ class MysqlDriver(DatastoreDriver):
         self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db,
                              settings.tls_dir)
         self.admin = MysqlAdmin(self._admin_connect)
+        self.config = ConfigurationOverrides(settings.state_dir, self._admin_connect)
 
     # private records -----------------------------------------------------
 
@@ -122,8 +125,19 @@ class MysqlDriver(DatastoreDriver):
 
     def my_cnf(self) -> MyCnf:
         pool, conns = size_for_limits(self._limits)
-        return self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
-                                  int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+        cnf = self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
+                                 int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+        return replace(cnf, include=self.config.include_path)
+
+    def configuration_defaults(self) -> dict[str, int | float | str]:
+        """What the main my.cnf gives the parameters it sets: a parameter leaving the configuration group
+        goes back to these (any other to MariaDB's DEFAULT)."""
+        pool, conns = size_for_limits(self._limits)
+        return {"innodb_buffer_pool_size": pool * 1024 * 1024, "max_connections": conns,
+                "character_set_server": "utf8mb4", "collation_server": "utf8mb4_general_ci",
+                "slow_query_log": "ON", "long_query_time": 2.0,
+                # SET GLOBAL time_zone = DEFAULT means the zone mysqld started with, which may be the group's.
+                "time_zone": "SYSTEM"}
 
     # TLS -----------------------------------------------------------------
 
@@ -176,6 +190,7 @@ class MysqlDriver(DatastoreDriver):
         self._write_tls_file(files.cert, cert_pem.encode(), 0o644)
 
     def _write_my_cnf(self) -> None:
+        self.config.ensure_include()
         self.mysqld.write_my_cnf(self.my_cnf())
 
     def ensure_admin(self) -> None:
@@ -224,6 +239,12 @@ class MysqlDriver(DatastoreDriver):
             names.validate_user(u.name, f"users[{i}].user")
             names.validate_password(u.password, f"users[{i}].password")
         allowed = cidrs.parse_cidrs(spec.allowed_cidrs, "allowed_cidrs")
+        for s in spec.services:
+            if s.service in ("mariadb", "mysql") and s.version:
+                self.config.version = s.version
+        if spec.configuration:
+            parameters.validate(self.config.datastore, self.config.version, spec.configuration,
+                                spec.limits.memory_mb or None, "configuration")
         if bool(spec.tls_cert_pem) != bool(spec.tls_ca_pem):
             raise InvalidArgument("tls_cert_pem and tls_ca_pem go together", field="tls_ca_pem")
         if spec.tls_cert_pem:
@@ -245,6 +266,10 @@ class MysqlDriver(DatastoreDriver):
             if s.service in ("mariadb", "mysql") and s.port:
                 self._port = s.port
         await progress(30, "writing my.cnf")
+        if spec.configuration and not self.config.values():
+            # Before mysqld's first start: static values too are in effect without a restart. (A replayed
+            # prepare keeps what a later apply_configuration made.)
+            self.config.write_initial(spec.configuration, self._limits.memory_mb or None)
         self._write_my_cnf()
         await progress(40, "initialising the datadir")
         await self.mysqld.init_datadir(self.datadir)
@@ -280,6 +305,9 @@ class MysqlDriver(DatastoreDriver):
         if not saved:
             return
         spec = convert.prepare_from_json(saved["prepare"])
+        for s in spec.services:
+            if s.service in ("mariadb", "mysql") and s.version:
+                self.config.version = s.version
         self._limits = spec.limits
         self.datadir = spec.datadir or self.datadir
         self._bind = spec.bind_address or self._bind
@@ -308,10 +336,19 @@ class MysqlDriver(DatastoreDriver):
         self._write_my_cnf()
         pool, conns = size_for_limits(limits)
         await asyncio.to_thread(self.admin.apply_sizes, pool, conns)
+        # The configuration group's own sizes, if it sets them, win over the flavor's.
+        await asyncio.to_thread(self.config.reapply, ("innodb_buffer_pool_size", "max_connections"))
         saved = self._read_private("prepared.json")
         if saved:
             saved["prepare"]["limits"] = convert.limits_to_json(limits)
             self._write_private("prepared.json", saved)
+
+    async def apply_configuration(self, values: Mapping[str, str]) -> ConfigurationApplied:
+        async with self._lock:
+            self.mysqld.require_configured()
+            sup = self.mysqld.supervisor
+            return await asyncio.to_thread(self.config.apply, values, self._limits.memory_mb or None,
+                                           self.configuration_defaults(), sup.pid if sup else None)
 
     async def close(self) -> None:
         for svc in self._extra.values():

@@ -62,6 +62,8 @@ class Rule:
     # The upper bound is a share of the flavor's memory (BUFFER_POOL_SHARE), below `max`.
     flavor_bound: bool = False
     description: str = ""
+    # Its name in my.cnf where that is not the variable's name (time_zone is set by default-time-zone).
+    option: str = ""
 
     @property
     def restart_required(self) -> bool:
@@ -105,11 +107,13 @@ MARIADB_10_11: tuple[Rule, ...] = (
     # SQL behaviour
     Rule("sql_mode", "string", True, allowed=SQL_MODES, is_set=True,
          description="comma-separated sql_mode flags (the compatibility modes and NO_BACKSLASH_ESCAPES excluded)"),
-    Rule("time_zone", "string", True, description="SYSTEM or a UTC offset from -12:59 to +13:00"),
+    Rule("time_zone", "string", True, description="SYSTEM or a UTC offset from -12:59 to +13:00",
+         option="default-time-zone"),
     _s("character_set_server", CHARSETS),
     _s("collation_server", COLLATIONS),
     _s("default_storage_engine", ("InnoDB", "Aria", "MyISAM", "MEMORY")),
-    _s("tx_isolation", ("READ-UNCOMMITTED", "READ-COMMITTED", "REPEATABLE-READ", "SERIALIZABLE")),
+    Rule("tx_isolation", "string", True, allowed=("READ-UNCOMMITTED", "READ-COMMITTED", "REPEATABLE-READ",
+                                                  "SERIALIZABLE"), option="transaction-isolation"),
     _b("autocommit"),
     _b("explicit_defaults_for_timestamp"),
     _i("group_concat_max_len", 4, 4294967295),
@@ -267,7 +271,14 @@ def validate(datastore: str, version: str, values: Mapping[str, str], memory_mb:
             raise InvalidArgument(f"{datastore} {version} has no configurable parameter {name[:64]!r}",
                                   field=f"{field}.{name[:64]}")
         out[name] = canonical(r, values[name], f"{field}.{name}", memory_mb)
+    for low, high in PAIRS:
+        if low in out and high in out and float(out[low]) > float(out[high]):
+            raise InvalidArgument(f"{low} ({out[low]}) may not exceed {high} ({out[high]})", field=f"{field}.{low}")
     return out
+
+
+# Parameters that bound each other: the first may not exceed the second when both are set.
+PAIRS = (("innodb_io_capacity", "innodb_io_capacity_max"), ("ft_min_word_len", "ft_max_word_len"))
 
 
 def sql_value(r: Rule, canonical_value: str) -> int | float | str:
@@ -281,10 +292,11 @@ def sql_value(r: Rule, canonical_value: str) -> int | float | str:
 
 
 def cnf_lines(rules: Mapping[str, Rule], values: Mapping[str, str]) -> list[str]:
-    """my.cnf lines for validated values (`name = value`; strings quoted, they may hold commas)."""
+    """my.cnf lines for validated values (`option = value`; strings quoted, they may hold commas)."""
     out = []
     for name in sorted(values):
         r = rules[name]
         v = values[name]
-        out.append(f'{name} = "{v}"' if r.type == "string" else f"{name} = {v}")
+        option = r.option or name
+        out.append(f'{option} = "{v}"' if r.type == "string" else f"{option} = {v}")
     return out

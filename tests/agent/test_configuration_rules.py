@@ -162,3 +162,36 @@ def test_my_cnf_lines_quote_strings_and_keep_numbers_bare() -> None:
                                      "slow_query_log": "ON"})
     assert lines == ["max_connections = 200", "slow_query_log = ON",
                      'sql_mode = "STRICT_TRANS_TABLES,NO_ZERO_DATE"']
+
+
+@needs_mariadb
+def test_every_allowed_value_of_every_dynamic_string_rule_is_taken_by_set_global(mariadb: MariaDB) -> None:
+    refused = []
+    with mariadb.connect() as conn, conn.cursor() as cur:
+        for r in RULES.values():
+            if r.type != "string" or not r.dynamic or not r.allowed:
+                continue
+            cur.execute("SHOW GLOBAL VARIABLES LIKE %s", (r.name,))
+            before = cur.fetchone()[1]
+            for value in r.allowed:
+                try:
+                    cur.execute(f"SET GLOBAL {r.name} = %s", (value,))
+                except pymysql.err.MySQLError as exc:
+                    refused.append(f"{r.name}={value}: {exc.args[1]}")
+            cur.execute(f"SET GLOBAL {r.name} = %s", (before,))
+    assert not refused, refused
+
+
+@needs_mariadb
+def test_mariadbd_reads_every_rule_as_my_cnf_writes_it(tmp_path) -> None:
+    """mysqld refuses to start on a my.cnf option it does not know (time_zone is default-time-zone there): every
+    rule, rendered as the agent renders it, is an option mariadbd accepts."""
+    import subprocess
+    values = {r.name: sample(r, str(r.min if r.min is not None else "")) if r.type in ("integer", "float")
+              else (r.allowed[0] if r.allowed else "+01:00") for r in RULES.values()}
+    cnf = tmp_path / "all.cnf"
+    cnf.write_text("[mysqld]\n" + "\n".join(params.cnf_lines(RULES, values)) + "\n")
+    out = subprocess.run(["mariadbd", f"--defaults-file={cnf}", "--user=root", "--help", "--verbose"],
+                         capture_output=True, text=True, timeout=60)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if "[ERROR]" in line]
+    assert not errors, errors
