@@ -26,7 +26,7 @@ from reddwarf.common.errors import NotFound
 from reddwarf.common.states import InstanceStatus
 from reddwarf.v1 import agent_pb2, common_pb2, host_pb2
 
-from . import models, tasks
+from . import configurations, models, tasks
 from .admin import revoke_identity
 from .agents import AgentRegistry
 from .app import App
@@ -172,7 +172,8 @@ class InstanceTasks:
                    for u in params.get("users", [])],
             allowed_cidrs=list(access.get("allowed_cidrs", [])),
             require_secure_transport=bool(access.get("require_secure_transport", False)),
-            tls_cert_pem=cert_pem, tls_ca_pem=ca_pem)
+            tls_cert_pem=cert_pem, tls_ca_pem=ca_pem,
+            configuration=await asyncio.to_thread(configurations.values_for_prepare, self.app.sessions, row.id))
 
         async def progress(p: agent_pb2.Progress) -> None:
             await ctx.progress(min(95, 60 + p.percent // 3))
@@ -240,6 +241,8 @@ class InstanceTasks:
     async def step_restart(self, ctx: tasks.StepContext) -> None:
         await self.registry.call(ctx.resource_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:restart", restart=agent_pb2.RestartDatastore()), timeout=300)
+        # Static configuration values are in effect now: no longer RESTART_REQUIRED.
+        await asyncio.to_thread(configurations.restarted, self.app.sessions, ctx.resource_id)
 
     async def step_set_limits(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)

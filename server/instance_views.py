@@ -65,6 +65,10 @@ def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
         return InstanceStatus.SHUTDOWN, None
     if reported_service_state(row.health) in GUEST_DOWN:
         return InstanceStatus.SHUTDOWN, None
+    # A static parameter of its configuration group waits for a restart (server/configurations.py).
+    ic = s.get(models.InstanceConfiguration, row.id)
+    if ic is not None and ic.restart_required:
+        return InstanceStatus.RESTART_REQUIRED, None
     return InstanceStatus.ACTIVE, None
 
 
@@ -79,6 +83,9 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "")
     if row.port:
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port))
+    ic = s.get(models.InstanceConfiguration, row.id)
+    if ic is not None and ic.configuration_id:
+        pb.configuration = f"configurations/{ic.configuration_id}"
     if row.health:
         json_format.ParseDict(row.health, pb.health, ignore_unknown_fields=True)
         pb.volume.used_bytes = pb.health.datadir_bytes_used

@@ -31,6 +31,7 @@ from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
 from .catalog import resource_id
+from .configurations import bind_on_create
 from .events import EventBus
 from .instance_validation import validate_create
 from .instance_views import derived_status, instance_pb, owned_instance
@@ -125,6 +126,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                                       if request.HasField("access") else {})})
                 s.add(row)
                 s.flush()
+                if request.configuration:
+                    bind_on_create(s, p, row, request.configuration)
                 tasks.submit(s, "create_instance", f"instances/{row.id}", {})
                 s.flush()
                 return self._pb(s, row)
@@ -203,7 +206,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
     async def RestartInstance(self, request: database_pb2.RestartInstanceRequest,
                               context: Context) -> database_pb2.Instance:
         def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
-            if status not in (InstanceStatus.ACTIVE, InstanceStatus.SHUTDOWN, InstanceStatus.HEALTHY) \
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.SHUTDOWN, InstanceStatus.HEALTHY,
+                              InstanceStatus.RESTART_REQUIRED) \
                     or not self.registry.is_connected(row.id):
                 raise FailedPrecondition(f"instance is {status}; only a running instance can restart", field="name")
         return self._action(context, request.name, "restart_instance", check=check)

@@ -253,3 +253,28 @@ class AgentCommand(Base):
     result: Mapped[bytes | None] = mapped_column(nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Configuration(Base):
+    """A tenant's configuration group: named parameter values (canonical text) for one datastore version."""
+    __tablename__ = "configurations"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    display_name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str] = mapped_column(Text, default="")
+    datastore: Mapped[str] = mapped_column(String(64))
+    datastore_version: Mapped[str] = mapped_column(String(64))
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class InstanceConfiguration(Base):
+    """An instance's configuration group (none once detached), the values its guest last applied, and
+    whether a static one waits for a restart (the instance shows RESTART_REQUIRED until then)."""
+    __tablename__ = "instance_configurations"
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    configuration_id: Mapped[str | None] = mapped_column(ForeignKey("configurations.id"), nullable=True, index=True)
+    applied: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    restart_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

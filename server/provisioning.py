@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING
 from google.protobuf.descriptor import FileDescriptor
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.v1 import agent_pb2, agent_pb2_grpc, database_pb2, database_pb2_grpc
+from reddwarf.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    configuration_pb2,
+    configuration_pb2_grpc,
+    database_pb2,
+    database_pb2_grpc,
+)
 
 from . import models, tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
@@ -19,6 +26,7 @@ from .app import App
 from .auth import certificate_revoked, serial_hex
 from .backup_store import BackupStore
 from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
+from .configurations import ConfigurationsServicer
 from .enrollment import Enrollment
 from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
@@ -72,6 +80,9 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
 
     db = database_pb2.DESCRIPTOR
     wiring.api += [
+        (configuration_pb2_grpc.add_ConfigurationsServicer_to_server,
+         ConfigurationsServicer(app, registry, events, paginator),
+         full_name(configuration_pb2.DESCRIPTOR, "Configurations")),
         (database_pb2_grpc.add_InstancesServicer_to_server,
          InstancesServicer(app, engine, events, registry, sealer, paginator), full_name(db, "Instances")),
         (database_pb2_grpc.add_DatabasesServicer_to_server, DatabasesServicer(app, registry),
