@@ -218,6 +218,7 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
+    ("configuration", lambda i: short(i.configuration) if i.configuration else ""),
 ]
 
 
@@ -359,6 +360,9 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                                                            help="Network users may connect from (repeatable)."),
                     require_tls: bool = typer.Option(False, "--require-tls",
                                                      help="Refuse MySQL connections that are not TLS."),
+                    configuration: str = typer.Option(None, "--configuration",
+                                                      help="Configuration group (id or name) in effect from the "
+                                                           "start."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
     specs = []
     for spec in user:
@@ -385,7 +389,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
                                  restore_from=c.backup_id(restore_from) if restore_from else None,
-                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls)
+                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls,
+                                 configuration=c.configuration_id(configuration) if configuration else "")
         if wait:
             inst = _progress_until(c, inst.name)
         emit(inst, INSTANCE_FIELDS)
@@ -703,6 +708,10 @@ def pki_issue(directory: Path, role: str, ident: str, out_dir: Path = typer.Opti
                   markup=False)
         raise typer.Exit(2) from None
     out.print(f"issued spiffe://reddwarf/{role}/{ident}: {files.cert}")
+
+
+# `reddwarf configuration ...` and `reddwarf datastore parameters` register themselves on the app.
+from . import cli_configurations  # noqa: E402,F401 - imported for its commands; it imports this module
 
 
 def main() -> int:

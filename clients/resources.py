@@ -7,7 +7,7 @@ so a value copied from any output works as input.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -171,14 +171,29 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
                             users: Iterable[UserSpec | cpb.User] = (), datastore: str = "",
                             datastore_version: str = "", restore_from: str | None = None,
                             request_id: str = "", allowed_cidrs: Iterable[str] = (),
-                            require_secure_transport: bool = False) -> pb.CreateInstanceRequest:
+                            require_secure_transport: bool = False, configuration: str = ""
+                            ) -> pb.CreateInstanceRequest:
     return pb.CreateInstanceRequest(
+        configuration=resource("configurations", configuration) if configuration else "",
         access=pb.InstanceAccess(allowed_cidrs=list(allowed_cidrs), require_secure_transport=require_secure_transport),
         instance=pb.Instance(display_name=name, flavor=flavor, volume=pb.Volume(size_gb=size_gb),
                              datastore=datastore, datastore_version=datastore_version),
         databases=[_database(d) for d in databases], users=[_user(u) for u in users],
         restore_from_backup=resource("backups", restore_from) if restore_from else "",
         request_id=request_id)
+
+
+def parameter_values(values: Mapping[str, object]) -> dict[str, str]:
+    """Configuration values as the API carries them, text: True/False become ON/OFF, numbers their digits
+    (the server checks each against its parameter's rule)."""
+    out = {}
+    for name, v in values.items():
+        out[name] = ("ON" if v else "OFF") if isinstance(v, bool) else str(v)
+    return out
+
+
+def version_name(datastore: str, version: str) -> str:
+    return f"datastores/{datastore}/versions/{version}"
 
 
 def create_database_request(instance: str, database: str | DatabaseSpec | cpb.Database

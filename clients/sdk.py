@@ -16,7 +16,7 @@ I/O (names, requests, paging, wait_for's verdicts) lives in resources.py.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Self, TypeVar
 
@@ -25,6 +25,8 @@ import grpc
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import admin_pb2_grpc as apb_grpc
 from reddwarf.v1 import common_pb2 as cpb
+from reddwarf.v1 import configuration_pb2 as cfg
+from reddwarf.v1 import configuration_pb2_grpc as cfg_grpc
 from reddwarf.v1 import database_pb2 as pb
 from reddwarf.v1 import database_pb2_grpc as pb_grpc
 
@@ -55,6 +57,7 @@ class Client:
         self.root = pb_grpc.RootStub(self._channel)
         self.backups = pb_grpc.BackupsStub(self._channel)
         self.admin = apb_grpc.AdminStub(self._channel)
+        self.configurations = cfg_grpc.ConfigurationsStub(self._channel)
 
     @classmethod
     def from_env(cls, **explicit: Any) -> Self:
@@ -128,11 +131,12 @@ class Client:
                         users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
                         datastore_version: str = "", restore_from: str | None = None,
                         request_id: str = "", allowed_cidrs: Iterable[str] = (),
-                        require_secure_transport: bool = False) -> pb.Instance:
+                        require_secure_transport: bool = False, configuration: str = "") -> pb.Instance:
         return self._call(self.instances.CreateInstance, r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
-            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport))
+            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport,
+            configuration=configuration))
 
     def get_instance(self, instance: str) -> pb.Instance:
         return self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
@@ -336,6 +340,79 @@ class Client:
     def get_backup_schedule(self, instance: str) -> pb.BackupSchedule:
         return self._call(self.backups.GetBackupSchedule,
                           pb.GetBackupScheduleRequest(instance=r.instance_name(instance)))
+
+    # ------------------------------------------------------------------ configuration groups
+
+    def create_configuration(self, name: str, values: Mapping[str, object], description: str = "",
+                             datastore: str = "", datastore_version: str = "") -> cfg.Configuration:
+        """A configuration group: values by parameter name (ints, floats, bools or text; see list_parameters)."""
+        return self._call(self.configurations.CreateConfiguration, cfg.CreateConfigurationRequest(
+            configuration=cfg.Configuration(display_name=name, description=description, datastore=datastore,
+                                            datastore_version=datastore_version,
+                                            values=r.parameter_values(values))))
+
+    def get_configuration(self, configuration: str) -> cfg.Configuration:
+        return self._call(self.configurations.GetConfiguration, cfg.GetConfigurationRequest(
+            name=r.resource("configurations", configuration)))
+
+    def list_configurations(self, page_size: int = 0) -> list[cfg.Configuration]:
+        return self._all(self._pages(self.configurations.ListConfigurations, cfg.ListConfigurationsRequest(),
+                                     lambda p: p.configurations, page_size))
+
+    def update_configuration(self, configuration: str, values: Mapping[str, object] | None = None, *,
+                             merge: bool = False, unset: Iterable[str] = (), name: str | None = None,
+                             description: str | None = None) -> cfg.Configuration:
+        """merge=False (Trove's PUT): `values` replace all of the group's; merge=True (PATCH): set on top, and
+        `unset` removes parameters. Attached instances get the result at once."""
+        request = cfg.UpdateConfigurationRequest(name=r.resource("configurations", configuration),
+                                                 values=r.parameter_values(values or {}), merge=merge,
+                                                 unset=list(unset))
+        if name is not None:
+            request.display_name = name
+        if description is not None:
+            request.description = description
+        return self._call(self.configurations.UpdateConfiguration, request)
+
+    def delete_configuration(self, configuration: str) -> None:
+        self._call(self.configurations.DeleteConfiguration, cfg.DeleteConfigurationRequest(
+            name=r.resource("configurations", configuration)))
+
+    def attach_configuration(self, instance: str, configuration: str) -> pb.Instance:
+        return self._call(self.configurations.AttachConfiguration, cfg.AttachConfigurationRequest(
+            instance=r.instance_name(instance), configuration=r.resource("configurations", configuration)))
+
+    def detach_configuration(self, instance: str) -> pb.Instance:
+        return self._call(self.configurations.DetachConfiguration, cfg.DetachConfigurationRequest(
+            instance=r.instance_name(instance)))
+
+    def list_configuration_instances(self, configuration: str) -> list[cfg.ConfigurationInstance]:
+        request = cfg.ListConfigurationInstancesRequest(name=r.resource("configurations", configuration))
+        return self._all(self._pages(self.configurations.ListConfigurationInstances, request,
+                                     lambda p: p.instances))
+
+    def list_parameters(self, datastore: str, version: str) -> list[cfg.ConfigurationParameter]:
+        """The parameters a configuration group may set on that datastore version, with their rules."""
+        res = self._call(self.configurations.ListConfigurationParameters, cfg.ListConfigurationParametersRequest(
+            parent=r.version_name(datastore, version)))
+        return list(res.parameters)
+
+    def get_parameter(self, datastore: str, version: str, parameter: str) -> cfg.ConfigurationParameter:
+        return self._call(self.configurations.GetConfigurationParameter, cfg.GetConfigurationParameterRequest(
+            name=f"{r.version_name(datastore, version)}/parameters/{parameter}"))
+
+    def find_configuration(self, configuration: str) -> cfg.Configuration:
+        """The group with this id (or resource name), else the one whose display name this is."""
+        if r.may_be_id("configurations", configuration):
+            try:
+                return self.get_configuration(configuration)
+            except NotFound:
+                if configuration.startswith("configurations/"):
+                    raise
+        matches = [c for c in self.list_configurations() if c.display_name == configuration]
+        return r.one_match("configuration", configuration, matches)
+
+    def configuration_id(self, configuration: str) -> str:
+        return (self.find_configuration(configuration)).id
 
     # ------------------------------------------------------------------ admin: hosts, tasks
 
