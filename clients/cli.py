@@ -723,4 +723,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs a second copy of this module as __main__; the configuration commands registered
+    # themselves on the package's copy, so that is the one to run.
+    from reddwarf.client import cli as _package_cli
+    sys.exit(_package_cli.main())

@@ -48,7 +48,7 @@ from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
 from reddwarf.common.tls import aio_channel
 
-from . import trove
+from . import trove, trove_configurations
 from .aio import AsyncClient
 from .config import ClientConfig
 
@@ -351,7 +351,8 @@ class Gateway:
         c = trove.create_request(await self._json(request, "instance"))
         inst = await rd.create_instance(c.name, c.flavor, c.size_gb, databases=c.databases, users=c.users,
                                         datastore=c.datastore, datastore_version=c.datastore_version,
-                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs)
+                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs,
+                                        configuration=c.configuration)
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, rd: AsyncClient) -> Response:
@@ -457,6 +458,99 @@ class Gateway:
         await rd.delete_backup(request.path_params["backup_id"])
         return Response(status_code=202)
 
+    # -- configuration groups (clients/trove_configurations.py) ----------------------------------
+    @staticmethod
+    def _group(request: Request) -> str:
+        return str(request.path_params["configuration_id"])
+
+    async def list_configurations(self, request: Request, rd: AsyncClient) -> Response:
+        return JSONResponse({"configurations": [trove_configurations.configuration(g, request)
+                                                for g in await rd.list_configurations()]})
+
+    async def create_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        name, values, description, datastore, version = trove_configurations.create_request(
+            await self._json(request, "configuration"))
+        g = await rd.create_configuration(name, values, description, datastore, version)
+        return JSONResponse({"configuration": trove_configurations.configuration(g, request)})
+
+    async def get_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        g = await rd.get_configuration(self._group(request))
+        return JSONResponse({"configuration": trove_configurations.configuration(g, request)})
+
+    async def update_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        """PUT replaces the group's values, PATCH sets them on top (Trove's update and edit)."""
+        body = await self._json(request, "configuration")
+        if not isinstance(body, dict):
+            raise trove.BadInput("configuration must be an object")
+        values = trove_configurations.values_from_json(body.get("values", {}), "configuration.values")
+        for key in ("name", "description"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise trove.BadInput(f"configuration.{key} must be a string")
+        await rd.update_configuration(self._group(request), values, merge=request.method == "PATCH",
+                                      name=body.get("name") or None, description=body.get("description"))
+        return Response(status_code=202)
+
+    async def delete_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        await rd.delete_configuration(self._group(request))
+        return Response(status_code=202)
+
+    async def configuration_instances(self, request: Request, rd: AsyncClient) -> Response:
+        members = await rd.list_configuration_instances(self._group(request))
+        return JSONResponse({"instances": [{"id": m.id, "name": m.display_name} for m in members]})
+
+    async def _version_of(self, rd: AsyncClient, version: str) -> str:
+        """The datastore of a version given alone (Trove's /datastores/versions/{id}/parameters)."""
+        owners = [d.id for d in await rd.list_datastores() if any(v.version == version for v in d.versions)]
+        if len(owners) != 1:
+            raise errors.NotFound(f"datastore version {version!r} is {'ambiguous' if owners else 'unknown'}; "
+                                  "name its datastore", field="version")
+        return owners[0]
+
+    async def list_parameters(self, request: Request, rd: AsyncClient) -> Response:
+        version = str(request.path_params["version"])
+        ds = str(request.path_params.get("datastore") or await self._version_of(rd, version))
+        params = await rd.list_parameters(ds, version)
+        return JSONResponse({"configuration-parameters": [trove_configurations.parameter(p) for p in params]})
+
+    async def get_parameter(self, request: Request, rd: AsyncClient) -> Response:
+        version = str(request.path_params["version"])
+        ds = str(request.path_params.get("datastore") or await self._version_of(rd, version))
+        p = await rd.get_parameter(ds, version, str(request.path_params["name"]))
+        return JSONResponse(trove_configurations.parameter(p))
+
+    async def instance_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's GET /instances/{id}/configuration: the values the instance's group sets."""
+        inst = await rd.get_instance(self._instance(request))
+        values: dict[str, Any] = {}
+        if inst.configuration:
+            g = await rd.get_configuration(inst.configuration)
+            values = trove_configurations.typed(g.datastore, g.datastore_version, dict(g.values))
+        return JSONResponse({"instance": {"configuration": values}})
+
+    async def apply_instance_configuration(self, rd: AsyncClient, instance: str, body: dict[str, Any]) -> bool:
+        """The `configuration` member of an instance PUT/PATCH: an id attaches that group, null detaches.
+        False when the body has none (for an instance update handler that also takes other members)."""
+        if "configuration" not in body:
+            return False
+        ref = body["configuration"]
+        if ref is None:
+            await rd.detach_configuration(instance)
+        else:
+            await rd.attach_configuration(instance, trove.ref_id(ref, "instance.configuration"))
+        return True
+
+    async def update_instance(self, request: Request, rd: AsyncClient) -> Response:
+        """Instance PUT/PATCH. Only `configuration` is handled here (attach / detach)."""
+        body = await self._json(request, "instance")
+        if not isinstance(body, dict):
+            raise trove.BadInput("instance must be an object")
+        other = sorted(set(body) - {"configuration"})
+        if other:
+            raise trove.BadInput(f"instance update supports only configuration here, not {', '.join(other)}")
+        if not await self.apply_instance_configuration(rd, self._instance(request), body):
+            raise trove.BadInput("instance update needs configuration (an id, or null to detach)")
+        return Response(status_code=202)
+
 
 async def versions(request: Request) -> Response:
     base = str(request.base_url).rstrip("/")
@@ -504,6 +598,18 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),
         R(t + "/backups/{backup_id}", g.route(g.delete_backup), methods=["DELETE"]),
+        R(t + "/configurations", g.route(g.list_configurations), methods=["GET"]),
+        R(t + "/configurations", g.route(g.create_configuration), methods=["POST"]),
+        R(t + "/configurations/{configuration_id}", g.route(g.get_configuration), methods=["GET"]),
+        R(t + "/configurations/{configuration_id}", g.route(g.update_configuration), methods=["PUT", "PATCH"]),
+        R(t + "/configurations/{configuration_id}", g.route(g.delete_configuration), methods=["DELETE"]),
+        R(t + "/configurations/{configuration_id}/instances", g.route(g.configuration_instances), methods=["GET"]),
+        R(t + "/datastores/{datastore}/versions/{version}/parameters", g.route(g.list_parameters)),
+        R(t + "/datastores/{datastore}/versions/{version}/parameters/{name}", g.route(g.get_parameter)),
+        R(t + "/datastores/versions/{version}/parameters", g.route(g.list_parameters)),
+        R(t + "/datastores/versions/{version}/parameters/{name}", g.route(g.get_parameter)),
+        R(i + "/configuration", g.route(g.instance_configuration), methods=["GET"]),
+        R(i, g.route(g.update_instance), methods=["PUT", "PATCH"]),
     ]
     routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path.startswith("/v1.0/")]
 

@@ -37,6 +37,7 @@ class InstanceCreate:
     datastore_version: str = ""
     restore_from: str | None = None
     allowed_cidrs: tuple[str, ...] = ()  # Trove's access.allowed_cidrs (checked by the server)
+    configuration: str = ""  # a configuration group's id (checked by the server)
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,9 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
                         "created": i.fault.created.ToJsonString() if i.fault.HasField("created") else ""}
     if i.restored_from:
         out["restorePoint"] = {"backupRef": i.restored_from}
+    if i.configuration:
+        cid = i.configuration.rsplit("/", 1)[-1]
+        out["configuration"] = {"id": cid, "name": cid, "links": _links(request, f"configurations/{cid}")}
     return out
 
 
@@ -213,7 +217,9 @@ def create_request(body: dict[str, Any]) -> InstanceCreate:
     cidrs = access.get("allowed_cidrs") or []
     if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
         raise BadInput("instance.access.allowed_cidrs must be a list of strings")
-    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs))
+    configuration = ref_id(body["configuration"], "instance.configuration") if body.get("configuration") else ""
+    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs),
+                          configuration)
 
 
 def backup_request(body: dict[str, Any]) -> BackupCreate:
