@@ -14,8 +14,8 @@ import grpc
 import pymysql
 import pytest
 
-from reddwarf.agent.mycnf import size_for_limits
 from reddwarf.agent.model import Limits
+from reddwarf.agent.mycnf import size_for_limits
 from reddwarf.v1 import configuration_pb2 as cpb
 from reddwarf.v1 import configuration_pb2_grpc as cpb_grpc
 from reddwarf.v1 import database_pb2
