@@ -101,6 +101,19 @@ def bind_on_create(s: Session, p: Principal, inst: models.Instance, name: str) -
                                        restart_required=False))
 
 
+def check_flavor(s: Session, inst: models.Instance, memory_mb: int) -> None:
+    """A resize keeps the instance's configuration group valid: its buffer pool must fit the new flavor."""
+    ic = s.get(models.InstanceConfiguration, inst.id)
+    if ic is None or not ic.configuration_id:
+        return
+    try:
+        parameters.validate(inst.datastore, inst.datastore_version, {k: str(v) for k, v in (ic.applied or {}).items()},
+                            memory_mb, "values")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"the instance's configuration group does not fit this flavor: {exc.message}",
+                              field="flavor") from None
+
+
 def values_for_prepare(sessions: sessionmaker[Session], iid: str) -> dict[str, str]:
     """The group values an instance's prepare writes into its my.cnf include (none without a group)."""
     with sessions() as s:

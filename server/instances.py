@@ -31,7 +31,7 @@ from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
 from .catalog import resource_id
-from .configurations import bind_on_create
+from .configurations import bind_on_create, check_flavor
 from .events import EventBus
 from .instance_validation import validate_create
 from .instance_views import derived_status, instance_pb, owned_instance
@@ -223,6 +223,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 raise NotFound(f"flavor {flavor_id!r} does not exist", field="flavor")
             if f.id == row.flavor_id:
                 raise InvalidArgument("the instance already has this flavor", field="flavor")
+            check_flavor(s, row, f.memory_mb)
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
         return self._action(context, request.name, "resize_instance", {"flavor": flavor_id}, check)

@@ -242,3 +242,22 @@ def test_a_group_in_use_is_not_deleted_until_detached(cluster: Cluster, group: c
                    grpc.StatusCode.NOT_FOUND) == ["name"]
     for inst in (plain, born_with):
         cluster.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=cluster.md)
+
+
+def test_a_resize_to_a_flavor_too_small_for_the_groups_buffer_pool_is_refused(cluster: Cluster) -> None:
+    s = stub(cluster)
+    big = s.CreateConfiguration(cpb.CreateConfigurationRequest(configuration=cpb.Configuration(
+        display_name="pool", values={"innodb_buffer_pool_size": str(512 * MIB)})), metadata=cluster.md)
+    inst = cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name="cfg-c", flavor="medium", volume=database_pb2.Volume(size_gb=1)),
+        configuration=big.name), metadata=cluster.md)
+    wait_active(cluster, inst.name)
+    # small has 512 MB: at most 384 MiB of buffer pool.
+    assert refused(lambda: cluster.instances.ResizeInstance(database_pb2.ResizeInstanceRequest(
+        name=inst.name, flavor="small"), metadata=cluster.md), grpc.StatusCode.INVALID_ARGUMENT) == ["flavor"]
+    after = get(cluster, inst.name)
+    assert after.flavor == "flavors/medium" and after.status == ACTIVE and not after.task
+    cluster.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=cluster.md)
+    wait_task(cluster, inst.id, "delete_instance")
+    # The deleted instance no longer holds the group.
+    s.DeleteConfiguration(cpb.DeleteConfigurationRequest(name=big.name), metadata=cluster.md)
