@@ -10,5 +10,6 @@ Where things live:
 - backup.py: backups and restores (mariadb-backup | zstd | SHA-256); xbstream.py: what a stream may unpack
   to (file allowlist, backup-my.cnf rebuilt); verify.py: the scratch restore the server runs in the
   throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);
-  services.py: packages and memcached.
+  services.py: packages and memcached; configuration.py: a configuration group's overrides (validated,
+  SET GLOBAL all or none, the my.cnf include, a restart pending for static values).
 """

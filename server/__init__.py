@@ -14,6 +14,7 @@
   sealing.py              the initial users' passwords, sealed until prepare
   enrollment.py           guest enrollment tokens and certificate signing
   guest.py                the Databases, Users and Root services (run by the guest agent)
+  configurations.py       the Configurations service: configuration groups, parameter rules, attach/detach
   guest_health.py         health and silence reported by the agent registry, written to the instance
   agents.py               the agent registry, the AgentGateway and Enrollment services
   tasks.py                the durable task engine
