@@ -351,27 +351,47 @@ class Gateway:
         c = trove.create_request(await self._json(request, "instance"))
         inst = await rd.create_instance(c.name, c.flavor, c.size_gb, databases=c.databases, users=c.users,
                                         datastore=c.datastore, datastore_version=c.datastore_version,
-                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs,
-                                        configuration=c.configuration)
+                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs, tags=c.tags,
+                                        deletion_protection=c.deletion_protection, configuration=c.configuration)
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, rd: AsyncClient) -> Response:
-        return JSONResponse({"instances": [trove.instance(i, request) async for i in rd.list_instances()]})
+        tags = request.query_params.getlist("tag")  # ?tag=env=prod&tag=team: all must match
+        return JSONResponse({"instances": [trove.instance(i, request) async for i in rd.list_instances(tags=tags)]})
+
+    async def update_instance(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's PUT/PATCH /instances/{id} {"instance": {"name": ...}}, plus deletion_protection and tags, and
+        `configuration` (attach a group by id, detach with null: apply_instance_configuration)."""
+        body = await self._json(request, "instance")
+        if not isinstance(body, dict):
+            raise trove.BadInput("instance must be an object")
+        rest = {k: v for k, v in body.items() if k != "configuration"}
+        u = trove.update_request(rest) if rest or "configuration" not in body else None  # validated before any change
+        if u is not None:
+            await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
+                                     tags=u.tags)
+        await self.apply_instance_configuration(rd, self._instance(request), body)
+        return Response(status_code=202)
 
     async def get_instance(self, request: Request, rd: AsyncClient) -> Response:
         return JSONResponse({"instance": trove.instance(await rd.get_instance(self._instance(request)), request)})
 
     async def delete_instance(self, request: Request, rd: AsyncClient) -> Response:
-        await rd.delete_instance(self._instance(request))
+        # ?final_backup=NAME: a DELETE has no body, so the final backup's name comes as a query parameter.
+        await rd.delete_instance(self._instance(request), final_backup=request.query_params.get("final_backup"))
         return Response(status_code=202)
 
     async def action(self, request: Request, rd: AsyncClient) -> Response:
         body = await self._json(request)
         instance = self._instance(request)
         if not isinstance(body, dict) or len(body) != 1:
-            raise errors.InvalidArgument("action body must hold exactly one action: restart or resize")
+            raise errors.InvalidArgument("action body must hold exactly one action: restart, resize, stop or start")
         if "restart" in body:
             await rd.restart_instance(instance)
+        elif "stop" in body:  # Trove's mgmt action {"stop": {}}; here for the tenant too, as RDS has it
+            await rd.stop_instance(instance)
+        elif "start" in body:
+            await rd.start_instance(instance)
         elif "resize" in body and isinstance(body["resize"], dict):
             r = body["resize"]
             if "flavorRef" in r:
@@ -381,7 +401,7 @@ class Gateway:
             else:
                 raise errors.InvalidArgument("resize needs flavorRef or volume.size")
         else:
-            raise errors.InvalidArgument("unknown action; expected restart or resize")
+            raise errors.InvalidArgument("unknown action; expected restart, resize, stop or start")
         return Response(status_code=202)
 
     # -- databases / users / root ----------------------------------------------------------------
@@ -445,14 +465,21 @@ class Gateway:
     # -- backups ---------------------------------------------------------------------------------
     async def create_backup(self, request: Request, rd: AsyncClient) -> Response:
         b = trove.backup_request(await self._json(request, "backup"))
-        out = await rd.create_backup(b.instance, b.name, b.description, b.parent)
+        out = await rd.create_backup(b.instance, b.name, b.description, b.parent, tags=b.tags)
         return JSONResponse({"backup": trove.backup(out)}, status_code=202)
 
     async def list_backups(self, request: Request, rd: AsyncClient) -> Response:
-        return JSONResponse({"backups": [trove.backup(b) async for b in rd.list_backups()]})
+        tags = request.query_params.getlist("tag")
+        return JSONResponse({"backups": [trove.backup(b) async for b in rd.list_backups(tags=tags)]})
 
     async def get_backup(self, request: Request, rd: AsyncClient) -> Response:
         return JSONResponse({"backup": trove.backup(await rd.get_backup(request.path_params["backup_id"]))})
+
+    async def update_backup(self, request: Request, rd: AsyncClient) -> Response:
+        u = trove.backup_update_request(await self._json(request, "backup"))
+        out = await rd.update_backup(request.path_params["backup_id"], name=u.name, description=u.description,
+                                     tags=u.tags)
+        return JSONResponse({"backup": trove.backup(out)})
 
     async def delete_backup(self, request: Request, rd: AsyncClient) -> Response:
         await rd.delete_backup(request.path_params["backup_id"])
@@ -539,18 +566,6 @@ class Gateway:
             await rd.attach_configuration(instance, trove.ref_id(ref, "instance.configuration"))
         return True
 
-    async def update_instance(self, request: Request, rd: AsyncClient) -> Response:
-        """Instance PUT/PATCH. Only `configuration` is handled here (attach / detach)."""
-        body = await self._json(request, "instance")
-        if not isinstance(body, dict):
-            raise trove.BadInput("instance must be an object")
-        other = sorted(set(body) - {"configuration"})
-        if other:
-            raise trove.BadInput(f"instance update supports only configuration here, not {', '.join(other)}")
-        if not await self.apply_instance_configuration(rd, self._instance(request), body):
-            raise trove.BadInput("instance update needs configuration (an id, or null to detach)")
-        return Response(status_code=202)
-
 
 async def versions(request: Request) -> Response:
     base = str(request.base_url).rstrip("/")
@@ -579,7 +594,9 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/instances", g.route(g.list_instances), methods=["GET"]),
         R(t + "/instances", g.route(g.create_instance), methods=["POST"]),
         R(i, g.route(g.get_instance), methods=["GET"]), R(i, g.route(g.delete_instance), methods=["DELETE"]),
+        R(i, g.route(g.update_instance), methods=["PUT", "PATCH"]),
         R(i + "/action", g.route(g.action), methods=["POST"]),
+        R(t + "/mgmt/instances/{instance_id}/action", g.route(g.action), methods=["POST"]),
         R(i + "/databases", g.route(g.list_databases), methods=["GET"]),
         R(i + "/databases", g.route(g.create_databases), methods=["POST"]),
         R(i + "/databases/{name}", g.route(g.delete_database), methods=["DELETE"]),
@@ -598,6 +615,7 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),
         R(t + "/backups/{backup_id}", g.route(g.delete_backup), methods=["DELETE"]),
+        R(t + "/backups/{backup_id}", g.route(g.update_backup), methods=["PUT", "PATCH"]),
         R(t + "/configurations", g.route(g.list_configurations), methods=["GET"]),
         R(t + "/configurations", g.route(g.create_configuration), methods=["POST"]),
         R(t + "/configurations/{configuration_id}", g.route(g.get_configuration), methods=["GET"]),
@@ -609,7 +627,6 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/datastores/versions/{version}/parameters", g.route(g.list_parameters)),
         R(t + "/datastores/versions/{version}/parameters/{name}", g.route(g.get_parameter)),
         R(i + "/configuration", g.route(g.instance_configuration), methods=["GET"]),
-        R(i, g.route(g.update_instance), methods=["PUT", "PATCH"]),
     ]
     routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path.startswith("/v1.0/")]
 

@@ -1,7 +1,7 @@
 """configuration groups: the tenants' groups and each instance's group, applied values and pending restart
 
 Revision ID: 0004_config
-Revises: 0003
+Revises: 0004_lifecycle
 Create Date: 2026-11-26 17:00:00
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0004_config'
-down_revision = '0003'
+down_revision = '0004_lifecycle'
 branch_labels = None
 depends_on = None
 
