@@ -363,14 +363,16 @@ class Gateway:
         """Trove's PUT/PATCH /instances/{id} {"instance": {"name": ...}}, plus deletion_protection and tags, and
         `configuration` (attach a group by id, detach with null: apply_instance_configuration)."""
         body = await self._json(request, "instance")
-        if not isinstance(body, dict):
-            raise trove.BadInput("instance must be an object")
-        rest = {k: v for k, v in body.items() if k != "configuration"}
-        u = trove.update_request(rest) if rest or "configuration" not in body else None  # validated before any change
-        if u is not None:
-            await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
-                                     tags=u.tags)
-        await self.apply_instance_configuration(rd, self._instance(request), body)
+        if isinstance(body, dict) and "configuration" in body:
+            # As in Trove, a configuration change goes alone: one call, all or nothing.
+            if len(body) > 1:
+                raise trove.BadInput("instance.configuration is changed on its own, not with "
+                                     + ", ".join(sorted(set(body) - {"configuration"})))
+            await self.apply_instance_configuration(rd, self._instance(request), body)
+            return Response(status_code=202)
+        u = trove.update_request(body)
+        await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
+                                 tags=u.tags)
         return Response(status_code=202)
 
     async def get_instance(self, request: Request, rd: AsyncClient) -> Response:
