@@ -150,7 +150,8 @@ def test_the_openstack_cli_manages_configurations_through_the_gateway(env: tuple
     ok("configuration", "parameter", "set", gid, '{"wait_timeout": 99}')
     assert trove.configurations.get(gid).values == {"max_connections": 321, "wait_timeout": 99}
     ok("configuration", "set", gid, '{"wait_timeout": 98}')
-    assert trove.configurations.get(gid).values == {"wait_timeout": 98}
+    shown_group = json.loads(ok("configuration", "show", gid, "-f", "json"))
+    assert json.loads(shown_group["values"]) == {"wait_timeout": 98} and shown_group["name"] == "cli"
     ok("configuration", "attach", instance.id, gid)
     assert trove.instances.get(instance.id).configuration["id"] == gid
     assert json.loads(ok("configuration", "instances", gid, "-f", "json")) == [{"ID": instance.id,
