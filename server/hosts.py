@@ -190,16 +190,7 @@ class HostPool:
             row = s.get(models.Host, host_id)
             if row is None:
                 return
-            row.memory_mb_total = cap.memory_mb_total
-            row.cpus = cap.cpus
-            row.storage_gb_total = cap.storage_gb_total
-            row.storage_gb_free = cap.storage_gb_free
-            row.containers = cap.containers
-            row.container_driver = cap.container_driver
-            row.volume_driver = cap.volume_driver
-            row.last_seen = _now()
-            if row.state == HostState.DOWN:
-                row.state = HostState.UP
+            record_capacity(row, cap)
 
     async def refresh_loop(self) -> None:
         crl_task = asyncio.create_task(self.crl_loop(), name="crl_loop")
@@ -228,6 +219,20 @@ class HostPool:
     async def close(self) -> None:
         for _, ch in self._channels.values():
             await ch.close()
+
+
+def record_capacity(row: models.Host, cap: host_pb2.Capacity) -> None:
+    """A capacity report from the host's hostd: it answered, so a DOWN host is UP again."""
+    row.memory_mb_total = cap.memory_mb_total
+    row.cpus = cap.cpus
+    row.storage_gb_total = cap.storage_gb_total
+    row.storage_gb_free = cap.storage_gb_free
+    row.containers = cap.containers
+    row.container_driver = cap.container_driver
+    row.volume_driver = cap.volume_driver
+    row.last_seen = _now()
+    if row.state == HostState.DOWN:
+        row.state = HostState.UP
 
 
 def place(s: Session, memory_mb: int, volume_gb: int) -> str:
