@@ -363,6 +363,10 @@ class HostEnroller:
                 client.close()
                 if only is not None and "Incompatible" in str(e):
                     continue  # the host has no key of this type
+                if "banner" in str(e):
+                    raise Unavailable(f"{r.target.host}:{r.target.port} accepted the connection but sent no SSH "
+                                      f"banner within {timeout:.0f}s (not an SSH server there?)",
+                                      field="ssh_target") from None
                 raise Unavailable(f"the SSH handshake with {r.target.host}:{r.target.port} failed: {e}",
                                   field="ssh_target") from None
             except OSError as e:
