@@ -684,14 +684,14 @@ SSH_PASSWORD_ENV = "REDDWARF_SSH_PASSWORD"
 def host_enroll(host_id: str = typer.Argument(..., metavar="NAME", help="The new host's id."),
                 ssh: str = typer.Option(..., "--ssh", help="user@address to log in as (e.g. root@10.0.0.5)."),
                 port: int = typer.Option(None, "--port", help="SSH port (default 22)."),
-                identity: Path = typer.Option(None, "--identity", help="Private key file on THIS machine; sent "
+                identity: Path | None = typer.Option(None, "--identity", help="Private key file on THIS machine; sent "
                                               "to the server over mTLS, used in memory for this call only."),
                 server_identity: str = typer.Option("", "--server-identity",
                                                     help="Instead: a private key file ON THE SERVER (a deploy key)."),
                 host_key: str = typer.Option(..., "--host-key", help="The host's SSH host key fingerprint, "
                                              "SHA256:... as `ssh-keygen -lf` prints it (no trust on first use)."),
                 hostd_port: int = typer.Option(0, "--hostd-port", help="hostd's port there (default: the server's)."),
-                password_file: Path = typer.Option(None, "--ssh-password-file", help="The key's passphrase, or the "
+                password_file: Path | None = typer.Option(None, "--ssh-password-file", help="The key's passphrase, or the "
                                                    f"login password without a key (else {SSH_PASSWORD_ENV}, else a "
                                                    "prompt)."),
                 _password: str = typer.Option(None, "--ssh-password", hidden=True, callback=_refuse_secret_arg(

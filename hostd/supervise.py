@@ -93,29 +93,40 @@ def _detach(log_file: Path) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1)
 
 
+class _Flag:
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 def _loop(child: list[str], pid_file: Path) -> int:
-    stopping = False
+    # A plain flag (not a threading.Event): a signal handler must not take locks the main thread may hold.
+    stopping = _Flag()
     proc: subprocess.Popen[bytes] | None = None
 
     def on_term(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        stopping.set()
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     backoff = 1.0
-    while not stopping:
+    while not stopping.is_set():
         started = time.monotonic()
         proc = subprocess.Popen(child)
         rc = proc.wait()
-        if stopping:
+        if stopping.is_set():
             break
         backoff = 1.0 if time.monotonic() - started > HEALTHY_RUN else backoff
         print(f"reddwarf-hostd supervise: hostd exited with {rc}; restarting in {backoff:.0f}s", flush=True)
         deadline = time.monotonic() + backoff
-        while not stopping and time.monotonic() < deadline:
+        while not stopping.is_set() and time.monotonic() < deadline:
             time.sleep(0.1)
         backoff = min(backoff * 2, MAX_BACKOFF)
     if proc is not None and proc.poll() is None:

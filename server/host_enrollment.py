@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shlex
-import socket
 import stat
 import time
 from pathlib import Path
@@ -349,13 +348,13 @@ class HostEnroller:
                 what = "the password" if pkey is None else "the key"
                 raise PermissionDenied(f"{r.target.user}@{r.target.host}:{r.target.port} refused {what} "
                                        "(SSH authentication failed)", field=field) from None
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 client.close()
                 raise Unavailable(f"{r.target.host}:{r.target.port} is unreachable: no answer within {timeout:.0f}s",
                                   field="ssh_target") from None
             except paramiko.ssh_exception.NoValidConnectionsError as e:
                 client.close()
-                reasons = "; ".join(sorted({os.strerror(x.errno) if x.errno else str(x)
+                reasons = "; ".join(sorted({x.strerror if isinstance(x, OSError) and x.strerror else str(x)
                                             for x in e.errors.values()}))
                 raise Unavailable(f"{r.target.host}:{r.target.port} is unreachable: {reasons}",
                                   field="ssh_target") from None

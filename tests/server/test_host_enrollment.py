@@ -6,8 +6,11 @@ cause, nothing registered and nothing left on the host."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -40,7 +43,7 @@ def server(tmp_path_factory):
     cfg.write_text(json.dumps(HOSTD_CONFIG))
     env = {"REDDWARF_ENROLL_WHEELHOUSE": str(WHEELHOUSE),
            "REDDWARF_ENROLL_INSTALL_DIR": str(tmp / "hosts" / "{host}"),
-           "REDDWARF_ENROLL_HOSTD_CONFIG": str(cfg), "REDDWARF_ENROLL_READY_TIMEOUT_SECONDS": "60",
+           "REDDWARF_ENROLL_HOSTD_CONFIG": str(cfg), "REDDWARF_ENROLL_READY_TIMEOUT_SECONDS": "30",
            "REDDWARF_ENROLL_CONNECT_TIMEOUT_SECONDS": "5", "REDDWARF_CAPACITY_REFRESH_SECONDS": "3600"}
     with start_server(tmp, env) as s:
         yield s
@@ -83,14 +86,22 @@ def invoke(server, *args):
     return CliRunner().invoke(cli.app, list(args), env=cli_env(server))
 
 
-def hostd_processes(netns: str) -> list[str]:
-    cmds = []
+def _hostd_cmdlines(netns: str) -> dict[int, str]:
+    cmds = {}
     for pid in namespace_pids(netns):
         try:
-            cmds.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            cmds[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             pass
-    return [c for c in cmds if "reddwarf.hostd.main serve" in c]
+    return {p: c for p, c in cmds.items() if "reddwarf.hostd.main serve" in c}
+
+
+def hostd_processes(netns: str) -> list[str]:
+    return list(_hostd_cmdlines(netns).values())
+
+
+def hostd_pids(netns: str) -> list[int]:
+    return list(_hostd_cmdlines(netns))
 
 
 # -- the happy path ------------------------------------------------------------------------------------
@@ -145,6 +156,23 @@ def test_reenrolling_is_idempotent(server, host):
     assert (root / "venv/bin/python").stat().st_ino == venv_python.st_ino
     # ... and one hostd runs, restarted with the new certificate.
     assert len(hostd_processes(host.netns)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.dependency(depends=["test_enroll_installs_starts_and_registers_the_host"])
+def test_the_supervisor_restarts_a_hostd_that_dies(server, host):
+    [old] = [p for p in namespace_pids(host.netns) if p in hostd_pids(host.netns)]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with tls.sync_channel(f"{host.address}:7443", server.server_files, tls.host_peer("edge-1")) as ch:
+                host_pb2_grpc.HostAgentStub(ch).GetCapacity(host_pb2.GetCapacityRequest(), timeout=5)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, (install_dir(server, "edge-1") / "hostd.log").read_text()[-2000:]
+            time.sleep(0.3)
+    assert old not in hostd_pids(host.netns) and len(hostd_pids(host.netns)) == 1
 
 
 @pytest.mark.slow
