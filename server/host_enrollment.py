@@ -64,8 +64,11 @@ HOST_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}\Z")
 FINGERPRINT = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}\Z")
 TARGET = re.compile(r"^(?P<user>[A-Za-z_][A-Za-z0-9_.-]{0,31})@(?P<addr>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)"
                     r"(?::(?P<port>\d{1,5}))?\Z")
-HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
-                  "rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")
+# Host key kinds (as PKey.get_name() names them) and the algorithms that negotiate each.
+HOST_KEY_KINDS = {"ssh-ed25519": ("ssh-ed25519",), "ecdsa-sha2-nistp256": ("ecdsa-sha2-nistp256",),
+                  "ecdsa-sha2-nistp384": ("ecdsa-sha2-nistp384",), "ecdsa-sha2-nistp521": ("ecdsa-sha2-nistp521",),
+                  "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+HOST_KEY_ALGORITHMS = tuple(a for algs in HOST_KEY_KINDS.values() for a in algs)
 COMMAND_TIMEOUT = 600.0
 MIN_PYTHON = (3, 11)
 
@@ -76,8 +79,9 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 
 class HostKeyMismatch(paramiko.SSHException):
-    def __init__(self, offered: str) -> None:
+    def __init__(self, kind: str, offered: str) -> None:
         super().__init__(offered)
+        self.kind = kind
         self.offered = offered
 
 
@@ -90,7 +94,7 @@ class PinnedHostKey(paramiko.MissingHostKeyPolicy):
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         got = fingerprint(key)
         if not hmac.compare_digest(got.encode(), self.expected.encode()):
-            raise HostKeyMismatch(f"{key.get_name()} {got}")
+            raise HostKeyMismatch(key.get_name(), f"{key.get_name()} {got}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,13 +284,24 @@ class HostEnroller:
             started = time.monotonic()
             log.info("enrolling host", extra={"host": r.host_id, "target": f"{r.target.user}@{r.target.host}",
                                               "port": r.target.port, "reenroll": registered})
+            steps: dict[str, float] = {}   # seconds per step, for the log line
+            mark = time.monotonic()
+
+            def done(step: str) -> None:
+                nonlocal mark
+                steps[step], mark = round(time.monotonic() - mark, 2), time.monotonic()
+
             wheels = await asyncio.to_thread(self.wheelhouse.ensure)
+            done("wheelhouse")
             remote = await asyncio.to_thread(self._connect, r)
+            done("connect")
             layout = Layout(self.app.settings.enroll_install_dir.replace("{host}", r.host_id))
             serial: int | None = None
             try:
                 serial = await asyncio.to_thread(self._install, remote, r, layout, wheels)
+                done("install_and_start")
                 cap = await self._wait_for_hostd(remote, r, layout)
+                done("wait")
                 self._register(r, cap)
             except BaseException as exc:
                 if not registered:
@@ -296,7 +311,8 @@ class HostEnroller:
             finally:
                 await asyncio.to_thread(remote.close)
             log.info("host enrolled", extra={"host": r.host_id, "address": r.hostd_address,
-                                             "seconds": round(time.monotonic() - started, 2)})
+                                             "seconds": round(time.monotonic() - started, 2),
+                                             "steps": json.dumps(steps)})
             return r.host_id
 
     # -- steps -----------------------------------------------------------------------------------
@@ -324,14 +340,14 @@ class HostEnroller:
         timeout = self.app.settings.enroll_connect_timeout_seconds
         # Try the key type the host negotiates first; if the admin gave the fingerprint of another of its
         # keys, ask for each other type in turn (paramiko compares one key per handshake).
-        offered: list[str] = []
-        for only in (None, *HOST_KEY_TYPES):
-            if only is not None and any(o.startswith(only.split("-sha2")[0] if only.startswith("rsa") else only)
-                                        for o in offered):
+        offered: dict[str, str] = {}
+        for kind in (None, *HOST_KEY_KINDS):
+            if kind is not None and kind in offered:
                 continue
             client = paramiko.SSHClient()
             client.set_missing_host_key_policy(PinnedHostKey(r.host_key))
-            disabled = {} if only is None else {"keys": [t for t in HOST_KEY_TYPES if t != only]}
+            disabled = {} if kind is None else {"keys": [a for a in HOST_KEY_ALGORITHMS
+                                                         if a not in HOST_KEY_KINDS[kind]]}
             try:
                 client.connect(r.target.host, r.target.port, username=r.target.user, pkey=pkey,
                                password=None if pkey else r.password, timeout=timeout, banner_timeout=timeout,
@@ -340,7 +356,7 @@ class HostEnroller:
                 return Remote(client, r.target)
             except HostKeyMismatch as e:
                 client.close()
-                offered.append(e.offered)
+                offered[e.kind] = e.offered
                 continue
             except paramiko.AuthenticationException:
                 client.close()
@@ -360,7 +376,7 @@ class HostEnroller:
                                   field="ssh_target") from None
             except paramiko.SSHException as e:
                 client.close()
-                if only is not None and "Incompatible" in str(e):
+                if kind is not None and "Incompatible" in str(e):
                     continue  # the host has no key of this type
                 if "banner" in str(e):
                     raise Unavailable(f"{r.target.host}:{r.target.port} accepted the connection but sent no SSH "
@@ -373,7 +389,7 @@ class HostEnroller:
                 raise Unavailable(f"{r.target.host}:{r.target.port} is unreachable: {e.strerror or e}",
                                   field="ssh_target") from None
         raise FailedPrecondition(f"the host key of {r.target.host}:{r.target.port} does not match {r.host_key} "
-                                 f"(it offered {', '.join(offered) or 'none we could compare'}); refusing to "
+                                 f"(it offered {', '.join(offered.values()) or 'none we could compare'}); refusing to "
                                  "connect", field="host_key")
 
     def _install(self, remote: Remote, r: Request, layout: Layout, wheels: list[Path]) -> int:
@@ -399,7 +415,9 @@ class HostEnroller:
         if remote.read(layout.digest) != digest.encode() or remote.run(["test", "-x", layout.hostd])[0] != 0:
             remote.check(["rm", "-rf", layout.venv], "removing the old venv")
             remote.check([py, "-m", "venv", layout.venv], "creating hostd's venv")
-            remote.check([f"{layout.venv}/bin/python", "-m", "pip", "install", "-q", "--no-index",
+            # --no-compile: byte-compiling every dependency doubled the install; hostd (root) writes the
+            # bytecode of what it imports on its first start.
+            remote.check([f"{layout.venv}/bin/python", "-m", "pip", "install", "-q", "--no-index", "--no-compile",
                           "--disable-pip-version-check", "--find-links", layout.wheels, "reddwarf"],
                          "installing hostd from the wheels")
             remote.write(layout.digest, digest.encode())

@@ -218,6 +218,18 @@ def test_a_host_key_that_does_not_match_is_refused_before_anything_is_sent(serve
     assert "Accepted publickey" not in host.log()
 
 
+def test_the_fingerprint_of_any_of_the_hosts_keys_is_accepted(server, tmp_path):
+    """paramiko negotiates one host key per handshake (ed25519 first); given the fingerprint of the host's RSA
+    key, the server asks for that kind: the host key check passes and the login is what fails here."""
+    keygen(tmp_path / "stranger")
+    with ssh_host(tmp_path, rsa_host_key=True) as h:
+        with pytest.raises(grpc.RpcError) as e:
+            enroll(server, "rsahost", h.target, h.rsa_host_key, ssh_private_key=(tmp_path / "stranger").read_bytes())
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+        assert "refused the key" in e.value.details()
+    assert_not_registered(server, "rsahost")
+
+
 def test_a_key_the_host_does_not_accept_is_refused(server, host, tmp_path):
     keygen(tmp_path / "stranger")
     with pytest.raises(grpc.RpcError) as e:
