@@ -83,9 +83,10 @@ def main() -> int:
     f, g, b = statistics.median(fresh), statistics.median(again), statistics.median(floor)
     print("## Time to enroll a host\n")
     print(f"Admin.EnrollHost against a real OpenSSH sshd in its own network namespace; the host installs "
-          f"{len(wheels)} wheels ({size_mb:.0f} MB) from the server's wheelhouse: checking it costs {wheelhouse_s:.1f} s "
-          f"per enrollment (a digest of the sources); rebuilding the reddwarf wheel after a source change took "
-          f"{first_s:.1f} s this run, and the first run on a machine also fetches the dependency wheels once. hostd "
+          f"{len(wheels)} wheels ({size_mb:.0f} MB) from the server's wheelhouse: checking it costs {wheelhouse_s:.2f} s "
+          f"per enrollment (a digest of the sources); the first check of this run took {first_s:.2f} s (it rebuilds "
+          f"the reddwarf wheel when the sources changed, about 7 s here, and the first run on a machine also fetches "
+          f"the dependency wheels once). hostd "
           f"runs the fake drivers (no template build). Median of {a.rounds} fresh host(s) and {len(again)} "
           "re-enrollments.\n")
     print("| measure | seconds | vs floor |")
