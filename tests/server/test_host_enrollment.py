@@ -326,3 +326,45 @@ def test_hostd_csr_keeps_the_key_on_the_host(tmp_path):
     for pem in (first, second):
         assert x509.load_pem_x509_csr(pem.encode()).public_key().public_bytes(*der) == pub
 
+
+
+class RecordingRemote:
+    """Stands in for the SSH session where the real thing cannot exist here: these machines do not run
+    systemd as PID 1, so the unit branch of the start step is checked against the commands it sends."""
+
+    def __init__(self, systemd: bool) -> None:
+        self.systemd = systemd
+        self.commands: list[list[str]] = []
+        self.files: dict[str, bytes] = {}
+
+    def run(self, argv, timeout=0):
+        self.commands.append(argv)
+        return (0 if self.systemd or argv[:2] != ["test", "-d"] else 1), "", ""
+
+    def check(self, argv, what, timeout=0):
+        self.commands.append(argv)
+        return ""
+
+    def write(self, path, data, mode=0o644):
+        self.files[path] = data
+
+
+@pytest.mark.parametrize("systemd", [True, False])
+def test_hostd_starts_under_systemd_where_the_host_has_it_and_supervised_otherwise(systemd):
+    from reddwarf.server.host_enrollment import HostEnroller, Layout, Request, Target
+    r = Request("edge-9", Target("root", "10.0.0.9", 22), "SHA256:" + "A" * 43, 7443, b"", "", "")
+    layout = Layout("/opt/reddwarf dir")
+    remote = RecordingRemote(systemd)
+    HostEnroller._start(object.__new__(HostEnroller), remote, r, layout)
+    if systemd:
+        unit = remote.files["/etc/systemd/system/reddwarf-hostd-edge-9.service"].decode()
+        assert "ExecStart='/opt/reddwarf dir/venv/bin/reddwarf-hostd' serve --config '/opt/reddwarf dir/hostd.json'" \
+            in unit
+        assert "Restart=always" in unit and "KillMode=process" in unit and "WantedBy=multi-user.target" in unit
+        assert remote.commands[1:] == [["systemctl", "daemon-reload"],
+                                       ["systemctl", "enable", "reddwarf-hostd-edge-9.service"],
+                                       ["systemctl", "restart", "reddwarf-hostd-edge-9.service"]]
+    else:
+        assert not remote.files
+        assert remote.commands[1] == [layout.hostd, "supervise", "--config", layout.config, "--pid-file", layout.pid,
+                                      "--log-file", layout.log]
