@@ -296,16 +296,15 @@ class HostEnroller:
             remote = await asyncio.to_thread(self._connect, r)
             done("connect")
             layout = Layout(self.app.settings.enroll_install_dir.replace("{host}", r.host_id))
-            serial: int | None = None
             try:
-                serial = await asyncio.to_thread(self._install, remote, r, layout, wheels)
+                await asyncio.to_thread(self._install, remote, r, layout, wheels)
                 done("install_and_start")
                 cap = await self._wait_for_hostd(remote, r, layout)
                 done("wait")
                 self._register(r, cap)
             except BaseException as exc:
                 if not registered:
-                    await asyncio.to_thread(self._roll_back, remote, r, layout, serial)
+                    await asyncio.to_thread(self._roll_back, remote, r, layout)
                 log.warning("host enrollment failed", extra={"host": r.host_id, "error": str(exc)[:300]})
                 raise
             finally:
@@ -392,8 +391,8 @@ class HostEnroller:
                                  f"(it offered {', '.join(offered.values()) or 'none we could compare'}); refusing to "
                                  "connect", field="host_key")
 
-    def _install(self, remote: Remote, r: Request, layout: Layout, wheels: list[Path]) -> int:
-        """Every remote step up to a started hostd; returns the serial of the certificate it got."""
+    def _install(self, remote: Remote, r: Request, layout: Layout, wheels: list[Path]) -> None:
+        """Every remote step up to a started hostd."""
         py = self.app.settings.enroll_python
         code = ("import sys, venv; print('%d.%d' % sys.version_info[:2]); "
                 f"sys.exit(0 if sys.version_info >= {MIN_PYTHON!r} else 3)")
@@ -423,10 +422,9 @@ class HostEnroller:
             remote.write(layout.digest, digest.encode())
         csr = remote.check([layout.hostd, "csr", "--key-path", layout.key, "--host-id", r.host_id],
                            "making the host's key and CSR")
-        serial = self._sign(remote, r, layout, csr.encode())
+        self._sign(remote, r, layout, csr.encode())
         remote.write(layout.config, json.dumps(self._hostd_config(r, layout), indent=2).encode(), 0o644)
         self._start(remote, r, layout)
-        return serial
 
     def _upload_wheels(self, remote: Remote, layout: Layout, wheels: list[Path]) -> None:
         have = {a.filename: a.st_size for a in remote.sftp.listdir_attr(layout.wheels)
@@ -440,7 +438,7 @@ class HostEnroller:
             if name not in wanted:  # an older reddwarf wheel: pip must not pick between two
                 remote.sftp.remove(f"{layout.wheels}/{name}")
 
-    def _sign(self, remote: Remote, r: Request, layout: Layout, csr: bytes) -> int:
+    def _sign(self, remote: Remote, r: Request, layout: Layout, csr: bytes) -> None:
         from .admin import record_certificate
         try:
             issued = self.app.ca.sign_csr(csr, "host", r.host_id, days=self.app.settings.host_cert_days)
@@ -451,7 +449,6 @@ class HostEnroller:
         remote.write(layout.ca, self.app.ca.cert_pem)
         remote.write(layout.crl, self.app.ca.crl_pem())
         remote.write(layout.cert, issued.cert_pem)
-        return issued.serial
 
     def _hostd_config(self, r: Request, layout: Layout) -> dict[str, object]:
         extra: dict[str, object] = {}
@@ -524,7 +521,7 @@ class HostEnroller:
                 s.add(row)
             record_capacity(row, cap)
 
-    def _roll_back(self, remote: Remote, r: Request, layout: Layout, serial: int | None) -> None:
+    def _roll_back(self, remote: Remote, r: Request, layout: Layout) -> None:
         """Undoes what a failed first enrollment did on the host (each part best effort, all attempted)."""
         try:
             if remote.run(["test", "-d", "/run/systemd/system"])[0] == 0:
@@ -537,7 +534,8 @@ class HostEnroller:
             remote.run(["rm", "-rf", layout.root], timeout=120)
         except Exception as e:  # noqa: BLE001 - the original error is what the caller needs
             log.warning("enrollment roll-back incomplete", extra={"host": r.host_id, "error": str(e)[:200]})
-        if serial is not None:
-            from .admin import revoke_identity
-            with self.app.sessions() as s, s.begin():
-                revoke_identity(self.app, s, f"spiffe://reddwarf/host/{r.host_id}", "enrollment failed")
+        # Whatever certificate this attempt issued, wherever it failed: an unregistered host id holds no
+        # certificate that should live.
+        from .admin import revoke_identity
+        with self.app.sessions() as s, s.begin():
+            revoke_identity(self.app, s, f"spiffe://reddwarf/host/{r.host_id}", "enrollment failed")
