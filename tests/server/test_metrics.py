@@ -426,3 +426,16 @@ def test_loop_of_refresh_survives_a_broken_state_db(tmp_path):
         task.cancel()
     asyncio.run(run())
     engine.dispose()
+
+
+async def test_a_replica_s_lag_is_exported_and_a_stopped_one_shows_not_running(sessions):
+    seed(sessions)
+    m = ServerMetrics(heartbeat_expiry=20)
+    m.agents = FakeAgents({"a": health(replication_running=True, replication_lag_seconds=7),
+                           "b": health(replication_running=False)})
+    await m.refresh(sessions)
+    got = scrape(m.registry)
+    assert value(got, "reddwarf_guest_replication_lag_seconds", tenant="t1", instance="a") == 7
+    assert value(got, "reddwarf_guest_replication_running", tenant="t1", instance="a") == 1
+    assert value(got, "reddwarf_guest_replication_running", tenant="t2", instance="b") == 0
+    assert value(got, "reddwarf_guest_replication_lag_seconds", tenant="t2", instance="b") is None
