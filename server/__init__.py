@@ -20,4 +20,7 @@
   hosts.py                hostd clients, capacity refresh, placement
   backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
   events.py               the instance event bus behind WatchInstance
+  metrics.py              the Prometheus series: state snapshot, hosts' usage poll, the collector
+  metrics_http.py         the /metrics listener (loopback, or TLS for monitor certificates)
+  api_metrics.py          the interceptor counting API calls by method and status
 """

@@ -43,7 +43,7 @@ log = logging.getLogger("reddwarf.server.metrics")
 
 LABELS = ("tenant", "instance")
 DELETED = "DELETED"
-# Guest figures (12, one optional pair), status (1), beancounters (5 resources x 4), CPU and IO (3),
+# Guest figures with up (12), replication (2, replicas only), status (1), beancounters (5 resources x 4), CPU and IO (3),
 # backups (4): the most series one instance can have.
 PER_INSTANCE_SERIES = 12 + 2 + 1 + 5 * 4 + 3 + 4
 # Tasks run from a second (a restart) to hours (a verify of a large backup).
