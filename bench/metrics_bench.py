@@ -26,7 +26,9 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from sqlalchemy import create_engine
@@ -35,6 +37,7 @@ from sqlalchemy.orm import sessionmaker
 from reddwarf.common.clock import now as utcnow
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.server import models
+from reddwarf.server.api_metrics import ApiMetricsInterceptor
 from reddwarf.server.metrics import ServerMetrics, read_snapshot
 from reddwarf.server.metrics_http import MetricsListener
 from reddwarf.v1 import common_pb2, host_pb2
@@ -127,6 +130,38 @@ def https_get(port: int, files: TlsFiles) -> bytes:
     return data
 
 
+async def interceptor_cost(n: int) -> tuple[float, float]:
+    """Seconds per call of a unary method through the API metrics interceptor and without it, the handler
+    looked up per call as grpc.aio does (the servicer itself does nothing)."""
+    m = ServerMetrics()
+    interceptor = ApiMetricsInterceptor(m.api_calls, m.api_seconds)
+
+    async def behavior(request: int, context: object) -> int:
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(behavior)
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler[int, int]:
+        return handler
+
+    details = SimpleNamespace(method="/reddwarf.v1.Instances/GetInstance", invocation_metadata=())
+    context = SimpleNamespace(code=lambda: None)
+
+    async def loop(wrapped: bool) -> float:
+        t = time.perf_counter()
+        for i in range(n):
+            h = await (interceptor.intercept_service(continuation, details) if wrapped  # type: ignore[arg-type]
+                       else continuation(details))
+            await h.unary_unary(i, context)
+        return (time.perf_counter() - t) / n
+    await loop(True)
+    bare, ours = [], []
+    for _ in range(5):  # interleaved, so both see the same machine
+        bare.append(await loop(False))
+        ours.append(await loop(True))
+    return statistics.median(ours), statistics.median(bare)
+
+
 def ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1000:.1f} ms (p90 {xs[int(len(xs) * 0.9) - 1] * 1000:.1f})"
 
@@ -187,6 +222,7 @@ def main() -> int:
             tls.stop()
         engine.dispose()
 
+    per_call, bare_call = asyncio.run(interceptor_cost(20000))
     ratio = statistics.median(ours) / statistics.median(base)
     print(f"## /metrics scrape with {a.instances:,} instances\n")
     print(f"{a.instances:,} instances of 50 tenants, each with live guest health, five beancounters and a "
@@ -199,8 +235,11 @@ def main() -> int:
     print(f"| whole HTTP GET /metrics, loopback | {ms(http)} | {ms(base_http)} |")
     print(f"| whole HTTPS GET /metrics, monitor certificate | {ms(https)} | — |")
     print(f"| state DB snapshot (SQLite; every metrics_refresh_seconds, never per scrape) | {ms(refresh)} | — |")
+    print(f"| API metrics interceptor, per unary call (handler lookup, count, timing) | "
+          f"{(per_call - bare_call) * 1e6:.1f} µs added ({per_call * 1e6:.1f} vs {bare_call * 1e6:.1f} µs without) | — |")
     print("\nTarget: a scrape well under Prometheus's default 10 s timeout and close to the plain-Gauge floor; "
-          "no state DB or host query per scrape.")
+          "no state DB or host query per scrape; the interceptor's cost small next to a call's (the gateway "
+          "benchmark's 384 gRPC calls/s on this machine is about 2.6 ms of server time each).")
     return 0
 
 
