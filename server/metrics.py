@@ -3,8 +3,8 @@ streams and API calls, in a registry of our own (never prometheus_client's globa
 
 Scrapes are cheap and never touch the state DB or a host: the per-instance series are made at scrape time
 by a custom collector from what two loops keep in memory — a snapshot of the state DB (`refresh_loop`,
-every metrics_refresh_seconds) and each host's beancounters (`usage_loop`, ListUsage every
-metrics_usage_seconds) — plus the agent registry's newest heartbeat of every guest connected here.
+metrics_snapshot.py) and each host's beancounters (`usage_loop`, usage_poll.py) — plus the agent registry's
+newest heartbeat of every guest connected here.
 
 Cardinality: every per-instance series names (tenant, instance) of an instance the last snapshot found
 not DELETED, so a deleted instance's series are gone within one refresh; per instance there are at most
@@ -17,212 +17,37 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-import grpc
-from google.protobuf import json_format
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import states
 from reddwarf.common.clock import now as utcnow
-from reddwarf.common.errors import RedDwarfError, Unimplemented
-from reddwarf.common.states import BackupStatus, InstanceStatus, ServiceState, TaskState
-from reddwarf.v1 import common_pb2, host_pb2
+from reddwarf.common.states import ServiceState
+from reddwarf.v1 import common_pb2
 
 from . import models
-from .instance_views import GUEST_DOWN, SETTLED, TASK_STATUS
+from .metrics_snapshot import BackupFacts, InstanceFacts, Snapshot, read_snapshot
+from .usage_poll import NoHosts, UsagePoller, UsageSource
+
+__all__ = ["PER_INSTANCE_SERIES", "BackupFacts", "InstanceFacts", "ServerMetrics", "Snapshot", "UsagePoller",
+           "UsageSource", "read_snapshot"]
 
 log = logging.getLogger("reddwarf.server.metrics")
 
 LABELS = ("tenant", "instance")
-DELETED = "DELETED"
-# Guest figures with up (12), replication (2, replicas only), status (1), beancounters (5 resources x 4), CPU and IO (3),
-# backups (4): the most series one instance can have.
+# Guest figures with up (12), replication (2, replicas only), status (1), beancounters (5 resources x 4),
+# CPU and IO (3), backups (4): the most series one instance can have.
 PER_INSTANCE_SERIES = 12 + 2 + 1 + 5 * 4 + 3 + 4
 # Tasks run from a second (a restart) to hours (a verify of a large backup).
 TASK_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 12 * 3600)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _RUNNING = states.to_pb(ServiceState.RUNNING)
-
-
-# -- what the state DB says, read once per refresh ----------------------------------------------------
-@dataclass(frozen=True)
-class InstanceFacts:
-    id: str
-    tenant: str
-    status: str                        # as a user would see it (running task first, then the stored status)
-    host_id: str
-    health: common_pb2.GuestHealth     # the stored report (the newest one written by any server)
-    health_at: dt.datetime | None
-
-
-@dataclass(frozen=True)
-class BackupFacts:
-    """An instance's newest COMPLETED backup, and whether its newest finished one FAILED."""
-    last_size: int | None = None
-    last_duration: float | None = None
-    last_success: dt.datetime | None = None
-    last_failed: bool = False
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    taken: dt.datetime
-    instances: tuple[InstanceFacts, ...] = ()
-    backups: dict[str, BackupFacts] = field(default_factory=dict)
-    tenant_backups: dict[tuple[str, str], int] = field(default_factory=dict)   # (tenant, status) -> count
-    tenant_backup_bytes: dict[str, int] = field(default_factory=dict)
-    tasks: dict[tuple[str, str], int] = field(default_factory=dict)            # (kind, state) -> count
-
-
-def _status(stored: str, deleted: bool, task_kind: str | None, health: common_pb2.GuestHealth,
-            health_at: dt.datetime | None, now: dt.datetime, expiry: float) -> str:
-    """instance_views.derived_status, for many rows at once (the running task given, not queried)."""
-    if deleted:
-        return InstanceStatus.DELETING
-    if task_kind is not None:
-        return TASK_STATUS.get(task_kind, InstanceStatus.BUILD)
-    if stored in SETTLED:
-        return stored
-    if stored == InstanceStatus.SHUTDOWN or health_at is None or (now - health_at).total_seconds() > expiry:
-        return InstanceStatus.SHUTDOWN
-    if health.service_state and states.from_pb(ServiceState, health.service_state) in GUEST_DOWN:
-        return InstanceStatus.SHUTDOWN
-    return InstanceStatus.ACTIVE
-
-
-def read_snapshot(sessions: sessionmaker[Session], heartbeat_expiry: float) -> Snapshot:
-    """One pass over the state DB: a handful of queries whatever the number of instances."""
-    now = utcnow()
-    Inst, B, T = models.Instance, models.Backup, models.Task
-    with sessions() as s:
-        running: dict[str, str] = {}
-        for resource, kind in s.execute(select(T.resource, T.kind).where(T.state.in_(
-                (TaskState.PENDING, TaskState.RUNNING))).order_by(T.created_at.desc())):
-            running[resource] = kind  # the oldest active task wins, as active_task_for's
-        tasks = {(k, st): n for k, st, n in s.execute(
-            select(T.kind, T.state, func.count()).where(T.state.in_((TaskState.PENDING, TaskState.RUNNING)))
-            .group_by(T.kind, T.state))}
-        instances = []
-        for iid, tenant, stored, deleted_at, host_id, health, health_at in s.execute(
-                select(Inst.id, Inst.tenant_id, Inst.status, Inst.deleted_at, Inst.host_id, Inst.health, Inst.health_at)
-                .where(Inst.status != DELETED)):
-            pb = common_pb2.GuestHealth()
-            if health:
-                json_format.ParseDict(health, pb, ignore_unknown_fields=True)
-            instances.append(InstanceFacts(
-                iid, tenant, _status(stored, deleted_at is not None, running.get(f"instances/{iid}"), pb,
-                                     health_at, now, heartbeat_expiry),
-                host_id or "", pb, health_at))
-        live = {i.id for i in instances}
-        live_tenants = set(s.scalars(select(models.Tenant.id).where(models.Tenant.deleted_at.is_(None))))
-        tenant_backups: dict[tuple[str, str], int] = {}
-        tenant_bytes: dict[str, int] = defaultdict(int)
-        for tenant, status, n, size in s.execute(
-                select(B.tenant_id, B.status, func.count(), func.coalesce(func.sum(B.size_bytes), 0))
-                .group_by(B.tenant_id, B.status)):
-            if tenant in live_tenants:
-                tenant_backups[(tenant, status)] = int(n)
-                if status != BackupStatus.FAILED:
-                    tenant_bytes[tenant] += int(size)
-        # Newest first, so the first COMPLETED and the first finished backup seen per instance are the ones.
-        newest_ok: dict[str, tuple[str, int, dt.datetime]] = {}
-        newest_failed: dict[str, bool] = {}
-        for bid, iid, status, size, created in s.execute(
-                select(B.id, B.instance_id, B.status, B.size_bytes, B.created_at)
-                .where(B.status.in_((BackupStatus.COMPLETED, BackupStatus.FAILED)))
-                .order_by(B.created_at.desc())):
-            if iid not in live:
-                continue
-            newest_failed.setdefault(iid, status == BackupStatus.FAILED)
-            if status == BackupStatus.COMPLETED and iid not in newest_ok:
-                newest_ok[iid] = (bid, int(size), created)
-        # Durations from the create_backup tasks (their rows' updated_at is the moment they ended).
-        took: dict[str, tuple[float, dt.datetime]] = {}
-        resources = [f"backups/{bid}" for bid, _, _ in newest_ok.values()]
-        for start in range(0, len(resources), 500):
-            for resource, created, ended in s.execute(
-                    select(T.resource, T.created_at, T.updated_at).where(
-                        T.kind == "create_backup", T.state == TaskState.SUCCEEDED,
-                        T.resource.in_(resources[start:start + 500]))):
-                took[resource.split("/", 1)[1]] = ((ended - created).total_seconds(), ended)
-    backups = {}
-    for iid in live:
-        ok = newest_ok.get(iid)
-        done = took.get(ok[0]) if ok else None
-        if ok is None and iid not in newest_failed:
-            continue
-        backups[iid] = BackupFacts(
-            last_size=ok[1] if ok else None, last_duration=done[0] if done else None,
-            last_success=(done[1] if done else ok[2]) if ok else None, last_failed=newest_failed.get(iid, False))
-    return Snapshot(now, tuple(instances), backups, tenant_backups, dict(tenant_bytes), tasks)
-
-
-# -- the hosts' beancounters, polled ------------------------------------------------------------------
-class UsageSource(Protocol):
-    """What the poller needs of server/hosts.py's HostPool (a fake in unit tests)."""
-
-    async def list_usage(self, host_id: str) -> list[host_pb2.ContainerUsage]: ...
-
-    async def get_usage(self, host_id: str, container_id: str) -> host_pb2.ContainerUsage: ...
-
-
-class UsagePoller:
-    """Each UP host's containers' usage, polled (never per scrape). A host that cannot be read loses its
-    entries, so its instances' beancounter series are absent rather than stale."""
-
-    def __init__(self, source: UsageSource) -> None:
-        self.source = source
-        self.by_container: dict[str, host_pb2.ContainerUsage] = {}
-        self._by_host: dict[str, set[str]] = {}
-        self._unimplemented: set[str] = set()  # hosts whose hostd predates ListUsage
-
-    async def poll_host(self, host_id: str, container_ids: Sequence[str]) -> None:
-        try:
-            if host_id in self._unimplemented:
-                usages = await self._one_by_one(host_id, container_ids)
-            else:
-                try:
-                    usages = await self.source.list_usage(host_id)
-                except Unimplemented:
-                    self._unimplemented.add(host_id)
-                    usages = await self._one_by_one(host_id, container_ids)
-        except (RedDwarfError, grpc.aio.AioRpcError, OSError) as exc:
-            log.warning("usage unreadable", extra={"host": host_id, "error": str(exc)[:200]})
-            usages = []
-        fresh = {u.id: u for u in usages}
-        for cid in self._by_host.get(host_id, set()) - fresh.keys():
-            self.by_container.pop(cid, None)
-        self.by_container.update(fresh)
-        self._by_host[host_id] = set(fresh)
-
-    async def _one_by_one(self, host_id: str, container_ids: Sequence[str]) -> list[host_pb2.ContainerUsage]:
-        out = []
-        for cid in container_ids:
-            try:
-                out.append(await self.source.get_usage(host_id, cid))
-            except RedDwarfError:
-                continue  # that container is gone or not there yet
-        return out
-
-    async def poll(self, snapshot: Snapshot, up_hosts: Iterable[str]) -> None:
-        per_host: dict[str, list[str]] = defaultdict(list)
-        for inst in snapshot.instances:
-            if inst.host_id:
-                per_host[inst.host_id].append(inst.id)
-        up = set(up_hosts)
-        for host_id in list(self._by_host):
-            if host_id not in up:
-                for cid in self._by_host.pop(host_id):
-                    self.by_container.pop(cid, None)
-        await asyncio.gather(*(self.poll_host(h, per_host.get(h, [])) for h in up))
 
 
 # -- the live parts: the agent registry ------------------------------------------------------------------
@@ -376,7 +201,7 @@ class ServerMetrics:
         self.heartbeat_expiry = heartbeat_expiry
         self.snapshot = Snapshot(utcnow())
         self.agents: Agents | None = None
-        self.usage = usage or UsagePoller(_NoHosts())
+        self.usage = usage or UsagePoller(NoHosts())
         self.task_seconds = Histogram(
             "reddwarf_task_duration_seconds", "tasks that ended here, from submit to end, by kind and outcome",
             ["kind", "outcome"], buckets=TASK_BUCKETS, registry=self.registry)
@@ -410,11 +235,3 @@ class ServerMetrics:
             except Exception:  # noqa: BLE001 - polled again next round
                 log.exception("usage poll failed")
             await asyncio.sleep(every)
-
-
-class _NoHosts:
-    async def list_usage(self, host_id: str) -> list[host_pb2.ContainerUsage]:
-        return []
-
-    async def get_usage(self, host_id: str, container_id: str) -> host_pb2.ContainerUsage:
-        return host_pb2.ContainerUsage(id=container_id)
