@@ -244,8 +244,9 @@ async def serve(settings: Settings) -> None:
     for svc in [""] + names:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     tasks = [asyncio.create_task(bg(), name=getattr(bg, "__name__", "background")) for bg in wiring.background]
-    log.info("serving", extra={"api": settings.api_listen, "metrics": settings.metrics_listen, "agent": settings.agent_listen if wiring.agent else "",
-                               "enroll": settings.enroll_listen if wiring.enroll else ""})
+    log.info("serving", extra={"api": settings.api_listen, "agent": settings.agent_listen if wiring.agent else "",
+                               "enroll": settings.enroll_listen if wiring.enroll else "",
+                               "metrics": settings.metrics_listen})
     print(f"reddwarf-server ready api={settings.api_listen}", flush=True)
 
     stop = asyncio.Event()
