@@ -439,3 +439,13 @@ async def test_a_replica_s_lag_is_exported_and_a_stopped_one_shows_not_running(s
     assert value(got, "reddwarf_guest_replication_running", tenant="t1", instance="a") == 1
     assert value(got, "reddwarf_guest_replication_running", tenant="t2", instance="b") == 0
     assert value(got, "reddwarf_guest_replication_lag_seconds", tenant="t2", instance="b") is None
+
+
+def test_the_monitor_certificate_init_writes_cannot_use_the_api_even_with_a_token(server: RunningServer):
+    assert server.monitor_files is not None and server.monitor_files.key.stat().st_mode & 0o077 == 0
+    with server.channel(server.monitor_files) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            database_pb2_grpc.InstancesStub(ch).ListInstances(database_pb2.ListInstancesRequest(),
+                                                              metadata=server.metadata())
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "monitor" in (e.value.details() or "")
