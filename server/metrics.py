@@ -88,7 +88,8 @@ class StateCollector(Collector):
 
         up = g("reddwarf_instance_up", "1 when the guest reported within its heartbeat expiry that mysqld runs "
                "and accepts connections")
-        status = g("reddwarf_instance_status", "1 for the status the instance shows now (Trove's values)",
+        status = g("reddwarf_instance_status", "1 for the status the instance shows now (Trove's values; "
+                   "STOPPED where StopInstance stopped it, which GetInstance shows as SHUTDOWN)",
                    ("status",))
         seen = g("reddwarf_guest_last_heartbeat_timestamp_seconds", "when the guest last measured its health")
         conns = g("reddwarf_guest_connections", "client connections open now (Threads_connected)")

@@ -17,7 +17,7 @@ from reddwarf.common.states import BackupStatus, InstanceStatus, ServiceState, T
 from reddwarf.v1 import common_pb2
 
 from . import models
-from .instance_views import GUEST_DOWN, SETTLED, TASK_STATUS
+from .instance_views import GUEST_DOWN, SETTLED, STOPPED, TASK_STATUS
 
 DELETED = "DELETED"
 
@@ -51,14 +51,18 @@ class Snapshot:
     tasks: dict[tuple[str, str], int] = field(default_factory=dict)            # (kind, state) -> count
 
 
-def _status(stored: str, deleted: bool, task_kind: str | None, health: common_pb2.GuestHealth,
-            health_at: dt.datetime | None, now: dt.datetime, expiry: float) -> str:
-    """instance_views.derived_status, for many rows at once (the running task given, not queried)."""
+def _status(stored: str, deleted: bool, restored: bool, task_kind: str | None, health: common_pb2.GuestHealth,
+             health_at: dt.datetime | None, now: dt.datetime, expiry: float) -> str:
+    """instance_views.derived_status, for many rows at once (the running task given, not queried), with one
+    difference: an instance StopInstance stopped is STOPPED here (GetInstance shows SHUTDOWN), so an alert
+    can tell a stop that was asked for from a guest gone silent."""
     if deleted:
         return InstanceStatus.DELETING
     if task_kind is not None:
+        if task_kind == "create_instance" and restored:
+            return InstanceStatus.RESTORING
         return TASK_STATUS.get(task_kind, InstanceStatus.BUILD)
-    if stored in SETTLED:
+    if stored in SETTLED or stored == STOPPED:
         return stored
     if stored == InstanceStatus.SHUTDOWN or health_at is None or (now - health_at).total_seconds() > expiry:
         return InstanceStatus.SHUTDOWN
@@ -80,15 +84,15 @@ def read_snapshot(sessions: sessionmaker[Session], heartbeat_expiry: float) -> S
             select(T.kind, T.state, func.count()).where(T.state.in_((TaskState.PENDING, TaskState.RUNNING)))
             .group_by(T.kind, T.state))}
         instances = []
-        for iid, tenant, stored, deleted_at, host_id, health, health_at in s.execute(
-                select(Inst.id, Inst.tenant_id, Inst.status, Inst.deleted_at, Inst.host_id, Inst.health, Inst.health_at)
-                .where(Inst.status != DELETED)):
+        for iid, tenant, stored, deleted_at, restored_from, host_id, health, health_at in s.execute(
+                select(Inst.id, Inst.tenant_id, Inst.status, Inst.deleted_at, Inst.restored_from, Inst.host_id,
+                       Inst.health, Inst.health_at).where(Inst.status != DELETED)):
             pb = common_pb2.GuestHealth()
             if health:
                 json_format.ParseDict(health, pb, ignore_unknown_fields=True)
             instances.append(InstanceFacts(
-                iid, tenant, _status(stored, deleted_at is not None, running.get(f"instances/{iid}"), pb,
-                                     health_at, now, heartbeat_expiry),
+                iid, tenant, _status(stored, deleted_at is not None, bool(restored_from),
+                                     running.get(f"instances/{iid}"), pb, health_at, now, heartbeat_expiry),
                 host_id or "", pb, health_at))
         live = {i.id for i in instances}
         live_tenants = set(s.scalars(select(models.Tenant.id).where(models.Tenant.deleted_at.is_(None))))

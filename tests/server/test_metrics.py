@@ -449,3 +449,21 @@ def test_the_monitor_certificate_init_writes_cannot_use_the_api_even_with_a_toke
                                                               metadata=server.metadata())
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "monitor" in (e.value.details() or "")
+
+
+async def test_a_stopped_instance_is_stopped_not_down_and_a_restore_shows_restoring(sessions):
+    seed(sessions)
+    with sessions() as s, s.begin():
+        a = s.get(models.Instance, "a")
+        b = s.get(models.Instance, "b")
+        assert a is not None and b is not None
+        a.status, a.health_at = "STOPPED", utcnow() - dt.timedelta(minutes=5)  # its guest went with it
+        b.restored_from = "b-ok"
+        s.add(models.Task(id="restore", kind="create_instance", resource="instances/b", state="running",
+                          created_at=utcnow() - dt.timedelta(days=1)))
+    m = ServerMetrics(heartbeat_expiry=20)
+    await m.refresh(sessions)
+    got = scrape(m.registry)
+    assert value(got, "reddwarf_instance_status", tenant="t1", instance="a", status="STOPPED") == 1
+    assert value(got, "reddwarf_instance_up", tenant="t1", instance="a") == 0
+    assert value(got, "reddwarf_instance_status", tenant="t2", instance="b", status="RESTORING") == 1
