@@ -74,6 +74,8 @@ class HostClient:
         self.DeleteContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteContainer)
         self.RequestCertificateRenewal = HostRpc(pool=pool, host_id=host_id, rpc=stub.RequestCertificateRenewal)
         self.InstallCertificate = HostRpc(pool=pool, host_id=host_id, rpc=stub.InstallCertificate)
+        self.GetUsage = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetUsage)
+        self.ListUsage = HostRpc(pool=pool, host_id=host_id, rpc=stub.ListUsage)
 
 
 class HostPool:
@@ -216,6 +218,13 @@ class HostPool:
                         if row is not None and row.state == HostState.UP:
                             row.state = HostState.DOWN
             await asyncio.sleep(self.app.settings.capacity_refresh_seconds)
+
+    async def list_usage(self, host_id: str) -> list[host_pb2.ContainerUsage]:
+        """Every container's beancounters on that host (for server/metrics.py's poller)."""
+        return list((await self.client(host_id).ListUsage(host_pb2.ListUsageRequest(), timeout=15)).usages)
+
+    async def get_usage(self, host_id: str, container_id: str) -> host_pb2.ContainerUsage:
+        return await self.client(host_id).GetUsage(host_pb2.ContainerRef(id=container_id), timeout=15)
 
     async def close(self) -> None:
         for _, ch in self._channels.values():

@@ -65,6 +65,17 @@ class Settings:
     api_rate_period_seconds: float = 60.0
     api_rate_burst: int = 0
     admin_rate_limit: int = 0
+    # Prometheus metrics (server/metrics.py): "host:port" of the /metrics listener, "" for none. Plain HTTP
+    # only on a loopback address; bound anywhere else it is TLS with the server's certificate, and a
+    # scraper must present a deployment certificate of role monitor (or admin). metrics_tls = "on" makes
+    # it TLS on loopback too.
+    metrics_listen: str = "127.0.0.1:9779"
+    metrics_tls: str = "auto"
+    # How often the state behind the per-instance series is re-read from the state DB (instances, backups,
+    # tasks; a deleted instance's series are gone after at most this), and how often each host's
+    # beancounters are polled. Scrapes read what these loops keep; they never query.
+    metrics_refresh_seconds: float = 15.0
+    metrics_usage_seconds: float = 30.0
     log_level: str = "INFO"
     # Tokens expire by default: a token created without a TTL gets this one (0 = never; not recommended).
     token_ttl_seconds: int = 30 * 86400
@@ -117,7 +128,14 @@ class Settings:
             raise InvalidArgument("enroll_install_dir must be an absolute path", field="enroll_install_dir")
         if not 0 < self.enroll_hostd_port < 65536:
             raise InvalidArgument("enroll_hostd_port must be a port number", field="enroll_hostd_port")
-        for key in ("api_listen", "agent_listen", "enroll_listen"):
+        if self.metrics_tls not in ("auto", "on"):
+            raise InvalidArgument("metrics_tls must be auto or on", field="metrics_tls")
+        for key in ("metrics_refresh_seconds", "metrics_usage_seconds"):
+            if not getattr(self, key) >= 1:
+                raise InvalidArgument(f"{key} must be at least 1", field=key)
+        for key in ("api_listen", "agent_listen", "enroll_listen", "metrics_listen"):
+            if key == "metrics_listen" and not self.metrics_listen:
+                continue
             host, sep, port = getattr(self, key).rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise InvalidArgument(f"{key} must be host:port, got {getattr(self, key)!r}", field=key)
