@@ -243,7 +243,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             if final:
                 # The final backup is taken by the delete task's first step; its row is made now, in the
                 # task's transaction, under the backup quota like any backup.
-                if status != InstanceStatus.ACTIVE or not self.registry.is_connected(row.id):
+                if status not in (InstanceStatus.ACTIVE, InstanceStatus.RESTART_REQUIRED) \
+                        or not self.registry.is_connected(row.id):
                     raise FailedPrecondition(f"instance is {status}; a final backup needs a running (ACTIVE) "
                                              "instance: start it, or delete without final_backup_name",
                                              field="final_backup_name")
@@ -264,7 +265,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             if row.status == STOPPED:
                 raise FailedPrecondition("instance is already stopped (SHUTDOWN)", field="name")
             # SHUTDOWN here is a guest gone silent (or a mysqld down): stopping it is still meaningful.
-            if status not in (InstanceStatus.ACTIVE, InstanceStatus.HEALTHY, InstanceStatus.SHUTDOWN):
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.HEALTHY, InstanceStatus.SHUTDOWN,
+                              InstanceStatus.RESTART_REQUIRED):
                 raise FailedPrecondition(f"instance is {status}; only a running instance can stop", field="name")
         return self._action(context, request.name, "stop_instance", check=check)
 

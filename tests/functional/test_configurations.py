@@ -261,3 +261,25 @@ def test_a_resize_to_a_flavor_too_small_for_the_groups_buffer_pool_is_refused(cl
     wait_task(cluster, inst.id, "delete_instance")
     # The deleted instance no longer holds the group.
     s.DeleteConfiguration(cpb.DeleteConfigurationRequest(name=big.name), metadata=cluster.md)
+
+
+def test_a_stop_and_start_also_ends_restart_required(cluster: Cluster) -> None:
+    s = stub(cluster)
+    g = s.CreateConfiguration(cpb.CreateConfigurationRequest(configuration=cpb.Configuration(
+        display_name="stopstart", values={"max_connections": "150"})), metadata=cluster.md)
+    inst = cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name="cfg-d", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
+        configuration=g.name), metadata=cluster.md)
+    wait_active(cluster, inst.name)
+    s.UpdateConfiguration(cpb.UpdateConfigurationRequest(name=g.name, merge=True, values={
+        "performance_schema": "ON"}), metadata=cluster.md)
+    assert get(cluster, inst.name).status == RESTART_REQUIRED
+    cluster.instances.StopInstance(database_pb2.StopInstanceRequest(name=inst.name), metadata=cluster.md)
+    wait_task(cluster, inst.id, "stop_instance")
+    cluster.instances.StartInstance(database_pb2.StartInstanceRequest(name=inst.name), metadata=cluster.md)
+    wait_task(cluster, inst.id, "start_instance")
+    assert get(cluster, inst.name).status == ACTIVE
+    s.DetachConfiguration(cpb.DetachConfigurationRequest(instance=inst.name), metadata=cluster.md)
+    cluster.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=cluster.md)
+    wait_task(cluster, inst.id, "delete_instance")
+    s.DeleteConfiguration(cpb.DeleteConfigurationRequest(name=g.name), metadata=cluster.md)
