@@ -18,7 +18,7 @@ from reddwarf.agent.model import Limits
 from reddwarf.agent.mycnf import size_for_limits
 from reddwarf.v1 import configuration_pb2 as cpb
 from reddwarf.v1 import configuration_pb2_grpc as cpb_grpc
-from reddwarf.v1 import database_pb2
+from reddwarf.v1 import database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.errors import field_violations
 from tests.fixtures.waiting import until
@@ -118,6 +118,17 @@ def test_a_static_change_is_restart_required_until_restarted(cluster: Cluster, c
     assert get(cluster, created.name).status == RESTART_REQUIRED
     assert shown(cluster, created, root_password, "innodb_log_buffer_size", "max_connections") == {
         "innodb_log_buffer_size": str(8 * MIB), "max_connections": "222"}
+    # Still a running instance: a backup (mariadb-backup reads the my.cnf with its include) completes, proven
+    # by a restore in the sandbox, and the restart stays pending after it.
+    bk = database_pb2_grpc.BackupsStub(cluster.channel)
+    b = bk.CreateBackup(database_pb2.CreateBackupRequest(backup=database_pb2.Backup(
+        display_name="cfg-e2e", instance=created.name)), metadata=cluster.md)
+    b = until(lambda: bk.GetBackup(database_pb2.GetBackupRequest(name=b.name), metadata=cluster.md),
+              lambda x: x.status in (database_pb2.BACKUP_STATUS_COMPLETED, database_pb2.BACKUP_STATUS_FAILED),
+              timeout=600, what="backup done")
+    assert b.status == database_pb2.BACKUP_STATUS_COMPLETED, b.fault.message
+    assert settled(cluster, created.name).status == RESTART_REQUIRED
+    bk.DeleteBackup(database_pb2.DeleteBackupRequest(name=b.name), metadata=cluster.md)
     cluster.instances.RestartInstance(database_pb2.RestartInstanceRequest(name=created.name), metadata=cluster.md)
     until(lambda: get(cluster, created.name), lambda i: not i.task, timeout=300, what="restart ended")
     inst = settled(cluster, created.name)
