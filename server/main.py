@@ -179,7 +179,7 @@ async def serve(settings: Settings) -> None:
     wiring.background.append(lambda: renew_loop(app))
 
     # Auth first: the rate limiter keys its buckets by the principal auth found.
-    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions)),
+    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions, settings.auth_cache_seconds)),
                                         RateLimitInterceptor(wiring.rate_limiter)], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:
