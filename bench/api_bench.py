@@ -120,11 +120,12 @@ def main() -> int:
                     }
                     results: dict[str, list[tuple[float, list[float]]]] = {k: [] for k in paths}
                     if a.profile:
-                        spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-f", "raw",
-                                                "-d", str(int(a.seconds)), "-o", a.profile, "-p",
-                                                str(server.proc.pid)])
-                        await drive(paths["Red Dwarf GetFlavor"], a.seconds + 2, a.concurrency)
-                        spy.wait()
+                        for name in ("GetFlavor", "GetInstance"):
+                            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-f",
+                                                    "raw", "-d", str(int(a.seconds)), "-o", f"{a.profile}.{name}",
+                                                    "-p", str(server.proc.pid)])
+                            await drive(paths[f"Red Dwarf {name}"], a.seconds + 2, a.concurrency)
+                            spy.wait()
                         return results
                     for fn in paths.values():
                         await drive(fn, 1, a.concurrency)  # warm every path

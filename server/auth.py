@@ -276,30 +276,50 @@ def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
     raise TypeError(f"a method handler with no behaviour: {handler!r}")
 
 
+@dataclass(frozen=True)
+class CallDetails:
+    """What a check needs of a call (grpc.HandlerCallDetails' fields), read from the call's context."""
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...]
+
+
 class CheckingInterceptor(grpc.aio.ServerInterceptor):
     """A server interceptor that runs `check` before every call of every method, unary or streaming: a check
-    that returns False has aborted the call, and the method does not run."""
+    that returns False has aborted the call, and the method does not run.
+
+    The guarded handler is built once per method and reused (gRPC hands back the same handler object for a
+    method on every call), so a call pays for its check and nothing else."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        method: str = handler_call_details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
 
         async def check(context: Context) -> bool:
-            return await self.check(handler_call_details, context)
+            return await self.check(CallDetails(method, tuple(context.invocation_metadata() or ())), context)
 
-        return _guard_handler(handler, check)
+        guarded = _guard_handler(handler, check)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
-    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+    async def check(self, details: CallDetails, context: Context) -> bool:
         raise NotImplementedError
 
 
 class AuthInterceptor(CheckingInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self.auth = authenticator
 
-    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+    async def check(self, details: CallDetails, context: Context) -> bool:
         metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
         identity = peer_identity(context)
         try:

@@ -68,6 +68,8 @@ class Settings:
     # How long authentication may reuse what it read from the state DB (server/auth.py): a revocation
     # takes effect at once on the server that made it and within this many seconds on the others; 0: no cache.
     auth_cache_seconds: float = 1.0
+    # The same bound for flavors read by GetFlavor (server/readcache.py); 0: no cache.
+    catalog_cache_seconds: float = 1.0
     log_level: str = "INFO"
     # Tokens expire by default: a token created without a TTL gets this one (0 = never; not recommended).
     token_ttl_seconds: int = 30 * 86400
@@ -89,8 +91,9 @@ class Settings:
         for key in ("api_rate_limit", "api_rate_burst", "admin_rate_limit"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
-        if self.auth_cache_seconds < 0:
-            raise InvalidArgument("auth_cache_seconds must be 0 or more", field="auth_cache_seconds")
+        for key in ("auth_cache_seconds", "catalog_cache_seconds"):
+            if getattr(self, key) < 0:
+                raise InvalidArgument(f"{key} must be 0 or more", field=key)
         if not self.api_rate_period_seconds > 0:
             raise InvalidArgument("api_rate_period_seconds must be more than 0", field="api_rate_period_seconds")
         if self.agent_max_message_bytes < (1 << 20) + 64 * 1024:
