@@ -187,7 +187,7 @@ def sync_channel(address: str, files_or_creds: TlsFiles | grpc.ChannelCredential
 def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> Identity | None:
     """The identity proven by the peer's verified client certificate, or None (no cert, or not ours)."""
     auth = context.auth_context()
-    pems = auth.get("x509_pem_cert")
+    pems = list(auth.get("x509_pem_cert") or ())
     if not pems:
         return None
     return _identity_of(bytes(pems[0]))
