@@ -211,7 +211,7 @@ async def serve(settings: Settings) -> None:
     # Metrics outermost (refused calls are counted too); then auth: the rate limiter keys its buckets by the
     # principal auth found.
     api = grpc.aio.server(interceptors=[ApiMetricsInterceptor(wiring.metrics.api_calls, wiring.metrics.api_seconds),
-                                        AuthInterceptor(Authenticator(app.sessions)),
+                                        AuthInterceptor(Authenticator(app.sessions, settings.auth_cache_seconds)),
                                         RateLimitInterceptor(wiring.rate_limiter)], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:

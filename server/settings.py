@@ -65,6 +65,11 @@ class Settings:
     api_rate_period_seconds: float = 60.0
     api_rate_burst: int = 0
     admin_rate_limit: int = 0
+    # How long authentication may reuse what it read from the state DB (server/auth.py): a revocation
+    # takes effect at once on the server that made it and within this many seconds on the others; 0: no cache.
+    auth_cache_seconds: float = 1.0
+    # The same bound for flavors read by GetFlavor (server/readcache.py); 0: no cache.
+    catalog_cache_seconds: float = 1.0
     # Prometheus metrics (server/metrics.py): "host:port" of the /metrics listener, "" for none. Plain HTTP
     # only on a loopback address; bound anywhere else it is TLS with the server's certificate, and a
     # scraper must present a deployment certificate of role monitor (or admin). metrics_tls = "on" makes
@@ -114,6 +119,9 @@ class Settings:
             if not getattr(self, key):
                 object.__setattr__(self, key, value)
         for key in ("api_rate_limit", "api_rate_burst", "admin_rate_limit"):
+            if getattr(self, key) < 0:
+                raise InvalidArgument(f"{key} must be 0 or more", field=key)
+        for key in ("auth_cache_seconds", "catalog_cache_seconds"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
         if not self.api_rate_period_seconds > 0:

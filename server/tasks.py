@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, func, or_, select, update
+from sqlalchemy import CursorResult, Update, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
@@ -162,9 +162,14 @@ def submit(session: Session, kind: str, resource: str, params: dict[str, Any] | 
     return task
 
 
+# Built once: read on every GetInstance and every listed instance, where building the statement (and its
+# cache key) cost as much as running it.
+_ACTIVE_TASK = (select(Task).where(Task.resource == bindparam("resource"), Task.state.in_(ACTIVE_STATES))
+                .order_by(Task.created_at).limit(1))
+
+
 def active_task_for(session: Session, resource: str) -> Task | None:
-    return session.scalars(select(Task).where(Task.resource == resource, Task.state.in_(ACTIVE_STATES))
-                           .order_by(Task.created_at)).first()
+    return session.scalars(_ACTIVE_TASK, {"resource": resource}).first()
 
 
 ChangeListener = Callable[[str, str], None]  # (task_id, resource)
