@@ -56,6 +56,7 @@ class IscsiVolumeDriver(VolumeDriver):
     def login(self, vid: str, locator: str, chap: Chap) -> str:
         """Logs in to the LUN (idempotent) and returns the block device or file it became."""
         loc = Locator.parse(locator)
+        qsd.probe_portal(loc.portal)  # a SAN node that is down: UNAVAILABLE naming it, in seconds
         if self.kind == "kernel":
             return self.kernel.login(loc, self.initiator_iqn, chap)
         return self.userspace.login(vid, loc, self.initiator_iqn, chap)

@@ -48,6 +48,24 @@ def _alive(pid: int, marker: str) -> bool:
         and any(marker.encode() in a for a in args)
 
 
+def _pids_serving(marker: str) -> list[int]:
+    """Every qemu-storage-daemon for this export file, with or without a pid file (a daemon still in its
+    login has written none yet)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _alive(int(p), marker)]
+
+
+def probe_portal(portal: str, timeout: float = 5.0) -> None:
+    """Unavailable naming the portal unless something accepts a TCP connection there: a SAN node that is
+    down fails in seconds with a clear error, not after libiscsi's connect retries."""
+    host, _, port = portal.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise Unavailable(f"the SAN node at {portal} is unreachable: {exc.strerror or exc}",
+                          field="locator") from None
+
+
 def _fuse_mounted(path: str) -> bool:
     with open("/proc/self/mounts") as f:
         return any(line.split()[1] == path and line.split()[2].startswith("fuse") for line in f)
@@ -132,6 +150,7 @@ class UserspaceInitiator:
         if self.has_session(vid):
             return self.device_path(vid)
         self.logout(vid)  # whatever a dead daemon left
+        probe_portal(loc.portal)
         d = self._dir(vid)
         os.makedirs(d, mode=0o700, exist_ok=True)
         dev = self.device_path(vid)
@@ -178,14 +197,16 @@ class UserspaceInitiator:
     def logout(self, vid: str) -> None:
         """Ends the session: the daemon quits (unmounting its FUSE export) and its directory goes."""
         d = self._dir(vid)
-        pid = self.pid(vid)
-        if pid:
+        marker = self.device_path(vid)
+        pids = _pids_serving(marker)
+        for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while _alive(pid, self.device_path(vid)) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid, self.device_path(vid)):
+        deadline = time.monotonic() + 15
+        while any(_alive(p, marker) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in pids:
+            if _alive(pid, marker):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         if _fuse_mounted(self.device_path(vid)):  # a killed daemon leaves its mount behind
