@@ -24,9 +24,6 @@ from reddwarf.common.errors import (
 )
 
 from . import network
-from .iscsi import Chap, Locator, validate_chap, validate_iqn
-from .iscsi_volumes import IscsiVolumeDriver
-from .san import SanTargetDriver
 from .cgroups import CgroupLayout
 from .containers import (
     Bootstrap,
@@ -40,7 +37,10 @@ from .containers import (
     VolumeMount,
     validate_id,
 )
+from .iscsi import Chap, Locator, validate_chap, validate_iqn
+from .iscsi_volumes import IscsiVolumeDriver
 from .loop import OnlineResizeDenied, device_numbers
+from .san import SanTargetDriver
 from .settings import Settings
 from .state import ContainerRecord, HostState, Record, VolumeRecord
 from .volumes import GIB, VolumeDriver, VolumeInfo

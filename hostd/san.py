@@ -19,7 +19,15 @@ import time
 from reddwarf.common.errors import FailedPrecondition, InvalidArgument
 from reddwarf.common.runner import CommandError, run
 
-from .containers import ContainerDriver, ContainerSpec, ContainerStatus, ExecResult, Limits, Usage, VolumeMount
+from .containers import (
+    ContainerDriver,
+    ContainerSpec,
+    ContainerStatus,
+    ExecResult,
+    Limits,
+    Usage,
+    VolumeMount,
+)
 from .iscsi import Chap, Locator, TargetHost, validate_iqn
 from .settings import Settings
 from .volumes import GIB, LocalVolumeDriver, VolumeInfo

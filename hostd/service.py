@@ -37,8 +37,8 @@ from reddwarf.common.tls import RevocationList, peer_identity
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
 from .containers import Bootstrap, Limits
-from .iscsi import Chap
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
+from .iscsi import Chap
 from .renewal import CertificateRenewer
 
 log = logging.getLogger("reddwarf.hostd.service")
