@@ -218,6 +218,7 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
+    ("host", lambda i: short(i.host) if i.host else ""), ("volume driver", lambda i: i.volume.driver),
 ]
 
 

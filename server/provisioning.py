@@ -27,6 +27,7 @@ from .hosts import HostPool
 from .instance_tasks import InstanceTasks
 from .instances import InstancesServicer
 from .pagination import Paginator
+from .san import SanVolumes
 from .sealing import PasswordSealer
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     store.clean_partials()   # and of uploads cut off with it
     sealer = PasswordSealer(secret)
     enrollment = Enrollment(app, secret)
-    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups)
+    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups,
+                                   SanVolumes(app, hosts, sealer))
 
     def on_change(task_id: str, resource: str) -> None:
         if resource.startswith("instances/"):
