@@ -22,12 +22,12 @@ from starlette.requests import Request
 from reddwarf.client import trove
 from reddwarf.hostd import qsd
 from reddwarf.hostd.iscsi import TargetHost
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
+from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc, host_pb2, host_pb2_grpc
 from tests.fixtures.cluster import host_files
 from tests.fixtures.hostd import RunningHostd, start_hostd
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.netns import HostNetwork, host_network
-from tests.fixtures.server import RunningServer, start_server
+from tests.fixtures.server import RunningServer, start_server, stop_process
 from tests.fixtures.waiting import until
 
 pytestmark = [
@@ -58,7 +58,10 @@ def san(tmp_path_factory) -> Iterator[San]:
     root = tmp_path_factory.mktemp("saninst")
     control_port = 20000 + free_port() % 10000
     with host_network(["san", "a"]) as net:
-        env = {"REDDWARF_AGENT_LISTEN": f"{net.gateway}:{free_port()}",
+        # No capacity refresh during the module: a stopped SAN node stays UP in the scheduler's eyes, so the
+        # create reaches it (a node already seen DOWN is refused at scheduling instead).
+        env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600",
+               "REDDWARF_AGENT_LISTEN": f"{net.gateway}:{free_port()}",
                "REDDWARF_ENROLL_LISTEN": f"{net.gateway}:{free_port()}"}
         with start_server(root, extra_env=env) as server:
             try:
@@ -124,3 +127,22 @@ def test_an_instance_on_an_iscsi_host_keeps_its_data_on_the_san_node(san):
         assert [line for line in f if str(san.compute.root) in line and "lun.raw" in line] == []
     assert str(san.compute.root / "state" / "iscsi") not in subprocess.run(
         ["losetup", "-a"], capture_output=True, text=True).stdout
+
+
+def test_a_san_node_down_during_create_is_unavailable_naming_it_and_leaves_nothing(san):
+    """Last in the module: the SAN node's hostd is stopped for good."""
+    stop_process(san.san.proc)
+    inst = san.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name="no-san", flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
+        metadata=san.md)
+    inst = until(lambda: get(san, inst.name),
+                 lambda i: i.status in (ACTIVE, database_pb2.INSTANCE_STATUS_ERROR) and not i.task,
+                 timeout=120, what="ERROR", interval=0.5)
+    assert inst.status == database_pb2.INSTANCE_STATUS_ERROR
+    assert "SAN node h-san is unavailable" in inst.fault.message, inst.fault.message
+    # Nothing on the compute host: no volume, no session, no container.
+    compute = host_pb2_grpc.HostAgentStub(san.compute.channel(san.server.server_files))
+    assert compute.ListVolumes(host_pb2.ListVolumesRequest(), timeout=30).volumes == []
+    assert compute.ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers == []
+    run_dir = san.compute.root / "state" / "iscsi"
+    assert not run_dir.exists() or qsd.UserspaceInitiator(str(run_dir)).sessions() == []
