@@ -21,12 +21,14 @@ import grpc
 import pytest
 
 from reddwarf.hostd import qsd
-from reddwarf.hostd.iscsi import TargetHost
+from reddwarf.common.errors import PermissionDenied
+from reddwarf.hostd.iscsi import Chap, Locator, TargetHost
 from reddwarf.v1 import host_pb2, host_pb2_grpc
 from tests.fixtures.errors import field_violations as fields
 from tests.fixtures.hostd import RunningHostd, start_hostd
 from tests.fixtures.netns import HostNetwork, host_network
 from tests.fixtures.server import stop_process
+from tests.fixtures.waiting import until
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="tgtd, namespaces, FUSE and loop devices need root"),
@@ -267,6 +269,26 @@ def test_san_node_down_during_attach_is_unavailable_and_changes_nothing(fleet, n
     finally:
         net.reconnect("san")
     san.DeleteVolume(host_pb2.DeleteVolumeRequest(id=vid), timeout=60)
+
+
+def test_fencing_cuts_the_session_and_refuses_every_initiator(fleet, tmp_path):
+    san = fleet.stub("san")
+    loc = san.GetVolume(host_pb2.VolumeRef(id=VID), timeout=30).locator
+    assert [s.initiator for s in san_target(fleet, VID).sessions] == [fleet.iqn("b")]
+    fenced = san.ExportVolume(host_pb2.ExportVolumeRequest(id=VID), timeout=60)  # nobody admitted
+    assert fenced.initiator_iqn == ""
+    t = san_target(fleet, VID)
+    assert t.acl == () and t.sessions == () and t.accounts == ()  # B's live session cut, its account gone
+    # A half-alive B that logs in again (its qsd restarted) is refused, with the right secret.
+    probe = qsd.UserspaceInitiator(str(tmp_path / "probe"))
+    with pytest.raises(PermissionDenied):
+        probe.login("probe", Locator.parse(loc), fleet.iqn("b"), Chap(SECRET.user, SECRET.secret))
+    assert probe.sessions() == []
+    # Admitted again, B's running session reconnects by itself and reads its data.
+    san.ExportVolume(host_pb2.ExportVolumeRequest(id=VID, initiator_iqn=fleet.iqn("b"), chap=SECRET), timeout=60)
+    until(lambda: san_target(fleet, VID).sessions, lambda s: [x.initiator for x in s] == [fleet.iqn("b")],
+          timeout=60, what="B's session back", interval=0.5)
+    assert (mount_of(fleet, "b", VID) / "probe").read_text() == "written on a"
 
 
 def test_delete_leaves_nothing_behind(fleet):
