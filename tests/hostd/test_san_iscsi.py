@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -20,8 +21,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from reddwarf.hostd import qsd
 from reddwarf.common.errors import PermissionDenied
+from reddwarf.hostd import qsd
 from reddwarf.hostd.iscsi import Chap, Locator, TargetHost
 from reddwarf.v1 import host_pb2, host_pb2_grpc
 from tests.fixtures.errors import field_violations as fields
@@ -248,6 +249,20 @@ def test_a_restarted_compute_hostd_keeps_its_session(fleet):
     vol = fleet.stub("b").GetVolume(host_pb2.VolumeRef(id=VID), timeout=30)
     assert vol.device.startswith("/dev/loop") and vol.fs_bytes_total > 0
     assert qsd_pids(fleet, "b") == before
+    assert (mount_of(fleet, "b", VID) / "probe").read_text() == "written on a"
+
+
+def test_a_san_node_whose_tgtd_died_exports_its_luns_again_at_hostd_start(fleet):
+    pid = int((fleet.root / "san" / "state" / "tgtd.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    until(lambda: os.path.exists(f"/proc/{pid}/stat") and "(tgtd) Z" not in open(f"/proc/{pid}/stat").read(),
+          lambda alive: not alive, timeout=10, what="tgtd gone", interval=0.1)
+    fleet.restart("san")
+    t = san_target(fleet, VID)
+    assert t is not None and t.acl == (fleet.iqn("b"),) and t.accounts == (SECRET.user,)
+    # B's session, cut with the old tgtd, comes back by itself.
+    until(lambda: san_target(fleet, VID).sessions, lambda s: [x.initiator for x in s] == [fleet.iqn("b")],
+          timeout=60, what="B's session back", interval=0.5)
     assert (mount_of(fleet, "b", VID) / "probe").read_text() == "written on a"
 
 
