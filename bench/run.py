@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("gateway_bench", "REST gateway overhead vs gRPC"),
     ("isolation_bench", "noisy neighbour and container vs bare"),
     ("chaos_bench", "seeded random kills: convergence and lost rows"),
+    ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
 ]
 
 
