@@ -203,6 +203,8 @@ class TargetHost:
         """tgtadm takes the CHAP secret only as an argument: run it without the runner, whose log and errors
         would carry the argv, and say what failed without it."""
         validate_chap(Chap(user, secret))
+        # One left unbound by a crash between "new" and "bind" would make "new" fail: start from none.
+        self._adm("--op", "delete", "--mode", "account", "--user", user, check=False)
         ctl = ["-C", str(self.control_port)] if self.control_port else []
         proc = subprocess.run(["tgtadm", *ctl, "--lld", "iscsi", "--op", "new", "--mode", "account",
                                "--user", user, "--password", secret], capture_output=True, timeout=30, check=False)
