@@ -1,5 +1,7 @@
-"""iSCSI volumes: the target side (tgtd via tgtadm) exports a backing file as a LUN; the initiator side
-(open-iscsi's iscsiadm) logs a host into it so the LUN appears as a block device there.
+"""iSCSI volumes: the target side (tgtd via tgtadm) exports a backing file as a LUN and admits exactly one
+initiator (ACL by initiator name + an incoming CHAP account); the kernel initiator side (open-iscsi's iscsiadm)
+logs a host into it so the LUN appears as a block device there. The user-space initiator is in qsd.py, the
+storage-mode driver in san.py, the compute side's volume driver in iscsi_volumes.py.
 
 Target and initiator are separate values because they run on different hosts: the storage host exports, the
 container host logs in. A volume's locator is `iscsi://<portal>/<iqn>/<lun>`, which is what another host
