@@ -178,7 +178,11 @@ class IscsiVolumeDriver(VolumeDriver):
                           mount_path=mnt, fs_bytes_total=total, fs_bytes_used=used)
 
     def list_locators(self) -> list[str]:
-        return []  # the backing stores are the SAN node's
+        """The LUNs this host has sessions to (user-space: found in the state dir): reported as unmanaged
+        when no volume record names them, e.g. a hostd killed between login and recording the volume."""
+        if self.kind == "kernel":
+            return []  # open-iscsi's sessions are the machine's, not only ours
+        return sorted(filter(None, (self.userspace.locator(v) for v in self.userspace.sessions())))
 
     def free_bytes(self) -> int:
         return 0

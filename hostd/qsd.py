@@ -142,6 +142,13 @@ class UserspaceInitiator:
     def sessions(self) -> list[str]:
         return sorted(v for v in os.listdir(self.run_dir) if self.pid(v))
 
+    def locator(self, vid: str) -> str:
+        try:
+            with open(os.path.join(self._dir(vid), "locator")) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
     def has_session(self, vid: str) -> bool:
         return bool(self.pid(vid)) and _fuse_mounted(self.device_path(vid))
 
@@ -182,6 +189,8 @@ class UserspaceInitiator:
             stderr = "timed out connecting" if proc is None else proc.stderr
             self.logout(vid)
             raise _login_error(loc.portal, initiator_iqn, stderr)
+        with open(os.path.join(d, "locator"), "w") as f:  # what this session is of, for reconciliation
+            f.write(str(loc))
         log.info("iscsi session opened (user-space)", extra={"volume": vid, "target": loc.iqn,
                                                             "pid": self.pid(vid)})
         return dev
@@ -193,6 +202,13 @@ class UserspaceInitiator:
             qmp.execute("block_resize", **{"node-name": "lun", "size": size_bytes})
         finally:
             qmp.close()
+        # The kernel caches a FUSE file's attributes for a moment: wait until the new size shows, or losetup
+        # and resize2fs would still see the old one.
+        deadline = time.monotonic() + 10
+        while os.stat(self.device_path(vid)).st_size != size_bytes:
+            if time.monotonic() > deadline:
+                raise FailedPrecondition(f"the LUN of volume {vid} did not show its new size", field="size_gb")
+            time.sleep(0.1)
 
     def logout(self, vid: str) -> None:
         """Ends the session: the daemon quits (unmounting its FUSE export) and its directory goes."""

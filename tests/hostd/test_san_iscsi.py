@@ -183,6 +183,10 @@ def test_a_volume_written_on_one_host_is_read_on_another(fleet):
     assert (mount_of(fleet, "b", VID) / "probe").read_text() == "written on a"
     target = san_target(fleet, VID)
     assert target.acl == (fleet.iqn("b"),) and [s.initiator for s in target.sessions] == [fleet.iqn("b")]
+    # Reconciliation sees every session and LUN as tracked.
+    for name in ("b", "san"):
+        listed = fleet.stub(name).ListVolumes(host_pb2.ListVolumesRequest(), timeout=30)
+        assert [v.id for v in listed.volumes] == [VID] and list(listed.unmanaged) == []
 
 
 def test_the_former_host_is_refused_after_the_move(fleet):
