@@ -10,6 +10,7 @@ compute host's initiator only, instance show names the host and the volume drive
 delete leaves no LUN, session, FUSE export, mount or loop device."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -18,8 +19,9 @@ from collections.abc import Iterator
 
 import pytest
 from starlette.requests import Request
+from typer.testing import CliRunner
 
-from reddwarf.client import trove
+from reddwarf.client import cli, trove
 from reddwarf.hostd import qsd
 from reddwarf.hostd.iscsi import TargetHost
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc, host_pb2, host_pb2_grpc
@@ -117,6 +119,21 @@ def test_an_instance_on_an_iscsi_host_keeps_its_data_on_the_san_node(san):
                        "path_params": {"tenant": "sanco"}})
     body = trove.instance(inst, request)
     assert body["host"] == "h-a" and body["volume"]["type"] == "iscsi"
+    # And the CLI's instance show.
+    f = san.server.client_files
+    env = {"REDDWARF_ENDPOINT": san.server.api, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert),
+           "REDDWARF_KEY": str(f.key), "REDDWARF_TOKEN": san.md[0][1].split(" ", 1)[1],
+           "REDDWARF_CONFIG": "/nonexistent"}
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["--json", "instance", "show", "lun-db"], env=env)
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["host"] == "hosts/h-a" and shown["volume"]["driver"] == "iscsi"
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["instance", "show", "lun-db"], env=env, terminal_width=200)
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in r.output.splitlines()
+            if line.count("│") >= 3}
+    assert rows.get("host") == "h-a" and rows.get("volume driver") == "iscsi", r.output
 
     san.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=san.md)
     until(lambda: san.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
