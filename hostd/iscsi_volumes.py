@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 
 from reddwarf.common.errors import FailedPrecondition
 from reddwarf.common.runner import CommandError, run
@@ -58,7 +59,14 @@ class IscsiVolumeDriver(VolumeDriver):
         loc = Locator.parse(locator)
         qsd.probe_portal(loc.portal)  # a SAN node that is down: UNAVAILABLE naming it, in seconds
         if self.kind == "kernel":
-            return self.kernel.login(loc, self.initiator_iqn, chap)
+            dev = self.kernel.login(loc, self.initiator_iqn, chap)
+            deadline = time.monotonic() + 30  # udev makes the by-path link a moment after the login
+            while not os.path.exists(dev):
+                if time.monotonic() > deadline:
+                    self.kernel.logout(loc, self.initiator_iqn)
+                    raise FailedPrecondition(f"logged in to {loc} but {dev} did not appear", field="locator")
+                time.sleep(0.2)
+            return dev
         return self.userspace.login(vid, loc, self.initiator_iqn, chap)
 
     def _session_device(self, vid: str, locator: str) -> str:
