@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from reddwarf.common.errors import FailedPrecondition, InvalidArgument
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from reddwarf.common.runner import Result, run
 
 log = logging.getLogger("reddwarf.hostd.iscsi")
@@ -288,6 +288,18 @@ class Chap:
         return f"Chap(user={self.user!r}, secret=***)"
 
 
+def _login_error(loc: Locator, initiator_iqn: str, code: int, stderr: str) -> Exception:
+    """iscsiadm's exit status (open-iscsi's iscsi_err.h) as the error the caller can act on."""
+    if code == 24:  # ISCSI_ERR_LOGIN_AUTH_FAILED
+        return PermissionDenied(f"the SAN node at {loc.portal} refused the CHAP credentials: {stderr}", field="chap")
+    if code == 19:  # ISCSI_ERR_FATAL_LOGIN: the target turned the initiator away (not in its ACL)
+        return PermissionDenied(f"the SAN node at {loc.portal} does not admit initiator {initiator_iqn or '(default)'}"
+                                f": {stderr}", field="locator")
+    if code in (4, 8):  # ISCSI_ERR_TRANS, ISCSI_ERR_TRANS_TIMEOUT
+        return Unavailable(f"the SAN node at {loc.portal} is unreachable: {stderr}", field="locator")
+    return FailedPrecondition(f"iscsi login to {loc} failed ({code}): {stderr}", field="locator")
+
+
 def validate_chap(chap: Chap) -> Chap:
     """tgtd and libiscsi take these characters without quoting; 12 bytes is CHAP's usual minimum secret."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", chap.user) or not re.fullmatch(r"[A-Za-z0-9_.~-]{12,64}",
@@ -338,7 +350,7 @@ class Initiator:
         res = self._iscsiadm(*node, "--login", check=False)
         # 15 = ISCSI_ERR_SESS_EXISTS: already logged in, which is what we want.
         if res.returncode not in (0, 15):
-            raise FailedPrecondition(f"iscsi login to {loc} failed: {res.stderr.strip()[:300]}", field="locator")
+            raise _login_error(loc, initiator_iqn, res.returncode, res.stderr.strip()[:300])
         return self.device_path(loc)
 
     def _set_node(self, node: list[str], name: str, value: str) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reddwarf.common.errors import FailedPrecondition, InvalidArgument
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from reddwarf.common.runner import Result
 from reddwarf.hostd.iscsi import (
     Chap,
@@ -196,6 +196,17 @@ def test_kernel_initiator_logs_in_as_this_host_with_chap_kept_out_of_the_runner(
     # The secret went to iscsiadm directly, never through the runner (whose log and errors carry argv).
     assert direct == [[*node, "--op", "update", "-n", "node.session.auth.password", "-v", "s3cret-s3cret-x"]]
     assert "s3cret" not in repr(Chap("rd-v1", "s3cret-s3cret-x"))
+
+
+@pytest.mark.parametrize("code,error,field", [(24, PermissionDenied, "chap"), (19, PermissionDenied, "locator"),
+                                               (8, Unavailable, "locator"), (5, FailedPrecondition, "locator")])
+def test_kernel_login_failures_say_what_refused_it(code, error, field):
+    def rec(argv, **_kw):
+        return Result(tuple(argv), code if "--login" in argv else 0, "", "iscsiadm: login failed", 0.0)
+
+    with pytest.raises(error) as exc:
+        Initiator(rec).login(Locator("10.0.0.5:3260", "iqn.2024-01.reddwarf:vol.v1", 1))
+    assert exc.value.violations[0][0] == field and "10.0.0.5:3260" in exc.value.message
 
 
 @pytest.mark.skipif(not kernel_has_iscsi_tcp(),
