@@ -476,6 +476,8 @@ class Host:
                 raise InvalidArgument("chap.user and chap.secret are required to attach an iscsi volume",
                                       field="chap")
             validate_chap(chap)
+            if existing is not None:
+                self.volumes.deactivate(vid, locator)  # what a lost session left mounted
             self.volumes.login(vid, locator, chap)
         try:
             info = self.volumes.activate(vid, locator)

@@ -68,6 +68,7 @@ class HostClient:
         self.ResizeVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ResizeVolume)
         self.DeleteVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteVolume)
         self.AdoptVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.AdoptVolume)
+        self.GetVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetVolume)
         self.ExportVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ExportVolume)
         self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
         self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)

@@ -3,6 +3,10 @@ mode) that admits exactly that host. The server picks the SAN node, makes the vo
 it (sealed on the instance row), and hands it to both ends: ExportVolume on the SAN node (this host's
 initiator only), AdoptVolume on the compute host (log in, mount). Each call is idempotent by the instance id,
 so a step replayed after a crash repeats them harmlessly.
+
+A compute host that lost its sessions (it rebooted: the initiator's sessions went with it, and hostd keeps no
+CHAP secret) gets each of its iscsi volumes attached again by `reattach_loop`, with the same account; the SAN
+node's ACL still decides, so a fenced host stays refused.
 """
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from reddwarf.common.errors import FailedPrecondition, NotFound, Unavailable
+from sqlalchemy import select
+
+from reddwarf.common.errors import FailedPrecondition, NotFound, RedDwarfError, Unavailable
+from reddwarf.common.states import HostState
 from reddwarf.v1 import host_pb2
 
 from . import models
@@ -127,3 +134,42 @@ class SanVolumes:
                              host_pb2.ResizeVolumeHostRequest(id=iid, size_gb=size_gb), timeout=900)
         await self.hosts.client(row.host_id).ResizeVolume(
             host_pb2.ResizeVolumeHostRequest(id=iid, size_gb=size_gb), timeout=900)
+
+    def _attached_here(self) -> list[tuple[str, str, str, str]]:
+        """(instance, compute host, SAN node, locator) of every live iscsi volume on a host that is up."""
+        with self.app.sessions() as s:
+            rows = s.execute(
+                select(models.Instance.id, models.Instance.host_id, models.Instance.storage_host_id,
+                       models.Instance.volume_locator)
+                .join(models.Host, models.Host.id == models.Instance.host_id)
+                .where(models.Instance.deleted_at.is_(None), models.Instance.storage_host_id.is_not(None),
+                       models.Instance.volume_locator != "", models.Host.state == HostState.UP)).all()
+        return [(r[0], r[1] or "", r[2] or "", r[3]) for r in rows]
+
+    async def reattach(self) -> list[str]:
+        """Attaches again every iscsi volume whose compute host reports no device for it; returns their ids."""
+        done = []
+        for iid, host_id, storage_host_id, locator in await asyncio.to_thread(self._attached_here):
+            host = self.hosts.client(host_id)
+            try:
+                vol = await host.GetVolume(host_pb2.VolumeRef(id=iid), timeout=30)
+                if vol.device:
+                    continue
+                place = await asyncio.to_thread(self._placement, iid, 0)
+                await self._adopt(host, storage_host_id, iid, locator, place.chap)
+            except RedDwarfError as exc:  # NotFound: not attached there yet (a create, a move in flight)
+                if not isinstance(exc, NotFound):
+                    log.warning("iscsi reattach failed", extra={"instance": iid, "host": host_id,
+                                                                "error": exc.message[:200]})
+                continue
+            log.info("iscsi volume attached again", extra={"instance": iid, "host": host_id})
+            done.append(iid)
+        return done
+
+    async def reattach_loop(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.reattach()
+            except Exception:  # noqa: BLE001 - the loop outlives any one failure
+                log.exception("iscsi reattach pass failed")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,7 +63,7 @@ def san(tmp_path_factory) -> Iterator[San]:
     with host_network(["san", "a"]) as net:
         # No capacity refresh during the module: a stopped SAN node stays UP in the scheduler's eyes, so the
         # create reaches it (a node already seen DOWN is refused at scheduling instead).
-        env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600",
+        env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600", "REDDWARF_SAN_REATTACH_SECONDS": "1",
                "REDDWARF_AGENT_LISTEN": f"{net.gateway}:{free_port()}",
                "REDDWARF_ENROLL_LISTEN": f"{net.gateway}:{free_port()}"}
         with start_server(root, extra_env=env) as server:
@@ -135,10 +136,28 @@ def test_an_instance_on_an_iscsi_host_keeps_its_data_on_the_san_node(san):
             if line.count("│") >= 3}
     assert rows.get("host") == "h-a" and rows.get("volume driver") == "iscsi", r.output
 
+
+    # The compute host loses its session (as in a reboot: the initiator and its mounts gone, hostd's record
+    # kept, no CHAP secret on the host): the server attaches the volume again with the volume's account.
+    run_dir = san.compute.root / "state" / "iscsi"
+    ini = qsd.UserspaceInitiator(str(run_dir))
+    pid, fuse_file = ini.pid(inst.id), ini.device_path(inst.id)
+    loop_dev = subprocess.run(["losetup", "-j", fuse_file, "-O", "NAME", "-n"], capture_output=True,
+                              text=True).stdout.split()
+    os.kill(pid, signal.SIGKILL)
+    for argv in (["umount", "-l", str(mnt)], *(["losetup", "-d", d] for d in loop_dev),
+                 ["umount", "-l", fuse_file]):
+        subprocess.run(argv, capture_output=True, timeout=30)
+    compute = host_pb2_grpc.HostAgentStub(san.compute.channel(san.server.server_files))
+    assert compute.GetVolume(host_pb2.VolumeRef(id=inst.id), timeout=30).device == ""
+    vol = until(lambda: compute.GetVolume(host_pb2.VolumeRef(id=inst.id), timeout=30), lambda v: v.device,
+                timeout=60, what="the volume attached again", interval=0.5)
+    assert vol.device.startswith("/dev/loop") and ini.pid(inst.id) not in (0, pid)
+    assert os.path.ismount(mnt) and any(mnt.iterdir())  # the same data, back
+
     san.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=san.md)
     until(lambda: san.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
     assert not (san.san.root / "volumes" / f"{inst.id}.lun").exists()
-    run_dir = san.compute.root / "state" / "iscsi"
     assert not run_dir.exists() or qsd.UserspaceInitiator(str(run_dir)).sessions() == []
     with open("/proc/mounts") as f:
         assert [line for line in f if str(san.compute.root) in line and "lun.raw" in line] == []
