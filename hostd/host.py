@@ -433,10 +433,13 @@ class Host:
         self.state.drop_volume(vid)
         log.info("volume deleted", extra={"volume": vid, "keep_data": keep_data})
 
-    def adopt_volume(self, vid: str, locator: str, chap: Chap | None = None) -> VolumeView:
+    def adopt_volume(self, vid: str, locator: str, chap: Chap | None = None,
+                     only_if_tracked: bool = False) -> VolumeView:
         validate_id(vid, "id")
         if not locator:
             raise InvalidArgument("locator is required", field="locator")
+        if only_if_tracked and vid not in self.state.volumes:
+            raise NotFound(f"volume {vid} is not tracked by this host", field="id")
         if isinstance(self.volumes, IscsiVolumeDriver):
             return self._attach_lun(vid, locator, chap)
         existing = self.state.volumes.get(vid)

@@ -368,7 +368,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     async def AdoptVolume(self, request: host_pb2.AdoptVolumeRequest,
                           context: Context) -> host_pb2.HostVolume:
         return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator,
-                                               chap_from_pb(request)))
+                                               chap_from_pb(request), request.only_if_tracked))
 
     @grpc_edge
     async def ExportVolume(self, request: host_pb2.ExportVolumeRequest,

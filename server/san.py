@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from reddwarf.common.errors import FailedPrecondition, NotFound, RedDwarfError, Unavailable
-from reddwarf.common.states import HostState
+from reddwarf.common.states import HostState, TaskState
 from reddwarf.v1 import host_pb2
 
 from . import models
@@ -89,10 +89,10 @@ class SanVolumes:
                               field="storage_host") from None
 
     async def _adopt(self, host: HostClient, storage_host_id: str, iid: str, locator: str,
-                     chap: host_pb2.ChapCredentials) -> host_pb2.HostVolume:
+                     chap: host_pb2.ChapCredentials, only_if_tracked: bool = False) -> host_pb2.HostVolume:
         try:
-            return await host.AdoptVolume(host_pb2.AdoptVolumeRequest(id=iid, locator=locator, chap=chap),
-                                          timeout=300)
+            return await host.AdoptVolume(host_pb2.AdoptVolumeRequest(
+                id=iid, locator=locator, chap=chap, only_if_tracked=only_if_tracked), timeout=300)
         except Unavailable as exc:
             if any(f == "locator" for f, _ in exc.violations):  # hostd reached, the SAN node not
                 raise Unavailable(f"SAN node {storage_host_id} is unavailable to host {host.host_id}: "
@@ -136,15 +136,19 @@ class SanVolumes:
             host_pb2.ResizeVolumeHostRequest(id=iid, size_gb=size_gb), timeout=900)
 
     def _attached_here(self) -> list[tuple[str, str, str, str]]:
-        """(instance, compute host, SAN node, locator) of every live iscsi volume on a host that is up."""
+        """(instance, compute host, SAN node, locator) of every live iscsi volume on a host that is up, but
+        for instances a task is working on (a create, delete or move attaches and detaches on its own)."""
         with self.app.sessions() as s:
+            busy = set(s.scalars(select(models.Task.resource).where(
+                models.Task.state.in_((TaskState.PENDING, TaskState.RUNNING)),
+                models.Task.resource.like("instances/%"))))
             rows = s.execute(
                 select(models.Instance.id, models.Instance.host_id, models.Instance.storage_host_id,
                        models.Instance.volume_locator)
                 .join(models.Host, models.Host.id == models.Instance.host_id)
                 .where(models.Instance.deleted_at.is_(None), models.Instance.storage_host_id.is_not(None),
                        models.Instance.volume_locator != "", models.Host.state == HostState.UP)).all()
-        return [(r[0], r[1] or "", r[2] or "", r[3]) for r in rows]
+        return [(r[0], r[1] or "", r[2] or "", r[3]) for r in rows if f"instances/{r[0]}" not in busy]
 
     async def reattach(self) -> list[str]:
         """Attaches again every iscsi volume whose compute host reports no device for it; returns their ids."""
@@ -156,7 +160,8 @@ class SanVolumes:
                 if vol.device:
                     continue
                 place = await asyncio.to_thread(self._placement, iid, 0)
-                await self._adopt(host, storage_host_id, iid, locator, place.chap)
+                # only_if_tracked: a delete or a move that let go of it meanwhile wins (hostd's lock orders them)
+                await self._adopt(host, storage_host_id, iid, locator, place.chap, only_if_tracked=True)
             except RedDwarfError as exc:  # NotFound: not attached there yet (a create, a move in flight)
                 if not isinstance(exc, NotFound):
                     log.warning("iscsi reattach failed", extra={"instance": iid, "host": host_id,

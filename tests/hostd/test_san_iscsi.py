@@ -191,6 +191,11 @@ def test_a_volume_written_on_one_host_is_read_on_another(fleet):
 
 def test_the_former_host_is_refused_after_the_move(fleet):
     loc = fleet.stub("san").GetVolume(host_pb2.VolumeRef(id=VID), timeout=30).locator
+    # A re-attach (only_if_tracked) of a volume A no longer tracks is NOT_FOUND before any login.
+    with pytest.raises(grpc.RpcError) as e:
+        fleet.stub("a").AdoptVolume(host_pb2.AdoptVolumeRequest(id=VID, locator=loc, chap=SECRET,
+                                                                only_if_tracked=True), timeout=60)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and fields(e.value) == ["id"]
     with pytest.raises(grpc.RpcError) as e:
         fleet.stub("a").AdoptVolume(host_pb2.AdoptVolumeRequest(id=VID, locator=loc, chap=SECRET), timeout=120)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
