@@ -1,8 +1,8 @@
 """san: a host's mode (compute / storage), initiator name and portal; an instance's volume driver, SAN node,
 LUN locator and sealed CHAP secret
 
-Revision ID: 0004_san
-Revises: 0003
+Revision ID: 0005_san
+Revises: 0004_lifecycle
 Create Date: 2026-11-26 17:00:00
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0004_san'
-down_revision = '0003'
+revision = '0005_san'
+down_revision = '0004_lifecycle'
 branch_labels = None
 depends_on = None
 
