@@ -223,6 +223,7 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
     ("tags", lambda i: tag_text(i.tags)), ("deletion protection", lambda i: "on" if i.deletion_protection else "off"),
     ("configuration", lambda i: short(i.configuration) if i.configuration else ""),
+    ("host", lambda i: short(i.host) if i.host else ""), ("volume driver", lambda i: i.volume.driver),
 ]
 
 

@@ -145,7 +145,9 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": i.id, "name": i.display_name, "status": STATUS.get(status, status),
         "flavor": {"id": i.flavor.rsplit("/", 1)[-1], "links": _links(request, f"flavors/{i.flavor.rsplit('/', 1)[-1]}")},
-        "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3)},
+        # Trove's volume "type" (a Cinder volume type there) names our volume driver: loop or iscsi.
+        "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3),
+                   "type": i.volume.driver},
         "datastore": datastore_ref(i.datastore, i.datastore_version),
         "operating_status": operating_status(i),
         "addresses": [{"address": e.host, "type": "private", "port": e.port} for e in i.endpoints],
@@ -163,6 +165,8 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     if i.configuration:
         cid = i.configuration.rsplit("/", 1)[-1]
         out["configuration"] = {"id": cid, "name": cid, "links": _links(request, f"configurations/{cid}")}
+    if i.host:  # as Trove's management view names the compute host
+        out["host"] = i.host.rsplit("/", 1)[-1]
     return out
 
 

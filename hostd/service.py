@@ -38,6 +38,7 @@ from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
 from .containers import Bootstrap, Limits, Usage
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
+from .iscsi import Chap
 from .renewal import CertificateRenewer
 
 log = logging.getLogger("reddwarf.hostd.service")
@@ -80,7 +81,7 @@ def volume_pb(view: VolumeView) -> host_pb2.HostVolume:
         id=r.id, size_gb=r.size_gb, driver=r.driver,
         state=host_pb2.VOLUME_STATE_ATTACHED if r.attached_to else host_pb2.VOLUME_STATE_AVAILABLE,
         attached_to=r.attached_to, device=i.device, fs_bytes_total=i.fs_bytes_total,
-        fs_bytes_used=i.fs_bytes_used, locator=r.locator)
+        fs_bytes_used=i.fs_bytes_used, locator=r.locator, initiator_iqn=r.initiator_iqn)
 
 
 def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
@@ -88,7 +89,12 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
         host_id=c.host_id, memory_mb_total=c.memory_mb_total, memory_mb_allocated=c.memory_mb_allocated,
         cpus=c.cpus, storage_gb_total=c.storage_gb_total, storage_gb_free=c.storage_gb_free,
         storage_gb_allocated=c.storage_gb_allocated, containers=c.containers,
-        container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version)
+        container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version,
+        mode=c.mode, initiator_iqn=c.initiator_iqn, iscsi_portal=c.iscsi_portal)
+
+
+def chap_from_pb(request: host_pb2.AdoptVolumeRequest | host_pb2.ExportVolumeRequest) -> Chap | None:
+    return Chap(request.chap.user, request.chap.secret) if request.HasField("chap") else None
 
 
 def usage_pb(u: Usage) -> host_pb2.ContainerUsage:
@@ -369,4 +375,11 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def AdoptVolume(self, request: host_pb2.AdoptVolumeRequest,
                           context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator))
+        return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator,
+                                               chap_from_pb(request), request.only_if_tracked))
+
+    @grpc_edge
+    async def ExportVolume(self, request: host_pb2.ExportVolumeRequest,
+                           context: Context) -> host_pb2.HostVolume:
+        return volume_pb(await self.run_locked(self.host.export_volume, request.id, request.initiator_iqn,
+                                               chap_from_pb(request)))

@@ -20,7 +20,8 @@
   guest_health.py         health and silence reported by the agent registry, written to the instance
   agents.py               the agent registry, the AgentGateway and Enrollment services
   tasks.py                the durable task engine
-  hosts.py                hostd clients, capacity refresh, placement
+  hosts.py                hostd clients, capacity refresh, placement (compute hosts, SAN nodes)
+  san.py                  iscsi volumes: a LUN on a SAN node, its CHAP account, export to one host, attach
   backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
   events.py               the instance event bus behind WatchInstance
   metrics.py              the Prometheus registry and the collector of the per-instance series

@@ -44,6 +44,7 @@ from .guest_health import GuestHealthRecorder
 from .hosts import HostClient, HostPool, place
 from .instance_views import STOPPED
 from .mysql_ca import sign_instance_csr
+from .san import SanVolumes
 from .sealing import PasswordSealer
 
 DATADIR = "/var/lib/mysql"
@@ -70,6 +71,7 @@ class InstanceTasks:
     sealer: PasswordSealer
     guests: GuestHealthRecorder
     backups: Backups
+    san: SanVolumes  # volumes of hosts with the iscsi driver: LUNs on SAN nodes
 
     def kinds(self) -> list[tasks.TaskKind]:
         S = tasks.Step
@@ -140,8 +142,13 @@ class InstanceTasks:
 
     async def step_create_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
-        await self._host(row).CreateVolume(host_pb2.CreateVolumeRequest(
+        iscsi: bool = bool(row.host_id) and await asyncio.to_thread(self.san.host_uses_iscsi, row.host_id or "")
+        if iscsi:
+            await self.san.create(row.id)
+            return
+        vol = await self._host(row).CreateVolume(host_pb2.CreateVolumeRequest(
             volume=host_pb2.HostVolume(id=row.id, size_gb=row.volume_size_gb)))
+        self._update(row.id, volume_driver=vol.driver)
 
     async def step_create_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
@@ -262,7 +269,9 @@ class InstanceTasks:
 
     async def step_delete_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
-        if row.host_id:
+        if row.storage_host_id:
+            await self.san.delete(row.id)
+        elif row.host_id:
             with contextlib.suppress(NotFound):  # already gone: a replayed step
                 await self._host(row).DeleteVolume(host_pb2.DeleteVolumeRequest(id=row.id))
 
@@ -322,8 +331,11 @@ class InstanceTasks:
     async def step_resize_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
         size = int(ctx.params["size_gb"])
-        await self._host(row).ResizeVolume(host_pb2.ResizeVolumeHostRequest(id=row.id, size_gb=size),
-                                                          timeout=900)
+        if row.storage_host_id:
+            await self.san.resize(row.id, size)
+        else:
+            await self._host(row).ResizeVolume(host_pb2.ResizeVolumeHostRequest(id=row.id, size_gb=size),
+                                               timeout=900)
         self._update(row.id, volume_size_gb=size)
 
     async def step_wait_running(self, ctx: tasks.StepContext) -> None:

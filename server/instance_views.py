@@ -89,7 +89,7 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
     pb = database_pb2.Instance(
         name=f"instances/{row.id}", id=row.id, display_name=row.display_name,
         status=states.to_pb(status), flavor=f"flavors/{row.flavor_id}",
-        volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
+        volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver=row.volume_driver or "loop"),
         datastore=row.datastore, datastore_version=row.datastore_version,
         create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
         host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "",

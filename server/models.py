@@ -123,6 +123,11 @@ class Host(Base):
     storage_overcommit: Mapped[float] = mapped_column(Float, default=0.0)
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # From hostd's capacity report: "compute" or "storage" (a SAN node, never given a container), the
+    # initiator name a SAN LUN must admit (compute hosts with iscsi volumes), the portal (SAN nodes).
+    mode: Mapped[str] = mapped_column(String(16), default="compute", server_default="compute")
+    initiator_iqn: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    iscsi_portal: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
 
 class Instance(Base):
@@ -139,6 +144,12 @@ class Instance(Base):
     datastore: Mapped[str] = mapped_column(String(64))
     datastore_version: Mapped[str] = mapped_column(String(64))
     host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    # The data volume: its driver ("loop", "iscsi"; "" on rows older than this column: loop), and for iscsi
+    # the SAN node holding its LUN, the LUN's locator and its CHAP account (the secret sealed, see sealing.py).
+    volume_driver: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    storage_host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    volume_locator: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    volume_chap: Mapped[str] = mapped_column(Text, default="", server_default="")
     address: Mapped[str] = mapped_column(String(255), default="")
     port: Mapped[int] = mapped_column(Integer, default=0)
     task_id: Mapped[str | None] = mapped_column(String(36), nullable=True)

@@ -35,6 +35,7 @@ from .hosts import HostPool
 from .instance_tasks import InstanceTasks
 from .instances import InstancesServicer
 from .pagination import Paginator
+from .san import SanVolumes
 from .sealing import PasswordSealer
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     store.clean_partials()   # and of uploads cut off with it
     sealer = PasswordSealer(secret)
     enrollment = Enrollment(app, secret)
-    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups)
+    san = SanVolumes(app, hosts, sealer)
+    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups, san)
 
     def on_change(task_id: str, resource: str) -> None:
         if resource.startswith("instances/"):
@@ -117,4 +119,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         await schedule_loop(app, store, engine)
 
     wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules]
+    if st.san_reattach_seconds > 0:
+        async def run_san_reattach() -> None:
+            await san.reattach_loop(st.san_reattach_seconds)
+        wiring.background.append(run_san_reattach)
     wiring.on_stop.append(hosts.close)

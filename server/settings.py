@@ -54,6 +54,9 @@ class Settings:
     verify_workers: int = 2
     verify_workers_per_tenant: int = 1
     capacity_refresh_seconds: int = 30
+    # How often iscsi volumes whose compute host lost its session (a reboot) are attached again with their
+    # CHAP account (server/san.py; 0 = never).
+    san_reattach_seconds: int = 30
     memory_overcommit: float = 1.0
     storage_overcommit: float = 1.0
     max_volume_gb: int = 1024
