@@ -5,6 +5,7 @@ admin's password and the shape of the last prepare (never a tenant's password)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from reddwarf.common.states import ServiceState
 from . import convert, services
 from .backup import BackupRunner, BackupSettings, MysqlAccess
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
+from .logs import GuestLogs, MysqlLogs
 from .model import (
     BackupResult,
     Database,
@@ -88,6 +90,8 @@ class MysqlDriver(DatastoreDriver):
         self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db,
                              settings.tls_dir)
         self.admin = MysqlAdmin(self._admin_connect)
+        self._logs = MysqlLogs(settings.state_dir, lambda: os.path.join(volume_work_dir(self.datadir), "logs"),
+                               settings.run_as, self.admin.cursor, self._mysqld_running, self._write_my_cnf)
 
     # private records -----------------------------------------------------
 
@@ -122,8 +126,16 @@ class MysqlDriver(DatastoreDriver):
 
     def my_cnf(self) -> MyCnf:
         pool, conns = size_for_limits(self._limits)
-        return self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
-                                  int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+        cnf = self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
+                                 int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+        return dataclasses.replace(cnf, log_lines=tuple(self._logs.my_cnf_lines()))
+
+    def logs(self) -> GuestLogs:
+        return self._logs
+
+    def _mysqld_running(self) -> bool:
+        sup = self.mysqld.supervisor
+        return sup is not None and sup.state == ServiceState.RUNNING
 
     # TLS -----------------------------------------------------------------
 
@@ -246,6 +258,7 @@ class MysqlDriver(DatastoreDriver):
                 self._port = s.port
         await progress(30, "writing my.cnf")
         self._write_my_cnf()
+        self._logs.ensure_dir()
         await progress(40, "initialising the datadir")
         await self.mysqld.init_datadir(self.datadir)
         await progress(60, "starting mysqld")
@@ -295,6 +308,7 @@ class MysqlDriver(DatastoreDriver):
     # lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._logs.ensure_dir)  # a restore swapped the datadir, or a first start
         await self.mysqld.start()
 
     async def stop(self) -> None:

@@ -71,6 +71,11 @@ class Settings:
     admin_token_ttl_seconds: int = 30 * 86400   # the admin token `init` writes to <state_dir>/admin.token
     server_cert_days: int = 90                  # the server's own certificate, renewed with a third left
     host_cert_days: int = 90                    # host certificates the server renews (same rule)
+    # The event history (server/audit.py): recorded unless events_enabled is false (benchmarks' baseline),
+    # kept event_retention_days (0: forever), pruned every event_prune_seconds.
+    events_enabled: bool = True
+    event_retention_days: float = 90.0
+    event_prune_seconds: float = 3600.0
     # Test-only crash hook: "<task kind>:<step>" makes the server SIGKILL itself right after that step.
     test_exit_after_step: str = ""
 
@@ -86,6 +91,10 @@ class Settings:
         for key in ("api_rate_limit", "api_rate_burst", "admin_rate_limit"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
+        if self.event_retention_days < 0:
+            raise InvalidArgument("event_retention_days must be 0 (keep forever) or more", field="event_retention_days")
+        if not self.event_prune_seconds > 0:
+            raise InvalidArgument("event_prune_seconds must be more than 0", field="event_prune_seconds")
         if not self.api_rate_period_seconds > 0:
             raise InvalidArgument("api_rate_period_seconds must be more than 0", field="api_rate_period_seconds")
         if self.agent_max_message_bytes < (1 << 20) + 64 * 1024:
