@@ -1,6 +1,6 @@
 """The event history's recording side: who asked for which change through the API and how it ended (an
 interceptor on the API port, so the REST gateway's calls are covered too), and every status change of an
-instance, backup, host or task (a hook on the state DB's sessions, in the same transaction as the change).
+instance, backup or host (a hook on the state DB's sessions, in the same transaction as the change).
 
 What a caller asked is kept as its request in JSON with every secret field redacted (passwords, tokens,
 keys, certificates and CSRs, by field name), truncated. Not to be confused with server/events.py, the
@@ -46,7 +46,7 @@ REDACTED = "<redacted>"
 SUMMARY_MAX = 2000
 REQUEST_ID_MAX = 64
 FLUSH_SECONDS = 0.2
-KINDS = ("api", "status", "task")
+KINDS = ("api", "status")
 
 # The request id and caller of the API call being served, seen by the status hook (asyncio.to_thread copies
 # the context into the worker thread).
@@ -202,18 +202,13 @@ _WATCHED: dict[type[models.Base], tuple[str, str, Callable[[Any], str]]] = {
     models.Instance: ("status", "instances", lambda r: r.tenant_id or ""),
     models.Backup: ("status", "backups", lambda r: r.tenant_id or ""),
     models.Host: ("state", "hosts", lambda r: ""),
-    models.Task: ("state", "", lambda r: r.tenant_id or ""),
 }
 
 
 def _status_event(row: Any, new: str, old: str) -> models.Event:
     column, collection, tenant = _WATCHED[type(row)]
     p = _principal.get()
-    if isinstance(row, models.Task):
-        kind, resource, new, old = "task", row.resource, f"{row.kind} {new}", f"{row.kind} {old}" if old else ""
-    else:
-        kind, resource = "status", f"{collection}/{row.id}"
-    return models.Event(time=utcnow(), kind=kind, tenant_id=tenant(row), resource=resource[:128],
+    return models.Event(time=utcnow(), kind="status", tenant_id=tenant(row), resource=f"{collection}/{row.id}"[:128],
                         actor=p.identity.uri if p else "", request_id=_request_id.get(), method="", summary="",
                         code="", status=str(new)[:64], previous_status=str(old or "")[:64], detail="")
 
@@ -233,7 +228,7 @@ def _before_flush(session: Session, flush_context: Any, instances: Any) -> None:
             added.append(_status_event(row, hist.added[0], hist.deleted[0]))
     for row in session.deleted:
         spec = _WATCHED.get(type(row))
-        if spec is not None and not isinstance(row, models.Task):
+        if spec is not None:
             added.append(_status_event(row, "DELETED", getattr(row, spec[0]) or ""))
     if added:
         session.add_all(added)

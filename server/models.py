@@ -257,7 +257,7 @@ class AgentCommand(Base):
 
 class Event(Base):
     """The event history (server/audit.py): every change asked through the API and every status change of
-    an instance, backup, host or task. Never holds a secret: requests are recorded redacted."""
+    an instance, backup or host. Never holds a secret: requests are recorded redacted."""
     __tablename__ = "events"
     __table_args__ = (Index("ix_events_tenant_id", "tenant_id", "id"), Index("ix_events_resource", "resource", "id"),
                       Index("ix_events_time", "time"))
@@ -265,7 +265,7 @@ class Event(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
     time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
-    # "api", "status" or "task"
+    # "api" or "status"
     kind: Mapped[str] = mapped_column(String(16))
     tenant_id: Mapped[str] = mapped_column(String(64), default="")
     resource: Mapped[str] = mapped_column(String(128), default="")
