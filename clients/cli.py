@@ -705,6 +705,10 @@ def pki_issue(directory: Path, role: str, ident: str, out_dir: Path = typer.Opti
     out.print(f"issued spiffe://reddwarf/{role}/{ident}: {files.cert}")
 
 
+# `instance log ...`, `instance top` and `event list` live in their own module and register themselves here.
+from . import cli_observe  # noqa: E402, F401
+
+
 def main() -> int:
     try:
         app()
