@@ -93,7 +93,7 @@ STATUS_STYLE = {"ACTIVE": "green", "HEALTHY": "green", "BUILD": "yellow", "RESTO
 
 
 def _cell(spark: str, last: str) -> Text:
-    return Text.assemble((spark, "cyan"), " ", last)
+    return Text.assemble((spark, "cyan"), " ", last) if spark else Text(last)
 
 
 def render(series: Iterable[InstanceSeries], width: int = 20) -> Table:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -238,3 +239,55 @@ def test_paging_and_filters(cluster, inst):
         events(c).ListEvents(observe_pb2.ListEventsRequest(since=mid, until=everything[0].time), metadata=c.md)
     assert "since" in field_violations(e.value)
     assert list_events(c, resource=f"instances/{uuid.uuid4()}") == []
+
+
+# -- the CLI -------------------------------------------------------------------------------------------
+
+def cli(c: Cluster, *args: str) -> CliResult:
+    from typer.testing import CliRunner
+
+    from reddwarf.client import cli as cli_module
+    cli_module.State.factory = None
+    f = c.server.client_files
+    env = {"REDDWARF_ENDPOINT": c.server.api, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert),
+           "REDDWARF_KEY": str(f.key), "REDDWARF_TOKEN": c.token, "REDDWARF_CONFIG": "/nonexistent",
+           "COLUMNS": "200"}
+    r = CliRunner().invoke(cli_module.app, list(args), env=env)
+    return CliResult(r.exit_code, r.output)
+
+
+@dataclass
+class CliResult:
+    code: int
+    output: str
+
+
+@pytest.mark.dependency(depends=["up"])
+def test_cli_logs_events_and_top(cluster, inst):
+    c = cluster
+    r = cli(c, "instance", "log", "list", "logged")  # by display name
+    assert r.code == 0, r.output
+    assert "slow_query" in r.output and "Enabled" in r.output and "general" in r.output
+    r = cli(c, "--json", "instance", "log", "show", inst.id, "error")
+    assert r.code == 0 and json.loads(r.output)["type"] == "SYS"
+    r = cli(c, "instance", "log", "tail", inst.id, "error", "--lines", "5")
+    assert r.code == 0 and "ready for connections" in r.output
+    r = cli(c, "instance", "log", "disable", inst.id, "error")
+    assert r.code == 2 and r.output.strip().splitlines()[-1].startswith("error: INVALID_ARGUMENT")
+    r = cli(c, "instance", "log", "enable", inst.id, "slow_query", "--long-query-time", "0.5")
+    assert r.code == 0 and "0.5" in r.output
+    r = cli(c, "--json", "instance", "log", "save", inst.id, "slow_query")
+    assert r.code == 0 and json.loads(r.output)["object_id"].startswith("log-")
+
+    r = cli(c, "--json", "event", "list", "--instance", "logged", "--kind", "status")
+    assert r.code == 0, r.output
+    assert [e["status"] for e in json.loads(r.output)][:2] == ["BUILD", "ACTIVE"]
+    r = cli(c, "event", "list", "--instance", inst.id, "--limit", "3")
+    assert r.code == 0 and "id" in r.output
+    r = cli(c, "event", "list", "--since", "yesterday")
+    assert r.code == 2 and "--since" in r.output
+
+    r = cli(c, "instance", "top", "--once", "--interval", "0.5")
+    assert r.code == 0, r.output
+    row = next(line for line in r.output.splitlines() if line.strip().startswith("logged"))
+    assert "ACTIVE" in row
