@@ -457,6 +457,24 @@ class Gateway:
         await rd.delete_backup(request.path_params["backup_id"])
         return Response(status_code=202)
 
+    # -- guest logs ------------------------------------------------------------------------------
+    async def list_logs(self, request: Request, rd: AsyncClient) -> Response:
+        return JSONResponse({"logs": [trove.guest_log(g) for g in await rd.list_logs(self._instance(request))]})
+
+    async def log_action(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's POST /log: enable or disable, publish (save into the backup store), or, with none of
+        them, show. Discard has nothing to do: every save is an object of its own, none accumulates."""
+        a = trove.log_action(await self._json(request))
+        instance = self._instance(request)
+        if a.enable:
+            g = await rd.enable_log(instance, a.name)
+        elif a.disable:
+            g = await rd.disable_log(instance, a.name)
+        else:
+            g = await rd.get_log(instance, a.name)
+        saved = await rd.save_log(instance, a.name) if a.publish else None
+        return JSONResponse({"log": trove.guest_log(g, saved)})
+
 
 async def versions(request: Request) -> Response:
     base = str(request.base_url).rstrip("/")
@@ -500,6 +518,8 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(i + "/root", g.route(g.enable_root), methods=["POST"]),
         R(i + "/root", g.route(g.root_status), methods=["GET"]),
         R(i + "/root", g.route(g.disable_root), methods=["DELETE"]),
+        R(i + "/log", g.route(g.list_logs), methods=["GET"]),
+        R(i + "/log", g.route(g.log_action), methods=["POST"]),
         R(t + "/backups", g.route(g.list_backups), methods=["GET"]),
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
+import httpx
 import pytest
 
 from reddwarf.server import db
@@ -19,6 +20,7 @@ from reddwarf.server.keys import TenantKeys, ensure_kek
 from reddwarf.v1 import common_pb2, database_pb2, observe_pb2, observe_pb2_grpc
 from tests.fixtures.cluster import Cluster
 from tests.fixtures.errors import field_violations
+from tests.fixtures.gateway import start_gateway
 from tests.fixtures.waiting import until
 
 from .test_instance_flows import wait_active
@@ -291,3 +293,41 @@ def test_cli_logs_events_and_top(cluster, inst):
     assert r.code == 0, r.output
     row = next(line for line in r.output.splitlines() if line.strip().startswith("logged"))
     assert "ACTIVE" in row
+
+
+# -- Trove's /log through the REST gateway, read by unmodified python-troveclient ---------------------------
+
+@pytest.mark.dependency(depends=["up"])
+def test_troveclient_log_list_show_enable_disable_publish(cluster, inst):
+    from keystoneauth1 import session, token_endpoint
+    from troveclient.osc.v1 import database_logs
+    from troveclient.v1 import client
+
+    c = cluster
+    with start_gateway(c.server.api, c.server.gateway_files) as base:
+        trove = client.Client(session=session.Session(auth=token_endpoint.Token(f"{base}/v1.0/{c.tenant}", c.token)))
+        listed = {g.name: g for g in trove.instances.log_list(inst.id)}
+        assert set(listed) == {"error", "slow_query", "general"}
+        row = {col: getattr(listed["error"], col.lower()) for col in database_logs.ListDatabaseLogs.columns}
+        assert (row["Type"], row["Status"], row["Published"]) == ("SYS", "Enabled", 0) and row["Pending"] > 0
+        assert trove.instances.log_show(inst.id, "general").status == "Disabled"
+        assert trove.instances.log_action(inst.id, "general", enable=True).status == "Enabled"
+        published = trove.instances.log_action(inst.id, "error", publish=True)
+        assert published.status == "Published" and published.published > 0 and published.prefix.startswith("log-")
+        assert trove.instances.log_action(inst.id, "general", disable=True).status == "Disabled"
+        from troveclient import exceptions
+        with pytest.raises(exceptions.BadRequest):
+            trove.instances.log_action(inst.id, "error", disable=True)
+        with pytest.raises(exceptions.BadRequest):
+            trove.instances.log_action(inst.id, "../../etc/passwd")
+        r = httpx.post(f"{base}/v1.0/{c.tenant}/instances/{inst.id}/log", headers={"X-Auth-Token": c.token},
+                       json={"name": "general", "enable": 1, "disable": 1})
+        assert r.status_code == 400 and "enable" in r.json()["badRequest"]["message"]
+        r = httpx.post(f"{base}/v1.0/{c.tenant}/instances/{inst.id}/log", headers={"X-Auth-Token": c.token},
+                       json={"name": "general", "rotate": 1})
+        assert r.status_code == 400 and "rotate" in r.json()["badRequest"]["message"]
+        assert trove.instances.log_show(inst.id, "general").status == "Disabled"  # refused bodies changed nothing
+    # the gateway's calls are in the history like any other API call
+    evs = until(lambda: list_events(c, kind="api", resource=inst.name),
+                lambda es: any(e.method == "/reddwarf.v1.Logs/SaveLog" for e in es), timeout=10, what="SaveLog event")
+    assert any(e.actor.startswith("spiffe://reddwarf/gateway/") for e in evs)
