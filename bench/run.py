@@ -21,6 +21,7 @@ BENCHMARKS = [
     ("gateway_bench", "REST gateway overhead vs gRPC"),
     ("isolation_bench", "noisy neighbour and container vs bare"),
     ("chaos_bench", "seeded random kills: convergence and lost rows"),
+    ("events_bench", "event history: create→ACTIVE with and without recording"),
 ]
 
 
