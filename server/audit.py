@@ -92,8 +92,8 @@ def resource_of(*messages: Any) -> str:
             if fd is None:
                 continue
             value = getattr(msg, fname)
-            if isinstance(value, Message):
-                value = getattr(value, "name", "")
+            if isinstance(value, Message):  # CreateBackupRequest.backup.instance, ...
+                value = resource_of(value)
             m = _RESOURCE.match(value) if isinstance(value, str) else None
             if m:
                 return f"{m.group(1)}/{m.group(2)}"
