@@ -11,4 +11,6 @@ Where things live:
   to (file allowlist, backup-my.cnf rebuilt); verify.py: the scratch restore the server runs in the
   throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);
   services.py: packages and memcached.
+- logs.py: the datastore's logs on the volume (fixed names → the agent's own files), read in pieces,
+  switched on and off, rotated within their bound.
 """

@@ -20,4 +20,8 @@
   hosts.py                hostd clients, capacity refresh, placement
   backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
   events.py               the instance event bus behind WatchInstance
+  audit.py                the event history's recording: API changes (an interceptor), status changes
+                          (a session hook), retention pruning
+  event_history.py        the Events service (ListEvents)
+  guest_logs.py           the Logs service: the guest's error/slow/general logs, read by its agent
 """
