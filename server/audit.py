@@ -35,7 +35,7 @@ from reddwarf.common.clock import now as utcnow
 
 from . import models
 from .app import Context
-from .auth import _principal
+from .auth import Principal, _principal
 
 log = logging.getLogger("reddwarf.server.audit")
 
@@ -180,9 +180,16 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
     def _event(method: str, request: Any, response: Any, rid: str, code: str, detail: str) -> models.Event:
         p = _principal.get()
         return models.Event(time=utcnow(), kind="api", tenant_id=(p.tenant_id or "") if p else "",
-                            resource=resource_of(request, response), actor=p.identity.uri if p else "",
+                            resource=resource_of(request, response), actor=actor(p),
                             request_id=rid, method=method[:128], summary=summarize(request), code=code,
                             detail=(detail or "")[:1000])
+
+
+def actor(p: Principal | None) -> str:
+    """Who called: the verified certificate's identity, and the token it presented (its id, not the secret)."""
+    if p is None:
+        return ""
+    return f"{p.identity.uri} token/{p.token_id}"[:255] if p.token_id else p.identity.uri
 
 
 def _code_name(context: Context, exc: BaseException) -> str:
@@ -209,7 +216,7 @@ def _status_event(row: Any, new: str, old: str) -> models.Event:
     column, collection, tenant = _WATCHED[type(row)]
     p = _principal.get()
     return models.Event(time=utcnow(), kind="status", tenant_id=tenant(row), resource=f"{collection}/{row.id}"[:128],
-                        actor=p.identity.uri if p else "", request_id=_request_id.get(), method="", summary="",
+                        actor=actor(p), request_id=_request_id.get(), method="", summary="",
                         code="", status=str(new)[:64], previous_status=str(old or "")[:64], detail="")
 
 

@@ -46,6 +46,8 @@ class Principal:
     tenant_id: str | None
     admin: bool
     identity: Identity
+    # The token the caller presented (its id, never the secret); "" for a certificate-only admin.
+    token_id: str = ""
 
     @property
     def caller_key(self) -> str:
@@ -128,7 +130,7 @@ class Authenticator:
                 raise Unauthenticated("token has been revoked")
             if token.expires_at is not None and token.expires_at <= _now():
                 raise Unauthenticated("token has expired")
-            return Principal(token.tenant_id, token.admin, identity)
+            return Principal(token.tenant_id, token.admin, identity, token.id)
 
 
 def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],

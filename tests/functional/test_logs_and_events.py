@@ -165,7 +165,9 @@ def test_the_create_is_recorded_with_its_caller_request_id_and_no_secret(cluster
     create = next(e for e in evs if e.method == "/reddwarf.v1.Instances/CreateInstance")
     assert (create.code, create.request_id, create.tenant, create.resource) == \
         ("OK", "rid-create-1", c.tenant, inst.name)
-    assert create.actor.startswith("spiffe://reddwarf/client/")
+    # the certificate's identity and the token's id, never its secret
+    assert create.actor.startswith("spiffe://reddwarf/client/") and " token/" in create.actor
+    assert c.token not in create.actor
     summary = json.loads(create.summary)
     assert summary["instance"]["display_name"] == "logged"
     assert summary["users"][0]["password"] == "<redacted>"
