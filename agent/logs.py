@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
-from reddwarf.common.errors import InvalidArgument, RedDwarfError
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument, RedDwarfError
 
 log = logging.getLogger("reddwarf.agent.logs")
 
@@ -173,10 +175,17 @@ class LogFiles:
             raise InvalidArgument(f"log {name} has {gens} rotated generations", field="generation")
         path = self.path(name, generation)
         try:
-            f = open(path, "rb")
+            # Never through a link: the logs directory is mysqld's to write, and the agent reads as root.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return LogRead(b"", "", 0, True, gens)
-        with f:
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FailedPrecondition(f"the {name} log is a symbolic link; it is not read", field="log") from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise FailedPrecondition(f"the {name} log is not a regular file; it is not read", field="log")
             st = os.fstat(f.fileno())
             if spec.tail_lines and not spec.file_id:
                 offset = _tail_offset(f, st.st_size, spec.tail_lines, limit)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.common.errors import FailedPrecondition, InvalidArgument, grpc_edge
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, grpc_edge
 from reddwarf.v1 import agent_pb2, observe_pb2, observe_pb2_grpc
 
 from .agents import AgentRegistry
@@ -30,6 +30,8 @@ MAX_TAIL_LINES = 10000
 DEFAULT_TAIL_LINES = 50
 READ_TIMEOUT = 30.0
 FOLLOW_SECONDS = 1.0
+# Each following tail asks the guest once a second for as long as it is open: a few per instance at once.
+MAX_FOLLOWS_PER_INSTANCE = 4
 # What one SaveLog may store: every log is bounded in the guest (current file + rotated generations).
 SAVE_MAX_BYTES = 256 << 20
 
@@ -54,6 +56,7 @@ class LogsServicer(observe_pb2_grpc.LogsServicer):
         self.app = app
         self.registry = registry
         self.store = store
+        self._follows: dict[str, int] = {}
 
     def _guest(self, context: Context, name: str, field: str) -> tuple[str, str]:
         """(instance id, tenant) of the caller's instance whose agent is connected: logs are most wanted when
@@ -116,21 +119,34 @@ class LogsServicer(observe_pb2_grpc.LogsServicer):
         if not 0 <= request.lines <= MAX_TAIL_LINES:
             raise InvalidArgument(f"lines must be 0..{MAX_TAIL_LINES}", field="lines")
         iid, _ = self._guest(context, inst, "name")
-        # A multi-byte character may be split between two pieces: decoded as one stream.
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        read = agent_pb2.ReadLog(log=log) if request.from_start else \
-            agent_pb2.ReadLog(log=log, tail_lines=request.lines or DEFAULT_TAIL_LINES)
-        while True:
-            data = (await self._call(iid, read_log=read)).log_data
-            text = decoder.decode(data.data)
-            if text:
-                yield observe_pb2.LogChunk(data=text)
-            read = agent_pb2.ReadLog(log=log, file_id=data.file_id, offset=data.next_offset)
-            if not data.eof:
-                continue
-            if not request.follow:
-                return
-            await asyncio.sleep(FOLLOW_SECONDS)
+        if request.follow:
+            if self._follows.get(iid, 0) >= MAX_FOLLOWS_PER_INSTANCE:
+                raise ResourceExhausted(f"instance {iid} already has {MAX_FOLLOWS_PER_INSTANCE} logs followed; "
+                                        "stop one first", field="follow")
+            self._follows[iid] = self._follows.get(iid, 0) + 1
+        try:
+            # A multi-byte character may be split between two pieces: decoded as one stream.
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            read = agent_pb2.ReadLog(log=log) if request.from_start else \
+                agent_pb2.ReadLog(log=log, tail_lines=request.lines or DEFAULT_TAIL_LINES)
+            while True:
+                data = (await self._call(iid, read_log=read)).log_data
+                text = decoder.decode(data.data)
+                if text:
+                    yield observe_pb2.LogChunk(data=text)
+                read = agent_pb2.ReadLog(log=log, file_id=data.file_id, offset=data.next_offset)
+                if not data.eof:
+                    continue
+                if not request.follow:
+                    return
+                await asyncio.sleep(FOLLOW_SECONDS)
+        finally:
+            if request.follow:
+                left = self._follows.get(iid, 1) - 1
+                if left > 0:
+                    self._follows[iid] = left
+                else:
+                    self._follows.pop(iid, None)
 
     @grpc_edge
     async def SaveLog(self, request: observe_pb2.SaveLogRequest, context: Context) -> observe_pb2.SavedLog:

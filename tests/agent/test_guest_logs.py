@@ -14,7 +14,7 @@ import pytest
 from reddwarf.agent.logs import LogFiles, ReadSpec
 from reddwarf.agent.model import Prepare, User
 from reddwarf.agent.mysql import MysqlDriver, MysqlSettings
-from reddwarf.common.errors import InvalidArgument
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.waiting import until
 
@@ -71,6 +71,20 @@ def test_only_the_fixed_log_names_are_read(tmp_path, name):
     with pytest.raises(InvalidArgument) as e:
         files(tmp_path).read(ReadSpec(name))
     assert e.value.violations[0][0] == "log"
+
+
+def test_a_log_replaced_by_a_link_or_a_fifo_is_not_read(tmp_path):
+    f = files(tmp_path / "logs")
+    os.makedirs(f.directory)
+    secret = tmp_path / "admin.json"
+    secret.write_text('{"password": "agent-secret"}')
+    os.symlink(secret, f.path("general"))
+    with pytest.raises(FailedPrecondition) as e:
+        f.read(ReadSpec("general", tail_lines=10))
+    assert e.value.violations[0][0] == "log"
+    os.mkfifo(f.path("error"))
+    with pytest.raises(FailedPrecondition):
+        f.read(ReadSpec("error"))
 
 
 def test_bad_read_values_are_refused(tmp_path):

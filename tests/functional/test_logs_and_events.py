@@ -125,6 +125,32 @@ def test_enabling_the_general_log_records_statements_and_tail_follows_them(clust
     assert "not_logged" not in tail(c, name, lines=100)
 
 
+@pytest.mark.dependency(depends=["up"])
+def test_only_a_few_follows_per_instance_at_once(cluster, inst):
+    c = cluster
+    req = observe_pb2.TailLogRequest(name=f"{inst.name}/logs/error", lines=1, follow=True)
+    calls = [logs(c).TailLog(req, metadata=c.md) for _ in range(4)]
+    try:
+        for call in calls:
+            next(iter(call))  # each is streaming
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(logs(c).TailLog(req, metadata=c.md)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "follow" in field_violations(e.value)
+    finally:
+        for call in calls:
+            call.cancel()
+    # once they are gone (the server sees the cancels), following works again
+    def follow_once() -> str | grpc.StatusCode:
+        call = logs(c).TailLog(req, metadata=c.md)
+        try:
+            return next(iter(call)).data
+        except grpc.RpcError as err:
+            return err.code()
+        finally:
+            call.cancel()
+    until(follow_once, lambda got: isinstance(got, str), timeout=10, what="a follow after the others ended")
+
+
 @pytest.mark.dependency(depends=["general"])
 def test_a_saved_log_reads_back_from_the_backup_store(cluster, inst):
     c = cluster
