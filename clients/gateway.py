@@ -28,6 +28,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +57,8 @@ MAX_BODY = 1 << 20
 # Every call's deadline: longer than anything the server does before it answers (its guest commands give
 # up after 120 s), so the server's own error is what the caller sees.
 CALL_TIMEOUT = 300.0
+# A caller's X-Request-Id (or X-Openstack-Request-Id) passed on to the event history when it looks like one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Handler = Callable[[Request, AsyncClient], Awaitable[Response]]
 
@@ -287,6 +290,9 @@ class Gateway:
         if not token:
             raise errors.Unauthenticated("X-Auth-Token is required")
         rd = self.client.with_token(token)
+        rid = request.headers.get("x-request-id") or request.headers.get("x-openstack-request-id") or ""
+        if REQUEST_ID.fullmatch(rid):  # anything else is not passed on (gRPC metadata is printable ASCII)
+            rd = rd.with_request_id(rid)
         tenant = request.path_params.get("tenant")
         if tenant is not None:
             caller = await rd.get_caller()

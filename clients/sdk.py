@@ -70,6 +70,12 @@ class Client:
         """The same channel, calling as another tenant (cheap: the gateway makes one per request)."""
         return type(self)(replace(self.config, token=token), channel=self._channel)
 
+    def with_request_id(self, request_id: str) -> Self:
+        """The same channel and caller, its calls carrying `x-request-id` (the event history records it)."""
+        tagged = type(self)(self.config, channel=self._channel)
+        tagged._metadata = (*self._metadata, ("x-request-id", request_id))
+        return tagged
+
     def close(self) -> None:
         if self._owns_channel:
             self._channel.close()

@@ -355,7 +355,17 @@ def test_troveclient_log_list_show_enable_disable_publish(cluster, inst):
                        json={"name": "general", "rotate": 1})
         assert r.status_code == 400 and "rotate" in r.json()["badRequest"]["message"]
         assert trove.instances.log_show(inst.id, "general").status == "Disabled"  # refused bodies changed nothing
+        r = httpx.post(f"{base}/v1.0/{c.tenant}/instances/{inst.id}/log",
+                       headers={"X-Auth-Token": c.token, "X-Request-Id": "rest-req-42"}, json={"name": "general"})
+        assert r.status_code == 200 and r.json()["log"]["name"] == "general"
+        r = httpx.post(f"{base}/v1.0/{c.tenant}/instances/{inst.id}/databases",
+                       headers={"X-Auth-Token": c.token, "X-Request-Id": "rest-req-43"},
+                       json={"databases": [{"name": "via_rest"}]})
+        assert r.status_code == 202
     # the gateway's calls are in the history like any other API call
     evs = until(lambda: list_events(c, kind="api", resource=inst.name),
                 lambda es: any(e.method == "/reddwarf.v1.Logs/SaveLog" for e in es), timeout=10, what="SaveLog event")
     assert any(e.actor.startswith("spiffe://reddwarf/gateway/") for e in evs)
+    rest = until(lambda: list_events(c, kind="api", resource=inst.name),
+                 lambda es: any(e.request_id == "rest-req-43" for e in es), timeout=10, what="the REST call's event")
+    assert next(e for e in rest if e.request_id == "rest-req-43").method == "/reddwarf.v1.Databases/CreateDatabase"
