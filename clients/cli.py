@@ -218,7 +218,28 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
+    ("tags", lambda i: tag_text(i.tags)), ("deletion protection", lambda i: "on" if i.deletion_protection else "off"),
 ]
+
+
+def tag_text(tags: Any) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+def parse_tags(items: list[str], option: str = "--tag") -> dict[str, str]:
+    """["env=prod", "team=db"] -> {"env": "prod", "team": "db"} (the server validates keys and values)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{option} takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+TAG_OPTION = typer.Option([], "--tag", help="KEY=VALUE tag (repeatable).")
+TAG_FILTER = typer.Option([], "--tag", help="Only those with this tag: KEY=VALUE, or KEY for any value "
+                          "(repeatable: all must match).")
 
 
 def run(fn: Callable[[], None]) -> None:
@@ -359,7 +380,11 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                                                            help="Network users may connect from (repeatable)."),
                     require_tls: bool = typer.Option(False, "--require-tls",
                                                      help="Refuse MySQL connections that are not TLS."),
+                    tag: list[str] = TAG_OPTION,
+                    deletion_protection: bool = typer.Option(False, "--deletion-protection",
+                                                             help="Refuse deletes until it is turned off."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
+    tags = parse_tags(tag)
     specs = []
     for spec in user:
         if ":" in spec:  # the old user:password[:dbs] form: refused rather than read as something else
@@ -385,7 +410,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
                                  restore_from=c.backup_id(restore_from) if restore_from else None,
-                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls)
+                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls, tags=tags,
+                                 deletion_protection=deletion_protection)
         if wait:
             inst = _progress_until(c, inst.name)
         emit(inst, INSTANCE_FIELDS)
@@ -394,8 +420,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
 
 @instance_app.command("list")
 @output_options
-def instance_list() -> None:
-    run(lambda: emit(client().list_instances(), INSTANCE_COLS))
+def instance_list(tag: list[str] = TAG_FILTER) -> None:
+    run(lambda: emit(client().list_instances(tags=tag), INSTANCE_COLS))
 
 
 @instance_app.command("show")
@@ -422,8 +448,62 @@ def instance_ca(instance: str = INSTANCE_ARG, output: Path | None = typer.Option
 
 @instance_app.command("delete")
 @output_options
-def instance_delete(instance: str = INSTANCE_ARG) -> None:
-    run(lambda: emit(with_instance(lambda c, i: c.delete_instance(i), instance), INSTANCE_FIELDS))
+def instance_delete(instance: str = INSTANCE_ARG,
+                    final_backup: str = typer.Option(None, "--final-backup", help="Take a full backup of this "
+                                                     "name first; delete only once it is COMPLETED."),
+                    final_backup_tag: list[str] = typer.Option([], "--final-backup-tag",
+                                                               help="KEY=VALUE tag of the final backup.")) -> None:
+    tags = parse_tags(final_backup_tag, "--final-backup-tag")
+    if tags and not final_backup:
+        raise typer.BadParameter("--final-backup-tag needs --final-backup")
+    run(lambda: emit(with_instance(lambda c, i: c.delete_instance(i, final_backup=final_backup,
+                                                                  final_backup_tags=tags), instance), INSTANCE_FIELDS))
+
+
+@instance_app.command("update")
+@output_options
+def instance_update(instance: str = INSTANCE_ARG, name: str | None = typer.Option(None, "--name", help="New name."),
+                    deletion_protection: bool | None = typer.Option(
+                        None, "--deletion-protection/--no-deletion-protection", help="Refuse deletes (or not)."),
+                    tag: list[str] = typer.Option([], "--tag", help="Set KEY=VALUE (repeatable)."),
+                    remove_tag: list[str] = typer.Option([], "--remove-tag", help="Remove KEY (repeatable)."),
+                    clear_tags: bool = typer.Option(False, "--clear-tags",
+                                                    help="Replace every tag with the --tag ones (none: no tags).")
+                    ) -> None:
+    """Renames an instance, turns deletion protection on or off, sets and removes tags."""
+    tags = parse_tags(tag)
+    if clear_tags and remove_tag:
+        raise typer.BadParameter("--clear-tags already removes every tag; drop --remove-tag")
+    if name is None and deletion_protection is None and not tags and not remove_tag and not clear_tags:
+        raise typer.BadParameter("nothing to change: give --name, --deletion-protection/--no-deletion-protection, "
+                                 "--tag, --remove-tag or --clear-tags")
+    run(lambda: emit(with_instance(lambda c, i: c.update_instance(
+        i, name=name, deletion_protection=deletion_protection, tags=tags if clear_tags else None,
+        set_tags=None if clear_tags else tags, remove_tags=remove_tag), instance), INSTANCE_FIELDS))
+
+
+@instance_app.command("stop")
+@output_options
+def instance_stop(instance: str = INSTANCE_ARG,
+                  wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until SHUTDOWN.")) -> None:
+    """Stops mysqld and the container; the data stays on the volume (`instance start` brings it back)."""
+    def go() -> None:
+        c = client()
+        i = c.stop_instance(c.instance_id(instance))
+        emit(_progress_until(c, i.name, "SHUTDOWN") if wait else i, INSTANCE_FIELDS)
+    run(go)
+
+
+@instance_app.command("start")
+@output_options
+def instance_start(instance: str = INSTANCE_ARG,
+                   wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
+    """Starts a stopped instance."""
+    def go() -> None:
+        c = client()
+        i = c.start_instance(c.instance_id(instance))
+        emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
+    run(go)
 
 
 @instance_app.command("restart")
@@ -563,27 +643,54 @@ BACKUP_FIELDS: list[Column] = BACKUP_COLS + [
     ("description", lambda b: b.description), ("parent", lambda b: short(b.parent) if b.parent else ""),
     ("datastore", lambda b: b.datastore), ("datastore version", lambda b: b.datastore_version),
     ("created", lambda b: ts(b, "create_time")), ("updated", lambda b: ts(b, "update_time")),
-    ("sha256", lambda b: b.sha256), ("fault", lambda b: b.fault.message)]
+    ("sha256", lambda b: b.sha256), ("fault", lambda b: b.fault.message), ("tags", lambda b: tag_text(b.tags))]
 
 
 @backup_app.command("create")
 @output_options
 def backup_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...),
                   parent: str = typer.Option(None, "--parent", help="Incremental on this backup (id or name)."),
-                  description: str = typer.Option("", "--description")) -> None:
+                  description: str = typer.Option("", "--description"), tag: list[str] = TAG_OPTION) -> None:
+    tags = parse_tags(tag)
+
     def go() -> None:
         c = client()
-        emit(c.create_backup(c.instance_id(instance), name, description, c.backup_id(parent) if parent else None),
-             BACKUP_FIELDS)
+        emit(c.create_backup(c.instance_id(instance), name, description, c.backup_id(parent) if parent else None,
+                             tags=tags), BACKUP_FIELDS)
     run(go)
 
 
 @backup_app.command("list")
 @output_options
-def backup_list(instance: str = typer.Option(None, "--instance", help="Only this instance's (id or name).")) -> None:
+def backup_list(instance: str = typer.Option(None, "--instance", help="Only this instance's (id or name)."),
+                tag: list[str] = TAG_FILTER) -> None:
     def go() -> None:
         c = client()
-        emit(c.list_backups(c.instance_id(instance) if instance else None), BACKUP_COLS)
+        emit(c.list_backups(c.instance_id(instance) if instance else None, tags=tag), BACKUP_COLS)
+    run(go)
+
+
+@backup_app.command("update")
+@output_options
+def backup_update(backup: str = BACKUP_ARG, name: str | None = typer.Option(None, "--name", help="New name."),
+                  description: str | None = typer.Option(None, "--description"),
+                  tag: list[str] = typer.Option([], "--tag", help="Set KEY=VALUE (repeatable)."),
+                  remove_tag: list[str] = typer.Option([], "--remove-tag", help="Remove KEY (repeatable)."),
+                  clear_tags: bool = typer.Option(False, "--clear-tags",
+                                                  help="Replace every tag with the --tag ones (none: no tags).")
+                  ) -> None:
+    """Renames, describes or tags a backup."""
+    tags = parse_tags(tag)
+    if clear_tags and remove_tag:
+        raise typer.BadParameter("--clear-tags already removes every tag; drop --remove-tag")
+    if name is None and description is None and not tags and not remove_tag and not clear_tags:
+        raise typer.BadParameter("nothing to change: give --name, --description, --tag, --remove-tag or --clear-tags")
+
+    def go() -> None:
+        c = client()
+        emit(c.update_backup(c.backup_id(backup), name=name, description=description,
+                             tags=tags if clear_tags else None, set_tags=None if clear_tags else tags,
+                             remove_tags=remove_tag), BACKUP_FIELDS)
     run(go)
 
 

@@ -7,9 +7,11 @@
   auth.py, pagination.py  who is calling (certificate, token); page tokens
   catalog.py, admin.py    the Catalog and Admin services
   instances.py            the Instances service
-  instance_validation.py  checks on a CreateInstanceRequest
+  instance_validation.py  checks on a CreateInstanceRequest; update masks
   instance_views.py       an instance's derived status, its message, owned_instance
-  instance_tasks.py       the durable tasks behind Instances (create, delete, restart, resize, resize_volume)
+  instance_tasks.py       the durable tasks behind Instances (create, delete, stop, start, restart, resize,
+                          resize_volume)
+  tags.py                 tags on instances and backups: validation, update paths, list filters in SQL
   quotas.py               what a tenant or host has allocated; quota checks
   sealing.py              the initial users' passwords, sealed until prepare
   enrollment.py           guest enrollment tokens and certificate signing

@@ -69,6 +69,7 @@ class HostClient:
         self.DeleteVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteVolume)
         self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
         self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)
+        self.StopContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StopContainer)
         self.SetLimits = HostRpc(pool=pool, host_id=host_id, rpc=stub.SetLimits)
         self.DeleteContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteContainer)
         self.RequestCertificateRenewal = HostRpc(pool=pool, host_id=host_id, rpc=stub.RequestCertificateRenewal)

@@ -1,7 +1,7 @@
 """events: the event history (API changes and status changes, server/audit.py)
 
 Revision ID: 0004_events
-Revises: 0003
+Revises: 0004_lifecycle
 Create Date: 2026-11-26 17:00:00
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0004_events'
-down_revision = '0003'
+down_revision = '0004_lifecycle'
 branch_labels = None
 depends_on = None
 
