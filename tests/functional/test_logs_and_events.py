@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -302,6 +303,10 @@ def test_cli_logs_events_and_top(cluster, inst):
     assert r.code == 0 and json.loads(r.output)["type"] == "SYS"
     r = cli(c, "instance", "log", "tail", inst.id, "error", "--lines", "5")
     assert r.code == 0 and "ready for connections" in r.output
+    t0 = time.monotonic()
+    r = cli(c, "instance", "log", "tail", inst.id, "error", "--follow", "--timeout", "2")
+    assert r.code == 0 and "ready for connections" in r.output, r.output  # --timeout ends a follow, not an error
+    assert time.monotonic() - t0 >= 2
     r = cli(c, "instance", "log", "disable", inst.id, "error")
     assert r.code == 2 and r.output.strip().splitlines()[-1].startswith("error: INVALID_ARGUMENT")
     r = cli(c, "instance", "log", "enable", inst.id, "slow_query", "--long-query-time", "0.5")
