@@ -441,11 +441,16 @@ class Client:
             id=host_id, address=address, memory_overcommit=memory_overcommit,
             storage_overcommit=storage_overcommit)))
 
-    def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "",
-                    hostd_port: int = 0) -> apb.Host:
+    def enroll_host(self, host_id: str, ssh_target: str, host_key: str, *, private_key: bytes = b"",
+                    ssh_key_path: str = "", password: str = "", hostd_port: int = 0) -> apb.Host:
+        """Installs hostd on a machine over SSH and registers it (Admin.EnrollHost). `host_key` is the SHA256
+        fingerprint of its SSH host key; log in with `private_key` (the key's text, sent over this mTLS
+        channel and only held in the server's memory for the call), a key file on the server
+        (`ssh_key_path`) or `password` (also a key's passphrase)."""
         return self._call(self.admin.EnrollHost, apb.EnrollHostRequest(
-            id=host_id, ssh_target=ssh_target, ssh_key_path=ssh_key_path, hostd_port=hostd_port),
-            timeout=max(self.config.timeout, 600.0))
+            id=host_id, ssh_target=ssh_target, host_key=host_key, ssh_private_key=private_key,
+            ssh_key_path=ssh_key_path, ssh_password=password, hostd_port=hostd_port),
+            timeout=max(self.config.timeout, 900.0))
 
     def get_host(self, host: str) -> apb.Host:
         return self._call(self.admin.GetHost, apb.GetHostRequest(name=r.resource("hosts", host)))

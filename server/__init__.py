@@ -22,6 +22,11 @@
   hosts.py                hostd clients, capacity refresh, placement
   backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
   events.py               the instance event bus behind WatchInstance
+  metrics.py              the Prometheus registry and the collector of the per-instance series
+  metrics_snapshot.py     what those series know of the state DB, re-read every metrics_refresh_seconds
+  usage_poll.py           the hosts' beancounters, polled for them (hostd's ListUsage)
+  metrics_http.py         the /metrics listener (loopback, or TLS for monitor certificates)
+  api_metrics.py          the interceptor counting API calls by method and status
   audit.py                the event history's recording: API changes (an interceptor), status changes
                           (a session hook), retention pruning
   event_history.py        the Events service (ListEvents)
