@@ -12,4 +12,6 @@ Where things live:
   throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);
   services.py: packages and memcached; configuration.py: a configuration group's overrides (validated,
   SET GLOBAL all or none, the my.cnf include, a restart pending for static values).
+- logs.py: the datastore's logs on the volume (fixed names → the agent's own files), read in pieces,
+  switched on and off, rotated within their bound.
 """

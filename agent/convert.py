@@ -14,11 +14,12 @@ from reddwarf.common.states import ServiceState
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2
 
 from . import model
+from .logs import LogList, LogRead, ReadSpec
 
 # What a command can answer with, and the CommandResult field each lands in.
 Outcome = (model.DatabasePage | model.UserPage | model.User | model.RootCredentials | model.RootStatus
            | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | model.TlsCsr
-           | model.ConfigurationApplied | None)
+           | model.ConfigurationApplied | LogList | LogRead | None)
 
 
 # ---------------------------------------------------------------- messages → values
@@ -60,6 +61,11 @@ def chunk_from_pb(pb: agent_pb2.BackupChunk) -> model.BackupChunk:
 
 def stored_from_pb(pb: agent_pb2.UploadBackupResponse) -> model.StoredBackup:
     return model.StoredBackup(size_bytes=pb.size_bytes, sha256=pb.sha256)
+
+
+def read_spec_from_pb(pb: agent_pb2.ReadLog) -> ReadSpec:
+    return ReadSpec(log=pb.log, tail_lines=pb.tail_lines, file_id=pb.file_id, offset=pb.offset,
+                    generation=pb.generation, max_bytes=pb.max_bytes)
 
 
 # ---------------------------------------------------------------- values → messages
@@ -146,6 +152,14 @@ def result_to_pb(outcome: Outcome) -> agent_pb2.CommandResult:
         res.checksums.checksums.extend(checksum_to_pb(c) for c in outcome)
     elif isinstance(outcome, model.GuestHealth):
         res.health.CopyFrom(health_to_pb(outcome))
+    elif isinstance(outcome, LogList):
+        res.log_list.CopyFrom(agent_pb2.LogList(logs=[
+            agent_pb2.LogInfo(log=i.log, type=i.type, enabled=i.enabled, size_bytes=i.size_bytes,
+                              max_bytes=i.max_bytes, long_query_time=i.long_query_time) for i in outcome.logs]))
+    elif isinstance(outcome, LogRead):
+        res.log_data.CopyFrom(agent_pb2.LogData(data=outcome.data, file_id=outcome.file_id,
+                                                next_offset=outcome.next_offset, eof=outcome.eof,
+                                                generations=outcome.generations))
     elif isinstance(outcome, model.TlsCsr):
         res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem))
     elif isinstance(outcome, model.ConfigurationApplied):

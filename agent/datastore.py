@@ -10,6 +10,7 @@ from typing import Protocol
 from reddwarf.common.errors import FailedPrecondition
 
 from . import model
+from .logs import GuestLogs
 
 ProgressFn = Callable[[int, str], Awaitable[None]]
 
@@ -42,6 +43,10 @@ class DatastoreDriver(ABC):
 
     def backups(self) -> Backups | None:
         """The datastore's backups, or None where this driver has none."""
+        return None
+
+    def logs(self) -> GuestLogs | None:
+        """The datastore's logs (error, slow_query, general), or None where this driver keeps none."""
         return None
 
     async def mysql_tls_request(self) -> model.TlsCsr:

@@ -28,6 +28,7 @@ from . import convert, services
 from .backup import BackupRunner, BackupSettings, MysqlAccess
 from .configuration import ConfigurationOverrides
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
+from .logs import GuestLogs, MysqlLogs
 from .model import (
     BackupResult,
     ConfigurationApplied,
@@ -91,6 +92,8 @@ class MysqlDriver(DatastoreDriver):
                              settings.tls_dir)
         self.admin = MysqlAdmin(self._admin_connect)
         self.config = ConfigurationOverrides(settings.state_dir, self._admin_socket_connect)
+        self._logs = MysqlLogs(settings.state_dir, lambda: os.path.join(volume_work_dir(self.datadir), "logs"),
+                               settings.run_as, self.admin.cursor, self._mysqld_running, self._write_my_cnf)
 
     # private records -----------------------------------------------------
 
@@ -133,7 +136,7 @@ class MysqlDriver(DatastoreDriver):
         pool, conns = size_for_limits(self._limits)
         cnf = self.mysqld.my_cnf(self.datadir, self._port, self._bind, pool, conns,
                                  int(self._limits.max_open_files) or 65535, self._require_secure_transport)
-        return replace(cnf, include=self.config.include_path)
+        return replace(cnf, include=self.config.include_path, log_lines=tuple(self._logs.my_cnf_lines()))
 
     def configuration_defaults(self) -> dict[str, int | float | str]:
         """What the main my.cnf gives the parameters it sets: a parameter leaving the configuration group
@@ -144,6 +147,13 @@ class MysqlDriver(DatastoreDriver):
                 "slow_query_log": "ON", "long_query_time": 2.0,
                 # SET GLOBAL time_zone = DEFAULT means the zone mysqld started with, which may be the group's.
                 "time_zone": "SYSTEM"}
+
+    def logs(self) -> GuestLogs:
+        return self._logs
+
+    def _mysqld_running(self) -> bool:
+        sup = self.mysqld.supervisor
+        return sup is not None and sup.state == ServiceState.RUNNING
 
     # TLS -----------------------------------------------------------------
 
@@ -277,6 +287,7 @@ class MysqlDriver(DatastoreDriver):
             # prepare keeps what a later apply_configuration made.)
             self.config.write_initial(spec.configuration, self._limits.memory_mb or None)
         self._write_my_cnf()
+        self._logs.ensure_dir()
         await progress(40, "initialising the datadir")
         await self.mysqld.init_datadir(self.datadir)
         await progress(60, "starting mysqld")
@@ -329,6 +340,7 @@ class MysqlDriver(DatastoreDriver):
     # lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._logs.ensure_dir)  # a restore swapped the datadir, or a first start
         await self.mysqld.start()
 
     async def stop(self) -> None:

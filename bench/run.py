@@ -26,6 +26,7 @@ BENCHMARKS = [
     ("metrics_bench", "/metrics scrape with 1,000 instances vs plain prometheus_client Gauges"),
     ("config_bench", "configuration change: API → visible in SHOW GLOBAL VARIABLES vs a direct SET GLOBAL"),
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
+    ("events_bench", "event history: create→ACTIVE with and without recording"),
 ]
 
 

@@ -928,7 +928,8 @@ def pki_issue(directory: Path, role: str, ident: str, out_dir: Path = typer.Opti
 
 
 # `reddwarf configuration ...` and `reddwarf datastore parameters` register themselves on the app.
-from . import cli_configurations  # noqa: E402,F401 - imported for its commands; it imports this module
+# `instance log ...`, `instance top` and `event list` live in their own module and register themselves here.
+from . import cli_configurations, cli_observe  # noqa: E402,F401 - imported for their commands; they import this module
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -56,6 +57,8 @@ MAX_BODY = 1 << 20
 # Every call's deadline: longer than anything the server does before it answers (its guest commands give
 # up after 120 s), so the server's own error is what the caller sees.
 CALL_TIMEOUT = 300.0
+# A caller's X-Request-Id (or X-Openstack-Request-Id) passed on to the event history when it looks like one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Handler = Callable[[Request, AsyncClient], Awaitable[Response]]
 
@@ -287,6 +290,9 @@ class Gateway:
         if not token:
             raise errors.Unauthenticated("X-Auth-Token is required")
         rd = self.client.with_token(token)
+        rid = request.headers.get("x-request-id") or request.headers.get("x-openstack-request-id") or ""
+        if REQUEST_ID.fullmatch(rid):  # anything else is not passed on (gRPC metadata is printable ASCII)
+            rd = rd.with_request_id(rid)
         tenant = request.path_params.get("tenant")
         if tenant is not None:
             caller = await rd.get_caller()
@@ -567,6 +573,23 @@ class Gateway:
         else:
             await rd.attach_configuration(instance, trove.ref_id(ref, "instance.configuration"))
         return True
+    # -- guest logs ------------------------------------------------------------------------------
+    async def list_logs(self, request: Request, rd: AsyncClient) -> Response:
+        return JSONResponse({"logs": [trove.guest_log(g) for g in await rd.list_logs(self._instance(request))]})
+
+    async def log_action(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's POST /log: enable or disable, publish (save into the backup store), or, with none of
+        them, show. Discard has nothing to do: every save is an object of its own, none accumulates."""
+        a = trove.log_action(await self._json(request))
+        instance = self._instance(request)
+        if a.enable:
+            g = await rd.enable_log(instance, a.name)
+        elif a.disable:
+            g = await rd.disable_log(instance, a.name)
+        else:
+            g = await rd.get_log(instance, a.name)
+        saved = await rd.save_log(instance, a.name) if a.publish else None
+        return JSONResponse({"log": trove.guest_log(g, saved)})
 
 
 async def versions(request: Request) -> Response:
@@ -613,6 +636,8 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(i + "/root", g.route(g.enable_root), methods=["POST"]),
         R(i + "/root", g.route(g.root_status), methods=["GET"]),
         R(i + "/root", g.route(g.disable_root), methods=["DELETE"]),
+        R(i + "/log", g.route(g.list_logs), methods=["GET"]),
+        R(i + "/log", g.route(g.log_action), methods=["POST"]),
         R(t + "/backups", g.route(g.list_backups), methods=["GET"]),
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),

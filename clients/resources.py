@@ -7,6 +7,7 @@ so a value copied from any output works as input.
 """
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from reddwarf.common.tls import SERVER_PEER, peer_name
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
+from reddwarf.v1 import observe_pb2 as opb
 
 from .config import ClientConfig
 from .errors import FieldViolation, InstanceFailed, InvalidArgument, NotFound, WaitTimeout
@@ -66,6 +68,23 @@ def user_name(instance: str, user: str, host: str = "%") -> str:
         return user
     at = user if "@" in user else f"{user}@{host}"
     return f"{instance_name(instance)}/users/{at}"
+
+
+def log_name(instance: str, log: str) -> str:
+    """A guest log's resource name: "instances/<id>/logs/<log>" (log: error, slow_query, general)."""
+    if log.startswith("instances/"):
+        return log
+    return f"{instance_name(instance)}/logs/{log}"
+
+
+def list_events_request(resource: str = "", kind: str = "", since: dt.datetime | None = None,
+                        until: dt.datetime | None = None, tenant: str = "") -> opb.ListEventsRequest:
+    request = opb.ListEventsRequest(resource=resource, kind=kind, tenant=tenant)
+    if since is not None:
+        request.since.FromDatetime(since)
+    if until is not None:
+        request.until.FromDatetime(until)
+    return request
 
 
 def database_name(instance: str, database: str) -> str:

@@ -15,6 +15,7 @@ I/O (names, requests, paging, wait_for's verdicts) lives in resources.py.
 """
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -29,6 +30,8 @@ from reddwarf.v1 import configuration_pb2 as cfg
 from reddwarf.v1 import configuration_pb2_grpc as cfg_grpc
 from reddwarf.v1 import database_pb2 as pb
 from reddwarf.v1 import database_pb2_grpc as pb_grpc
+from reddwarf.v1 import observe_pb2 as opb
+from reddwarf.v1 import observe_pb2_grpc as opb_grpc
 
 from . import resources as r
 from .config import ClientConfig, load_config
@@ -58,6 +61,8 @@ class Client:
         self.backups = pb_grpc.BackupsStub(self._channel)
         self.admin = apb_grpc.AdminStub(self._channel)
         self.configurations = cfg_grpc.ConfigurationsStub(self._channel)
+        self.logs = opb_grpc.LogsStub(self._channel)
+        self.events = opb_grpc.EventsStub(self._channel)
 
     @classmethod
     def from_env(cls, **explicit: Any) -> Self:
@@ -67,6 +72,12 @@ class Client:
     def with_token(self, token: str | None) -> Self:
         """The same channel, calling as another tenant (cheap: the gateway makes one per request)."""
         return type(self)(replace(self.config, token=token), channel=self._channel)
+
+    def with_request_id(self, request_id: str) -> Self:
+        """The same channel and caller, its calls carrying `x-request-id` (the event history records it)."""
+        tagged = type(self)(self.config, channel=self._channel)
+        tagged._metadata = (*self._metadata, ("x-request-id", request_id))
+        return tagged
 
     def close(self) -> None:
         if self._owns_channel:
@@ -448,6 +459,54 @@ class Client:
 
     def configuration_id(self, configuration: str) -> str:
         return (self.find_configuration(configuration)).id
+    # ------------------------------------------------------------------ guest logs
+
+    def list_logs(self, instance: str) -> list[opb.GuestLog]:
+        """The instance's logs (error, slow_query, general) with their state and size on the volume."""
+        response = self._call(self.logs.ListLogs, opb.ListLogsRequest(parent=r.instance_name(instance)))
+        return list(response.logs)
+
+    def get_log(self, instance: str, log: str) -> opb.GuestLog:
+        return self._call(self.logs.GetLog, opb.GetLogRequest(name=r.log_name(instance, log)))
+
+    def enable_log(self, instance: str, log: str, long_query_time: float = 0.0) -> opb.GuestLog:
+        """Turns a log on (slow_query: optionally with a new threshold in seconds)."""
+        return self._call(self.logs.EnableLog, opb.EnableLogRequest(name=r.log_name(instance, log),
+                                                                    long_query_time=long_query_time))
+
+    def disable_log(self, instance: str, log: str) -> opb.GuestLog:
+        return self._call(self.logs.DisableLog, opb.DisableLogRequest(name=r.log_name(instance, log)))
+
+    def tail_log(self, instance: str, log: str, lines: int = 50, follow: bool = False,
+                 from_start: bool = False, timeout: float | None = None) -> Iterator[str]:
+        """The log's last `lines` lines (or all of the current file: from_start), then, with follow, what is
+        appended until the caller stops iterating (or timeout seconds pass: then WaitTimeout)."""
+        stream = self.logs.TailLog(opb.TailLogRequest(name=r.log_name(instance, log), lines=lines, follow=follow,
+                                                      from_start=from_start), metadata=self._metadata, timeout=timeout)
+        try:
+            for chunk in stream:
+                yield chunk.data
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and follow:
+                raise WaitTimeout(f"log {log} of {instance} followed for {timeout}s") from None
+            raise from_rpc_error(exc) from None
+        finally:
+            stream.cancel()
+
+    def save_log(self, instance: str, log: str) -> opb.SavedLog:
+        """Copies the log into the backup store (encrypted under the tenant's key)."""
+        return self._call(self.logs.SaveLog, opb.SaveLogRequest(name=r.log_name(instance, log)),
+                          timeout=max(self.config.timeout, 300.0))
+
+    # ------------------------------------------------------------------ event history
+
+    def list_events(self, resource: str = "", kind: str = "", since: dt.datetime | None = None,
+                    until: dt.datetime | None = None, tenant: str = "",
+                    page_size: int = 0) -> Iterator[opb.Event]:
+        """Events oldest first: API changes (kind "api") and status changes ("status"), of the caller's tenant
+        (admins: all, or `tenant`'s); since/until are naive UTC or aware datetimes."""
+        request = r.list_events_request(resource, kind, since, until, tenant)
+        return self._pages(self.events.ListEvents, request, lambda p: p.events, page_size)
 
     # ------------------------------------------------------------------ admin: hosts, tasks
 

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from reddwarf.common import errors, states
-from reddwarf.v1 import common_pb2, database_pb2
+from reddwarf.v1 import common_pb2, database_pb2, observe_pb2
 
 from .resources import DatabaseSpec, UserSpec
 
@@ -350,3 +350,45 @@ def openapi(routes: list[tuple[str, list[str]]]) -> dict[str, Any]:
             entry[m.lower()] = op
     return {"openapi": "3.0.3", "info": {"title": "Red Dwarf — Trove v1.0 compatible REST gateway", "version": "1.0"},
             "paths": paths}
+
+
+# -- guest logs (Trove's /instances/{id}/log) ----------------------------------------------------------
+LOG_FLAGS = ("enable", "disable", "publish", "discard")
+
+
+@dataclass(frozen=True)
+class LogAction:
+    """A Trove log action body: {"name": "slow_query", "enable": 1} (python-troveclient's log_action)."""
+    name: str
+    enable: bool = False
+    disable: bool = False
+    publish: bool = False
+    discard: bool = False
+
+
+def log_action(body: Any) -> LogAction:
+    if not isinstance(body, dict):
+        raise BadInput("request body must be a JSON object with the log's name")
+    name = _str(body, "name", "log")
+    unknown = sorted(set(body) - {"name", *LOG_FLAGS})
+    if unknown:
+        raise BadInput(f"unknown member(s) of a log action: {', '.join(unknown)}")
+    flags: dict[str, bool] = {}
+    for f in LOG_FLAGS:
+        v = body.get(f, 0)
+        if v not in (0, 1, True, False):
+            raise BadInput(f"log.{f} must be 0 or 1")
+        flags[f] = bool(v)
+    if flags["enable"] and flags["disable"]:
+        raise BadInput("log.enable and log.disable cannot both be set")
+    return LogAction(name, **flags)
+
+
+def guest_log(g: observe_pb2.GuestLog, saved: observe_pb2.SavedLog | None = None) -> dict[str, Any]:
+    """Trove's log view. "published" is what a save (publish) just stored, "pending" what the guest holds
+    beyond it; container and prefix say where in the backup store the saved copy is."""
+    published = saved.size_bytes if saved is not None else 0
+    return {"name": g.log, "type": g.type, "status": "Published" if saved is not None else g.status,
+            "published": published, "pending": max(0, g.size_bytes - published),
+            "container": saved.location.rsplit("/", 1)[0] if saved is not None else "",
+            "prefix": saved.object_id if saved is not None else "", "metafile": ""}

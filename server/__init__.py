@@ -29,4 +29,8 @@
   usage_poll.py           the hosts' beancounters, polled for them (hostd's ListUsage)
   metrics_http.py         the /metrics listener (loopback, or TLS for monitor certificates)
   api_metrics.py          the interceptor counting API calls by method and status
+  audit.py                the event history's recording: API changes (an interceptor), status changes
+                          (a session hook), retention pruning
+  event_history.py        the Events service (ListEvents)
+  guest_logs.py           the Logs service: the guest's error/slow/general logs, read by its agent
 """

@@ -58,6 +58,8 @@ class Principal:
     tenant_id: str | None
     admin: bool
     identity: Identity
+    # The token the caller presented (its id, never the secret); "" for a certificate-only admin.
+    token_id: str = ""
 
     @property
     def caller_key(self) -> str:
@@ -107,6 +109,7 @@ class _TokenRow:
     admin: bool
     revoked: bool
     expires_at: dt.datetime | None
+    token_id: str
 
 
 class _Miss(Exception):
@@ -232,7 +235,7 @@ class Authenticator:
             with self.sessions() as s:
                 row = s.scalar(select(models.Token).where(models.Token.secret_hash == secret_hash))
                 token = None if row is None else _TokenRow(row.tenant_id, row.admin, row.revoked_at is not None,
-                                                           row.expires_at)
+                                                           row.expires_at, row.id)
             if token is not None:
                 self.cache.put_token(secret_hash, token, generation)
         if token is None:
@@ -241,7 +244,7 @@ class Authenticator:
             raise Unauthenticated("token has been revoked")
         if token.expires_at is not None and token.expires_at <= _now():
             raise Unauthenticated("token has expired")
-        return Principal(token.tenant_id, token.admin, identity)
+        return Principal(token.tenant_id, token.admin, identity, token.token_id)
 
 
 def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],

@@ -29,12 +29,20 @@ from grpc_reflection.v1alpha import reflection
 from reddwarf.common.log import setup as setup_logging
 from reddwarf.common.pki import CertificateAuthority, Identity, TlsFiles
 from reddwarf.common.tls import SERVER_OPTIONS, agent_server_options, reloading_server_credentials
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
+from reddwarf.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    database_pb2,
+    database_pb2_grpc,
+    observe_pb2,
+    observe_pb2_grpc,
+)
 
 from . import db, models, provisioning
 from .admin import AdminServicer, record_certificate
 from .api_metrics import ApiMetricsInterceptor
 from .app import App
+from .audit import AuditInterceptor, EventWriter, prune_loop, record_status_changes
 from .auth import (
     ADMIN_TENANT,
     Authenticator,
@@ -46,6 +54,7 @@ from .auth import (
 )
 from .backup_store import LocalStore
 from .catalog import CatalogServicer
+from .event_history import EventsServicer
 from .hosts import HostPool
 from .keys import TenantKeys, ensure_kek
 from .metrics import ServerMetrics, UsagePoller
@@ -69,6 +78,8 @@ class Wiring:
     enroll: list[tuple[AddFn, Any, str]] = field(default_factory=list)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Interceptors of the API port after authentication and rate limiting (they see the principal).
+    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
 
 
 def wire(app: App, paginator: Paginator) -> Wiring:
@@ -81,7 +92,22 @@ def wire(app: App, paginator: Paginator) -> Wiring:
     w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator, hosts, store),
                   full_name(admin_pb2.DESCRIPTOR, "Admin")))
     provisioning.register(app, paginator, hosts, store, w)
+    wire_events(app, paginator, w)
     return w
+
+
+def wire_events(app: App, paginator: Paginator, w: Wiring) -> None:
+    """The event history: recorded (API changes by an interceptor, status changes by a session hook),
+    pruned after its retention, and read through the Events service."""
+    st = app.settings
+    if st.events_enabled:
+        writer = EventWriter(app.sessions)
+        record_status_changes(app.sessions)
+        w.interceptors.append(AuditInterceptor(writer))
+        w.background += [writer.run, lambda: prune_loop(app.sessions, st.event_retention_days,
+                                                        st.event_prune_seconds)]
+    w.api.append((observe_pb2_grpc.add_EventsServicer_to_server, EventsServicer(app, paginator),
+                  full_name(observe_pb2.DESCRIPTOR, "Events")))
 
 
 def secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -212,7 +238,8 @@ async def serve(settings: Settings) -> None:
     # principal auth found.
     api = grpc.aio.server(interceptors=[ApiMetricsInterceptor(wiring.metrics.api_calls, wiring.metrics.api_seconds),
                                         AuthInterceptor(Authenticator(app.sessions, settings.auth_cache_seconds)),
-                                        RateLimitInterceptor(wiring.rate_limiter)], options=SERVER_OPTIONS)
+                                        RateLimitInterceptor(wiring.rate_limiter), *wiring.interceptors],
+                             options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:
         add(servicer, api)

@@ -296,3 +296,25 @@ class InstanceConfiguration(Base):
     applied: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     restart_required: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+class Event(Base):
+    """The event history (server/audit.py): every change asked through the API and every status change of
+    an instance, backup or host. Never holds a secret: requests are recorded redacted."""
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_tenant_id", "tenant_id", "id"), Index("ix_events_resource", "resource", "id"),
+                      Index("ix_events_time", "time"))
+    # SQLite only autoincrements an INTEGER PRIMARY KEY.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # "api" or "status"
+    kind: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str] = mapped_column(String(64), default="")
+    resource: Mapped[str] = mapped_column(String(128), default="")
+    actor: Mapped[str] = mapped_column(String(255), default="")
+    request_id: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[str] = mapped_column(String(128), default="")
+    summary: Mapped[str] = mapped_column(Text, default="")
+    code: Mapped[str] = mapped_column(String(32), default="")
+    status: Mapped[str] = mapped_column(String(64), default="")
+    previous_status: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -18,6 +18,8 @@ from reddwarf.v1 import (
     configuration_pb2_grpc,
     database_pb2,
     database_pb2_grpc,
+    observe_pb2,
+    observe_pb2_grpc,
 )
 
 from . import models, tasks
@@ -31,6 +33,7 @@ from .enrollment import Enrollment
 from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
 from .guest_health import GuestHealthRecorder
+from .guest_logs import LogsServicer
 from .hosts import HostPool
 from .instance_tasks import InstanceTasks
 from .instances import InstancesServicer
@@ -94,6 +97,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         (database_pb2_grpc.add_RootServicer_to_server, RootServicer(app, registry), full_name(db, "Root")),
         (database_pb2_grpc.add_BackupsServicer_to_server, BackupsServicer(app, backups, engine, paginator),
          full_name(db, "Backups")),
+        (observe_pb2_grpc.add_LogsServicer_to_server, LogsServicer(app, registry, store),
+         full_name(observe_pb2.DESCRIPTOR, "Logs")),
     ]
     def revoke_serial(serial: int, reason: str) -> None:
         with app.sessions() as s, s.begin():

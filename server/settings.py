@@ -108,6 +108,11 @@ class Settings:
     enroll_connect_timeout_seconds: float = 15.0
     # How long a started hostd has to answer over mTLS before the enrollment is rolled back.
     enroll_ready_timeout_seconds: float = 120.0
+    # The event history (server/audit.py): recorded unless events_enabled is false (benchmarks' baseline),
+    # kept event_retention_days (0: forever), pruned every event_prune_seconds.
+    events_enabled: bool = True
+    event_retention_days: float = 90.0
+    event_prune_seconds: float = 3600.0
     # Test-only crash hook: "<task kind>:<step>" makes the server SIGKILL itself right after that step.
     test_exit_after_step: str = ""
 
@@ -127,6 +132,10 @@ class Settings:
         for key in ("auth_cache_seconds", "catalog_cache_seconds"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
+        if self.event_retention_days < 0:
+            raise InvalidArgument("event_retention_days must be 0 (keep forever) or more", field="event_retention_days")
+        if not self.event_prune_seconds > 0:
+            raise InvalidArgument("event_prune_seconds must be more than 0", field="event_prune_seconds")
         if not self.api_rate_period_seconds > 0:
             raise InvalidArgument("api_rate_period_seconds must be more than 0", field="api_rate_period_seconds")
         if self.agent_max_message_bytes < (1 << 20) + 64 * 1024:
