@@ -10,7 +10,11 @@ Where things live:
 - backup.py: backups and restores (mariadb-backup | zstd | SHA-256); xbstream.py: what a stream may unpack
   to (file allowlist, backup-my.cnf rebuilt); verify.py: the scratch restore the server runs in the
   throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);
-  services.py: packages and memcached (the second service, beside mysqld, sized to the flavor).
+  services.py: packages and memcached (the second service, beside mysqld, sized to the flavor);
+  configuration.py: a configuration group's overrides (validated,
+  SET GLOBAL all or none, the my.cnf include, a restart pending for static values).
+- logs.py: the datastore's logs on the volume (fixed names → the agent's own files), read in pieces,
+  switched on and off, rotated within their bound.
 - The volume is mounted where Prepare.datadir says; mysqld's datadir is its data/ directory
   (mysqld.py: datadir_on_volume), the agent's work directory beside it.
 """

@@ -13,6 +13,7 @@ from reddwarf.v1 import agent_pb2
 from . import convert
 from .convert import Outcome
 from .datastore import Backups, DatastoreDriver
+from .logs import GuestLogs, LogList
 from .model import Download, Progress, Upload
 
 
@@ -38,6 +39,13 @@ class Call:
         if self.backups_or_none is None or self.transfer_or_none is None:
             raise FailedPrecondition("backups are not available in this guest", field="command")
         return self.backups_or_none
+
+    @property
+    def logs(self) -> GuestLogs:
+        logs = self.driver.logs()
+        if logs is None:
+            raise FailedPrecondition("this guest's datastore keeps no logs", field="command")
+        return logs
 
     @property
     def transfer(self) -> Transfer:
@@ -77,7 +85,23 @@ COMMANDS: dict[str, Handler] = {
                                                 c.transfer.download, c.progress),
     "table_checksums": lambda c, cmd: c.backups.table_checksums(),
     "mysql_tls_request": lambda c, cmd: c.driver.mysql_tls_request(),
+    "apply_configuration": lambda c, cmd: c.driver.apply_configuration(dict(cmd.apply_configuration.values)),
+    "list_logs": lambda c, cmd: _list_logs(c),
+    "set_log": lambda c, cmd: _set_log(c, cmd.set_log),
+    "read_log": lambda c, cmd: c.logs.read_log(convert.read_spec_from_pb(cmd.read_log)),
 }
+
+# Reads that change nothing: answered afresh when replayed, never kept in the results record (a tail polls
+# read_log every second; keeping each piece of a log on disk would only fill the guest).
+UNRECORDED = frozenset({"list_logs", "read_log"})
+
+
+async def _list_logs(c: Call) -> LogList:
+    return LogList(tuple(await c.logs.list_logs()))
+
+
+async def _set_log(c: Call, pb: agent_pb2.SetLog) -> LogList:
+    return LogList((await c.logs.set_log(pb.log, pb.enabled, pb.long_query_time),))
 
 
 class CommandRunner:

@@ -14,10 +14,12 @@ from reddwarf.common.states import ServiceState
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2
 
 from . import model
+from .logs import LogList, LogRead, ReadSpec
 
 # What a command can answer with, and the CommandResult field each lands in.
 Outcome = (model.DatabasePage | model.UserPage | model.User | model.RootCredentials | model.RootStatus
-           | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | model.TlsCsr | None)
+           | model.BackupResult | list[model.TableChecksum] | model.GuestHealth | model.TlsCsr
+           | model.ConfigurationApplied | LogList | LogRead | None)
 
 
 # ---------------------------------------------------------------- messages → values
@@ -49,7 +51,8 @@ def prepare_from_pb(pb: agent_pb2.Prepare) -> model.Prepare:
                          databases=tuple(database_from_pb(d) for d in pb.databases),
                          users=tuple(user_from_pb(u) for u in pb.users), bind_address=pb.bind_address,
                          allowed_cidrs=tuple(pb.allowed_cidrs), require_secure_transport=pb.require_secure_transport,
-                         tls_cert_pem=pb.tls_cert_pem, tls_ca_pem=pb.tls_ca_pem)
+                         tls_cert_pem=pb.tls_cert_pem, tls_ca_pem=pb.tls_ca_pem,
+                         configuration=dict(pb.configuration))
 
 
 def chunk_from_pb(pb: agent_pb2.BackupChunk) -> model.BackupChunk:
@@ -58,6 +61,11 @@ def chunk_from_pb(pb: agent_pb2.BackupChunk) -> model.BackupChunk:
 
 def stored_from_pb(pb: agent_pb2.UploadBackupResponse) -> model.StoredBackup:
     return model.StoredBackup(size_bytes=pb.size_bytes, sha256=pb.sha256)
+
+
+def read_spec_from_pb(pb: agent_pb2.ReadLog) -> ReadSpec:
+    return ReadSpec(log=pb.log, tail_lines=pb.tail_lines, file_id=pb.file_id, offset=pb.offset,
+                    generation=pb.generation, max_bytes=pb.max_bytes)
 
 
 # ---------------------------------------------------------------- values → messages
@@ -83,7 +91,8 @@ def prepare_to_pb(p: model.Prepare) -> agent_pb2.Prepare:
                              datadir=p.datadir, databases=[database_to_pb(d) for d in p.databases],
                              users=[user_to_pb(u) for u in p.users], bind_address=p.bind_address,
                              allowed_cidrs=list(p.allowed_cidrs), require_secure_transport=p.require_secure_transport,
-                             tls_cert_pem=p.tls_cert_pem, tls_ca_pem=p.tls_ca_pem)
+                             tls_cert_pem=p.tls_cert_pem, tls_ca_pem=p.tls_ca_pem,
+                             configuration=dict(p.configuration))
 
 
 def service_state_to_pb(state: ServiceState) -> common_pb2.ServiceState.ValueType:
@@ -98,6 +107,10 @@ def health_to_pb(h: model.GuestHealth) -> common_pb2.GuestHealth:
         slow_queries=h.slow_queries, buffer_pool_bytes_total=h.buffer_pool_bytes_total,
         buffer_pool_bytes_data=h.buffer_pool_bytes_data, datadir_bytes_used=h.datadir_bytes_used,
         datadir_bytes_total=h.datadir_bytes_total, restarts=h.restarts, last_error=h.last_error)
+    if h.replication_running is not None:
+        pb.replication_running = h.replication_running
+    if h.replication_lag_seconds is not None:
+        pb.replication_lag_seconds = h.replication_lag_seconds
     for name, state in h.services.items():
         pb.services[name] = service_state_to_pb(state)
     pb.observed.FromDatetime(h.observed)
@@ -139,8 +152,19 @@ def result_to_pb(outcome: Outcome) -> agent_pb2.CommandResult:
         res.checksums.checksums.extend(checksum_to_pb(c) for c in outcome)
     elif isinstance(outcome, model.GuestHealth):
         res.health.CopyFrom(health_to_pb(outcome))
+    elif isinstance(outcome, LogList):
+        res.log_list.CopyFrom(agent_pb2.LogList(logs=[
+            agent_pb2.LogInfo(log=i.log, type=i.type, enabled=i.enabled, size_bytes=i.size_bytes,
+                              max_bytes=i.max_bytes, long_query_time=i.long_query_time) for i in outcome.logs]))
+    elif isinstance(outcome, LogRead):
+        res.log_data.CopyFrom(agent_pb2.LogData(data=outcome.data, file_id=outcome.file_id,
+                                                next_offset=outcome.next_offset, eof=outcome.eof,
+                                                generations=outcome.generations))
     elif isinstance(outcome, model.TlsCsr):
         res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem))
+    elif isinstance(outcome, model.ConfigurationApplied):
+        res.configuration_applied.CopyFrom(agent_pb2.ConfigurationApplied(
+            restart_required=outcome.restart_required, applied=list(outcome.applied)))
     return res
 
 

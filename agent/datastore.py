@@ -4,10 +4,13 @@ protobufs; errors are domain errors."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
+from reddwarf.common.errors import FailedPrecondition
+
 from . import model
+from .logs import GuestLogs
 
 ProgressFn = Callable[[int, str], Awaitable[None]]
 
@@ -40,6 +43,10 @@ class DatastoreDriver(ABC):
 
     def backups(self) -> Backups | None:
         """The datastore's backups, or None where this driver has none."""
+        return None
+
+    def logs(self) -> GuestLogs | None:
+        """The datastore's logs (error, slow_query, general), or None where this driver keeps none."""
         return None
 
     async def mysql_tls_request(self) -> model.TlsCsr:
@@ -100,6 +107,11 @@ class DatastoreDriver(ABC):
 
     @abstractmethod
     async def health(self) -> model.GuestHealth: ...
+
+    async def apply_configuration(self, values: Mapping[str, str]) -> model.ConfigurationApplied:
+        """Makes `values` the datastore's whole set of configuration overrides (validated first, then all or
+        nothing); FAILED_PRECONDITION where the datastore has none."""
+        raise FailedPrecondition(f"{self.name} takes no configuration groups", field="configuration")
 
     async def close(self) -> None:
         """Stops supervised children at agent shutdown."""

@@ -38,6 +38,7 @@ from reddwarf.v1 import agent_pb2, agent_pb2_grpc
 
 from .commands import CommandRunner
 from .datastore import DatastoreDriver
+from .logs import rotate_loop
 from .stream import AgentStream, StreamSettings
 
 log = logging.getLogger("reddwarf.agent")
@@ -238,10 +239,14 @@ async def amain(cfg: AgentConfig) -> None:
         loop.add_signal_handler(sig, stream.stop)
     # The first check runs before the stream dials, so a due certificate is replaced before it is used.
     renewer = asyncio.create_task(renew_loop(cfg, files, stream, await _try_renew(cfg, files)))
+    logs = driver.logs()
+    rotator = asyncio.create_task(rotate_loop(logs)) if logs is not None else None
     try:
         await stream.run_forever()
     finally:
         renewer.cancel()
+        if rotator is not None:
+            rotator.cancel()
         await driver.close()
 
 

@@ -2,7 +2,7 @@
 the stream (agent/convert.py); nothing below it sees one."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -89,6 +89,16 @@ class Prepare:
     require_secure_transport: bool = False
     tls_cert_pem: str = ""
     tls_ca_pem: str = ""
+    # The configuration group's values (canonical text), in effect from mysqld's first start.
+    configuration: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConfigurationApplied:
+    """What applying configuration overrides did: the parameters set live, and whether a static one waits
+    for a restart of mysqld."""
+    restart_required: bool
+    applied: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,10 @@ class GuestHealth:
     restarts: int = 0
     services: dict[str, ServiceState] = field(default_factory=dict)
     last_error: str = ""
+    # Only on a replica (None otherwise): whether its replication threads run, and how far behind it is
+    # (None while they are stopped).
+    replication_running: bool | None = None
+    replication_lag_seconds: int | None = None
 
 
 @dataclass(frozen=True)

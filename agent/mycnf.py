@@ -49,6 +49,10 @@ class MyCnf:
     tmpdir: str = ""
     tls: Tls | None = None
     require_secure_transport: bool = False
+    # The configuration group's overrides (agent/configuration.py), read last so that its values win.
+    include: str = ""
+    # The logs' settings and files (agent/logs.py); empty: the error log at log_error, the slow log on.
+    log_lines: tuple[str, ...] = ()
 
 
 def size_for_limits(limits: Limits) -> tuple[int, int]:
@@ -78,7 +82,7 @@ def render_my_cnf(c: MyCnf) -> str:
         f"datadir = {c.datadir}",
         f"socket = {c.socket}",
         f"pid-file = {c.pid_file}",
-        f"log-error = {c.log_error}",
+        *(c.log_lines or (f"log-error = {c.log_error}", "slow_query_log = 1", "long_query_time = 2")),
         f"port = {c.port}",
         f"bind-address = {c.bind_address}",
         # Host names in grants are matched as written; no DNS in the connection path.
@@ -88,12 +92,11 @@ def render_my_cnf(c: MyCnf) -> str:
         f"open_files_limit = {c.open_files_limit}",
         "character-set-server = utf8mb4",
         "collation-server = utf8mb4_general_ci",
-        "slow_query_log = 1",
-        "long_query_time = 2",
         "skip-log-bin",
         *extra,
         "",
         "[client]",
         f"socket = {c.socket}",
         "",
+        *([f"!include {c.include}", ""] if c.include else []),
     ])

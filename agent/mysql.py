@@ -11,8 +11,8 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,18 @@ import pymysql
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from reddwarf.common import cidrs, names, pki
+from reddwarf.common import cidrs, names, parameters, pki
 from reddwarf.common.errors import InvalidArgument, RedDwarfError
 from reddwarf.common.states import ServiceState
 
 from . import convert, services
 from .backup import BackupRunner, BackupSettings, MysqlAccess
+from .configuration import ConfigurationOverrides
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
+from .logs import GuestLogs, MysqlLogs
 from .model import (
     BackupResult,
+    ConfigurationApplied,
     Database,
     DatabasePage,
     Download,
@@ -92,6 +95,9 @@ class MysqlDriver(DatastoreDriver):
         self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db,
                              settings.tls_dir)
         self.admin = MysqlAdmin(self._admin_connect)
+        self.config = ConfigurationOverrides(settings.state_dir, self._admin_socket_connect)
+        self._logs = MysqlLogs(settings.state_dir, lambda: os.path.join(volume_work_dir(self.volume), "logs"),
+                               settings.run_as, self.admin.cursor, self._mysqld_running, self._write_my_cnf)
 
     # private records -----------------------------------------------------
 
@@ -105,6 +111,12 @@ class MysqlDriver(DatastoreDriver):
     def _admin_connect(self) -> Any:
         return pymysql.connect(unix_socket=self.mysqld.socket, user=names.ADMIN_USER,
                                password=self.admin_password(), autocommit=True, connect_timeout=5)
+
+    def _admin_socket_connect(self) -> Any:
+        # The unix socket needs no TLS; without ssl_disabled pymysql builds a default SSL context for every
+        # connection, loading the system CAs (about 140 ms here, most of a configuration change).
+        return pymysql.connect(unix_socket=self.mysqld.socket, user=names.ADMIN_USER, password=self.admin_password(),
+                               autocommit=True, connect_timeout=5, ssl_disabled=True)
 
     def _write_private(self, name: str, data: dict[str, Any]) -> None:
         path = self._path(name)
@@ -133,8 +145,26 @@ class MysqlDriver(DatastoreDriver):
 
     def my_cnf(self) -> MyCnf:
         pool, conns = size_for_limits(self._mysqld_limits())
-        return self.mysqld.my_cnf(self.volume, self.datadir, self._port, self._bind, pool, conns,
-                                  int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+        cnf = self.mysqld.my_cnf(self.volume, self.datadir, self._port, self._bind, pool, conns,
+                                 int(self._limits.max_open_files) or 65535, self._require_secure_transport)
+        return replace(cnf, include=self.config.include_path, log_lines=tuple(self._logs.my_cnf_lines()))
+
+    def configuration_defaults(self) -> dict[str, int | float | str]:
+        """What the main my.cnf gives the parameters it sets: a parameter leaving the configuration group
+        goes back to these (any other to MariaDB's DEFAULT)."""
+        pool, conns = size_for_limits(self._mysqld_limits())
+        return {"innodb_buffer_pool_size": pool * 1024 * 1024, "max_connections": conns,
+                "character_set_server": "utf8mb4", "collation_server": "utf8mb4_general_ci",
+                "slow_query_log": "ON", "long_query_time": 2.0,
+                # SET GLOBAL time_zone = DEFAULT means the zone mysqld started with, which may be the group's.
+                "time_zone": "SYSTEM"}
+
+    def logs(self) -> GuestLogs:
+        return self._logs
+
+    def _mysqld_running(self) -> bool:
+        sup = self.mysqld.supervisor
+        return sup is not None and sup.state == ServiceState.RUNNING
 
     # TLS -----------------------------------------------------------------
 
@@ -187,6 +217,7 @@ class MysqlDriver(DatastoreDriver):
         self._write_tls_file(files.cert, cert_pem.encode(), 0o644)
 
     def _write_my_cnf(self) -> None:
+        self.config.ensure_include()
         self.mysqld.write_my_cnf(self.my_cnf())
 
     def ensure_admin(self) -> None:
@@ -235,6 +266,12 @@ class MysqlDriver(DatastoreDriver):
             names.validate_user(u.name, f"users[{i}].user")
             names.validate_password(u.password, f"users[{i}].password")
         allowed = cidrs.parse_cidrs(spec.allowed_cidrs, "allowed_cidrs")
+        for s in spec.services:
+            if s.service in ("mariadb", "mysql") and s.version:
+                self.config.version = s.version
+        if spec.configuration:
+            parameters.validate(self.config.datastore, self.config.version, spec.configuration,
+                                spec.limits.memory_mb or None, "configuration")
         if bool(spec.tls_cert_pem) != bool(spec.tls_ca_pem):
             raise InvalidArgument("tls_cert_pem and tls_ca_pem go together", field="tls_ca_pem")
         if spec.tls_cert_pem:
@@ -258,7 +295,12 @@ class MysqlDriver(DatastoreDriver):
                 self._port = s.port
         self._wants_memcached = any(s.service == "memcached" for s in spec.services)
         await progress(30, "writing my.cnf")
+        if spec.configuration and not self.config.values():
+            # Before mysqld's first start: static values too are in effect without a restart. (A replayed
+            # prepare keeps what a later apply_configuration made.)
+            self.config.write_initial(spec.configuration, self._limits.memory_mb or None)
         self._write_my_cnf()
+        self._logs.ensure_dir()
         await progress(40, "initialising the datadir")
         await self.mysqld.init_datadir(self.datadir)
         await progress(60, "starting mysqld")
@@ -299,6 +341,9 @@ class MysqlDriver(DatastoreDriver):
         if not saved:
             return
         spec = convert.prepare_from_json(saved["prepare"])
+        for s in spec.services:
+            if s.service in ("mariadb", "mysql") and s.version:
+                self.config.version = s.version
         self._limits = spec.limits
         # An older agent kept the datadir here, which was then the volume's root: the same path either way.
         self.volume = spec.datadir or self.volume
@@ -317,6 +362,7 @@ class MysqlDriver(DatastoreDriver):
     # lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        await asyncio.to_thread(self._logs.ensure_dir)  # a restore swapped the datadir, or a first start
         await self.mysqld.start()
 
     async def stop(self) -> None:
@@ -330,12 +376,21 @@ class MysqlDriver(DatastoreDriver):
         self._write_my_cnf()
         pool, conns = size_for_limits(self._mysqld_limits())
         await asyncio.to_thread(self.admin.apply_sizes, pool, conns)
+        # The configuration group's own sizes, if it sets them, win over the flavor's.
+        await asyncio.to_thread(self.config.reapply, ("innodb_buffer_pool_size", "max_connections"))
         saved = self._read_private("prepared.json")
         if saved:
             saved["prepare"]["limits"] = convert.limits_to_json(limits)
             self._write_private("prepared.json", saved)
         if "memcached" in self._extra:
             await self._start_memcached(self._extra["memcached"].port)
+
+    async def apply_configuration(self, values: Mapping[str, str]) -> ConfigurationApplied:
+        async with self._lock:
+            self.mysqld.require_configured()
+            sup = self.mysqld.supervisor
+            return await asyncio.to_thread(self.config.apply, values, self._limits.memory_mb or None,
+                                           self.configuration_defaults(), sup.pid if sup else None)
 
     async def close(self) -> None:
         for svc in self._extra.values():
@@ -412,6 +467,9 @@ class MysqlDriver(DatastoreDriver):
                 page = st.get("Innodb_page_size", 16384)
                 h.buffer_pool_bytes_total = st.get("Innodb_buffer_pool_pages_total", 0) * page
                 h.buffer_pool_bytes_data = st.get("Innodb_buffer_pool_pages_data", 0) * page
+                repl = await asyncio.to_thread(self.admin.replication)
+                if repl is not None:
+                    h.replication_running, h.replication_lag_seconds = repl
             except (RedDwarfError, OSError) as exc:
                 h.accepting_connections = False
                 h.last_error = str(exc)[:300]

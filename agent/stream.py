@@ -30,7 +30,7 @@ from reddwarf.common.tls import aio_channel
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc
 
 from . import convert
-from .commands import CommandRunner, Transfer
+from .commands import UNRECORDED, CommandRunner, Transfer
 from .model import BackupChunk, GuestHealth, StoredBackup
 from .results import ResultStore
 
@@ -108,7 +108,8 @@ class AgentStream:
                 result = agent_pb2.CommandResult(command_id=cid)
                 result.status.code = code_pb2.INTERNAL
                 result.status.message = f"agent error: {type(exc).__name__}"
-            self.results.put(result)
+            if cmd.WhichOneof("command") not in UNRECORDED:
+                self.results.put(result)
         finally:
             # Whatever happened, the command is no longer running: a re-sent id must not be ignored forever.
             self._running.pop(cid, None)
@@ -134,7 +135,8 @@ class AgentStream:
             await self._send(agent_pb2.AgentMessage(result=agent_pb2.CommandResult(command_id=cid,
                                                                                    status=to_status_pb(err))))
             return
-        self.results.begin(cid, cmd.WhichOneof("command") or "command")
+        if cmd.WhichOneof("command") not in UNRECORDED:
+            self.results.begin(cid, cmd.WhichOneof("command") or "command")
         self._running[cid] = asyncio.create_task(self._execute(cmd))
 
     async def _heartbeats(self, every: float) -> None:

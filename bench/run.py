@@ -18,9 +18,15 @@ BENCHMARKS = [
     ("provision_bench", "create→ACTIVE vs the raw floor"),
     ("agent_streams", "1,000 agent streams on one server"),
     ("backup_bench", "backup/restore MB/s vs raw mariadb-backup"),
+    ("api_bench", "unary API (GetFlavor, GetInstance) vs a bare grpc.aio server"),
     ("gateway_bench", "REST gateway overhead vs gRPC"),
     ("isolation_bench", "noisy neighbour and container vs bare"),
     ("chaos_bench", "seeded random kills: convergence and lost rows"),
+    ("enroll_bench", "time to enroll a host over SSH"),
+    ("metrics_bench", "/metrics scrape with 1,000 instances vs plain prometheus_client Gauges"),
+    ("config_bench", "configuration change: API → visible in SHOW GLOBAL VARIABLES vs a direct SET GLOBAL"),
+    ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
+    ("events_bench", "event history: create→ACTIVE with and without recording"),
 ]
 
 

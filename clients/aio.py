@@ -15,6 +15,7 @@ I/O (names, requests, paging, wait_for's verdicts) lives in resources.py.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
@@ -26,8 +27,12 @@ import grpc.aio
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import admin_pb2_grpc as apb_grpc
 from reddwarf.v1 import common_pb2 as cpb
+from reddwarf.v1 import configuration_pb2 as cfg
+from reddwarf.v1 import configuration_pb2_grpc as cfg_grpc
 from reddwarf.v1 import database_pb2 as pb
 from reddwarf.v1 import database_pb2_grpc as pb_grpc
+from reddwarf.v1 import observe_pb2 as opb
+from reddwarf.v1 import observe_pb2_grpc as opb_grpc
 
 from . import resources as r
 from .config import ClientConfig, load_config
@@ -56,6 +61,9 @@ class AsyncClient:
         self.root = pb_grpc.RootStub(self._channel)
         self.backups = pb_grpc.BackupsStub(self._channel)
         self.admin = apb_grpc.AdminStub(self._channel)
+        self.configurations = cfg_grpc.ConfigurationsStub(self._channel)
+        self.logs = opb_grpc.LogsStub(self._channel)
+        self.events = opb_grpc.EventsStub(self._channel)
 
     @classmethod
     def from_env(cls, **explicit: Any) -> Self:
@@ -65,6 +73,12 @@ class AsyncClient:
     def with_token(self, token: str | None) -> Self:
         """The same channel, calling as another tenant (cheap: the gateway makes one per request)."""
         return type(self)(replace(self.config, token=token), channel=self._channel)
+
+    def with_request_id(self, request_id: str) -> Self:
+        """The same channel and caller, its calls carrying `x-request-id` (the event history records it)."""
+        tagged = type(self)(self.config, channel=self._channel)
+        tagged._metadata = (*self._metadata, ("x-request-id", request_id))
+        return tagged
 
     async def close(self) -> None:
         if self._owns_channel:
@@ -131,13 +145,14 @@ class AsyncClient:
                               datastore_version: str = "", restore_from: str | None = None,
                               request_id: str = "", allowed_cidrs: Iterable[str] = (),
                               require_secure_transport: bool = False, tags: Mapping[str, str] | None = None,
-                              deletion_protection: bool = False, services: Iterable[str] = ()) -> pb.Instance:
+                              deletion_protection: bool = False, configuration: str = "",
+                              services: Iterable[str] = ()) -> pb.Instance:
         """`services`: extra services beside the datastore in the same container ("memcached")."""
         return await self._call(self.instances.CreateInstance, r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
             allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport, tags=tags,
-            deletion_protection=deletion_protection, services=services))
+            deletion_protection=deletion_protection, configuration=configuration, services=services))
 
     async def get_instance(self, instance: str) -> pb.Instance:
         return await self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
@@ -377,6 +392,127 @@ class AsyncClient:
         return await self._call(self.backups.GetBackupSchedule,
                                 pb.GetBackupScheduleRequest(instance=r.instance_name(instance)))
 
+    # ------------------------------------------------------------------ configuration groups
+
+    async def create_configuration(self, name: str, values: Mapping[str, object], description: str = "",
+                                   datastore: str = "", datastore_version: str = "") -> cfg.Configuration:
+        """A configuration group: values by parameter name (ints, floats, bools or text; see list_parameters)."""
+        return await self._call(self.configurations.CreateConfiguration, cfg.CreateConfigurationRequest(
+            configuration=cfg.Configuration(display_name=name, description=description, datastore=datastore,
+                                            datastore_version=datastore_version,
+                                            values=r.parameter_values(values))))
+
+    async def get_configuration(self, configuration: str) -> cfg.Configuration:
+        return await self._call(self.configurations.GetConfiguration, cfg.GetConfigurationRequest(
+            name=r.resource("configurations", configuration)))
+
+    async def list_configurations(self, page_size: int = 0) -> list[cfg.Configuration]:
+        return await self._all(self._pages(self.configurations.ListConfigurations, cfg.ListConfigurationsRequest(),
+                                           lambda p: p.configurations, page_size))
+
+    async def update_configuration(self, configuration: str, values: Mapping[str, object] | None = None, *,
+                                   merge: bool = False, unset: Iterable[str] = (), name: str | None = None,
+                                   description: str | None = None) -> cfg.Configuration:
+        """merge=False (Trove's PUT): `values` replace all of the group's; merge=True (PATCH): set on top, and
+        `unset` removes parameters. Attached instances get the result at once."""
+        request = cfg.UpdateConfigurationRequest(name=r.resource("configurations", configuration),
+                                                 values=r.parameter_values(values or {}), merge=merge,
+                                                 unset=list(unset))
+        if name is not None:
+            request.display_name = name
+        if description is not None:
+            request.description = description
+        return await self._call(self.configurations.UpdateConfiguration, request)
+
+    async def delete_configuration(self, configuration: str) -> None:
+        await self._call(self.configurations.DeleteConfiguration, cfg.DeleteConfigurationRequest(
+            name=r.resource("configurations", configuration)))
+
+    async def attach_configuration(self, instance: str, configuration: str) -> pb.Instance:
+        return await self._call(self.configurations.AttachConfiguration, cfg.AttachConfigurationRequest(
+            instance=r.instance_name(instance), configuration=r.resource("configurations", configuration)))
+
+    async def detach_configuration(self, instance: str) -> pb.Instance:
+        return await self._call(self.configurations.DetachConfiguration, cfg.DetachConfigurationRequest(
+            instance=r.instance_name(instance)))
+
+    async def list_configuration_instances(self, configuration: str) -> list[cfg.ConfigurationInstance]:
+        request = cfg.ListConfigurationInstancesRequest(name=r.resource("configurations", configuration))
+        return await self._all(self._pages(self.configurations.ListConfigurationInstances, request,
+                                           lambda p: p.instances))
+
+    async def list_parameters(self, datastore: str, version: str) -> list[cfg.ConfigurationParameter]:
+        """The parameters a configuration group may set on that datastore version, with their rules."""
+        res = await self._call(self.configurations.ListConfigurationParameters, cfg.ListConfigurationParametersRequest(
+            parent=r.version_name(datastore, version)))
+        return list(res.parameters)
+
+    async def get_parameter(self, datastore: str, version: str, parameter: str) -> cfg.ConfigurationParameter:
+        return await self._call(self.configurations.GetConfigurationParameter, cfg.GetConfigurationParameterRequest(
+            name=f"{r.version_name(datastore, version)}/parameters/{parameter}"))
+
+    async def find_configuration(self, configuration: str) -> cfg.Configuration:
+        """The group with this id (or resource name), else the one whose display name this is."""
+        if r.may_be_id("configurations", configuration):
+            try:
+                return await self.get_configuration(configuration)
+            except NotFound:
+                if configuration.startswith("configurations/"):
+                    raise
+        matches = [c for c in await self.list_configurations() if c.display_name == configuration]
+        return r.one_match("configuration", configuration, matches)
+
+    async def configuration_id(self, configuration: str) -> str:
+        return (await self.find_configuration(configuration)).id
+    # ------------------------------------------------------------------ guest logs
+
+    async def list_logs(self, instance: str) -> list[opb.GuestLog]:
+        """The instance's logs (error, slow_query, general) with their state and size on the volume."""
+        response = await self._call(self.logs.ListLogs, opb.ListLogsRequest(parent=r.instance_name(instance)))
+        return list(response.logs)
+
+    async def get_log(self, instance: str, log: str) -> opb.GuestLog:
+        return await self._call(self.logs.GetLog, opb.GetLogRequest(name=r.log_name(instance, log)))
+
+    async def enable_log(self, instance: str, log: str, long_query_time: float = 0.0) -> opb.GuestLog:
+        """Turns a log on (slow_query: optionally with a new threshold in seconds)."""
+        return await self._call(self.logs.EnableLog, opb.EnableLogRequest(name=r.log_name(instance, log),
+                                                                          long_query_time=long_query_time))
+
+    async def disable_log(self, instance: str, log: str) -> opb.GuestLog:
+        return await self._call(self.logs.DisableLog, opb.DisableLogRequest(name=r.log_name(instance, log)))
+
+    async def tail_log(self, instance: str, log: str, lines: int = 50, follow: bool = False,
+                       from_start: bool = False, timeout: float | None = None) -> AsyncIterator[str]:
+        """The log's last `lines` lines (or all of the current file: from_start), then, with follow, what is
+        appended until the caller stops iterating (or timeout seconds pass: then WaitTimeout)."""
+        stream = self.logs.TailLog(opb.TailLogRequest(name=r.log_name(instance, log), lines=lines, follow=follow,
+                                                      from_start=from_start), metadata=self._metadata, timeout=timeout)
+        try:
+            async for chunk in stream:
+                yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and follow:
+                raise WaitTimeout(f"log {log} of {instance} followed for {timeout}s") from None
+            raise from_rpc_error(exc) from None
+        finally:
+            stream.cancel()
+
+    async def save_log(self, instance: str, log: str) -> opb.SavedLog:
+        """Copies the log into the backup store (encrypted under the tenant's key)."""
+        return await self._call(self.logs.SaveLog, opb.SaveLogRequest(name=r.log_name(instance, log)),
+                                timeout=max(self.config.timeout, 300.0))
+
+    # ------------------------------------------------------------------ event history
+
+    def list_events(self, resource: str = "", kind: str = "", since: dt.datetime | None = None,
+                    until: dt.datetime | None = None, tenant: str = "",
+                    page_size: int = 0) -> AsyncIterator[opb.Event]:
+        """Events oldest first: API changes (kind "api") and status changes ("status"), of the caller's tenant
+        (admins: all, or `tenant`'s); since/until are naive UTC or aware datetimes."""
+        request = r.list_events_request(resource, kind, since, until, tenant)
+        return self._pages(self.events.ListEvents, request, lambda p: p.events, page_size)
+
     # ------------------------------------------------------------------ admin: hosts, tasks
 
     async def register_host(self, host_id: str, address: str, memory_overcommit: float = 0.0,
@@ -385,11 +521,16 @@ class AsyncClient:
             id=host_id, address=address, memory_overcommit=memory_overcommit,
             storage_overcommit=storage_overcommit)))
 
-    async def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "",
-                          hostd_port: int = 0) -> apb.Host:
+    async def enroll_host(self, host_id: str, ssh_target: str, host_key: str, *, private_key: bytes = b"",
+                          ssh_key_path: str = "", password: str = "", hostd_port: int = 0) -> apb.Host:
+        """Installs hostd on a machine over SSH and registers it (Admin.EnrollHost). `host_key` is the SHA256
+        fingerprint of its SSH host key; log in with `private_key` (the key's text, sent over this mTLS
+        channel and only held in the server's memory for the call), a key file on the server
+        (`ssh_key_path`) or `password` (also a key's passphrase)."""
         return await self._call(self.admin.EnrollHost, apb.EnrollHostRequest(
-            id=host_id, ssh_target=ssh_target, ssh_key_path=ssh_key_path, hostd_port=hostd_port),
-            timeout=max(self.config.timeout, 600.0))
+            id=host_id, ssh_target=ssh_target, host_key=host_key, ssh_private_key=private_key,
+            ssh_key_path=ssh_key_path, ssh_password=password, hostd_port=hostd_port),
+            timeout=max(self.config.timeout, 900.0))
 
     async def get_host(self, host: str) -> apb.Host:
         return await self._call(self.admin.GetHost, apb.GetHostRequest(name=r.resource("hosts", host)))

@@ -12,6 +12,7 @@ it in ps, shells keep it in their history): tokens come from REDDWARF_TOKEN, the
 """
 from __future__ import annotations
 
+import base64
 import functools
 import getpass
 import inspect
@@ -49,6 +50,8 @@ flavor_app = typer.Typer(help="Flavors (named limit sets).", no_args_is_help=Tru
 datastore_app = typer.Typer(help="Datastores.", no_args_is_help=True)
 admin_app = typer.Typer(help="Operators: tenants, tokens, quotas, hosts, tasks, certificates.", no_args_is_help=True)
 pki_app = typer.Typer(help="The deployment's certificate authority.", no_args_is_help=True)
+host_app = typer.Typer(help="Container hosts: enroll over SSH, list, show, drain, delete.", no_args_is_help=True)
+admin_app.add_typer(host_app, name="host")
 for sub, name in ((instance_app, "instance"), (database_app, "database"), (user_app, "user"), (root_app, "root"),
                   (backup_app, "backup"), (flavor_app, "flavor"), (datastore_app, "datastore"), (admin_app, "admin"),
                   (pki_app, "pki")):
@@ -237,6 +240,8 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
     ("tags", lambda i: tag_text(i.tags)), ("deletion protection", lambda i: "on" if i.deletion_protection else "off"),
+    ("configuration", lambda i: short(i.configuration) if i.configuration else ""),
+    ("host", lambda i: short(i.host) if i.host else ""), ("volume driver", lambda i: i.volume.driver),
     ("services", services),
 ]
 
@@ -405,6 +410,9 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                     tag: list[str] = TAG_OPTION,
                     deletion_protection: bool = typer.Option(False, "--deletion-protection",
                                                              help="Refuse deletes until it is turned off."),
+                    configuration: str = typer.Option(None, "--configuration",
+                                                      help="Configuration group (id or name) in effect from the "
+                                                           "start."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
     tags = parse_tags(tag)
     specs = []
@@ -434,6 +442,7 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                                  restore_from=c.backup_id(restore_from) if restore_from else None,
                                  allowed_cidrs=allowed_cidr, require_secure_transport=require_tls, tags=tags,
                                  deletion_protection=deletion_protection,
+                                 configuration=c.configuration_id(configuration) if configuration else "",
                                  services=[*service, *(["memcached"] if memcached and "memcached" not in service
                                                        else [])])
         if wait:
@@ -764,18 +773,124 @@ def token_create(tenant: str, admin: bool = typer.Option(False, "--admin"),
                      [("id", lambda t: t.id), ("secret (shown once)", lambda t: t.secret)]))
 
 
-@admin_app.command("host-register")
+def ssh_target(user_at_addr: str, port: int | None) -> str:
+    """user@ADDR[:port] as EnrollHost takes it (an IPv6 address bracketed)."""
+    user, sep, addr = user_at_addr.rpartition("@")
+    if not sep or not user or not addr:
+        raise typer.BadParameter("--ssh must be user@address, e.g. root@10.0.0.5")
+    if ":" in addr and not addr.startswith("["):
+        addr = f"[{addr}]"
+    return f"{user}@{addr}" + (f":{port}" if port else "")
+
+
+def key_is_encrypted(data: bytes) -> bool:
+    """A PEM key marked ENCRYPTED, or an OpenSSH key whose cipher is not "none"."""
+    if b"ENCRYPTED" in data:
+        return True
+    body = b"".join(ln for ln in data.splitlines() if ln and not ln.startswith(b"-----"))
+    try:
+        raw = base64.b64decode(body)
+    except ValueError:
+        return False
+    return raw.startswith(b"openssh-key-v1\0") and not raw[15:].startswith(b"\0\0\0\x04none")
+
+
+def host_instances(h: Any) -> str:
+    return ", ".join(short(i) for i in h.instances) or "-"
+
+
+HOST_COLS: list[Column] = [
+    ("id", lambda h: h.id), ("address", lambda h: h.address), ("state", lambda h: enum_name(h, "state")),
+    ("memory MB", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
+    ("storage GB", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),
+    ("instances", lambda h: len(h.instances))]
+HOST_FIELDS: list[Column] = [
+    ("id", lambda h: h.id), ("address", lambda h: h.address), ("state", lambda h: enum_name(h, "state")),
+    ("container driver", lambda h: h.container_driver), ("volume driver", lambda h: h.volume_driver),
+    ("cpus", lambda h: h.capacity.cpus),
+    ("memory MB (allocated/total)", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
+    ("storage GB (allocated/total)", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),
+    ("storage GB free", lambda h: h.capacity.storage_gb_free), ("containers", lambda h: h.capacity.containers),
+    ("memory overcommit", lambda h: h.memory_overcommit), ("storage overcommit", lambda h: h.storage_overcommit),
+    ("last seen", lambda h: ts(h, "last_seen")), ("instances", host_instances)]
+SSH_PASSWORD_ENV = "REDDWARF_SSH_PASSWORD"
+
+
+@host_app.command("enroll")
 @output_options
-def host_register(host_id: str, address: str) -> None:
-    run(lambda: emit(client().register_host(host_id, address), [("id", lambda h: h.id), ("address", lambda h: h.address)]))
+def host_enroll(host_id: str = typer.Argument(..., metavar="NAME", help="The new host's id."),
+                ssh: str = typer.Option(..., "--ssh", help="user@address to log in as (e.g. root@10.0.0.5)."),
+                port: int = typer.Option(None, "--port", help="SSH port (default 22)."),
+                identity: Path | None = typer.Option(None, "--identity", help="Private key file on THIS machine; sent "
+                                              "to the server over mTLS, used in memory for this call only."),
+                server_identity: str = typer.Option("", "--server-identity",
+                                                    help="Instead: a private key file ON THE SERVER (a deploy key)."),
+                host_key: str = typer.Option(..., "--host-key", help="The host's SSH host key fingerprint, "
+                                             "SHA256:... as `ssh-keygen -lf` prints it (no trust on first use)."),
+                hostd_port: int = typer.Option(0, "--hostd-port", help="hostd's port there (default: the server's)."),
+                password_file: Path | None = typer.Option(None, "--ssh-password-file", help="The key's passphrase, or the "
+                                                   f"login password without a key (else {SSH_PASSWORD_ENV}, else a "
+                                                   "prompt)."),
+                _password: str = typer.Option(None, "--ssh-password", hidden=True, callback=_refuse_secret_arg(
+                    "SSH password", f"--ssh-password-file, {SSH_PASSWORD_ENV} or the prompt"))) -> None:
+    """Installs hostd on a machine over SSH, starts it and registers the host."""
+    key = b""
+    if identity is not None:
+        try:
+            key = identity.expanduser().read_bytes()
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read the identity file {identity}: {e.strerror}") from None
+    password = ""
+    if (identity is None and not server_identity) or (key and key_is_encrypted(key)) or password_file is not None:
+        what = "key passphrase" if key else "SSH password"
+        if password_file is not None:
+            password = read_secret_file(password_file, what)
+        elif os.environ.get(SSH_PASSWORD_ENV):
+            password = os.environ[SSH_PASSWORD_ENV]
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"{what.capitalize()}: ")
+        else:
+            raise typer.BadParameter(f"no {what}: give --ssh-password-file, set {SSH_PASSWORD_ENV}, or run in a "
+                                     "terminal to be prompted")
+    target = ssh_target(ssh, port)
+    run(lambda: emit(client().enroll_host(host_id, target, host_key, private_key=key, ssh_key_path=server_identity,
+                                          password=password, hostd_port=hostd_port), HOST_FIELDS))
 
 
-@admin_app.command("host-list")
+@host_app.command("list")
 @output_options
 def host_list() -> None:
-    run(lambda: emit(client().list_hosts(), [("id", lambda h: h.id), ("address", lambda h: h.address),
-                                             ("memory MB", lambda h: h.capacity.memory_mb_total),
-                                             ("containers", lambda h: h.capacity.containers)]))
+    """Every host: state, memory and storage (allocated/total) and how many instances it runs."""
+    run(lambda: emit(client().list_hosts(), HOST_COLS))
+
+
+@host_app.command("show")
+@output_options
+def host_show(host: str = typer.Argument(..., help="Host id.")) -> None:
+    run(lambda: emit(client().get_host(host), HOST_FIELDS))
+
+
+@host_app.command("register")
+@output_options
+def host_register(host_id: str, address: str) -> None:
+    """Registers a host whose hostd an operator installed and started (enroll does both)."""
+    run(lambda: emit(client().register_host(host_id, address), HOST_FIELDS))
+
+
+@host_app.command("drain")
+@output_options
+def host_drain(host: str, undo: bool = typer.Option(False, "--undo", help="Take new instances again.")) -> None:
+    run(lambda: emit(client().drain_host(host, not undo), HOST_FIELDS))
+
+
+@host_app.command("delete")
+def host_delete(host: str) -> None:
+    run(lambda: client().delete_host(host))
+
+
+# The flat spellings of earlier releases.
+admin_app.command("host-register", hidden=True)(host_register)
+admin_app.command("host-list", hidden=True)(host_list)
 
 
 @admin_app.command("task-list")
@@ -836,6 +951,11 @@ def pki_issue(directory: Path, role: str, ident: str, out_dir: Path = typer.Opti
     out.print(f"issued spiffe://reddwarf/{role}/{ident}: {files.cert}")
 
 
+# `reddwarf configuration ...` and `reddwarf datastore parameters` register themselves on the app.
+# `instance log ...`, `instance top` and `event list` live in their own module and register themselves here.
+from . import cli_configurations, cli_observe  # noqa: E402,F401 - imported for their commands; they import this module
+
+
 def main() -> int:
     try:
         app()
@@ -845,4 +965,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m` runs a second copy of this module as __main__; the configuration commands registered
+    # themselves on the package's copy, so that is the one to run.
+    from reddwarf.client import cli as _package_cli
+    sys.exit(_package_cli.main())

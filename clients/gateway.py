@@ -28,6 +28,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,7 +49,7 @@ from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
 from reddwarf.common.tls import aio_channel
 
-from . import trove, trove_schemas
+from . import trove, trove_configurations, trove_schemas
 from .aio import AsyncClient
 from .config import ClientConfig
 
@@ -56,6 +57,8 @@ MAX_BODY = 1 << 20
 # Every call's deadline: longer than anything the server does before it answers (its guest commands give
 # up after 120 s), so the server's own error is what the caller sees.
 CALL_TIMEOUT = 300.0
+# A caller's X-Request-Id (or X-Openstack-Request-Id) passed on to the event history when it looks like one.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 Handler = Callable[[Request, AsyncClient], Awaitable[Response]]
 
@@ -287,6 +290,9 @@ class Gateway:
         if not token:
             raise errors.Unauthenticated("X-Auth-Token is required")
         rd = self.client.with_token(token)
+        rid = request.headers.get("x-request-id") or request.headers.get("x-openstack-request-id") or ""
+        if REQUEST_ID.fullmatch(rid):  # anything else is not passed on (gRPC metadata is printable ASCII)
+            rd = rd.with_request_id(rid)
         tenant = request.path_params.get("tenant")
         if tenant is not None:
             caller = await rd.get_caller()
@@ -352,7 +358,8 @@ class Gateway:
         inst = await rd.create_instance(c.name, c.flavor, c.size_gb, databases=c.databases, users=c.users,
                                         datastore=c.datastore, datastore_version=c.datastore_version,
                                         restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs, tags=c.tags,
-                                        deletion_protection=c.deletion_protection, services=c.services)
+                                        deletion_protection=c.deletion_protection, configuration=c.configuration,
+                                        services=c.services)
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, rd: AsyncClient) -> Response:
@@ -360,8 +367,17 @@ class Gateway:
         return JSONResponse({"instances": [trove.instance(i, request) async for i in rd.list_instances(tags=tags)]})
 
     async def update_instance(self, request: Request, rd: AsyncClient) -> Response:
-        """Trove's PUT/PATCH /instances/{id} {"instance": {"name": ...}}, plus deletion_protection and tags."""
-        u = trove.update_request(await self._json(request, "instance"))
+        """Trove's PUT/PATCH /instances/{id} {"instance": {"name": ...}}, plus deletion_protection and tags, and
+        `configuration` (attach a group by id, detach with null: apply_instance_configuration)."""
+        body = await self._json(request, "instance")
+        if isinstance(body, dict) and "configuration" in body:
+            # As in Trove, a configuration change goes alone: one call, all or nothing.
+            if len(body) > 1:
+                raise trove.BadInput("instance.configuration is changed on its own, not with "
+                                     + ", ".join(sorted(set(body) - {"configuration"})))
+            await self.apply_instance_configuration(rd, self._instance(request), body)
+            return Response(status_code=202)
+        u = trove.update_request(body)
         await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
                                  tags=u.tags)
         return Response(status_code=202)
@@ -478,6 +494,104 @@ class Gateway:
         await rd.delete_backup(request.path_params["backup_id"])
         return Response(status_code=202)
 
+    # -- configuration groups (clients/trove_configurations.py) ----------------------------------
+    @staticmethod
+    def _group(request: Request) -> str:
+        return str(request.path_params["configuration_id"])
+
+    async def list_configurations(self, request: Request, rd: AsyncClient) -> Response:
+        return JSONResponse({"configurations": [trove_configurations.configuration(g, request)
+                                                for g in await rd.list_configurations()]})
+
+    async def create_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        name, values, description, datastore, version = trove_configurations.create_request(
+            await self._json(request, "configuration"))
+        g = await rd.create_configuration(name, values, description, datastore, version)
+        return JSONResponse({"configuration": trove_configurations.configuration(g, request)})
+
+    async def get_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        g = await rd.get_configuration(self._group(request))
+        return JSONResponse({"configuration": trove_configurations.configuration(g, request)})
+
+    async def update_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        """PUT replaces the group's values, PATCH sets them on top (Trove's update and edit)."""
+        body = await self._json(request, "configuration")
+        if not isinstance(body, dict):
+            raise trove.BadInput("configuration must be an object")
+        values = trove_configurations.values_from_json(body.get("values", {}), "configuration.values")
+        for key in ("name", "description"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise trove.BadInput(f"configuration.{key} must be a string")
+        await rd.update_configuration(self._group(request), values, merge=request.method == "PATCH",
+                                      name=body.get("name") or None, description=body.get("description"))
+        return Response(status_code=202)
+
+    async def delete_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        await rd.delete_configuration(self._group(request))
+        return Response(status_code=202)
+
+    async def configuration_instances(self, request: Request, rd: AsyncClient) -> Response:
+        members = await rd.list_configuration_instances(self._group(request))
+        return JSONResponse({"instances": [{"id": m.id, "name": m.display_name} for m in members]})
+
+    async def _version_of(self, rd: AsyncClient, version: str) -> str:
+        """The datastore of a version given alone (Trove's /datastores/versions/{id}/parameters)."""
+        owners = [d.id for d in await rd.list_datastores() if any(v.version == version for v in d.versions)]
+        if len(owners) != 1:
+            raise errors.NotFound(f"datastore version {version!r} is {'ambiguous' if owners else 'unknown'}; "
+                                  "name its datastore", field="version")
+        return owners[0]
+
+    async def list_parameters(self, request: Request, rd: AsyncClient) -> Response:
+        version = str(request.path_params["version"])
+        ds = str(request.path_params.get("datastore") or await self._version_of(rd, version))
+        params = await rd.list_parameters(ds, version)
+        return JSONResponse({"configuration-parameters": [trove_configurations.parameter(p) for p in params]})
+
+    async def get_parameter(self, request: Request, rd: AsyncClient) -> Response:
+        version = str(request.path_params["version"])
+        ds = str(request.path_params.get("datastore") or await self._version_of(rd, version))
+        p = await rd.get_parameter(ds, version, str(request.path_params["name"]))
+        return JSONResponse(trove_configurations.parameter(p))
+
+    async def instance_configuration(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's GET /instances/{id}/configuration: the values the instance's group sets."""
+        inst = await rd.get_instance(self._instance(request))
+        values: dict[str, Any] = {}
+        if inst.configuration:
+            g = await rd.get_configuration(inst.configuration)
+            values = trove_configurations.typed(g.datastore, g.datastore_version, dict(g.values))
+        return JSONResponse({"instance": {"configuration": values}})
+
+    async def apply_instance_configuration(self, rd: AsyncClient, instance: str, body: dict[str, Any]) -> bool:
+        """The `configuration` member of an instance PUT/PATCH: an id attaches that group, null detaches.
+        False when the body has none (for an instance update handler that also takes other members)."""
+        if "configuration" not in body:
+            return False
+        ref = body["configuration"]
+        if ref is None:
+            await rd.detach_configuration(instance)
+        else:
+            await rd.attach_configuration(instance, trove.ref_id(ref, "instance.configuration"))
+        return True
+    # -- guest logs ------------------------------------------------------------------------------
+    async def list_logs(self, request: Request, rd: AsyncClient) -> Response:
+        return JSONResponse({"logs": [trove.guest_log(g) for g in await rd.list_logs(self._instance(request))]})
+
+    async def log_action(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's POST /log: enable or disable, publish (save into the backup store), or, with none of
+        them, show. Discard has nothing to do: every save is an object of its own, none accumulates."""
+        a = trove.log_action(await self._json(request))
+        instance = self._instance(request)
+        if a.enable:
+            g = await rd.enable_log(instance, a.name)
+        elif a.disable:
+            g = await rd.disable_log(instance, a.name)
+        else:
+            g = await rd.get_log(instance, a.name)
+        saved = await rd.save_log(instance, a.name) if a.publish else None
+        return JSONResponse({"log": trove.guest_log(g, saved)})
+
 
 async def versions(request: Request) -> Response:
     base = str(request.base_url).rstrip("/")
@@ -523,11 +637,24 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(i + "/root", g.route(g.enable_root), methods=["POST"]),
         R(i + "/root", g.route(g.root_status), methods=["GET"]),
         R(i + "/root", g.route(g.disable_root), methods=["DELETE"]),
+        R(i + "/log", g.route(g.list_logs), methods=["GET"]),
+        R(i + "/log", g.route(g.log_action), methods=["POST"]),
         R(t + "/backups", g.route(g.list_backups), methods=["GET"]),
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),
         R(t + "/backups/{backup_id}", g.route(g.delete_backup), methods=["DELETE"]),
         R(t + "/backups/{backup_id}", g.route(g.update_backup), methods=["PUT", "PATCH"]),
+        R(t + "/configurations", g.route(g.list_configurations), methods=["GET"]),
+        R(t + "/configurations", g.route(g.create_configuration), methods=["POST"]),
+        R(t + "/configurations/{configuration_id}", g.route(g.get_configuration), methods=["GET"]),
+        R(t + "/configurations/{configuration_id}", g.route(g.update_configuration), methods=["PUT", "PATCH"]),
+        R(t + "/configurations/{configuration_id}", g.route(g.delete_configuration), methods=["DELETE"]),
+        R(t + "/configurations/{configuration_id}/instances", g.route(g.configuration_instances), methods=["GET"]),
+        R(t + "/datastores/{datastore}/versions/{version}/parameters", g.route(g.list_parameters)),
+        R(t + "/datastores/{datastore}/versions/{version}/parameters/{name}", g.route(g.get_parameter)),
+        R(t + "/datastores/versions/{version}/parameters", g.route(g.list_parameters)),
+        R(t + "/datastores/versions/{version}/parameters/{name}", g.route(g.get_parameter)),
+        R(i + "/configuration", g.route(g.instance_configuration), methods=["GET"]),
     ]
     routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path != "/openapi.json"]
 

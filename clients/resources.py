@@ -7,6 +7,7 @@ so a value copied from any output works as input.
 """
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from reddwarf.common.tls import SERVER_PEER, peer_name
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
+from reddwarf.v1 import observe_pb2 as opb
 
 from .config import ClientConfig
 from .errors import FieldViolation, InstanceFailed, InvalidArgument, NotFound, WaitTimeout
@@ -66,6 +68,23 @@ def user_name(instance: str, user: str, host: str = "%") -> str:
         return user
     at = user if "@" in user else f"{user}@{host}"
     return f"{instance_name(instance)}/users/{at}"
+
+
+def log_name(instance: str, log: str) -> str:
+    """A guest log's resource name: "instances/<id>/logs/<log>" (log: error, slow_query, general)."""
+    if log.startswith("instances/"):
+        return log
+    return f"{instance_name(instance)}/logs/{log}"
+
+
+def list_events_request(resource: str = "", kind: str = "", since: dt.datetime | None = None,
+                        until: dt.datetime | None = None, tenant: str = "") -> opb.ListEventsRequest:
+    request = opb.ListEventsRequest(resource=resource, kind=kind, tenant=tenant)
+    if since is not None:
+        request.since.FromDatetime(since)
+    if until is not None:
+        request.until.FromDatetime(until)
+    return request
 
 
 def database_name(instance: str, database: str) -> str:
@@ -172,9 +191,10 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
                             datastore_version: str = "", restore_from: str | None = None,
                             request_id: str = "", allowed_cidrs: Iterable[str] = (),
                             require_secure_transport: bool = False, tags: Mapping[str, str] | None = None,
-                            deletion_protection: bool = False,
+                            deletion_protection: bool = False, configuration: str = "",
                             services: Iterable[str] = ()) -> pb.CreateInstanceRequest:
     return pb.CreateInstanceRequest(
+        configuration=resource("configurations", configuration) if configuration else "",
         access=pb.InstanceAccess(allowed_cidrs=list(allowed_cidrs), require_secure_transport=require_secure_transport),
         instance=pb.Instance(display_name=name, flavor=flavor, volume=pb.Volume(size_gb=size_gb),
                              datastore=datastore, datastore_version=datastore_version, tags=dict(tags or {}),
@@ -182,6 +202,19 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
         databases=[_database(d) for d in databases], users=[_user(u) for u in users],
         restore_from_backup=resource("backups", restore_from) if restore_from else "",
         request_id=request_id)
+
+
+def parameter_values(values: Mapping[str, object]) -> dict[str, str]:
+    """Configuration values as the API carries them, text: True/False become ON/OFF, numbers their digits
+    (the server checks each against its parameter's rule)."""
+    out = {}
+    for name, v in values.items():
+        out[name] = ("ON" if v else "OFF") if isinstance(v, bool) else str(v)
+    return out
+
+
+def version_name(datastore: str, version: str) -> str:
+    return f"datastores/{datastore}/versions/{version}"
 
 
 def create_database_request(instance: str, database: str | DatabaseSpec | cpb.Database

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from reddwarf.common import errors, states
-from reddwarf.v1 import common_pb2, database_pb2
+from reddwarf.v1 import common_pb2, database_pb2, observe_pb2
 
 from .resources import DatabaseSpec, UserSpec
 
@@ -40,6 +40,7 @@ class InstanceCreate:
     allowed_cidrs: tuple[str, ...] = ()  # Trove's access.allowed_cidrs (checked by the server)
     tags: dict[str, str] | None = None
     deletion_protection: bool = False
+    configuration: str = ""  # a configuration group's id (checked by the server)
     services: tuple[str, ...] = ()  # our extension: extra services in the container ("memcached")
 
 
@@ -155,7 +156,9 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": i.id, "name": i.display_name, "status": STATUS.get(status, status),
         "flavor": {"id": i.flavor.rsplit("/", 1)[-1], "links": _links(request, f"flavors/{i.flavor.rsplit('/', 1)[-1]}")},
-        "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3)},
+        # Trove's volume "type" (a Cinder volume type there) names our volume driver: loop or iscsi.
+        "volume": {"size": i.volume.size_gb, "used": round(i.volume.used_bytes / 2**30, 3),
+                   "type": i.volume.driver},
         "datastore": datastore_ref(i.datastore, i.datastore_version),
         "operating_status": operating_status(i),
         "addresses": [{"address": e.host, "type": "private", "port": e.port} for e in mysql],
@@ -171,6 +174,11 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
                         "created": i.fault.created.ToJsonString() if i.fault.HasField("created") else ""}
     if i.restored_from:
         out["restorePoint"] = {"backupRef": i.restored_from}
+    if i.configuration:
+        cid = i.configuration.rsplit("/", 1)[-1]
+        out["configuration"] = {"id": cid, "name": cid, "links": _links(request, f"configurations/{cid}")}
+    if i.host:  # as Trove's management view names the compute host
+        out["host"] = i.host.rsplit("/", 1)[-1]
     return out
 
 
@@ -240,9 +248,10 @@ def create_request(body: Any) -> InstanceCreate:
     cidrs = access.get("allowed_cidrs") or []
     if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
         raise BadInput("instance.access.allowed_cidrs must be a list of strings")
+    configuration = ref_id(body["configuration"], "instance.configuration") if body.get("configuration") else ""
     return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs),
                           tags_field(body, "instance"), bool_field(body, "deletion_protection", "instance") or False,
-                          extra_services(body.get("services")))
+                          configuration, extra_services(body.get("services")))
 
 
 def tags_field(body: dict[str, Any], where: str) -> dict[str, str] | None:
@@ -262,8 +271,8 @@ def bool_field(body: dict[str, Any], key: str, where: str) -> bool | None:
     return v
 
 
-# What an instance PUT/PATCH may carry. Trove's other members (configuration, replica_of, access,
-# datastore_version) are refused by name rather than ignored.
+# What an instance PUT/PATCH may carry besides `configuration` (the gateway attaches or detaches a group for
+# it). Trove's other members (replica_of, access, datastore_version) are refused by name rather than ignored.
 UPDATABLE = ("name", "deletion_protection", "tags")
 
 
@@ -347,3 +356,45 @@ def limits(t: database_pb2.TenantLimits) -> list[dict[str, Any]]:
     return [absolute] + [
         {"verb": r.verb, "uri": r.uri, "regex": r.regex, "value": r.value, "unit": r.unit, "remaining": r.remaining,
          "nextAvailable": r.next_available.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ")} for r in t.rates]
+
+
+# -- guest logs (Trove's /instances/{id}/log) ----------------------------------------------------------
+LOG_FLAGS = ("enable", "disable", "publish", "discard")
+
+
+@dataclass(frozen=True)
+class LogAction:
+    """A Trove log action body: {"name": "slow_query", "enable": 1} (python-troveclient's log_action)."""
+    name: str
+    enable: bool = False
+    disable: bool = False
+    publish: bool = False
+    discard: bool = False
+
+
+def log_action(body: Any) -> LogAction:
+    if not isinstance(body, dict):
+        raise BadInput("request body must be a JSON object with the log's name")
+    name = _str(body, "name", "log")
+    unknown = sorted(set(body) - {"name", *LOG_FLAGS})
+    if unknown:
+        raise BadInput(f"unknown member(s) of a log action: {', '.join(unknown)}")
+    flags: dict[str, bool] = {}
+    for f in LOG_FLAGS:
+        v = body.get(f, 0)
+        if v not in (0, 1, True, False):
+            raise BadInput(f"log.{f} must be 0 or 1")
+        flags[f] = bool(v)
+    if flags["enable"] and flags["disable"]:
+        raise BadInput("log.enable and log.disable cannot both be set")
+    return LogAction(name, **flags)
+
+
+def guest_log(g: observe_pb2.GuestLog, saved: observe_pb2.SavedLog | None = None) -> dict[str, Any]:
+    """Trove's log view. "published" is what a save (publish) just stored, "pending" what the guest holds
+    beyond it; container and prefix say where in the backup store the saved copy is."""
+    published = saved.size_bytes if saved is not None else 0
+    return {"name": g.log, "type": g.type, "status": "Published" if saved is not None else g.status,
+            "published": published, "pending": max(0, g.size_bytes - published),
+            "container": saved.location.rsplit("/", 1)[0] if saved is not None else "",
+            "prefix": saved.object_id if saved is not None else "", "metafile": ""}

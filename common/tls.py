@@ -12,6 +12,7 @@ was dialled: a host or instance certificate, or another host's, fails the handsh
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import os
 import threading
@@ -85,7 +86,9 @@ MAX_CONCURRENT_STREAMS = 100
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # (gRPC core's name for GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; an unknown name is ignored
+    # silently and the 5-minute default made every call longer than a minute end in "too_many_pings")
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2)]
 
 # A guest agent holds one Connect stream and uploads or downloads one backup at a time.
@@ -184,11 +187,18 @@ def sync_channel(address: str, files_or_creds: TlsFiles | grpc.ChannelCredential
 def peer_identity(context: grpc.aio.ServicerContext[Any, Any]) -> Identity | None:
     """The identity proven by the peer's verified client certificate, or None (no cert, or not ours)."""
     auth = context.auth_context()
-    pems = list(auth.get("x509_pem_cert") or [])
+    pems = list(auth.get("x509_pem_cert") or ())
     if not pems:
         return None
+    return _identity_of(bytes(pems[0]))
+
+
+@functools.lru_cache(maxsize=4096)
+def _identity_of(pem: bytes) -> Identity | None:
+    """Parsing a certificate costs more than the rest of a cheap call; a peer's PEM (already verified by
+    the handshake) always names the same identity, so each distinct one is parsed once."""
     try:
-        return identity_from_cert(pems[0])
+        return identity_from_cert(pem)
     except (ValueError, InvalidArgument):  # a CA-signed cert without our URI: no identity
         return None
 

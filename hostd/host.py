@@ -37,7 +37,10 @@ from .containers import (
     VolumeMount,
     validate_id,
 )
+from .iscsi import Chap, Locator, validate_chap, validate_iqn
+from .iscsi_volumes import IscsiVolumeDriver
 from .loop import OnlineResizeDenied, device_numbers
+from .san import SanTargetDriver
 from .settings import Settings
 from .state import ContainerRecord, HostState, Record, VolumeRecord
 from .volumes import GIB, VolumeDriver, VolumeInfo
@@ -90,6 +93,9 @@ class CapacityView:
     container_driver: str
     volume_driver: str
     cgroup_version: str
+    mode: str = "compute"
+    initiator_iqn: str = ""
+    iscsi_portal: str = ""
 
 
 def _validate_path(value: str, field: str) -> str:
@@ -303,6 +309,17 @@ class Host:
         rec = self._container(cid)
         return self.containers.usage(cid, rec.limits)
 
+    def all_usage(self) -> list[Usage]:
+        """Usage of every managed container; one that vanished or cannot be read meanwhile is left out (the
+        next poll sees it again), so one broken container does not blind the operator to the others."""
+        out: list[Usage] = []
+        for cid, rec in list(self.state.containers.items()):
+            try:
+                out.append(self.containers.usage(cid, rec.limits))
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.warning("usage unreadable", extra={"instance": cid, "error": str(exc)[:200]})
+        return out
+
     def exec(self, cid: str, argv: list[str], timeout: int) -> ExecResult:
         self._container(cid)
         if not argv:
@@ -316,6 +333,8 @@ class Host:
         return _managed("volume", self.state.volumes, vid, field)
 
     def _check_space(self, needed_gb: int, field: str) -> None:
+        if self.volumes.remote:
+            return  # the SAN node's disk, checked there
         free = self.volumes.free_bytes()
         if needed_gb * GIB > free:
             raise ResourceExhausted(f"{field}: {needed_gb} GiB asked, {free // GIB} GiB free in storage",
@@ -375,7 +394,7 @@ class Host:
         was_running = bool(rec.attached_to) and self.containers.status(rec.attached_to).state == "RUNNING"
         if was_running:
             self.containers.stop(rec.attached_to, 30)
-        self.volumes.deactivate(rec.id, rec.locator)
+        self.volumes.unmount(rec.id, rec.locator)
         grow = getattr(self.volumes, "grow_offline", None)
         if grow is None:
             raise FailedPrecondition(f"volume driver {self.volumes.name} cannot grow offline", field="size_gb")
@@ -425,10 +444,15 @@ class Host:
         self.state.drop_volume(vid)
         log.info("volume deleted", extra={"volume": vid, "keep_data": keep_data})
 
-    def adopt_volume(self, vid: str, locator: str) -> VolumeView:
+    def adopt_volume(self, vid: str, locator: str, chap: Chap | None = None,
+                     only_if_tracked: bool = False) -> VolumeView:
         validate_id(vid, "id")
         if not locator:
             raise InvalidArgument("locator is required", field="locator")
+        if only_if_tracked and vid not in self.state.volumes:
+            raise NotFound(f"volume {vid} is not tracked by this host", field="id")
+        if isinstance(self.volumes, IscsiVolumeDriver):
+            return self._attach_lun(vid, locator, chap)
         existing = self.state.volumes.get(vid)
         if existing is not None:
             if existing.locator != locator:
@@ -449,6 +473,66 @@ class Host:
         log.info("volume adopted", extra={"volume": vid})
         return self.get_volume(vid)
 
+    def _attach_lun(self, vid: str, locator: str, chap: Chap | None) -> VolumeView:
+        """An iscsi volume comes to a compute host by logging in to its LUN with the CHAP account the server
+        handed over (kept by the initiator only: nothing in hostd's state holds it). Idempotent; a record
+        whose session is gone (host reboot) logs in again. A failed attach leaves no session behind."""
+        assert isinstance(self.volumes, IscsiVolumeDriver)
+        Locator.parse(locator, "locator")
+        existing = self.state.volumes.get(vid)
+        if existing is not None and existing.locator != locator:
+            raise AlreadyExists(f"volume {vid} exists with another locator", field="id")
+        if existing is None and any(r.locator == locator for r in self.state.volumes.values()):
+            raise AlreadyExists("that locator is already tracked under another id", field="locator")
+        has_session = bool(self.volumes.info(vid, locator).device) or self.volumes.has_session(vid, locator)
+        if not has_session:
+            if chap is None or not chap.user or not chap.secret:
+                raise InvalidArgument("chap.user and chap.secret are required to attach an iscsi volume",
+                                      field="chap")
+            validate_chap(chap)
+            if existing is not None:
+                self.volumes.deactivate(vid, locator)  # what a lost session left mounted
+            self.volumes.login(vid, locator, chap)
+        try:
+            info = self.volumes.activate(vid, locator)
+        except Exception:
+            if not has_session:
+                self.volumes.deactivate(vid, locator)
+            raise
+        if existing is None:
+            self.state.put_volume(VolumeRecord(id=vid, size_gb=info.size_gb, driver=self.volumes.name,
+                                               locator=locator))
+            log.info("iscsi volume attached", extra={"volume": vid, "locator": locator})
+        return self.get_volume(vid)
+
+    def export_volume(self, vid: str, initiator_iqn: str, chap: Chap | None) -> VolumeView:
+        """Storage mode: the LUN admits exactly this initiator with this CHAP account; everyone else is
+        refused and cut off. An empty initiator admits nobody (detached, or its host fenced)."""
+        if not isinstance(self.volumes, SanTargetDriver):
+            raise FailedPrecondition("only a hostd in storage mode exports volumes", field="id")
+        rec = self._volume(vid)
+        if initiator_iqn:
+            validate_iqn(initiator_iqn, "initiator_iqn")
+            if chap is None or not chap.user or not chap.secret:
+                raise InvalidArgument("chap.user and chap.secret are required with an initiator", field="chap")
+            validate_chap(chap)
+        elif chap is not None and (chap.user or chap.secret):
+            raise InvalidArgument("chap must be empty when no initiator is admitted", field="chap")
+        self.volumes.allow(vid, initiator_iqn, chap if initiator_iqn else None)
+        self.state.put_volume(rec.with_(initiator_iqn=initiator_iqn, chap_user=chap.user if chap else "",
+                                        chap_secret=chap.secret if chap else ""))
+        return self.get_volume(vid)
+
+    def reconcile_targets(self) -> None:
+        """Storage mode, at start: every kept volume exported again with its one initiator (tgtd keeps its
+        targets in memory only; after a tgtd restart they are gone)."""
+        if not isinstance(self.volumes, SanTargetDriver):
+            return
+        for rec in self.state.volumes.values():
+            self.volumes.activate(rec.id, rec.locator)
+            chap = Chap(rec.chap_user, rec.chap_secret) if rec.initiator_iqn else None
+            self.volumes.allow(rec.id, rec.initiator_iqn, chap)
+
     # ------------------------------------------------------------------ capacity
     def capacity(self) -> CapacityView:
         mem_kb = 0
@@ -463,4 +547,7 @@ class Host:
             storage_gb_free=self.volumes.free_bytes() // GIB,
             storage_gb_allocated=sum(v.size_gb for v in self.state.volumes.values()),
             containers=len(self.state.containers), container_driver=self.containers.name,
-            volume_driver=self.volumes.name, cgroup_version=self.layout.version if self.layout else "")
+            volume_driver=self.volumes.name, cgroup_version=self.layout.version if self.layout else "",
+            mode=self.settings.mode,
+            initiator_iqn=self.settings.initiator_iqn if isinstance(self.volumes, IscsiVolumeDriver) else "",
+            iscsi_portal=self.settings.iscsi_portal if isinstance(self.volumes, SanTargetDriver) else "")

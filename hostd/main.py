@@ -1,5 +1,10 @@
 """`reddwarf-hostd`: the host daemon. `serve` (default) runs HostAgent over mTLS for the control server;
-`build-template` builds (or rebuilds with --force) the instance OS template and exits.
+`build-template` builds (or rebuilds with --force) the instance OS template and exits. For enrollment over
+SSH (server/host_enrollment.py): `csr` makes this host's key (kept, 0600, if it exists) and prints a CSR for
+host/<--host-id>, so the private key never leaves the host; `supervise` runs `serve` detached under a
+restarting supervisor (hosts without systemd) and `stop` ends it (hostd/supervise.py). `stop-target`
+(storage mode) removes every target of this SAN node's tgtd and stops it (decommissioning; a plain hostd stop
+keeps tgtd and its sessions running).
 
 Settings: a JSON file (--config), then REDDWARF_HOSTD_* environment, then flags."""
 from __future__ import annotations
@@ -18,14 +23,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from reddwarf.common.log import setup as setup_logging
-from reddwarf.common.pki import TlsFiles
+from reddwarf.common.pki import TlsFiles, csr_for_key, make_key_and_csr, write_atomic
 from reddwarf.common.tls import SERVER_OPTIONS, RevocationList, reloading_server_credentials
 from reddwarf.v1 import host_pb2_grpc
 
-from . import cgroups, template
+from . import cgroups, san, supervise, template
 from .containers import ContainerDriver
 from .fake import FakeContainerDriver, FakeVolumeDriver
 from .host import Host
+from .iscsi_volumes import IscsiVolumeDriver
 from .loop import LoopDriver
 from .lxc import LxcDriver
 from .openvz import OpenVzDriver
@@ -43,6 +49,15 @@ def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
 
 
 def build_host(settings: Settings) -> Host:
+    if settings.mode == "storage":
+        # A SAN node: its own tgtd, LUNs as volumes, no containers (reddwarf.hostd.san).
+        tgtd = san.TgtDaemon(settings)
+        tgtd.start()
+        host = Host(settings, san.NoContainers(), san.SanTargetDriver(settings, tgtd.target), None, "")
+        host.reconcile_targets()
+        return host
+    if settings.mode != "compute":
+        raise SystemExit(f"mode {settings.mode!r} is not one of compute, storage")
     # The fake driver touches no cgroup (and need not run where a cgroup hierarchy is readable).
     layout = None if settings.container_driver == "fake" else cgroups.detect()
     containers: ContainerDriver
@@ -60,6 +75,8 @@ def build_host(settings: Settings) -> Host:
     volumes: VolumeDriver
     if settings.volume_driver == "loop":
         volumes = LoopDriver(settings)
+    elif settings.volume_driver == "iscsi":
+        volumes = IscsiVolumeDriver(settings)
     elif settings.volume_driver == "fake":
         volumes = FakeVolumeDriver(settings)
     else:
@@ -123,19 +140,60 @@ async def serve(settings: Settings) -> None:
     await server.stop(5)
 
 
+def make_csr(args: argparse.Namespace) -> int:
+    """Prints a CSR for host/<host_id> for the key at --key-path, made there first if missing."""
+    if not args.key_path or not args.host_id:
+        raise SystemExit("csr needs --key-path and --host-id")
+    key = Path(args.key_path)
+    if key.exists():
+        csr = csr_for_key(key.read_bytes(), f"host/{args.host_id}")
+    else:
+        key_pem, csr = make_key_and_csr(f"host/{args.host_id}")
+        key.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(key, key_pem, 0o600)
+    sys.stdout.write(csr.decode())
+    return 0
+
+
+def supervise_command(args: argparse.Namespace) -> int:
+    if not args.pid_file:
+        raise SystemExit(f"{args.command} needs --pid-file")
+    pid_file = Path(args.pid_file)
+    if args.command == "stop":
+        print("stopped" if supervise.stop(pid_file) else "not running")
+        return 0
+    if not args.config or not args.log_file:
+        raise SystemExit("supervise needs --config and --log-file")
+    pid = supervise.start([sys.executable, "-m", "reddwarf.hostd.main", "serve", "--config", args.config],
+                          pid_file, Path(args.log_file))
+    print(f"supervisor pid={pid}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reddwarf-hostd")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "build-template"])
+    parser.add_argument("command", nargs="?", default="serve",
+                        choices=["serve", "build-template", "csr", "supervise", "stop", "stop-target"])
     parser.add_argument("--config", help="JSON settings file")
     parser.add_argument("--force", action="store_true", help="rebuild the template even if it exists")
+    parser.add_argument("--pid-file", help="supervise/stop: the supervisor's pid file")
+    parser.add_argument("--log-file", help="supervise: where the supervisor and hostd write their output")
     for name in ("host_id", "listen_address", "state_dir", "lxc_path", "template_lxc_path", "storage_path",
                  "cert_path", "key_path", "ca_path", "crl_path", "advertise_address", "container_prefix",
                  "port_min", "port_max", "log_level", "agent_init_cmd", "revive_seconds", "container_driver",
-                 "volume_driver"):
+                 "volume_driver", "mode", "iscsi_portal", "iscsi_control_port", "iscsi_initiator_iqn",
+                 "iscsi_initiator"):
         parser.add_argument("--" + name.replace("_", "-"), dest=name)
     args = parser.parse_args(argv)
+    if args.command == "csr":
+        return make_csr(args)
+    if args.command in ("supervise", "stop"):
+        return supervise_command(args)
     settings = load_settings(args, dict(os.environ))
     setup_logging("reddwarf-hostd", settings.log_level, host=settings.host_id)
+    if args.command == "stop-target":
+        san.TgtDaemon(settings).stop()
+        return 0
     if args.command == "build-template":
         print(template.build_template(settings, force=args.force))
         return 0

@@ -36,8 +36,9 @@ from reddwarf.common.errors import (
 from reddwarf.common.tls import RevocationList, peer_identity
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
-from .containers import Bootstrap, Limits
+from .containers import Bootstrap, Limits, Usage
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
+from .iscsi import Chap
 from .renewal import CertificateRenewer
 
 log = logging.getLogger("reddwarf.hostd.service")
@@ -80,7 +81,7 @@ def volume_pb(view: VolumeView) -> host_pb2.HostVolume:
         id=r.id, size_gb=r.size_gb, driver=r.driver,
         state=host_pb2.VOLUME_STATE_ATTACHED if r.attached_to else host_pb2.VOLUME_STATE_AVAILABLE,
         attached_to=r.attached_to, device=i.device, fs_bytes_total=i.fs_bytes_total,
-        fs_bytes_used=i.fs_bytes_used, locator=r.locator)
+        fs_bytes_used=i.fs_bytes_used, locator=r.locator, initiator_iqn=r.initiator_iqn)
 
 
 def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
@@ -88,7 +89,20 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
         host_id=c.host_id, memory_mb_total=c.memory_mb_total, memory_mb_allocated=c.memory_mb_allocated,
         cpus=c.cpus, storage_gb_total=c.storage_gb_total, storage_gb_free=c.storage_gb_free,
         storage_gb_allocated=c.storage_gb_allocated, containers=c.containers,
-        container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version)
+        container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version,
+        mode=c.mode, initiator_iqn=c.initiator_iqn, iscsi_portal=c.iscsi_portal)
+
+
+def chap_from_pb(request: host_pb2.AdoptVolumeRequest | host_pb2.ExportVolumeRequest) -> Chap | None:
+    return Chap(request.chap.user, request.chap.secret) if request.HasField("chap") else None
+
+
+def usage_pb(u: Usage) -> host_pb2.ContainerUsage:
+    return host_pb2.ContainerUsage(
+        id=u.id, cpu_usage_ns=u.cpu_usage_ns, io_read_bytes=u.io_read_bytes, io_write_bytes=u.io_write_bytes,
+        beancounters=[host_pb2.Beancounter(resource=b.resource, held=b.held, maxheld=b.maxheld,
+                                           barrier=b.barrier, limit=b.limit, failcnt=b.failcnt)
+                      for b in u.beancounters])
 
 
 PUSH_REVOCATIONS = "/reddwarf.v1.HostAgent/PushRevocations"
@@ -261,12 +275,12 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def GetUsage(self, request: host_pb2.ContainerRef,
                        context: Context) -> host_pb2.ContainerUsage:
-        u = await asyncio.to_thread(self.host.usage, request.id)
-        return host_pb2.ContainerUsage(
-            id=u.id, cpu_usage_ns=u.cpu_usage_ns, io_read_bytes=u.io_read_bytes, io_write_bytes=u.io_write_bytes,
-            beancounters=[host_pb2.Beancounter(resource=b.resource, held=b.held, maxheld=b.maxheld,
-                                               barrier=b.barrier, limit=b.limit, failcnt=b.failcnt)
-                          for b in u.beancounters])
+        return usage_pb(await asyncio.to_thread(self.host.usage, request.id))
+
+    @grpc_edge
+    async def ListUsage(self, request: host_pb2.ListUsageRequest,
+                        context: Context) -> host_pb2.ListUsageResponse:
+        return host_pb2.ListUsageResponse(usages=[usage_pb(u) for u in await asyncio.to_thread(self.host.all_usage)])
 
     @grpc_edge
     async def Exec(self, request: host_pb2.ExecRequest,
@@ -361,4 +375,11 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def AdoptVolume(self, request: host_pb2.AdoptVolumeRequest,
                           context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator))
+        return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator,
+                                               chap_from_pb(request), request.only_if_tracked))
+
+    @grpc_edge
+    async def ExportVolume(self, request: host_pb2.ExportVolumeRequest,
+                           context: Context) -> host_pb2.HostVolume:
+        return volume_pb(await self.run_locked(self.host.export_volume, request.id, request.initiator_iqn,
+                                               chap_from_pb(request)))

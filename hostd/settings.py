@@ -60,9 +60,20 @@ class Settings:
     key_path: str = ""
     ca_path: str = ""
     crl_path: str = ""
-    # iSCSI target (tgtd) control: IQN prefix and portal.
+    # "compute" (containers and their volumes) or "storage" (a SAN node: tgtd LUNs for other hosts' volumes,
+    # no containers; see reddwarf.hostd.san).
+    mode: str = "compute"
+    # iSCSI: IQN prefix of targets (storage mode), the portal tgtd listens on (storage mode; the address other
+    # hosts reach), and tgtd's management port (its socket /var/run/tgtd/socket.<port>; 0 = derived from the
+    # host id, so two SAN hostds or a system tgtd on one machine never share a tgtd).
     iscsi_iqn_prefix: str = "iqn.2024-01.reddwarf"
     iscsi_portal: str = "127.0.0.1:3260"
+    iscsi_control_port: int = 0
+    # Compute hosts with volume_driver "iscsi": this host's initiator name ("" = derived from the host id), and
+    # the initiator: "auto" (open-iscsi where the kernel has iscsi_tcp, else qemu-storage-daemon), "kernel",
+    # "userspace".
+    iscsi_initiator_iqn: str = ""
+    iscsi_initiator: str = "auto"
     log_level: str = "INFO"
     # Containers run in a user namespace (root inside is an unprivileged id range outside, see
     # template.IDMAP_BASE); False keeps the old privileged containers.
@@ -84,6 +95,20 @@ class Settings:
         h = hashlib.sha256(self.host_id.encode()).digest()
         return replace(self.bridge, name=self.bridge.name or f"rdbr{h.hex()[:8]}",
                        cidr=self.bridge.cidr or f"10.{128 + h[0] % 64}.{h[1]}.0/24")
+
+    @property
+    def initiator_iqn(self) -> str:
+        """This host's iSCSI initiator name: what a SAN node's ACL admits."""
+        if self.iscsi_initiator_iqn:
+            return self.iscsi_initiator_iqn
+        name = "".join(c if c.isalnum() or c in ".-" else "-" for c in self.host_id.lower())
+        return f"{self.iscsi_iqn_prefix}:host.{name}"
+
+    @property
+    def target_control_port(self) -> int:
+        if self.iscsi_control_port:
+            return self.iscsi_control_port
+        return 20000 + int.from_bytes(hashlib.sha256(self.host_id.encode()).digest()[:4], "big") % 10000
 
     @property
     def volumes_mount_dir(self) -> str:

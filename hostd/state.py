@@ -59,6 +59,14 @@ class VolumeRecord(Record):
     locator: str
     attached_to: str = ""
     container_path: str = ""
+    # Storage mode only: the one initiator the LUN admits and the volume's CHAP account (the target must hold
+    # the secret to check it; the state file is 0600 in a 0700 dir). Empty on compute hosts.
+    initiator_iqn: str = ""
+    chap_user: str = ""
+    chap_secret: str = ""
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"VolumeRecord(id={self.id!r}, driver={self.driver!r}, locator={self.locator!r})"
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The volume concept: where an instance's datadir lives, independent of its container, and the driver
-interface (loop default, iSCSI). A volume is mounted on the host under the state dir and bind-mounted into
-its container, so it outlives the container and can be released here and adopted by another host."""
+interface (loop default; iscsi: a LUN on a SAN node, reddwarf.hostd.iscsi_volumes, whose storage side is
+reddwarf.hostd.san). A volume is mounted on the host under the state dir and bind-mounted into its container,
+so it outlives the container and can be released here and adopted by another host."""
 from __future__ import annotations
 
 import abc
@@ -28,6 +29,8 @@ class VolumeInfo:
 
 class VolumeDriver(abc.ABC):
     name: str
+    # True when the backing store is elsewhere (a SAN node): this host's disk space does not bound it.
+    remote: bool = False
 
     @abc.abstractmethod
     def create(self, vid: str, size_gb: int) -> VolumeInfo:
@@ -40,6 +43,10 @@ class VolumeDriver(abc.ABC):
     @abc.abstractmethod
     def deactivate(self, vid: str, locator: str) -> None:
         """Unmounts and releases the device, keeping the data; idempotent."""
+
+    def unmount(self, vid: str, locator: str) -> None:
+        """Unmounts for an offline grow; a driver with a session to keep (iscsi) keeps it."""
+        self.deactivate(vid, locator)
 
     @abc.abstractmethod
     def delete(self, vid: str, locator: str) -> None:

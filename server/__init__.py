@@ -16,10 +16,21 @@
   sealing.py              the initial users' passwords, sealed until prepare
   enrollment.py           guest enrollment tokens and certificate signing
   guest.py                the Databases, Users and Root services (run by the guest agent)
+  configurations.py       the Configurations service: configuration groups, parameter rules, attach/detach
   guest_health.py         health and silence reported by the agent registry, written to the instance
   agents.py               the agent registry, the AgentGateway and Enrollment services
   tasks.py                the durable task engine
-  hosts.py                hostd clients, capacity refresh, placement
+  hosts.py                hostd clients, capacity refresh, placement (compute hosts, SAN nodes)
+  san.py                  iscsi volumes: a LUN on a SAN node, its CHAP account, export to one host, attach
   backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
   events.py               the instance event bus behind WatchInstance
+  metrics.py              the Prometheus registry and the collector of the per-instance series
+  metrics_snapshot.py     what those series know of the state DB, re-read every metrics_refresh_seconds
+  usage_poll.py           the hosts' beancounters, polled for them (hostd's ListUsage)
+  metrics_http.py         the /metrics listener (loopback, or TLS for monitor certificates)
+  api_metrics.py          the interceptor counting API calls by method and status
+  audit.py                the event history's recording: API changes (an interceptor), status changes
+                          (a session hook), retention pruning
+  event_history.py        the Events service (ListEvents)
+  guest_logs.py           the Logs service: the guest's error/slow/general logs, read by its agent
 """

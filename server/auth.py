@@ -6,9 +6,19 @@
 - a `client` or `gateway` certificate is transport only: the caller adds `authorization: Bearer <token>`;
   tokens are looked up by SHA-256 (never stored in clear), expired or revoked ones refused (tokens expire
   by default, `token_expiry`); an admin token makes an admin principal;
-- `server`, `host` and `instance` certificates never act on the public or admin API: a stolen guest key
-  cannot list anyone's instances;
+- `server`, `host`, `instance` and `monitor` certificates never act on the public or admin API: a stolen
+  guest key cannot list anyone's instances, nor a scraper's key act as a tenant;
 - the standard health and reflection services are open to any valid certificate.
+
+What authentication reads from the state DB (is this serial revoked, what does this token hash name) is
+kept in memory for at most `auth_cache_seconds` (default 1 s), so a call that hits the cache neither hops
+to a thread nor opens a session. Staleness is bounded both ways:
+- on the server that revokes (a committed change to a token or certificate row through its sessions), the
+  cache is dropped at commit: that server refuses the revoked credential on the very next call;
+- another server sharing the state DB refuses it within `auth_cache_seconds`. 0 turns the cache off (every
+  call reads the DB, as before).
+A token's expiry is compared with the clock on every call, cached or not, and unknown tokens are never
+cached (a flood of made-up tokens cannot evict the real ones; each costs a DB read as it always did).
 """
 from __future__ import annotations
 
@@ -18,12 +28,14 @@ import datetime as dt
 import hashlib
 import inspect
 import secrets
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common.clock import now as _now
@@ -38,7 +50,7 @@ ADMIN_TENANT = "admin"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
 ADMIN_SERVICE = "/reddwarf.v1.Admin/"
-MACHINE_ROLES = ("server", "host", "instance")
+MACHINE_ROLES = ("server", "host", "instance", "monitor")
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,8 @@ class Principal:
     tenant_id: str | None
     admin: bool
     identity: Identity
+    # The token the caller presented (its id, never the secret); "" for a certificate-only admin.
+    token_id: str = ""
 
     @property
     def caller_key(self) -> str:
@@ -89,17 +103,108 @@ def certificate_revoked(sessions: sessionmaker[Session], serial: int) -> bool:
         return row is not None and row.revoked_at is not None
 
 
+@dataclass(frozen=True)
+class _TokenRow:
+    tenant_id: str | None
+    admin: bool
+    revoked: bool
+    expires_at: dt.datetime | None
+    token_id: str
+
+
+class _Miss(Exception):
+    """The cache cannot answer: read the state DB (in a thread)."""
+
+
+class AuthCache:
+    """Revocation and token lookups, each kept for at most `ttl` seconds (see the module docstring).
+
+    `generation` moves whenever this process commits a change to a token or certificate row; a lookup that
+    started before the move is not stored, so a read racing a revocation cannot re-cache the old answer."""
+
+    MAX_ENTRIES = 50_000  # a bound on memory: past it the cache starts over
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.generation = 0
+        self._lock = threading.Lock()
+        self._certs: dict[int, tuple[float, bool]] = {}
+        self._tokens: dict[str, tuple[float, _TokenRow]] = {}
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self.generation += 1
+            self._certs.clear()
+            self._tokens.clear()
+
+    def cert(self, serial: int) -> bool:
+        hit = self._certs.get(serial)
+        if hit is None or hit[0] < time.monotonic():
+            raise _Miss
+        return hit[1]
+
+    def token(self, secret_hash: str) -> _TokenRow:
+        hit = self._tokens.get(secret_hash)
+        if hit is None or hit[0] < time.monotonic():
+            raise _Miss
+        return hit[1]
+
+    def put_cert(self, serial: int, revoked: bool, generation: int) -> None:
+        self._put(self._certs, serial, revoked, generation)
+
+    def put_token(self, secret_hash: str, row: _TokenRow, generation: int) -> None:
+        self._put(self._tokens, secret_hash, row, generation)
+
+    def _put(self, table: dict[Any, tuple[float, Any]], key: Any, value: Any, generation: int) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._certs) + len(self._tokens) >= self.MAX_ENTRIES:
+                self._certs.clear()
+                self._tokens.clear()
+            table[key] = (time.monotonic() + self.ttl, value)
+
+    def watch(self, sessions: sessionmaker[Session]) -> None:
+        """Drop the cache whenever a session of `sessions` commits a change to a token or certificate."""
+        def after_flush(session: Session, _ctx: Any) -> None:
+            if any(isinstance(o, (models.Token, models.Certificate))
+                   for o in (*session.new, *session.dirty, *session.deleted)):
+                session.info["reddwarf_auth_changed"] = True
+
+        def after_commit(session: Session) -> None:
+            if session.info.pop("reddwarf_auth_changed", False):
+                self.invalidate()
+
+        event.listen(sessions, "after_flush", after_flush)
+        event.listen(sessions, "after_commit", after_commit)
+
+
 class Authenticator:
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, sessions: sessionmaker[Session], cache_seconds: float = 0.0) -> None:
         self.sessions = sessions
+        self.cache = AuthCache(cache_seconds)
+        self.cache.watch(sessions)
 
-    def is_revoked(self, serial: int) -> bool:
-        return certificate_revoked(self.sessions, serial)
+    def is_revoked(self, serial: int, cached_only: bool = False) -> bool:
+        try:
+            return self.cache.cert(serial)
+        except _Miss:
+            if cached_only:
+                raise
+        generation = self.cache.generation
+        revoked = certificate_revoked(self.sessions, serial)
+        self.cache.put_cert(serial, revoked, generation)
+        return revoked
 
-    def authenticate(self, method: str, identity: Identity | None, metadata: dict[str, str]) -> Principal | None:
+    def authenticate(self, method: str, identity: Identity | None, metadata: dict[str, str],
+                     cached_only: bool = False) -> Principal | None:
+        """The caller's principal (None for the open services), or an error. With cached_only it raises
+        _Miss instead of reading the state DB, so the event loop can try it without blocking."""
         if identity is None:
             raise Unauthenticated("a client certificate issued by this deployment's CA is required")
-        if self.is_revoked(identity.serial):
+        if self.is_revoked(identity.serial, cached_only):
             raise Unauthenticated(f"certificate {serial_hex(identity.serial)} of {identity.uri} is revoked")
         if method.startswith(OPEN_SERVICES):
             return None
@@ -108,27 +213,38 @@ class Authenticator:
         if identity.role == "admin":
             principal = Principal(ADMIN_TENANT, True, identity)
         else:
-            principal = self._from_token(identity, metadata.get("authorization", ""))
+            principal = self._from_token(identity, metadata.get("authorization", ""), cached_only)
         if method.startswith(ADMIN_SERVICE) and not principal.admin:
             raise PermissionDenied("the admin API needs an admin certificate or an admin token")
         return principal
 
-    def _from_token(self, identity: Identity, header: str) -> Principal:
+    def _from_token(self, identity: Identity, header: str, cached_only: bool) -> Principal:
         scheme, _, secret = header.partition(" ")
         if not header:
             raise Unauthenticated("missing `authorization: Bearer <token>` metadata (a tenant token is "
                                   f"required with a {identity.role} certificate)")
         if scheme.lower() != "bearer" or not secret.strip():
             raise Unauthenticated("authorization metadata must be `Bearer <token>`")
-        with self.sessions() as s:
-            token = s.scalar(select(models.Token).where(models.Token.secret_hash == hash_secret(secret.strip())))
-            if token is None:
-                raise Unauthenticated("unknown token")
-            if token.revoked_at is not None:
-                raise Unauthenticated("token has been revoked")
-            if token.expires_at is not None and token.expires_at <= _now():
-                raise Unauthenticated("token has expired")
-            return Principal(token.tenant_id, token.admin, identity)
+        secret_hash = hash_secret(secret.strip())
+        try:
+            token: _TokenRow | None = self.cache.token(secret_hash)
+        except _Miss:
+            if cached_only:
+                raise
+            generation = self.cache.generation
+            with self.sessions() as s:
+                row = s.scalar(select(models.Token).where(models.Token.secret_hash == secret_hash))
+                token = None if row is None else _TokenRow(row.tenant_id, row.admin, row.revoked_at is not None,
+                                                           row.expires_at, row.id)
+            if token is not None:
+                self.cache.put_token(secret_hash, token, generation)
+        if token is None:
+            raise Unauthenticated("unknown token")
+        if token.revoked:
+            raise Unauthenticated("token has been revoked")
+        if token.expires_at is not None and token.expires_at <= _now():
+            raise Unauthenticated("token has expired")
+        return Principal(token.tenant_id, token.admin, identity, token.token_id)
 
 
 def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
@@ -163,34 +279,57 @@ def _guard_handler(handler: grpc.RpcMethodHandler[Any, Any],
     raise TypeError(f"a method handler with no behaviour: {handler!r}")
 
 
+@dataclass(frozen=True)
+class CallDetails:
+    """What a check needs of a call (grpc.HandlerCallDetails' fields), read from the call's context."""
+    method: str
+    invocation_metadata: tuple[tuple[str, str | bytes], ...]
+
+
 class CheckingInterceptor(grpc.aio.ServerInterceptor):
     """A server interceptor that runs `check` before every call of every method, unary or streaming: a check
-    that returns False has aborted the call, and the method does not run."""
+    that returns False has aborted the call, and the method does not run.
+
+    The guarded handler is built once per method and reused (gRPC hands back the same handler object for a
+    method on every call), so a call pays for its check and nothing else."""
+
+    def __init__(self) -> None:
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(self, continuation: Callable[..., Any],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        method: str = handler_call_details.method
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
 
         async def check(context: Context) -> bool:
-            return await self.check(handler_call_details, context)
+            return await self.check(CallDetails(method, tuple(context.invocation_metadata() or ())), context)
 
-        return _guard_handler(handler, check)
+        guarded = _guard_handler(handler, check)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
-    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+    async def check(self, details: CallDetails, context: Context) -> bool:
         raise NotImplementedError
 
 
 class AuthInterceptor(CheckingInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self.auth = authenticator
 
-    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+    async def check(self, details: CallDetails, context: Context) -> bool:
         metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        identity = peer_identity(context)
         try:
-            principal = await asyncio.to_thread(self.auth.authenticate, details.method, peer_identity(context),
-                                                metadata)
+            try:  # from the cache, on the loop: no thread, no session
+                principal = self.auth.authenticate(details.method, identity, metadata, cached_only=True)
+            except _Miss:
+                principal = await asyncio.to_thread(self.auth.authenticate, details.method, identity, metadata)
         except RedDwarfError as err:
             await abort(context, err)
             return False

@@ -394,7 +394,8 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
             inst = owned_instance(s, p, req.instance, "backup.instance")
             iid = inst.id
             status, _ = derived_status(s, inst, self.app.settings.heartbeat_expiry_seconds)
-            if status != InstanceStatus.ACTIVE:
+            # RESTART_REQUIRED is a running instance waiting for a static configuration value.
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.RESTART_REQUIRED):
                 raise FailedPrecondition(f"instance is {status}; a backup needs ACTIVE", field="backup.instance")
             parent_id = None
             if req.parent:

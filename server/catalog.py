@@ -16,6 +16,7 @@ from . import models
 from .app import App, Context
 from .auth import current_principal
 from .pagination import Paginator
+from .readcache import ReadCache
 
 if TYPE_CHECKING:
     from .ratelimit import RateLimiter
@@ -68,6 +69,9 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
         self.app = app
         self.pages = paginator
         self.rate_limiter = rate_limiter
+        # GetFlavor is on every create's path and every Trove client's; flavors change rarely (admin only).
+        self.flavors: ReadCache[str, database_pb2.Flavor] = ReadCache(
+            app.settings.catalog_cache_seconds, app.sessions, (models.Flavor,))
 
     def _datastore_pb(self, s: Session, d: models.Datastore) -> database_pb2.Datastore:
         versions = s.scalars(select(models.DatastoreVersion).where(
@@ -96,8 +100,12 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
     @grpc_edge
     async def GetFlavor(self, request: database_pb2.GetFlavorRequest,
                         context: Context) -> database_pb2.Flavor:
-        with self.app.sessions() as s:
-            return flavor_pb(fetch(s, models.Flavor, request.name, "flavors"))
+        rid = resource_id(request.name, "flavors", "name")
+
+        def load() -> database_pb2.Flavor:
+            with self.app.sessions() as s:
+                return flavor_pb(fetch(s, models.Flavor, rid, "flavors"))
+        return self.flavors.get(rid, load)
 
     @grpc_edge
     async def ListDatastores(self, request: database_pb2.ListDatastoresRequest,

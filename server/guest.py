@@ -53,7 +53,8 @@ class GuestBase:
         with self.app.sessions() as s:
             row = owned_instance(s, p, name, field)
             status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
-            if status != InstanceStatus.ACTIVE or not self.registry.is_connected(row.id):
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.RESTART_REQUIRED) \
+                    or not self.registry.is_connected(row.id):
                 raise FailedPrecondition(f"instance {row.id} is {status}; this needs an ACTIVE instance", field=field)
             return row.id
 

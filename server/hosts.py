@@ -67,6 +67,9 @@ class HostClient:
         self.CreateVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateVolume)
         self.ResizeVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ResizeVolume)
         self.DeleteVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteVolume)
+        self.AdoptVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.AdoptVolume)
+        self.GetVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetVolume)
+        self.ExportVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ExportVolume)
         self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
         self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)
         self.StopContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StopContainer)
@@ -74,6 +77,8 @@ class HostClient:
         self.DeleteContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteContainer)
         self.RequestCertificateRenewal = HostRpc(pool=pool, host_id=host_id, rpc=stub.RequestCertificateRenewal)
         self.InstallCertificate = HostRpc(pool=pool, host_id=host_id, rpc=stub.InstallCertificate)
+        self.GetUsage = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetUsage)
+        self.ListUsage = HostRpc(pool=pool, host_id=host_id, rpc=stub.ListUsage)
 
 
 class HostPool:
@@ -191,16 +196,7 @@ class HostPool:
             row = s.get(models.Host, host_id)
             if row is None:
                 return
-            row.memory_mb_total = cap.memory_mb_total
-            row.cpus = cap.cpus
-            row.storage_gb_total = cap.storage_gb_total
-            row.storage_gb_free = cap.storage_gb_free
-            row.containers = cap.containers
-            row.container_driver = cap.container_driver
-            row.volume_driver = cap.volume_driver
-            row.last_seen = _now()
-            if row.state == HostState.DOWN:
-                row.state = HostState.UP
+            record_capacity(row, cap)
 
     async def refresh_loop(self) -> None:
         crl_task = asyncio.create_task(self.crl_loop(), name="crl_loop")
@@ -226,25 +222,76 @@ class HostPool:
                             row.state = HostState.DOWN
             await asyncio.sleep(self.app.settings.capacity_refresh_seconds)
 
+    async def list_usage(self, host_id: str) -> list[host_pb2.ContainerUsage]:
+        """Every container's beancounters on that host (for server/metrics.py's poller)."""
+        return list((await self.client(host_id).ListUsage(host_pb2.ListUsageRequest(), timeout=15)).usages)
+
+    async def get_usage(self, host_id: str, container_id: str) -> host_pb2.ContainerUsage:
+        return await self.client(host_id).GetUsage(host_pb2.ContainerRef(id=container_id), timeout=15)
+
     async def close(self) -> None:
         for _, ch in self._channels.values():
             await ch.close()
 
 
+def _san_room(s: Session) -> dict[str, float]:
+    """GiB each SAN node that is up can still give (its total times its overcommit, less its LUNs)."""
+    nodes = s.scalars(select(models.Host).where(models.Host.state == HostState.UP,
+                                                models.Host.mode == "storage")).all()
+    return {h.id: h.storage_gb_total * (h.storage_overcommit or 1.0)
+            - allocated(s, models.Instance.storage_host_id == h.id).volume_gb for h in nodes}
+
+
+def place_storage(s: Session, volume_gb: int) -> str:
+    """The SAN node with the most room for an iscsi volume; RESOURCE_EXHAUSTED when none has it."""
+    room = _san_room(s)
+    if not room:
+        raise ResourceExhausted("no SAN node is up to hold the volume", field="storage_host")
+    best = max(room, key=lambda k: (room[k], k))
+    if room[best] < volume_gb:
+        raise ResourceExhausted(f"no SAN node has room for a {volume_gb} GB volume",
+                                field="instance.volume.size_gb")
+    return best
+
+
+def record_capacity(row: models.Host, cap: host_pb2.Capacity) -> None:
+    """A capacity report from the host's hostd: it answered, so a DOWN host is UP again."""
+    row.memory_mb_total = cap.memory_mb_total
+    row.cpus = cap.cpus
+    row.storage_gb_total = cap.storage_gb_total
+    row.storage_gb_free = cap.storage_gb_free
+    row.containers = cap.containers
+    row.container_driver = cap.container_driver
+    row.volume_driver = cap.volume_driver
+    row.mode = cap.mode or "compute"
+    row.initiator_iqn = cap.initiator_iqn
+    row.iscsi_portal = cap.iscsi_portal
+    row.last_seen = _now()
+    if row.state == HostState.DOWN:
+        row.state = HostState.UP
+
+
 def place(s: Session, memory_mb: int, volume_gb: int) -> str:
     """The host with the most free memory that fits both the memory and the volume; RESOURCE_EXHAUSTED
-    naming what ran out when none does. Drained and down hosts take nothing new."""
-    hosts = s.scalars(select(models.Host).where(models.Host.state == HostState.UP)).all()
+    naming what ran out when none does. Drained and down hosts take nothing new; SAN nodes run no
+    containers. A host with iscsi volumes keeps them on a SAN node, so the SAN nodes' room counts for it."""
+    hosts = s.scalars(select(models.Host).where(models.Host.state == HostState.UP,
+                                                models.Host.mode != "storage")).all()
     if not hosts:
         raise ResourceExhausted("no container host is up to place the instance on", field="host")
     best: tuple[float, str] | None = None
     short_of = "memory"
+    san_room: dict[str, float] | None = None
     for h in hosts:
         used = allocated(s, models.Instance.host_id == h.id)
         free_mem = h.memory_mb_total * (h.memory_overcommit or 1.0) - used.memory_mb
-        # storage_gb_free is what the filesystem reports; sparse volumes only take what they wrote, so the
-        # allocated sizes count against the total instead (times the storage overcommit).
-        free_disk = h.storage_gb_total * (h.storage_overcommit or 1.0) - used.volume_gb
+        if h.volume_driver == "iscsi":
+            san_room = _san_room(s) if san_room is None else san_room
+            free_disk = max(san_room.values(), default=0.0)
+        else:
+            # storage_gb_free is what the filesystem reports; sparse volumes only take what they wrote, so
+            # the allocated sizes count against the total instead (times the storage overcommit).
+            free_disk = h.storage_gb_total * (h.storage_overcommit or 1.0) - used.volume_gb
         if free_mem < memory_mb:
             short_of = "memory"
             continue

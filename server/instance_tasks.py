@@ -31,7 +31,7 @@ from reddwarf.common.errors import FailedPrecondition, NotFound, RedDwarfError
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import agent_pb2, common_pb2, host_pb2
 
-from . import models, tasks
+from . import configurations, models, tasks
 from .admin import revoke_identity
 from .agents import AgentRegistry
 from .app import App
@@ -44,6 +44,7 @@ from .guest_health import GuestHealthRecorder
 from .hosts import HostClient, HostPool, place
 from .instance_views import MEMCACHED_PORT, STOPPED, extra_services
 from .mysql_ca import sign_instance_csr
+from .san import SanVolumes
 from .sealing import PasswordSealer
 
 DATADIR = "/var/lib/mysql"
@@ -70,6 +71,7 @@ class InstanceTasks:
     sealer: PasswordSealer
     guests: GuestHealthRecorder
     backups: Backups
+    san: SanVolumes  # volumes of hosts with the iscsi driver: LUNs on SAN nodes
 
     def kinds(self) -> list[tasks.TaskKind]:
         S = tasks.Step
@@ -140,8 +142,13 @@ class InstanceTasks:
 
     async def step_create_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
-        await self._host(row).CreateVolume(host_pb2.CreateVolumeRequest(
+        iscsi: bool = bool(row.host_id) and await asyncio.to_thread(self.san.host_uses_iscsi, row.host_id or "")
+        if iscsi:
+            await self.san.create(row.id)
+            return
+        vol = await self._host(row).CreateVolume(host_pb2.CreateVolumeRequest(
             volume=host_pb2.HostVolume(id=row.id, size_gb=row.volume_size_gb)))
+        self._update(row.id, volume_driver=vol.driver)
 
     async def step_create_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
@@ -198,7 +205,8 @@ class InstanceTasks:
                    for u in params.get("users", [])],
             allowed_cidrs=list(access.get("allowed_cidrs", [])),
             require_secure_transport=bool(access.get("require_secure_transport", False)),
-            tls_cert_pem=cert_pem, tls_ca_pem=ca_pem)
+            tls_cert_pem=cert_pem, tls_ca_pem=ca_pem,
+            configuration=await asyncio.to_thread(configurations.values_for_prepare, self.app.sessions, row.id))
 
         async def progress(p: agent_pb2.Progress) -> None:
             await ctx.progress(min(95, 60 + p.percent // 3))
@@ -269,7 +277,9 @@ class InstanceTasks:
 
     async def step_delete_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
-        if row.host_id:
+        if row.storage_host_id:
+            await self.san.delete(row.id)
+        elif row.host_id:
             with contextlib.suppress(NotFound):  # already gone: a replayed step
                 await self._host(row).DeleteVolume(host_pb2.DeleteVolumeRequest(id=row.id))
 
@@ -304,12 +314,16 @@ class InstanceTasks:
         self.registry.disconnect(row.id)  # its stream died with it; a start waits for a new hello
 
     async def step_mark_stopped(self, ctx: tasks.StepContext) -> None:
+        # mysqld is down: its next start reads the configuration include, static values and all.
+        await asyncio.to_thread(configurations.restarted, self.app.sessions, ctx.resource_id)
         self._update(ctx.resource_id, status=STOPPED)
 
     # -- restart_instance, resize_instance, resize_volume --------------------------------------------
     async def step_restart(self, ctx: tasks.StepContext) -> None:
         await self.registry.call(ctx.resource_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:restart", restart=agent_pb2.RestartDatastore()), timeout=300)
+        # Static configuration values are in effect now: no longer RESTART_REQUIRED.
+        await asyncio.to_thread(configurations.restarted, self.app.sessions, ctx.resource_id)
 
     async def step_set_limits(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
@@ -325,8 +339,11 @@ class InstanceTasks:
     async def step_resize_volume(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
         size = int(ctx.params["size_gb"])
-        await self._host(row).ResizeVolume(host_pb2.ResizeVolumeHostRequest(id=row.id, size_gb=size),
-                                                          timeout=900)
+        if row.storage_host_id:
+            await self.san.resize(row.id, size)
+        else:
+            await self._host(row).ResizeVolume(host_pb2.ResizeVolumeHostRequest(id=row.id, size_gb=size),
+                                               timeout=900)
         self._update(row.id, volume_size_gb=size)
 
     async def step_wait_running(self, ctx: tasks.StepContext) -> None:

@@ -84,6 +84,10 @@ def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
         return InstanceStatus.SHUTDOWN, None
     if reported_service_state(row.health) in GUEST_DOWN:
         return InstanceStatus.SHUTDOWN, None
+    # A static parameter of its configuration group waits for a restart (server/configurations.py).
+    ic = s.get(models.InstanceConfiguration, row.id)
+    if ic is not None and ic.restart_required:
+        return InstanceStatus.RESTART_REQUIRED, None
     return InstanceStatus.ACTIVE, None
 
 
@@ -92,7 +96,7 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
     pb = database_pb2.Instance(
         name=f"instances/{row.id}", id=row.id, display_name=row.display_name,
         status=states.to_pb(status), flavor=f"flavors/{row.flavor_id}",
-        volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
+        volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver=row.volume_driver or "loop"),
         datastore=row.datastore, datastore_version=row.datastore_version,
         create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
         host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "",
@@ -102,6 +106,9 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port, service="mysql"))
         if "memcached" in pb.services:
             pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=MEMCACHED_PORT, service="memcached"))
+    ic = s.get(models.InstanceConfiguration, row.id)
+    if ic is not None and ic.configuration_id:
+        pb.configuration = f"configurations/{ic.configuration_id}"
     if row.health:
         json_format.ParseDict(row.health, pb.health, ignore_unknown_fields=True)
         pb.volume.used_bytes = pb.health.datadir_bytes_used

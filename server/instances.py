@@ -32,6 +32,7 @@ from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
 from .catalog import resource_id
+from .configurations import bind_on_create, check_flavor
 from .events import EventBus
 from .instance_validation import display_name_problem, validate_create, validate_update
 from .instance_views import STOPPED, derived_status, instance_pb, owned_instance
@@ -128,6 +129,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                                       if request.HasField("access") else {})})
                 s.add(row)
                 s.flush()
+                if request.configuration:
+                    bind_on_create(s, p, row, request.configuration)
                 tasks.submit(s, "create_instance", f"instances/{row.id}", {})
                 s.flush()
                 return self._pb(s, row)
@@ -241,7 +244,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             if final:
                 # The final backup is taken by the delete task's first step; its row is made now, in the
                 # task's transaction, under the backup quota like any backup.
-                if status != InstanceStatus.ACTIVE or not self.registry.is_connected(row.id):
+                if status not in (InstanceStatus.ACTIVE, InstanceStatus.RESTART_REQUIRED) \
+                        or not self.registry.is_connected(row.id):
                     raise FailedPrecondition(f"instance is {status}; a final backup needs a running (ACTIVE) "
                                              "instance: start it, or delete without final_backup_name",
                                              field="final_backup_name")
@@ -262,7 +266,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             if row.status == STOPPED:
                 raise FailedPrecondition("instance is already stopped (SHUTDOWN)", field="name")
             # SHUTDOWN here is a guest gone silent (or a mysqld down): stopping it is still meaningful.
-            if status not in (InstanceStatus.ACTIVE, InstanceStatus.HEALTHY, InstanceStatus.SHUTDOWN):
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.HEALTHY, InstanceStatus.SHUTDOWN,
+                              InstanceStatus.RESTART_REQUIRED):
                 raise FailedPrecondition(f"instance is {status}; only a running instance can stop", field="name")
         return self._action(context, request.name, "stop_instance", check=check)
 
@@ -279,7 +284,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
     async def RestartInstance(self, request: database_pb2.RestartInstanceRequest,
                               context: Context) -> database_pb2.Instance:
         def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
-            if status not in (InstanceStatus.ACTIVE, InstanceStatus.SHUTDOWN, InstanceStatus.HEALTHY) \
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.SHUTDOWN, InstanceStatus.HEALTHY,
+                              InstanceStatus.RESTART_REQUIRED) \
                     or not self.registry.is_connected(row.id):
                 raise FailedPrecondition(f"instance is {status}; only a running instance can restart", field="name")
         return self._action(context, request.name, "restart_instance", check=check)
@@ -295,6 +301,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 raise NotFound(f"flavor {flavor_id!r} does not exist", field="flavor")
             if f.id == row.flavor_id:
                 raise InvalidArgument("the instance already has this flavor", field="flavor")
+            check_flavor(s, row, f.memory_mb)
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
         return self._action(context, request.name, "resize_instance", {"flavor": flavor_id}, check)

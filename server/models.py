@@ -123,6 +123,11 @@ class Host(Base):
     storage_overcommit: Mapped[float] = mapped_column(Float, default=0.0)
     last_seen: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # From hostd's capacity report: "compute" or "storage" (a SAN node, never given a container), the
+    # initiator name a SAN LUN must admit (compute hosts with iscsi volumes), the portal (SAN nodes).
+    mode: Mapped[str] = mapped_column(String(16), default="compute", server_default="compute")
+    initiator_iqn: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    iscsi_portal: Mapped[str] = mapped_column(String(255), default="", server_default="")
 
 
 class Instance(Base):
@@ -139,6 +144,12 @@ class Instance(Base):
     datastore: Mapped[str] = mapped_column(String(64))
     datastore_version: Mapped[str] = mapped_column(String(64))
     host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    # The data volume: its driver ("loop", "iscsi"; "" on rows older than this column: loop), and for iscsi
+    # the SAN node holding its LUN, the LUN's locator and its CHAP account (the secret sealed, see sealing.py).
+    volume_driver: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    storage_host_id: Mapped[str | None] = mapped_column(ForeignKey("hosts.id"), nullable=True)
+    volume_locator: Mapped[str] = mapped_column(String(512), default="", server_default="")
+    volume_chap: Mapped[str] = mapped_column(Text, default="", server_default="")
     address: Mapped[str] = mapped_column(String(255), default="")
     port: Mapped[int] = mapped_column(Integer, default=0)
     task_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
@@ -260,3 +271,50 @@ class AgentCommand(Base):
     result: Mapped[bytes | None] = mapped_column(nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Configuration(Base):
+    """A tenant's configuration group: named parameter values (canonical text) for one datastore version."""
+    __tablename__ = "configurations"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    display_name: Mapped[str] = mapped_column(String(255))
+    description: Mapped[str] = mapped_column(Text, default="")
+    datastore: Mapped[str] = mapped_column(String(64))
+    datastore_version: Mapped[str] = mapped_column(String(64))
+    values: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class InstanceConfiguration(Base):
+    """An instance's configuration group (none once detached), the values its guest last applied, and
+    whether a static one waits for a restart (the instance shows RESTART_REQUIRED until then)."""
+    __tablename__ = "instance_configurations"
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    configuration_id: Mapped[str | None] = mapped_column(ForeignKey("configurations.id"), nullable=True, index=True)
+    applied: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    restart_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+class Event(Base):
+    """The event history (server/audit.py): every change asked through the API and every status change of
+    an instance, backup or host. Never holds a secret: requests are recorded redacted."""
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_tenant_id", "tenant_id", "id"), Index("ix_events_resource", "resource", "id"),
+                      Index("ix_events_time", "time"))
+    # SQLite only autoincrements an INTEGER PRIMARY KEY.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    time: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # "api" or "status"
+    kind: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str] = mapped_column(String(64), default="")
+    resource: Mapped[str] = mapped_column(String(128), default="")
+    actor: Mapped[str] = mapped_column(String(255), default="")
+    request_id: Mapped[str] = mapped_column(String(64), default="")
+    method: Mapped[str] = mapped_column(String(128), default="")
+    summary: Mapped[str] = mapped_column(Text, default="")
+    code: Mapped[str] = mapped_column(String(32), default="")
+    status: Mapped[str] = mapped_column(String(64), default="")
+    previous_status: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING
 from google.protobuf.descriptor import FileDescriptor
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.v1 import agent_pb2, agent_pb2_grpc, database_pb2, database_pb2_grpc
+from reddwarf.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    configuration_pb2,
+    configuration_pb2_grpc,
+    database_pb2,
+    database_pb2_grpc,
+    observe_pb2,
+    observe_pb2_grpc,
+)
 
 from . import models, tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
@@ -19,14 +28,17 @@ from .app import App
 from .auth import certificate_revoked, serial_hex
 from .backup_store import BackupStore
 from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
+from .configurations import ConfigurationsServicer
 from .enrollment import Enrollment
 from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
 from .guest_health import GuestHealthRecorder
+from .guest_logs import LogsServicer
 from .hosts import HostPool
 from .instance_tasks import InstanceTasks
 from .instances import InstancesServicer
 from .pagination import Paginator
+from .san import SanVolumes
 from .sealing import PasswordSealer
 
 if TYPE_CHECKING:
@@ -50,12 +62,14 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
                              heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
+    wiring.metrics.agents = registry  # live guest health and stream count, read at scrape time
     backups = Backups(app, store, registry, hosts)
     backups.clear_scratch()  # what a killed server left of a scratch restore
     store.clean_partials()   # and of uploads cut off with it
     sealer = PasswordSealer(secret)
     enrollment = Enrollment(app, secret)
-    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups)
+    san = SanVolumes(app, hosts, sealer)
+    instance_tasks = InstanceTasks(app, hosts, registry, events, enrollment, sealer, guests, backups, san)
 
     def on_change(task_id: str, resource: str) -> None:
         if resource.startswith("instances/"):
@@ -66,12 +80,15 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                               pools=[tasks.Pool("verify", st.verify_workers, st.verify_workers_per_tenant,
                                                 ("verify_backup",))],
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
-                              on_change=on_change)
+                              on_change=on_change, on_end=wiring.metrics.task_ended)
     for kind in instance_tasks.kinds() + backups.kinds():
         engine.register(kind)
 
     db = database_pb2.DESCRIPTOR
     wiring.api += [
+        (configuration_pb2_grpc.add_ConfigurationsServicer_to_server,
+         ConfigurationsServicer(app, registry, events, paginator),
+         full_name(configuration_pb2.DESCRIPTOR, "Configurations")),
         (database_pb2_grpc.add_InstancesServicer_to_server,
          InstancesServicer(app, engine, events, registry, sealer, paginator), full_name(db, "Instances")),
         (database_pb2_grpc.add_DatabasesServicer_to_server, DatabasesServicer(app, registry),
@@ -80,6 +97,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         (database_pb2_grpc.add_RootServicer_to_server, RootServicer(app, registry), full_name(db, "Root")),
         (database_pb2_grpc.add_BackupsServicer_to_server, BackupsServicer(app, backups, engine, paginator),
          full_name(db, "Backups")),
+        (observe_pb2_grpc.add_LogsServicer_to_server, LogsServicer(app, registry, store),
+         full_name(observe_pb2.DESCRIPTOR, "Logs")),
     ]
     def revoke_serial(serial: int, reason: str) -> None:
         with app.sessions() as s, s.begin():
@@ -105,4 +124,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         await schedule_loop(app, store, engine)
 
     wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules]
+    if st.san_reattach_seconds > 0:
+        async def run_san_reattach() -> None:
+            await san.reattach_loop(st.san_reattach_seconds)
+        wiring.background.append(run_san_reattach)
     wiring.on_stop.append(hosts.close)

@@ -23,13 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import grpc
-import grpc.aio
-
 from reddwarf.common.errors import RedDwarfError, ResourceExhausted, Unauthenticated, abort
 
 from .app import Context
-from .auth import CheckingInterceptor, Principal, current_principal
+from .auth import CallDetails, CheckingInterceptor, Principal, current_principal
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -147,9 +144,10 @@ class RateLimitInterceptor(CheckingInterceptor):
     """Install after the AuthInterceptor (interceptors=[auth, ratelimit]): it reads the principal auth set."""
 
     def __init__(self, limiter: RateLimiter) -> None:
+        super().__init__()
         self.limiter = limiter
 
-    async def check(self, details: grpc.HandlerCallDetails, context: Context) -> bool:
+    async def check(self, details: CallDetails, context: Context) -> bool:
         try:
             principal = current_principal(context)
         except Unauthenticated:

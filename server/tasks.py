@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Update, func, or_, select, update
+from sqlalchemy import CursorResult, Update, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common import errors
@@ -104,6 +104,7 @@ class StepContext:
     params: dict[str, Any]
     step: str = ""
     attempts: int = 0
+    submitted: dt.datetime | None = None
     log: logging.LoggerAdapter[logging.Logger] = field(default_factory=lambda: bind(log, {}))
 
     @property
@@ -161,12 +162,19 @@ def submit(session: Session, kind: str, resource: str, params: dict[str, Any] | 
     return task
 
 
+# Built once: read on every GetInstance and every listed instance, where building the statement (and its
+# cache key) cost as much as running it.
+_ACTIVE_TASK = (select(Task).where(Task.resource == bindparam("resource"), Task.state.in_(ACTIVE_STATES))
+                .order_by(Task.created_at).limit(1))
+
+
 def active_task_for(session: Session, resource: str) -> Task | None:
-    return session.scalars(select(Task).where(Task.resource == resource, Task.state.in_(ACTIVE_STATES))
-                           .order_by(Task.created_at)).first()
+    return session.scalars(_ACTIVE_TASK, {"resource": resource}).first()
 
 
 ChangeListener = Callable[[str, str], None]  # (task_id, resource)
+# (kind, outcome "succeeded" | "failed", seconds from submit to that end): told once per task that ended here.
+EndListener = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ class TaskEngine:
                  per_tenant: int = 0, pools: Sequence[Pool] = (),
                  lease_seconds: float = 30.0, poll_seconds: float = 0.5, backoff_seconds: float = 1.0,
                  backoff_max_seconds: float = 30.0, exit_after_step: str = "",
-                 on_change: ChangeListener | None = None) -> None:
+                 on_change: ChangeListener | None = None, on_end: EndListener | None = None) -> None:
         self.session_factory = session_factory
         self.owner = owner
         self.workers = workers
@@ -200,6 +208,7 @@ class TaskEngine:
         # Test-only crash hook: the process SIGKILLs itself right after recording this step as finished.
         self.exit_after_step = exit_after_step
         self.on_change = on_change
+        self.on_end = on_end
         self.kinds: dict[str, TaskKind] = {}
         self._runners: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -355,6 +364,15 @@ class TaskEngine:
         except Exception:
             log.exception("task change listener failed task=%s", task_id)
 
+    def _ended(self, ctx: StepContext, outcome: str) -> None:
+        if self.on_end is None:
+            return
+        seconds = (utcnow() - ctx.submitted).total_seconds() if ctx.submitted is not None else 0.0
+        try:
+            self.on_end(ctx.kind, outcome, max(0.0, seconds))
+        except Exception:
+            log.exception("task end listener failed task=%s", ctx.task_id)
+
     # ------------------------------------------------------------------ running
 
     async def _renew(self, task_id: str, runner: asyncio.Task[Any]) -> None:
@@ -375,7 +393,7 @@ class TaskEngine:
         kind = self.kinds[task.kind]
         self._resources[task.id] = task.resource
         ctx = StepContext(self, task.id, task.kind, task.resource, dict(task.params or {}),
-                          attempts=task.attempts,
+                          attempts=task.attempts, submitted=task.created_at,
                           log=bind(log, {"task": task.id, "kind": task.kind, "resource": task.resource}))
         steps: list[dict[str, Any]] = [dict(x) for x in (task.steps or [])]
         done = {x["step"] for x in steps if x.get("state") == StepState.DONE}
@@ -429,6 +447,7 @@ class TaskEngine:
         await self._write(ctx.task_id, state=TaskState.SUCCEEDED, current_step="", progress_percent=100,
                           lease_owner=None, lease_expires=None)
         ctx.log.info("task succeeded")
+        self._ended(ctx, "succeeded")
 
     async def _step_failed(self, ctx: StepContext, kind: TaskKind, steps: list[dict[str, Any]],
                            record: dict[str, Any], exc: Exception) -> None:
@@ -460,6 +479,7 @@ class TaskEngine:
         await self._write(ctx.task_id, steps=[dict(x) for x in steps], attempts=attempts, state=TaskState.FAILED,
                           params=dict(ctx.params), fault_message=fault, fault_details=details,
                           lease_owner=None, lease_expires=None)
+        self._ended(ctx, "failed")
         if kind.on_failed is not None:
             try:
                 await kind.on_failed(ctx, fault, details)

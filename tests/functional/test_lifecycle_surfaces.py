@@ -83,7 +83,9 @@ def test_rest_put_and_patch_rename_protect_and_tag(rest, made):
 
 
 @pytest.mark.parametrize("body,status,fragment", [
-    ({"instance": {"configuration": "abc"}}, 400, "instance.configuration"),
+    ({"instance": {"configuration": ["abc"]}}, 400, "instance.configuration"),
+    ({"instance": {"configuration": "abc", "name": "x"}}, 400, "instance.configuration"),
+    ({"instance": {"configuration": "abc"}}, 404, "configuration"),
     ({"instance": {}}, 400, "nothing to change"),
     ({"instance": {"name": ""}}, 400, "instance.display_name"),
     ({"instance": {"tags": {"reddwarf:x": "1"}}}, 400, "instance.tags"),

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from reddwarf.common.errors import FailedPrecondition, InvalidArgument
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
 from reddwarf.common.runner import Result
 from reddwarf.hostd.iscsi import (
+    Chap,
     Initiator,
     Locator,
     TargetHost,
@@ -162,7 +163,56 @@ def test_initiator_commands_for_login_and_logout():
     ]
 
 
-@pytest.mark.skipif(not kernel_has_iscsi_tcp(), reason="kernel has no iscsi_tcp module")
+def test_kernel_initiator_logs_in_as_this_host_with_chap_kept_out_of_the_runner(monkeypatch):
+    calls: list[list[str]] = []
+    direct: list[list[str]] = []
+
+    def rec(argv, **_kw):
+        calls.append(list(argv))
+        return Result(tuple(argv), 0, "", "", 0.0)
+
+    def direct_run(argv, **_kw):
+        direct.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+
+    monkeypatch.setattr("reddwarf.hostd.iscsi.subprocess.run", direct_run)
+    loc = Locator("10.0.0.5:3260", "iqn.2024-01.reddwarf:vol.v1", 1)
+    ini = Initiator(rec)
+    me = "iqn.2024-01.reddwarf:host.h-a"
+    iface = Initiator.iface_for(me)
+    ini.login(loc, me, Chap("rd-v1", "s3cret-s3cret-x"))
+    ini.logout(loc, me)
+    node = ["iscsiadm", "-m", "node", "-T", loc.iqn, "-p", loc.portal, "-I", iface]
+    assert calls == [
+        ["iscsiadm", "-m", "iface", "-I", iface, "--op", "new"],
+        ["iscsiadm", "-m", "iface", "-I", iface, "--op", "update", "-n", "iface.initiatorname", "-v", me],
+        ["iscsiadm", "-m", "discovery", "-t", "sendtargets", "-p", loc.portal, "-I", iface],
+        [*node, "--op", "update", "-n", "node.session.auth.authmethod", "-v", "CHAP"],
+        [*node, "--op", "update", "-n", "node.session.auth.username", "-v", "rd-v1"],
+        [*node, "--login"],
+        [*node, "--logout"],
+        [*node, "--op", "delete"],  # the node record holds the secret: it goes with the session
+    ]
+    # The secret went to iscsiadm directly, never through the runner (whose log and errors carry argv).
+    assert direct == [[*node, "--op", "update", "-n", "node.session.auth.password", "-v", "s3cret-s3cret-x"]]
+    assert "s3cret" not in repr(Chap("rd-v1", "s3cret-s3cret-x"))
+
+
+@pytest.mark.parametrize("code,error,field", [(24, PermissionDenied, "chap"), (19, PermissionDenied, "locator"),
+                                               (8, Unavailable, "locator"), (5, FailedPrecondition, "locator")])
+def test_kernel_login_failures_say_what_refused_it(code, error, field):
+    def rec(argv, **_kw):
+        return Result(tuple(argv), code if "--login" in argv else 0, "", "iscsiadm: login failed", 0.0)
+
+    with pytest.raises(error) as exc:
+        Initiator(rec).login(Locator("10.0.0.5:3260", "iqn.2024-01.reddwarf:vol.v1", 1))
+    assert exc.value.violations[0][0] == field and "10.0.0.5:3260" in exc.value.message
+
+
+@pytest.mark.skipif(not kernel_has_iscsi_tcp(),
+                    reason="the kernel initiator cannot run here: this kernel has no iscsi_tcp module (the SAN "
+                           "tests use the user-space initiator, qemu-storage-daemon, instead; the open-iscsi "
+                           "commands are checked by the recording-runner tests above)")
 def test_initiator_logs_in_and_sees_the_lun_as_a_block_device(tgt, backing):
     name = iqn()
     loc = tgt.export(name, str(backing))

@@ -240,3 +240,24 @@ def test_grpcurl_lists_services_and_calls_one_over_mtls(server):
     out = subprocess.run(base + ["-d", '{"name": "flavors/small"}', server.api, "reddwarf.v1.Catalog/GetFlavor"],
                          capture_output=True, text=True, timeout=60, check=True).stdout
     assert '"memoryMb": "512"' in out or '"memory_mb": "512"' in out
+
+
+def test_a_revocation_made_elsewhere_is_honoured_within_the_cache_bound(server):
+    """Another server sharing the state DB revokes a token (here: the DB row written directly): this
+    server may have it cached, but refuses it within auth_cache_seconds (1 s by default)."""
+    import datetime as dt
+    import time
+    tid, _ = tenant_token(server)
+    tok = admin(server).CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}"))
+    md = server.metadata(tok.secret)
+    assert catalog(server).GetCaller(database_pb2.GetCallerRequest(), metadata=md).tenant  # now cached
+    engine = sa.create_engine(server.db_url)
+    with engine.begin() as c:
+        n = c.execute(sa.text("UPDATE tokens SET revoked_at = :t WHERE id = :n"),
+                      {"t": dt.datetime.now(dt.UTC).replace(tzinfo=None), "n": tok.name.rpartition("/")[2]}).rowcount
+    engine.dispose()
+    assert n == 1
+    time.sleep(1.5)
+    with pytest.raises(grpc.RpcError) as e:
+        catalog(server).GetCaller(database_pb2.GetCallerRequest(), metadata=md)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.value.details()
