@@ -83,7 +83,8 @@ COMPONENTS: dict[str, Schema] = {
          "port": INTEGER, "links": array(ref("Link")), "services": array(ref("InstanceService")),
          "tags": ref("Tags"), "deletion_protection": BOOLEAN},
         {"fault": obj({"message": STRING, "details": STRING, "created": STRING}),
-         "restorePoint": obj({"backupRef": STRING})}),
+         "restorePoint": obj({"backupRef": STRING}),
+         "configuration": obj({"id": STRING, "name": STRING, "links": array(ref("Link"))})}),
     "Database": obj({"name": STRING, "character_set": STRING, "collate": STRING}),
     "DatabaseName": obj({"name": STRING}),
     "User": obj({"name": STRING, "host": STRING, "databases": array(ref("DatabaseName"))}),
@@ -95,6 +96,18 @@ COMPONENTS: dict[str, Schema] = {
                            "max_volumes": INTEGER, "max_ram": INTEGER}),
     "RateLimit": obj({"verb": STRING, "uri": STRING, "regex": STRING, "value": INTEGER, "unit": STRING,
                       "remaining": INTEGER, "nextAvailable": STRING}),
+    # Configuration groups (clients/trove_configurations.py): values typed by their parameter's rule.
+    "ConfigurationValues": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+    "Configuration": obj({"id": STRING, "name": STRING, "description": nullable(STRING), "datastore_name": STRING,
+                          "datastore_version_name": STRING, "datastore_version_id": STRING,
+                          "datastore_version_number": STRING, "values": ref("ConfigurationValues"),
+                          "instance_count": INTEGER, "created": STRING, "updated": STRING,
+                          "links": array(ref("Link"))}),
+    "ConfigurationParameter": obj({"name": STRING, "type": STRING, "restart_required": BOOLEAN,
+                                   "datastore_version_id": STRING, "description": STRING},
+                                  {"min": NUMBER, "max": NUMBER, "allowed_values": array(STRING)}),
+    "GuestLog": obj({"name": STRING, "type": STRING, "status": STRING, "published": INTEGER, "pending": INTEGER,
+                     "container": STRING, "prefix": STRING, "metafile": STRING}),
     # Request bodies.
     "Ref": {"anyOf": [{"type": "string", "minLength": 1}, INTEGER]},
     # Optional members may be null: the gateway reads null as absent, as Trove does.
@@ -110,13 +123,16 @@ COMPONENTS: dict[str, Schema] = {
          "restorePoint": obj({"backupRef": ref("Ref")}),
          "access": obj({}, {"allowed_cidrs": array(STRING), "is_public": BOOLEAN}),
          "tags": nullable(ref("Tags")), "deletion_protection": nullable(BOOLEAN),
+         "configuration": nullable(ref("Ref")),
          # Our extension (Trove has none): extra services in the instance's container.
          "services": {"type": "array", "description": 'Extra services beside MySQL in the container: "memcached".',
                       "items": {"anyOf": [{"type": "string", "enum": ["memcached"]},
                                           obj({"name": {"type": "string", "enum": ["memcached"]}})]}}}),
     # Only these members; at least one of them.
+    # `configuration` (an id attaches the group, null detaches it) goes alone.
     "InstanceUpdate": {**obj({}, {"name": nullable(STRING), "deletion_protection": nullable(BOOLEAN),
-                                  "tags": nullable(ref("Tags"))}, additional=False), "minProperties": 1},
+                                  "tags": nullable(ref("Tags")), "configuration": nullable(ref("Ref"))},
+                             additional=False), "minProperties": 1},
     "BackupUpdate": {**obj({}, {"name": nullable(STRING), "description": nullable(STRING),
                                 "tags": nullable(ref("Tags"))}, additional=False), "minProperties": 1},
     "InstanceAction": {"anyOf": [
@@ -124,6 +140,16 @@ COMPONENTS: dict[str, Schema] = {
         obj({"resize": {"anyOf": [obj({"flavorRef": ref("Ref")}),
                                   obj({"volume": obj({"size": {"anyOf": [INTEGER, STRING]}})})]}}),
     ], "minProperties": 1, "maxProperties": 1},
+    "ConfigurationCreate": obj({"name": {"type": "string", "minLength": 1}},
+                               {"values": ref("ConfigurationValues"), "description": nullable(STRING),
+                                "datastore": nullable(obj({}, {"type": nullable(STRING), "version": nullable(STRING),
+                                                               "version_number": nullable(STRING)}))}),
+    "ConfigurationUpdate": obj({}, {"values": ref("ConfigurationValues"), "name": nullable(STRING),
+                                    "description": nullable(STRING)}),
+    # {"name": "slow_query", "enable": 1}: at most one of enable/disable; none of them shows the log.
+    "LogAction": obj({"name": {"type": "string", "minLength": 1}},
+                     {f: {"enum": [0, 1, True, False]} for f in ("enable", "disable", "publish", "discard")},
+                     additional=False),
     "BackupCreate": obj({"name": {"type": "string", "minLength": 1}, "instance": ref("Ref")},
                         {"description": nullable(STRING), "parent_id": nullable(STRING)}),
 }
@@ -138,6 +164,8 @@ def body(**members: Schema) -> Schema:
 # Paths are relative to /v1.0/{tenant}, except the version documents.
 Operation = tuple[Schema | None, dict[int, Schema | None]]
 INSTANCE = "/instances/{instance_id}"
+GROUP = "/configurations/{configuration_id}"
+PARAMETERS = obj({"configuration-parameters": array(ref("ConfigurationParameter"))})
 OPERATIONS: dict[tuple[str, str], Operation] = {
     ("/", "GET"): (None, {200: body(versions=array(ref("Version")))}),
     ("/v1.0", "GET"): (None, {200: body(version=ref("Version"))}),
@@ -171,6 +199,23 @@ OPERATIONS: dict[tuple[str, str], Operation] = {
     (INSTANCE + "/root", "POST"): (None, {200: body(user=obj({"name": STRING, "password": STRING}))}),
     (INSTANCE + "/root", "GET"): (None, {200: body(rootEnabled=BOOLEAN)}),
     (INSTANCE + "/root", "DELETE"): (None, {204: None}),
+    (INSTANCE + "/log", "GET"): (None, {200: body(logs=array(ref("GuestLog")))}),
+    (INSTANCE + "/log", "POST"): (ref("LogAction"), {200: body(log=ref("GuestLog"))}),
+    (INSTANCE + "/configuration", "GET"): (None, {200: body(instance=obj({
+        "configuration": ref("ConfigurationValues")}))}),
+    ("/configurations", "GET"): (None, {200: body(configurations=array(ref("Configuration")))}),
+    ("/configurations", "POST"): (body(configuration=ref("ConfigurationCreate")),
+                                  {200: body(configuration=ref("Configuration"))}),
+    (GROUP, "GET"): (None, {200: body(configuration=ref("Configuration"))}),
+    (GROUP, "PUT"): (body(configuration=ref("ConfigurationUpdate")), {202: None}),
+    (GROUP, "PATCH"): (body(configuration=ref("ConfigurationUpdate")), {202: None}),
+    (GROUP, "DELETE"): (None, {202: None}),
+    (GROUP + "/instances", "GET"): (None, {200: body(instances=array(obj({"id": STRING, "name": STRING})))}),
+    ("/datastores/{datastore}/versions/{version}/parameters", "GET"): (None, {200: PARAMETERS}),
+    ("/datastores/{datastore}/versions/{version}/parameters/{name}", "GET"):
+        (None, {200: ref("ConfigurationParameter")}),
+    ("/datastores/versions/{version}/parameters", "GET"): (None, {200: PARAMETERS}),
+    ("/datastores/versions/{version}/parameters/{name}", "GET"): (None, {200: ref("ConfigurationParameter")}),
     ("/backups", "GET"): (None, {200: body(backups=array(ref("Backup")))}),
     ("/backups", "POST"): (body(backup=ref("BackupCreate")), {202: body(backup=ref("Backup"))}),
     ("/backups/{backup_id}", "GET"): (None, {200: body(backup=ref("Backup"))}),

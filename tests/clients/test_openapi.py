@@ -106,6 +106,25 @@ def test_real_responses_validate_against_the_declared_schemas(gw) -> None:
             r = rest.get(url)
             assert r.status_code == 200, (url, r.text)
             check(doc, t + path, "GET", r)
+        # Configuration groups and their parameters (the configuration work's routes).
+        group = rest.post("/configurations", json={"configuration": {
+            "name": "g", "values": {"max_connections": 120}, "datastore": {"type": "mariadb", "version": "10.11"}}})
+        assert group.status_code == 200, group.text
+        check(doc, t + "/configurations", "POST", group)
+        gid = group.json()["configuration"]["id"]
+        for path, url in [("/configurations", "/configurations"), ("/configurations/{configuration_id}",
+                                                                    f"/configurations/{gid}"),
+                          ("/configurations/{configuration_id}/instances", f"/configurations/{gid}/instances"),
+                          ("/datastores/{datastore}/versions/{version}/parameters",
+                           "/datastores/mariadb/versions/10.11/parameters"),
+                          ("/datastores/{datastore}/versions/{version}/parameters/{name}",
+                           "/datastores/mariadb/versions/10.11/parameters/max_connections"),
+                          ("/datastores/versions/{version}/parameters", "/datastores/versions/10.11/parameters"),
+                          (i + "/configuration", f"/instances/{iid}/configuration")]:
+            r = rest.get(url)
+            assert r.status_code == 200, (url, r.text)
+            check(doc, t + path, "GET", r)
+        assert rest.delete(f"/configurations/{gid}").status_code == 202
         root = rest.post(f"/instances/{iid}/root")
         check(doc, t + i + "/root", "POST", root)
         for path in ("/", "/v1.0"):
