@@ -74,8 +74,10 @@ def parameter(p: configuration_pb2.ConfigurationParameter) -> dict[str, Any]:
     return out
 
 
-def create_request(body: dict[str, Any]) -> tuple[str, dict[str, str], str, str, str]:
+def create_request(body: Any) -> tuple[str, dict[str, str], str, str, str]:
     """(name, values, description, datastore, version) of a Trove create body."""
+    if not isinstance(body, dict):
+        raise BadInput("configuration must be an object")
     name = _str(body, "name", "configuration")
     values = values_from_json(body.get("values", {}), "configuration.values")
     ds = body.get("datastore") or {}

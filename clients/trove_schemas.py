@@ -42,11 +42,20 @@ def array(items: Schema, min_items: int = 0) -> Schema:
 
 
 def nullable(s: Schema) -> Schema:
-    """s or null; a plain {"type": T} becomes {"type": [T, "null"]}: flatter for generators (schemathesis's
-    coverage phase recurses per level, and CPython 3.11's ast gives up under deep recursion)."""
-    if set(s) == {"type"} and isinstance(s["type"], str):
-        return {"type": [s["type"], "null"]}
+    """s or null, kept flat: {"type": T, ...} becomes {"type": [T, "null"], ...} (its other keywords apply to
+    T's values only) and an anyOf gains a null branch. Nesting costs generators a recursion level each
+    (schemathesis's coverage phase hit CPython 3.11's recursion limit, and then its ast bug, on nested
+    anyOf/$ref bodies), so request bodies name no component through a nullable either."""
+    if isinstance(s.get("type"), str):
+        return {**s, "type": [s["type"], "null"]}
+    if "anyOf" in s:
+        return {**s, "anyOf": [*s["anyOf"], {"type": "null"}]}
     return {"anyOf": [s, {"type": "null"}]}
+
+
+# Inline (not $ref) forms of two components, for request members that may also be null.
+REF: Schema = {"anyOf": [{"type": "string", "minLength": 1}, INTEGER]}
+TAGS: Schema = {"type": "object", "additionalProperties": STRING}
 
 
 # What the gateway answers for an instance's status: Trove's values (DELETING and RESTORING mapped).
@@ -58,7 +67,7 @@ SERVICE_STATES = sorted(["", *(s.value for s in states.ServiceState)])
 COMPONENTS: dict[str, Schema] = {
     "Link": obj({"href": STRING, "rel": STRING}),
     # Labels on instances and backups (the server checks their count and characters).
-    "Tags": {"type": "object", "additionalProperties": STRING},
+    "Tags": TAGS,
     "FaultBody": obj({"code": INTEGER, "message": STRING}),
     # {"itemNotFound": {"code": 404, "message": "..."}}: one member, named by the HTTP status.
     "Fault": {"type": "object", "minProperties": 1, "maxProperties": 1,
@@ -109,7 +118,7 @@ COMPONENTS: dict[str, Schema] = {
     "GuestLog": obj({"name": STRING, "type": STRING, "status": STRING, "published": INTEGER, "pending": INTEGER,
                      "container": STRING, "prefix": STRING, "metafile": STRING}),
     # Request bodies.
-    "Ref": {"anyOf": [{"type": "string", "minLength": 1}, INTEGER]},
+    "Ref": REF,
     # Optional members may be null: the gateway reads null as absent, as Trove does.
     "DatabaseCreate": obj({"name": {"type": "string", "minLength": 1}},
                           {"character_set": nullable(STRING), "collate": nullable(STRING)}),
@@ -122,8 +131,8 @@ COMPONENTS: dict[str, Schema] = {
          "datastore": nullable(obj({}, {"type": nullable(STRING), "version": nullable(STRING)})),
          "restorePoint": obj({"backupRef": ref("Ref")}),
          "access": obj({}, {"allowed_cidrs": array(STRING), "is_public": BOOLEAN}),
-         "tags": nullable(ref("Tags")), "deletion_protection": nullable(BOOLEAN),
-         "configuration": nullable(ref("Ref")),
+         "tags": nullable(TAGS), "deletion_protection": nullable(BOOLEAN),
+         "configuration": nullable(REF),
          # Our extension (Trove has none): extra services in the instance's container.
          "services": {"type": "array", "description": 'Extra services beside MySQL in the container: "memcached".',
                       "items": {"anyOf": [{"type": "string", "enum": ["memcached"]},
@@ -131,10 +140,10 @@ COMPONENTS: dict[str, Schema] = {
     # Only these members; at least one of them.
     # `configuration` (an id attaches the group, null detaches it) goes alone.
     "InstanceUpdate": {**obj({}, {"name": nullable(STRING), "deletion_protection": nullable(BOOLEAN),
-                                  "tags": nullable(ref("Tags")), "configuration": nullable(ref("Ref"))},
+                                  "tags": nullable(TAGS), "configuration": nullable(REF)},
                              additional=False), "minProperties": 1},
     "BackupUpdate": {**obj({}, {"name": nullable(STRING), "description": nullable(STRING),
-                                "tags": nullable(ref("Tags"))}, additional=False), "minProperties": 1},
+                                "tags": nullable(TAGS)}, additional=False), "minProperties": 1},
     "InstanceAction": {"anyOf": [
         obj({"restart": {"type": "object"}}), obj({"stop": {"type": "object"}}), obj({"start": {"type": "object"}}),
         obj({"resize": {"anyOf": [obj({"flavorRef": ref("Ref")}),
