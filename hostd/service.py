@@ -9,13 +9,11 @@ never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import re
 import shutil
-import signal
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, TypeVar
 
@@ -160,9 +158,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                  renewer: CertificateRenewer | None = None) -> None:
         # What a killed hostd left of a proof restore: the sandbox killed, the staged tenant data removed.
         scratch = os.path.join(host.settings.state_dir, "scratch")
-        for pid in sandbox.leftovers(scratch):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        sandbox.clear(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         self.host = host
         self.revocations = revocations

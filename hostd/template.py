@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 
+from reddwarf.common import subids
 from reddwarf.common.runner import CommandError, run
 
 from .settings import Settings
@@ -138,24 +139,8 @@ def _write_template_config(path: str) -> None:
 
 def ensure_subids(base: int = IDMAP_BASE, size: int = IDMAP_SIZE,
                   files: tuple[str, ...] = ("/etc/subuid", "/etc/subgid")) -> None:
-    """Gives root the id range its unprivileged containers map onto; idempotent (an existing root line
-    covering the range is kept, nothing else in the files is touched)."""
-    for path in files:
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            lines = []
-        covered = False
-        for ln in lines:
-            parts = ln.strip().split(":")
-            if len(parts) == 3 and parts[0] in ("root", "0") and parts[1].isdigit() and parts[2].isdigit():
-                start, count = int(parts[1]), int(parts[2])
-                covered = covered or (start <= base and base + size <= start + count)
-        if not covered:
-            with open(path, "a") as f:
-                f.write(f"root:{base}:{size}\n")
-            log.info("subordinate ids given to root", extra={"file": path, "range": f"{base}:{size}"})
+    """Gives root the id range its unprivileged containers map onto (see common/subids.py)."""
+    subids.ensure_subids(base, size, files)
 
 
 _ACL_XATTR = "system.posix_acl_access"

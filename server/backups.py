@@ -17,13 +17,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
 import random
 import shutil
-import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -299,9 +297,7 @@ class Backups:
         return path
 
     def clear_scratch(self) -> None:
-        for pid in sandbox.leftovers(self.scratch_dir(create=False)):  # a sandbox that outlived us
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        sandbox.clear(self.scratch_dir(create=False))  # a sandbox that outlived us: killed, its cgroups removed
         shutil.rmtree(self.scratch_dir(create=False), ignore_errors=True)
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:
