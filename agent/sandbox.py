@@ -131,7 +131,7 @@ async def launch(stage: str, config: dict[str, Any], limits: Limits, timeout: fl
         dirs = await asyncio.to_thread(make_cgroups, name, limits)
         with open(os.path.join(stage, CONFIG), "w") as f:
             json.dump({**config, "cgroups": dirs}, f)
-        await asyncio.to_thread(chown_tree, stage, int(config.get("uid") or SANDBOX_UID))
+        await asyncio.to_thread(chown_tree, stage, int(config.get("uid", SANDBOX_UID)))
         res = await run_async(sandbox_argv(stage), timeout=timeout, check=False)
         return res, await asyncio.to_thread(oom_kills, name)
     finally:
@@ -369,7 +369,7 @@ def _config(host_dir: str) -> tuple[dict[str, Any], int]:
     and not its root."""
     with open(os.path.join(host_dir, CONFIG)) as f:
         config = json.load(f)
-    uid = int(config.get("uid") or SANDBOX_UID)
+    uid = int(config.get("uid", SANDBOX_UID))
     if not IDMAP_BASE < uid < IDMAP_BASE + IDMAP_SIZE:
         raise SystemExit(f"the sandbox uid must be in {IDMAP_BASE + 1}..{IDMAP_BASE + IDMAP_SIZE - 1}")
     return config, uid
@@ -513,6 +513,7 @@ def main() -> int:
         if look.get("alloc_mb"):  # after the report: a process the memory limit kills says no more
             hog = b"\x01" * (int(look["alloc_mb"]) * 1024 * 1024)
             print(json.dumps({"allocated_mb": len(hog) >> 20}), flush=True)
+        time.sleep(float(look.get("hold_s", 0)))  # while the test looks at it from the host
         return 0
     if len(sys.argv) == 3 and sys.argv[1] == "--inner":
         inner(sys.argv[2])

@@ -5,8 +5,8 @@
   when its SHA-256 equals the digest the guest computed (server/backup_store.py).
 - A backup is COMPLETED only after the stored object matches the size and digest the agent reported AND
   the chain restored into a scratch mariadbd in a throw-away sandbox on a host, never on this server:
-  the chain is streamed to hostd's ProveBackup, which runs reddwarf.agent.sandbox (an unprivileged uid in
-  new namespaces, no network, the host's keys and other tenants' volumes hidden) and reddwarf.agent.verify
+  the chain is streamed to hostd's ProveBackup, which runs reddwarf.agent.sandbox (an unprivileged uid of its own
+  user namespace, memory/cpu/pids cgroups, no network, the host's keys and other tenants' volumes hidden) and reddwarf.agent.verify
   there. The per-table checksums of that restored copy are recorded: they are the backup's point in time
   exactly, even when the database was being written to during the backup (a checksum pass on the live
   guest could only approximate it).
