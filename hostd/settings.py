@@ -67,6 +67,8 @@ class Settings:
     # Containers run in a user namespace (root inside is an unprivileged id range outside, see
     # template.IDMAP_BASE); False keeps the old privileged containers.
     unprivileged: bool = True
+    # Each unprivileged container in an id range of its own (hostd/idmap.py); False: all share one.
+    idmap_isolated: bool = True
     # Size of each container's writable layer (its own ext4 image under the container's dir; 0 = on the
     # lxcpath's filesystem, unbounded).
     rootfs_quota_mb: int = 2048

@@ -2,11 +2,10 @@
 volume (block and loop devices, mknod, mount, /proc/<pid>/root, nsenter, /sys, hostd's state paths, the
 data file by any path, open_by_handle_at) and each is refused.
 
-Both containers are real unprivileged LXC containers on a hostd of the test's own with loop volumes. They
-share one id range (hostd/template.py: IDMAP_BASE; the README's security section says why there is no
-range per instance), so the victim's files belong to the attacker's root by uid: what keeps them apart is
-that no path, device or namespace of the victim is reachable from the attacker at all, which is what
-this test proves. The attack script is tests/security/volume_attacks.py.
+Both containers are real unprivileged LXC containers on a hostd of the test's own with loop volumes, each
+in an id range of its own (hostd/idmap.py), so even a path to the victim's files would meet files of
+another uid. The test proves the first wall: no path, device or namespace of the victim is reachable
+from the attacker at all. The attack script is tests/security/volume_attacks.py.
 """
 from __future__ import annotations
 
@@ -75,6 +74,11 @@ def test_root_in_a_container_cannot_read_a_neighbours_volume_by_any_path(two_ten
     r = run_in(stub, attacker.id, f"echo mine > /var/lib/mysql/{own_marker}")
     assert r.exit_code == 0, r.stderr
     mnt = str(h.root / "state" / "mnt" / victim.volume_id)
+    # The second wall: the victim's files belong to a uid outside the attacker's range.
+    with open(f"/proc/{attacker.init_pid}/uid_map") as f:
+        attacker_base = int(f.read().split()[1])
+    owner = os.stat(os.path.join(mnt, marker)).st_uid
+    assert not attacker_base <= owner < attacker_base + 65536, (attacker_base, owner)
     image = str(h.storage_path / f"{victim.volume_id}.img")
     # Teeth: from the host the victim's secret is right there, at each path the attacker will try.
     with open(os.path.join(mnt, marker)) as f:
