@@ -77,6 +77,8 @@ COMMANDS: dict[str, Handler] = {
                                                 c.transfer.download, c.progress),
     "table_checksums": lambda c, cmd: c.backups.table_checksums(),
     "mysql_tls_request": lambda c, cmd: c.driver.mysql_tls_request(),
+    "install_mysql_tls": lambda c, cmd: c.driver.install_mysql_tls(cmd.install_mysql_tls.tls_cert_pem,
+                                                                   cmd.install_mysql_tls.tls_ca_pem),
 }
 
 

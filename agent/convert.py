@@ -140,7 +140,8 @@ def result_to_pb(outcome: Outcome) -> agent_pb2.CommandResult:
     elif isinstance(outcome, model.GuestHealth):
         res.health.CopyFrom(health_to_pb(outcome))
     elif isinstance(outcome, model.TlsCsr):
-        res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem))
+        res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem,
+                                                         current_cert_pem=outcome.current_cert_pem))
     return res
 
 

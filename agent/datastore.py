@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from reddwarf.common.errors import FailedPrecondition
+
 from . import model
 
 ProgressFn = Callable[[int, str], Awaitable[None]]
@@ -45,6 +47,10 @@ class DatastoreDriver(ABC):
     async def mysql_tls_request(self) -> model.TlsCsr:
         """A CSR for the datastore's TLS key (made once, kept in the guest); "" where it serves no TLS."""
         return model.TlsCsr(csr_pem="")
+
+    async def install_mysql_tls(self, cert_pem: str, ca_pem: str) -> None:
+        """A renewed certificate for the datastore's TLS key, served from the next connection on."""
+        raise FailedPrecondition("this datastore serves no TLS", field="tls_cert_pem")
 
     @abstractmethod
     async def create_databases(self, databases: Sequence[model.Database]) -> None: ...

@@ -13,7 +13,7 @@ from google.protobuf.descriptor import FileDescriptor
 from reddwarf.common.clock import now as utcnow
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, database_pb2, database_pb2_grpc
 
-from . import models, tasks
+from . import models, mysql_ca, tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
 from .auth import certificate_revoked, serial_hex
@@ -104,5 +104,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     async def run_schedules() -> None:
         await schedule_loop(app, store, engine)
 
-    wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules]
+    async def renew_mysql_certificates() -> None:
+        await mysql_ca.renew_loop(app, registry)
+
+    wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules, renew_mysql_certificates]
     wiring.on_stop.append(hosts.close)
