@@ -406,7 +406,8 @@ def enter(host_dir: str) -> None:
     hidden = _hide([str(p) for p in config.get("hide", [])])
     hidden += _hide([p for p in ALWAYS_HIDDEN if os.path.realpath(p) not in hidden])
     _keep(list(staged), hidden, staged)
-    os.chmod("/run/reddwarf-keep", 0o700)
+    if staged:
+        os.chmod("/run/reddwarf-keep", 0o700)
     _read_only_disks()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of a tenant's data
     resource.setrlimit(resource.RLIMIT_NPROC, (1024, 1024))  # per host uid; the pids cgroup caps the rest
