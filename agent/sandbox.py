@@ -12,8 +12,8 @@ tenant wrote is ever opened by a process that is root on the host:
 2. A user namespace whose ids 0..65535 are host ids IDMAP_BASE.. (a range of their own, apart from the
    instance containers' and from every real user; /etc/subuid gives it to root), and new mount, network
    (a down loopback only), pid, ipc, uts and cgroup namespaces with a fresh /proc. Its pid 1 drops to
-   INNER_UID (host SANDBOX_UID: no groups, an empty bounding set, no_new_privs, SIGKILL when unshare dies)
-   and execs `reddwarf.agent.verify`. Even the namespace's root is an unmapped nobody to every host file.
+   INNER_UID (host SANDBOX_UID: no groups, an empty bounding set, no_new_privs, SIGKILL when unshare dies),
+   installs a seccomp filter (`seccomp_program`) and execs `reddwarf.agent.verify`. Even the namespace's root is an unmapped nobody to every host file.
 
 What it still shares with the host: the kernel, a read-only view of /usr, /etc and the like (as a uid
 that owns nothing there), and the disk HOST_DIR is on. The memory cgroup also caps swap when the kernel
@@ -29,6 +29,7 @@ import errno
 import importlib.util
 import json
 import os
+import platform
 import resource
 import signal
 import socket
@@ -364,6 +365,72 @@ def _drop(uid: int) -> None:
         raise OSError("could not drop to the sandbox uid")
 
 
+# Syscalls the sandbox never needs and that widen the kernel it can reach (LXC's common.seccomp and Docker's
+# default profile deny the same): x86_64 numbers. Namespaces are refused through clone's flags and unshare;
+# clone3, whose flags sit behind a pointer, answers ENOSYS so that libc falls back to clone.
+_DENIED_SYSCALLS = {
+    "mount": 165, "umount2": 166, "pivot_root": 155, "swapon": 167, "swapoff": 168, "reboot": 169, "acct": 163,
+    "init_module": 175, "delete_module": 176, "finit_module": 313, "kexec_load": 246, "kexec_file_load": 320,
+    "quotactl": 179, "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272, "setns": 308,
+    "name_to_handle_at": 303, "open_by_handle_at": 304, "perf_event_open": 298, "bpf": 321, "userfaultfd": 323,
+    "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "open_tree": 428, "move_mount": 429,
+    "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "mount_setattr": 442, "syslog": 103,
+    "lookup_dcookie": 212, "iopl": 172, "ioperm": 173, "settimeofday": 164, "clock_settime": 227,
+    "adjtimex": 159, "clock_adjtime": 305, "vhangup": 153, "nfsservctl": 180,
+}
+_SYS_CLONE, _SYS_CLONE3 = 56, 435
+_CLONE_NAMESPACES = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def seccomp_program() -> list[tuple[int, int, int, int]]:
+    """The classic-BPF seccomp filter (code, jt, jf, k): EPERM for _DENIED_SYSCALLS, for clone with a
+    namespace flag and for x32 calls; ENOSYS for clone3; a foreign architecture is killed."""
+    ld_w, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, eperm, enosys, kill = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS, 0x80000000
+    denied = sorted(set(_DENIED_SYSCALLS.values()))
+    # Layout: [arch check][nr checks][ALLOW][EPERM][ENOSYS][KILL][clone: flags][ALLOW][EPERM]
+    head = 4  # ld arch, jeq arch, ld nr, jge x32
+    n_checks = len(denied) + 2  # + clone, clone3
+    i_allow = head + n_checks
+    i_eperm, i_enosys, i_kill, i_clone = i_allow + 1, i_allow + 2, i_allow + 3, i_allow + 4
+    prog = [(ld_w, 0, 0, 4), (jeq, 0, i_kill - 2, _AUDIT_ARCH_X86_64), (ld_w, 0, 0, 0),
+            (jge, i_eperm - 4, 0, 0x40000000)]
+    for nr in denied:
+        at = len(prog)
+        prog.append((jeq, i_eperm - at - 1, 0, nr))
+    at = len(prog)
+    prog.append((jeq, i_clone - at - 1, 0, _SYS_CLONE))
+    at = len(prog)
+    prog.append((jeq, i_enosys - at - 1, 0, _SYS_CLONE3))
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, eperm), (ret, 0, 0, enosys), (ret, 0, 0, kill),
+             (ld_w, 0, 0, 16), (jset, 1, 0, _CLONE_NAMESPACES), (ret, 0, 0, allow), (ret, 0, 0, eperm)]
+    return prog
+
+
+def _seccomp() -> None:
+    """Installs seccomp_program on this process (inherited by everything it execs). x86_64 only: elsewhere
+    the syscall numbers differ and the sandbox runs without it (said in the log of the run)."""
+    if platform.machine() != "x86_64":
+        print(f"reddwarf sandbox: no seccomp filter on {platform.machine()}", file=sys.stderr)
+        return
+    prog = seccomp_program()
+    filters = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
+    fprog = _SockFprog(len(prog), ctypes.cast(filters, ctypes.POINTER(_SockFilter)))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP failed")
+
+
 def _config(host_dir: str) -> tuple[dict[str, Any], int]:
     """HOST_DIR/sandbox.json and the uid it names (as the host sees it), which must be in the sandbox's range
     and not its root."""
@@ -432,6 +499,7 @@ def inner(host_dir: str) -> None:
         argv = [sys.executable, "-m", "reddwarf.agent.sandbox", "--probe", json.dumps(config["probe"]),
                 f"--origin={host_dir}"]
     _drop(uid - IDMAP_BASE)
+    _seccomp()  # after no_new_privs (_drop): an unprivileged process may install a filter only then
     os.execve(sys.executable, argv, env)
 
 
@@ -469,6 +537,27 @@ def _threads(n: int) -> int:
     return len(started)
 
 
+def _syscalls() -> dict[str, str]:
+    """What a few syscalls the filter refuses answer here: "allowed", or the errno's name."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    out: dict[str, str] = {}
+
+    def check(name: str, r: int) -> None:
+        out[name] = "allowed" if r >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+    check("unshare(CLONE_NEWUSER)", libc.syscall(272, 0x10000000))
+    r = libc.syscall(_SYS_CLONE, 0x10000000 | signal.SIGCHLD, 0, 0, 0, 0)  # fork into a new user namespace
+    if r == 0:
+        os._exit(0)
+    if r > 0:
+        os.waitpid(r, 0)
+    check("clone(CLONE_NEWUSER)", r)
+    check("keyctl", libc.syscall(250, 0, 0, 0, 0, 0))
+    check("mount", libc.syscall(165, b"none", b"/tmp", b"tmpfs", 0, 0))
+    check("ptrace", libc.syscall(101, 16, 1, 0, 0))  # PTRACE_ATTACH to pid 1
+    check("perf_event_open", libc.syscall(298, 0, 0, -1, -1, 0))
+    return out
+
+
 def probe(look: dict[str, Any]) -> dict[str, object]:
     """What the sandbox sees: its ids and id map, capabilities, network interfaces, which of look["paths"] it
     can read, whether it can create a file in the host's system directories, which of look["connect"]
@@ -503,7 +592,8 @@ def probe(look: dict[str, Any]) -> dict[str, object]:
             "cap_eff": status.get("CapEff", "").strip(), "cap_bnd": status.get("CapBnd", "").strip(),
             "no_new_privs": status.get("NoNewPrivs", "").strip(), "pid": os.getpid(), **maps,
             "interfaces": _interfaces(), "reach": {t: _reach(t) for t in look.get("connect", [])},
-            "threads": _threads(int(look.get("threads", 0))),
+            "threads": _threads(int(look.get("threads", 0))), "syscalls": _syscalls(),
+            "seccomp": status.get("Seccomp", "").strip(),
             "readable": readable, "writable": writable}
 
 

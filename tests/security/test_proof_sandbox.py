@@ -38,6 +38,9 @@ async def look(stage: str, limits: sandbox.Limits | None = None, uid: int = sand
                                      limits or sandbox.Limits(), 60)
     lines = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
     assert sandbox.cgroup_name(stage) not in sandbox.leftover_cgroups(), "the cgroups go with the run"
+    assert sandbox.leftovers(os.path.dirname(stage)) == [], "and so does every process of it"
+    with open("/proc/self/mountinfo") as f:
+        assert stage not in f.read(), "its mounts were in its own namespace only"
     return res.returncode, lines, ooms
 
 
@@ -69,6 +72,26 @@ async def test_inside_the_sandbox_root_is_a_mapped_range_and_no_address_is_reach
     assert seen["uid"] == sandbox.INNER_UID and int(seen["cap_eff"], 16) == 0
     assert seen["interfaces"] == ["lo"]
     assert all(r != "connected" for r in seen["reach"].values()), seen["reach"]
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the sandbox's seccomp filter is for x86_64 only")
+async def test_a_seccomp_filter_refuses_namespaces_mounts_keys_ptrace_and_perf(stage: str) -> None:
+    rc, out, _ = await look(stage, threads=50)
+    assert rc == 0
+    seen = out[0]
+    assert seen["seccomp"] == "2"  # a filter
+    assert seen["syscalls"] == {"unshare(CLONE_NEWUSER)": "EPERM", "clone(CLONE_NEWUSER)": "EPERM",
+                                "keyctl": "EPERM", "mount": "EPERM", "ptrace": "EPERM",
+                                "perf_event_open": "EPERM"}, seen["syscalls"]
+    assert seen["threads"] == 50  # threads (clone3 refused with ENOSYS: libc falls back to clone) still start
+
+
+def test_the_seccomp_program_jumps_land_on_its_returns() -> None:
+    prog = sandbox.seccomp_program()
+    for pc, (code, jt, jf, _k) in enumerate(prog):
+        if code & 0x07 == 0x05:  # BPF_JMP: both targets inside the program
+            assert pc + 1 + jt < len(prog) and pc + 1 + jf < len(prog)
+    assert prog[-1][0] == 0x06 and len(prog) < 256
 
 
 async def test_the_memory_limit_kills_a_process_that_goes_over_it(stage: str) -> None:
