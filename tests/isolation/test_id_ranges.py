@@ -3,11 +3,16 @@ a container that is gone, and files moved from one range to another keep their p
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from reddwarf.hostd import idmap, template
+from reddwarf.hostd.containers import Bootstrap, ContainerSpec, Limits, NetworkPlan
+from reddwarf.hostd.lxc import LxcDriver
+from reddwarf.hostd.settings import Settings
 
 
 def owner(tmp_path: Path, name: str) -> str:
@@ -71,3 +76,41 @@ def test_an_id_mapped_mount_shows_the_range_and_is_read_only(tmp_path: Path) -> 
     finally:
         idmap.unmount(str(dst))
     assert not idmap.is_mounted(str(dst)) and not dst.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC")
+def test_after_a_reboot_the_id_mapped_lower_layer_is_mounted_again_and_delete_leaves_nothing() -> None:
+    """A host reboot drops the id-mapped mount: the next start makes it again, the container keeps its range;
+    a delete unmounts it and gives the range back."""
+    work = tempfile.mkdtemp(prefix="reddwarf-test-idmap-", dir="/var/tmp")
+    settings = Settings(host_id="idmap-test", state_dir=os.path.join(work, "state"),
+                        lxc_path=os.path.join(work, "lxc"), container_prefix="rdtid-",
+                        agent_init_cmd="/bin/sleep 3600", rootfs_quota_mb=0)
+    driver = LxcDriver(settings)
+    tpl = template.build_template(settings)
+    cid = "reboot"
+    spec = ContainerSpec(id=cid, limits=Limits(memory_mb=128, cpu_shares=512, max_processes=64).validate(),
+                         bootstrap=Bootstrap("127.0.0.1:1", "", "unused", cid),
+                         network=NetworkPlan("host", "127.0.0.1", 0), template=tpl)
+    lower = os.path.join(settings.lxc_path, ".lower", driver.container_name(cid))
+    try:
+        driver.create(spec)
+        base = driver._idmap_base(cid)
+        assert idmap.is_isolated(base) and idmap.is_mounted(lower)
+        assert driver.start(cid).state == "RUNNING"
+        driver.stop(cid, 0)
+        idmap.unmount(lower)  # what a reboot leaves: the mount gone
+        st = driver.start(cid)
+        assert st.state == "RUNNING" and idmap.is_mounted(lower)
+        with open(f"/proc/{st.init_pid}/uid_map") as f:
+            assert f.read().split()[:3] == ["0", str(base), "65536"]
+        driver.destroy(cid)
+        assert not idmap.is_mounted(lower) and not os.path.exists(lower)
+        with open(os.path.join(idmap.REGISTRY, ".lock"), "a"):
+            held = [e for e in os.listdir(idmap.REGISTRY) if e.isdigit()
+                    and open(os.path.join(idmap.REGISTRY, e)).read().strip() == driver._dir(cid)]
+        assert held == [], "the range is given back"
+    finally:
+        driver.destroy(cid)
+        shutil.rmtree(work, ignore_errors=True)
