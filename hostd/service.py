@@ -308,7 +308,9 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                     st.template_lxc_path, st.storage_path, st.wheelhouse]
             res = await sandbox.prove(stage, list(spec.backup_ids), list(spec.sha256s),
                                       dict(spec.expected) if spec.compare else None, spec.max_extract_bytes,
-                                      hide, timeout=PROVE_TIMEOUT)
+                                      hide, timeout=PROVE_TIMEOUT,
+                                      limits=sandbox.Limits(st.proof_memory_mb, st.proof_cpu_shares,
+                                                            st.proof_cpu_quota_pct, st.proof_pids))
             log.info("backup proof done", extra={"backup": spec.backup_ids[-1], "ok": res["ok"]})
             return host_pb2.ProveBackupResponse(ok=res["ok"], detail=res["detail"], checksums=res["checksums"])
         finally:

@@ -72,6 +72,12 @@ class Settings:
     # Size of each container's writable layer (its own ext4 image under the container's dir; 0 = on the
     # lxcpath's filesystem, unbounded).
     rootfs_quota_mb: int = 2048
+    # The proof-restore sandbox's cgroup limits (agent/sandbox.py: Limits): memory (swap included), CPU
+    # weight, CPU cap in % of one core, processes and threads.
+    proof_memory_mb: int = 1024
+    proof_cpu_shares: int = 256
+    proof_cpu_quota_pct: int = 100
+    proof_pids: int = 512
     # How often stopped containers that should run are looked for and started again (0 = never).
     revive_seconds: int = 2
 
