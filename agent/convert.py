@@ -98,6 +98,10 @@ def health_to_pb(h: model.GuestHealth) -> common_pb2.GuestHealth:
         slow_queries=h.slow_queries, buffer_pool_bytes_total=h.buffer_pool_bytes_total,
         buffer_pool_bytes_data=h.buffer_pool_bytes_data, datadir_bytes_used=h.datadir_bytes_used,
         datadir_bytes_total=h.datadir_bytes_total, restarts=h.restarts, last_error=h.last_error)
+    if h.replication_running is not None:
+        pb.replication_running = h.replication_running
+    if h.replication_lag_seconds is not None:
+        pb.replication_lag_seconds = h.replication_lag_seconds
     for name, state in h.services.items():
         pb.services[name] = service_state_to_pb(state)
     pb.observed.FromDatetime(h.observed)

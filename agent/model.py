@@ -117,6 +117,10 @@ class GuestHealth:
     restarts: int = 0
     services: dict[str, ServiceState] = field(default_factory=dict)
     last_error: str = ""
+    # Only on a replica (None otherwise): whether its replication threads run, and how far behind it is
+    # (None while they are stopped).
+    replication_running: bool | None = None
+    replication_lag_seconds: int | None = None
 
 
 @dataclass(frozen=True)

@@ -412,6 +412,9 @@ class MysqlDriver(DatastoreDriver):
                 page = st.get("Innodb_page_size", 16384)
                 h.buffer_pool_bytes_total = st.get("Innodb_buffer_pool_pages_total", 0) * page
                 h.buffer_pool_bytes_data = st.get("Innodb_buffer_pool_pages_data", 0) * page
+                repl = await asyncio.to_thread(self.admin.replication)
+                if repl is not None:
+                    h.replication_running, h.replication_lag_seconds = repl
             except (RedDwarfError, OSError) as exc:
                 h.accepting_connections = False
                 h.last_error = str(exc)[:300]

@@ -386,6 +386,19 @@ class MysqlAdmin:
                     pass
             return out
 
+    def replication(self) -> tuple[bool, int | None] | None:
+        """(threads running, seconds behind the primary or None while stopped) on a replica; None when this
+        server replicates from nothing. MariaDB names the columns after the old words."""
+        with self.cursor() as cur:
+            cur.execute("SHOW REPLICA STATUS")
+            row = cur.fetchone()
+            if row is None or cur.description is None:
+                return None
+            cols = {d[0]: v for d, v in zip(cur.description, row, strict=True)}
+        running = cols.get("Slave_IO_Running") == "Yes" and cols.get("Slave_SQL_Running") == "Yes"
+        lag = cols.get("Seconds_Behind_Master")
+        return running, (int(lag) if lag is not None else None)
+
     # resize ----------------------------------------------------------------
 
     def reload_tls(self) -> None:

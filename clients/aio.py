@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Self, TypeVar
 
@@ -130,11 +130,13 @@ class AsyncClient:
                               users: Iterable[r.UserSpec | cpb.User] = (), datastore: str = "",
                               datastore_version: str = "", restore_from: str | None = None,
                               request_id: str = "", allowed_cidrs: Iterable[str] = (),
-                              require_secure_transport: bool = False) -> pb.Instance:
+                              require_secure_transport: bool = False, tags: Mapping[str, str] | None = None,
+                              deletion_protection: bool = False) -> pb.Instance:
         return await self._call(self.instances.CreateInstance, r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
-            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport))
+            allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport, tags=tags,
+            deletion_protection=deletion_protection))
 
     async def get_instance(self, instance: str) -> pb.Instance:
         return await self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
@@ -144,14 +146,39 @@ class AsyncClient:
         that certificate carries."""
         return await self._call(self.instances.GetInstanceCa, pb.GetInstanceCaRequest(name=r.instance_name(instance)))
 
-    def list_instances(self, status: str | int | None = None, page_size: int = 0) -> AsyncIterator[pb.Instance]:
+    def list_instances(self, status: str | int | None = None, page_size: int = 0,
+                       tags: Iterable[str] | Mapping[str, str | None] = ()) -> AsyncIterator[pb.Instance]:
+        """tags: only instances with all of them ("key=value", or "key" for any value)."""
         wanted = r.instance_status(status) if status is not None else pb.INSTANCE_STATUS_UNSPECIFIED
-        request = pb.ListInstancesRequest(status=wanted)
+        request = pb.ListInstancesRequest(status=wanted, tags=r.tag_filters(tags))
         return self._pages(self.instances.ListInstances, request, lambda p: p.instances, page_size)
 
-    async def delete_instance(self, instance: str) -> pb.Instance:
-        return await self._call(self.instances.DeleteInstance,
-                                pb.DeleteInstanceRequest(name=r.instance_name(instance)))
+    async def delete_instance(self, instance: str, *, final_backup: str | None = None,
+                              final_backup_tags: Mapping[str, str] | None = None) -> pb.Instance:
+        """final_backup: take a full backup of that name first and delete only once it is COMPLETED (a
+        failed one leaves the instance, its fault saying why). Refused while deletion_protection is on."""
+        return await self._call(self.instances.DeleteInstance, pb.DeleteInstanceRequest(
+            name=r.instance_name(instance), final_backup_name=final_backup or "",
+            final_backup_tags=dict(final_backup_tags or {})))
+
+    async def update_instance(self, instance: str, *, name: str | None = None,
+                              deletion_protection: bool | None = None, tags: Mapping[str, str] | None = None,
+                              set_tags: Mapping[str, str] | None = None,
+                              remove_tags: Iterable[str] = ()) -> pb.Instance:
+        """Changes only what is given: the name, deletion protection, and tags (`tags` replaces them all;
+        `set_tags` / `remove_tags` change only those keys)."""
+        return await self._call(self.instances.UpdateInstance, r.update_instance_request(
+            instance, name=name, deletion_protection=deletion_protection, tags=tags, set_tags=set_tags,
+            remove_tags=remove_tags))
+
+    async def stop_instance(self, instance: str) -> pb.Instance:
+        """Stops mysqld and the container (the data stays on the volume): STOPPING, then SHUTDOWN."""
+        return await self._call(self.instances.StopInstance, pb.StopInstanceRequest(name=r.instance_name(instance)))
+
+    async def start_instance(self, instance: str) -> pb.Instance:
+        """Starts a stopped instance: STARTING, then ACTIVE with its data."""
+        return await self._call(self.instances.StartInstance,
+                                pb.StartInstanceRequest(name=r.instance_name(instance)))
 
     async def restart_instance(self, instance: str) -> pb.Instance:
         return await self._call(self.instances.RestartInstance,
@@ -295,16 +322,25 @@ class AsyncClient:
     # ------------------------------------------------------------------ backups
 
     async def create_backup(self, instance: str, name: str, description: str = "",
-                            parent: str | None = None) -> pb.Backup:
+                            parent: str | None = None, tags: Mapping[str, str] | None = None) -> pb.Backup:
         return await self._call(self.backups.CreateBackup,
-                                r.create_backup_request(instance, name, description, parent))
+                                r.create_backup_request(instance, name, description, parent, tags))
 
     async def get_backup(self, backup: str) -> pb.Backup:
         return await self._call(self.backups.GetBackup, pb.GetBackupRequest(name=r.resource("backups", backup)))
 
-    def list_backups(self, instance: str | None = None, page_size: int = 0) -> AsyncIterator[pb.Backup]:
-        request = pb.ListBackupsRequest(instance=r.instance_name(instance) if instance else "")
+    def list_backups(self, instance: str | None = None, page_size: int = 0,
+                     tags: Iterable[str] | Mapping[str, str | None] = ()) -> AsyncIterator[pb.Backup]:
+        request = pb.ListBackupsRequest(instance=r.instance_name(instance) if instance else "",
+                                        tags=r.tag_filters(tags))
         return self._pages(self.backups.ListBackups, request, lambda p: p.backups, page_size)
+
+    async def update_backup(self, backup: str, *, name: str | None = None, description: str | None = None,
+                            tags: Mapping[str, str] | None = None, set_tags: Mapping[str, str] | None = None,
+                            remove_tags: Iterable[str] = ()) -> pb.Backup:
+        """Changes only what is given (tags as update_instance)."""
+        return await self._call(self.backups.UpdateBackup, r.update_backup_request(
+            backup, name=name, description=description, tags=tags, set_tags=set_tags, remove_tags=remove_tags))
 
     async def delete_backup(self, backup: str, cascade: bool = False) -> None:
         await self._call(self.backups.DeleteBackup,
@@ -348,11 +384,16 @@ class AsyncClient:
             id=host_id, address=address, memory_overcommit=memory_overcommit,
             storage_overcommit=storage_overcommit)))
 
-    async def enroll_host(self, host_id: str, ssh_target: str, ssh_key_path: str = "",
-                          hostd_port: int = 0) -> apb.Host:
+    async def enroll_host(self, host_id: str, ssh_target: str, host_key: str, *, private_key: bytes = b"",
+                          ssh_key_path: str = "", password: str = "", hostd_port: int = 0) -> apb.Host:
+        """Installs hostd on a machine over SSH and registers it (Admin.EnrollHost). `host_key` is the SHA256
+        fingerprint of its SSH host key; log in with `private_key` (the key's text, sent over this mTLS
+        channel and only held in the server's memory for the call), a key file on the server
+        (`ssh_key_path`) or `password` (also a key's passphrase)."""
         return await self._call(self.admin.EnrollHost, apb.EnrollHostRequest(
-            id=host_id, ssh_target=ssh_target, ssh_key_path=ssh_key_path, hostd_port=hostd_port),
-            timeout=max(self.config.timeout, 600.0))
+            id=host_id, ssh_target=ssh_target, host_key=host_key, ssh_private_key=private_key,
+            ssh_key_path=ssh_key_path, ssh_password=password, hostd_port=hostd_port),
+            timeout=max(self.config.timeout, 900.0))
 
     async def get_host(self, host: str) -> apb.Host:
         return await self._call(self.admin.GetHost, apb.GetHostRequest(name=r.resource("hosts", host)))

@@ -12,6 +12,7 @@ it in ps, shells keep it in their history): tokens come from REDDWARF_TOKEN, the
 """
 from __future__ import annotations
 
+import base64
 import functools
 import getpass
 import inspect
@@ -47,6 +48,8 @@ flavor_app = typer.Typer(help="Flavors (named limit sets).", no_args_is_help=Tru
 datastore_app = typer.Typer(help="Datastores.", no_args_is_help=True)
 admin_app = typer.Typer(help="Operators: tenants, tokens, quotas, hosts, tasks, certificates.", no_args_is_help=True)
 pki_app = typer.Typer(help="The deployment's certificate authority.", no_args_is_help=True)
+host_app = typer.Typer(help="Container hosts: enroll over SSH, list, show, drain, delete.", no_args_is_help=True)
+admin_app.add_typer(host_app, name="host")
 for sub, name in ((instance_app, "instance"), (database_app, "database"), (user_app, "user"), (root_app, "root"),
                   (backup_app, "backup"), (flavor_app, "flavor"), (datastore_app, "datastore"), (admin_app, "admin"),
                   (pki_app, "pki")):
@@ -218,7 +221,28 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
+    ("tags", lambda i: tag_text(i.tags)), ("deletion protection", lambda i: "on" if i.deletion_protection else "off"),
 ]
+
+
+def tag_text(tags: Any) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(tags.items()))
+
+
+def parse_tags(items: list[str], option: str = "--tag") -> dict[str, str]:
+    """["env=prod", "team=db"] -> {"env": "prod", "team": "db"} (the server validates keys and values)."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{option} takes KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+TAG_OPTION = typer.Option([], "--tag", help="KEY=VALUE tag (repeatable).")
+TAG_FILTER = typer.Option([], "--tag", help="Only those with this tag: KEY=VALUE, or KEY for any value "
+                          "(repeatable: all must match).")
 
 
 def run(fn: Callable[[], None]) -> None:
@@ -359,7 +383,11 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
                                                            help="Network users may connect from (repeatable)."),
                     require_tls: bool = typer.Option(False, "--require-tls",
                                                      help="Refuse MySQL connections that are not TLS."),
+                    tag: list[str] = TAG_OPTION,
+                    deletion_protection: bool = typer.Option(False, "--deletion-protection",
+                                                             help="Refuse deletes until it is turned off."),
                     wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
+    tags = parse_tags(tag)
     specs = []
     for spec in user:
         if ":" in spec:  # the old user:password[:dbs] form: refused rather than read as something else
@@ -385,7 +413,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
         c = client()
         inst = c.create_instance(name, flavor, size, databases=[DatabaseSpec(name=d) for d in database], users=users,
                                  restore_from=c.backup_id(restore_from) if restore_from else None,
-                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls)
+                                 allowed_cidrs=allowed_cidr, require_secure_transport=require_tls, tags=tags,
+                                 deletion_protection=deletion_protection)
         if wait:
             inst = _progress_until(c, inst.name)
         emit(inst, INSTANCE_FIELDS)
@@ -394,8 +423,8 @@ def instance_create(name: str, flavor: str = typer.Option(..., "--flavor"), size
 
 @instance_app.command("list")
 @output_options
-def instance_list() -> None:
-    run(lambda: emit(client().list_instances(), INSTANCE_COLS))
+def instance_list(tag: list[str] = TAG_FILTER) -> None:
+    run(lambda: emit(client().list_instances(tags=tag), INSTANCE_COLS))
 
 
 @instance_app.command("show")
@@ -422,8 +451,62 @@ def instance_ca(instance: str = INSTANCE_ARG, output: Path | None = typer.Option
 
 @instance_app.command("delete")
 @output_options
-def instance_delete(instance: str = INSTANCE_ARG) -> None:
-    run(lambda: emit(with_instance(lambda c, i: c.delete_instance(i), instance), INSTANCE_FIELDS))
+def instance_delete(instance: str = INSTANCE_ARG,
+                    final_backup: str = typer.Option(None, "--final-backup", help="Take a full backup of this "
+                                                     "name first; delete only once it is COMPLETED."),
+                    final_backup_tag: list[str] = typer.Option([], "--final-backup-tag",
+                                                               help="KEY=VALUE tag of the final backup.")) -> None:
+    tags = parse_tags(final_backup_tag, "--final-backup-tag")
+    if tags and not final_backup:
+        raise typer.BadParameter("--final-backup-tag needs --final-backup")
+    run(lambda: emit(with_instance(lambda c, i: c.delete_instance(i, final_backup=final_backup,
+                                                                  final_backup_tags=tags), instance), INSTANCE_FIELDS))
+
+
+@instance_app.command("update")
+@output_options
+def instance_update(instance: str = INSTANCE_ARG, name: str | None = typer.Option(None, "--name", help="New name."),
+                    deletion_protection: bool | None = typer.Option(
+                        None, "--deletion-protection/--no-deletion-protection", help="Refuse deletes (or not)."),
+                    tag: list[str] = typer.Option([], "--tag", help="Set KEY=VALUE (repeatable)."),
+                    remove_tag: list[str] = typer.Option([], "--remove-tag", help="Remove KEY (repeatable)."),
+                    clear_tags: bool = typer.Option(False, "--clear-tags",
+                                                    help="Replace every tag with the --tag ones (none: no tags).")
+                    ) -> None:
+    """Renames an instance, turns deletion protection on or off, sets and removes tags."""
+    tags = parse_tags(tag)
+    if clear_tags and remove_tag:
+        raise typer.BadParameter("--clear-tags already removes every tag; drop --remove-tag")
+    if name is None and deletion_protection is None and not tags and not remove_tag and not clear_tags:
+        raise typer.BadParameter("nothing to change: give --name, --deletion-protection/--no-deletion-protection, "
+                                 "--tag, --remove-tag or --clear-tags")
+    run(lambda: emit(with_instance(lambda c, i: c.update_instance(
+        i, name=name, deletion_protection=deletion_protection, tags=tags if clear_tags else None,
+        set_tags=None if clear_tags else tags, remove_tags=remove_tag), instance), INSTANCE_FIELDS))
+
+
+@instance_app.command("stop")
+@output_options
+def instance_stop(instance: str = INSTANCE_ARG,
+                  wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until SHUTDOWN.")) -> None:
+    """Stops mysqld and the container; the data stays on the volume (`instance start` brings it back)."""
+    def go() -> None:
+        c = client()
+        i = c.stop_instance(c.instance_id(instance))
+        emit(_progress_until(c, i.name, "SHUTDOWN") if wait else i, INSTANCE_FIELDS)
+    run(go)
+
+
+@instance_app.command("start")
+@output_options
+def instance_start(instance: str = INSTANCE_ARG,
+                   wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until ACTIVE.")) -> None:
+    """Starts a stopped instance."""
+    def go() -> None:
+        c = client()
+        i = c.start_instance(c.instance_id(instance))
+        emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
+    run(go)
 
 
 @instance_app.command("restart")
@@ -563,27 +646,54 @@ BACKUP_FIELDS: list[Column] = BACKUP_COLS + [
     ("description", lambda b: b.description), ("parent", lambda b: short(b.parent) if b.parent else ""),
     ("datastore", lambda b: b.datastore), ("datastore version", lambda b: b.datastore_version),
     ("created", lambda b: ts(b, "create_time")), ("updated", lambda b: ts(b, "update_time")),
-    ("sha256", lambda b: b.sha256), ("fault", lambda b: b.fault.message)]
+    ("sha256", lambda b: b.sha256), ("fault", lambda b: b.fault.message), ("tags", lambda b: tag_text(b.tags))]
 
 
 @backup_app.command("create")
 @output_options
 def backup_create(instance: str = INSTANCE_ARG, name: str = typer.Argument(...),
                   parent: str = typer.Option(None, "--parent", help="Incremental on this backup (id or name)."),
-                  description: str = typer.Option("", "--description")) -> None:
+                  description: str = typer.Option("", "--description"), tag: list[str] = TAG_OPTION) -> None:
+    tags = parse_tags(tag)
+
     def go() -> None:
         c = client()
-        emit(c.create_backup(c.instance_id(instance), name, description, c.backup_id(parent) if parent else None),
-             BACKUP_FIELDS)
+        emit(c.create_backup(c.instance_id(instance), name, description, c.backup_id(parent) if parent else None,
+                             tags=tags), BACKUP_FIELDS)
     run(go)
 
 
 @backup_app.command("list")
 @output_options
-def backup_list(instance: str = typer.Option(None, "--instance", help="Only this instance's (id or name).")) -> None:
+def backup_list(instance: str = typer.Option(None, "--instance", help="Only this instance's (id or name)."),
+                tag: list[str] = TAG_FILTER) -> None:
     def go() -> None:
         c = client()
-        emit(c.list_backups(c.instance_id(instance) if instance else None), BACKUP_COLS)
+        emit(c.list_backups(c.instance_id(instance) if instance else None, tags=tag), BACKUP_COLS)
+    run(go)
+
+
+@backup_app.command("update")
+@output_options
+def backup_update(backup: str = BACKUP_ARG, name: str | None = typer.Option(None, "--name", help="New name."),
+                  description: str | None = typer.Option(None, "--description"),
+                  tag: list[str] = typer.Option([], "--tag", help="Set KEY=VALUE (repeatable)."),
+                  remove_tag: list[str] = typer.Option([], "--remove-tag", help="Remove KEY (repeatable)."),
+                  clear_tags: bool = typer.Option(False, "--clear-tags",
+                                                  help="Replace every tag with the --tag ones (none: no tags).")
+                  ) -> None:
+    """Renames, describes or tags a backup."""
+    tags = parse_tags(tag)
+    if clear_tags and remove_tag:
+        raise typer.BadParameter("--clear-tags already removes every tag; drop --remove-tag")
+    if name is None and description is None and not tags and not remove_tag and not clear_tags:
+        raise typer.BadParameter("nothing to change: give --name, --description, --tag, --remove-tag or --clear-tags")
+
+    def go() -> None:
+        c = client()
+        emit(c.update_backup(c.backup_id(backup), name=name, description=description,
+                             tags=tags if clear_tags else None, set_tags=None if clear_tags else tags,
+                             remove_tags=remove_tag), BACKUP_FIELDS)
     run(go)
 
 
@@ -633,18 +743,124 @@ def token_create(tenant: str, admin: bool = typer.Option(False, "--admin"),
                      [("id", lambda t: t.id), ("secret (shown once)", lambda t: t.secret)]))
 
 
-@admin_app.command("host-register")
+def ssh_target(user_at_addr: str, port: int | None) -> str:
+    """user@ADDR[:port] as EnrollHost takes it (an IPv6 address bracketed)."""
+    user, sep, addr = user_at_addr.rpartition("@")
+    if not sep or not user or not addr:
+        raise typer.BadParameter("--ssh must be user@address, e.g. root@10.0.0.5")
+    if ":" in addr and not addr.startswith("["):
+        addr = f"[{addr}]"
+    return f"{user}@{addr}" + (f":{port}" if port else "")
+
+
+def key_is_encrypted(data: bytes) -> bool:
+    """A PEM key marked ENCRYPTED, or an OpenSSH key whose cipher is not "none"."""
+    if b"ENCRYPTED" in data:
+        return True
+    body = b"".join(ln for ln in data.splitlines() if ln and not ln.startswith(b"-----"))
+    try:
+        raw = base64.b64decode(body)
+    except ValueError:
+        return False
+    return raw.startswith(b"openssh-key-v1\0") and not raw[15:].startswith(b"\0\0\0\x04none")
+
+
+def host_instances(h: Any) -> str:
+    return ", ".join(short(i) for i in h.instances) or "-"
+
+
+HOST_COLS: list[Column] = [
+    ("id", lambda h: h.id), ("address", lambda h: h.address), ("state", lambda h: enum_name(h, "state")),
+    ("memory MB", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
+    ("storage GB", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),
+    ("instances", lambda h: len(h.instances))]
+HOST_FIELDS: list[Column] = [
+    ("id", lambda h: h.id), ("address", lambda h: h.address), ("state", lambda h: enum_name(h, "state")),
+    ("container driver", lambda h: h.container_driver), ("volume driver", lambda h: h.volume_driver),
+    ("cpus", lambda h: h.capacity.cpus),
+    ("memory MB (allocated/total)", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
+    ("storage GB (allocated/total)", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),
+    ("storage GB free", lambda h: h.capacity.storage_gb_free), ("containers", lambda h: h.capacity.containers),
+    ("memory overcommit", lambda h: h.memory_overcommit), ("storage overcommit", lambda h: h.storage_overcommit),
+    ("last seen", lambda h: ts(h, "last_seen")), ("instances", host_instances)]
+SSH_PASSWORD_ENV = "REDDWARF_SSH_PASSWORD"
+
+
+@host_app.command("enroll")
 @output_options
-def host_register(host_id: str, address: str) -> None:
-    run(lambda: emit(client().register_host(host_id, address), [("id", lambda h: h.id), ("address", lambda h: h.address)]))
+def host_enroll(host_id: str = typer.Argument(..., metavar="NAME", help="The new host's id."),
+                ssh: str = typer.Option(..., "--ssh", help="user@address to log in as (e.g. root@10.0.0.5)."),
+                port: int = typer.Option(None, "--port", help="SSH port (default 22)."),
+                identity: Path | None = typer.Option(None, "--identity", help="Private key file on THIS machine; sent "
+                                              "to the server over mTLS, used in memory for this call only."),
+                server_identity: str = typer.Option("", "--server-identity",
+                                                    help="Instead: a private key file ON THE SERVER (a deploy key)."),
+                host_key: str = typer.Option(..., "--host-key", help="The host's SSH host key fingerprint, "
+                                             "SHA256:... as `ssh-keygen -lf` prints it (no trust on first use)."),
+                hostd_port: int = typer.Option(0, "--hostd-port", help="hostd's port there (default: the server's)."),
+                password_file: Path | None = typer.Option(None, "--ssh-password-file", help="The key's passphrase, or the "
+                                                   f"login password without a key (else {SSH_PASSWORD_ENV}, else a "
+                                                   "prompt)."),
+                _password: str = typer.Option(None, "--ssh-password", hidden=True, callback=_refuse_secret_arg(
+                    "SSH password", f"--ssh-password-file, {SSH_PASSWORD_ENV} or the prompt"))) -> None:
+    """Installs hostd on a machine over SSH, starts it and registers the host."""
+    key = b""
+    if identity is not None:
+        try:
+            key = identity.expanduser().read_bytes()
+        except OSError as e:
+            raise typer.BadParameter(f"cannot read the identity file {identity}: {e.strerror}") from None
+    password = ""
+    if (identity is None and not server_identity) or (key and key_is_encrypted(key)) or password_file is not None:
+        what = "key passphrase" if key else "SSH password"
+        if password_file is not None:
+            password = read_secret_file(password_file, what)
+        elif os.environ.get(SSH_PASSWORD_ENV):
+            password = os.environ[SSH_PASSWORD_ENV]
+        elif sys.stdin.isatty():
+            password = getpass.getpass(f"{what.capitalize()}: ")
+        else:
+            raise typer.BadParameter(f"no {what}: give --ssh-password-file, set {SSH_PASSWORD_ENV}, or run in a "
+                                     "terminal to be prompted")
+    target = ssh_target(ssh, port)
+    run(lambda: emit(client().enroll_host(host_id, target, host_key, private_key=key, ssh_key_path=server_identity,
+                                          password=password, hostd_port=hostd_port), HOST_FIELDS))
 
 
-@admin_app.command("host-list")
+@host_app.command("list")
 @output_options
 def host_list() -> None:
-    run(lambda: emit(client().list_hosts(), [("id", lambda h: h.id), ("address", lambda h: h.address),
-                                             ("memory MB", lambda h: h.capacity.memory_mb_total),
-                                             ("containers", lambda h: h.capacity.containers)]))
+    """Every host: state, memory and storage (allocated/total) and how many instances it runs."""
+    run(lambda: emit(client().list_hosts(), HOST_COLS))
+
+
+@host_app.command("show")
+@output_options
+def host_show(host: str = typer.Argument(..., help="Host id.")) -> None:
+    run(lambda: emit(client().get_host(host), HOST_FIELDS))
+
+
+@host_app.command("register")
+@output_options
+def host_register(host_id: str, address: str) -> None:
+    """Registers a host whose hostd an operator installed and started (enroll does both)."""
+    run(lambda: emit(client().register_host(host_id, address), HOST_FIELDS))
+
+
+@host_app.command("drain")
+@output_options
+def host_drain(host: str, undo: bool = typer.Option(False, "--undo", help="Take new instances again.")) -> None:
+    run(lambda: emit(client().drain_host(host, not undo), HOST_FIELDS))
+
+
+@host_app.command("delete")
+def host_delete(host: str) -> None:
+    run(lambda: client().delete_host(host))
+
+
+# The flat spellings of earlier releases.
+admin_app.command("host-register", hidden=True)(host_register)
+admin_app.command("host-list", hidden=True)(host_list)
 
 
 @admin_app.command("task-list")

@@ -351,26 +351,40 @@ class Gateway:
         c = trove.create_request(await self._json(request, "instance"))
         inst = await rd.create_instance(c.name, c.flavor, c.size_gb, databases=c.databases, users=c.users,
                                         datastore=c.datastore, datastore_version=c.datastore_version,
-                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs)
+                                        restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs, tags=c.tags,
+                                        deletion_protection=c.deletion_protection)
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, rd: AsyncClient) -> Response:
-        return JSONResponse({"instances": [trove.instance(i, request) async for i in rd.list_instances()]})
+        tags = request.query_params.getlist("tag")  # ?tag=env=prod&tag=team: all must match
+        return JSONResponse({"instances": [trove.instance(i, request) async for i in rd.list_instances(tags=tags)]})
+
+    async def update_instance(self, request: Request, rd: AsyncClient) -> Response:
+        """Trove's PUT/PATCH /instances/{id} {"instance": {"name": ...}}, plus deletion_protection and tags."""
+        u = trove.update_request(await self._json(request, "instance"))
+        await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
+                                 tags=u.tags)
+        return Response(status_code=202)
 
     async def get_instance(self, request: Request, rd: AsyncClient) -> Response:
         return JSONResponse({"instance": trove.instance(await rd.get_instance(self._instance(request)), request)})
 
     async def delete_instance(self, request: Request, rd: AsyncClient) -> Response:
-        await rd.delete_instance(self._instance(request))
+        # ?final_backup=NAME: a DELETE has no body, so the final backup's name comes as a query parameter.
+        await rd.delete_instance(self._instance(request), final_backup=request.query_params.get("final_backup"))
         return Response(status_code=202)
 
     async def action(self, request: Request, rd: AsyncClient) -> Response:
         body = await self._json(request)
         instance = self._instance(request)
         if not isinstance(body, dict) or len(body) != 1:
-            raise errors.InvalidArgument("action body must hold exactly one action: restart or resize")
+            raise errors.InvalidArgument("action body must hold exactly one action: restart, resize, stop or start")
         if "restart" in body:
             await rd.restart_instance(instance)
+        elif "stop" in body:  # Trove's mgmt action {"stop": {}}; here for the tenant too, as RDS has it
+            await rd.stop_instance(instance)
+        elif "start" in body:
+            await rd.start_instance(instance)
         elif "resize" in body and isinstance(body["resize"], dict):
             r = body["resize"]
             if "flavorRef" in r:
@@ -380,7 +394,7 @@ class Gateway:
             else:
                 raise errors.InvalidArgument("resize needs flavorRef or volume.size")
         else:
-            raise errors.InvalidArgument("unknown action; expected restart or resize")
+            raise errors.InvalidArgument("unknown action; expected restart, resize, stop or start")
         return Response(status_code=202)
 
     # -- databases / users / root ----------------------------------------------------------------
@@ -444,14 +458,21 @@ class Gateway:
     # -- backups ---------------------------------------------------------------------------------
     async def create_backup(self, request: Request, rd: AsyncClient) -> Response:
         b = trove.backup_request(await self._json(request, "backup"))
-        out = await rd.create_backup(b.instance, b.name, b.description, b.parent)
+        out = await rd.create_backup(b.instance, b.name, b.description, b.parent, tags=b.tags)
         return JSONResponse({"backup": trove.backup(out)}, status_code=202)
 
     async def list_backups(self, request: Request, rd: AsyncClient) -> Response:
-        return JSONResponse({"backups": [trove.backup(b) async for b in rd.list_backups()]})
+        tags = request.query_params.getlist("tag")
+        return JSONResponse({"backups": [trove.backup(b) async for b in rd.list_backups(tags=tags)]})
 
     async def get_backup(self, request: Request, rd: AsyncClient) -> Response:
         return JSONResponse({"backup": trove.backup(await rd.get_backup(request.path_params["backup_id"]))})
+
+    async def update_backup(self, request: Request, rd: AsyncClient) -> Response:
+        u = trove.backup_update_request(await self._json(request, "backup"))
+        out = await rd.update_backup(request.path_params["backup_id"], name=u.name, description=u.description,
+                                     tags=u.tags)
+        return JSONResponse({"backup": trove.backup(out)})
 
     async def delete_backup(self, request: Request, rd: AsyncClient) -> Response:
         await rd.delete_backup(request.path_params["backup_id"])
@@ -485,7 +506,9 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/instances", g.route(g.list_instances), methods=["GET"]),
         R(t + "/instances", g.route(g.create_instance), methods=["POST"]),
         R(i, g.route(g.get_instance), methods=["GET"]), R(i, g.route(g.delete_instance), methods=["DELETE"]),
+        R(i, g.route(g.update_instance), methods=["PUT", "PATCH"]),
         R(i + "/action", g.route(g.action), methods=["POST"]),
+        R(t + "/mgmt/instances/{instance_id}/action", g.route(g.action), methods=["POST"]),
         R(i + "/databases", g.route(g.list_databases), methods=["GET"]),
         R(i + "/databases", g.route(g.create_databases), methods=["POST"]),
         R(i + "/databases/{name}", g.route(g.delete_database), methods=["DELETE"]),
@@ -504,6 +527,7 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
         R(t + "/backups", g.route(g.create_backup), methods=["POST"]),
         R(t + "/backups/{backup_id}", g.route(g.get_backup), methods=["GET"]),
         R(t + "/backups/{backup_id}", g.route(g.delete_backup), methods=["DELETE"]),
+        R(t + "/backups/{backup_id}", g.route(g.update_backup), methods=["PUT", "PATCH"]),
     ]
     routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path.startswith("/v1.0/")]
 

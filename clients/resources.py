@@ -7,7 +7,7 @@ so a value copied from any output works as input.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -171,11 +171,13 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
                             users: Iterable[UserSpec | cpb.User] = (), datastore: str = "",
                             datastore_version: str = "", restore_from: str | None = None,
                             request_id: str = "", allowed_cidrs: Iterable[str] = (),
-                            require_secure_transport: bool = False) -> pb.CreateInstanceRequest:
+                            require_secure_transport: bool = False, tags: Mapping[str, str] | None = None,
+                            deletion_protection: bool = False) -> pb.CreateInstanceRequest:
     return pb.CreateInstanceRequest(
         access=pb.InstanceAccess(allowed_cidrs=list(allowed_cidrs), require_secure_transport=require_secure_transport),
         instance=pb.Instance(display_name=name, flavor=flavor, volume=pb.Volume(size_gb=size_gb),
-                             datastore=datastore, datastore_version=datastore_version),
+                             datastore=datastore, datastore_version=datastore_version, tags=dict(tags or {}),
+                             deletion_protection=deletion_protection),
         databases=[_database(d) for d in databases], users=[_user(u) for u in users],
         restore_from_backup=resource("backups", restore_from) if restore_from else "",
         request_id=request_id)
@@ -197,10 +199,62 @@ def update_user_request(instance: str, user: str, host: str = "%", *, password: 
 
 
 def create_backup_request(instance: str, name: str, description: str = "",
-                          parent: str | None = None) -> pb.CreateBackupRequest:
+                          parent: str | None = None, tags: Mapping[str, str] | None = None) -> pb.CreateBackupRequest:
     return pb.CreateBackupRequest(backup=pb.Backup(
         display_name=name, description=description, instance=instance_name(instance),
-        parent=resource("backups", parent) if parent else ""))
+        parent=resource("backups", parent) if parent else "", tags=dict(tags or {})))
+
+
+def tag_filters(tags: Iterable[str] | Mapping[str, str | None]) -> list[str]:
+    """List filters as the server takes them: "key=value", or "key" (any value; a None in a mapping)."""
+    if isinstance(tags, Mapping):
+        return [k if v is None else f"{k}={v}" for k, v in tags.items()]
+    return list(tags)
+
+
+def _tag_paths(tags: Mapping[str, str] | None, set_tags: Mapping[str, str] | None,
+               remove_tags: Iterable[str]) -> tuple[list[str], dict[str, str]]:
+    """Mask paths and values for a tag change: `tags` replaces them all; `set_tags` / `remove_tags` change
+    only those keys ("tags.<key>" paths: set when given a value, removed when not)."""
+    removing = list(remove_tags)
+    if tags is not None and (set_tags or removing):
+        raise ValueError("give tags (replace them all) or set_tags/remove_tags, not both")
+    if tags is not None:
+        return ["tags"], dict(tags)
+    values = dict(set_tags or {})
+    return [f"tags.{k}" for k in values] + [f"tags.{k}" for k in removing if k not in values], values
+
+
+def update_instance_request(instance: str, *, name: str | None = None, deletion_protection: bool | None = None,
+                            tags: Mapping[str, str] | None = None, set_tags: Mapping[str, str] | None = None,
+                            remove_tags: Iterable[str] = ()) -> pb.UpdateInstanceRequest:
+    paths, values = _tag_paths(tags, set_tags, remove_tags)
+    inst = pb.Instance(name=instance_name(instance), tags=values)
+    if name is not None:
+        inst.display_name = name
+        paths.append("display_name")
+    if deletion_protection is not None:
+        inst.deletion_protection = deletion_protection
+        paths.append("deletion_protection")
+    request = pb.UpdateInstanceRequest(instance=inst)
+    request.update_mask.paths.extend(paths)
+    return request
+
+
+def update_backup_request(backup: str, *, name: str | None = None, description: str | None = None,
+                          tags: Mapping[str, str] | None = None, set_tags: Mapping[str, str] | None = None,
+                          remove_tags: Iterable[str] = ()) -> pb.UpdateBackupRequest:
+    paths, values = _tag_paths(tags, set_tags, remove_tags)
+    b = pb.Backup(name=resource("backups", backup), tags=values)
+    if name is not None:
+        b.display_name = name
+        paths.append("display_name")
+    if description is not None:
+        b.description = description
+        paths.append("description")
+    request = pb.UpdateBackupRequest(backup=b)
+    request.update_mask.paths.extend(paths)
+    return request
 
 
 def quota(instances: int | None = None, memory_mb: int | None = None, volume_gb: int | None = None,

@@ -12,8 +12,9 @@ from reddwarf.v1 import common_pb2, database_pb2
 
 from .resources import DatabaseSpec, UserSpec
 
-# Trove has no DELETING/RESTORING on the wire: its clients know BUILD and SHUTDOWN.
-STATUS = {"RESTORING": "BUILD", "DELETING": "SHUTDOWN", "HEALTHY": "ACTIVE"}
+# Trove has no DELETING/RESTORING/STOPPING/STARTING on the wire: its clients know BUILD, SHUTDOWN and REBOOT.
+STATUS = {"RESTORING": "BUILD", "DELETING": "SHUTDOWN", "HEALTHY": "ACTIVE", "STOPPING": "REBOOT",
+          "STARTING": "REBOOT"}
 
 # The member an error body is wrapped in, by HTTP status: {"itemNotFound": {"code": 404, "message": ...}}.
 FAULT_NAMES = {400: "badRequest", 401: "unauthorized", 403: "forbidden", 404: "itemNotFound",
@@ -37,6 +38,16 @@ class InstanceCreate:
     datastore_version: str = ""
     restore_from: str | None = None
     allowed_cidrs: tuple[str, ...] = ()  # Trove's access.allowed_cidrs (checked by the server)
+    tags: dict[str, str] | None = None
+    deletion_protection: bool = False
+
+
+@dataclass(frozen=True)
+class InstanceUpdate:
+    """The arguments of AsyncClient.update_instance that a Trove PUT/PATCH body carries (None: unchanged)."""
+    name: str | None = None
+    deletion_protection: bool | None = None
+    tags: dict[str, str] | None = None  # replaces them all
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class BackupCreate:
     name: str
     description: str = ""
     parent: str | None = None
+    tags: dict[str, str] | None = None
 
 
 def fault(code: int, message: str) -> dict[str, Any]:
@@ -140,6 +152,7 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
         "updated": i.update_time.ToJsonString() if i.HasField("update_time") else "",
         "ip": [e.host for e in i.endpoints], "port": i.endpoints[0].port if i.endpoints else 0,
         "links": _links(request, f"instances/{i.id}"),
+        "tags": dict(i.tags), "deletion_protection": i.deletion_protection,
     }
     if i.HasField("fault"):
         out["fault"] = {"message": i.fault.message, "details": i.fault.details,
@@ -213,14 +226,74 @@ def create_request(body: dict[str, Any]) -> InstanceCreate:
     cidrs = access.get("allowed_cidrs") or []
     if not isinstance(cidrs, list) or not all(isinstance(c, str) for c in cidrs):
         raise BadInput("instance.access.allowed_cidrs must be a list of strings")
-    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs))
+    return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs),
+                          tags_field(body, "instance"), bool_field(body, "deletion_protection", "instance") or False)
+
+
+def tags_field(body: dict[str, Any], where: str) -> dict[str, str] | None:
+    """body["tags"]: an object of strings (the server validates keys and values), or None when absent."""
+    tags = body.get("tags")
+    if tags is None:
+        return None
+    if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+        raise BadInput(f"{where}.tags must be an object of strings")
+    return tags
+
+
+def bool_field(body: dict[str, Any], key: str, where: str) -> bool | None:
+    v = body.get(key)
+    if v is not None and not isinstance(v, bool):
+        raise BadInput(f"{where}.{key} must be true or false")
+    return v
+
+
+# What an instance PUT/PATCH may carry. Trove's other members (configuration, replica_of, access,
+# datastore_version) are refused by name rather than ignored.
+UPDATABLE = ("name", "deletion_protection", "tags")
+
+
+def update_request(body: dict[str, Any]) -> InstanceUpdate:
+    unknown = sorted(set(body) - set(UPDATABLE))
+    if unknown:
+        raise BadInput(f"instance.{unknown[0]} cannot be changed here; an update takes {', '.join(UPDATABLE)}")
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise BadInput("instance.name must be a string")
+    update = InstanceUpdate(name, bool_field(body, "deletion_protection", "instance"), tags_field(body, "instance"))
+    if update == InstanceUpdate():
+        raise BadInput(f"instance: nothing to change; give one of {', '.join(UPDATABLE)}")
+    return update
+
+
+@dataclass(frozen=True)
+class BackupUpdate:
+    """The arguments of AsyncClient.update_backup that a PUT/PATCH /backups/{id} body carries (None: unchanged;
+    Trove has no such call: this is Red Dwarf's, in Trove's shape)."""
+    name: str | None = None
+    description: str | None = None
+    tags: dict[str, str] | None = None
+
+
+def backup_update_request(body: dict[str, Any]) -> BackupUpdate:
+    fields = ("name", "description", "tags")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise BadInput(f"backup.{unknown[0]} cannot be changed; an update takes {', '.join(fields)}")
+    for key in ("name", "description"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadInput(f"backup.{key} must be a string")
+    update = BackupUpdate(body.get("name"), body.get("description"), tags_field(body, "backup"))
+    if update == BackupUpdate():
+        raise BadInput(f"backup: nothing to change; give one of {', '.join(fields)}")
+    return update
 
 
 def backup_request(body: dict[str, Any]) -> BackupCreate:
     name = _str(body, "name", "backup")
     instance = ref_id(body.get("instance"), "backup.instance")
     return BackupCreate(instance, name, description=_str(body, "description", "backup", False),
-                        parent=ref_id(body["parent_id"], "backup.parent_id") if body.get("parent_id") else None)
+                        parent=ref_id(body["parent_id"], "backup.parent_id") if body.get("parent_id") else None,
+                        tags=tags_field(body, "backup"))
 
 
 def backup(b: database_pb2.Backup) -> dict[str, Any]:
@@ -230,7 +303,7 @@ def backup(b: database_pb2.Backup) -> dict[str, Any]:
             "parent_id": b.parent.rsplit("/", 1)[-1] if b.parent else None, "size": round(b.size_bytes / 2**30, 6),
             "locationRef": b.location, "created": b.create_time.ToJsonString() if b.HasField("create_time") else "",
             "updated": b.update_time.ToJsonString() if b.HasField("update_time") else "",
-            "datastore": datastore_ref(b.datastore, b.datastore_version)}
+            "datastore": datastore_ref(b.datastore, b.datastore_version), "tags": dict(b.tags)}
 
 
 def limits(t: database_pb2.TenantLimits) -> list[dict[str, Any]]:

@@ -37,7 +37,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .clock import now_aware
 from .errors import InvalidArgument, NotFound
 
-ROLES = ("server", "host", "instance", "admin", "client", "gateway")
+# monitor: a scraper of the server's /metrics (Prometheus); it can do nothing else.
+ROLES = ("server", "host", "instance", "admin", "client", "gateway", "monitor")
 SPIFFE_PREFIX = "spiffe://reddwarf/"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _URI = re.compile(r"spiffe://reddwarf/([a-z]+)/([A-Za-z0-9][A-Za-z0-9._-]{0,127})")

@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # the generic base of every generated enum's wrapper (types-p
 
 
 class InstanceStatus(StrEnum):
-    """Trove's instance status values (what a Trove client reads), plus DELETING and RESTORING."""
+    """Trove's instance status values (what a Trove client reads), plus DELETING, RESTORING, and STOPPING and
+    STARTING (StopInstance / StartInstance running)."""
     BUILD = "BUILD"
     ACTIVE = "ACTIVE"
     HEALTHY = "HEALTHY"
@@ -28,6 +29,8 @@ class InstanceStatus(StrEnum):
     RESTART_REQUIRED = "RESTART_REQUIRED"
     DELETING = "DELETING"
     RESTORING = "RESTORING"
+    STOPPING = "STOPPING"
+    STARTING = "STARTING"
 
 
 class BackupStatus(StrEnum):

@@ -85,7 +85,9 @@ MAX_CONCURRENT_STREAMS = 100
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # (gRPC core's name for GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; an unknown name is ignored
+    # silently and the 5-minute default made every call longer than a minute end in "too_many_pings")
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 2)]
 
 # A guest agent holds one Connect stream and uploads or downloads one backup at a time.

@@ -303,6 +303,17 @@ class Host:
         rec = self._container(cid)
         return self.containers.usage(cid, rec.limits)
 
+    def all_usage(self) -> list[Usage]:
+        """Usage of every managed container; one that vanished or cannot be read meanwhile is left out (the
+        next poll sees it again), so one broken container does not blind the operator to the others."""
+        out: list[Usage] = []
+        for cid, rec in list(self.state.containers.items()):
+            try:
+                out.append(self.containers.usage(cid, rec.limits))
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.warning("usage unreadable", extra={"instance": cid, "error": str(exc)[:200]})
+        return out
+
     def exec(self, cid: str, argv: list[str], timeout: int) -> ExecResult:
         self._container(cid)
         if not argv:

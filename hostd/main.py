@@ -1,5 +1,8 @@
 """`reddwarf-hostd`: the host daemon. `serve` (default) runs HostAgent over mTLS for the control server;
-`build-template` builds (or rebuilds with --force) the instance OS template and exits.
+`build-template` builds (or rebuilds with --force) the instance OS template and exits. For enrollment over
+SSH (server/host_enrollment.py): `csr` makes this host's key (kept, 0600, if it exists) and prints a CSR for
+host/<--host-id>, so the private key never leaves the host; `supervise` runs `serve` detached under a
+restarting supervisor (hosts without systemd) and `stop` ends it (hostd/supervise.py).
 
 Settings: a JSON file (--config), then REDDWARF_HOSTD_* environment, then flags."""
 from __future__ import annotations
@@ -18,11 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from reddwarf.common.log import setup as setup_logging
-from reddwarf.common.pki import TlsFiles
+from reddwarf.common.pki import TlsFiles, csr_for_key, make_key_and_csr, write_atomic
 from reddwarf.common.tls import SERVER_OPTIONS, RevocationList, reloading_server_credentials
 from reddwarf.v1 import host_pb2_grpc
 
-from . import cgroups, template
+from . import cgroups, supervise, template
 from .containers import ContainerDriver
 from .fake import FakeContainerDriver, FakeVolumeDriver
 from .host import Host
@@ -123,17 +126,54 @@ async def serve(settings: Settings) -> None:
     await server.stop(5)
 
 
+def make_csr(args: argparse.Namespace) -> int:
+    """Prints a CSR for host/<host_id> for the key at --key-path, made there first if missing."""
+    if not args.key_path or not args.host_id:
+        raise SystemExit("csr needs --key-path and --host-id")
+    key = Path(args.key_path)
+    if key.exists():
+        csr = csr_for_key(key.read_bytes(), f"host/{args.host_id}")
+    else:
+        key_pem, csr = make_key_and_csr(f"host/{args.host_id}")
+        key.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(key, key_pem, 0o600)
+    sys.stdout.write(csr.decode())
+    return 0
+
+
+def supervise_command(args: argparse.Namespace) -> int:
+    if not args.pid_file:
+        raise SystemExit(f"{args.command} needs --pid-file")
+    pid_file = Path(args.pid_file)
+    if args.command == "stop":
+        print("stopped" if supervise.stop(pid_file) else "not running")
+        return 0
+    if not args.config or not args.log_file:
+        raise SystemExit("supervise needs --config and --log-file")
+    pid = supervise.start([sys.executable, "-m", "reddwarf.hostd.main", "serve", "--config", args.config],
+                          pid_file, Path(args.log_file))
+    print(f"supervisor pid={pid}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reddwarf-hostd")
-    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "build-template"])
+    parser.add_argument("command", nargs="?", default="serve",
+                        choices=["serve", "build-template", "csr", "supervise", "stop"])
     parser.add_argument("--config", help="JSON settings file")
     parser.add_argument("--force", action="store_true", help="rebuild the template even if it exists")
+    parser.add_argument("--pid-file", help="supervise/stop: the supervisor's pid file")
+    parser.add_argument("--log-file", help="supervise: where the supervisor and hostd write their output")
     for name in ("host_id", "listen_address", "state_dir", "lxc_path", "template_lxc_path", "storage_path",
                  "cert_path", "key_path", "ca_path", "crl_path", "advertise_address", "container_prefix",
                  "port_min", "port_max", "log_level", "agent_init_cmd", "revive_seconds", "container_driver",
                  "volume_driver"):
         parser.add_argument("--" + name.replace("_", "-"), dest=name)
     args = parser.parse_args(argv)
+    if args.command == "csr":
+        return make_csr(args)
+    if args.command in ("supervise", "stop"):
+        return supervise_command(args)
     settings = load_settings(args, dict(os.environ))
     setup_logging("reddwarf-hostd", settings.log_level, host=settings.host_id)
     if args.command == "build-template":

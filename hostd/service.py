@@ -34,7 +34,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.tls import RevocationList, peer_identity
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
-from .containers import Bootstrap, Limits
+from .containers import Bootstrap, Limits, Usage
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
 from .renewal import CertificateRenewer
 
@@ -87,6 +87,14 @@ def capacity_pb(c: CapacityView) -> host_pb2.Capacity:
         cpus=c.cpus, storage_gb_total=c.storage_gb_total, storage_gb_free=c.storage_gb_free,
         storage_gb_allocated=c.storage_gb_allocated, containers=c.containers,
         container_driver=c.container_driver, volume_driver=c.volume_driver, cgroup_version=c.cgroup_version)
+
+
+def usage_pb(u: Usage) -> host_pb2.ContainerUsage:
+    return host_pb2.ContainerUsage(
+        id=u.id, cpu_usage_ns=u.cpu_usage_ns, io_read_bytes=u.io_read_bytes, io_write_bytes=u.io_write_bytes,
+        beancounters=[host_pb2.Beancounter(resource=b.resource, held=b.held, maxheld=b.maxheld,
+                                           barrier=b.barrier, limit=b.limit, failcnt=b.failcnt)
+                      for b in u.beancounters])
 
 
 PUSH_REVOCATIONS = "/reddwarf.v1.HostAgent/PushRevocations"
@@ -257,12 +265,12 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def GetUsage(self, request: host_pb2.ContainerRef,
                        context: Context) -> host_pb2.ContainerUsage:
-        u = await asyncio.to_thread(self.host.usage, request.id)
-        return host_pb2.ContainerUsage(
-            id=u.id, cpu_usage_ns=u.cpu_usage_ns, io_read_bytes=u.io_read_bytes, io_write_bytes=u.io_write_bytes,
-            beancounters=[host_pb2.Beancounter(resource=b.resource, held=b.held, maxheld=b.maxheld,
-                                               barrier=b.barrier, limit=b.limit, failcnt=b.failcnt)
-                          for b in u.beancounters])
+        return usage_pb(await asyncio.to_thread(self.host.usage, request.id))
+
+    @grpc_edge
+    async def ListUsage(self, request: host_pb2.ListUsageRequest,
+                        context: Context) -> host_pb2.ListUsageResponse:
+        return host_pb2.ListUsageResponse(usages=[usage_pb(u) for u in await asyncio.to_thread(self.host.all_usage)])
 
     @grpc_edge
     async def Exec(self, request: host_pb2.ExecRequest,

@@ -7,9 +7,11 @@
   auth.py, pagination.py  who is calling (certificate, token); page tokens
   catalog.py, admin.py    the Catalog and Admin services
   instances.py            the Instances service
-  instance_validation.py  checks on a CreateInstanceRequest
+  instance_validation.py  checks on a CreateInstanceRequest; update masks
   instance_views.py       an instance's derived status, its message, owned_instance
-  instance_tasks.py       the durable tasks behind Instances (create, delete, restart, resize, resize_volume)
+  instance_tasks.py       the durable tasks behind Instances (create, delete, stop, start, restart, resize,
+                          resize_volume)
+  tags.py                 tags on instances and backups: validation, update paths, list filters in SQL
   quotas.py               what a tenant or host has allocated; quota checks
   sealing.py              the initial users' passwords, sealed until prepare
   enrollment.py           guest enrollment tokens and certificate signing
@@ -20,4 +22,9 @@
   hosts.py                hostd clients, capacity refresh, placement
   backups.py, backup_store.py   the Backups service and tasks; where backup bytes are stored
   events.py               the instance event bus behind WatchInstance
+  metrics.py              the Prometheus registry and the collector of the per-instance series
+  metrics_snapshot.py     what those series know of the state DB, re-read every metrics_refresh_seconds
+  usage_poll.py           the hosts' beancounters, polled for them (hostd's ListUsage)
+  metrics_http.py         the /metrics listener (loopback, or TLS for monitor certificates)
+  api_metrics.py          the interceptor counting API calls by method and status
 """

@@ -25,6 +25,7 @@ from . import models, quotas, tasks
 from .app import App, Context
 from .auth import ADMIN_TENANT, current_principal, hash_secret, new_secret, serial_hex, token_expiry
 from .catalog import fetch, resource_id, ts
+from .host_enrollment import HostEnroller
 from .keys import destroy_tenant_key
 from .pagination import Paginator
 
@@ -65,15 +66,24 @@ def tenant_pb(t: models.Tenant) -> admin_pb2.Tenant:
                             create_time=ts(t.created_at))
 
 
-def host_pb(h: models.Host) -> admin_pb2.Host:
+def host_pb(h: models.Host, s: Session | None = None) -> admin_pb2.Host:
+    """With a session, also what is placed on the host: its live instances and what they hold."""
+    cap = admin_pb2.HostCapacity(memory_mb_total=h.memory_mb_total, cpus=h.cpus,
+                                 storage_gb_total=h.storage_gb_total, storage_gb_free=h.storage_gb_free,
+                                 containers=h.containers)
+    instances: list[str] = []
+    if s is not None:
+        used = quotas.allocated(s, models.Instance.host_id == h.id)
+        cap.memory_mb_allocated, cap.storage_gb_allocated = used.memory_mb, used.volume_gb
+        instances = [f"instances/{i}" for i in s.scalars(
+            select(models.Instance.id).where(models.Instance.host_id == h.id, models.Instance.deleted_at.is_(None))
+            .order_by(models.Instance.created_at, models.Instance.id))]
     return admin_pb2.Host(
         name=f"hosts/{h.id}", id=h.id, address=h.address,
         state=states.to_pb(HostState(h.state)),
         container_driver=h.container_driver, volume_driver=h.volume_driver, last_seen=ts(h.last_seen),
         memory_overcommit=h.memory_overcommit, storage_overcommit=h.storage_overcommit,
-        capacity=admin_pb2.HostCapacity(memory_mb_total=h.memory_mb_total, cpus=h.cpus,
-                                        storage_gb_total=h.storage_gb_total, storage_gb_free=h.storage_gb_free,
-                                        containers=h.containers))
+        capacity=cap, instances=instances)
 
 
 def task_pb(t: models.Task) -> admin_pb2.Task:
@@ -141,6 +151,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.app = app
         self.pages = paginator
         self.hosts = hosts
+        self.enroller = HostEnroller(app)
 
     def _list(self, method: str, context: Context, request: ListRequest, query: Select[Row],
               convert: Callable[[Row], Pb], filter: str = "") -> tuple[list[Pb], str]:
@@ -306,31 +317,37 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                   storage_overcommit=h.storage_overcommit or self.app.settings.storage_overcommit)
                 s.add(row)
                 s.flush()
-            result = host_pb(row)
+            result = host_pb(row, s)
         try:  # fill capacity at once
             await self.hosts.refresh(h.id)
             with self.app.sessions() as s:
-                result = host_pb(fetch(s, models.Host, h.id, "hosts", "host.id"))
+                result = host_pb(fetch(s, models.Host, h.id, "hosts", "host.id"), s)
         except Exception as exc:  # noqa: BLE001 - registered anyway; the refresh loop retries
             log.warning("host capacity refresh failed", extra={"host": h.id, "error": str(exc)})
         return result
 
     @grpc_edge
     async def EnrollHost(self, request: admin_pb2.EnrollHostRequest, context: Context) -> admin_pb2.Host:
-        from reddwarf.common.errors import Unimplemented
-        raise Unimplemented("EnrollHost (install hostd over SSH) is not implemented; install hostd on the "
-                            "host, issue it a host certificate and use RegisterHost")
+        """Installs, starts and registers hostd over SSH (server/host_enrollment.py)."""
+        host_id = await self.enroller.enroll(request)
+        with self.app.sessions() as s:
+            return host_pb(fetch(s, models.Host, host_id, "hosts", "id"), s)
 
     @grpc_edge
     async def GetHost(self, request: admin_pb2.GetHostRequest, context: Context) -> admin_pb2.Host:
         with self.app.sessions() as s:
-            return host_pb(fetch(s, models.Host, request.name, "hosts"))
+            return host_pb(fetch(s, models.Host, request.name, "hosts"), s)
 
     @grpc_edge
     async def ListHosts(self, request: admin_pb2.ListHostsRequest,
                         context: Context) -> admin_pb2.ListHostsResponse:
-        items, token = self._list("ListHosts", context, request, select(models.Host).order_by(models.Host.id),
-                                  host_pb)
+        p = current_principal(context)
+        page = self.pages.page("ListHosts", p.caller_key, request.page_size, request.page_token, "")
+        with self.app.sessions() as s:
+            rows = s.scalars(select(models.Host).order_by(models.Host.id).offset(page.offset)
+                             .limit(page.size + 1)).all()
+            items = [host_pb(r, s) for r in rows[:page.size]]
+        token = self.pages.next_token("ListHosts", p.caller_key, page, len(rows) > page.size, "")
         return admin_pb2.ListHostsResponse(hosts=items, next_page_token=token)
 
     @grpc_edge
@@ -339,7 +356,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             row = fetch(s, models.Host, request.name, "hosts")
             row.state = HostState.DRAINING if request.drain else HostState.UP
             s.flush()
-            return host_pb(row)
+            return host_pb(row, s)
 
     @grpc_edge
     async def DeleteHost(self, request: admin_pb2.DeleteHostRequest, context: Context) -> empty_pb2.Empty:

@@ -114,6 +114,10 @@ class AgentRegistry:
     def last_health(self, instance_id: str) -> common_pb2.GuestHealth | None:
         return self._health.get(instance_id)
 
+    def stream_count(self) -> int:
+        """Guest agents connected to this server now."""
+        return len(self._conns)
+
     async def wait_for_hello(self, instance_id: str, timeout: float) -> agent_pb2.Hello:
         conn = self._conns.get(instance_id)
         if conn is not None:

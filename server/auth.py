@@ -6,8 +6,8 @@
 - a `client` or `gateway` certificate is transport only: the caller adds `authorization: Bearer <token>`;
   tokens are looked up by SHA-256 (never stored in clear), expired or revoked ones refused (tokens expire
   by default, `token_expiry`); an admin token makes an admin principal;
-- `server`, `host` and `instance` certificates never act on the public or admin API: a stolen guest key
-  cannot list anyone's instances;
+- `server`, `host`, `instance` and `monitor` certificates never act on the public or admin API: a stolen
+  guest key cannot list anyone's instances, nor a scraper's key act as a tenant;
 - the standard health and reflection services are open to any valid certificate.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ ADMIN_TENANT = "admin"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
 ADMIN_SERVICE = "/reddwarf.v1.Admin/"
-MACHINE_ROLES = ("server", "host", "instance")
+MACHINE_ROLES = ("server", "host", "instance", "monitor")
 
 
 @dataclass(frozen=True)

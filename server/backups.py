@@ -48,7 +48,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, HostState, InstanceStatus, VerifyStatus
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, host_pb2
 
-from . import models, tasks
+from . import models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -56,6 +56,7 @@ from .backup_store import BackupStore, upload_cap
 from .catalog import resource_id, ts
 from .db import update_row
 from .hosts import HostPool
+from .instance_validation import display_name_problem, mask_paths
 from .instance_views import derived_status, owned_instance
 from .pagination import Paginator
 from .quotas import check_backup_quota, remaining_backup_bytes
@@ -79,7 +80,8 @@ def backup_pb(b: models.Backup) -> database_pb2.Backup:
         checksums=[database_pb2.TableChecksum(table=c["table"], checksum=int(c["checksum"])) for c in b.checksums or []],
         create_time=ts(b.created_at), update_time=ts(b.updated_at),
         verify_status=database_pb2.VerifyStatus.ValueType(states.to_pb(VerifyStatus(b.verify_status))),
-        verify_detail=b.verify_detail, kind=b.kind, location=b.location, tenant=f"tenants/{b.tenant_id}")
+        verify_detail=b.verify_detail, kind=b.kind, location=b.location, tenant=f"tenants/{b.tenant_id}",
+        tags=b.tags or {})
     if b.fault_message:
         pb.fault.CopyFrom(common_pb2.Fault(message=b.fault_message, details=b.fault_details, created=ts(b.updated_at)))
     return pb
@@ -383,6 +385,7 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
             raise InvalidArgument("backup.display_name is required (at most 255 characters)", field="backup.display_name")
         if len(req.description) > 1024:
             raise InvalidArgument("backup.description is longer than 1024 characters", field="backup.description")
+        backup_tags = tags.validate_tags(req.tags, "backup.tags")
         with self.app.sessions() as s, s.begin():
             inst = owned_instance(s, p, req.instance, "backup.instance")
             iid = inst.id
@@ -405,7 +408,8 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                                 display_name=req.display_name.strip(), description=req.description,
                                 status=BackupStatus.NEW,
                                 parent_id=parent_id, kind="incremental" if parent_id else "full",
-                                datastore=inst.datastore, datastore_version=inst.datastore_version)
+                                datastore=inst.datastore, datastore_version=inst.datastore_version,
+                                tags=backup_tags)
             s.add(row)
             s.flush()
             tasks.submit(s, "create_backup", f"instances/{iid}", {"backup_id": row.id})
@@ -423,9 +427,12 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
     async def ListBackups(self, request: database_pb2.ListBackupsRequest,
                           context: Context) -> database_pb2.ListBackupsResponse:
         p = current_principal(context)
-        page = self.pages.page("ListBackups", p.caller_key, request.page_size, request.page_token, request.instance)
+        tagged = tags.parse_filters(request.tags)
+        filter_key = request.instance + (f"|{tags.filter_key(tagged)}" if tagged else "")
+        page = self.pages.page("ListBackups", p.caller_key, request.page_size, request.page_token, filter_key)
         with self.app.sessions() as s:
             q = select(models.Backup).order_by(models.Backup.created_at, models.Backup.id)
+            q = q.where(*tags.tag_conditions(models.Backup.tags, tagged))
             if not p.admin:
                 q = q.where(models.Backup.tenant_id == p.tenant_id)
             if request.instance:
@@ -434,7 +441,7 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
             return database_pb2.ListBackupsResponse(
                 backups=[backup_pb(b) for b in rows[:page.size]],
                 next_page_token=self.pages.next_token("ListBackups", p.caller_key, page, len(rows) > page.size,
-                                                      request.instance))
+                                                      filter_key))
 
     @grpc_edge
     async def DeleteBackup(self, request: database_pb2.DeleteBackupRequest,
@@ -459,6 +466,30 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
         for bid in ids:
             await self.b.store.delete(bid)
         return empty_pb2.Empty()
+
+    @grpc_edge
+    async def UpdateBackup(self, request: database_pb2.UpdateBackupRequest,
+                           context: Context) -> database_pb2.Backup:
+        """Rename, describe, tag: validated whole before anything changes."""
+        paths = mask_paths(request.update_mask.paths, ("display_name", "description", "tags"))
+        given = request.backup
+        if "display_name" in paths and (problem := display_name_problem(given.display_name)):
+            raise InvalidArgument(f"backup.display_name {problem}", field="backup.display_name")
+        if "description" in paths and len(given.description) > 1024:
+            raise InvalidArgument("backup.description is longer than 1024 characters", field="backup.description")
+        tags.validate_tags(given.tags, "backup.tags")
+        with self.app.sessions() as s, s.begin():
+            b = self._owned(s, context, given.name, "backup.name")
+            new_tags = tags.apply_paths(b.tags, given.tags, [x for x in paths if x.startswith("tags")],
+                                        "backup.tags")
+            if "display_name" in paths:
+                b.display_name = given.display_name.strip()
+            if "description" in paths:
+                b.description = given.description
+            if new_tags != (b.tags or {}):
+                b.tags = new_tags
+            s.flush()
+            return backup_pb(b)
 
     @grpc_edge
     async def VerifyBackup(self, request: database_pb2.VerifyBackupRequest,

@@ -69,10 +69,13 @@ class HostClient:
         self.DeleteVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteVolume)
         self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
         self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)
+        self.StopContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StopContainer)
         self.SetLimits = HostRpc(pool=pool, host_id=host_id, rpc=stub.SetLimits)
         self.DeleteContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.DeleteContainer)
         self.RequestCertificateRenewal = HostRpc(pool=pool, host_id=host_id, rpc=stub.RequestCertificateRenewal)
         self.InstallCertificate = HostRpc(pool=pool, host_id=host_id, rpc=stub.InstallCertificate)
+        self.GetUsage = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetUsage)
+        self.ListUsage = HostRpc(pool=pool, host_id=host_id, rpc=stub.ListUsage)
 
 
 class HostPool:
@@ -190,16 +193,7 @@ class HostPool:
             row = s.get(models.Host, host_id)
             if row is None:
                 return
-            row.memory_mb_total = cap.memory_mb_total
-            row.cpus = cap.cpus
-            row.storage_gb_total = cap.storage_gb_total
-            row.storage_gb_free = cap.storage_gb_free
-            row.containers = cap.containers
-            row.container_driver = cap.container_driver
-            row.volume_driver = cap.volume_driver
-            row.last_seen = _now()
-            if row.state == HostState.DOWN:
-                row.state = HostState.UP
+            record_capacity(row, cap)
 
     async def refresh_loop(self) -> None:
         crl_task = asyncio.create_task(self.crl_loop(), name="crl_loop")
@@ -225,9 +219,30 @@ class HostPool:
                             row.state = HostState.DOWN
             await asyncio.sleep(self.app.settings.capacity_refresh_seconds)
 
+    async def list_usage(self, host_id: str) -> list[host_pb2.ContainerUsage]:
+        """Every container's beancounters on that host (for server/metrics.py's poller)."""
+        return list((await self.client(host_id).ListUsage(host_pb2.ListUsageRequest(), timeout=15)).usages)
+
+    async def get_usage(self, host_id: str, container_id: str) -> host_pb2.ContainerUsage:
+        return await self.client(host_id).GetUsage(host_pb2.ContainerRef(id=container_id), timeout=15)
+
     async def close(self) -> None:
         for _, ch in self._channels.values():
             await ch.close()
+
+
+def record_capacity(row: models.Host, cap: host_pb2.Capacity) -> None:
+    """A capacity report from the host's hostd: it answered, so a DOWN host is UP again."""
+    row.memory_mb_total = cap.memory_mb_total
+    row.cpus = cap.cpus
+    row.storage_gb_total = cap.storage_gb_total
+    row.storage_gb_free = cap.storage_gb_free
+    row.containers = cap.containers
+    row.container_driver = cap.container_driver
+    row.volume_driver = cap.volume_driver
+    row.last_seen = _now()
+    if row.state == HostState.DOWN:
+        row.state = HostState.UP
 
 
 def place(s: Session, memory_mb: int, volume_gb: int) -> str:

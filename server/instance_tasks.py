@@ -3,7 +3,12 @@
   create_instance   schedule → create_volume → create_container → start_container → wait_agent → prepare
                     → restore → activate; a create that cannot succeed gives back its certificate,
                     container and volume
-  delete_instance   delete_container → delete_volume → revoke_certificate → mark_deleted
+  delete_instance   final_backup → delete_container → delete_volume → revoke_certificate → mark_deleted;
+                    final_backup (only when asked) takes a full backup first, and a failed one ends the task
+                    with nothing deleted (the failed task's fault shows on the instance)
+  stop_instance     stop_datastore → stop_container → mark_stopped (the volume and its data stay)
+  start_instance    start_container → wait_agent → activate; a start that cannot succeed stops the
+                    container again (still stopped, the task's fault shown on it)
   restart_instance  restart
   resize_instance   set_limits → apply_limits
   resize_volume     resize_volume → wait_agent
@@ -22,8 +27,8 @@ from google.protobuf import json_format
 from sqlalchemy import select
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.common.errors import NotFound
-from reddwarf.common.states import InstanceStatus
+from reddwarf.common.errors import FailedPrecondition, NotFound, RedDwarfError
+from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import agent_pb2, common_pb2, host_pb2
 
 from . import models, tasks
@@ -37,12 +42,19 @@ from .enrollment import Enrollment
 from .events import EventBus
 from .guest_health import GuestHealthRecorder
 from .hosts import HostClient, HostPool, place
+from .instance_views import STOPPED
 from .mysql_ca import sign_instance_csr
 from .sealing import PasswordSealer
 
 DATADIR = "/var/lib/mysql"
 AGENT_CONNECT_TIMEOUT = 180
 PREPARE_TIMEOUT = 900
+# A clean mysqld shutdown flushes InnoDB; past this the step fails (and is retried).
+STOP_TIMEOUT = 300
+# How long a container's init (the agent) gets to end before it is killed, when mysqld was not stopped
+# cleanly first. Once it was, nothing in the container holds data worth waiting for: it is killed at once
+# (an agent as a container's PID 1 ignores lxc-stop's SIGPWR, and a connected one keeps its stream).
+CONTAINER_STOP_SECONDS = 10
 # Stored on a deleted instance's row only (deleted_at says so too); never shown, so not an InstanceStatus.
 DELETED = "DELETED"
 Row = TypeVar("Row", bound=models.Base)
@@ -69,9 +81,16 @@ class InstanceTasks:
                 S("restore", self.step_restore), S("activate", self.step_activate)),
                 compensate=self.compensate_create, on_failed=self.failed),
             tasks.TaskKind("delete_instance", (
+                S("final_backup", self.step_final_backup),
                 S("delete_container", self.step_delete_container), S("delete_volume", self.step_delete_volume),
                 S("revoke_certificate", self.step_revoke), S("mark_deleted", self.step_mark_deleted)),
                 max_attempts=20),
+            tasks.TaskKind("stop_instance", (
+                S("stop_datastore", self.step_stop_datastore), S("stop_container", self.step_stop_container),
+                S("mark_stopped", self.step_mark_stopped))),
+            tasks.TaskKind("start_instance", (
+                S("start_container", self.step_start_container), S("wait_agent", self.step_wait_agent),
+                S("activate", self.step_activate)), compensate=self.step_stop_container),
             tasks.TaskKind("restart_instance", (S("restart", self.step_restart),)),
             tasks.TaskKind("resize_instance", (S("set_limits", self.step_set_limits),
                                                S("apply_limits", self.step_apply_limits))),
@@ -212,6 +231,28 @@ class InstanceTasks:
                      fault_at=utcnow())
 
     # -- delete_instance -----------------------------------------------------------------------------
+    async def step_final_backup(self, ctx: tasks.StepContext) -> None:
+        """The final backup (RDS's final snapshot), when the delete asked for one: its row was made with the
+        task. Taken once: a backup cut off midway is not retried under the same id (its upload is write-once),
+        so any failure fails the delete, which then has deleted nothing."""
+        bid = ctx.params.get("backup_id")
+        if not bid:
+            return
+        b = self._detached(models.Backup, bid, f"final backup {bid} vanished", "final_backup_name")
+        if b.status == BackupStatus.COMPLETED:
+            return  # taken before a restart of this step
+        try:
+            if b.status != BackupStatus.NEW:
+                raise FailedPrecondition(f"it was cut off ({b.status}) and is not taken twice", field="backup")
+            await self.backups.step_take(ctx)
+        except (asyncio.CancelledError, tasks.LeaseLost):
+            raise
+        except Exception as exc:
+            message = exc.message if isinstance(exc, RedDwarfError) else str(exc) or type(exc).__name__
+            await self.backups.backup_failed(ctx, f"final backup failed: {message}", message)
+            raise FailedPrecondition(f"the final backup {bid} failed, so nothing was deleted: {message}",
+                                     field="final_backup_name") from exc
+
     async def step_delete_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
         if row.host_id:
@@ -235,6 +276,27 @@ class InstanceTasks:
 
     async def step_mark_deleted(self, ctx: tasks.StepContext) -> None:
         self._update(ctx.resource_id, status=DELETED, deleted_at=utcnow())
+
+    # -- stop_instance, start_instance ------------------------------------------------------------------
+    async def step_stop_datastore(self, ctx: tasks.StepContext) -> None:
+        """mysqld shut down cleanly by its agent; a guest not connected (gone silent) is left to the container's
+        stop, after which InnoDB recovers at the next start."""
+        if self.registry.is_connected(ctx.resource_id):
+            await self.registry.call(ctx.resource_id, agent_pb2.Command(
+                command_id=f"{ctx.task_id}:stop", stop=agent_pb2.StopDatastore()), timeout=STOP_TIMEOUT)
+            await ctx.save(stopped_cleanly=True)
+
+    async def step_stop_container(self, ctx: tasks.StepContext) -> None:
+        """hostd stops the container and keeps it stopped (it revives only containers meant to run); the
+        volume stays. Also the start's compensation: a start that failed leaves the instance stopped."""
+        row = self._row(ctx.resource_id)
+        grace = 0 if ctx.params.get("stopped_cleanly") else CONTAINER_STOP_SECONDS
+        await self._host(row).StopContainer(host_pb2.StopContainerRequest(id=row.id, timeout_seconds=grace),
+                                            timeout=CONTAINER_STOP_SECONDS + 120)
+        self.registry.disconnect(row.id)  # its stream died with it; a start waits for a new hello
+
+    async def step_mark_stopped(self, ctx: tasks.StepContext) -> None:
+        self._update(ctx.resource_id, status=STOPPED)
 
     # -- restart_instance, resize_instance, resize_volume --------------------------------------------
     async def step_restart(self, ctx: tasks.StepContext) -> None:

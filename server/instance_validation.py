@@ -1,29 +1,61 @@
 """Validation of a CreateInstanceRequest before anything is stored: the display name, the request id, the
-access networks, and the initial databases and users (names, passwords, no duplicates, grants only on
-databases it creates, hosts inside the access networks)."""
+access networks, the tags, and the initial databases and users (names, passwords, no duplicates, grants
+only on databases it creates, hosts inside the access networks); and of the update masks of
+UpdateInstance / UpdateBackup."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from reddwarf.common import cidrs, names
 from reddwarf.common.errors import InvalidArgument
 from reddwarf.v1 import database_pb2
 
+from . import tags
+
 MAX_NAME = 255
 MAX_REQUEST_ID = 64
+# What UpdateInstance may change ("tags.<key>" too).
+INSTANCE_PATHS = ("display_name", "deletion_protection", "tags")
+
+
+def display_name_problem(name: str) -> str | None:
+    """Why a display name (instance or backup) is refused, or None."""
+    if not name.strip():
+        return "is required"
+    if len(name) > MAX_NAME or any(ord(c) < 32 for c in name):
+        return f"must be at most {MAX_NAME} printable characters"
+    return None
+
+
+def mask_paths(paths: Sequence[str], allowed: Sequence[str], field: str = "update_mask") -> list[str]:
+    """The update mask's paths, each one of `allowed` (or "tags.<key>" when "tags" is), at least one."""
+    if not paths:
+        raise InvalidArgument(f"{field} must name at least one of: {', '.join(allowed)}", field=field)
+    for path in paths:
+        if path not in allowed and not (path.startswith("tags.") and "tags" in allowed):
+            raise InvalidArgument(f"{field}: {path[:80]!r} cannot be changed; the paths are "
+                                  f"{', '.join(allowed)}" + (" and tags.<key>" if "tags" in allowed else ""),
+                                  field=field)
+    if "tags" in paths and any(p.startswith("tags.") for p in paths):
+        raise InvalidArgument(f"{field}: give either tags (all of them) or tags.<key> paths, not both", field=field)
+    if len(set(paths)) != len(paths):
+        raise InvalidArgument(f"{field}: a path is listed twice", field=field)
+    return list(paths)
 
 
 def validate_create(req: database_pb2.CreateInstanceRequest) -> None:
     inst = req.instance
     v: list[tuple[str, str]] = []
-    if not inst.display_name.strip():
-        v.append(("instance.display_name", "is required"))
-    elif len(inst.display_name) > MAX_NAME or any(ord(c) < 32 for c in inst.display_name):
-        v.append(("instance.display_name", f"must be at most {MAX_NAME} printable characters"))
+    problem = display_name_problem(inst.display_name)
+    if problem:
+        v.append(("instance.display_name", problem))
     if not inst.flavor:
         v.append(("instance.flavor", "is required"))
     if len(req.request_id) > MAX_REQUEST_ID:
         v.append(("request_id", f"must be at most {MAX_REQUEST_ID} characters"))
     if v:
         raise InvalidArgument(f"{v[0][0]} {v[0][1]}", violations=v)
+    tags.validate_tags(inst.tags, "instance.tags")
     seen: set[str] = set()
     for i, d in enumerate(req.databases):
         names.validate_database(d.database, f"databases[{i}].database")
@@ -48,3 +80,14 @@ def validate_create(req: database_pb2.CreateInstanceRequest) -> None:
             if grant not in seen:
                 raise InvalidArgument(f"user {u.user!r} is granted {grant!r}, which this request does not create",
                                       field=f"users[{i}].databases[{j}]")
+
+
+def validate_update(req: database_pb2.UpdateInstanceRequest) -> list[str]:
+    """The update's mask paths, once the mask and the new values it names are valid."""
+    paths = mask_paths(req.update_mask.paths, INSTANCE_PATHS)
+    if "display_name" in paths:
+        problem = display_name_problem(req.instance.display_name)
+        if problem:
+            raise InvalidArgument(f"instance.display_name {problem}", field="instance.display_name")
+    tags.validate_tags(req.instance.tags, "instance.tags")
+    return paths

@@ -1,17 +1,18 @@
 """What a user sees of an instance: its status, derived Trove-style (the running task first, then the stored
-state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE), the Instance message, and the
-ownership check every instance-scoped call starts with."""
+state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE; a stopped one is SHUTDOWN too),
+the Instance message, and the ownership check every instance-scoped call starts with."""
 from __future__ import annotations
 
 from typing import Any
 
 from google.protobuf import json_format
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reddwarf.common import states
 from reddwarf.common.clock import now as utcnow
 from reddwarf.common.errors import NotFound
-from reddwarf.common.states import InstanceStatus, ServiceState
+from reddwarf.common.states import InstanceStatus, ServiceState, TaskState
 from reddwarf.v1 import common_pb2, database_pb2
 
 from . import models, tasks
@@ -22,11 +23,20 @@ from .catalog import resource_id, ts
 TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": InstanceStatus.DELETING,
                "restart_instance": InstanceStatus.REBOOT, "resize_instance": InstanceStatus.RESIZE,
                "resize_volume": InstanceStatus.RESIZE, "create_backup": InstanceStatus.BACKUP,
-               "restore_instance": InstanceStatus.RESTORING}
+               "restore_instance": InstanceStatus.RESTORING, "stop_instance": InstanceStatus.STOPPING,
+               "start_instance": InstanceStatus.STARTING}
+# Stored on a row StopInstance stopped (until StartInstance): shown as SHUTDOWN. Not the SHUTDOWN a silent
+# guest is stored with, which its next health report turns back into ACTIVE: a stopped instance stays
+# stopped whatever a late heartbeat says, and only it can be started.
+STOPPED = "STOPPED"
 # Stored statuses shown as they are, whatever the guest reports.
 SETTLED = (InstanceStatus.ERROR, InstanceStatus.BUILD, InstanceStatus.FAILED)
 GUEST_DOWN = (ServiceState.CRASHED, ServiceState.SHUTDOWN, ServiceState.FAILED)
 FAULTED = (InstanceStatus.ERROR, InstanceStatus.FAILED)
+# Tasks whose failure leaves the instance as it was (a delete whose final backup failed deleted nothing; a
+# failed stop or start leaves it running or stopped): their fault is shown on the instance, not in ERROR,
+# until its next task.
+HARMLESS_FAILURES = ("delete_instance", "stop_instance", "start_instance")
 
 
 def owned_instance(s: Session, principal: Principal, name: str, field: str = "name") -> models.Instance:
@@ -60,6 +70,8 @@ def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
         return TASK_STATUS.get(task.kind, InstanceStatus.BUILD), task
     if row.status in SETTLED:
         return InstanceStatus(row.status), None
+    if row.status == STOPPED:
+        return InstanceStatus.SHUTDOWN, None
     if row.status == InstanceStatus.SHUTDOWN or row.health_at is None \
             or (utcnow() - row.health_at).total_seconds() > heartbeat_expiry:
         return InstanceStatus.SHUTDOWN, None
@@ -76,7 +88,8 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         volume=database_pb2.Volume(size_gb=row.volume_size_gb, driver="loop"),
         datastore=row.datastore, datastore_version=row.datastore_version,
         create_time=ts(row.created_at), update_time=ts(row.updated_at), tenant=f"tenants/{row.tenant_id}",
-        host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "")
+        host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "",
+        tags=row.tags or {}, deletion_protection=bool(row.deletion_protection))
     if row.port:
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port))
     if row.health:
@@ -88,4 +101,14 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
     if row.fault_message and status in FAULTED:
         pb.fault.CopyFrom(common_pb2.Fault(message=row.fault_message, details=row.fault_details,
                                            created=ts(row.fault_at)))
+    elif task is None and status not in FAULTED:
+        last = last_task(s, row.id)
+        if last is not None and last.kind in HARMLESS_FAILURES and last.state == TaskState.FAILED:
+            pb.fault.CopyFrom(common_pb2.Fault(message=last.fault_message, details=last.fault_details,
+                                               created=ts(last.updated_at)))
     return pb
+
+
+def last_task(s: Session, iid: str) -> models.Task | None:
+    return s.scalars(select(models.Task).where(models.Task.resource == f"instances/{iid}")
+                     .order_by(models.Task.created_at.desc()).limit(1)).first()

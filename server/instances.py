@@ -1,4 +1,5 @@
-"""The Instances service: create, get, list, watch, delete, restart and resize a tenant's instances.
+"""The Instances service: create, get, list, watch, update, delete, stop, start, restart and resize a tenant's
+instances.
 
 Each change is accepted here (validated, quota-checked, refused while another task runs on the instance)
 and carried out by a durable task (server/instance_tasks.py); what a user sees is derived in
@@ -26,17 +27,17 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 
-from . import models, tasks
+from . import models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
 from .catalog import resource_id
 from .events import EventBus
-from .instance_validation import validate_create
-from .instance_views import derived_status, instance_pb, owned_instance
+from .instance_validation import display_name_problem, validate_create, validate_update
+from .instance_views import STOPPED, derived_status, instance_pb, owned_instance
 from .mysql_ca import mysql_ca
 from .pagination import Paginator
-from .quotas import check_instance_quota
+from .quotas import check_backup_quota, check_instance_quota
 from .sealing import PasswordSealer
 
 # (session, instance row, its derived status): raises when the instance cannot take the change.
@@ -117,6 +118,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     id=str(uuid.uuid4()), tenant_id=tenant.id, display_name=inst.display_name.strip(),
                     status=InstanceStatus.BUILD, flavor_id=f.id, volume_size_gb=size, datastore=ds.id,
                     datastore_version=version, request_id=request.request_id or None, restored_from=restore_id,
+                    tags=tags.validate_tags(inst.tags, "instance.tags"), deletion_protection=inst.deletion_protection,
                     create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
                                    "users": [{**json_format.MessageToDict(u), "password": self.sealer.seal(u.password)}
                                              for u in request.users],
@@ -154,8 +156,9 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         p = current_principal(context)
         if request.status and request.status not in database_pb2.InstanceStatus.values():
             raise InvalidArgument("status is not an instance status", field="status")
-        page = self.pages.page("ListInstances", p.caller_key, request.page_size, request.page_token,
-                               str(request.status))
+        tagged = tags.parse_filters(request.tags)
+        filter_key = str(request.status) + (f"|{tags.filter_key(tagged)}" if tagged else "")
+        page = self.pages.page("ListInstances", p.caller_key, request.page_size, request.page_token, filter_key)
 
         def q() -> database_pb2.ListInstancesResponse:
             with self.app.sessions() as s:
@@ -163,6 +166,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     .order_by(models.Instance.created_at, models.Instance.id)
                 if not p.admin:
                     query = query.where(models.Instance.tenant_id == p.tenant_id)
+                query = query.where(*tags.tag_conditions(models.Instance.tags, tagged))
                 rows = s.scalars(query).all()
                 items = [self._pb(s, r) for r in rows]
             if request.status:
@@ -171,7 +175,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             return database_pb2.ListInstancesResponse(
                 instances=chunk[:page.size],
                 next_page_token=self.pages.next_token("ListInstances", p.caller_key, page, len(chunk) > page.size,
-                                                      str(request.status)))
+                                                      filter_key))
         return await asyncio.to_thread(q)
 
     def _action(self, context: Context, name: str, kind: str, params: dict[str, Any] | None = None,
@@ -189,15 +193,86 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         return pb
 
     @grpc_edge
+    async def UpdateInstance(self, request: database_pb2.UpdateInstanceRequest,
+                             context: Context) -> database_pb2.Instance:
+        """Rename, deletion protection, tags: validated whole before anything changes; no task."""
+        p = current_principal(context)
+        paths = validate_update(request)
+        given = request.instance
+
+        def update() -> database_pb2.Instance:
+            with self.app.sessions() as s, s.begin():
+                row = owned_instance(s, p, given.name, "instance.name")
+                new_tags = tags.apply_paths(row.tags, given.tags, [x for x in paths if x.startswith("tags")],
+                                            "instance.tags")
+                if "display_name" in paths:
+                    row.display_name = given.display_name.strip()
+                if "deletion_protection" in paths:
+                    row.deletion_protection = given.deletion_protection
+                if new_tags != (row.tags or {}):
+                    row.tags = new_tags
+                s.flush()
+                return self._pb(s, row)
+        pb = await asyncio.to_thread(update)
+        self.events.publish(pb.id)
+        return pb
+
+    @grpc_edge
     async def DeleteInstance(self, request: database_pb2.DeleteInstanceRequest,
                              context: Context) -> database_pb2.Instance:
+        final = request.final_backup_name
+        if final or request.final_backup_tags:
+            problem = display_name_problem(final)
+            if problem:
+                raise InvalidArgument(f"final_backup_name {problem}", field="final_backup_name")
+        final_tags = tags.validate_tags(request.final_backup_tags, "final_backup_tags")
+        backup_id = str(uuid.uuid4()) if final else ""
+
         def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
+            if row.deletion_protection:
+                raise FailedPrecondition(f"instance {row.id} has deletion_protection on; turn it off with "
+                                         "UpdateInstance first", field="deletion_protection")
             # Like Trove, a delete is accepted in ERROR; unlike a half-made container race, a BUILD is
             # refused until its create task ends (it ends ACTIVE or ERROR, then delete cleans up).
             if status in (InstanceStatus.BUILD, InstanceStatus.RESTORING):
                 raise FailedPrecondition("instance is still being built; delete it when it is ACTIVE or ERROR",
                                          field="name")
-        return self._action(context, request.name, "delete_instance", check=check)
+            if final:
+                # The final backup is taken by the delete task's first step; its row is made now, in the
+                # task's transaction, under the backup quota like any backup.
+                if status != InstanceStatus.ACTIVE or not self.registry.is_connected(row.id):
+                    raise FailedPrecondition(f"instance is {status}; a final backup needs a running (ACTIVE) "
+                                             "instance: start it, or delete without final_backup_name",
+                                             field="final_backup_name")
+                tenant = s.get(models.Tenant, row.tenant_id)
+                if tenant is not None:
+                    check_backup_quota(s, tenant)
+                s.add(models.Backup(id=backup_id, tenant_id=row.tenant_id, instance_id=row.id,
+                                    display_name=final.strip(), description=f"final backup of {row.display_name}",
+                                    status=BackupStatus.NEW, kind="full", datastore=row.datastore,
+                                    datastore_version=row.datastore_version, tags=final_tags))
+        return self._action(context, request.name, "delete_instance",
+                            {"backup_id": backup_id} if final else None, check=check)
+
+    @grpc_edge
+    async def StopInstance(self, request: database_pb2.StopInstanceRequest,
+                           context: Context) -> database_pb2.Instance:
+        def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
+            if row.status == STOPPED:
+                raise FailedPrecondition("instance is already stopped (SHUTDOWN)", field="name")
+            # SHUTDOWN here is a guest gone silent (or a mysqld down): stopping it is still meaningful.
+            if status not in (InstanceStatus.ACTIVE, InstanceStatus.HEALTHY, InstanceStatus.SHUTDOWN):
+                raise FailedPrecondition(f"instance is {status}; only a running instance can stop", field="name")
+        return self._action(context, request.name, "stop_instance", check=check)
+
+    @grpc_edge
+    async def StartInstance(self, request: database_pb2.StartInstanceRequest,
+                            context: Context) -> database_pb2.Instance:
+        def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
+            if row.status != STOPPED:
+                raise FailedPrecondition(f"instance is {status}; only a stopped instance (StopInstance) can start",
+                                         field="name")
+        return self._action(context, request.name, "start_instance", check=check)
 
     @grpc_edge
     async def RestartInstance(self, request: database_pb2.RestartInstanceRequest,

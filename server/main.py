@@ -27,18 +27,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from reddwarf.common.log import setup as setup_logging
-from reddwarf.common.pki import CertificateAuthority, TlsFiles
+from reddwarf.common.pki import CertificateAuthority, Identity, TlsFiles
 from reddwarf.common.tls import SERVER_OPTIONS, agent_server_options, reloading_server_credentials
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
 
 from . import db, models, provisioning
 from .admin import AdminServicer, record_certificate
+from .api_metrics import ApiMetricsInterceptor
 from .app import App
-from .auth import ADMIN_TENANT, Authenticator, AuthInterceptor, hash_secret, new_secret, token_expiry
+from .auth import (
+    ADMIN_TENANT,
+    Authenticator,
+    AuthInterceptor,
+    certificate_revoked,
+    hash_secret,
+    new_secret,
+    token_expiry,
+)
 from .backup_store import LocalStore
 from .catalog import CatalogServicer
 from .hosts import HostPool
 from .keys import TenantKeys, ensure_kek
+from .metrics import ServerMetrics, UsagePoller
+from .metrics_http import MetricsListener, needs_tls
 from .pagination import Paginator
 from .provisioning import full_name
 from .ratelimit import RateLimiter, RateLimitInterceptor
@@ -52,6 +63,7 @@ AddFn = Callable[[Any, grpc.aio.Server], None]
 @dataclass
 class Wiring:
     rate_limiter: RateLimiter  # enforced by the API port's interceptor, shown by Catalog.GetLimits
+    metrics: ServerMetrics     # served at metrics_listen; fed by the task engine, agent registry and API port
     api: list[tuple[AddFn, Any, str]] = field(default_factory=list)      # (add_fn, servicer, service name)
     agent: list[tuple[AddFn, Any, str]] = field(default_factory=list)
     enroll: list[tuple[AddFn, Any, str]] = field(default_factory=list)
@@ -60,9 +72,9 @@ class Wiring:
 
 
 def wire(app: App, paginator: Paginator) -> Wiring:
-    w = Wiring(RateLimiter.from_settings(app.settings))
     hosts = HostPool(app)
     st = app.settings
+    w = Wiring(RateLimiter.from_settings(st), ServerMetrics(st.heartbeat_expiry_seconds, UsagePoller(hosts)))
     store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
     w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator, w.rate_limiter),
                   full_name(database_pb2.DESCRIPTOR, "Catalog")))
@@ -117,6 +129,8 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
     admin_files = identity(sd / "admin", "admin", "admin", "admin")
     identity(sd / "admin", "client", "client", "cli")
     identity(sd / "admin", "gateway", "gateway", "gateway")
+    # What Prometheus presents to scrape a /metrics listener on TLS (server/metrics_http.py).
+    identity(sd / "monitor", "monitor", "monitor", "prometheus")
     with sessions() as s, s.begin():
         db.seed(s)
         token_path = sd / "admin.token"
@@ -169,6 +183,22 @@ async def renew_loop(app: App, every: float = 6 * 3600) -> None:
 
 
 # -- serve -------------------------------------------------------------------------------------------
+def start_metrics(app: App, wiring: Wiring) -> MetricsListener | None:
+    """The /metrics listener and the loops that keep its state, when metrics_listen is set."""
+    st = app.settings
+    if not st.metrics_listen:
+        return None
+    m = wiring.metrics
+
+    def authorize(ident: Identity) -> str | None:
+        return f"certificate of {ident.uri} is revoked" if certificate_revoked(app.sessions, ident.serial) else None
+    listener = MetricsListener(st.metrics_listen, m.registry,
+                               tls=app.tls if needs_tls(st.metrics_listen, st.metrics_tls) else None,
+                               authorize=authorize)
+    wiring.background += [lambda: m.refresh_loop(app.sessions, st.metrics_refresh_seconds),
+                          lambda: m.usage_loop(app.sessions, st.metrics_usage_seconds)]
+    listener.start()
+    return listener
 
 
 async def serve(settings: Settings) -> None:
@@ -178,8 +208,10 @@ async def serve(settings: Settings) -> None:
     wiring = wire(app, paginator)
     wiring.background.append(lambda: renew_loop(app))
 
-    # Auth first: the rate limiter keys its buckets by the principal auth found.
-    api = grpc.aio.server(interceptors=[AuthInterceptor(Authenticator(app.sessions)),
+    # Metrics outermost (refused calls are counted too); then auth: the rate limiter keys its buckets by the
+    # principal auth found.
+    api = grpc.aio.server(interceptors=[ApiMetricsInterceptor(wiring.metrics.api_calls, wiring.metrics.api_seconds),
+                                        AuthInterceptor(Authenticator(app.sessions)),
                                         RateLimitInterceptor(wiring.rate_limiter)], options=SERVER_OPTIONS)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, servicer, name in wiring.api:
@@ -206,13 +238,15 @@ async def serve(settings: Settings) -> None:
             app.tls, require_client_auth=False, client_ca=False))
         servers.append(enroll)
 
+    metrics = start_metrics(app, wiring)
     for s in servers:
         await s.start()
     for svc in [""] + names:
         await health_servicer.set(svc, health_pb2.HealthCheckResponse.SERVING)
     tasks = [asyncio.create_task(bg(), name=getattr(bg, "__name__", "background")) for bg in wiring.background]
     log.info("serving", extra={"api": settings.api_listen, "agent": settings.agent_listen if wiring.agent else "",
-                               "enroll": settings.enroll_listen if wiring.enroll else ""})
+                               "enroll": settings.enroll_listen if wiring.enroll else "",
+                               "metrics": settings.metrics_listen})
     print(f"reddwarf-server ready api={settings.api_listen}", flush=True)
 
     stop = asyncio.Event()
@@ -232,6 +266,8 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(BaseException):
             await t
     await asyncio.gather(*(s.stop(5) for s in servers))
+    if metrics is not None:
+        await asyncio.to_thread(metrics.stop)
     for fn in wiring.on_stop:
         with contextlib.suppress(Exception):
             await fn()

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -152,6 +153,10 @@ class Instance(Base):
     request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # The create request's initial databases/users, kept until prepare ran (passwords are dropped then).
     create_params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # {key: value}, validated by server/tags.py; ListInstances filters on them in SQL.
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
+    # While set, DeleteInstance is refused (RDS's DeletionProtection).
+    deletion_protection: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
@@ -204,6 +209,8 @@ class Backup(Base):
     verify_detail: Mapped[str] = mapped_column(Text, default="")
     fault_message: Mapped[str] = mapped_column(Text, default="")
     fault_details: Mapped[str] = mapped_column(Text, default="")
+    # {key: value}, as Instance.tags.
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 

@@ -50,6 +50,7 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
                              heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
+    wiring.metrics.agents = registry  # live guest health and stream count, read at scrape time
     backups = Backups(app, store, registry, hosts)
     backups.clear_scratch()  # what a killed server left of a scratch restore
     store.clean_partials()   # and of uploads cut off with it
@@ -66,7 +67,7 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                               pools=[tasks.Pool("verify", st.verify_workers, st.verify_workers_per_tenant,
                                                 ("verify_backup",))],
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
-                              on_change=on_change)
+                              on_change=on_change, on_end=wiring.metrics.task_ended)
     for kind in instance_tasks.kinds() + backups.kinds():
         engine.register(kind)
 

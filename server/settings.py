@@ -65,18 +65,48 @@ class Settings:
     api_rate_period_seconds: float = 60.0
     api_rate_burst: int = 0
     admin_rate_limit: int = 0
+    # Prometheus metrics (server/metrics.py): "host:port" of the /metrics listener, "" for none. Plain HTTP
+    # only on a loopback address; bound anywhere else it is TLS with the server's certificate, and a
+    # scraper must present a deployment certificate of role monitor (or admin). metrics_tls = "on" makes
+    # it TLS on loopback too.
+    metrics_listen: str = "127.0.0.1:9779"
+    metrics_tls: str = "auto"
+    # How often the state behind the per-instance series is re-read from the state DB (instances, backups,
+    # tasks; a deleted instance's series are gone after at most this), and how often each host's
+    # beancounters are polled. Scrapes read what these loops keep; they never query.
+    metrics_refresh_seconds: float = 15.0
+    metrics_usage_seconds: float = 30.0
     log_level: str = "INFO"
     # Tokens expire by default: a token created without a TTL gets this one (0 = never; not recommended).
     token_ttl_seconds: int = 30 * 86400
     admin_token_ttl_seconds: int = 30 * 86400   # the admin token `init` writes to <state_dir>/admin.token
     server_cert_days: int = 90                  # the server's own certificate, renewed with a third left
     host_cert_days: int = 90                    # host certificates the server renews (same rule)
+    # Host enrollment over SSH (server/host_enrollment.py). The wheelhouse holds the reddwarf wheel and its
+    # dependencies' wheels that every enrolled host installs offline (default <state_dir>/wheelhouse); an
+    # operator may fill it; if it has no reddwarf wheel it is built from enroll_source_dir (default: the
+    # checkout this server runs from) and cached.
+    enroll_wheelhouse: str = ""
+    enroll_source_dir: str = ""
+    # Where hostd goes on an enrolled host ("{host}" is replaced by the host's id): venv, wheels, TLS files,
+    # hostd.json, and its pid and log files when it runs supervised.
+    enroll_install_dir: str = "/opt/reddwarf"
+    enroll_hostd_port: int = 7443
+    # The interpreter hostd's venv is made with on the host (looked up in the SSH session's PATH).
+    enroll_python: str = "python3"
+    # A JSON file of hostd settings for every enrolled host (drivers, paths); string values may use "{host}"
+    # and "{install_dir}". The server adds host_id, listen_address and the TLS paths.
+    enroll_hostd_config: str = ""
+    enroll_connect_timeout_seconds: float = 15.0
+    # How long a started hostd has to answer over mTLS before the enrollment is rolled back.
+    enroll_ready_timeout_seconds: float = 120.0
     # Test-only crash hook: "<task kind>:<step>" makes the server SIGKILL itself right after that step.
     test_exit_after_step: str = ""
 
     def __post_init__(self) -> None:
         sd = self.state_dir
         defaults = {"db_url": f"sqlite:///{sd}/state.db", "pki_dir": f"{sd}/pki",
+                    "enroll_wheelhouse": f"{sd}/wheelhouse",
                     "backup_dir": f"{sd}/backups", "backup_kek_file": f"{sd}/backup-kek.key",
                     "agent_public_address": self.agent_listen,
                     "enroll_public_address": self.enroll_listen}
@@ -94,7 +124,18 @@ class Settings:
         for key in ("task_workers", "task_workers_per_tenant", "verify_workers", "verify_workers_per_tenant"):
             if getattr(self, key) < 1:
                 raise InvalidArgument(f"{key} must be at least 1", field=key)
-        for key in ("api_listen", "agent_listen", "enroll_listen"):
+        if not os.path.isabs(self.enroll_install_dir.replace("{host}", "h")):
+            raise InvalidArgument("enroll_install_dir must be an absolute path", field="enroll_install_dir")
+        if not 0 < self.enroll_hostd_port < 65536:
+            raise InvalidArgument("enroll_hostd_port must be a port number", field="enroll_hostd_port")
+        if self.metrics_tls not in ("auto", "on"):
+            raise InvalidArgument("metrics_tls must be auto or on", field="metrics_tls")
+        for key in ("metrics_refresh_seconds", "metrics_usage_seconds"):
+            if not getattr(self, key) >= 1:
+                raise InvalidArgument(f"{key} must be at least 1", field=key)
+        for key in ("api_listen", "agent_listen", "enroll_listen", "metrics_listen"):
+            if key == "metrics_listen" and not self.metrics_listen:
+                continue
             host, sep, port = getattr(self, key).rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise InvalidArgument(f"{key} must be host:port, got {getattr(self, key)!r}", field=key)

@@ -104,6 +104,7 @@ class StepContext:
     params: dict[str, Any]
     step: str = ""
     attempts: int = 0
+    submitted: dt.datetime | None = None
     log: logging.LoggerAdapter[logging.Logger] = field(default_factory=lambda: bind(log, {}))
 
     @property
@@ -167,6 +168,8 @@ def active_task_for(session: Session, resource: str) -> Task | None:
 
 
 ChangeListener = Callable[[str, str], None]  # (task_id, resource)
+# (kind, outcome "succeeded" | "failed", seconds from submit to that end): told once per task that ended here.
+EndListener = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,7 @@ class TaskEngine:
                  per_tenant: int = 0, pools: Sequence[Pool] = (),
                  lease_seconds: float = 30.0, poll_seconds: float = 0.5, backoff_seconds: float = 1.0,
                  backoff_max_seconds: float = 30.0, exit_after_step: str = "",
-                 on_change: ChangeListener | None = None) -> None:
+                 on_change: ChangeListener | None = None, on_end: EndListener | None = None) -> None:
         self.session_factory = session_factory
         self.owner = owner
         self.workers = workers
@@ -200,6 +203,7 @@ class TaskEngine:
         # Test-only crash hook: the process SIGKILLs itself right after recording this step as finished.
         self.exit_after_step = exit_after_step
         self.on_change = on_change
+        self.on_end = on_end
         self.kinds: dict[str, TaskKind] = {}
         self._runners: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -355,6 +359,15 @@ class TaskEngine:
         except Exception:
             log.exception("task change listener failed task=%s", task_id)
 
+    def _ended(self, ctx: StepContext, outcome: str) -> None:
+        if self.on_end is None:
+            return
+        seconds = (utcnow() - ctx.submitted).total_seconds() if ctx.submitted is not None else 0.0
+        try:
+            self.on_end(ctx.kind, outcome, max(0.0, seconds))
+        except Exception:
+            log.exception("task end listener failed task=%s", ctx.task_id)
+
     # ------------------------------------------------------------------ running
 
     async def _renew(self, task_id: str, runner: asyncio.Task[Any]) -> None:
@@ -375,7 +388,7 @@ class TaskEngine:
         kind = self.kinds[task.kind]
         self._resources[task.id] = task.resource
         ctx = StepContext(self, task.id, task.kind, task.resource, dict(task.params or {}),
-                          attempts=task.attempts,
+                          attempts=task.attempts, submitted=task.created_at,
                           log=bind(log, {"task": task.id, "kind": task.kind, "resource": task.resource}))
         steps: list[dict[str, Any]] = [dict(x) for x in (task.steps or [])]
         done = {x["step"] for x in steps if x.get("state") == StepState.DONE}
@@ -429,6 +442,7 @@ class TaskEngine:
         await self._write(ctx.task_id, state=TaskState.SUCCEEDED, current_step="", progress_percent=100,
                           lease_owner=None, lease_expires=None)
         ctx.log.info("task succeeded")
+        self._ended(ctx, "succeeded")
 
     async def _step_failed(self, ctx: StepContext, kind: TaskKind, steps: list[dict[str, Any]],
                            record: dict[str, Any], exc: Exception) -> None:
@@ -460,6 +474,7 @@ class TaskEngine:
         await self._write(ctx.task_id, steps=[dict(x) for x in steps], attempts=attempts, state=TaskState.FAILED,
                           params=dict(ctx.params), fault_message=fault, fault_details=details,
                           lease_owner=None, lease_expires=None)
+        self._ended(ctx, "failed")
         if kind.on_failed is not None:
             try:
                 await kind.on_failed(ctx, fault, details)
