@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PACKAGES := lxc debootstrap mariadb-server mariadb-client mariadb-backup tgt libiscsi-bin openssh-server \
-	e2fsprogs zstd sysbench iproute2 iputils-ping rsync memcached prometheus qemu-system-common qemu-block-extra
+	e2fsprogs zstd sysbench iproute2 iputils-ping rsync memcached prometheus qemu-system-common qemu-block-extra uidmap
 PROTOS := $(wildcard protos/reddwarf/v1/*.proto)
 GEN_STAMP := gen/reddwarf/v1/.stamp
 PYTEST_ARGS ?=

@@ -89,6 +89,8 @@ COMMANDS: dict[str, Handler] = {
     "list_logs": lambda c, cmd: _list_logs(c),
     "set_log": lambda c, cmd: _set_log(c, cmd.set_log),
     "read_log": lambda c, cmd: c.logs.read_log(convert.read_spec_from_pb(cmd.read_log)),
+    "install_mysql_tls": lambda c, cmd: c.driver.install_mysql_tls(cmd.install_mysql_tls.tls_cert_pem,
+                                                                   cmd.install_mysql_tls.tls_ca_pem),
 }
 
 # Reads that change nothing: answered afresh when replayed, never kept in the results record (a tail polls

@@ -161,7 +161,8 @@ def result_to_pb(outcome: Outcome) -> agent_pb2.CommandResult:
                                                 next_offset=outcome.next_offset, eof=outcome.eof,
                                                 generations=outcome.generations))
     elif isinstance(outcome, model.TlsCsr):
-        res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem))
+        res.mysql_tls_csr.CopyFrom(agent_pb2.MysqlTlsCsr(csr_pem=outcome.csr_pem,
+                                                         current_cert_pem=outcome.current_cert_pem))
     elif isinstance(outcome, model.ConfigurationApplied):
         res.configuration_applied.CopyFrom(agent_pb2.ConfigurationApplied(
             restart_required=outcome.restart_required, applied=list(outcome.applied)))

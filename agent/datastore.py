@@ -53,6 +53,10 @@ class DatastoreDriver(ABC):
         """A CSR for the datastore's TLS key (made once, kept in the guest); "" where it serves no TLS."""
         return model.TlsCsr(csr_pem="")
 
+    async def install_mysql_tls(self, cert_pem: str, ca_pem: str) -> None:
+        """A renewed certificate for the datastore's TLS key, served from the next connection on."""
+        raise FailedPrecondition("this datastore serves no TLS", field="tls_cert_pem")
+
     @abstractmethod
     async def create_databases(self, databases: Sequence[model.Database]) -> None: ...
 

@@ -103,8 +103,10 @@ class ConfigurationApplied:
 
 @dataclass(frozen=True)
 class TlsCsr:
-    """A CSR for mysqld's TLS key, which never leaves the guest ("": this datastore serves no TLS)."""
+    """A CSR for mysqld's TLS key, which never leaves the guest ("": this datastore serves no TLS), and
+    the certificate mysqld serves now ("" before the first): the server renews it when it is due."""
     csr_pem: str
+    current_cert_pem: str = ""
 
 
 @dataclass

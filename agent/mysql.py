@@ -5,6 +5,7 @@ admin's password and the shape of the last prepare (never a tenant's password)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -71,6 +72,9 @@ class MysqlSettings:
     install_db: str = ""
     # mysqld's TLS key and certificates; default /etc/mysql/reddwarf-tls (run_as root: <state_dir>/mysql-tls).
     tls_dir: str = ""
+
+
+_NOT_RUNNING = (2002, 2003, 2006, 2013)  # CR_CONNECTION_ERROR, CR_CONN_HOST_ERROR, gone away, lost
 
 
 class MysqlDriver(DatastoreDriver):
@@ -178,10 +182,30 @@ class MysqlDriver(DatastoreDriver):
             key_pem, _ = pki.make_key_and_csr("mysqld")
             self._write_tls_file(key_path, key_pem, 0o600)
         with open(key_path, "rb") as f:
-            return TlsCsr(csr_pem=pki.csr_for_key(f.read(), "mysqld").decode())
+            csr = pki.csr_for_key(f.read(), "mysqld").decode()
+        current = ""
+        with contextlib.suppress(FileNotFoundError), open(self.mysqld.tls_files.cert) as f:
+            current = f.read()
+        return TlsCsr(csr_pem=csr, current_cert_pem=current)
 
     async def mysql_tls_request(self) -> TlsCsr:
         return await asyncio.to_thread(self._tls_request)
+
+    async def install_mysql_tls(self, cert_pem: str, ca_pem: str) -> None:
+        """A renewed certificate (same key): written in place, then FLUSH SSL has a running mysqld load it
+        for new connections without a restart (open sessions keep theirs)."""
+        if not cert_pem or not ca_pem:
+            raise InvalidArgument("tls_cert_pem and tls_ca_pem are required",
+                                  field="tls_ca_pem" if cert_pem else "tls_cert_pem")
+        async with self._lock:
+            await asyncio.to_thread(self._install_tls, cert_pem, ca_pem)
+            try:
+                await asyncio.to_thread(self.admin.reload_tls)
+            except pymysql.err.OperationalError as exc:
+                if exc.args[0] not in _NOT_RUNNING:
+                    raise
+                # mysqld is stopped: it reads the new files when it starts.
+                log.info("mysqld is not running; the renewed certificate loads at its start")
 
     def _install_tls(self, cert_pem: str, ca_pem: str) -> None:
         """The server's certificate for our key, and the CA clients verify it with."""

@@ -401,6 +401,11 @@ class MysqlAdmin:
 
     # resize ----------------------------------------------------------------
 
+    def reload_tls(self) -> None:
+        """mysqld reads its certificate, key and CA files again (MariaDB 10.4+)."""
+        with self.cursor() as cur:
+            cur.execute("FLUSH SSL")
+
     def apply_sizes(self, buffer_pool_mb: int, max_connections: int) -> None:
         # Both are dynamic in MariaDB 10.11: a resize needs no restart.
         with self.cursor() as cur:

@@ -1,8 +1,8 @@
 """`python -m reddwarf.agent.verify`: proves a backup chain restores, away from any tenant's instance.
 
 hostd (ProveBackup: the control server streams the chain to a host and never restores it itself) runs
-this inside the sandbox of agent/sandbox.py (an unprivileged uid in its own mount, network, pid, ipc, uts
-and cgroup namespaces) with the chain's files and their digests: the chain is restored by the same BackupRunner the guests use (stream allowlist, backup-my.cnf
+this inside the sandbox of agent/sandbox.py (an unprivileged uid of a user namespace of its own, in its
+own mount, network, pid, ipc, uts and cgroup namespaces and memory, cpu and pids cgroups) with the chain's files and their digests: the chain is restored by the same BackupRunner the guests use (stream allowlist, backup-my.cnf
 rebuilt, --prepare with an empty plugin dir) into an empty datadir, a scratch mariadbd is started on it as
 that uid with --skip-grant-tables (no mysql.user/mysql.plugin/mysql.servers/events read from the tenant's
 tables, no plugin dir, no network), the tables are checksummed and (when given) compared with the

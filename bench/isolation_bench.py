@@ -11,6 +11,10 @@ limits keep a bad neighbour from hurting others.
 Targets (issue 8): container >= 95% of bare; victim >= 80% of solo.
 
 Run: `.venv/bin/python -m bench.isolation_bench [--seconds N]` (as root; builds the template if missing).
+What isolation itself costs, each against its baseline in the same run:
+`--compare` (bare vs an isolated container vs a privileged one, interleaved), `--create-idmap N`
+(LXC create -> RUNNING with a range per container, one shared range, privileged) and `--create-ab N`
+(create -> ACTIVE on clusters with and without the isolation).
 """
 from __future__ import annotations
 
@@ -124,13 +128,14 @@ def write_root(root: str, script: str) -> None:
 
 
 class Bench:
-    def __init__(self, work: str, unprivileged: bool = True) -> None:
+    def __init__(self, work: str, unprivileged: bool = True, idmap_isolated: bool = True) -> None:
         self.work = work
         # Containers as hostd makes them by default: unprivileged (user namespace, seccomp, dropped
         # capabilities); --privileged measures the old way for comparison.
         self.settings = Settings(host_id="bench", state_dir=os.path.join(work, "state"),
                                  lxc_path=os.path.join(work, "lxc"), container_prefix="rdbench-",
-                                 agent_init_cmd="/bin/sh /srv/rd/start.sh", unprivileged=unprivileged)
+                                 agent_init_cmd="/bin/sh /srv/rd/start.sh", unprivileged=unprivileged,
+                                 idmap_isolated=idmap_isolated)
         self.driver = LxcDriver(self.settings)
         self.template = template.build_template(self.settings)
         self.containers: list[str] = []
@@ -190,11 +195,106 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 # hostd settings (environment) of a cluster without the isolation: privileged, host network, no layer quota.
 UNISOLATED = {"REDDWARF_HOSTD_UNPRIVILEGED": "0", "REDDWARF_HOSTD_NETWORK_MODE": "host",
               "REDDWARF_HOSTD_ROOTFS_QUOTA_MB": "0"}
+# ... and one with all of it but every container in the one shared id range (the configuration before
+# ranges of their own).
+SHARED_RANGE = {"REDDWARF_HOSTD_IDMAP_ISOLATED": "0"}
+
+
+def compare(seconds: int, rounds: int) -> int:
+    """Container vs bare for both kinds of container in one run: bare mariadbd, an isolated container (user
+    namespace with a range of its own, seccomp, dropped capabilities) and a privileged one, the same my.cnf
+    and data, measured in turn (bare, isolated, privileged, ...) with the client on CPU 0 and each server
+    pinned to CPU 1. The client speaks over the unix socket, so the network namespace is not on its path."""
+    work = tempfile.mkdtemp(prefix="reddwarf-isolation-cmp-", dir="/var/tmp")
+    benches: list[Bench] = []
+    bare: subprocess.Popen[bytes] | None = None
+    try:
+        roomy = Limits(memory_mb=1024, cpu_shares=1024, max_processes=512, io_weight=500)
+        bare_root = os.path.join(work, "bare")
+        bare = bare_mysqld(bare_root, SERVER_CPU)
+        socks = {"bare": os.path.join(bare_root, "mysqld.sock")}
+        wait_socket(socks["bare"])
+        prepare_data(socks["bare"])
+        for name, unprivileged in (("isolated", True), ("privileged", False)):
+            b = Bench(os.path.join(work, name), unprivileged=unprivileged)
+            benches.append(b)
+            socks[name] = b.container(name, roomy, START_MYSQL)
+            wait_socket(socks[name])
+            prepare_data(socks[name])
+            b.pin(b.containers[-1], SERVER_CPU)
+        runs: dict[str, list[float]] = {k: [] for k in socks}
+        for n in range(rounds):
+            order = list(socks)[n % 3:] + list(socks)[:n % 3]
+            for k in order:
+                runs[k].append(sysbench("oltp_read_only", socks[k], seconds, pin=True))
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        print(f"sysbench oltp_read_only, {SYSBENCH_TABLES} x {SYSBENCH_ROWS:,} rows, 2 threads, {seconds} s a run, "
+              f"median of {rounds} rotating runs each; runs: {runs}\n")
+        print("| server | QPS | vs bare | vs privileged container |")
+        print("|---|---|---|---|")
+        for k in socks:
+            print(f"| {k} | {med[k]:,.0f} | {100 * med[k] / med['bare']:.1f}% | "
+                  f"{100 * med[k] / med['privileged']:.1f}% |")
+        return 0
+    finally:
+        if bare is not None:
+            stop(bare)
+        for b in benches:
+            b.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def create_idmap(rounds: int) -> int:
+    """What a range of its own costs LXC's create -> RUNNING (hostd's driver, PID 1 a sleeper, no MariaDB):
+    a range per container (id-mapped template), one shared range (the shifted template copy, made before
+    the timing) and privileged, alternating."""
+    work = tempfile.mkdtemp(prefix="reddwarf-isolation-idmap-", dir="/var/tmp")
+    kinds = {"own range": (True, True), "shared range": (True, False), "privileged": (False, True)}
+    drivers: dict[str, LxcDriver] = {}
+    made: list[tuple[str, str]] = []
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    try:
+        tpl = ""
+        for k, (unpriv, own) in kinds.items():
+            settings = Settings(host_id="bench", state_dir=os.path.join(work, k, "state"),
+                                lxc_path=os.path.join(work, k.replace(" ", "-"), "lxc"), container_prefix="rdbid-",
+                                agent_init_cmd="/bin/sleep 3600", unprivileged=unpriv, idmap_isolated=own)
+            drivers[k] = LxcDriver(settings)
+            tpl = template.build_template(settings)
+            if unpriv and not own:
+                template.shifted_template(settings, tpl)
+        for n in range(rounds + 1):  # the first round warms caches and is not counted
+            order = list(kinds)[n % 3:] + list(kinds)[:n % 3]
+            for k in order:
+                cid = f"b{n}-{uuid.uuid4().hex[:6]}"
+                spec = ContainerSpec(id=cid, limits=Limits(memory_mb=256, cpu_shares=1024, max_processes=512).validate(),
+                                     bootstrap=Bootstrap("127.0.0.1:1", "", "unused", cid),
+                                     network=NetworkPlan("host", "127.0.0.1", 0), template=tpl)
+                made.append((k, cid))
+                t0 = time.monotonic()
+                drivers[k].create(spec)
+                drivers[k].start(cid)
+                if n:
+                    times[k].append(time.monotonic() - t0)
+                drivers[k].destroy(cid)
+                made.remove((k, cid))
+        print(f"LXC create -> RUNNING, {rounds} rotating creates each (ms, median): " + ", ".join(
+            f"{k} {1000 * statistics.median(v):.0f}" for k, v in times.items()))
+        print("\n| container | create -> RUNNING p50 | vs shared range |\n|---|---|---|")
+        for k, v in times.items():
+            print(f"| {k} | {1000 * statistics.median(v):.0f} ms | "
+                  f"{100 * statistics.median(v) / statistics.median(times['shared range']):.0f}% |")
+        return 0
+    finally:
+        for k, cid in made:
+            drivers[k].destroy(cid)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def create_ab(rounds: int) -> int:
-    """What isolation costs a create: create -> ACTIVE on two clusters side by side, one with hostd's
-    defaults (unprivileged, own network namespace, layer quota) and one without, creates alternating."""
+    """What isolation costs a create: create -> ACTIVE on clusters side by side, one with hostd's defaults
+    (unprivileged in a range of its own, own network namespace, layer quota), one with one shared range,
+    and one without isolation, creates rotating."""
     from contextlib import ExitStack
     from pathlib import Path
 
@@ -203,35 +303,38 @@ def create_ab(rounds: int) -> int:
     from tests.fixtures.cluster import start_cluster
 
     work = Path(tempfile.mkdtemp(prefix="reddwarf-isolation-ab-", dir="/var/tmp"))
+    variants = {"isolated": {}, "shared range": SHARED_RANGE, "without isolation": UNISOLATED}
     try:
         with ExitStack() as stack:
-            isolated = stack.enter_context(start_cluster(work / "isolated"))
-            saved = {k: os.environ.get(k) for k in UNISOLATED}
-            os.environ.update(UNISOLATED)
-            try:
-                plain = stack.enter_context(start_cluster(work / "plain"))
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-            for c in (isolated, plain):
+            clusters = {}
+            for name, env in variants.items():
+                saved = {k: os.environ.get(k) for k in env}
+                os.environ.update(env)
+                try:
+                    clusters[name] = stack.enter_context(start_cluster(work / name.replace(" ", "-")))
+                finally:
+                    for k, v in saved.items():
+                        if v is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = v
+            for c in clusters.values():
                 c.admin.UpdateQuota(admin_pb2.UpdateQuotaRequest(tenant=f"tenants/{c.tenant}", quota=admin_pb2.Quota(
                     instances=1000, memory_mb=10**6, volume_gb=10**5, backups=10)))
-            times: dict[str, list[float]] = {"isolated": [], "plain": []}
+            times: dict[str, list[float]] = {k: [] for k in clusters}
             for n in range(rounds):
-                pair = [("isolated", isolated), ("plain", plain)]
-                for name, c in (pair if n % 2 == 0 else pair[::-1]):
-                    times[name].append(create_once(c, n))
-                    delete_all(c)
-        iso, plain_p50 = statistics.median(times["isolated"]), statistics.median(times["plain"])
-        print("| measure | isolated | without isolation | ratio |")
-        print("|---|---|---|---|")
-        print(f"| create -> ACTIVE p50, {rounds} alternating creates each | {iso:.2f} s | {plain_p50:.2f} s | "
-              f"{100 * iso / plain_p50:.0f}% (isolation may cost at most 5%) |")
-        print(f"\nisolated {sorted(round(t, 2) for t in times['isolated'])}; "
-              f"without {sorted(round(t, 2) for t in times['plain'])}")
+                order = list(clusters)[n % 3:] + list(clusters)[:n % 3]
+                for name in order:
+                    times[name].append(create_once(clusters[name], n))
+                    delete_all(clusters[name])
+        p50 = {k: statistics.median(v) for k, v in times.items()}
+        print("| measure | isolated (range of its own) | one shared range | without isolation | "
+              "isolated vs without |")
+        print("|---|---|---|---|---|")
+        print(f"| create -> ACTIVE p50, {rounds} rotating creates each | {p50['isolated']:.2f} s | "
+              f"{p50['shared range']:.2f} s | {p50['without isolation']:.2f} s | "
+              f"{100 * p50['isolated'] / p50['without isolation']:.0f}% (isolation may cost at most 5%) |")
+        print("\n" + "; ".join(f"{k} {sorted(round(t, 2) for t in v)}" for k, v in times.items()))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -245,9 +348,17 @@ def main() -> int:
                         help="privileged containers (no user namespace), to see what isolation costs")
     parser.add_argument("--create-ab", type=int, default=0, metavar="N",
                         help="instead: create -> ACTIVE with and without isolation, N alternating creates each")
+    parser.add_argument("--compare", action="store_true",
+                        help="instead: bare vs isolated container vs privileged container, interleaved")
+    parser.add_argument("--create-idmap", type=int, default=0, metavar="N",
+                        help="instead: LXC create -> RUNNING with a range per container, a shared one, privileged")
     args = parser.parse_args()
     if args.create_ab:
         return create_ab(args.create_ab)
+    if args.compare:
+        return compare(args.seconds, args.rounds)
+    if args.create_idmap:
+        return create_idmap(args.create_idmap)
     work = tempfile.mkdtemp(prefix="reddwarf-isolation-", dir="/var/tmp")
     bench: Bench | None = None
     bare: subprocess.Popen[bytes] | None = None

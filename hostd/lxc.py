@@ -1,10 +1,12 @@
 """The LXC container driver: overlay snapshots of the OS template, limits as lxc.cgroup keys and live
 cgroup writes, the guest agent as the container's PID 1 (no systemd boot).
 
-Containers are unprivileged by default: a user namespace maps container ids 0..65535 onto host ids
-template.IDMAP_BASE.. (the snapshot is of the template's shifted copy, so the container's files are its
-root's; hostd's FirstBoot files and the data volume are shifted into the range too), LXC's default seccomp
-policy, and the capabilities in DROP_CAPS dropped. AppArmor confines them where the kernel has it
+Containers are unprivileged by default: a user namespace maps container ids 0..65535 onto a host range of
+the container's own (idmap.py: the snapshot's lower layer is an id-mapped mount of the template, so the
+container's files are its root's; hostd's FirstBoot files and the data volume are shifted into the range
+too). With `idmap_isolated` off every container shares template.IDMAP_BASE.. and snapshots the
+template's shifted copy instead. LXC's default seccomp policy applies, and the capabilities in DROP_CAPS
+are dropped. AppArmor confines them where the kernel has it
 (`generated` profile); this kernel has no AppArmor (no /sys/module/apparmor), so the profile stays
 `unconfined` there. In bridge mode each container has its own network namespace (see network.py).
 
@@ -23,7 +25,7 @@ import shutil
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, Result, run
 
-from . import cgroups, firstboot, network, template
+from . import cgroups, firstboot, idmap, network, template
 from .containers import (
     ContainerDriver,
     ContainerSpec,
@@ -46,6 +48,8 @@ SECCOMP_PROFILE = "/usr/share/lxc/config/common.seccomp"  # LXC's default denyli
 DROP_CAPS = ("mac_admin", "mac_override", "sys_time", "sys_module", "sys_rawio", "sys_boot", "sys_pacct",
              "syslog", "wake_alarm", "block_suspend", "audit_control", "audit_read", "mknod", "net_raw")
 VETH_SCRIPT = ".reddwarf-veth-up"
+LOWER_DIR = ".lower"          # under the lxcpath: each isolated container's id-mapped view of its template
+LOWER_SOURCE = "reddwarf-lower"  # in the container's dir: the template rootfs that view shows
 
 
 def apparmor_enabled() -> bool:
@@ -69,6 +73,8 @@ class LxcDriver(ContainerDriver):
         self._published: dict[str, str] = {}  # host service address -> what a container dials for it
         if settings.unprivileged:
             template.ensure_subids()
+            if settings.idmap_isolated:
+                template.ensure_subids(*idmap.subid_range())
             # The mapped root mounts the container's overlay from inside its user namespace: it has to be
             # able to walk into the lxcpath (search only, no listing).
             template.grant_search(self.path)
@@ -163,12 +169,15 @@ class LxcDriver(ContainerDriver):
             raise FailedPrecondition(f"template {spec.template} is not built on this host",
                                      field="container.template")
         source = spec.template
-        if self.settings.unprivileged:
+        isolated = self.settings.unprivileged and self.settings.idmap_isolated
+        if self.settings.unprivileged and not isolated:
             source = template.shifted_template(self.settings, spec.template)
         name = self.container_name(spec.id)
         try:
             run(["lxc-copy", "-P", self.settings.template_lxc_path, "-n", source, "-p", self.path,
                  "-N", name, "-s", "-B", "overlayfs"], timeout=120)
+            if isolated:
+                self._isolate(spec.id, os.path.join(tpl_dir, "rootfs"))
             if self.settings.rootfs_quota_mb:
                 self._make_layer(spec.id)
             self._rewrite_config(spec.id, self._managed_block(spec.id, spec.limits, spec.network, spec.mount))
@@ -184,15 +193,60 @@ class LxcDriver(ContainerDriver):
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
             firstboot.write_name_files(self.upper_dir(spec.id), name, spec.network.mode == "bridge")
             if self._unprivileged(spec.id):
-                template.shift_tree(self.upper_dir(spec.id))  # hostd's files become the container root's
+                base = self._idmap_base(spec.id)
+                template.shift_tree(self.upper_dir(spec.id), base)  # hostd's files become the container root's
                 if spec.mount is not None:
-                    self._own_volume(spec.mount.host_path)
+                    self._own_volume(spec.mount.host_path, base)
             with open(self._made_marker(spec.id), "w"):
                 pass  # the create is whole only once this exists
         except Exception:
             self.destroy(spec.id)  # no half-made container survives a failed create
             raise
         log.info("container created", extra={"container": name, "template": spec.template})
+
+    # ------------------------------------------------------------------ an id range of its own
+    def _lower(self, cid: str) -> str:
+        return os.path.join(self.path, LOWER_DIR, self.container_name(cid))
+
+    def _idmap_base(self, cid: str) -> int:
+        """The host id the container's root is (from its config's lxc.idmap)."""
+        with open(self._config_path(cid)) as f:
+            for ln in f.read().splitlines():
+                parts = ln.split("=", 1)[-1].split()
+                if ln.startswith("lxc.idmap") and len(parts) == 4 and parts[0] == "u" and parts[1] == "0":
+                    return int(parts[2])
+        return 0
+
+    def _isolate(self, cid: str, template_rootfs: str) -> None:
+        """Right after lxc-copy of the (unshifted) template: a range for this container, the template seen
+        through an id-mapped mount of it as the overlay's lower layer, and the snapshot's dirs given to
+        the range's root (what lxc-copy does itself for a template with id maps)."""
+        base = idmap.allocate(self._dir(cid))
+        with open(os.path.join(self._dir(cid), LOWER_SOURCE), "w") as f:
+            f.write(template_rootfs + "\n")
+        os.makedirs(os.path.join(self.path, LOWER_DIR), mode=0o711, exist_ok=True)
+        lower = self._lower(cid)
+        idmap.mount_idmapped(template_rootfs, lower, base)
+        delta = os.path.join(self._dir(cid), "overlay", "delta")
+        with open(self._config_path(cid)) as f:
+            lines = [ln for ln in f.read().splitlines() if not ln.startswith(("lxc.rootfs.path", "lxc.idmap"))]
+        lines += [f"lxc.rootfs.path = overlay:{lower}:{delta}", f"lxc.idmap = u 0 {base} {idmap.RANGE}",
+                  f"lxc.idmap = g 0 {base} {idmap.RANGE}"]
+        with open(self._config_path(cid) + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(self._config_path(cid) + ".tmp", self._config_path(cid))
+        for d in (self._dir(cid), os.path.join(self._dir(cid), "overlay"), delta,
+                  os.path.join(self._dir(cid), "overlay", "work")):
+            if os.path.isdir(d):
+                os.chown(d, base, base)
+        template.grant_search(self.path, base)
+
+    def _ensure_lower(self, cid: str) -> None:
+        """After a host reboot (or hostd's restart with the mount gone) the id-mapped lower layer again."""
+        marker = os.path.join(self._dir(cid), LOWER_SOURCE)
+        if os.path.exists(marker):
+            with open(marker) as f:
+                idmap.mount_idmapped(f.read().strip(), self._lower(cid), self._idmap_base(cid))
 
     def upper_dir(self, cid: str) -> str:
         """The container's own writable layer (overlay upper dir) — where FirstBoot files go."""
@@ -257,11 +311,11 @@ class LxcDriver(ContainerDriver):
             self._published[address] = self.bridge.reach_host_service(address)
         return self._published[address]
 
-    def _own_volume(self, host_path: str) -> None:
-        """The data volume belongs to the container's mapped ids (once: a fresh or formerly privileged
-        volume is shifted, one already in the range is left as it is)."""
-        if os.path.isdir(host_path) and os.stat(host_path).st_uid < template.IDMAP_BASE:
-            n = template.shift_tree(host_path)
+    def _own_volume(self, host_path: str, base: int) -> None:
+        """The data volume belongs to the container's mapped ids (once: a fresh, formerly privileged or
+        other range's volume is shifted, one already in the range is left as it is)."""
+        if os.path.isdir(host_path) and os.stat(host_path).st_uid != base:
+            n = template.shift_tree(host_path, base)
             log.info("volume given to the container's mapped ids", extra={"path": host_path, "files": n})
 
     def _mount_source(self, cid: str) -> str:
@@ -280,10 +334,12 @@ class LxcDriver(ContainerDriver):
         if plan.mode == "bridge":
             self._ensure_bridge(plan)  # after a host reboot (or the last neighbour's delete) it is gone
         if self._unprivileged(cid):
-            template.grant_search(self.path)  # again: someone may have chmod-ed an ancestor since
+            base = self._idmap_base(cid)
+            self._ensure_lower(cid)
+            template.grant_search(self.path, base)  # again: someone may have chmod-ed an ancestor since
             source = self._mount_source(cid)
             if source:
-                self._own_volume(source)
+                self._own_volume(source, base)
         logfile = os.path.join(self._dir(cid), "start.log")
         for attempt in range(3):
             with contextlib.suppress(FileNotFoundError):
@@ -299,7 +355,7 @@ class LxcDriver(ContainerDriver):
             if attempt < 2 and any("print_top_failing_dir" in ln for ln in why):
                 # An ancestor of the lxcpath lost the mapped root's search right between our grant and the
                 # start (something chmod-ed it: pytest does so to its base dir): grant again, start again.
-                template.grant_search(self.path)
+                template.grant_search(self.path, self._idmap_base(cid))
                 continue
             raise CommandError(res.argv, res.returncode, res.stdout, "\n".join(why) or res.stderr)
         self._lxc("lxc-wait", cid, "-s", "RUNNING", "-t", "10", timeout=20)
@@ -322,9 +378,16 @@ class LxcDriver(ContainerDriver):
             == "bridge"
         self._lxc("lxc-stop", cid, "-k", timeout=30, check=False)  # LXC removes the veth pair with it
         self._unmount_layer(cid)
+        isolated = os.path.exists(os.path.join(self._dir(cid), LOWER_SOURCE))
+        base = self._idmap_base(cid) if os.path.exists(self._config_path(cid)) else 0
+        idmap.unmount(self._lower(cid))
         res = self._lxc("lxc-destroy", cid, "-f", timeout=60, check=False)
         if res.returncode != 0 and os.path.exists(self._config_path(cid)):
             raise CommandError(res.argv, res.returncode, res.stdout, res.stderr)
+        if isolated or idmap.is_isolated(base):
+            idmap.release(self._dir(cid))
+            if base:
+                template.revoke_search(self.path, base)
         log.info("container destroyed", extra={"container": self.container_name(cid)})
         if bridged and not any(_network_from_block(self._read_block(o)).mode == "bridge"
                                for o in self.list_names()):

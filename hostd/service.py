@@ -9,13 +9,11 @@ never on the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
 import re
 import shutil
-import signal
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, TypeVar
 
@@ -174,9 +172,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                  renewer: CertificateRenewer | None = None) -> None:
         # What a killed hostd left of a proof restore: the sandbox killed, the staged tenant data removed.
         scratch = os.path.join(host.settings.state_dir, "scratch")
-        for pid in sandbox.leftovers(scratch):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        sandbox.clear(scratch)
         shutil.rmtree(scratch, ignore_errors=True)
         self.host = host
         self.revocations = revocations
@@ -326,7 +322,9 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                     st.template_lxc_path, st.storage_path, st.wheelhouse]
             res = await sandbox.prove(stage, list(spec.backup_ids), list(spec.sha256s),
                                       dict(spec.expected) if spec.compare else None, spec.max_extract_bytes,
-                                      hide, timeout=PROVE_TIMEOUT)
+                                      hide, timeout=PROVE_TIMEOUT,
+                                      limits=sandbox.Limits(st.proof_memory_mb, st.proof_cpu_shares,
+                                                            st.proof_cpu_quota_pct, st.proof_pids))
             log.info("backup proof done", extra={"backup": spec.backup_ids[-1], "ok": res["ok"]})
             return host_pb2.ProveBackupResponse(ok=res["ok"], detail=res["detail"], checksums=res["checksums"])
         finally:

@@ -78,9 +78,17 @@ class Settings:
     # Containers run in a user namespace (root inside is an unprivileged id range outside, see
     # template.IDMAP_BASE); False keeps the old privileged containers.
     unprivileged: bool = True
+    # Each unprivileged container in an id range of its own (hostd/idmap.py); False: all share one.
+    idmap_isolated: bool = True
     # Size of each container's writable layer (its own ext4 image under the container's dir; 0 = on the
     # lxcpath's filesystem, unbounded).
     rootfs_quota_mb: int = 2048
+    # The proof-restore sandbox's cgroup limits (agent/sandbox.py: Limits): memory (swap included), CPU
+    # weight, CPU cap in % of one core, processes and threads.
+    proof_memory_mb: int = 1024
+    proof_cpu_shares: int = 256
+    proof_cpu_quota_pct: int = 100
+    proof_pids: int = 512
     # How often stopped containers that should run are looked for and started again (0 = never).
     revive_seconds: int = 2
 

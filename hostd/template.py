@@ -19,8 +19,10 @@ import sys
 from dataclasses import dataclass
 from importlib import metadata
 
+from reddwarf.common import subids
 from reddwarf.common.runner import CommandError, run
 
+from . import idmap
 from .settings import Settings
 
 log = logging.getLogger("reddwarf.hostd.template")
@@ -138,24 +140,8 @@ def _write_template_config(path: str) -> None:
 
 def ensure_subids(base: int = IDMAP_BASE, size: int = IDMAP_SIZE,
                   files: tuple[str, ...] = ("/etc/subuid", "/etc/subgid")) -> None:
-    """Gives root the id range its unprivileged containers map onto; idempotent (an existing root line
-    covering the range is kept, nothing else in the files is touched)."""
-    for path in files:
-        try:
-            with open(path) as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            lines = []
-        covered = False
-        for ln in lines:
-            parts = ln.strip().split(":")
-            if len(parts) == 3 and parts[0] in ("root", "0") and parts[1].isdigit() and parts[2].isdigit():
-                start, count = int(parts[1]), int(parts[2])
-                covered = covered or (start <= base and base + size <= start + count)
-        if not covered:
-            with open(path, "a") as f:
-                f.write(f"root:{base}:{size}\n")
-            log.info("subordinate ids given to root", extra={"file": path, "range": f"{base}:{size}"})
+    """Gives root the id range its unprivileged containers map onto (see common/subids.py)."""
+    subids.ensure_subids(base, size, files)
 
 
 _ACL_XATTR = "system.posix_acl_access"
@@ -201,16 +187,52 @@ def grant_search(path: str, uid: int = IDMAP_BASE) -> list[str]:
         d = os.path.dirname(d)
 
 
+def revoke_search(path: str, uid: int) -> list[str]:
+    """Takes back what grant_search gave `uid` on `path` and its ancestors (a container's own range, at its
+    delete: entries for ranges long gone would pile up in the ACLs)."""
+    changed = []
+    d = os.path.realpath(path)
+    while True:
+        try:
+            acl = os.getxattr(d, _ACL_XATTR)
+        except OSError:
+            acl = b""
+        if acl:
+            entries = [struct.unpack_from("<HHI", acl, o) for o in range(4, len(acl), 8)]
+            kept = [e for e in entries if not (e[0] == 0x02 and e[2] == uid)]
+            if len(kept) != len(entries):
+                os.setxattr(d, _ACL_XATTR, struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in kept))
+                changed.append(d)
+        if d == "/":
+            return changed
+        d = os.path.dirname(d)
+
+
+def _relative(i: int, size: int) -> int | None:
+    """Where id `i` sits in its container range (unshifted, the shared range or an isolated one), or None
+    when it is in none of them (a host user's: left alone)."""
+    if i < size:
+        return i
+    if IDMAP_BASE <= i < IDMAP_BASE + size:
+        return i - IDMAP_BASE
+    lo, count = idmap.subid_range()
+    if lo <= i < lo + count:
+        return (i - lo) % idmap.RANGE
+    return None
+
+
 def shift_tree(root: str, base: int = IDMAP_BASE, size: int = IDMAP_SIZE) -> int:
-    """Moves every file's owner below `size` up by `base` (container root 0 -> host `base`), keeping
-    setuid/setgid bits (chown clears them). Files already in the range are left alone; returns the count."""
+    """Moves every file's owner into the range at `base` (container root 0 -> host `base`; an owner in
+    another container range moves to the same place in this one), keeping setuid/setgid bits (chown
+    clears them). Files already in the range are left alone; returns the count."""
     changed = 0
 
     def shift(path: str) -> None:
         nonlocal changed
         st = os.lstat(path)
-        uid = st.st_uid + base if st.st_uid < size else st.st_uid
-        gid = st.st_gid + base if st.st_gid < size else st.st_gid
+        ru, rg = _relative(st.st_uid, size), _relative(st.st_gid, size)
+        uid = st.st_uid if ru is None else base + ru
+        gid = st.st_gid if rg is None else base + rg
         if (uid, gid) == (st.st_uid, st.st_gid):
             return
         os.lchown(path, uid, gid)

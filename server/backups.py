@@ -5,8 +5,8 @@
   when its SHA-256 equals the digest the guest computed (server/backup_store.py).
 - A backup is COMPLETED only after the stored object matches the size and digest the agent reported AND
   the chain restored into a scratch mariadbd in a throw-away sandbox on a host, never on this server:
-  the chain is streamed to hostd's ProveBackup, which runs reddwarf.agent.sandbox (an unprivileged uid in
-  new namespaces, no network, the host's keys and other tenants' volumes hidden) and reddwarf.agent.verify
+  the chain is streamed to hostd's ProveBackup, which runs reddwarf.agent.sandbox (an unprivileged uid of its own
+  user namespace, memory/cpu/pids cgroups, no network, the host's keys and other tenants' volumes hidden) and reddwarf.agent.verify
   there. The per-table checksums of that restored copy are recorded: they are the backup's point in time
   exactly, even when the database was being written to during the backup (a checksum pass on the live
   guest could only approximate it).
@@ -17,13 +17,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
 import random
 import shutil
-import signal
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -301,9 +299,7 @@ class Backups:
         return path
 
     def clear_scratch(self) -> None:
-        for pid in sandbox.leftovers(self.scratch_dir(create=False)):  # a sandbox that outlived us
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        sandbox.clear(self.scratch_dir(create=False))  # a sandbox that outlived us: killed, its cgroups removed
         shutil.rmtree(self.scratch_dir(create=False), ignore_errors=True)
 
     async def backup_failed(self, ctx: tasks.StepContext, fault: str, details: str) -> None:

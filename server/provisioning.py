@@ -22,7 +22,7 @@ from reddwarf.v1 import (
     observe_pb2_grpc,
 )
 
-from . import models, tasks
+from . import models, mysql_ca, tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
 from .auth import certificate_revoked, serial_hex
@@ -123,7 +123,10 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     async def run_schedules() -> None:
         await schedule_loop(app, store, engine)
 
-    wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules]
+    async def renew_mysql_certificates() -> None:
+        await mysql_ca.renew_loop(app, registry)
+
+    wiring.background += [run_engine, registry.run, hosts.refresh_loop, run_schedules, renew_mysql_certificates]
     if st.san_reattach_seconds > 0:
         async def run_san_reattach() -> None:
             await san.reattach_loop(st.san_reattach_seconds)

@@ -194,6 +194,13 @@ def _details(pid: int, argv: list[str]) -> dict[str, Any] | None:
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
         netns = os.readlink(f"/proc/{pid}/ns/net")
+        userns = os.readlink(f"/proc/{pid}/ns/user")
+        with open(f"/proc/{pid}/cgroup") as f:
+            cgroups = {c: path for _, ctrls, path in (ln.rstrip("\n").split(":", 2) for ln in f) for c in ctrls.split(",")}
+        memory_limit = 0
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            with open(f"/sys/fs/cgroup/memory{cgroups['memory']}/memory.limit_in_bytes") as f:
+                memory_limit = int(f.read())
         listening = []
         for table in ("tcp", "tcp6"):
             with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
@@ -201,7 +208,8 @@ def _details(pid: int, argv: list[str]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return {"pid": pid, "uid": [int(x) for x in status["Uid"].split()], "name": status["Name"], "argv": argv,
-            "netns": netns, "listening": listening}
+            "netns": netns, "userns": userns,
+            "cgroups": cgroups, "memory_limit": memory_limit, "listening": listening}
 
 
 def sandbox_processes(marker: str) -> list[dict[str, Any]]:
@@ -234,10 +242,15 @@ async def test_a_proof_restore_runs_as_the_sandbox_uid_without_network_and_gives
     assert result["checksums"] == taken.checksums
     names = {p["name"] for p in seen.values()}
     assert "mariadbd" in names and "mariadb-backup" in names, names
-    ours = os.readlink("/proc/self/ns/net")
+    ours, our_users = os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/user")
     for p in seen.values():
         assert p["uid"] == [sandbox.SANDBOX_UID] * 4, p       # real, effective, saved, fs: never root
         assert p["netns"] != ours, p                            # not the server's network
+        assert p["userns"] != our_users, p                      # in the sandbox's own id map
+        if os.path.isdir("/sys/fs/cgroup/memory"):              # and inside its memory, cpu and pids limits
+            groups = {p["cgroups"][c] for c in ("memory", "cpu", "pids")}
+            assert len(groups) == 1 and groups.pop().startswith("/" + sandbox.CGROUP_PREFIX + "verify-"), p
+            assert p["memory_limit"] == sandbox.Limits().memory_mb * 1024 * 1024, p
         assert p["listening"] == [], p                          # and no TCP listener in its own
         assert not any(a.startswith("--user") for a in p["argv"]), p
         assert not any("plugin-load" in a or "plugin_load" in a for a in p["argv"]), p
@@ -345,16 +358,16 @@ async def test_from_inside_the_sandbox_the_server_secrets_cannot_be_read(tmp_pat
     state = backups.app.settings.state_dir
     stage = tempfile.mkdtemp(prefix="probe-", dir=backups.scratch_dir())
     look = [*secrets, state, os.path.join(state, "pki"), "/etc/shadow", "/root"]
-    with open(os.path.join(stage, sandbox.CONFIG), "w") as f:
-        json.dump({"uid": sandbox.SANDBOX_UID, "hide": backups.secret_paths(), "probe": look}, f)
-    sandbox.chown_tree(stage, sandbox.SANDBOX_UID)
     try:
-        done = subprocess.run(sandbox.sandbox_argv(stage), capture_output=True, text=True, timeout=60)
+        done, _ = await sandbox.launch(stage, {"uid": sandbox.SANDBOX_UID, "hide": backups.secret_paths(),
+                                               "probe": {"paths": look}}, sandbox.Limits(), 60)
     finally:
         subprocess.run(["rm", "-rf", stage], check=False)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["uid"] == seen["euid"] == seen["gid"] == sandbox.SANDBOX_UID and seen["groups"] == []
+    # Inside its user namespace it is INNER_UID, which the host knows as SANDBOX_UID; root there is not ours.
+    assert seen["uid"] == seen["euid"] == seen["gid"] == sandbox.INNER_UID and seen["groups"] == []
+    assert seen["uid_map"] == seen["gid_map"] == [["0", str(sandbox.IDMAP_BASE), str(sandbox.IDMAP_SIZE)]]
     assert int(seen["cap_eff"], 16) == 0 and int(seen["cap_bnd"], 16) == 0 and seen["no_new_privs"] == "1"
     assert seen["interfaces"] == ["lo"]
     readable = seen["readable"]

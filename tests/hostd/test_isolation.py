@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from reddwarf.hostd import idmap
 from reddwarf.hostd.lxc import DROP_CAPS, apparmor_enabled
 from reddwarf.hostd.network import veth_name
 from reddwarf.hostd.template import IDMAP_BASE
@@ -158,14 +159,38 @@ def connect_from_host(address: str, port: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------- root is not root
-def test_root_in_a_container_is_an_unprivileged_id_range_on_the_host(tenants, bridged):
+def container_base(stub, cid: str) -> int:
+    """The host id that is root in container `cid` (its uid_map's first line)."""
+    return int(run_in(stub, cid, "cat /proc/self/uid_map").stdout.decode().split()[1])
+
+
+def test_root_in_a_container_is_an_unprivileged_id_range_of_its_own_on_the_host(tenants, bridged):
     _, stub, _, _ = bridged
+    bases = []
+    for t in tenants:
+        r = run_in(stub, t.id, "cat /proc/self/uid_map /proc/self/gid_map; id -u")
+        base = int(r.stdout.decode().split()[1])
+        assert r.stdout.decode().split() == ["0", str(base), "65536", "0", str(base), "65536", "0"]
+        assert idmap.is_isolated(base)
+        with open(f"/proc/{t.init_pid}/status") as f:
+            uid_line = next(ln for ln in f if ln.startswith("Uid:"))
+        assert uid_line.split()[1:] == [str(base)] * 4  # its PID 1 is its range's first uid to the host
+        bases.append(base)
+    assert abs(bases[0] - bases[1]) >= 65536, "two tenants' ranges do not overlap"
+
+
+def test_the_template_is_seen_through_an_id_mapped_read_only_mount(tenants, bridged):
+    """No copy of the template per range: its files show as the container's root's through an id-mapped
+    lower layer, which neither the container nor anyone else can write."""
+    h, stub, _, _ = bridged
     a = tenants[0]
-    r = run_in(stub, a.id, "cat /proc/self/uid_map /proc/self/gid_map; id -u")
-    assert r.stdout.decode().split() == ["0", str(IDMAP_BASE), "65536", "0", str(IDMAP_BASE), "65536", "0"]
-    with open(f"/proc/{a.init_pid}/status") as f:
-        uid_line = next(ln for ln in f if ln.startswith("Uid:"))
-    assert uid_line.split()[1:] == [str(IDMAP_BASE)] * 4  # its PID 1 is uid 1000000 to the host
+    lower = h.lxc_path / ".lower" / (h.prefix + a.id)
+    with open("/proc/self/mountinfo") as f:
+        line = next(ln for ln in f if ln.split()[4] == str(lower))
+    assert "idmapped" in line.split()[5] and "ro" in line.split()[5].split(","), line
+    assert os.stat(lower / "etc" / "passwd").st_uid == container_base(stub, a.id)
+    r = run_in(stub, a.id, "stat -c %u /etc/passwd /usr/bin/python3")
+    assert r.stdout.decode().split() == ["0", "0"]
 
 
 def test_capabilities_are_dropped_and_seccomp_is_on(tenants, bridged):
@@ -201,7 +226,8 @@ def test_a_host_owned_file_in_the_container_cannot_be_written(tenants, bridged):
     h, stub, _, _ = bridged
     a = tenants[0]
     mnt = h.root / "state" / "mnt" / a.volume_id
-    assert os.stat(mnt).st_uid == IDMAP_BASE
+    base = container_base(stub, a.id)
+    assert os.stat(mnt).st_uid == base
     host_file = mnt / "host-owned"
     host_file.write_text("host\n")
     os.chown(host_file, 0, 0)
@@ -213,7 +239,7 @@ def test_a_host_owned_file_in_the_container_cannot_be_written(tenants, bridged):
         assert host_file.read_text() == "host\n"
         r = run_in(stub, a.id, "touch /var/lib/mysql/mine && stat -c %u /var/lib/mysql/mine")
         assert r.exit_code == 0 and r.stdout.decode().strip() == "0"
-        assert os.stat(mnt / "mine").st_uid == IDMAP_BASE
+        assert os.stat(mnt / "mine").st_uid == base
     finally:
         host_file.unlink()
 
