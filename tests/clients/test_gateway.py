@@ -3,6 +3,7 @@ status codes and error shapes, the tenant check, and python-troveclient (unmodif
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 
 import httpx
@@ -11,7 +12,6 @@ import pytest
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.server import start_server
 
-from .schemathesis_cli import ST
 from .tenant import new_tenant
 
 
@@ -114,11 +114,13 @@ def test_python_troveclient_lists_flavors_through_the_gateway(gw):
 def test_schemathesis_finds_no_server_errors(gw, tmp_path):
     """Property-based requests generated from the gateway's own OpenAPI document, for the token's own tenant
     (other tenants are a plain 403): no 5xx, whatever comes in."""
+    import os
     import re
     base, tid, token, _ = gw
     cfg = tmp_path / "schemathesis.toml"
     cfg.write_text(f'[parameters]\n"path.tenant" = "{tid}"\n')
-    r = subprocess.run([*ST, "--config-file", str(cfg), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
+    st = os.path.join(os.path.dirname(sys.executable), "st")
+    r = subprocess.run([st, "--config-file", str(cfg), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
                         "-H", f"X-Auth-Token: {token}", "--max-examples", "8", "--seed", "7", "--workers", "2",
                         "--phases", "examples,coverage,fuzzing"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays in tmp

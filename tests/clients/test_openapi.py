@@ -5,8 +5,10 @@ against the declared schemas, a body missing a field a Trove client reads does n
 the GET routes' responses conforming."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +22,6 @@ from reddwarf.client.gateway import build_routes
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.waiting import until
-
-from .schemathesis_cli import ST
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,8 @@ def test_schemathesis_finds_the_get_routes_conforming(gw, tmp_path) -> None:
     base, c, _ = gw
     cfg = tmp_path / "schemathesis.toml"
     cfg.write_text(f'[parameters]\n"path.tenant" = "{c.tenant}"\n')
-    r = subprocess.run([*ST, "--config-file", str(cfg), "run", f"{base}/openapi.json", "--include-method", "GET",
+    st = os.path.join(os.path.dirname(sys.executable), "st")
+    r = subprocess.run([st, "--config-file", str(cfg), "run", f"{base}/openapi.json", "--include-method", "GET",
                         "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                         "response_schema_conformance", "-H", f"X-Auth-Token: {c.token}", "--max-examples", "5",
                         "--seed", "11", "--phases", "examples,fuzzing"],
