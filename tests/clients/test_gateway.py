@@ -121,7 +121,10 @@ def test_schemathesis_finds_no_server_errors(gw, tmp_path):
     cfg.write_text(f'[parameters]\n"path.tenant" = "{tid}"\n')
     st = os.path.join(os.path.dirname(sys.executable), "st")
     r = subprocess.run([st, "--config-file", str(cfg), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
-                        "-H", f"X-Auth-Token: {token}", "--max-examples", "8", "--seed", "7", "--workers", "2",
+                        # One worker: on CPython 3.11.7 two threads in `ast` at once (Hypothesis describing its
+                        # strategies, now that request bodies are declared) corrupt its shared recursion counter
+                        # ("SystemError: AST constructor recursion depth mismatch"), a Runtime Error, not a finding.
+                        "-H", f"X-Auth-Token: {token}", "--max-examples", "8", "--seed", "7", "--workers", "1",
                         "--phases", "examples,coverage,fuzzing"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache stays in tmp
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
