@@ -369,6 +369,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             s.delete(row)
         return empty_pb2.Empty()
 
+    @grpc_edge
+    async def MigrateInstance(self, request: admin_pb2.MigrateInstanceRequest, context: Context) -> admin_pb2.Task:
+        """Submits a migrate_instance task (server/migration.py) once the instance and the target are checked;
+        a refusal changes nothing."""
+        from .migration import submit_migration  # it builds on the instance tasks, which import this module
+        iid = resource_id(request.instance, "instances", "instance")
+        host = resource_id(request.host, "hosts", "host") if request.host else ""
+        with self.app.sessions() as s, s.begin():
+            task = submit_migration(s, iid, host)
+            s.flush()
+            return task_pb(task)
+
     # -- tasks -----------------------------------------------------------------------------------
     @grpc_edge
     async def GetTask(self, request: admin_pb2.GetTaskRequest, context: Context) -> admin_pb2.Task:

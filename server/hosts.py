@@ -71,6 +71,7 @@ class HostClient:
         self.GetVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetVolume)
         self.ExportVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ExportVolume)
         self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
+        self.GetContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetContainer)
         self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)
         self.StopContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StopContainer)
         self.SetLimits = HostRpc(pool=pool, host_id=host_id, rpc=stub.SetLimits)

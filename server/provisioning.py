@@ -36,6 +36,7 @@ from .guest_health import GuestHealthRecorder
 from .guest_logs import LogsServicer
 from .hosts import HostPool
 from .instance_tasks import InstanceTasks
+from .migration import Migrations
 from .instances import InstancesServicer
 from .pagination import Paginator
 from .san import SanVolumes
@@ -81,7 +82,7 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                                                 ("verify_backup",))],
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change, on_end=wiring.metrics.task_ended)
-    for kind in instance_tasks.kinds() + backups.kinds():
+    for kind in instance_tasks.kinds() + Migrations(instance_tasks).kinds() + backups.kinds():
         engine.register(kind)
 
     db = database_pb2.DESCRIPTOR
