@@ -858,17 +858,26 @@ def host_register(host_id: str, address: str) -> None:
 @host_app.command("drain")
 @output_options
 def host_drain(host: str, undo: bool = typer.Option(False, "--undo", help="Take new instances again.")) -> None:
+    """Takes nothing new and migrates every instance on a SAN volume off the host (loop volumes stay)."""
     run(lambda: emit(client().drain_host(host, not undo), HOST_FIELDS))
-
-
-@host_app.command("delete")
-def host_delete(host: str) -> None:
-    run(lambda: client().delete_host(host))
 
 
 TASK_FIELDS: list[Column] = [
     ("id", lambda t: t.id), ("kind", lambda t: t.kind), ("resource", lambda t: t.resource),
     ("state", lambda t: enum_name(t, "state")), ("step", lambda t: t.current_step)]
+
+
+@host_app.command("evacuate")
+@output_options
+def host_evacuate(host: str = typer.Argument(..., metavar="NAME", help="Host id.")) -> None:
+    """Treats a host as lost now: fences it (certificate revoked, initiator out of every LUN ACL), then moves
+    its SAN-backed instances to hosts with room; instances on loop volumes go to ERROR saying why."""
+    run(lambda: emit(client().evacuate_host(host), TASK_FIELDS))
+
+
+@host_app.command("delete")
+def host_delete(host: str) -> None:
+    run(lambda: client().delete_host(host))
 
 
 @admin_instance_app.command("migrate")

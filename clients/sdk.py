@@ -543,6 +543,11 @@ class Client:
         return self._call(self.admin.MigrateInstance, apb.MigrateInstanceRequest(
             instance=r.resource("instances", instance), host=r.resource("hosts", host) if host else ""))
 
+    def evacuate_host(self, host: str) -> apb.Task:
+        """Declares a host lost: the server fences it (certificate revoked, initiator out of every LUN ACL),
+        then moves its SAN-backed instances to hosts with room. The evacuate_host task."""
+        return self._call(self.admin.EvacuateHost, apb.EvacuateHostRequest(name=r.resource("hosts", host)))
+
     def delete_host(self, host: str) -> None:
         self._call(self.admin.DeleteHost, apb.DeleteHostRequest(name=r.resource("hosts", host)))
 

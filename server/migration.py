@@ -23,14 +23,20 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.common.errors import (FailedPrecondition, InvalidArgument, NotFound, RedDwarfError,
-                                    ResourceExhausted)
+from reddwarf.common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    RedDwarfError,
+    ResourceExhausted,
+)
 from reddwarf.common.states import HostState, InstanceStatus
 from reddwarf.v1 import host_pb2
 
@@ -44,6 +50,8 @@ from .san import ISCSI
 
 log = logging.getLogger("reddwarf.server.migration")
 KIND = "migrate_instance"
+EVACUATE_HOST = "evacuate_host"
+EVACUATE_INSTANCE = "evacuate_instance"
 # Stored statuses an instance cannot be moved from: not built yet, broken, stopped or gone.
 UNMOVABLE = {InstanceStatus.BUILD: "is still being built (BUILD)", InstanceStatus.ERROR: "is in ERROR",
              InstanceStatus.FAILED: "has FAILED", STOPPED: "is stopped; start it first",
@@ -54,8 +62,10 @@ def _free_memory(s: Session, h: models.Host) -> float:
     return h.memory_mb_total * (h.memory_overcommit or 1.0) - allocated(s, models.Instance.host_id == h.id).memory_mb
 
 
-def _target_ok(s: Session, h: models.Host, source: str, memory_mb: int, field: str) -> None:
-    """Refuses a target host that cannot take the instance, naming why."""
+def _target_ok(s: Session, h: models.Host, source: str, memory_mb: int, field: str,
+               reserved: dict[str, float] | None = None) -> None:
+    """Refuses a target host that cannot take the instance, naming why. `reserved`: memory already promised
+    to it by moves submitted in this transaction (a drain's earlier instances)."""
     if h.id == source:
         raise InvalidArgument(f"the instance is on host {h.id} already; name another host", field=field)
     if h.mode == "storage":
@@ -65,21 +75,22 @@ def _target_ok(s: Session, h: models.Host, source: str, memory_mb: int, field: s
     if h.volume_driver != ISCSI or not h.initiator_iqn:
         raise FailedPrecondition(f"host {h.id} has no iSCSI initiator (volume driver {h.volume_driver or 'unknown'!r})"
                                  "; a SAN volume cannot be attached there", field=field)
-    free = _free_memory(s, h)
+    free = _free_memory(s, h) - (reserved or {}).get(h.id, 0.0)
     if free < memory_mb:
         raise ResourceExhausted(f"host {h.id} has no room: {int(free)} MB memory free, the instance needs "
                                 f"{memory_mb} MB", field=field)
 
 
-def pick_target(s: Session, source: str, memory_mb: int, field: str = "host") -> str:
+def pick_target(s: Session, source: str, memory_mb: int, field: str = "host",
+                reserved: dict[str, float] | None = None) -> str:
     """The up iscsi compute host (not the source) with the most free memory that fits the instance."""
     best: tuple[float, str] | None = None
     for h in s.scalars(select(models.Host).where(models.Host.id != source)).all():
         try:
-            _target_ok(s, h, source, memory_mb, field)
+            _target_ok(s, h, source, memory_mb, field, reserved)
         except RedDwarfError:
             continue
-        free = _free_memory(s, h)
+        free = _free_memory(s, h) - (reserved or {}).get(h.id, 0.0)
         if best is None or free > best[0]:
             best = (free, h.id)
     if best is None:
@@ -88,7 +99,13 @@ def pick_target(s: Session, source: str, memory_mb: int, field: str = "host") ->
     return best[1]
 
 
-def submit_migration(s: Session, iid: str, host: str, field: str = "host") -> models.Task:
+def _generation(task_id: str) -> int:
+    """One enrollment token per container made for an instance: a move's is derived from its task."""
+    return int(hashlib.sha256(task_id.encode()).hexdigest()[:12], 16)
+
+
+def submit_migration(s: Session, iid: str, host: str, field: str = "host",
+                     reserved: dict[str, float] | None = None) -> models.Task:
     """Checks that the instance can move (to `host`, or to one the scheduler picks when it is ""), then adds
     its migrate_instance task in the caller's transaction. Raises, with nothing changed, when it cannot."""
     row = s.get(models.Instance, iid)
@@ -113,19 +130,51 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host") -> mo
         target = s.get(models.Host, host)
         if target is None:
             raise NotFound(f"host {host!r} is not registered", field=field)
-        _target_ok(s, target, row.host_id, memory_mb, field)
+        _target_ok(s, target, row.host_id, memory_mb, field, reserved)
         target_id = target.id
     else:
-        target_id = pick_target(s, row.host_id, memory_mb, field)
-    task_id = tasks.submit(s, KIND, f"instances/{iid}", {"source": row.host_id, "target": target_id}).id
-    # One enrollment token per container made for the instance: this move's is derived from its task.
-    generation = int(hashlib.sha256(task_id.encode()).hexdigest()[:12], 16)
-    task = s.get(models.Task, task_id)
-    assert task is not None
-    task.params = {**task.params, "token_generation": generation}
+        target_id = pick_target(s, row.host_id, memory_mb, field, reserved)
+    task_id = str(uuid.uuid4())
+    task = tasks.submit(s, KIND, f"instances/{iid}", {"source": row.host_id, "target": target_id,
+                                                      "token_generation": _generation(task_id)}, task_id=task_id)
+    if reserved is not None:
+        reserved[target_id] = reserved.get(target_id, 0.0) + memory_mb
     s.flush()
     log.info("migration submitted", extra={"instance": iid, "source": row.host_id, "target": target_id})
     return task
+
+
+def drain(s: Session, host_id: str) -> tuple[list[str], list[str]]:
+    """DrainHost: the host takes nothing new, and every instance on a SAN volume there gets a migrate task to
+    a host the scheduler picks (all in the caller's transaction). Returns (migrated instance ids, the others,
+    each with why it stays: a loop volume, a task running, no room)."""
+    row = s.get(models.Host, host_id)
+    assert row is not None
+    if row.state == HostState.UP:
+        row.state = HostState.DRAINING
+    moved: list[str] = []
+    stays: list[str] = []
+    reserved: dict[str, float] = {}
+    for iid in s.scalars(select(models.Instance.id).where(models.Instance.host_id == host_id,
+                                                          models.Instance.deleted_at.is_(None))
+                         .order_by(models.Instance.created_at, models.Instance.id)).all():
+        try:
+            submit_migration(s, iid, "", reserved=reserved)  # checks all before it adds anything
+            moved.append(iid)
+        except RedDwarfError as exc:
+            stays.append(f"{iid}: {exc.message}")
+    log.info("host drained", extra={"host": host_id, "migrating": len(moved), "staying": len(stays)})
+    return moved, stays
+
+
+def submit_evacuation(s: Session, host_id: str, reason: str) -> models.Task:
+    """Adds the evacuate_host task of a lost host (or returns the one already under way)."""
+    running = tasks.active_task_for(s, f"hosts/{host_id}")
+    if running is not None and running.kind == EVACUATE_HOST:
+        return running
+    if running is not None:
+        raise FailedPrecondition(f"host {host_id} has a {running.kind} task running", field="name")
+    return tasks.submit(s, EVACUATE_HOST, f"hosts/{host_id}", {"reason": reason})
 
 
 @dataclass(eq=False)
@@ -142,6 +191,118 @@ class Migrations:
             S("wait_agent", it.step_wait_agent), S("prepare", self.step_prepare), S("activate", it.step_activate)),
             compensate=self.compensate, on_failed=self.failed, max_attempts=10)]
 
+    def evacuation_kinds(self) -> list[tasks.TaskKind]:
+        S = tasks.Step
+        it = self.it
+        return [
+            tasks.TaskKind(EVACUATE_HOST, (
+                S("fence_host", self.step_fence_host), S("fence_volumes", self.step_fence_volumes),
+                S("evacuate", self.step_evacuate)), max_attempts=30),
+            tasks.TaskKind(EVACUATE_INSTANCE, (
+                S("choose_target", self.step_choose_target), S("revoke_old", self.step_revoke_old),
+                S("move_volume", self.step_move_volume), S("create_container", it.step_create_container),
+                S("start_container", it.step_start_container), S("wait_agent", it.step_wait_agent),
+                S("prepare", self.step_prepare), S("activate", it.step_activate)),
+                on_failed=self.failed, max_attempts=20)]
+
+    # -- evacuate_host: fence first, then move --------------------------------------------------------
+    def _on_host(self, host_id: str) -> list[models.Instance]:
+        with self.it.app.sessions() as s:
+            rows = list(s.scalars(select(models.Instance).where(models.Instance.host_id == host_id,
+                                                                models.Instance.deleted_at.is_(None))
+                                  .order_by(models.Instance.created_at, models.Instance.id)))
+            for r in rows:
+                s.expunge(r)
+            return rows
+
+    async def step_fence_host(self, ctx: tasks.StepContext) -> None:
+        """The host is FENCED (it takes nothing, the watch does not revive it) and its certificate revoked:
+        the CRL the server pushes to every other host makes them refuse it."""
+        hid = ctx.resource_id
+
+        def fence() -> int:
+            with self.it.app.sessions() as s, s.begin():
+                row = s.get(models.Host, hid)
+                if row is None:
+                    raise NotFound(f"host {hid} is not registered", field="name")
+                row.state = HostState.FENCED
+                return revoke_identity(self.it.app, s, f"spiffe://reddwarf/host/{hid}",
+                                       f"host lost: {ctx.params.get('reason', '')}"[:255])
+        revoked = await asyncio.to_thread(fence)
+        log.warning("host fenced", extra={"host": hid, "certificates_revoked": revoked,
+                                          "reason": ctx.params.get("reason", "")})
+
+    async def step_fence_volumes(self, ctx: tasks.StepContext) -> None:
+        """Every LUN of an instance on the host admits nobody (tgtd drops its sessions at once), before
+        anything of it starts elsewhere: a half-alive host cannot write another byte."""
+        for row in self._on_host(ctx.resource_id):
+            if row.storage_host_id and row.volume_driver == ISCSI:
+                await self.it.san._san_call(row.storage_host_id, "ExportVolume",
+                                            host_pb2.ExportVolumeRequest(id=row.id, initiator_iqn=""), timeout=60)
+
+    async def step_evacuate(self, ctx: tasks.StepContext) -> None:
+        """An evacuate_instance task for each instance on a SAN volume; an instance on a loop volume goes to
+        ERROR saying why it cannot follow. One with a task of its own running is left to it."""
+        hid = ctx.resource_id
+        reason = ctx.params.get("reason", "")
+
+        def submit() -> tuple[int, int]:
+            moved = stuck = 0
+            with self.it.app.sessions() as s, s.begin():
+                for row in s.scalars(select(models.Instance).where(models.Instance.host_id == hid,
+                                                                   models.Instance.deleted_at.is_(None))).all():
+                    tid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{ctx.task_id}/{row.id}"))
+                    if s.get(models.Task, tid) is not None:
+                        continue  # submitted before a restart of this step
+                    running = tasks.active_task_for(s, f"instances/{row.id}")
+                    if running is not None:
+                        log.warning("instance on a lost host has a task running; left to it",
+                                    extra={"instance": row.id, "task": running.id, "kind": running.kind})
+                        continue
+                    if row.storage_host_id and row.volume_driver == ISCSI:
+                        tasks.submit(s, EVACUATE_INSTANCE, f"instances/{row.id}",
+                                     {"source": hid, "token_generation": _generation(tid)}, task_id=tid)
+                        moved += 1
+                    elif row.status != InstanceStatus.ERROR:
+                        row.status = InstanceStatus.ERROR
+                        row.fault_message = (
+                            f"host {hid} was lost ({reason}); this instance's {row.volume_driver or 'loop'} "
+                            "volume is a file on that host's own disk, so it cannot be evacuated to another "
+                            "host. It comes back only if the host does.")
+                        row.fault_details = f"host={hid} volume_driver={row.volume_driver or 'loop'}"
+                        row.fault_at = utcnow()
+                        stuck += 1
+            return moved, stuck
+        moved, stuck = await asyncio.to_thread(submit)
+        for row in self._on_host(hid):
+            self.it.registry.disconnect(row.id)
+            self.it.events.publish(row.id)
+        log.warning("host evacuated", extra={"host": hid, "evacuating": moved, "cannot_move": stuck})
+
+    # -- evacuate_instance ----------------------------------------------------------------------------
+    async def step_choose_target(self, ctx: tasks.StepContext) -> None:
+        if ctx.params.get("target"):
+            return
+        row = self.it._row(ctx.resource_id)
+
+        def pick() -> str:
+            with self.it.app.sessions() as s:
+                f = s.get(models.Flavor, row.flavor_id)
+                return pick_target(s, ctx.params["source"], f.memory_mb if f is not None else 0)
+        await ctx.save(target=await asyncio.to_thread(pick))
+
+    async def step_revoke_old(self, ctx: tasks.StepContext) -> None:
+        """The old guest's certificates are revoked: an agent on the lost host that is still alive cannot
+        come back as the instance."""
+        iid = ctx.resource_id
+
+        def revoke() -> None:
+            with self.it.app.sessions() as s, s.begin():
+                revoke_identity(self.it.app, s, f"spiffe://reddwarf/instance/{iid}", "instance evacuated")
+        await asyncio.to_thread(revoke)
+        self.it.registry.disconnect(iid)
+
+    # -- migrate_instance -----------------------------------------------------------------------------
     async def step_stop_source(self, ctx: tasks.StepContext) -> None:
         row = self.it._row(ctx.resource_id)
         if row.host_id != ctx.params["source"]:
