@@ -9,9 +9,11 @@ the target's initiator alone (the source holds no session, no container, no moun
 after the commit point finishes the move once when it comes back, and refusals change nothing."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -23,8 +25,12 @@ import pytest
 from typer.testing import CliRunner
 
 from reddwarf.client import cli
+from reddwarf.common.errors import RedDwarfError
+from reddwarf.common.pki import TlsFiles
 from reddwarf.hostd import qsd
-from reddwarf.hostd.iscsi import TargetHost
+from reddwarf.hostd.iscsi import Chap, Locator, TargetHost
+from reddwarf.server import db, models
+from reddwarf.server.sealing import PasswordSealer
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc, host_pb2, host_pb2_grpc
 from tests.fixtures.cluster import host_files
 from tests.fixtures.hostd import RunningHostd, start_hostd
@@ -74,28 +80,44 @@ class Fleet:
         wait_ready(s.api, s.admin_files, self.proc, log_path)
 
 
+def recorded_host_files(admin: admin_pb2_grpc.AdminStub, directory: Path, host_id: str) -> TlsFiles:
+    """A host certificate the server issued and recorded (as enrollment does), so fencing can revoke it."""
+    cert = admin.IssueCertificate(admin_pb2.IssueCertificateRequest(role="host", id=host_id, days=30))
+    pem = cert.certificate_pem
+    cut = pem.index("-----BEGIN", pem.index("-----END CERTIFICATE-----"))
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(directory / "host.pem", directory / "host.key", directory / "ca.pem")
+    files.cert.write_text(pem[:cut])
+    files.key.write_text(pem[cut:])
+    files.key.chmod(0o600)
+    files.ca.write_text(cert.ca_pem)
+    return files
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("migrate")
     control_port = 20000 + free_port() % 10000
     with host_network(["san", "a", "b"]) as net:
+        # The host watch probes every second and a host silent for 4 s is lost.
         env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600", "REDDWARF_SAN_REATTACH_SECONDS": "0",
+               "REDDWARF_HOST_CHECK_SECONDS": "1", "REDDWARF_HOST_LOST_SECONDS": "4",
                "REDDWARF_AGENT_LISTEN": f"{net.gateway}:{free_port()}",
                "REDDWARF_ENROLL_LISTEN": f"{net.gateway}:{free_port()}"}
         with start_server(root, extra_env=env) as server:
             f: Fleet | None = None
+            admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
             try:
                 with start_hostd(root / "san", host_files(server.ca, root / "san-tls", "h-san"), host_id="h-san",
                                  listen_host=net["san"].address, wrap=tuple(net["san"].argv([])),
                                  extra_args=("--mode", "storage", "--iscsi-portal", f"{net['san'].address}:3260",
                                              "--iscsi-control-port", str(control_port))) as sanh, \
-                        start_hostd(root / "a", host_files(server.ca, root / "a-tls", "h-a"), host_id="h-a",
+                        start_hostd(root / "a", recorded_host_files(admin, root / "a-tls", "h-a"), host_id="h-a",
                                     listen_host=net["a"].address, wrap=tuple(net["a"].argv([])), driver="fake",
                                     volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as a, \
-                        start_hostd(root / "b", host_files(server.ca, root / "b-tls", "h-b"), host_id="h-b",
+                        start_hostd(root / "b", recorded_host_files(admin, root / "b-tls", "h-b"), host_id="h-b",
                                     listen_host=net["b"].address, wrap=tuple(net["b"].argv([])), driver="fake",
                                     volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as b:
-                    admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
                     for h in (sanh, a, b):
                         admin.RegisterHost(admin_pb2.RegisterHostRequest(
                             host=admin_pb2.Host(id=h.host_id, address=h.address)))
@@ -198,3 +220,124 @@ def test_migrate_moves_the_instance_with_its_data_and_a_crash_after_the_commit_p
 
     fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
     until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+
+
+def create(f: Fleet, name: str) -> database_pb2.Instance:
+    inst = f.instances.CreateInstance(database_pb2.CreateInstanceRequest(
+        instance=database_pb2.Instance(display_name=name, flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
+        metadata=f.md)
+    return settled(f, inst.name)
+
+
+def host_state(f: Fleet, host: str) -> int:
+    return f.admin.GetHost(admin_pb2.GetHostRequest(name=f"hosts/{host}")).state
+
+
+def test_drain_migrates_every_instance_off_the_host(fleet):
+    inst = create(fleet, "drained")
+    source = inst.host.removeprefix("hosts/")
+    other = "h-b" if source == "h-a" else "h-a"
+    marker = uuid.uuid4().hex
+    (fleet.mount(source, inst.id) / MARKER).write_text(marker)
+    h = fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{source}", drain=True))
+    assert h.state == admin_pb2.HOST_STATE_DRAINING
+    [task] = fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=inst.name)).tasks[:1]
+    assert task.kind == "migrate_instance"
+    assert wait_task(fleet, task.id).state == admin_pb2.TASK_STATE_SUCCEEDED
+    settled(fleet, inst.name)
+    assert_lives_on(fleet, inst.id, other, source, marker)
+    assert fleet.admin.GetHost(admin_pb2.GetHostRequest(name=f"hosts/{source}")).instances == []
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{source}", drain=False))
+    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
+    until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+
+
+def netns_pids(f: Fleet, host: str) -> list[int]:
+    """Every process in that host's network namespace: its hostd, its guests, its initiator daemons."""
+    ns = os.stat(f.net[host].netns_path).st_ino
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.stat(f"/proc/{d}/ns/net").st_ino == ns:
+                    pids.append(int(d))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_lost_host_is_fenced_its_instance_comes_back_elsewhere_and_the_host_rejoins_empty(fleet):
+    # The instance on h-b (h-a takes nothing new while it is created).
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-a", drain=True))
+    inst = create(fleet, "survivor")
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-a", drain=False))
+    assert inst.host == "hosts/h-b"
+    marker = uuid.uuid4().hex
+    fd = os.open(fleet.mount("h-b", inst.id) / MARKER, os.O_WRONLY | os.O_CREAT | os.O_SYNC, 0o644)
+    os.write(fd, marker.encode())
+    os.fsync(fd)
+    os.close(fd)
+    hostd_pid = fleet.computes["h-b"].proc.pid
+    with open(f"/proc/{hostd_pid}/cmdline", "rb") as cmd:
+        argv = [a.decode() for a in cmd.read().split(b"\0") if a]
+
+    # Every process of h-b dies at once: hostd, the guest, the initiator.
+    pids = netns_pids(fleet, "b")
+    assert hostd_pid in pids and len(pids) >= 3
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    fleet.computes["h-b"].proc.wait(timeout=30)
+
+    until(lambda: host_state(fleet, "h-b"), lambda st: st == admin_pb2.HOST_STATE_FENCED, timeout=60,
+          what="h-b fenced", interval=0.2)
+    back = until(lambda: get(fleet, inst.name), lambda i: i.host == "hosts/h-a" and i.status == ACTIVE
+                 and not i.task, timeout=120, what="ACTIVE on h-a", interval=0.3)
+    assert back.status == ACTIVE
+    t = fleet.target().find(f"iqn.2024-01.reddwarf:vol.{inst.id}")
+    assert t is not None and t.acl == (IQN + "h-a",)
+    assert [s.initiator for s in t.sessions] == [IQN + "h-a"]
+    assert (fleet.mount("h-a", inst.id) / MARKER).read_text() == marker
+    # h-b's certificate is revoked, and its initiator cannot log in to the LUN again, even with the right CHAP.
+    certs = fleet.admin.ListCertificates(admin_pb2.ListCertificatesRequest()).certificates
+    assert [c.revoked for c in certs if c.identity == "spiffe://reddwarf/host/h-b"] == [True]
+    server_state = fleet.server.state_dir
+    sealer = PasswordSealer((server_state / "secret").read_bytes())
+    with db.session_factory(db.make_engine(f"sqlite:///{server_state}/state.db"))() as s:
+        row = s.get(models.Instance, inst.id)
+        assert row is not None
+        chap, locator = Chap(f"rd-{inst.id[:24]}", sealer.unseal(row.volume_chap)), Locator.parse(row.volume_locator)
+    probe = qsd.UserspaceInitiator(str(fleet.computes["h-b"].root / "probe"))
+    try:
+        with pytest.raises(RedDwarfError):
+            probe.login(inst.id, locator, IQN + "h-b", chap)
+    finally:
+        probe.logout(inst.id)
+
+    # h-b comes back (its hostd restarted on the same state, the dead initiator's mounts cleared as a reboot
+    # would): it gives up the instance's container and volume, gets a new certificate and is UP again.
+    b = fleet.computes["h-b"]
+    stale = [line.split()[1] for line in open("/proc/mounts") if str(b.root) in line.split()[1]]
+    for mnt in sorted(stale, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=30)
+    for dev in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
+        if str(b.root) in dev:
+            subprocess.run(["losetup", "-d", dev.split(":")[0]], capture_output=True, timeout=30)
+    with open(b.log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        until(lambda: host_state(fleet, "h-b"), lambda st: st == admin_pb2.HOST_STATE_UP, timeout=90,
+              what="h-b rejoined", interval=0.5)
+        hb = fleet.hostd("h-b")
+        assert hb.ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers == []
+        assert hb.ListVolumes(host_pb2.ListVolumesRequest(), timeout=30).volumes == []
+        live = [c for c in fleet.admin.ListCertificates(admin_pb2.ListCertificatesRequest()).certificates
+                if c.identity == "spiffe://reddwarf/host/h-b" and not c.revoked]
+        assert len(live) == 1
+        # The volume was not touched: still ACTIVE on h-a with its bytes.
+        assert get(fleet, inst.name).status == ACTIVE
+        assert (fleet.mount("h-a", inst.id) / MARKER).read_text() == marker
+        fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
+        until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+    finally:
+        stop_process(proc)
