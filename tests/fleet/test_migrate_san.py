@@ -279,7 +279,7 @@ def test_a_lost_host_is_fenced_its_instance_comes_back_elsewhere_and_the_host_re
     os.close(fd)
     hostd_pid = fleet.computes["h-b"].proc.pid
     with open(f"/proc/{hostd_pid}/cmdline", "rb") as cmd:
-        argv = [a.decode() for a in cmd.read().split(b"\0") if a]
+        argv = [a.decode() for a in cmd.read().split(b"\0") if a]  # nsenter exec'd it: back into the netns
 
     # Every process of h-b dies at once: hostd, the guest, the initiator.
     pids = netns_pids(fleet, "b")
@@ -324,7 +324,7 @@ def test_a_lost_host_is_fenced_its_instance_comes_back_elsewhere_and_the_host_re
         if str(b.root) in dev:
             subprocess.run(["losetup", "-d", dev.split(":")[0]], capture_output=True, timeout=30)
     with open(b.log_path, "ab") as logf:
-        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(fleet.net["b"].argv(argv), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         until(lambda: host_state(fleet, "h-b"), lambda st: st == admin_pb2.HOST_STATE_UP, timeout=90,
               what="h-b rejoined", interval=0.5)
