@@ -98,7 +98,7 @@ def recorded_host_files(admin: admin_pb2_grpc.AdminStub, directory: Path, host_i
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("migrate")
     control_port = 20000 + free_port() % 10000
-    with host_network(["san", "a", "b"]) as net:
+    with host_network(["san", "a", "b", "c"]) as net:
         # The host watch probes every second and a host silent for 4 s is lost.
         env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600", "REDDWARF_SAN_REATTACH_SECONDS": "0",
                "REDDWARF_HOST_CHECK_SECONDS": "1", "REDDWARF_HOST_LOST_SECONDS": "4",
@@ -117,13 +117,19 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
                                     volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as a, \
                         start_hostd(root / "b", recorded_host_files(admin, root / "b-tls", "h-b"), host_id="h-b",
                                     listen_host=net["b"].address, wrap=tuple(net["b"].argv([])), driver="fake",
-                                    volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as b:
-                    for h in (sanh, a, b):
+                                    volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as b, \
+                        start_hostd(root / "c", recorded_host_files(admin, root / "c-tls", "h-c"), host_id="h-c",
+                                    listen_host=net["c"].address, wrap=tuple(net["c"].argv([])),
+                                    driver="fake") as c:
+                    for h in (sanh, a, b, c):
                         admin.RegisterHost(admin_pb2.RegisterHostRequest(
                             host=admin_pb2.Host(id=h.host_id, address=h.address)))
                     admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id="moveco")))
                     token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant="tenants/moveco")).secret
-                    f = Fleet(net, server, env, sanh, {"h-a": a, "h-b": b}, control_port,
+                    # h-c keeps its volumes on its own disk (the fake driver's loop files); it takes nothing
+                    # unless a test says so.
+                    admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-c", drain=True))
+                    f = Fleet(net, server, env, sanh, {"h-a": a, "h-b": b, "h-c": c}, control_port,
                               (("authorization", f"Bearer {token}"),))
                     try:
                         yield f
@@ -250,6 +256,49 @@ def test_drain_migrates_every_instance_off_the_host(fleet):
     fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{source}", drain=False))
     fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
     until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+
+
+def test_evacuating_a_host_by_hand_puts_an_instance_on_a_local_volume_in_error_saying_why(fleet):
+    for h in ("h-a", "h-b"):
+        fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{h}", drain=True))
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-c", drain=False))
+    try:
+        inst = create(fleet, "local")
+    finally:
+        for h in ("h-a", "h-b"):
+            fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{h}", drain=False))
+        fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-c", drain=True))
+    assert inst.host == "hosts/h-c" and inst.volume.driver != "iscsi"
+    # Its migration is refused, naming the cause.
+    with pytest.raises(grpc.RpcError) as exc:
+        fleet.admin.MigrateInstance(admin_pb2.MigrateInstanceRequest(instance=inst.name, host="h-a"))
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "cannot move" in (exc.value.details() or "")
+    # A SAN node is not evacuated.
+    with pytest.raises(grpc.RpcError) as exc:
+        fleet.admin.EvacuateHost(admin_pb2.EvacuateHostRequest(name="hosts/h-san"))
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    f = fleet.server.admin_files
+    env = {"REDDWARF_ENDPOINT": fleet.server.api, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert),
+           "REDDWARF_KEY": str(f.key), "REDDWARF_CONFIG": "/nonexistent"}
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["--json", "admin", "host", "evacuate", "h-c"], env=env)
+    assert r.exit_code == 0, r.output
+    shown = json.loads(r.output)
+    assert shown["kind"] == "evacuate_host" and shown["resource"] == "hosts/h-c"
+    assert wait_task(fleet, shown["id"]).state == admin_pb2.TASK_STATE_SUCCEEDED
+    broken = get(fleet, inst.name)
+    assert broken.status == database_pb2.INSTANCE_STATUS_ERROR and broken.host == "hosts/h-c"
+    assert "cannot be evacuated" in broken.fault.message and "host h-c was lost" in broken.fault.message
+    # h-c is alive: once fenced it answers the watch, keeps what is still its own, gets a new certificate
+    # and is UP again.
+    until(lambda: host_state(fleet, "h-c"), lambda st: st == admin_pb2.HOST_STATE_UP, timeout=60,
+          what="h-c rejoined", interval=0.3)
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-c", drain=True))  # it takes nothing again
+    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
+    until(lambda: fleet.hostd("h-c").ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers,
+          lambda cs: len(cs) == 0, timeout=60, what="its container deleted", interval=0.3)
 
 
 def netns_pids(f: Fleet, host: str) -> list[int]:
