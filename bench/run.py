@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("agent_streams", "1,000 agent streams on one server"),
     ("backup_bench", "backup/restore MB/s vs raw mariadb-backup"),
     ("api_bench", "unary API (GetFlavor, GetInstance) vs a bare grpc.aio server"),
+    ("list_bench", "ListInstances paging over 10,000 instances on SQLite and MariaDB"),
     ("gateway_bench", "REST gateway overhead vs gRPC"),
     ("isolation_bench", "noisy neighbour and container vs bare"),
     ("chaos_bench", "seeded random kills: convergence and lost rows"),

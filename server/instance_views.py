@@ -3,11 +3,12 @@ state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE; a sto
 the Instance message, and the ownership check every instance-scoped call starts with."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from reddwarf.common import states
 from reddwarf.common.clock import now as utcnow
@@ -58,10 +59,48 @@ def reported_service_state(health: dict[str, Any] | None) -> ServiceState | None
         return None
 
 
-def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
-                   ) -> tuple[InstanceStatus, models.Task | None]:
+@dataclass(frozen=True)
+class Related:
+    """What an instance's view needs besides its row, read for many instances at once: its running task (the
+    oldest active one), its newest task of any state, and its configuration-group binding."""
+    active: dict[str, models.Task] = field(default_factory=dict)
+    newest: dict[str, models.Task] = field(default_factory=dict)
+    configs: dict[str, models.InstanceConfiguration] = field(default_factory=dict)
+
+
+_T = aliased(models.Task)
+# Every active task of the instances asked for, and each one's newest task: one statement, built once.
+_RELATED_TASKS = (
+    select(models.Task)
+    .where(models.Task.resource.in_(bindparam("resources", expanding=True)),
+           or_(models.Task.state.in_(tasks.ACTIVE_STATES),
+               models.Task.created_at == select(func.max(_T.created_at)).where(_T.resource == models.Task.resource)
+               .correlate(models.Task).scalar_subquery()))
+    .order_by(models.Task.created_at, models.Task.id))
+_CONFIGS = select(models.InstanceConfiguration).where(
+    models.InstanceConfiguration.instance_id.in_(bindparam("ids", expanding=True)))
+
+
+def related(s: Session, ids: list[str]) -> Related:
+    """Two queries for any number of instances (ListInstances pages, GetInstance)."""
+    if not ids:
+        return Related()
+    out = Related()
+    for t in s.scalars(_RELATED_TASKS, {"resources": [f"instances/{i}" for i in ids]}):
+        iid = t.resource.removeprefix("instances/")
+        if t.state in tasks.ACTIVE_STATES:
+            out.active.setdefault(iid, t)  # ordered by created_at: the oldest active task wins
+        out.newest[iid] = t  # ordered: the last one seen is the newest
+    for c in s.scalars(_CONFIGS, {"ids": ids}):
+        out.configs[c.instance_id] = c
+    return out
+
+
+def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float,
+                   rel: Related | None = None) -> tuple[InstanceStatus, models.Task | None]:
     """The status a user sees, and the task running on the instance if any."""
-    task = tasks.active_task_for(s, f"instances/{row.id}")
+    rel = rel if rel is not None else related(s, [row.id])
+    task = rel.active.get(row.id)
     if row.deleted_at is not None:
         return InstanceStatus.DELETING, task
     if task is not None:
@@ -78,14 +117,16 @@ def derived_status(s: Session, row: models.Instance, heartbeat_expiry: float
     if reported_service_state(row.health) in GUEST_DOWN:
         return InstanceStatus.SHUTDOWN, None
     # A static parameter of its configuration group waits for a restart (server/configurations.py).
-    ic = s.get(models.InstanceConfiguration, row.id)
+    ic = rel.configs.get(row.id)
     if ic is not None and ic.restart_required:
         return InstanceStatus.RESTART_REQUIRED, None
     return InstanceStatus.ACTIVE, None
 
 
-def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> database_pb2.Instance:
-    status, task = derived_status(s, row, heartbeat_expiry)
+def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float,
+                rel: Related | None = None) -> database_pb2.Instance:
+    rel = rel if rel is not None else related(s, [row.id])
+    status, task = derived_status(s, row, heartbeat_expiry, rel)
     pb = database_pb2.Instance(
         name=f"instances/{row.id}", id=row.id, display_name=row.display_name,
         status=states.to_pb(status), flavor=f"flavors/{row.flavor_id}",
@@ -96,7 +137,7 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         tags=row.tags or {}, deletion_protection=bool(row.deletion_protection))
     if row.port:
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port))
-    ic = s.get(models.InstanceConfiguration, row.id)
+    ic = rel.configs.get(row.id)
     if ic is not None and ic.configuration_id:
         pb.configuration = f"configurations/{ic.configuration_id}"
     if row.health:
@@ -109,13 +150,14 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float) -> da
         pb.fault.CopyFrom(common_pb2.Fault(message=row.fault_message, details=row.fault_details,
                                            created=ts(row.fault_at)))
     elif task is None and status not in FAULTED:
-        last = last_task(s, row.id)
+        last = rel.newest.get(row.id)
         if last is not None and last.kind in HARMLESS_FAILURES and last.state == TaskState.FAILED:
             pb.fault.CopyFrom(common_pb2.Fault(message=last.fault_message, details=last.fault_details,
                                                created=ts(last.updated_at)))
     return pb
 
 
-def last_task(s: Session, iid: str) -> models.Task | None:
-    return s.scalars(select(models.Task).where(models.Task.resource == f"instances/{iid}")
-                     .order_by(models.Task.created_at.desc()).limit(1)).first()
+def instance_pbs(s: Session, rows: list[models.Instance], heartbeat_expiry: float) -> list[database_pb2.Instance]:
+    """The views of many instances with two queries in all (not two per instance)."""
+    rel = related(s, [r.id for r in rows])
+    return [instance_pb(s, r, heartbeat_expiry, rel) for r in rows]

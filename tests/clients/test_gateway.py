@@ -49,6 +49,21 @@ def test_auth_errors(gw, headers, tenant, code):
     assert list(r.json()) == [{401: "unauthorized", 403: "forbidden"}[code]]
 
 
+def test_a_remembered_token_is_still_checked_on_every_request(gw):
+    """The gateway remembers which tenant a token belongs to; that never lets it reach another tenant's path,
+    and a token revoked after it was remembered is refused at once (the server checks it on every call)."""
+    from reddwarf.v1 import admin_pb2, admin_pb2_grpc
+    base, tid, _, server = gw
+    admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
+    tok = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{tid}"))
+    h = {"X-Auth-Token": tok.secret}
+    assert httpx.get(f"{base}/v1.0/{tid}/flavors", headers=h).status_code == 200  # now remembered
+    assert httpx.get(f"{base}/v1.0/someone-else/flavors", headers=h).status_code == 403
+    admin.RevokeToken(admin_pb2.RevokeTokenRequest(name=tok.name))
+    r = httpx.get(f"{base}/v1.0/{tid}/flavors", headers=h)
+    assert r.status_code == 401 and "revoked" in r.text
+
+
 def test_unknown_instance_is_item_not_found(gw):
     base, tid, token, _ = gw
     r = httpx.get(f"{base}/v1.0/{tid}/instances/{uuid.uuid4()}", headers={"X-Auth-Token": token})
