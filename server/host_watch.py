@@ -7,7 +7,7 @@ Admin.EvacuateHost.
 A fenced host that answers again (it was cut off, not dead) is taken back once its evacuation has ended:
 containers and volumes of instances that now live elsewhere are removed there, the volumes without touching
 their data (keep_data: they are LUNs the new host uses), it gets a new certificate, and it is UP again.
-SAN nodes are not evacuated: their LUNs have nowhere else to be; they are only marked DOWN.
+SAN nodes are not watched here: their LUNs have nowhere else to be; the capacity refresh marks them DOWN.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ class HostWatch:
     async def check(self) -> None:
         """One round over every host."""
         for hid, state, mode in await asyncio.to_thread(self._hosts):
+            if mode == "storage":
+                continue  # never evacuated (its LUNs have nowhere else to be); the capacity refresh marks it DOWN
             try:
                 cap = await self.hosts.client(hid).GetCapacity(host_pb2.GetCapacityRequest(),
                                                                timeout=min(PROBE_TIMEOUT, 1 + self.app.settings.host_check_seconds))
@@ -75,7 +77,7 @@ class HostWatch:
                 log.warning("host silent: DOWN", extra={"host": hid, "error": error})
                 row.state = HostState.DOWN
             silent_for = (utcnow() - row.last_seen).total_seconds() if row.last_seen else 0.0
-            if (mode != "storage" and st.host_evacuate_automatically and st.host_lost_seconds > 0
+            if (st.host_evacuate_automatically and st.host_lost_seconds > 0
                     and silent_for >= st.host_lost_seconds):
                 submit_evacuation(s, hid, f"silent for {int(silent_for)} s, past host_lost_seconds="
                                           f"{st.host_lost_seconds:g}")
