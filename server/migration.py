@@ -342,7 +342,20 @@ class Migrations:
         self.it.events.publish(iid)
 
     async def step_move_volume(self, ctx: tasks.StepContext) -> None:
-        await self._attach_on(ctx.resource_id, ctx.params["target"])
+        target = ctx.params["target"]
+        row = self.it._row(ctx.resource_id)
+        if ctx.kind == KIND and row.host_id != target:
+            # Checked again at the commit point: a target drained or lost since the submit is not moved to
+            # (the task fails here, before the commit, and the instance goes back up on its source).
+            def state() -> str:
+                with self.it.app.sessions() as s:
+                    h = s.get(models.Host, target)
+                    return h.state if h is not None else "gone"
+            now = await asyncio.to_thread(state)
+            if now != HostState.UP:
+                raise FailedPrecondition(f"target host {target} is {now.upper()} now; the instance stays on "
+                                         f"{ctx.params['source']}", field="host")
+        await self._attach_on(ctx.resource_id, target)
         log.info("instance volume moved", extra={"instance": ctx.resource_id, "source": ctx.params["source"],
                                                  "target": ctx.params["target"]})
 

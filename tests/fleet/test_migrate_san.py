@@ -239,6 +239,35 @@ def host_state(f: Fleet, host: str) -> int:
     return f.admin.GetHost(admin_pb2.GetHostRequest(name=f"hosts/{host}")).state
 
 
+def test_a_migration_whose_target_is_drained_while_the_server_is_down_rolls_back_to_the_source(fleet):
+    inst = create(fleet, "homebody")
+    source = inst.host.removeprefix("hosts/")
+    target = "h-b" if source == "h-a" else "h-a"
+    marker = uuid.uuid4().hex
+    (fleet.mount(source, inst.id) / MARKER).write_text(marker)
+    # The server dies right after the source let go of the volume...
+    fleet.restart_server({"REDDWARF_TEST_EXIT_AFTER_STEP": "migrate_instance:detach_source"})
+    task = fleet.admin.MigrateInstance(admin_pb2.MigrateInstanceRequest(instance=inst.name, host=target))
+    fleet.proc.wait(timeout=120)
+    # ... and meanwhile the target is drained (as an operator would, from another server sharing the DB).
+    with db.session_factory(db.make_engine(f"sqlite:///{fleet.server.state_dir}/state.db"))() as s, s.begin():
+        h = s.get(models.Host, target)
+        assert h is not None
+        h.state = "draining"
+    fleet.restart_server({"REDDWARF_TEST_EXIT_AFTER_STEP": ""})
+    try:
+        done = wait_task(fleet, task.id)
+        assert done.state == admin_pb2.TASK_STATE_FAILED
+        assert f"target host {target} is DRAINING" in done.fault.message, done.fault.message
+        back = settled(fleet, inst.name)
+        assert back.host == f"hosts/{source}"
+        assert_lives_on(fleet, inst.id, source, target, marker)
+    finally:
+        fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{target}", drain=False))
+    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
+    until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+
+
 def test_drain_migrates_every_instance_off_the_host(fleet):
     inst = create(fleet, "drained")
     source = inst.host.removeprefix("hosts/")
@@ -390,3 +419,4 @@ def test_a_lost_host_is_fenced_its_instance_comes_back_elsewhere_and_the_host_re
         until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
     finally:
         stop_process(proc)
+
