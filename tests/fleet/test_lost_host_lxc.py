@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,13 +22,9 @@ import pytest
 from reddwarf.hostd import qsd
 from reddwarf.hostd.iscsi import TargetHost
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
-from tests.fixtures.cluster import host_files
-from tests.fixtures.hostd import RunningHostd, start_hostd
-from tests.fixtures.mariadb import free_port
-from tests.fixtures.netns import HostNetwork, host_network
-from tests.fixtures.server import RunningServer, start_server
+from tests.fixtures.fleet import LxcFleet, start_lxc_fleet
+from tests.fixtures.netns import HostNetwork
 from tests.fixtures.waiting import until
-from tests.fleet.test_migrate_san import IQN, recorded_host_files
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,6 +33,7 @@ pytestmark = [
     pytest.mark.skipif(not qsd.available(), reason="qemu-storage-daemon with qemu-block-extra is not installed"),
 ]
 ACTIVE = database_pb2.INSTANCE_STATUS_ACTIVE
+IQN = "iqn.2024-01.reddwarf:host."
 PASSWORD = "app-pw-123"
 
 
@@ -66,49 +62,11 @@ class Writer(threading.Thread):
 
 
 @pytest.fixture
-def lxc_fleet(tmp_path_factory: pytest.TempPathFactory
-              ) -> Iterator[tuple[HostNetwork, RunningServer, dict[str, RunningHostd], int]]:
-    tmp_path = tmp_path_factory.mktemp("lh")  # short: the initiator's QMP socket path has a 108-byte limit
-    control_port = 20000 + free_port() % 10000
-    with host_network(["san", "a", "b"]) as net:
-        env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600", "REDDWARF_SAN_REATTACH_SECONDS": "0",
-               "REDDWARF_HOST_CHECK_SECONDS": "1", "REDDWARF_HOST_LOST_SECONDS": "4",
-               "REDDWARF_AGENT_LISTEN": f"{net.gateway}:{free_port()}",
-               "REDDWARF_ENROLL_LISTEN": f"{net.gateway}:{free_port()}"}
-        with start_server(tmp_path, extra_env=env) as server:
-            admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
-            computes = {}
-            try:
-                with contextlib.ExitStack() as stack:
-                    san = stack.enter_context(start_hostd(
-                        tmp_path / "san", host_files(server.ca, tmp_path / "san-tls", "h-san"), host_id="h-san",
-                        listen_host=net["san"].address, wrap=tuple(net["san"].argv([])),
-                        extra_args=("--mode", "storage", "--iscsi-portal", f"{net['san'].address}:3260",
-                                    "--iscsi-control-port", str(control_port))))
-                    for key in ("a", "b"):
-                        hid = f"h-{key}"
-                        computes[hid] = stack.enter_context(start_hostd(
-                            tmp_path / key, recorded_host_files(admin, tmp_path / f"{key}-tls", hid), host_id=hid,
-                            listen_host=net[key].address,
-                            # host network mode: the container is the host's processes, on its address
-                            wrap=tuple(net[key].argv(["env", "REDDWARF_HOSTD_NETWORK_MODE=host"])),
-                            extra_args=("--volume-driver", "iscsi", "--iscsi-initiator", "userspace",
-                                        "--advertise-address", net[key].address)))
-                    for h in (san, *computes.values()):
-                        admin.RegisterHost(admin_pb2.RegisterHostRequest(
-                            host=admin_pb2.Host(id=h.host_id, address=h.address)))
-                    yield net, server, computes, control_port
-            finally:
-                for key in ("a", "b"):
-                    run_dir = tmp_path / key / "state" / "iscsi"
-                    if run_dir.is_dir():
-                        ini = qsd.UserspaceInitiator(str(run_dir))
-                        for vid in os.listdir(run_dir):
-                            ini.logout(vid)
-                subprocess.run([sys.executable, "-m", "reddwarf.hostd.main", "stop-target", "--host-id", "h-san",
-                                "--state-dir", str(tmp_path / "san" / "state"), "--iscsi-control-port",
-                                str(control_port), "--iscsi-portal", f"{net['san'].address}:3260"],
-                               check=False, timeout=60)
+def lxc_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LxcFleet]:
+    # A short root: the initiator's QMP socket path under it has a 108-byte limit.
+    with start_lxc_fleet(tmp_path_factory.mktemp("lh"), {"REDDWARF_HOST_CHECK_SECONDS": "1",
+                                                         "REDDWARF_HOST_LOST_SECONDS": "4"}) as f:
+        yield f
 
 
 def netns_pids(net: HostNetwork, key: str) -> list[int]:
@@ -123,7 +81,7 @@ def netns_pids(net: HostNetwork, key: str) -> list[int]:
 
 
 def test_a_lost_host_s_mariadb_instance_comes_back_elsewhere_with_every_acknowledged_row(lxc_fleet):
-    net, server, computes, control_port = lxc_fleet
+    net, server, computes, control_port = lxc_fleet.net, lxc_fleet.server, lxc_fleet.computes, lxc_fleet.control_port
     admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
     admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id="lostco")))
     md = (("authorization", "Bearer " + admin.CreateToken(admin_pb2.CreateTokenRequest(tenant="tenants/lostco")).secret),)

@@ -26,13 +26,13 @@ from typer.testing import CliRunner
 
 from reddwarf.client import cli
 from reddwarf.common.errors import RedDwarfError
-from reddwarf.common.pki import TlsFiles
 from reddwarf.hostd import qsd
 from reddwarf.hostd.iscsi import Chap, Locator, TargetHost
 from reddwarf.server import db, models
 from reddwarf.server.sealing import PasswordSealer
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc, host_pb2, host_pb2_grpc
 from tests.fixtures.cluster import host_files
+from tests.fixtures.fleet import recorded_host_files
 from tests.fixtures.hostd import RunningHostd, start_hostd
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.netns import HostNetwork, host_network
@@ -78,20 +78,6 @@ class Fleet:
         s = self.server
         self.proc, log_path = launch(s.state_dir, s.api, s.agent, s.enroll, {**self.env, **extra})
         wait_ready(s.api, s.admin_files, self.proc, log_path)
-
-
-def recorded_host_files(admin: admin_pb2_grpc.AdminStub, directory: Path, host_id: str) -> TlsFiles:
-    """A host certificate the server issued and recorded (as enrollment does), so fencing can revoke it."""
-    cert = admin.IssueCertificate(admin_pb2.IssueCertificateRequest(role="host", id=host_id, days=30))
-    pem = cert.certificate_pem
-    cut = pem.index("-----BEGIN", pem.index("-----END CERTIFICATE-----"))
-    directory.mkdir(parents=True, exist_ok=True)
-    files = TlsFiles(directory / "host.pem", directory / "host.key", directory / "ca.pem")
-    files.cert.write_text(pem[:cut])
-    files.key.write_text(pem[cut:])
-    files.key.chmod(0o600)
-    files.ca.write_text(cert.ca_pem)
-    return files
 
 
 @pytest.fixture(scope="module")
