@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from .hosts import HostPool, record_capacity
 from .migration import submit_evacuation
 
 log = logging.getLogger("reddwarf.server.host_watch")
-PROBE_TIMEOUT = 5.0
+PROBE_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -37,6 +38,9 @@ class HostWatch:
     app: App
     hosts: HostPool
     engine: tasks.TaskEngine | None = None
+    # Silence is counted from when this watch began at the latest: a server that was down itself for a while
+    # has old last_seen times that say nothing about the hosts.
+    started: dt.datetime | None = None
 
     def _hosts(self) -> list[tuple[str, str, str]]:
         with self.app.sessions() as s:
@@ -73,10 +77,12 @@ class HostWatch:
             row = s.get(models.Host, hid)
             if row is None or row.state == HostState.FENCED:
                 return
-            if row.state != HostState.DOWN:
+            since = max(row.last_seen, self.started) if row.last_seen and self.started else row.last_seen
+            silent_for = (utcnow() - since).total_seconds() if since else 0.0
+            # One missed probe on a busy machine is not an outage: DOWN (nothing new placed there) after two.
+            if row.state != HostState.DOWN and silent_for >= 2 * st.host_check_seconds:
                 log.warning("host silent: DOWN", extra={"host": hid, "error": error})
                 row.state = HostState.DOWN
-            silent_for = (utcnow() - row.last_seen).total_seconds() if row.last_seen else 0.0
             if (st.host_evacuate_automatically and st.host_lost_seconds > 0
                     and silent_for >= st.host_lost_seconds):
                 submit_evacuation(s, hid, f"silent for {int(silent_for)} s, past host_lost_seconds="
@@ -124,6 +130,7 @@ class HostWatch:
 
     async def run(self) -> None:
         every = self.app.settings.host_check_seconds
+        self.started = utcnow()
         while True:
             try:
                 await self.check()
