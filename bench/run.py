@@ -28,6 +28,7 @@ BENCHMARKS = [
     ("config_bench", "configuration change: API → visible in SHOW GLOBAL VARIABLES vs a direct SET GLOBAL"),
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
     ("events_bench", "event history: create→ACTIVE with and without recording"),
+    ("migrate_bench", "migration downtime (client-visible gap) vs an in-place restart"),
 ]
 
 

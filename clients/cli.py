@@ -52,6 +52,8 @@ admin_app = typer.Typer(help="Operators: tenants, tokens, quotas, hosts, tasks, 
 pki_app = typer.Typer(help="The deployment's certificate authority.", no_args_is_help=True)
 host_app = typer.Typer(help="Container hosts: enroll over SSH, list, show, drain, delete.", no_args_is_help=True)
 admin_app.add_typer(host_app, name="host")
+admin_instance_app = typer.Typer(help="Instances, as an operator: migrate.", no_args_is_help=True)
+admin_app.add_typer(admin_instance_app, name="instance")
 for sub, name in ((instance_app, "instance"), (database_app, "database"), (user_app, "user"), (root_app, "root"),
                   (backup_app, "backup"), (flavor_app, "flavor"), (datastore_app, "datastore"), (admin_app, "admin"),
                   (pki_app, "pki")):
@@ -880,12 +882,35 @@ def host_register(host_id: str, address: str) -> None:
 @host_app.command("drain")
 @output_options
 def host_drain(host: str, undo: bool = typer.Option(False, "--undo", help="Take new instances again.")) -> None:
+    """Takes nothing new and migrates every instance on a SAN volume off the host (loop volumes stay)."""
     run(lambda: emit(client().drain_host(host, not undo), HOST_FIELDS))
+
+
+TASK_FIELDS: list[Column] = [
+    ("id", lambda t: t.id), ("kind", lambda t: t.kind), ("resource", lambda t: t.resource),
+    ("state", lambda t: enum_name(t, "state")), ("step", lambda t: t.current_step)]
+
+
+@host_app.command("evacuate")
+@output_options
+def host_evacuate(host: str = typer.Argument(..., metavar="NAME", help="Host id.")) -> None:
+    """Treats a host as lost now: fences it (certificate revoked, initiator out of every LUN ACL), then moves
+    its SAN-backed instances to hosts with room; instances on loop volumes go to ERROR saying why."""
+    run(lambda: emit(client().evacuate_host(host), TASK_FIELDS))
 
 
 @host_app.command("delete")
 def host_delete(host: str) -> None:
     run(lambda: client().delete_host(host))
+
+
+@admin_instance_app.command("migrate")
+@output_options
+def admin_instance_migrate(instance: str = typer.Argument(..., metavar="ID", help="The instance's id."),
+                           host: str = typer.Option("", "--host", help="Target host id (default: the scheduler "
+                                                    "picks an up host with room).")) -> None:
+    """Moves an instance whose volume is on the SAN to another host; prints the migrate task."""
+    run(lambda: emit(client().migrate_instance(instance, host), TASK_FIELDS))
 
 
 # The flat spellings of earlier releases.

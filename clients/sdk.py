@@ -539,6 +539,17 @@ class Client:
         return self._call(self.admin.DrainHost,
                           apb.DrainHostRequest(name=r.resource("hosts", host), drain=drain))
 
+    def migrate_instance(self, instance: str, host: str = "") -> apb.Task:
+        """Moves an instance whose volume is on the SAN to `host` (or to one the scheduler picks): the
+        migrate_instance task it started (follow it with get_task, or wait_for the instance)."""
+        return self._call(self.admin.MigrateInstance, apb.MigrateInstanceRequest(
+            instance=r.resource("instances", instance), host=r.resource("hosts", host) if host else ""))
+
+    def evacuate_host(self, host: str) -> apb.Task:
+        """Declares a host lost: the server fences it (certificate revoked, initiator out of every LUN ACL),
+        then moves its SAN-backed instances to hosts with room. The evacuate_host task."""
+        return self._call(self.admin.EvacuateHost, apb.EvacuateHostRequest(name=r.resource("hosts", host)))
+
     def delete_host(self, host: str) -> None:
         self._call(self.admin.DeleteHost, apb.DeleteHostRequest(name=r.resource("hosts", host)))
 

@@ -74,6 +74,9 @@ class HostState(StrEnum):
     UP = "up"
     DOWN = "down"
     DRAINING = "draining"
+    # Lost (silent past the grace period) and cut off: its certificate revoked, its initiator out of every LUN
+    # ACL. Only the server takes a host out of it (after the host came back and gave up its instances).
+    FENCED = "fenced"
 
 
 class ContainerState(StrEnum):

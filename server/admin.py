@@ -352,9 +352,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     @grpc_edge
     async def DrainHost(self, request: admin_pb2.DrainHostRequest, context: Context) -> admin_pb2.Host:
+        from .migration import drain
         with self.app.sessions() as s, s.begin():
             row = fetch(s, models.Host, request.name, "hosts")
-            row.state = HostState.DRAINING if request.drain else HostState.UP
+            if row.state == HostState.FENCED or (request.drain and row.state == HostState.DOWN):
+                raise FailedPrecondition(f"host {row.id} is {row.state.upper()}; a lost host is evacuated "
+                                         "(host evacuate), not drained, and rejoins by itself", field="name")
+            if request.drain:
+                drain(s, row.id)
+            else:
+                row.state = HostState.UP
             s.flush()
             return host_pb(row, s)
 
@@ -368,6 +375,31 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 raise FailedPrecondition(f"host {row.id!r} still runs {live} instance(s)", field="name")
             s.delete(row)
         return empty_pb2.Empty()
+
+    @grpc_edge
+    async def MigrateInstance(self, request: admin_pb2.MigrateInstanceRequest, context: Context) -> admin_pb2.Task:
+        """Submits a migrate_instance task (server/migration.py) once the instance and the target are checked;
+        a refusal changes nothing."""
+        from .migration import submit_migration  # it builds on the instance tasks, which import this module
+        iid = resource_id(request.instance, "instances", "instance")
+        host = resource_id(request.host, "hosts", "host") if request.host else ""
+        with self.app.sessions() as s, s.begin():
+            task = submit_migration(s, iid, host)
+            s.flush()
+            return task_pb(task)
+
+    @grpc_edge
+    async def EvacuateHost(self, request: admin_pb2.EvacuateHostRequest, context: Context) -> admin_pb2.Task:
+        """An operator declares a host lost: the evacuate_host task fences it, then moves its instances."""
+        from .migration import submit_evacuation
+        with self.app.sessions() as s, s.begin():
+            row = fetch(s, models.Host, request.name, "hosts")
+            if row.mode == "storage":
+                raise FailedPrecondition(f"host {row.id} is a SAN node; it runs no instances to evacuate",
+                                         field="name")
+            task = submit_evacuation(s, row.id, "evacuated by an operator")
+            s.flush()
+            return task_pb(task)
 
     # -- tasks -----------------------------------------------------------------------------------
     @grpc_edge

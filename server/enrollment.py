@@ -27,9 +27,11 @@ class Enrollment:
         # same bootstrap (hostd's create is idempotent on it), yet the DB only holds the hash.
         return hmac.new(self._secret, f"enroll:{instance_id}:{generation}".encode(), hashlib.sha256).hexdigest()
 
-    def issue_token(self, instance_id: str) -> str:
-        """The instance's token, its hash recorded (once) so that enrollment can accept it."""
-        token = self.token(instance_id)
+    def issue_token(self, instance_id: str, generation: int = 0) -> str:
+        """The instance's token, its hash recorded (once) so that enrollment can accept it. A container made
+        again for the same instance (a migration) enrolls with a token of a later generation: each is good
+        for one enrollment only."""
+        token = self.token(instance_id, generation)
         with self.app.sessions() as s, s.begin():
             if s.get(models.EnrollmentToken, hash_secret(token)) is None:
                 s.add(models.EnrollmentToken(token_hash=hash_secret(token), instance_id=instance_id,

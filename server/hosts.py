@@ -71,6 +71,9 @@ class HostClient:
         self.GetVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetVolume)
         self.ExportVolume = HostRpc(pool=pool, host_id=host_id, rpc=stub.ExportVolume)
         self.CreateContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.CreateContainer)
+        self.GetContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.GetContainer)
+        self.ListContainers = HostRpc(pool=pool, host_id=host_id, rpc=stub.ListContainers)
+        self.ListVolumes = HostRpc(pool=pool, host_id=host_id, rpc=stub.ListVolumes)
         self.StartContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StartContainer)
         self.StopContainer = HostRpc(pool=pool, host_id=host_id, rpc=stub.StopContainer)
         self.SetLimits = HostRpc(pool=pool, host_id=host_id, rpc=stub.SetLimits)
@@ -267,7 +270,7 @@ def record_capacity(row: models.Host, cap: host_pb2.Capacity) -> None:
     row.initiator_iqn = cap.initiator_iqn
     row.iscsi_portal = cap.iscsi_portal
     row.last_seen = _now()
-    if row.state == HostState.DOWN:
+    if row.state == HostState.DOWN:  # a FENCED host stays so: only the host watch lets it rejoin
         row.state = HostState.UP
 
 

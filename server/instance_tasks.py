@@ -152,7 +152,7 @@ class InstanceTasks:
 
     async def step_create_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)
-        token = await asyncio.to_thread(self.enrollment.issue_token, row.id)
+        token = await asyncio.to_thread(self.enrollment.issue_token, row.id, int(ctx.params.get("token_generation", 0)))
         st = self.app.settings
         c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
@@ -177,6 +177,13 @@ class InstanceTasks:
         await self.registry.wait_for_hello(ctx.resource_id, AGENT_CONNECT_TIMEOUT)
 
     async def step_prepare(self, ctx: tasks.StepContext) -> None:
+        await self.prepare(ctx, accounts=True)
+
+    async def prepare(self, ctx: tasks.StepContext, accounts: bool) -> None:
+        """The agent's prepare. accounts=False prepares a datadir that holds the instance's data already (its
+        volume moved to another host: a fresh container knows nothing of it): mysqld configured and started,
+        its internal admin made again, while databases and users, which live in the datadir, are left as
+        they are (their passwords were never kept, so they are not sent again)."""
         row = self._row(ctx.resource_id)
         params = row.create_params or {}
         with self.app.sessions() as s:
@@ -199,10 +206,11 @@ class InstanceTasks:
                       *[agent_pb2.ServiceSpec(service=x, packages=[x], port=MEMCACHED_PORT)
                         for x in extra_services(row)]],
             limits=limits_of(self._flavor(row.flavor_id)), datadir=DATADIR, bind_address=row.address or "127.0.0.1",
-            databases=[json_format.ParseDict(d, common_pb2.Database()) for d in params.get("databases", [])],
+            databases=[json_format.ParseDict(d, common_pb2.Database())
+                       for d in (params.get("databases", []) if accounts else [])],
             users=[json_format.ParseDict({**u, "password": self.sealer.unseal(u["password"])}
                                          if u.get("password") else u, common_pb2.User())
-                   for u in params.get("users", [])],
+                   for u in (params.get("users", []) if accounts else [])],
             allowed_cidrs=list(access.get("allowed_cidrs", [])),
             require_secure_transport=bool(access.get("require_secure_transport", False)),
             tls_cert_pem=cert_pem, tls_ca_pem=ca_pem,
@@ -212,6 +220,8 @@ class InstanceTasks:
             await ctx.progress(min(95, 60 + p.percent // 3))
         await self.registry.call(row.id, agent_pb2.Command(command_id=f"{ctx.task_id}:prepare", prepare=spec),
                                  timeout=PREPARE_TIMEOUT, on_progress=progress)
+        if not accounts:
+            return
         # The users' passwords were needed exactly once; they are not kept.
         kept = {"databases": params.get("databases", []),
                 "users": [{k: v for k, v in u.items() if k != "password"} for u in params.get("users", [])],

@@ -34,9 +34,11 @@ from .events import EventBus
 from .guest import DatabasesServicer, RootServicer, UsersServicer
 from .guest_health import GuestHealthRecorder
 from .guest_logs import LogsServicer
+from .host_watch import HostWatch
 from .hosts import HostPool
 from .instance_tasks import InstanceTasks
 from .instances import InstancesServicer
+from .migration import Migrations
 from .pagination import Paginator
 from .san import SanVolumes
 from .sealing import PasswordSealer
@@ -81,7 +83,8 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                                                 ("verify_backup",))],
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change, on_end=wiring.metrics.task_ended)
-    for kind in instance_tasks.kinds() + backups.kinds():
+    migrations = Migrations(instance_tasks)
+    for kind in instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds():
         engine.register(kind)
 
     db = database_pb2.DESCRIPTOR
@@ -131,4 +134,6 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         async def run_san_reattach() -> None:
             await san.reattach_loop(st.san_reattach_seconds)
         wiring.background.append(run_san_reattach)
+    if st.host_check_seconds > 0:
+        wiring.background.append(HostWatch(app, hosts, engine).run)
     wiring.on_stop.append(hosts.close)

@@ -57,6 +57,12 @@ class Settings:
     # How often iscsi volumes whose compute host lost its session (a reboot) are attached again with their
     # CHAP account (server/san.py; 0 = never).
     san_reattach_seconds: int = 30
+    # The host watch (server/host_watch.py) asks every compute host's hostd for its capacity each
+    # host_check_seconds; one silent for host_lost_seconds is lost: fenced (certificate revoked, initiator out
+    # of every LUN ACL) and, when host_evacuate_automatically, its instances evacuated. 0 = no watch.
+    host_check_seconds: float = 5.0
+    host_lost_seconds: float = 60.0
+    host_evacuate_automatically: bool = True
     memory_overcommit: float = 1.0
     storage_overcommit: float = 1.0
     max_volume_gb: int = 1024
