@@ -536,6 +536,9 @@ class S3Settings:
     # An incomplete multipart upload older than this is a crashed server's leftover: clean_partials aborts
     # it. Younger ones may be another server's upload in progress (the bucket is shared) and are left alone.
     stale_upload_seconds: float = 86400.0
+    # How long an upload keeps retrying a part (or its completion) while the store is unreachable, so a
+    # restart of the store (SeaweedFS takes seconds) does not fail the backup; past that: UNAVAILABLE.
+    retry_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         if self.part_bytes < S3_MIN_PART:
@@ -587,8 +590,9 @@ class _S3Writer(BackupWriter):
         md5 = hashlib.md5(body, usedforsecurity=False).digest()
         sha = _b64(hashlib.sha256(body).digest())
         # Content-MD5 and x-amz-checksum-sha256 make the store refuse a part damaged on the way (BadDigest).
-        resp = await self.store.call("upload_part", self.backup_id, Key=self.key, UploadId=upload_id,
-                                     PartNumber=number, Body=body, ContentMD5=_b64(md5), ChecksumSHA256=sha)
+        resp = await self.store.call_retrying("upload_part", self.backup_id, Key=self.key, UploadId=upload_id,
+                                              PartNumber=number, Body=body, ContentMD5=_b64(md5),
+                                              ChecksumSHA256=sha)
         etag = str(resp.get("ETag", "")).strip('"')
         echoed = resp.get("ChecksumSHA256")
         if etag != md5.hex() or (echoed is not None and echoed != sha):
@@ -620,7 +624,7 @@ class _S3Writer(BackupWriter):
         held: dict[int, tuple[int, str]] = {}
         marker = 0
         while True:
-            resp = await self.store.call("list_parts", self.backup_id, Key=self.key, UploadId=upload_id,
+            resp = await self.store.call_retrying("list_parts", self.backup_id, Key=self.key, UploadId=upload_id,
                                          PartNumberMarker=marker)
             for p in resp.get("Parts", []):
                 held[int(p["PartNumber"])] = (int(p["Size"]), str(p["ETag"]).strip('"'))
@@ -645,22 +649,42 @@ class _S3Writer(BackupWriter):
         await self._check_parts(upload_id)
         parts = [{"PartNumber": p.number, "ETag": f'"{p.md5.hex()}"', "ChecksumSHA256": p.sha256_b64}
                  for p in self._parts]
-        try:
-            resp = await self.store.call("complete_multipart_upload", self.backup_id, Key=self.key,
-                                         UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*")
-        except ObjectPreconditionFailed:
-            raise AlreadyExists(f"backup {self.backup_id} is already stored; a backup is written once",
-                                field="backup_id") from None
+        want = hashlib.md5(b"".join(p.md5 for p in self._parts), usedforsecurity=False).hexdigest()
+        want = f"{want}-{len(self._parts)}"
+        etag = await self._complete(upload_id, parts, want)
         self.store.open_uploads.discard(upload_id)
         self._upload_id = None
-        want = hashlib.md5(b"".join(p.md5 for p in self._parts), usedforsecurity=False).hexdigest()
-        etag = str(resp.get("ETag", "")).strip('"')
-        if etag != f"{want}-{len(self._parts)}":
+        if etag != want:
             # Cannot happen after the part check; if it does, what is there is not what we sent: remove it.
             await self.store.delete(self.backup_id)
             raise DataLoss(f"backup {self.backup_id}: the completed object's ETag {etag} is not the one of the "
                            "parts sent; it was removed", field="backup_id")
         return self.store.location(self.backup_id)
+
+    async def _complete(self, upload_id: str, parts: list[dict[str, Any]], want: str) -> str:
+        """CompleteMultipartUpload, create-only; the object's ETag. A completion retried after its answer was
+        lost finds the upload gone or the key taken: the object is ours iff its ETag is the one of our parts."""
+        deadline = asyncio.get_running_loop().time() + self.store.settings.retry_seconds
+        lost_answer = False
+        while True:
+            try:
+                resp = await self.store.call("complete_multipart_upload", self.backup_id, Key=self.key,
+                                             UploadId=upload_id, MultipartUpload={"Parts": parts},
+                                             IfNoneMatch="*")
+                return str(resp.get("ETag", "")).strip('"')
+            except Unavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                lost_answer = True
+                await asyncio.sleep(1)
+            except (ObjectPreconditionFailed, NotFound):
+                if lost_answer:
+                    with contextlib.suppress(NotFound, Unavailable):
+                        head = await self.store.call("head_object", self.backup_id, Key=self.key)
+                        if str(head.get("ETag", "")).strip('"') == want:
+                            return want
+                raise AlreadyExists(f"backup {self.backup_id} is already stored; a backup is written once",
+                                    field="backup_id") from None
 
     async def _discard(self) -> None:
         self._buf.clear()
@@ -767,6 +791,20 @@ class S3Store(BackupStore):
 
     async def call(self, op: str, backup_id: str, **kw: Any) -> Any:
         return await asyncio.to_thread(self.call_sync, op, backup_id, **kw)
+
+    async def call_retrying(self, op: str, backup_id: str, **kw: Any) -> Any:
+        """An idempotent call (a part, a listing) retried while the store is unreachable, for retry_seconds."""
+        deadline = asyncio.get_running_loop().time() + self.settings.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return await self.call(op, backup_id, **kw)
+            except Unavailable:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                log.warning("backup %s: object store %s unavailable, retrying", backup_id, op)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     async def _open_raw(self, backup_id: str) -> RawObject:
         resp = await self.call("get_object", backup_id, Key=self.key(backup_id))
