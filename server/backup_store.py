@@ -888,7 +888,8 @@ def make_store(st: Settings, keys: DataKeys) -> BackupStore:
     return S3Store(S3Settings(st.s3_endpoint, st.s3_bucket, access, secret, prefix=st.s3_prefix,
                               region=st.s3_region, verify_tls=st.s3_verify_tls, ca_file=st.s3_ca_file,
                               part_bytes=st.s3_part_mb << 20,
-                              stale_upload_seconds=st.s3_stale_upload_hours * 3600), keys)
+                              stale_upload_seconds=st.s3_stale_upload_hours * 3600,
+                              retry_seconds=st.s3_retry_seconds), keys)
 
 
 def s3_credentials(st: Settings) -> tuple[str, str]:

@@ -51,6 +51,7 @@ class Settings:
     s3_ca_file: str = ""                   # ... against this CA bundle (default: the system's)
     s3_part_mb: int = 8                    # multipart part size; S3 needs at least 5
     s3_stale_upload_hours: float = 24.0    # incomplete uploads older than this are aborted at start
+    s3_retry_seconds: float = 30.0         # an upload rides out a store restart this long, then fails
     backup_upload_factor: float = 2.0      # one backup upload may be at most factor × the instance's volume ...
     backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
@@ -202,6 +203,8 @@ class Settings:
             raise InvalidArgument("s3_part_mb must be 5..5120 (S3's part sizes)", field="s3_part_mb")
         if self.s3_ca_file and not self.s3_endpoint.startswith("https://"):
             raise InvalidArgument("s3_ca_file needs an https:// s3_endpoint", field="s3_ca_file")
+        if self.s3_retry_seconds < 0:
+            raise InvalidArgument("s3_retry_seconds must be 0 or more", field="s3_retry_seconds")
         if self.s3_stale_upload_hours < 0:
             raise InvalidArgument("s3_stale_upload_hours must be 0 or more", field="s3_stale_upload_hours")
 
