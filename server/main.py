@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = Settings.load(args.config, overrides=overrides)
+    # Read once into the settings; gone from the environment so no process the server starts inherits it.
+    os.environ.pop("REDDWARF_S3_SECRET_ACCESS_KEY", None)
     setup_logging("reddwarf-server", settings.log_level)
     if args.command == "init":
         init(settings)
