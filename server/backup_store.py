@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import contextlib
 import hashlib
 import importlib
@@ -33,23 +34,32 @@ import secrets
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from reddwarf.common import config
 from reddwarf.common.errors import (
     Aborted,
     AlreadyExists,
+    DataLoss,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
+    RedDwarfError,
     ResourceExhausted,
+    Unavailable,
 )
 
 from .keys import DataKeys
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger("reddwarf.server.backup_store")
 
@@ -71,6 +81,10 @@ class DigestMismatch(FailedPrecondition):
 
 class CorruptObject(FailedPrecondition):
     """A stored object failed authentication (altered, truncated, reordered or not ours): refused."""
+
+
+class ObjectPreconditionFailed(FailedPrecondition):
+    """The object store refused a conditional request (If-None-Match / If-Match)."""
 
 
 @dataclass(frozen=True)
@@ -515,18 +529,44 @@ class S3Settings:
     secret_access_key: str
     prefix: str = "backups/"
     region: str = "us-east-1"
+    # TLS: verify the endpoint's certificate (against ca_file when given, else the system's CAs).
+    verify_tls: bool = True
+    ca_file: str = ""
+    part_bytes: int = 8 << 20
+    # An incomplete multipart upload older than this is a crashed server's leftover: clean_partials aborts
+    # it. Younger ones may be another server's upload in progress (the bucket is shared) and are left alone.
+    stale_upload_seconds: float = 86400.0
+    # How long an upload keeps retrying a part (or its completion) while the store is unreachable, so a
+    # restart of the store (SeaweedFS takes seconds) does not fail the backup; past that: UNAVAILABLE.
+    retry_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.part_bytes < S3_MIN_PART:
+            raise InvalidArgument(f"S3 parts must be at least {S3_MIN_PART} bytes (5 MiB)", field="s3_part_mb")
 
     def __repr__(self) -> str:  # never print the secret
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
 
 
-# S3 parts must be at least 5 MiB (except the last).
-_S3_PART = 8 << 20
+S3_MIN_PART = 5 << 20   # S3's floor for every part but the last
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+@dataclass(frozen=True)
+class _Part:
+    number: int
+    size: int
+    md5: bytes
+    sha256_b64: str
 
 
 class _S3Writer(BackupWriter):
-    """A multipart upload: invisible until CompleteMultipartUpload, which runs only if the digest matches,
-    so an S3 object under the final key is always whole and correct."""
+    """A multipart upload: invisible until CompleteMultipartUpload, which runs only once the plaintext digest
+    matched and the store confirmed every part it holds (number, size, MD5 ETag) is the one we sent. Memory
+    is bounded: the part being filled plus at most one part in flight."""
 
     def __init__(self, store: S3Store, backup_id: str, data_key: bytes, tenant_id: str, max_bytes: int,
                  on_close: Callable[[], None]) -> None:
@@ -534,78 +574,202 @@ class _S3Writer(BackupWriter):
         self.store = store
         self.key = store.key(backup_id)
         self._buf = bytearray()
-        self._parts: list[dict[str, Any]] = []
+        self._parts: list[_Part] = []
         self._upload_id: str | None = None
+        self._inflight: asyncio.Task[_Part] | None = None
 
     async def _ensure_upload(self) -> str:
         if self._upload_id is None:
-            resp = await asyncio.to_thread(self.store.client.create_multipart_upload,
-                                           Bucket=self.store.settings.bucket, Key=self.key)
+            resp = await self.store.call("create_multipart_upload", self.backup_id, Key=self.key,
+                                         ChecksumAlgorithm="SHA256")
             self._upload_id = str(resp["UploadId"])
+            self.store.open_uploads.add(self._upload_id)
         return self._upload_id
 
-    async def _flush_part(self) -> None:
+    async def _upload_part(self, upload_id: str, number: int, body: bytes) -> _Part:
+        md5 = hashlib.md5(body, usedforsecurity=False).digest()
+        sha = _b64(hashlib.sha256(body).digest())
+        # Content-MD5 and x-amz-checksum-sha256 make the store refuse a part damaged on the way (BadDigest).
+        resp = await self.store.call_retrying("upload_part", self.backup_id, Key=self.key, UploadId=upload_id,
+                                              PartNumber=number, Body=body, ContentMD5=_b64(md5),
+                                              ChecksumSHA256=sha)
+        etag = str(resp.get("ETag", "")).strip('"')
+        echoed = resp.get("ChecksumSHA256")
+        if etag != md5.hex() or (echoed is not None and echoed != sha):
+            raise DataLoss(f"backup {self.backup_id}: the store acknowledged part {number} with ETag {etag} "
+                           f"and checksum {echoed}, not what was sent; nothing was stored", field="backup_id")
+        return _Part(number, len(body), md5, sha)
+
+    async def _drain(self) -> None:
+        if self._inflight is not None:
+            task, self._inflight = self._inflight, None
+            self._parts.append(await task)
+
+    async def _send(self, body: bytes) -> None:
         upload_id = await self._ensure_upload()
+        await self._drain()  # one part in flight at most: bounded memory, and the next part fills meanwhile
         number = len(self._parts) + 1
-        body = bytes(self._buf)
-        self._buf.clear()
-        resp = await asyncio.to_thread(self.store.client.upload_part, Bucket=self.store.settings.bucket,
-                                       Key=self.key, UploadId=upload_id, PartNumber=number, Body=body)
-        self._parts.append({"ETag": resp["ETag"], "PartNumber": number})
+        self._inflight = asyncio.create_task(self._upload_part(upload_id, number, body))
 
     async def _write(self, data: bytes) -> None:
         self._buf += data
-        if len(self._buf) >= _S3_PART:
-            await self._flush_part()
+        size = self.store.settings.part_bytes
+        while len(self._buf) >= size:
+            body = bytes(self._buf[:size])
+            del self._buf[:size]
+            await self._send(body)
+
+    async def _check_parts(self, upload_id: str) -> None:
+        """What the store holds for this upload, part by part, against what we sent."""
+        held: dict[int, tuple[int, str]] = {}
+        marker = 0
+        while True:
+            resp = await self.store.call_retrying("list_parts", self.backup_id, Key=self.key, UploadId=upload_id,
+                                         PartNumberMarker=marker)
+            for p in resp.get("Parts", []):
+                held[int(p["PartNumber"])] = (int(p["Size"]), str(p["ETag"]).strip('"'))
+            if not resp.get("IsTruncated"):
+                break
+            marker = int(resp["NextPartNumberMarker"])
+        sent = {p.number: (p.size, p.md5.hex()) for p in self._parts}
+        if held != sent:
+            raise DataLoss(f"backup {self.backup_id}: the store holds {len(held)} parts that differ from the "
+                           f"{len(sent)} sent; nothing was stored", field="backup_id")
 
     async def _publish(self) -> str:
-        if await self.store.exists(self.backup_id):  # S3 has no portable create-only put
+        if await self.store.exists(self.backup_id):  # early, cheap; IfNoneMatch below is the real guard
             raise AlreadyExists(f"backup {self.backup_id} is already stored; a backup is written once",
                                 field="backup_id")
-        if self._buf or not self._parts:
-            await self._flush_part()
-        await asyncio.to_thread(self.store.client.complete_multipart_upload, Bucket=self.store.settings.bucket,
-                                Key=self.key, UploadId=self._upload_id,
-                                MultipartUpload={"Parts": self._parts})
+        if self._buf or not (self._parts or self._inflight):
+            body = bytes(self._buf)
+            self._buf.clear()
+            await self._send(body)
+        await self._drain()
+        upload_id = await self._ensure_upload()
+        await self._check_parts(upload_id)
+        parts = [{"PartNumber": p.number, "ETag": f'"{p.md5.hex()}"', "ChecksumSHA256": p.sha256_b64}
+                 for p in self._parts]
+        want = hashlib.md5(b"".join(p.md5 for p in self._parts), usedforsecurity=False).hexdigest()
+        want = f"{want}-{len(self._parts)}"
+        etag = await self._complete(upload_id, parts, want)
+        self.store.open_uploads.discard(upload_id)
+        self._upload_id = None
+        if etag != want:
+            # Cannot happen after the part check; if it does, what is there is not what we sent: remove it.
+            await self.store.delete(self.backup_id)
+            raise DataLoss(f"backup {self.backup_id}: the completed object's ETag {etag} is not the one of the "
+                           "parts sent; it was removed", field="backup_id")
         return self.store.location(self.backup_id)
+
+    async def _complete(self, upload_id: str, parts: list[dict[str, Any]], want: str) -> str:
+        """CompleteMultipartUpload, create-only; the object's ETag. A completion retried after its answer was
+        lost finds the upload gone or the key taken: the object is ours iff its ETag is the one of our parts."""
+        deadline = asyncio.get_running_loop().time() + self.store.settings.retry_seconds
+        lost_answer = False
+        while True:
+            try:
+                resp = await self.store.call("complete_multipart_upload", self.backup_id, Key=self.key,
+                                             UploadId=upload_id, MultipartUpload={"Parts": parts},
+                                             IfNoneMatch="*")
+                return str(resp.get("ETag", "")).strip('"')
+            except Unavailable:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                lost_answer = True
+                await asyncio.sleep(1)
+            except (ObjectPreconditionFailed, NotFound):
+                if lost_answer:
+                    with contextlib.suppress(NotFound, Unavailable):
+                        head = await self.store.call("head_object", self.backup_id, Key=self.key)
+                        if str(head.get("ETag", "")).strip('"') == want:
+                            return want
+                raise AlreadyExists(f"backup {self.backup_id} is already stored; a backup is written once",
+                                    field="backup_id") from None
 
     async def _discard(self) -> None:
         self._buf.clear()
+        if self._inflight is not None:
+            self._inflight.cancel()
+            with contextlib.suppress(BaseException):
+                await self._inflight
+            self._inflight = None
         if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
             try:
-                await asyncio.to_thread(self.store.client.abort_multipart_upload,
-                                        Bucket=self.store.settings.bucket, Key=self.key,
-                                        UploadId=self._upload_id)
-            except Exception:  # the bucket's lifecycle rule reaps it otherwise
-                log.warning("could not abort multipart upload backup=%s", self.backup_id, exc_info=True)
+                await self.store.call("abort_multipart_upload", self.backup_id, Key=self.key, UploadId=upload_id)
+            except RedDwarfError:  # never visible anyway; clean_partials aborts it once it is stale
+                log.warning("could not abort the multipart upload of backup %s", self.backup_id, exc_info=True)
+            finally:
+                self.store.open_uploads.discard(upload_id)
 
 
 class _S3Object(RawObject):
-    def __init__(self, body: Any) -> None:
+    """A streamed GET; a connection cut mid-object resumes with a ranged GET from where it stopped, pinned to
+    the same object by its ETag (If-Match)."""
+
+    _RESUMES = 3
+
+    def __init__(self, store: S3Store, backup_id: str, body: Any, etag: str) -> None:
+        self._store = store
+        self._backup_id = backup_id
         self._body = body
+        self._etag = etag
+        self._offset = 0
+        self._resumes = 0
 
     async def read(self, n: int) -> bytes:
-        return bytes(await asyncio.to_thread(self._body.read, n))
+        while True:
+            try:
+                data = bytes(await asyncio.to_thread(self._body.read, n))
+                self._offset += len(data)
+                return data
+            except Exception as exc:
+                if self._resumes >= self._RESUMES or not _is_transport_error(exc):
+                    raise Unavailable(f"backup {self._backup_id}: reading from the object store failed at "
+                                      f"byte {self._offset}: {type(exc).__name__}", field="backup_id") from exc
+                self._resumes += 1
+                log.warning("backup %s: GET cut at byte %d, resuming", self._backup_id, self._offset)
+                self._body.close()
+                resp = await self._store.call("get_object", self._backup_id, Key=self._store.key(self._backup_id),
+                                              Range=f"bytes={self._offset}-", IfMatch=self._etag)
+                self._body = resp["Body"]
 
     async def close(self) -> None:
         self._body.close()
 
 
+def _is_transport_error(exc: BaseException) -> bool:
+    """A dropped or refused connection, a timeout: worth retrying, unlike an answer from the store."""
+    botocore_exc = importlib.import_module("botocore.exceptions")
+    urllib3_exc = importlib.import_module("urllib3.exceptions")
+    return isinstance(exc, (botocore_exc.ConnectionError, botocore_exc.HTTPClientError,
+                            botocore_exc.ResponseStreamingError, botocore_exc.ReadTimeoutError,
+                            urllib3_exc.HTTPError, ConnectionError, TimeoutError))
+
+
 class S3Store(BackupStore):
-    """Objects `<prefix><id>.xbstream.zst.enc` in one bucket. boto3 is optional: imported only when used."""
+    """Objects `<prefix><id>.xbstream.zst.enc` in one bucket of an S3-compatible store (SeaweedFS in the
+    tests), shared by every server. Every call runs in a worker thread (boto3 is synchronous) and its
+    failures become our errors: UNAVAILABLE when the store cannot be reached, the object store's own refusal
+    otherwise, never with the credentials in them."""
 
     def __init__(self, settings: S3Settings, keys: DataKeys, client: Any | None = None) -> None:
         super().__init__(keys)
         self.settings = settings
+        self.open_uploads: set[str] = set()   # this process's uploads: never aborted as stale
         if client is None:
-            try:
-                boto3 = importlib.import_module("boto3")  # optional dependency
-            except ImportError as exc:
-                raise FailedPrecondition("the S3 backup store needs boto3 (pip install boto3)",
-                                         field="backup_store") from exc
-            client = boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
-                                  aws_access_key_id=settings.access_key_id,
-                                  aws_secret_access_key=settings.secret_access_key)
+            boto3 = importlib.import_module("boto3")
+            botocore_config = importlib.import_module("botocore.config")
+            verify: bool | str = settings.ca_file or settings.verify_tls
+            client = boto3.client(
+                "s3", endpoint_url=settings.endpoint_url, region_name=settings.region, verify=verify,
+                aws_access_key_id=settings.access_key_id, aws_secret_access_key=settings.secret_access_key,
+                config=botocore_config.Config(
+                    connect_timeout=5, read_timeout=60, retries={"max_attempts": 4, "mode": "standard"},
+                    s3={"addressing_style": "path"},
+                    # We send our own per-part SHA-256 and MD5; no extra CRC trailer many S3 clones refuse.
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required"))
         self.client = client
 
     def key(self, backup_id: str) -> str:
@@ -618,28 +782,137 @@ class S3Store(BackupStore):
                 on_close: Callable[[], None]) -> BackupWriter:
         return _S3Writer(self, backup_id, data_key, tenant_id, max_bytes, on_close)
 
-    def _is_missing(self, exc: Exception) -> bool:
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
-        return code in ("404", "NoSuchKey", "NotFound")
+    def call_sync(self, op: str, backup_id: str, **kw: Any) -> Any:
+        """One S3 call on this bucket, its failure mapped to our errors."""
+        try:
+            return getattr(self.client, op)(Bucket=self.settings.bucket, **kw)
+        except Exception as exc:
+            raise _s3_error(exc, op, backup_id) from exc
+
+    async def call(self, op: str, backup_id: str, **kw: Any) -> Any:
+        return await asyncio.to_thread(self.call_sync, op, backup_id, **kw)
+
+    async def call_retrying(self, op: str, backup_id: str, **kw: Any) -> Any:
+        """An idempotent call (a part, a listing) retried while the store is unreachable, for retry_seconds."""
+        deadline = asyncio.get_running_loop().time() + self.settings.retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return await self.call(op, backup_id, **kw)
+            except Unavailable:
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise
+                log.warning("backup %s: object store %s unavailable, retrying", backup_id, op)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     async def _open_raw(self, backup_id: str) -> RawObject:
-        try:
-            resp = await asyncio.to_thread(self.client.get_object, Bucket=self.settings.bucket,
-                                           Key=self.key(backup_id))
-        except Exception as exc:
-            if self._is_missing(exc):
-                raise NotFound(f"backup {backup_id} has no stored data", field="backup_id") from None
-            raise
-        return _S3Object(resp["Body"])
+        resp = await self.call("get_object", backup_id, Key=self.key(backup_id))
+        return _S3Object(self, backup_id, resp["Body"], str(resp.get("ETag", "")))
 
     async def exists(self, backup_id: str) -> bool:
         try:
-            await asyncio.to_thread(self.client.head_object, Bucket=self.settings.bucket, Key=self.key(backup_id))
+            await self.call("head_object", backup_id, Key=self.key(backup_id))
             return True
-        except Exception as exc:
-            if self._is_missing(exc):
-                return False
-            raise
+        except NotFound:
+            return False
 
     async def delete(self, backup_id: str) -> None:
-        await asyncio.to_thread(self.client.delete_object, Bucket=self.settings.bucket, Key=self.key(backup_id))
+        """Removes the object and any upload of it left incomplete (not one in progress here)."""
+        key = self.key(backup_id)
+        await self.call("delete_object", backup_id, Key=key)
+        for upload in await asyncio.to_thread(self._incomplete, key):
+            if upload["Key"] == key and upload["UploadId"] not in self.open_uploads:
+                await self.call("abort_multipart_upload", backup_id, Key=key, UploadId=upload["UploadId"])
+
+    def _incomplete(self, prefix: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        kw: dict[str, Any] = {"Prefix": prefix}
+        while True:
+            resp = self.call_sync("list_multipart_uploads", "", **kw)
+            out += resp.get("Uploads", [])
+            if not resp.get("IsTruncated"):
+                return out
+            kw.update(KeyMarker=resp.get("NextKeyMarker", ""), UploadIdMarker=resp.get("NextUploadIdMarker", ""))
+
+    def clean_partials(self) -> int:
+        """Aborts our prefix's multipart uploads older than stale_upload_seconds (a killed server's; the
+        store never shows them as objects, but keeps their parts). Younger ones may be another server's
+        upload in progress. An unreachable store is logged, not fatal: the next start cleans."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=self.settings.stale_upload_seconds)
+        n = 0
+        try:
+            for upload in self._incomplete(self.settings.prefix):
+                if upload["UploadId"] in self.open_uploads or upload["Initiated"] > cutoff:
+                    continue
+                self.call_sync("abort_multipart_upload", "", Key=upload["Key"], UploadId=upload["UploadId"])
+                n += 1
+        except RedDwarfError as err:
+            log.warning("could not clean the object store's stale uploads: %s", err.message)
+        if n:
+            log.info("aborted %d stale multipart uploads under s3://%s/%s", n, self.settings.bucket,
+                     self.settings.prefix)
+        return n
+
+
+def _s3_error(exc: Exception, op: str, backup_id: str) -> RedDwarfError:
+    what = f"object store {op}" + (f" for backup {backup_id}" if backup_id else "")
+    if isinstance(exc, RedDwarfError):
+        return exc
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        detail = f"{what} refused: {code} {err.get('Message', '')}".strip()
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return NotFound(f"backup {backup_id} has no stored data", field="backup_id")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return ObjectPreconditionFailed(detail, field="backup_id")
+        if code in ("BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "InvalidRequest"):
+            return DataLoss(detail + " (a part was damaged on the way)", field="backup_id")
+        if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
+            return Unavailable(detail, field="backup_store")
+        return FailedPrecondition(detail, field="backup_store")
+    if _is_transport_error(exc):
+        return Unavailable(f"{what} failed: the object store is unreachable ({type(exc).__name__})",
+                           field="backup_store")
+    return Internal(f"{what} failed: {type(exc).__name__}", field="backup_store")
+
+
+def make_store(st: Settings, keys: DataKeys) -> BackupStore:
+    """The store the settings name: the local folder (one server) or the S3 bucket (shared by servers)."""
+    if st.backup_store == "local":
+        return LocalStore(st.backup_dir, keys)
+    access, secret = s3_credentials(st)
+    return S3Store(S3Settings(st.s3_endpoint, st.s3_bucket, access, secret, prefix=st.s3_prefix,
+                              region=st.s3_region, verify_tls=st.s3_verify_tls, ca_file=st.s3_ca_file,
+                              part_bytes=st.s3_part_mb << 20,
+                              stale_upload_seconds=st.s3_stale_upload_hours * 3600,
+                              retry_seconds=st.s3_retry_seconds), keys)
+
+
+def s3_credentials(st: Settings) -> tuple[str, str]:
+    """(access key id, secret) from s3_credentials_file (a YAML/JSON mapping, readable by its owner only),
+    or from the settings' s3_access_key_id / s3_secret_access_key (REDDWARF_S3_* environment or the
+    settings file). There is no command-line flag for them: a command line is visible to every user."""
+    if not st.s3_credentials_file:
+        return st.s3_access_key_id, st.s3_secret_access_key
+    path = st.s3_credentials_file
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise InvalidArgument(f"s3_credentials_file {path}: cannot read: {exc.strerror}",
+                              field="s3_credentials_file") from None
+    if mode & 0o077:
+        raise InvalidArgument(f"s3_credentials_file {path} may be read by others (mode {mode & 0o777:o}); "
+                              "make it 0600", field="s3_credentials_file")
+    try:
+        data = config.read_file(path, "yaml")
+    except config.ConfigError as exc:
+        raise InvalidArgument(str(exc), field="s3_credentials_file") from None
+    access, secret = data.get("access_key_id"), data.get("secret_access_key")
+    if not isinstance(access, str) or not access or not isinstance(secret, str) or not secret:
+        raise InvalidArgument(f"s3_credentials_file {path} must hold access_key_id and secret_access_key",
+                              field="s3_credentials_file")
+    return access, secret

@@ -283,7 +283,8 @@ class Backups:
         """What the sandbox must not see: the state dir (CA key, KEK, state DB, tokens) and each of the
         server's key, database and config paths wherever they were configured."""
         st = self.app.settings
-        paths = [st.state_dir, st.pki_dir, st.backup_dir, st.backup_kek_file, str(st.server_tls_dir)]
+        paths = [st.state_dir, st.pki_dir, st.backup_dir, st.backup_kek_file, str(st.server_tls_dir),
+                 st.s3_credentials_file]
         if st.db_url.startswith("sqlite:///"):
             paths.append(st.db_url.removeprefix("sqlite:///"))
         if os.environ.get("REDDWARF_CONFIG"):

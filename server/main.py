@@ -52,7 +52,7 @@ from .auth import (
     new_secret,
     token_expiry,
 )
-from .backup_store import LocalStore
+from .backup_store import make_store
 from .catalog import CatalogServicer
 from .event_history import EventsServicer
 from .hosts import HostPool
@@ -86,7 +86,7 @@ def wire(app: App, paginator: Paginator) -> Wiring:
     hosts = HostPool(app)
     st = app.settings
     w = Wiring(RateLimiter.from_settings(st), ServerMetrics(st.heartbeat_expiry_seconds, UsagePoller(hosts)))
-    store = LocalStore(st.backup_dir, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
+    store = make_store(st, TenantKeys(app.sessions, ensure_kek(st.backup_kek_file, app.sessions)))
     w.api.append((database_pb2_grpc.add_CatalogServicer_to_server, CatalogServicer(app, paginator, w.rate_limiter),
                   full_name(database_pb2.DESCRIPTOR, "Catalog")))
     w.api.append((admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(app, paginator, hosts, store),
@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     settings = Settings.load(args.config, overrides=overrides)
+    # Read once into the settings; gone from the environment so no process the server starts inherits it.
+    os.environ.pop("REDDWARF_S3_SECRET_ACCESS_KEY", None)
     setup_logging("reddwarf-server", settings.log_level)
     if args.command == "init":
         init(settings)

@@ -3,6 +3,7 @@ then command-line overrides) and passed down. Nothing deeper in the server reads
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,23 @@ class Settings:
     pki_dir: str = ""                      # default <state_dir>/pki
     backup_dir: str = ""                   # default <state_dir>/backups
     backup_kek_file: str = ""              # key-encryption key of the backup data keys; default <state_dir>/backup-kek.key
+    # Where backup bytes live (server/backup_store.py): "local" (backup_dir, one server) or "s3" (a bucket
+    # of an S3-compatible store, shared by every server). S3 credentials come from s3_credentials_file (a
+    # 0600 YAML/JSON mapping with access_key_id and secret_access_key) or from s3_access_key_id and
+    # s3_secret_access_key (REDDWARF_S3_* environment or the settings file); never from a flag, never logged.
+    backup_store: str = "local"
+    s3_endpoint: str = ""                  # http(s)://host:port
+    s3_bucket: str = ""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = "backups/"
+    s3_credentials_file: str = ""
+    s3_access_key_id: str = field(default="", repr=False)
+    s3_secret_access_key: str = field(default="", repr=False)
+    s3_verify_tls: bool = True             # https endpoints: verify the certificate ...
+    s3_ca_file: str = ""                   # ... against this CA bundle (default: the system's)
+    s3_part_mb: int = 8                    # multipart part size; S3 needs at least 5
+    s3_stale_upload_hours: float = 24.0    # incomplete uploads older than this are aborted at start
+    s3_retry_seconds: float = 30.0         # an upload rides out a store restart this long, then fails
     backup_upload_factor: float = 2.0      # one backup upload may be at most factor × the instance's volume ...
     backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
@@ -154,6 +172,7 @@ class Settings:
             raise InvalidArgument("enroll_install_dir must be an absolute path", field="enroll_install_dir")
         if not 0 < self.enroll_hostd_port < 65536:
             raise InvalidArgument("enroll_hostd_port must be a port number", field="enroll_hostd_port")
+        self._check_backup_store()
         if self.metrics_tls not in ("auto", "on"):
             raise InvalidArgument("metrics_tls must be auto or on", field="metrics_tls")
         for key in ("metrics_refresh_seconds", "metrics_usage_seconds"):
@@ -165,6 +184,35 @@ class Settings:
             host, sep, port = getattr(self, key).rpartition(":")
             if not sep or not host or not port.isdigit():
                 raise InvalidArgument(f"{key} must be host:port, got {getattr(self, key)!r}", field=key)
+
+    def _check_backup_store(self) -> None:
+        if self.backup_store not in ("local", "s3"):
+            raise InvalidArgument("backup_store must be local or s3", field="backup_store")
+        if self.backup_store != "s3":
+            return
+        if not self.s3_endpoint.startswith(("http://", "https://")):
+            raise InvalidArgument("s3_endpoint must be an http:// or https:// URL when backup_store is s3",
+                                  field="s3_endpoint")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", self.s3_bucket):
+            raise InvalidArgument("s3_bucket must be an S3 bucket name (3..63 lowercase letters, digits, '.', "
+                                  "'-')", field="s3_bucket")
+        if self.s3_prefix.startswith("/") or (self.s3_prefix and not self.s3_prefix.endswith("/")):
+            raise InvalidArgument("s3_prefix must be empty or a relative path ending in '/'", field="s3_prefix")
+        keys = bool(self.s3_access_key_id) + bool(self.s3_secret_access_key)
+        if self.s3_credentials_file and keys:
+            raise InvalidArgument("give the S3 credentials once: s3_credentials_file or s3_access_key_id and "
+                                  "s3_secret_access_key, not both", field="s3_credentials_file")
+        if not self.s3_credentials_file and keys != 2:
+            raise InvalidArgument("backup_store s3 needs credentials: s3_credentials_file, or both "
+                                  "s3_access_key_id and s3_secret_access_key", field="s3_credentials_file")
+        if not 5 <= self.s3_part_mb <= 5120:
+            raise InvalidArgument("s3_part_mb must be 5..5120 (S3's part sizes)", field="s3_part_mb")
+        if self.s3_ca_file and not self.s3_endpoint.startswith("https://"):
+            raise InvalidArgument("s3_ca_file needs an https:// s3_endpoint", field="s3_ca_file")
+        if self.s3_retry_seconds < 0:
+            raise InvalidArgument("s3_retry_seconds must be 0 or more", field="s3_retry_seconds")
+        if self.s3_stale_upload_hours < 0:
+            raise InvalidArgument("s3_stale_upload_hours must be 0 or more", field="s3_stale_upload_hours")
 
     @property
     def server_tls_dir(self) -> Path:
