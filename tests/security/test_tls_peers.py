@@ -288,7 +288,7 @@ async def test_failed_create_revokes_the_instance_certificate_it_issued(ca, tmp_
     enrollment = Enrollment(app, b"k" * 32)
     unused = SimpleNamespace()
     registry = SimpleNamespace(disconnect=lambda iid: None)
-    instances = InstanceTasks(app, pool, registry, unused, enrollment, unused, unused, unused)  # type: ignore[arg-type]
+    instances = InstanceTasks(app, pool, registry, unused, enrollment, unused, unused, unused, unused)  # type: ignore[arg-type]
     _key, csr = make_key_and_csr("x")
     cert_pem, _ = enrollment.sign_csr(csr, "i-failed")
     serial = x509.load_pem_x509_certificate(cert_pem).serial_number
