@@ -29,7 +29,7 @@ from alembic.config import Config
 from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection, Dialect
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -75,11 +75,16 @@ def _galera_ready(conn: Any) -> bool:
     True on any other MySQL server."""
     cur = conn.cursor()
     try:
+        # A MariaDB without Galera has wsrep_ready OFF too: only a node with wsrep on is asked.
+        cur.execute("SHOW VARIABLES LIKE 'wsrep_on'")
+        on = cur.fetchone()
+        if on is None or str(on[1]).upper() != "ON":
+            return True
         cur.execute("SHOW STATUS LIKE 'wsrep_ready'")
         row = cur.fetchone()
     finally:
         cur.close()
-    return row is None or str(row[1]).upper() == "ON"
+    return row is not None and str(row[1]).upper() == "ON"
 
 
 def _failover(engine: Engine, hosts: list[tuple[str, int | None]], connect_timeout: int) -> None:
@@ -235,8 +240,8 @@ def _row_lock(engine: Engine, timeout: float) -> Iterator[None]:
             break
         except DBAPIError as exc:
             taken = getattr(exc.orig, "args", (None,))[0] == 1062
-            if not (taken or is_retryable(exc) or isinstance(exc, OperationalError)):
-                raise
+            if not (taken or is_retryable(exc)):
+                raise  # e.g. the database cannot be reached: fail now rather than wait out the timeout
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the schema lock ({LOCK_TABLE}) was not free within {timeout:.0f}s") from exc
             time.sleep(random.uniform(0.1, 0.4))
