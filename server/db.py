@@ -128,8 +128,8 @@ def make_engine(url: str, *, connect_timeout: int = 3) -> Engine:
             cur.close()
 
         return engine
-    if url.startswith("mysql") and "," in url.partition("?")[0]:
-        first, hosts = split_hosts(url)
+    first, hosts = split_hosts(url)
+    if url.startswith("mysql") and len(hosts) > 1:
         engine = create_engine(first, pool_pre_ping=True, pool_recycle=3600)
         _failover(engine, hosts, connect_timeout)
         return engine
@@ -265,7 +265,7 @@ def _row_lock(engine: Engine, timeout: float) -> Iterator[None]:
 @contextmanager
 def schema_lock(url: str, timeout: float = 600) -> Iterator[None]:
     """Exclusive across every server sharing this database, for as long as the block runs."""
-    parsed: URL = make_url(split_hosts(url)[0]) if "," in url.partition("?")[0] else make_url(url)
+    parsed: URL = make_url(split_hosts(url)[0])
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         path = parsed.database

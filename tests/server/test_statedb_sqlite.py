@@ -35,3 +35,8 @@ def test_a_multi_host_url_is_split_in_order() -> None:
     first, hosts = db.split_hosts("mysql+pymysql://u:p%40w@10.0.0.1:3306,10.0.0.2,10.0.0.3:3307/state?charset=utf8mb4")
     assert first == "mysql+pymysql://u:p%40w@10.0.0.1:3306/state?charset=utf8mb4"
     assert hosts == [("10.0.0.1", 3306), ("10.0.0.2", None), ("10.0.0.3", 3307)]
+
+
+def test_a_comma_in_the_password_is_not_a_second_host() -> None:
+    first, hosts = db.split_hosts("mysql+pymysql://u:a,b@10.0.0.1:3306/state")
+    assert first == "mysql+pymysql://u:a,b@10.0.0.1:3306/state" and hosts == [("10.0.0.1", 3306)]
