@@ -1,6 +1,8 @@
 """Alembic environment: configured programmatically by reddwarf.server.db.alembic_config (no alembic.ini)."""
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 
 from reddwarf.server import models
@@ -10,7 +12,7 @@ config = context.config
 target_metadata = models.Base.metadata
 
 
-def include_name(name: str | None, type_: str, _parents: dict[str, str | None]) -> bool:
+def include_name(name: str | None, type_: str, _parents: Any) -> bool:
     # The schema lock's table is made by db.schema_lock outside the migrations; autogenerate leaves it be.
     return not (type_ == "table" and name == LOCK_TABLE)
 
