@@ -5,7 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 APT_PACKAGES := lxc debootstrap mariadb-server mariadb-client mariadb-backup tgt libiscsi-bin openssh-server \
-	e2fsprogs zstd sysbench iproute2 iputils-ping rsync memcached prometheus qemu-system-common qemu-block-extra uidmap
+	e2fsprogs zstd sysbench iproute2 iputils-ping rsync memcached prometheus qemu-system-common qemu-block-extra uidmap \
+	galera-4 postgresql-15
 PROTOS := $(wildcard protos/reddwarf/v1/*.proto)
 GEN_STAMP := gen/reddwarf/v1/.stamp
 PYTEST_ARGS ?=
@@ -20,7 +21,7 @@ apt:
 	if [ -n "$$missing" ]; then \
 	  echo "installing: $$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	  systemctl disable --now mariadb tgt memcached prometheus prometheus-node-exporter >/dev/null 2>&1 || true; \
+	  systemctl disable --now mariadb tgt memcached prometheus prometheus-node-exporter postgresql >/dev/null 2>&1 || true; \
 	fi
 
 $(VENV)/bin/python:

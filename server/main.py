@@ -157,7 +157,8 @@ def init(settings: Settings, out: Any = sys.stdout) -> None:
     identity(sd / "admin", "gateway", "gateway", "gateway")
     # What Prometheus presents to scrape a /metrics listener on TLS (server/metrics_http.py).
     identity(sd / "monitor", "monitor", "monitor", "prometheus")
-    with sessions() as s, s.begin():
+    # Under the schema lock: servers initialised at once on one database must not both seed the catalog.
+    with db.schema_lock(settings.db_url), sessions() as s, s.begin():
         db.seed(s)
         token_path = sd / "admin.token"
         if s.get(models.Tenant, ADMIN_TENANT) is None:

@@ -25,7 +25,9 @@ class Quota:
 @dataclass(frozen=True)
 class Settings:
     state_dir: str = "/var/lib/reddwarf/server"
-    db_url: str = ""                       # default: sqlite under state_dir
+    # default: sqlite under state_dir. Several servers share one MariaDB/Galera (mysql+pymysql://u:p@h1:3306,
+    # h2:3306/db: nodes tried in order) or PostgreSQL (postgresql+psycopg://u@h/db) database.
+    db_url: str = ""
     name: str = "control"                  # this server's id in its certificate and in task leases
     api_listen: str = "127.0.0.1:8779"     # public + admin API (mTLS)
     agent_listen: str = "127.0.0.1:8780"   # guest agents' streams (mTLS, instance certificates)
