@@ -99,7 +99,7 @@ def main() -> int:
         bare_addr = f"127.0.0.1:{free_port()}"
         f = server.server_files
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, bare_addr, str(f.cert), str(f.key), str(f.ca)],
-                                stdout=subprocess.PIPE)
+                                stdout=subprocess.PIPE, start_new_session=True)  # stop_process kills its group
         try:
             assert bare.stdout is not None and bare.stdout.readline().strip() == b"ready"
             md = (("authorization", f"Bearer {token}"),)
