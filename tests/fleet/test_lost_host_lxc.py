@@ -8,11 +8,9 @@ fences it, and the instance comes back ACTIVE on the other host with every ackno
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import pytest
 from reddwarf.hostd import qsd
 from reddwarf.hostd.iscsi import TargetHost
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
-from tests.fixtures.fleet import LxcFleet, start_lxc_fleet
+from tests.fixtures.fleet import LxcFleet, clear_dead_host, start_lxc_fleet
 from tests.fixtures.netns import HostNetwork
 from tests.fixtures.waiting import until
 
@@ -135,21 +133,7 @@ def test_a_lost_host_s_mariadb_instance_comes_back_elsewhere_with_every_acknowle
         cur.execute("INSERT INTO rows_ (id) VALUES (%s)", (10**8,))  # and it takes writes there
         conn.commit()
 
-    # Tidy up what the dead host left as a reboot would: its initiator's loop devices (found while their
-    # backing files still show the host's path), its dead FUSE and ext4 mounts, and the cgroups of its killed
-    # container (LXC's monitor died with it, so nothing else removes them). Then delete.
-    root = computes[lost].root
-    loops = [ln.split(":")[0] for ln in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-             .splitlines() if str(root) in ln]
-    for mnt in sorted((ln.split()[1] for ln in open("/proc/mounts") if str(root) in ln.split()[1]),
-                      key=len, reverse=True):
-        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=30)
-    for dev in loops:
-        subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=30)
-    for top in glob.glob(f"/sys/fs/cgroup/*/lxc.*.*{inst.id}"):
-        for d, _, _ in sorted(os.walk(top), key=lambda w: len(w[0]), reverse=True):
-            with contextlib.suppress(OSError):
-                os.rmdir(d)
+    clear_dead_host(computes[lost].root)  # as a reboot would; then delete
     instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=md)
     until(lambda: TargetHost(f"{net['san'].address}:3260", control_port).targets(), lambda t: t == [],
           timeout=180, what="the LUN gone", interval=0.5)

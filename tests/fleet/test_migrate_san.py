@@ -32,7 +32,7 @@ from reddwarf.server import db, models
 from reddwarf.server.sealing import PasswordSealer
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc, host_pb2, host_pb2_grpc
 from tests.fixtures.cluster import host_files
-from tests.fixtures.fleet import recorded_host_files
+from tests.fixtures.fleet import clear_dead_host, recorded_host_files
 from tests.fixtures.hostd import RunningHostd, start_hostd
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.netns import HostNetwork, host_network
@@ -381,12 +381,7 @@ def test_a_lost_host_is_fenced_its_instance_comes_back_elsewhere_and_the_host_re
     # h-b comes back (its hostd restarted on the same state, the dead initiator's mounts cleared as a reboot
     # would): it gives up the instance's container and volume, gets a new certificate and is UP again.
     b = fleet.computes["h-b"]
-    stale = [line.split()[1] for line in open("/proc/mounts") if str(b.root) in line.split()[1]]
-    for mnt in sorted(stale, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=30)
-    for dev in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout.splitlines():
-        if str(b.root) in dev:
-            subprocess.run(["losetup", "-d", dev.split(":")[0]], capture_output=True, timeout=30)
+    clear_dead_host(b.root)
     with open(b.log_path, "ab") as logf:
         proc = subprocess.Popen(fleet.net["b"].argv(argv), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
