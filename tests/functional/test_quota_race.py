@@ -43,7 +43,7 @@ def test_twenty_concurrent_creates_against_a_quota_of_three_create_exactly_three
                   what=f"{inst.name} delete accepted", interval=0.5)
         until(lambda: [(i.id, i.status, i.task_step, i.fault.message)
                        for i in c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=md).instances],
-              lambda left: not left, timeout=90, what="the raced instances deleted", interval=0.5)
+              lambda left: not left, timeout=300, what="the raced instances deleted", interval=0.5)
 
 
 def _delete(c: Cluster, md: tuple[tuple[str, str], ...], name: str) -> bool:
