@@ -13,7 +13,6 @@ import datetime as dt
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from bench.gateway_bench import drive
 from reddwarf.common import tls
 from reddwarf.server import models
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
@@ -54,21 +54,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-async def drive(fn: Callable[[], Awaitable[object]], seconds: float, concurrency: int) -> tuple[float, list[float]]:
-    lat: list[float] = []
-    stop = time.monotonic() + seconds
-
-    async def worker() -> None:
-        while time.monotonic() < stop:
-            t = time.monotonic()
-            await fn()
-            lat.append(time.monotonic() - t)
-
-    t0 = time.monotonic()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return len(lat) / (time.monotonic() - t0), sorted(lat)
 
 
 def pct(lat: list[float], q: float) -> str:
