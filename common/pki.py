@@ -20,12 +20,16 @@ one host cannot pose as another.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,15 +107,21 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Atomic write with the final mode set before the file becomes visible."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # A temporary name of its own per write: two threads writing the same file must not share one (the
+    # second rename would find the first's temporary file gone).
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 write_atomic = _write
@@ -181,6 +191,7 @@ class CertificateAuthority:
         self.cert_pem: bytes = cert.public_bytes(serialization.Encoding.PEM)
         # Called (from whatever thread wrote it) after every new crl.pem: the server pushes it to hosts.
         self.crl_listeners: list[Callable[[], None]] = []
+        self._revoke_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -340,11 +351,20 @@ class CertificateAuthority:
         return [int(s) for s in json.loads(path.read_text())] if path.exists() else []
 
     def revoke(self, serial: int) -> None:
-        serials = self.revoked_serials()
-        if serial not in serials:
-            serials.append(serial)
-            _write(self.dir / "revoked.json", json.dumps([str(s) for s in serials]).encode())
-        self._write_crl(serials)
+        # Read, add, write and re-sign under one lock (threads of this process and, by flock, any other
+        # process sharing the directory): two deletes revoking at once must not lose either serial.
+        with self._revocation_locked():
+            serials = self.revoked_serials()
+            if serial not in serials:
+                serials.append(serial)
+                _write(self.dir / "revoked.json", json.dumps([str(s) for s in serials]).encode())
+            self._write_crl(serials)
+
+    @contextlib.contextmanager
+    def _revocation_locked(self) -> Iterator[None]:
+        with self._revoke_lock, open(self.dir / ".revoked.lock", "a") as lockf:
+            fcntl.flock(lockf, fcntl.LOCK_EX)
+            yield
 
     def crl_pem(self) -> bytes:
         return (self.dir / "crl.pem").read_bytes()
@@ -360,7 +380,8 @@ class CertificateAuthority:
             next_update = None
         if next_update is not None and next_update - now > dt.timedelta(days=CRL_DAYS / 2):
             return False
-        self._write_crl(self.revoked_serials())
+        with self._revocation_locked():
+            self._write_crl(self.revoked_serials())
         return True
 
     def _write_crl(self, serials: list[int]) -> None:

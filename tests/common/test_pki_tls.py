@@ -108,3 +108,18 @@ async def test_mtls_refuses_untrusted_callers(pki, health_server, kind):
             await _check(address, pki.expired_files("admin", "old"))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(seen) == before  # the servicer never ran
+
+
+def test_concurrent_revocations_lose_no_serial_and_leave_no_temporary_file(tmp_path):
+    # Deletes revoke from worker threads at the same time; each used to read, add and rewrite
+    # revoked.json through one fixed temporary name, so one rename failed and a serial could be lost.
+    from concurrent.futures import ThreadPoolExecutor
+
+    ca = CertificateAuthority.init(tmp_path / "ca")
+    serials = list(range(1000, 1040))
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(ca.revoke, serials))
+    assert sorted(ca.revoked_serials()) == serials
+    rl = tls.RevocationList(ca.dir / "crl.pem", ca.cert_pem)
+    assert all(rl.is_revoked(s) for s in serials)
+    assert not [p.name for p in ca.dir.iterdir() if p.name.endswith(".tmp")]
