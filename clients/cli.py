@@ -802,13 +802,16 @@ def host_instances(h: Any) -> str:
 
 
 HOST_COLS: list[Column] = [
-    ("id", lambda h: h.id), ("address", lambda h: h.address), ("state", lambda h: enum_name(h, "state")),
+    ("id", lambda h: h.id), ("address", lambda h: h.address), ("mode", lambda h: h.mode),
+    ("state", lambda h: enum_name(h, "state")), ("volume driver", lambda h: h.volume_driver),
     ("memory MB", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
     ("storage GB", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),
     ("instances", lambda h: len(h.instances))]
 HOST_FIELDS: list[Column] = [
-    ("id", lambda h: h.id), ("address", lambda h: h.address), ("state", lambda h: enum_name(h, "state")),
+    ("id", lambda h: h.id), ("address", lambda h: h.address), ("mode", lambda h: h.mode),
+    ("state", lambda h: enum_name(h, "state")),
     ("container driver", lambda h: h.container_driver), ("volume driver", lambda h: h.volume_driver),
+    ("iscsi portal", lambda h: h.iscsi_portal), ("initiator iqn", lambda h: h.initiator_iqn),
     ("cpus", lambda h: h.capacity.cpus),
     ("memory MB (allocated/total)", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
     ("storage GB (allocated/total)", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),

@@ -83,7 +83,8 @@ def host_pb(h: models.Host, s: Session | None = None) -> admin_pb2.Host:
         state=states.to_pb(HostState(h.state)),
         container_driver=h.container_driver, volume_driver=h.volume_driver, last_seen=ts(h.last_seen),
         memory_overcommit=h.memory_overcommit, storage_overcommit=h.storage_overcommit,
-        capacity=cap, instances=instances)
+        capacity=cap, instances=instances, mode=h.mode or "compute", iscsi_portal=h.iscsi_portal,
+        initiator_iqn=h.initiator_iqn)
 
 
 def task_pb(t: models.Task) -> admin_pb2.Task:

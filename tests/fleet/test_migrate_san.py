@@ -167,6 +167,28 @@ def assert_lives_on(f: Fleet, iid: str, host: str, other: str, marker: str) -> N
                                                        timeout=30).containers] == [iid]
 
 
+def cli_env(f: Fleet) -> dict[str, str]:
+    files = f.server.admin_files
+    return {"REDDWARF_ENDPOINT": f.server.api, "REDDWARF_CA": str(files.ca), "REDDWARF_CERT": str(files.cert),
+            "REDDWARF_KEY": str(files.key), "REDDWARF_CONFIG": "/nonexistent"}
+
+
+def test_host_list_and_show_give_each_host_s_mode_and_its_iscsi_side(fleet):
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["--json", "admin", "host", "list"], env=cli_env(fleet))
+    assert r.exit_code == 0, r.output
+    hosts = {h["id"]: h for h in json.loads(r.output)}
+    assert hosts["h-san"]["mode"] == "storage" and hosts["h-a"]["mode"] == "compute"
+    assert hosts["h-a"]["volume_driver"] == "iscsi" and hosts["h-c"].get("volume_driver") != "iscsi"
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["--json", "admin", "host", "show", "h-san"], env=cli_env(fleet))
+    assert r.exit_code == 0, r.output
+    san = json.loads(r.output)
+    assert san["iscsi_portal"] == f"{fleet.net['san'].address}:3260" and not san.get("initiator_iqn")
+    a = fleet.admin.GetHost(admin_pb2.GetHostRequest(name="hosts/h-a"))
+    assert a.initiator_iqn == IQN + "h-a" and a.iscsi_portal == "" and a.mode == "compute"
+
+
 def test_migrate_moves_the_instance_with_its_data_and_a_crash_after_the_commit_point_finishes_once(fleet):
     inst = fleet.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="mover", flavor="tiny", volume=database_pb2.Volume(size_gb=1))),
