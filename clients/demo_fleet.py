@@ -42,8 +42,9 @@ from reddwarf.hostd import qsd
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
 
 ROOT = Path(os.environ.get("REDDWARF_DEMO_FLEET_DIR", "/var/lib/reddwarf/demo-fleet"))
-# Beside `make demo`'s 8778-8782, so both can run at once.
-API_PORT, AGENT_PORT, ENROLL_PORT, HOSTD_PORT = 8783, 8784, 8785, 8786
+# Beside `make demo`'s 8778-8782, so both can run at once (REDDWARF_DEMO_FLEET_PORT moves all four).
+_BASE = int(os.environ.get("REDDWARF_DEMO_FLEET_PORT", "8783"))
+API_PORT, AGENT_PORT, ENROLL_PORT, HOSTD_PORT = _BASE, _BASE + 1, _BASE + 2, _BASE + 3
 TENANT = "fleetdemo"
 DB_USER, DB_PASSWORD, DB_NAME = "demo", "demo-password-123", "demo"
 COMPUTES = ("a", "b")
@@ -197,7 +198,7 @@ def hostd_argv(net: Net, key: str, files: TlsFiles) -> list[str]:
 
 def cli(args: list[str], files: TlsFiles, token: str = "") -> str:
     env = {**os.environ, "REDDWARF_ENDPOINT": f"127.0.0.1:{API_PORT}", "REDDWARF_CA": str(files.ca),
-           "REDDWARF_CERT": str(files.cert), "REDDWARF_KEY": str(files.key), "REDDWARF_CONFIG": "/dev/null/none"}
+           "REDDWARF_CERT": str(files.cert), "REDDWARF_KEY": str(files.key), "REDDWARF_CONFIG": "/dev/null/none", "COLUMNS": "150"}
     if token:
         env["REDDWARF_TOKEN"] = token
     res = subprocess.run([sys.executable, "-m", "reddwarf.client.cli", *args], capture_output=True, text=True,
