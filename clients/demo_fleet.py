@@ -143,7 +143,7 @@ def wait_for(what: str, check, timeout: float = 900) -> None:  # type: ignore[no
         except (grpc.RpcError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise SystemExit(f"demo-fleet: {what} did not come up; see the logs in {ROOT}")
+            raise SystemExit(f"demo-fleet: {what} did not come up; see the logs in {ROOT} (make demo-fleet-stop removes it)")
         time.sleep(0.5)
 
 
