@@ -43,7 +43,7 @@ def existing_sections(path: str) -> dict[str, str]:
         return {}
     out = {}
     for chunk in ("\n" + text).split("\n## ")[1:]:
-        m = re.search(r"python -m bench\.(\w+)`", chunk)
+        m = re.search(r"python -m bench\.(\w+)[^`]*`", chunk)
         if m:
             out[m.group(1)] = "## " + chunk.strip() + "\n"
     return out
