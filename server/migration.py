@@ -105,9 +105,11 @@ def _generation(task_id: str) -> int:
 
 
 def submit_migration(s: Session, iid: str, host: str, field: str = "host",
-                     reserved: dict[str, float] | None = None) -> models.Task:
+                     reserved: dict[str, float] | None = None, flavor: models.Flavor | None = None) -> models.Task:
     """Checks that the instance can move (to `host`, or to one the scheduler picks when it is ""), then adds
-    its migrate_instance task in the caller's transaction. Raises, with nothing changed, when it cannot."""
+    its migrate_instance task in the caller's transaction. Raises, with nothing changed, when it cannot.
+    `flavor`: a resize that does not fit the instance's host; the target must fit that flavor, and the row
+    takes it at the commit point (the container on the target is made with it)."""
     row = s.get(models.Instance, iid)
     if row is None or row.deleted_at is not None:
         raise NotFound(f"instance {iid} does not exist", field="instance")
@@ -124,8 +126,8 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
             field="instance")
     if not row.host_id:
         raise FailedPrecondition(f"instance {iid} is on no host", field="instance")
-    flavor = s.get(models.Flavor, row.flavor_id)
-    memory_mb = flavor.memory_mb if flavor is not None else 0
+    current = flavor or s.get(models.Flavor, row.flavor_id)
+    memory_mb = current.memory_mb if current is not None else 0
     if host:
         target = s.get(models.Host, host)
         if target is None:
@@ -135,13 +137,44 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
     else:
         target_id = pick_target(s, row.host_id, memory_mb, field, reserved)
     task_id = str(uuid.uuid4())
-    task = tasks.submit(s, KIND, f"instances/{iid}", {"source": row.host_id, "target": target_id,
-                                                      "token_generation": _generation(task_id)}, task_id=task_id)
+    params: dict[str, object] = {"source": row.host_id, "target": target_id, "token_generation": _generation(task_id)}
+    if flavor is not None:
+        params["flavor"] = flavor.id
+    task = tasks.submit(s, KIND, f"instances/{iid}", params, task_id=task_id)
     if reserved is not None:
         reserved[target_id] = reserved.get(target_id, 0.0) + memory_mb
     s.flush()
     log.info("migration submitted", extra={"instance": iid, "source": row.host_id, "target": target_id})
     return task
+
+
+def submit_resize_move(s: Session, iid: str, flavor: models.Flavor) -> models.Task | None:
+    """A flavor resize that no longer fits the instance's host: a migrate_instance task that takes the instance,
+    with the new flavor, to a host with room (a SAN volume moves). None when the flavor fits where the instance
+    is (an in-place resize), or the host's capacity is not known yet. Raises, naming the field flavor and
+    with nothing changed, when it fits nowhere the instance can go."""
+    row = s.get(models.Instance, iid)
+    assert row is not None
+    host = s.get(models.Host, row.host_id) if row.host_id else None
+    if host is None or host.memory_mb_total <= 0:
+        return None
+    old = s.get(models.Flavor, row.flavor_id)
+    room = _free_memory(s, host) + (old.memory_mb if old is not None else 0)  # its own memory is freed
+    if room >= flavor.memory_mb:
+        return None
+    why = (f"flavor {flavor.id} needs {flavor.memory_mb} MB memory and host {host.id} has room for "
+           f"{max(int(room), 0)} MB")
+    if not row.storage_host_id or row.volume_driver != ISCSI:
+        raise ResourceExhausted(
+            f"{why}; the instance is on a {row.volume_driver or 'loop'} volume, a file on that host's own disk, so "
+            "it cannot move to a host with room (only SAN volumes, driver iscsi, can). Pick a smaller flavor",
+            field="flavor")
+    try:
+        return submit_migration(s, iid, "", field="flavor", flavor=flavor)
+    except ResourceExhausted as exc:
+        raise ResourceExhausted(f"{why}, and {exc.message}", field="flavor") from None
+    except FailedPrecondition as exc:
+        raise FailedPrecondition(f"{why}, and it cannot move: {exc.message}", field="flavor") from None
 
 
 def drain(s: Session, host_id: str) -> tuple[list[str], list[str]]:
@@ -327,9 +360,10 @@ class Migrations:
         await asyncio.to_thread(revoke)
         self.it.registry.disconnect(iid)
 
-    async def _attach_on(self, iid: str, host_id: str) -> None:
+    async def _attach_on(self, iid: str, host_id: str, flavor: str = "") -> None:
         """The LUN admits `host_id`'s initiator alone (cutting off any other), then that host attaches it and
-        the row names it: from the commit of that row the instance lives there."""
+        the row names it (and a resize's new flavor, which the container there is made with): from the commit
+        of that row the instance lives there."""
         san = self.it.san
         row = self.it._row(iid)
         assert row.storage_host_id
@@ -338,7 +372,10 @@ class Migrations:
         await san._san_call(place.storage_host_id, "ExportVolume", host_pb2.ExportVolumeRequest(
             id=iid, initiator_iqn=initiator, chap=place.chap), timeout=60)
         await san._adopt(self.it.hosts.client(host_id), place.storage_host_id, iid, row.volume_locator, place.chap)
-        update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id)
+        if flavor:
+            update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id, flavor_id=flavor)
+        else:
+            update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id)
         self.it.events.publish(iid)
 
     async def step_move_volume(self, ctx: tasks.StepContext) -> None:
@@ -355,7 +392,7 @@ class Migrations:
             if now != HostState.UP:
                 raise FailedPrecondition(f"target host {target} is {now.upper()} now; the instance stays on "
                                          f"{ctx.params['source']}", field="host")
-        await self._attach_on(ctx.resource_id, target)
+        await self._attach_on(ctx.resource_id, target, str(ctx.params.get("flavor", "")))
         log.info("instance volume moved", extra={"instance": ctx.resource_id, "source": ctx.params["source"],
                                                  "target": ctx.params["target"]})
 
