@@ -126,6 +126,13 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
             field="instance")
     if not row.host_id:
         raise FailedPrecondition(f"instance {iid} is on no host", field="instance")
+    san = s.get(models.Host, row.storage_host_id)
+    if san is None or san.state != HostState.UP:
+        # Checked before anything stops: with the SAN node away the volume could be let go on the source
+        # but attached nowhere, the instance down until it returns.
+        raise FailedPrecondition(f"SAN node {row.storage_host_id} holding instance {iid}'s volume is "
+                                 f"{san.state.upper() if san is not None else 'not registered'}; the volume "
+                                 "cannot be attached anywhere until it is UP", field="instance")
     current = flavor or s.get(models.Flavor, row.flavor_id)
     memory_mb = current.memory_mb if current is not None else 0
     if host:
