@@ -27,7 +27,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 
-from . import models, tags, tasks
+from . import migration, models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -36,7 +36,6 @@ from .configurations import bind_on_create, check_flavor
 from .events import EventBus
 from .instance_validation import display_name_problem, validate_create, validate_update
 from .instance_views import STOPPED, derived_status, instance_pb, instance_pbs, owned_instance
-from .migration import submit_resize_move
 from .mysql_ca import mysql_ca
 from .pagination import Paginator
 from .quotas import check_backup_quota, check_instance_quota
@@ -312,7 +311,10 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                              context: Context) -> database_pb2.Instance:
         flavor_id = resource_id(request.flavor, "flavors", "flavor")
 
-        def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
+        p = current_principal(context)
+        with self.app.sessions() as s, s.begin():
+            row = owned_instance(s, p, request.name)
+            status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
             f = s.get(models.Flavor, flavor_id)
             if f is None:
                 raise NotFound(f"flavor {flavor_id!r} does not exist", field="flavor")
@@ -321,21 +323,11 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             check_flavor(s, row, f.memory_mb)
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
-
-        # A flavor that no longer fits the instance's host moves it to one with room (a migrate_instance task
-        # that also changes the flavor); otherwise the limits change in place.
-        p = current_principal(context)
-        with self.app.sessions() as s, s.begin():
-            row = owned_instance(s, p, request.name)
-            status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
-            check(s, row, status)
-            f = s.get(models.Flavor, flavor_id)
-            assert f is not None
             if tasks.active_task_for(s, f"instances/{row.id}") is not None:
                 raise FailedPrecondition(f"instance {row.id} is busy with another operation; retry when it is "
                                          "ACTIVE", field="name")
-            if submit_resize_move(s, row.id, f) is None:
-                self._submit(s, "resize_instance", row.id, {"flavor": flavor_id})
+            # In place, or, when its host has no room for the new flavor, a migration to one that has.
+            migration.submit_resize(s, row, f)
             s.flush()
             pb = self._pb(s, row)
         self._after_submit(row.id)

@@ -108,8 +108,8 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
                      reserved: dict[str, float] | None = None, flavor: models.Flavor | None = None) -> models.Task:
     """Checks that the instance can move (to `host`, or to one the scheduler picks when it is ""), then adds
     its migrate_instance task in the caller's transaction. Raises, with nothing changed, when it cannot.
-    `flavor`: a resize that does not fit the instance's host; the target must fit that flavor, and the row
-    takes it at the commit point (the container on the target is made with it)."""
+    `flavor`: a resize that does not fit the instance's host; the target must have room for that flavor,
+    which the instance takes at the commit point (its new container is made with the flavor's limits)."""
     row = s.get(models.Instance, iid)
     if row is None or row.deleted_at is not None:
         raise NotFound(f"instance {iid} does not exist", field="instance")
@@ -155,33 +155,33 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
     return task
 
 
-def submit_resize_move(s: Session, iid: str, flavor: models.Flavor) -> models.Task | None:
-    """A flavor resize that no longer fits the instance's host: a migrate_instance task that takes the instance,
-    with the new flavor, to a host with room (a SAN volume moves). None when the flavor fits where the instance
-    is (an in-place resize), or the host's capacity is not known yet. Raises, naming the field flavor and
-    with nothing changed, when it fits nowhere the instance can go."""
-    row = s.get(models.Instance, iid)
-    assert row is not None
-    host = s.get(models.Host, row.host_id) if row.host_id else None
-    if host is None or host.memory_mb_total <= 0:
-        return None
-    old = s.get(models.Flavor, row.flavor_id)
-    room = _free_memory(s, host) + (old.memory_mb if old is not None else 0)  # its own memory is freed
-    if room >= flavor.memory_mb:
-        return None
-    why = (f"flavor {flavor.id} needs {flavor.memory_mb} MB memory and host {host.id} has room for "
-           f"{max(int(room), 0)} MB")
+def fits_on_its_host(s: Session, row: models.Instance, memory_mb: int) -> bool:
+    """Whether the instance's host has room for it at `memory_mb` (its own current memory counts as free)."""
+    h = s.get(models.Host, row.host_id) if row.host_id else None
+    if h is None:
+        return True
+    current = s.get(models.Flavor, row.flavor_id)
+    return _free_memory(s, h) + (current.memory_mb if current is not None else 0) >= memory_mb
+
+
+def submit_resize(s: Session, row: models.Instance, flavor: models.Flavor) -> str:
+    """A resize: in place when the instance's host has room for the new flavor, else a migration to a host
+    that has (the instance takes the flavor there). An instance whose loop volume cannot leave its host is
+    refused, naming the flavor, with nothing changed. Returns the task kind submitted."""
+    if fits_on_its_host(s, row, flavor.memory_mb):
+        tasks.submit(s, "resize_instance", f"instances/{row.id}", {"flavor": flavor.id})
+        return "resize_instance"
+    h = s.get(models.Host, row.host_id)
+    free = int(_free_memory(s, h)) if h is not None else 0
     if not row.storage_host_id or row.volume_driver != ISCSI:
         raise ResourceExhausted(
-            f"{why}; the instance is on a {row.volume_driver or 'loop'} volume, a file on that host's own disk, so "
-            "it cannot move to a host with room (only SAN volumes, driver iscsi, can). Pick a smaller flavor",
-            field="flavor")
-    try:
-        return submit_migration(s, iid, "", field="flavor", flavor=flavor)
-    except ResourceExhausted as exc:
-        raise ResourceExhausted(f"{why}, and {exc.message}", field="flavor") from None
-    except FailedPrecondition as exc:
-        raise FailedPrecondition(f"{why}, and it cannot move: {exc.message}", field="flavor") from None
+            f"host {row.host_id} has no room for flavor {flavor.id} ({flavor.memory_mb} MB memory; {free} MB free "
+            f"besides the instance's own), and the instance's {row.volume_driver or 'loop'} volume is a file on "
+            "that host's disk, so it cannot move to a host that has room", field="flavor")
+    submit_migration(s, row.id, "", field="flavor", flavor=flavor)
+    log.info("resize does not fit its host; migrating", extra={"instance": row.id, "flavor": flavor.id,
+                                                                "host": row.host_id})
+    return KIND
 
 
 def drain(s: Session, host_id: str) -> tuple[list[str], list[str]]:
@@ -369,8 +369,7 @@ class Migrations:
 
     async def _attach_on(self, iid: str, host_id: str, flavor: str = "") -> None:
         """The LUN admits `host_id`'s initiator alone (cutting off any other), then that host attaches it and
-        the row names it (and a resize's new flavor, which the container there is made with): from the commit
-        of that row the instance lives there."""
+        the row names it: from the commit of that row the instance lives there."""
         san = self.it.san
         row = self.it._row(iid)
         assert row.storage_host_id
@@ -379,10 +378,9 @@ class Migrations:
         await san._san_call(place.storage_host_id, "ExportVolume", host_pb2.ExportVolumeRequest(
             id=iid, initiator_iqn=initiator, chap=place.chap), timeout=60)
         await san._adopt(self.it.hosts.client(host_id), place.storage_host_id, iid, row.volume_locator, place.chap)
-        if flavor:
-            update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id, flavor_id=flavor)
-        else:
-            update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id)
+        # A resize that migrates takes its flavor in the same commit: the target was chosen with room for it.
+        update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id,
+                   **({"flavor_id": flavor} if flavor else {}))
         self.it.events.publish(iid)
 
     async def step_move_volume(self, ctx: tasks.StepContext) -> None:
@@ -399,7 +397,7 @@ class Migrations:
             if now != HostState.UP:
                 raise FailedPrecondition(f"target host {target} is {now.upper()} now; the instance stays on "
                                          f"{ctx.params['source']}", field="host")
-        await self._attach_on(ctx.resource_id, target, str(ctx.params.get("flavor", "")))
+        await self._attach_on(ctx.resource_id, target, str(ctx.params.get("flavor") or ""))
         log.info("instance volume moved", extra={"instance": ctx.resource_id, "source": ctx.params["source"],
                                                  "target": ctx.params["target"]})
 

@@ -4,9 +4,12 @@ in its own network namespace; the fake container driver runs the guest agents as
 
 h-a and h-c take 400 MB of instances (registered with a memory overcommit that leaves that much of the
 machine's memory), h-b has the machine's memory: a tiny (256 MB) instance fits on h-a, a small (512 MB) one
-does not. Proves: resizing a SAN instance on h-a to small moves it to h-b with its data, the new flavor and
-its container's limits, the LUN admitting h-b alone; a resize that fits stays in place; an instance on a loop
-volume (h-c) gets RESOURCE_EXHAUSTED naming the flavor and nothing changes."""
+does not (set through RegisterHost's memory_overcommit, as an operator would). Proves: resizing a SAN instance
+on h-a to small moves it to h-b with its data, the new flavor and its container's limits, the LUN admitting h-b
+alone; a resize that fits stays in place and changes the limits there; a flavor no host has room for is
+RESOURCE_EXHAUSTED naming the flavor, nothing changed. (The loop-volume refusal on the fleet:
+tests/fleet/test_migrate_san.py.) The fixture is also tests/fleet/test_migrate_crash.py's: automatic
+evacuation is off, so a killed hostd is only DOWN until it returns."""
 from __future__ import annotations
 
 import os
@@ -17,14 +20,16 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from sqlalchemy import select
 
 from reddwarf.common.errors import ResourceExhausted
 from reddwarf.common.states import InstanceStatus
 from reddwarf.hostd import qsd
-from reddwarf.server import models
-from reddwarf.server.migration import KIND, submit_resize_move
+from reddwarf.server import db, models
+from reddwarf.server.migration import KIND, submit_resize
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, host_pb2
 from tests.fixtures.cluster import host_files
+from tests.fixtures.errors import field_violations
 from tests.fixtures.fleet import recorded_host_files
 from tests.fixtures.hostd import start_hostd
 from tests.fixtures.mariadb import free_port
@@ -33,7 +38,18 @@ from tests.fixtures.server import start_server
 from tests.fixtures.waiting import until
 
 from .test_migrate_checks import sessions, task_count
-from .test_migrate_san import MARKER, Fleet, assert_lives_on, create, get, pytestmark, settled, wait_task
+from .test_migrate_san import (
+    ACTIVE,
+    IQN,
+    MARKER,
+    Fleet,
+    assert_lives_on,
+    create,
+    get,
+    pytestmark,
+    settled,
+    wait_task,
+)
 
 __all__ = ["pytestmark", "sessions"]
 SMALL_HOST_MB = 400
@@ -140,56 +156,59 @@ def test_a_resize_that_does_not_fit_the_host_moves_the_san_instance_to_one_with_
     assert back.host == "hosts/h-b" and back.flavor.endswith("tiny")
     assert limits_on(fleet, "h-b", inst.id) == 256
 
+    # A flavor bigger than the machine: no host has room; refused naming the flavor, nothing changed.
+    huge = f"huge-{uuid.uuid4().hex[:6]}"
+    with db.session_factory(db.make_engine(f"sqlite:///{fleet.server.state_dir}/state.db"))() as s, s.begin():
+        s.add(models.Flavor(id=huge, display_name=huge, memory_mb=4 * machine_memory_mb()))
+    tasks_before = len(fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=inst.name)).tasks)
+    with pytest.raises(grpc.RpcError) as exc:
+        resize(fleet, inst.name, huge)
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.value.details()
+    assert "has room" in (exc.value.details() or "") and "flavor" in field_violations(exc.value)
+    same = get(fleet, inst.name)
+    assert same.host == "hosts/h-b" and same.flavor.endswith("tiny") and same.status == ACTIVE and not same.task
+    assert len(fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=inst.name)).tasks) == tasks_before
+    assert one_acl(fleet, inst.id) == (IQN + "h-b",)
+
     fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
     until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
 
 
-def test_a_resize_that_fits_no_host_of_a_loop_volume_is_refused_naming_the_flavor(fleet):
-    only_up(fleet, "h-c")
-    try:
-        inst = create(fleet, "stuck")
-    finally:
-        only_up(fleet, "h-a")
-        fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-b", drain=False))
-    assert inst.host == "hosts/h-c" and inst.volume.driver != "iscsi"
-    with pytest.raises(grpc.RpcError) as exc:
-        resize(fleet, inst.name, "small")
-    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    details = exc.value.details() or ""
-    assert "flavor" in details and "host h-c has room for 400 MB" in details and "cannot move" in details, details
-    after = get(fleet, inst.name)
-    assert after.host == "hosts/h-c" and after.flavor.endswith("tiny") and not after.task
-    assert fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=inst.name)).tasks[0].kind == "create_instance"
-    assert limits_on(fleet, "h-c", inst.id) == 256
-    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
-    until(lambda: fleet.hostd("h-c").ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers,
-          lambda cs: len(cs) == 0, timeout=60, what="its container deleted", interval=0.3)
+def one_acl(f: Fleet, iid: str) -> tuple[str, ...]:
+    t = f.target().find(f"iqn.2024-01.reddwarf:vol.{iid}")
+    assert t is not None
+    return tuple(t.acl)
 
 
 # -- the decision alone, on a real state DB (tests/fleet/test_migrate_checks.py's hosts: a and b 4096 MB,
 # small 64 MB, all iscsi but loopy) ----------------------------------------------------------------------
-def test_resize_decides_in_place_move_or_refusal_without_changing_anything_when_refused(sessions):
+def test_resize_decides_in_place_move_or_refusal_and_a_refusal_changes_nothing(sessions):
+    def decide(iid: str, flavor: str) -> str:
+        with sessions() as s, s.begin():
+            row, f = s.get(models.Instance, iid), s.get(models.Flavor, flavor)
+            assert row is not None and f is not None
+            return submit_resize(s, row, f)
+
     with sessions() as s, s.begin():
-        s.add(models.Flavor(id="huge", display_name="huge", memory_mb=4000, cpu_shares=1, cpu_limit_millicores=1))
-        s.add(models.Flavor(id="vast", display_name="vast", memory_mb=5000, cpu_shares=1, cpu_limit_millicores=1))
+        s.add(models.Flavor(id="huge", display_name="huge", memory_mb=4000))
+        s.add(models.Flavor(id="vast", display_name="vast", memory_mb=5000))
         s.get(models.Instance, "i-loop").host_id = "small"  # type: ignore[union-attr]
-    with sessions() as s, s.begin():  # tiny to huge (4000) on a (4096): fits in place
-        assert submit_resize_move(s, "i-san", s.get(models.Flavor, "huge")) is None  # type: ignore[arg-type]
-    with pytest.raises(ResourceExhausted) as exc, sessions() as s, s.begin():  # 5000 MB fits no host
-        submit_resize_move(s, "i-san", s.get(models.Flavor, "vast"))  # type: ignore[arg-type]
-    assert exc.value.violations[0][0] == "flavor" and "no other up compute host" in exc.value.message
-    with pytest.raises(ResourceExhausted) as exc, sessions() as s, s.begin():  # a loop volume cannot move
-        submit_resize_move(s, "i-loop", s.get(models.Flavor, "small"))  # type: ignore[arg-type]
+    with pytest.raises(ResourceExhausted) as exc:  # 5000 MB fits no host
+        decide("i-san", "vast")
+    assert exc.value.violations[0][0] == "flavor" and "has room" in exc.value.message
+    with pytest.raises(ResourceExhausted) as exc:  # a loop volume cannot move
+        decide("i-loop", "tiny")
     assert exc.value.violations[0][0] == "flavor" and "cannot move" in exc.value.message
     assert task_count(sessions) == 0
+    assert decide("i-san", "huge") == "resize_instance"  # 4000 MB on a (4096): fits in place
     with sessions() as s, s.begin():  # another instance on a: huge no longer fits there, b takes it
+        s.delete(s.scalars(select(models.Task)).one())
         s.add(models.Instance(id="i-other", tenant_id="t1", display_name="o", flavor_id="tiny", volume_size_gb=1,
                               datastore="mariadb", datastore_version="10.11", host_id="a", storage_host_id="san",
                               volume_driver="iscsi", status=InstanceStatus.ACTIVE))
-    with sessions() as s, s.begin():
-        task = submit_resize_move(s, "i-san", s.get(models.Flavor, "huge"))  # type: ignore[arg-type]
-        assert task is not None and task.kind == KIND
-        assert task.params["target"] == "b" and task.params["flavor"] == "huge"
+    assert decide("i-san", "huge") == KIND
     with sessions() as s:
+        task = s.scalars(select(models.Task)).one()
+        assert task.params["target"] == "b" and task.params["flavor"] == "huge"
         row = s.get(models.Instance, "i-san")  # the flavor changes at the move's commit point, not before
         assert row is not None and row.flavor_id == "tiny" and row.host_id == "a"
