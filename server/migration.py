@@ -411,6 +411,17 @@ class Migrations:
         row = self.it._row(iid)
         if row.host_id != source:
             return
+        target = str(ctx.params.get("target") or "")
+        if target and target != source:
+            # Whatever the target made of it before the move failed goes (its session is cut off by the ACL
+            # going back to the source anyway). A target that is away is told when it answers again
+            # (HostWatch.forget_strays).
+            tc = self.it.hosts.client(target)
+            with contextlib.suppress(Exception):
+                with contextlib.suppress(NotFound):
+                    await tc.DeleteContainer(host_pb2.ContainerRef(id=iid), timeout=30)
+                with contextlib.suppress(NotFound):
+                    await tc.DeleteVolume(host_pb2.DeleteVolumeRequest(id=iid, keep_data=True), timeout=30)
         client = self.it.hosts.client(source)
         try:
             await client.GetContainer(host_pb2.ContainerRef(id=iid))

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from reddwarf.v1 import admin_pb2, database_pb2, host_pb2
+from reddwarf.v1 import admin_pb2, common_pb2, database_pb2, host_pb2
 from tests.fixtures.server import stop_process
 from tests.fixtures.waiting import until
 
@@ -139,6 +139,41 @@ def test_a_hostd_killed_mid_migration_finishes_once_or_rolls_back_with_every_ack
     until(lambda: [c.id for c in hostd.ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers],
           lambda cs: inst.id not in cs, timeout=30, what=f"no container of it on {other}", interval=0.5)
     assert inst.id not in [v.id for v in hostd.ListVolumes(host_pb2.ListVolumesRequest(), timeout=30).volumes]
+
+    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
+    until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+
+
+def test_a_hostd_back_from_down_is_told_by_the_server_to_drop_what_lives_elsewhere(fleet):
+    """What a target that died in the middle of a move may keep (here its container of the instance, made as
+    the move would have) is removed by the server once the host answers again; the instance, on its source,
+    is not touched."""
+    for h in ("h-a", "h-b"):
+        until(lambda h=h: fleet.admin.GetHost(admin_pb2.GetHostRequest(name=f"hosts/{h}")).state,
+              lambda st: st != admin_pb2.HOST_STATE_DOWN, timeout=30, what=f"{h} not DOWN", interval=0.3)
+    only_up(fleet, "h-a")
+    inst = create(fleet, "homebody")
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-b", drain=False))
+    acked = write_acked(fleet.mount("h-a", inst.id) / LOG, 20)
+    hb = fleet.hostd("h-b")
+    hb.CreateContainer(host_pb2.CreateContainerRequest(container=host_pb2.Container(
+        id=inst.id, limits=common_pb2.Limits(memory_mb=256, cpu_shares=256, cpu_limit_millicores=500, max_processes=512, io_weight=500), bootstrap=host_pb2.AgentBootstrap(
+            server_address="127.0.0.1:1", enroll_address="127.0.0.1:1", ca_pem=fleet.server.ca.cert_pem.decode(), enrollment_token="x",
+            instance_id=inst.id, heartbeat_seconds=5))), timeout=60)
+    assert inst.id in [c.id for c in hb.ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers]
+
+    argv = kill_hostd(fleet, "h-b")
+    until(lambda: fleet.admin.GetHost(admin_pb2.GetHostRequest(name="hosts/h-b")).state,
+          lambda st: st == admin_pb2.HOST_STATE_DOWN, timeout=30, what="h-b DOWN", interval=0.3)
+    restart_hostd(fleet, "h-b", argv)
+    until(lambda: [c.id for c in fleet.hostd("h-b").ListContainers(host_pb2.ListContainersRequest(),
+                                                                    timeout=30).containers],
+          lambda cs: inst.id not in cs, timeout=30, what="the stray container removed", interval=0.5)
+    assert fleet.admin.GetHost(admin_pb2.GetHostRequest(name="hosts/h-b")).state == admin_pb2.HOST_STATE_UP
+    same = get(fleet, inst.name)
+    assert same.status == ACTIVE and same.host == "hosts/h-a"
+    assert one_writer(fleet, inst.id) == {IQN + "h-a"}
+    assert (fleet.mount("h-a", inst.id) / LOG).read_text().split() == acked
 
     fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
     until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
