@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
     ("events_bench", "event history: create→ACTIVE with and without recording"),
     ("migrate_bench", "migration downtime (client-visible gap) vs an in-place restart"),
+    ("hostloss_bench", "host loss to ACTIVE elsewhere (1 and 5 SAN instances) vs MigrateInstance of the same"),
 ]
 
 
