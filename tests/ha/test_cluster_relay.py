@@ -2,15 +2,17 @@
 agent processes with the fake datastore: seconds, no root), and kill -9 of one server:
 
 - instances created through either server end ACTIVE; each guest's stream is recorded (agent_streams);
-- a command asked of s2 reaches a guest whose stream s1 holds (the relay), before and after the kill;
-- a WatchInstance client on s2 sees a change made through s1, and a new watcher works after the kill;
-- after kill -9 of s1 its guests are on s2 within seconds, and nothing was created twice.
+- a command asked of either server reaches every guest, whichever server holds its stream (the relay);
+- a WatchInstance client on one server sees a change made through the other;
+- after kill -9 of the server holding more guests they are on the survivor within seconds, the survivor
+  reaches every guest, a new watcher works there, and nothing was created twice.
 
 tests/ha/test_server_kill.py is the same fault with a real LXC instance, backups and several clients.
 """
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,7 @@ def _exercise(ha: TwoServers) -> None:
     c, md = ha.c, ha.c.md
     with ha.channel(2) as ch2:
         inst1, inst2 = c.instances, database_pb2_grpc.InstancesStub(ch2)
-        dbs2 = database_pb2_grpc.DatabasesStub(ch2)
+        dbs1, dbs2 = database_pb2_grpc.DatabasesStub(c.channel), database_pb2_grpc.DatabasesStub(ch2)
         names = []
         for i in range(4):
             stub = inst1 if i % 2 == 0 else inst2
@@ -48,44 +50,50 @@ def _exercise(ha: TwoServers) -> None:
             assert done.status == database_pb2.INSTANCE_STATUS_ACTIVE, done.fault.message
         ids = [inst2.GetInstance(database_pb2.GetInstanceRequest(name=n), metadata=md).id for n in names]
         holders = until(ha.holders, lambda h: all(i in h for i in ids), timeout=30, what="streams recorded")
-        on_s1 = [i for i in ids if holders[i] == "s1"]
-        # Guests pick a server at random; with 4 of them all on s2 is 1 in 16. Then the relay is not exercised.
-        if not on_s1:
-            pytest.skip("every guest chose s2; the relay path was not exercised this run")
-        # A command asked of s2 reaches every guest, wherever its stream is.
+        # Every guest is asked through both servers: one of the two does not hold its stream (the relay).
         for n in names:
-            dbs2.CreateDatabase(database_pb2.CreateDatabaseRequest(parent=n, database=common_pb2.Database(
-                database="before")), metadata=md, timeout=30)
-        # Watch one instance on s2, change it through s1: s2's watcher sees it.
-        watch = inst2.WatchInstance(database_pb2.WatchInstanceRequest(name=names[0]), metadata=md, timeout=120)
-        assert next(watch).instance.name == names[0]
-        c.instances.UpdateInstance(database_pb2.UpdateInstanceRequest(
-            instance=database_pb2.Instance(name=names[0], tags={"moved": "yes"}),
-            update_mask={"paths": ["tags"]}), metadata=md)
-        assert next(watch).instance.tags.get("moved") == "yes"
-        watch.cancel()
+            for which, dbs in ((1, dbs1), (2, dbs2)):
+                dbs.CreateDatabase(database_pb2.CreateDatabaseRequest(parent=n, database=common_pb2.Database(
+                    database=f"before{which}")), metadata=md, timeout=30)
+        # Watch one instance on s2, change it through s1: s2's watcher sees it (and the other way round).
+        for watching, changing in ((inst2, inst1), (inst1, inst2)):
+            watch = watching.WatchInstance(database_pb2.WatchInstanceRequest(name=names[0]), metadata=md,
+                                           timeout=120)
+            next(watch)
+            value = uuid.uuid4().hex[:8]
+            changing.UpdateInstance(database_pb2.UpdateInstanceRequest(
+                instance=database_pb2.Instance(name=names[0], tags={"moved": value}),
+                update_mask={"paths": ["tags"]}), metadata=md)
+            assert next(watch).instance.tags.get("moved") == value
+            watch.cancel()
 
+        # The server holding more guests dies.
+        victim = 1 if sum(h == "s1" for h in holders.values()) >= sum(h == "s2" for h in holders.values()) else 2
+        survivor = f"s{3 - victim}"
+        inst, dbs = (inst2, dbs2) if victim == 1 else (inst1, dbs1)
+        moving = [i for i in ids if holders[i] == f"s{victim}"]
         killed_at = time.monotonic()
-        ha.kill_s1()
-        until(ha.holders, lambda h: all(h.get(i) == "s2" for i in ids), timeout=20, what="every guest on s2",
-              interval=0.1)
+        ha.kill(victim)
+        until(ha.holders, lambda h: all(h.get(i) == survivor for i in ids), timeout=20,
+              what=f"every guest on {survivor}", interval=0.1)
         moved_in = time.monotonic() - killed_at
         assert moved_in < 10, moved_in
-        # The survivor reaches every guest, including those whose stream died with s1.
+        # The survivor reaches every guest, including those whose stream died with the victim.
         for n in names:
-            dbs2.CreateDatabase(database_pb2.CreateDatabaseRequest(parent=n, database=common_pb2.Database(
+            dbs.CreateDatabase(database_pb2.CreateDatabaseRequest(parent=n, database=common_pb2.Database(
                 database="after")), metadata=md, timeout=30)
-            listed = dbs2.ListDatabases(database_pb2.ListDatabasesRequest(parent=n), metadata=md, timeout=30)
-            assert {"before", "after"} <= {d.database for d in listed.databases}
-        watch = inst2.WatchInstance(database_pb2.WatchInstanceRequest(name=names[1]), metadata=md, timeout=60)
+            listed = dbs.ListDatabases(database_pb2.ListDatabasesRequest(parent=n), metadata=md, timeout=30)
+            assert {"before1", "before2", "after"} <= {d.database for d in listed.databases}
+        watch = inst.WatchInstance(database_pb2.WatchInstanceRequest(name=names[1]), metadata=md, timeout=60)
         assert next(watch).instance.name == names[1]
         watch.cancel()
-        listed_all = inst2.ListInstances(database_pb2.ListInstancesRequest(), metadata=md).instances
+        listed_all = inst.ListInstances(database_pb2.ListInstancesRequest(), metadata=md).instances
         assert sorted(i.name for i in listed_all) == sorted(names)  # each create made exactly one
         assert all(i.status == database_pb2.INSTANCE_STATUS_ACTIVE for i in listed_all)
-        print(f"{len(on_s1)} guests moved from s1 to s2 in {moved_in:.1f}s")
+        print(f"{len(moving)} guests moved from s{victim} to {survivor} in {moved_in:.1f}s")
         for n in names:
-            inst2.DeleteInstance(database_pb2.DeleteInstanceRequest(name=n), metadata=md)
-        until(lambda: inst2.ListInstances(database_pb2.ListInstancesRequest(), metadata=md).instances,
+            inst.DeleteInstance(database_pb2.DeleteInstanceRequest(name=n), metadata=md)
+        until(lambda: inst.ListInstances(database_pb2.ListInstancesRequest(), metadata=md).instances,
               lambda x: not x, timeout=60, what="instances deleted")
-        assert "Traceback" not in ha.log2.read_text(errors="replace")
+        survivor_log = ha.log2 if victim == 1 else ha.c.server.log_path
+        assert "Traceback" not in survivor_log.read_text(errors="replace")

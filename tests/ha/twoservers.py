@@ -41,8 +41,11 @@ class TwoServers:
         return dict(line.split("|") for line in out.splitlines() if line)
 
     def kill_s1(self) -> None:
-        """kill -9 of s1's whole process group: no clean-up, no goodbye to its streams."""
-        proc = self.c.server.proc
+        self.kill(1)
+
+    def kill(self, which: int) -> None:
+        """kill -9 of that server's whole process group: no clean-up, no goodbye to its streams."""
+        proc = self.c.server.proc if which == 1 else self.proc2
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -55,14 +58,18 @@ def two_servers(tmp_path: Path, pg: Any, driver: str, extra_env: dict[str, str] 
                 ) -> Iterator[TwoServers]:
     dbname = f"rd_{uuid.uuid4().hex[:8]}"
     pg.create_database(dbname)
-    a1, a2 = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    env = {"REDDWARF_DB_URL": pg.url(dbname), "REDDWARF_AGENT_LISTEN": a1,
-           "REDDWARF_AGENT_PUBLIC_ADDRESS": f"{a1},{a2}", "REDDWARF_NAME": "s1", **(extra_env or {})}
+    a1, a2, e1, e2 = (f"127.0.0.1:{free_port()}" for _ in range(4))
+    # Guests get every server's agent and enrollment endpoints: a guest made by s1 just before s1 dies
+    # enrolls with s2.
+    env = {"REDDWARF_DB_URL": pg.url(dbname), "REDDWARF_AGENT_LISTEN": a1, "REDDWARF_ENROLL_LISTEN": e1,
+           "REDDWARF_AGENT_PUBLIC_ADDRESS": f"{a1},{a2}", "REDDWARF_ENROLL_PUBLIC_ADDRESS": f"{e1},{e2}",
+           "REDDWARF_NAME": "s1", **(extra_env or {})}
     with start_cluster(tmp_path, server_env=env, driver=driver) as c:
         dir2 = tmp_path / "server2"
         shutil.copytree(c.server.state_dir, dir2, ignore=shutil.ignore_patterns("*.log", "backups", "scratch"))
-        api2, enroll2 = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        proc2, log2 = launch(dir2, api2, a2, enroll2, {**env, "REDDWARF_NAME": "s2",
+        api2 = f"127.0.0.1:{free_port()}"
+        proc2, log2 = launch(dir2, api2, a2, e2, {**env, "REDDWARF_NAME": "s2", "REDDWARF_AGENT_LISTEN": a2,
+                                                      "REDDWARF_ENROLL_LISTEN": e2,
                                                       "REDDWARF_METRICS_LISTEN": f"127.0.0.1:{free_port()}"})
         try:
             wait_ready(api2, c.server.admin_files, proc2, log2)
