@@ -315,3 +315,34 @@ class WatchNotifier:
                 self._seen[iid] = fp
             for gone in set(self._seen) - set(ids):
                 del self._seen[gone]
+
+
+class RevocationSync:
+    """Keeps this server's CRL a superset of every revocation recorded in the state DB: each server signs
+    and pushes the CRL of its own CA directory (common/pki.py), so without this a host would be handed a
+    list lacking what another server revoked. Every `poll_seconds` the serials revoked in `certificates`
+    that this CA directory lacks are revoked here too (which re-signs and pushes the CRL to the hosts)."""
+
+    def __init__(self, sessions: sessionmaker[Session], ca: Any, poll_seconds: float = 2.0) -> None:
+        self.sessions = sessions
+        self.ca = ca
+        self.poll_seconds = poll_seconds
+
+    def sync_once(self) -> int:
+        with self.sessions() as s:
+            recorded = {int(h, 16) for h in s.scalars(select(models.Certificate.serial)
+                                                      .where(models.Certificate.revoked_at.is_not(None)))}
+        missing = recorded - set(self.ca.revoked_serials())
+        for serial in sorted(missing):
+            self.ca.revoke(serial)
+        if missing:
+            log.info("revocations of other servers added to the CRL", extra={"count": len(missing)})
+        return len(missing)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.sync_once)
+            except Exception:  # noqa: BLE001 - a DB failover: the next round tries again
+                log.exception("revocation sync failed")
+            await asyncio.sleep(self.poll_seconds)
