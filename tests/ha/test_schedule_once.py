@@ -19,6 +19,7 @@ from reddwarf.common.states import InstanceStatus
 from reddwarf.server import backups, db, models
 from tests.fixtures.mariadb import mariadb_server
 from tests.fixtures.postgres import available, postgres_server
+
 SERVERS = 4
 
 
