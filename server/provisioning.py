@@ -28,6 +28,7 @@ from .app import App
 from .auth import certificate_revoked, serial_hex
 from .backup_store import BackupStore
 from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
+from .cluster import ClusterLink, RevocationSync, WatchNotifier
 from .configurations import ConfigurationsServicer
 from .enrollment import Enrollment
 from .events import EventBus
@@ -61,9 +62,17 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
 
     def is_revoked(serial: int) -> bool:
         return certificate_revoked(app.sessions, serial)
+    link = None
+    if st.clustered:  # several servers over this state DB: streams recorded, commands relayed
+        link = ClusterLink(app.sessions, st.name, st.agent_public_address, poll_seconds=st.cluster_poll_seconds,
+                           member_expiry=st.cluster_member_expiry_seconds)
+        link.start()
+        wiring.background += [link.run, WatchNotifier(app.sessions, events).run,
+                              RevocationSync(app.sessions, app.ca).run]
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
-                             heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
+                             heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst,
+                             cluster=link)
     wiring.metrics.agents = registry  # live guest health and stream count, read at scrape time
     backups = Backups(app, store, registry, hosts)
     backups.clear_scratch()  # what a killed server left of a scratch restore

@@ -58,6 +58,13 @@ class Settings:
     backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
     heartbeat_expiry_seconds: int = 20
+    # Several servers on one state DB (server/cluster.py): "auto" turns the stream registry, the command
+    # relay and the cross-server WatchInstance on for every state DB but SQLite; "on" / "off" force it.
+    # Each server needs its own `name`. Guests get agent_public_address, which may list every server's
+    # agent endpoint ("s1:8780,s2:8780"): they dial any and move to another when theirs goes away.
+    cluster: str = "auto"
+    cluster_poll_seconds: float = 0.25
+    cluster_member_expiry_seconds: float = 10.0
     # A guest's heartbeats reach the state DB at most once per heartbeat_seconds (the excess is coalesced);
     # one larger than heartbeat_max_bytes ends its stream, and so does a flood: more than
     # heartbeat_flood_burst heartbeats beyond twice the configured rate.
@@ -155,6 +162,11 @@ class Settings:
         for key in ("api_rate_limit", "api_rate_burst", "admin_rate_limit"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
+        if self.cluster not in ("auto", "on", "off"):
+            raise InvalidArgument("cluster must be auto, on or off", field="cluster")
+        if self.cluster_poll_seconds <= 0 or self.cluster_member_expiry_seconds <= self.cluster_poll_seconds:
+            raise InvalidArgument("cluster_poll_seconds must be above 0 and below cluster_member_expiry_seconds",
+                                  field="cluster_poll_seconds")
         for key in ("auth_cache_seconds", "catalog_cache_seconds"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
@@ -227,3 +239,8 @@ class Settings:
         env = os.environ if env is None else env
         return config.load(cls, path=config_path or env.get("REDDWARF_CONFIG"), fmt="yaml", env=env,
                            env_prefix="REDDWARF_", overrides=overrides)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this server coordinates with others over the state DB (see `cluster`)."""
+        return self.cluster == "on" or (self.cluster == "auto" and not self.db_url.startswith("sqlite"))
