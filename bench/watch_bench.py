@@ -28,6 +28,12 @@ from reddwarf.common.pki import TlsFiles
 from reddwarf.v1 import admin_pb2, database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import start_cluster
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 CHANNELS = 20  # the server allows 100 streams per connection (common/tls.py)
 
 
@@ -115,8 +121,14 @@ def main() -> int:
                     time.sleep(0.1)
                 return took
 
-            def creates(n0: int) -> list[float]:
-                return [timed_create(n0 + k) for k in range(a.creates)]
+            server_cpu = {False: [0.0, 0.0], True: [0.0, 0.0]}  # watchers open? → [CPU s, wall s] of the server
+
+            def creates(n0: int, watching: bool) -> list[float]:
+                cpu0, t0 = cpu_seconds(c.server.proc.pid), time.monotonic()
+                out = [timed_create(n0 + k) for k in range(a.creates)]
+                server_cpu[watching][0] += cpu_seconds(c.server.proc.pid) - cpu0
+                server_cpu[watching][1] += time.monotonic() - t0
+                return out
 
             timed_create(-1)  # warm
             without: list[float] = []
@@ -124,14 +136,14 @@ def main() -> int:
             delivered = 0
             for phase in range(a.phases):
                 if phase % 2 == 0:
-                    without += creates(phase * a.creates)
+                    without += creates(phase * a.creates, False)
                     continue
                 proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, start_new_session=True)
                 try:
                     assert proc.stdout is not None
                     if proc.stdout.readline().strip() != b"ready":
                         raise RuntimeError("the watchers did not start")
-                    with_watchers += creates(phase * a.creates)
+                    with_watchers += creates(phase * a.creates, True)
                     proc.send_signal(signal.SIGTERM)
                     delivered += int(proc.stdout.readline() or 0)
                     proc.wait(30)
@@ -154,6 +166,10 @@ def main() -> int:
         print(f"| with {a.watchers} watchers | {m_on:.3f} s | {min(with_watchers):.3f} s | "
               f"{max(with_watchers):.3f} s | {len(with_watchers)} |")
         print(f"| difference of the medians | {(m_on / m_off - 1) * 100:+.1f}% | | | |")
+        off, on = (100 * server_cpu[w][0] / server_cpu[w][1] for w in (False, True))
+        print(f"\nThe server's own CPU while the creates ran: {off:.0f}% of a core without watchers, {on:.0f}% with "
+              "them (the rest of the difference is the machine: the watcher process and other jobs share its 2 "
+              "cores).")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

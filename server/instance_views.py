@@ -185,6 +185,7 @@ class View:
     deleted: bool
     pb: database_pb2.Instance  # shared by every caller served from the cache: never modified
     keep_seconds: float        # until the clock alone would change it (a heartbeat falls due); inf: never
+    key: bytes = b""           # pb serialized deterministically: WatchInstance's "did it change", made once
 
 
 def view_keys(obj: Any) -> Iterable[str] | None:
@@ -225,7 +226,8 @@ class InstanceViews:
             if row.health_at is not None:
                 due = (row.health_at - utcnow()).total_seconds() + self.heartbeat_expiry
                 keep = due if due > 0 else math.inf  # already due: only a write (a new heartbeat) changes it
-            return View(row.tenant_id, row.deleted_at is not None, instance_pb(s, row, self.heartbeat_expiry), keep)
+            pb = instance_pb(s, row, self.heartbeat_expiry)
+            return View(row.tenant_id, row.deleted_at is not None, pb, keep, pb.SerializeToString(deterministic=True))
 
     def view(self, principal: Principal, name: str, field: str = "name") -> View:
         """The view of the caller's instance of that name, deleted or not (WatchInstance's last event)."""

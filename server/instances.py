@@ -366,16 +366,16 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 except NotFound:
                     return  # the row is gone
                 pb, deleted = view.pb, view.deleted
-                key = pb.SerializeToString(deterministic=True)
-                if key != last:
-                    last = key
+                if view.key != last:
+                    last = view.key
                     ev = database_pb2.InstanceEvent(instance=pb, change=change)
                     ev.time.GetCurrentTime()
                     yield ev
                 if deleted:
                     return
-                try:
-                    change = await asyncio.wait_for(q.get(), timeout=self.app.settings.heartbeat_expiry_seconds)
+                try:  # asyncio.timeout, not wait_for: no task of its own per wait (1,000 watchers, every poke)
+                    async with asyncio.timeout(self.app.settings.heartbeat_expiry_seconds):
+                        change = await q.get()
                 except TimeoutError:
                     change = "tick"  # re-derive: a guest may have gone silent without any event
         finally:
