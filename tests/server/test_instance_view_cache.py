@@ -166,3 +166,43 @@ def test_a_read_that_raced_a_commit_is_not_stored(sessions) -> None:
     db.update_row(sessions, models.Instance, "i1", display_name="newer")
     assert cache.get("other", lambda: "reloaded") == "kept"
     assert cache.get("i1", lambda: "reloaded") == "reloaded"
+
+
+def test_through_a_real_server_reads_follow_every_change_and_watch_sees_build_active_and_the_end(tmp_path) -> None:
+    """End to end on a fake-driver cluster: a rename and a task are seen by the very next GetInstance (the cache
+    is dropped at commit), a watcher's events go BUILD → ACTIVE, and the stream ends after the delete."""
+    import grpc
+
+    from tests.fixtures.cluster import start_cluster
+    with start_cluster(tmp_path, driver="fake") as c:
+        inst = c.instances.CreateInstance(database_pb2.CreateInstanceRequest(instance=database_pb2.Instance(
+            display_name="cached", flavor="tiny", volume=database_pb2.Volume(size_gb=1))), metadata=c.md)
+        stream = c.instances.WatchInstance(database_pb2.WatchInstanceRequest(name=inst.name), metadata=c.md,
+                                           timeout=120)
+        seen = []
+        for ev in stream:
+            seen.append(ev.instance.status)
+            if ev.instance.status == ACTIVE and not ev.instance.task:
+                break
+        assert seen[0] == database_pb2.INSTANCE_STATUS_BUILD and seen[-1] == ACTIVE
+        get = database_pb2.GetInstanceRequest(name=inst.name)
+        assert c.instances.GetInstance(get, metadata=c.md).display_name == "cached"
+        c.instances.UpdateInstance(database_pb2.UpdateInstanceRequest(
+            instance=database_pb2.Instance(name=inst.name, display_name="renamed"),
+            update_mask={"paths": ["display_name"]}), metadata=c.md)
+        assert c.instances.GetInstance(get, metadata=c.md).display_name == "renamed"
+        c.instances.RestartInstance(database_pb2.RestartInstanceRequest(name=inst.name), metadata=c.md)
+        assert c.instances.GetInstance(get, metadata=c.md).status in (database_pb2.INSTANCE_STATUS_REBOOT, ACTIVE)
+        deadline = time.monotonic() + 60
+        while c.instances.GetInstance(get, metadata=c.md).task:
+            assert time.monotonic() < deadline, "restart never finished"
+            time.sleep(0.1)
+        c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=c.md)
+        assert c.instances.GetInstance(get, metadata=c.md).status == database_pb2.INSTANCE_STATUS_DELETING
+        last = None
+        for ev in stream:  # the same stream: it follows the delete and ends
+            last = ev
+        assert last is not None and last.instance.status == database_pb2.INSTANCE_STATUS_DELETING
+        with pytest.raises(grpc.RpcError) as e:
+            c.instances.GetInstance(get, metadata=c.md)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
