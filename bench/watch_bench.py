@@ -28,6 +28,7 @@ from reddwarf.common.pki import TlsFiles
 from reddwarf.v1 import admin_pb2, database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import start_cluster
 
+
 def cpu_seconds(pid: int) -> float:
     """user + system CPU of a process (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
