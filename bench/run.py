@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("api_bench", "unary API (GetFlavor, GetInstance) vs a bare grpc.aio server"),
     ("list_bench", "ListInstances paging over 10,000 instances on SQLite and MariaDB"),
     ("gateway_bench", "REST gateway overhead vs gRPC"),
+    ("watch_bench", "create→ACTIVE with and without 1,000 WatchInstance watchers"),
     ("isolation_bench", "noisy neighbour and container vs bare"),
     ("chaos_bench", "seeded random kills: convergence and lost rows"),
     ("enroll_bench", "time to enroll a host over SSH"),

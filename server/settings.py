@@ -106,6 +106,9 @@ class Settings:
     auth_cache_seconds: float = 1.0
     # The same bound for flavors read by GetFlavor (server/readcache.py); 0: no cache.
     catalog_cache_seconds: float = 1.0
+    # The same bound for instance views read by GetInstance and WatchInstance (server/instance_views.py:
+    # InstanceViews); 0: no cache.
+    instance_cache_seconds: float = 1.0
     # Prometheus metrics (server/metrics.py): "host:port" of the /metrics listener, "" for none. Plain HTTP
     # only on a loopback address; bound anywhere else it is TLS with the server's certificate, and a
     # scraper must present a deployment certificate of role monitor (or admin). metrics_tls = "on" makes
@@ -168,6 +171,7 @@ class Settings:
             raise InvalidArgument("cluster_poll_seconds must be above 0 and below cluster_member_expiry_seconds",
                                   field="cluster_poll_seconds")
         for key in ("auth_cache_seconds", "catalog_cache_seconds"):
+        for key in ("auth_cache_seconds", "catalog_cache_seconds", "instance_cache_seconds"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
         if self.event_retention_days < 0:
