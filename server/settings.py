@@ -170,7 +170,6 @@ class Settings:
         if self.cluster_poll_seconds <= 0 or self.cluster_member_expiry_seconds <= self.cluster_poll_seconds:
             raise InvalidArgument("cluster_poll_seconds must be above 0 and below cluster_member_expiry_seconds",
                                   field="cluster_poll_seconds")
-        for key in ("auth_cache_seconds", "catalog_cache_seconds"):
         for key in ("auth_cache_seconds", "catalog_cache_seconds", "instance_cache_seconds"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
