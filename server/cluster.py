@@ -276,6 +276,8 @@ class WatchNotifier:
         self.bus = bus
         self.poll_seconds = poll_seconds
         self._seen: dict[str, tuple[Any, ...]] = {}
+        # Called with the instance id before its watchers are poked (drops this server's cached view of it).
+        self.on_change: Callable[[str], None] | None = None
 
     def _fingerprints(self, ids: list[str]) -> dict[str, tuple[Any, ...]]:
         with self.sessions() as s:
@@ -311,6 +313,8 @@ class WatchNotifier:
             for iid in ids:
                 fp = prints.get(iid, ())
                 if self._seen.get(iid) != fp:  # a new watcher too: what changed before it subscribed
+                    if self.on_change is not None:
+                        self.on_change(iid)
                     self.bus.publish(iid, "updated")
                 self._seen[iid] = fp
             for gone in set(self._seen) - set(ids):
