@@ -27,7 +27,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 
-from . import models, tags, tasks
+from . import maintenance, models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -76,6 +76,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         flavor_id = resource_id(inst.flavor, "flavors", "instance.flavor")
         restore_id = resource_id(request.restore_from_backup, "backups", "restore_from_backup") \
             if request.restore_from_backup else ""
+        window = maintenance.parse_window(inst.maintenance_window, "instance.maintenance_window") \
+            if inst.HasField("maintenance_window") else None
 
         def create() -> database_pb2.Instance:
             with self.app.sessions() as s, s.begin():
@@ -131,9 +133,11 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 s.flush()
                 if request.configuration:
                     bind_on_create(s, p, row, request.configuration)
+                if window is not None:
+                    maintenance.set_window(s, row.id, window)
                 tasks.submit(s, "create_instance", f"instances/{row.id}", {})
                 s.flush()
-                return self._pb(s, row)
+                return maintenance.decorate(s, self._pb(s, row))
         pb = await asyncio.to_thread(create)
         self._after_submit(pb.id)
         return pb
@@ -152,7 +156,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
     async def GetInstance(self, request: database_pb2.GetInstanceRequest, context: Context) -> database_pb2.Instance:
         p = current_principal(context)
         with self.app.sessions() as s:
-            return self._pb(s, owned_instance(s, p, request.name))
+            return maintenance.decorate(s, self._pb(s, owned_instance(s, p, request.name)))
 
     @grpc_edge
     async def ListInstances(self, request: database_pb2.ListInstancesRequest,
@@ -219,6 +223,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         p = current_principal(context)
         paths = validate_update(request)
         given = request.instance
+        window = maintenance.parse_window(given.maintenance_window, "instance.maintenance_window") \
+            if "maintenance_window" in paths else None
 
         def update() -> database_pb2.Instance:
             with self.app.sessions() as s, s.begin():
@@ -231,8 +237,10 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     row.deletion_protection = given.deletion_protection
                 if new_tags != (row.tags or {}):
                     row.tags = new_tags
+                if window is not None:
+                    maintenance.set_window(s, row.id, window)
                 s.flush()
-                return self._pb(s, row)
+                return maintenance.decorate(s, self._pb(s, row))
         pb = await asyncio.to_thread(update)
         self.events.publish(pb.id)
         return pb
@@ -334,6 +342,27 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
         return self._action(context, request.name, "resize_volume", {"size_gb": request.size_gb}, check)
+
+    @grpc_edge
+    async def ApplyPendingMaintenance(self, request: database_pb2.ApplyPendingMaintenanceRequest,
+                                      context: Context) -> database_pb2.Instance:
+        """The instance's pending maintenance (of the kinds asked, or all) starts now, not in its window."""
+        p = current_principal(context)
+
+        def mark() -> str:
+            with self.app.sessions() as s, s.begin():
+                row = owned_instance(s, p, request.name)
+                if maintenance.apply_now(s, row.id, list(request.kinds)) == 0:
+                    raise FailedPrecondition("the instance has no pending maintenance"
+                                             + (f" of kinds {', '.join(request.kinds)}" if request.kinds else ""),
+                                             field="kinds" if request.kinds else "name")
+                return row.id
+        iid = await asyncio.to_thread(mark)
+        if await asyncio.to_thread(maintenance.tick, self.app.sessions):
+            self.engine.wake()
+        self.events.publish(iid, "task")
+        with self.app.sessions() as s:
+            return maintenance.decorate(s, self._pb(s, owned_instance(s, p, request.name)))
 
     @grpc_edge
     async def WatchInstance(self, request: database_pb2.WatchInstanceRequest,

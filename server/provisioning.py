@@ -22,7 +22,7 @@ from reddwarf.v1 import (
     observe_pb2_grpc,
 )
 
-from . import models, mysql_ca, tasks
+from . import maintenance, models, mysql_ca, tasks
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
 from .auth import certificate_revoked, serial_hex
@@ -61,7 +61,11 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
 
     def is_revoked(serial: int) -> bool:
         return certificate_revoked(app.sessions, serial)
+    async def on_hello(iid: str, hello: agent_pb2.Hello) -> None:
+        await asyncio.to_thread(maintenance.record_agent_version, app.sessions, iid, hello.agent_version,
+                                hello.boot_id)
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
+                             on_hello=on_hello,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
                              heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
     wiring.metrics.agents = registry  # live guest health and stream count, read at scrape time
@@ -134,6 +138,10 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         async def run_san_reattach() -> None:
             await san.reattach_loop(st.san_reattach_seconds)
         wiring.background.append(run_san_reattach)
+    if st.maintenance_check_seconds > 0:
+        async def run_maintenance() -> None:
+            await maintenance.run_loop(app.sessions, engine, st.maintenance_check_seconds)
+        wiring.background.append(run_maintenance)
     if st.host_check_seconds > 0:
         wiring.background.append(HostWatch(app, hosts, engine).run)
     wiring.on_stop.append(hosts.close)
