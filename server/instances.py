@@ -27,7 +27,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 
-from . import maintenance, models, tags, tasks
+from . import maintenance, migration, models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -319,7 +319,10 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                              context: Context) -> database_pb2.Instance:
         flavor_id = resource_id(request.flavor, "flavors", "flavor")
 
-        def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
+        p = current_principal(context)
+        with self.app.sessions() as s, s.begin():
+            row = owned_instance(s, p, request.name)
+            status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
             f = s.get(models.Flavor, flavor_id)
             if f is None:
                 raise NotFound(f"flavor {flavor_id!r} does not exist", field="flavor")
@@ -328,7 +331,15 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             check_flavor(s, row, f.memory_mb)
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
-        return self._action(context, request.name, "resize_instance", {"flavor": flavor_id}, check)
+            if tasks.active_task_for(s, f"instances/{row.id}") is not None:
+                raise FailedPrecondition(f"instance {row.id} is busy with another operation; retry when it is "
+                                         "ACTIVE", field="name")
+            # In place, or, when its host has no room for the new flavor, a migration to one that has.
+            migration.submit_resize(s, row, f)
+            s.flush()
+            pb = self._pb(s, row)
+        self._after_submit(row.id)
+        return pb
 
     @grpc_edge
     async def ResizeVolume(self, request: database_pb2.ResizeVolumeRequest,

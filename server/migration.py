@@ -105,9 +105,11 @@ def _generation(task_id: str) -> int:
 
 
 def submit_migration(s: Session, iid: str, host: str, field: str = "host",
-                     reserved: dict[str, float] | None = None) -> models.Task:
+                     reserved: dict[str, float] | None = None, flavor: models.Flavor | None = None) -> models.Task:
     """Checks that the instance can move (to `host`, or to one the scheduler picks when it is ""), then adds
-    its migrate_instance task in the caller's transaction. Raises, with nothing changed, when it cannot."""
+    its migrate_instance task in the caller's transaction. Raises, with nothing changed, when it cannot.
+    `flavor`: a resize that does not fit the instance's host; the target must have room for that flavor,
+    which the instance takes at the commit point (its new container is made with the flavor's limits)."""
     row = s.get(models.Instance, iid)
     if row is None or row.deleted_at is not None:
         raise NotFound(f"instance {iid} does not exist", field="instance")
@@ -124,8 +126,8 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
             field="instance")
     if not row.host_id:
         raise FailedPrecondition(f"instance {iid} is on no host", field="instance")
-    flavor = s.get(models.Flavor, row.flavor_id)
-    memory_mb = flavor.memory_mb if flavor is not None else 0
+    current = flavor or s.get(models.Flavor, row.flavor_id)
+    memory_mb = current.memory_mb if current is not None else 0
     if host:
         target = s.get(models.Host, host)
         if target is None:
@@ -135,13 +137,44 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
     else:
         target_id = pick_target(s, row.host_id, memory_mb, field, reserved)
     task_id = str(uuid.uuid4())
-    task = tasks.submit(s, KIND, f"instances/{iid}", {"source": row.host_id, "target": target_id,
-                                                      "token_generation": _generation(task_id)}, task_id=task_id)
+    params: dict[str, object] = {"source": row.host_id, "target": target_id, "token_generation": _generation(task_id)}
+    if flavor is not None:
+        params["flavor"] = flavor.id
+    task = tasks.submit(s, KIND, f"instances/{iid}", params, task_id=task_id)
     if reserved is not None:
         reserved[target_id] = reserved.get(target_id, 0.0) + memory_mb
     s.flush()
     log.info("migration submitted", extra={"instance": iid, "source": row.host_id, "target": target_id})
     return task
+
+
+def fits_on_its_host(s: Session, row: models.Instance, memory_mb: int) -> bool:
+    """Whether the instance's host has room for it at `memory_mb` (its own current memory counts as free)."""
+    h = s.get(models.Host, row.host_id) if row.host_id else None
+    if h is None:
+        return True
+    current = s.get(models.Flavor, row.flavor_id)
+    return _free_memory(s, h) + (current.memory_mb if current is not None else 0) >= memory_mb
+
+
+def submit_resize(s: Session, row: models.Instance, flavor: models.Flavor) -> str:
+    """A resize: in place when the instance's host has room for the new flavor, else a migration to a host
+    that has (the instance takes the flavor there). An instance whose loop volume cannot leave its host is
+    refused, naming the flavor, with nothing changed. Returns the task kind submitted."""
+    if fits_on_its_host(s, row, flavor.memory_mb):
+        tasks.submit(s, "resize_instance", f"instances/{row.id}", {"flavor": flavor.id})
+        return "resize_instance"
+    h = s.get(models.Host, row.host_id)
+    free = int(_free_memory(s, h)) if h is not None else 0
+    if not row.storage_host_id or row.volume_driver != ISCSI:
+        raise ResourceExhausted(
+            f"host {row.host_id} has no room for flavor {flavor.id} ({flavor.memory_mb} MB memory; {free} MB free "
+            f"besides the instance's own), and the instance's {row.volume_driver or 'loop'} volume is a file on "
+            "that host's disk, so it cannot move to a host that has room", field="flavor")
+    submit_migration(s, row.id, "", field="flavor", flavor=flavor)
+    log.info("resize does not fit its host; migrating", extra={"instance": row.id, "flavor": flavor.id,
+                                                                "host": row.host_id})
+    return KIND
 
 
 def drain(s: Session, host_id: str) -> tuple[list[str], list[str]]:
@@ -327,7 +360,7 @@ class Migrations:
         await asyncio.to_thread(revoke)
         self.it.registry.disconnect(iid)
 
-    async def _attach_on(self, iid: str, host_id: str) -> None:
+    async def _attach_on(self, iid: str, host_id: str, flavor: str = "") -> None:
         """The LUN admits `host_id`'s initiator alone (cutting off any other), then that host attaches it and
         the row names it: from the commit of that row the instance lives there."""
         san = self.it.san
@@ -338,7 +371,9 @@ class Migrations:
         await san._san_call(place.storage_host_id, "ExportVolume", host_pb2.ExportVolumeRequest(
             id=iid, initiator_iqn=initiator, chap=place.chap), timeout=60)
         await san._adopt(self.it.hosts.client(host_id), place.storage_host_id, iid, row.volume_locator, place.chap)
-        update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id)
+        # A resize that migrates takes its flavor in the same commit: the target was chosen with room for it.
+        update_row(self.it.app.sessions, models.Instance, iid, host_id=host_id,
+                   **({"flavor_id": flavor} if flavor else {}))
         self.it.events.publish(iid)
 
     async def step_move_volume(self, ctx: tasks.StepContext) -> None:
@@ -355,7 +390,7 @@ class Migrations:
             if now != HostState.UP:
                 raise FailedPrecondition(f"target host {target} is {now.upper()} now; the instance stays on "
                                          f"{ctx.params['source']}", field="host")
-        await self._attach_on(ctx.resource_id, target)
+        await self._attach_on(ctx.resource_id, target, str(ctx.params.get("flavor") or ""))
         log.info("instance volume moved", extra={"instance": ctx.resource_id, "source": ctx.params["source"],
                                                  "target": ctx.params["target"]})
 

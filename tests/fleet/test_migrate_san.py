@@ -32,6 +32,7 @@ from reddwarf.server import db, models
 from reddwarf.server.sealing import PasswordSealer
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc, host_pb2, host_pb2_grpc
 from tests.fixtures.cluster import host_files
+from tests.fixtures.errors import field_violations
 from tests.fixtures.fleet import clear_dead_host, recorded_host_files
 from tests.fixtures.hostd import RunningHostd, start_hostd
 from tests.fixtures.mariadb import free_port
@@ -338,6 +339,77 @@ def test_evacuating_a_host_by_hand_puts_an_instance_on_a_local_volume_in_error_s
           lambda cs: len(cs) == 0, timeout=60, what="its container deleted", interval=0.3)
 
 
+def set_overcommit(f: Fleet, host: str, ratio: float) -> None:
+    """What an operator's overcommit does to the scheduler: the host's memory counts `ratio` times."""
+    with db.session_factory(db.make_engine(f"sqlite:///{f.server.state_dir}/state.db"))() as s, s.begin():
+        h = s.get(models.Host, host)
+        assert h is not None
+        h.memory_overcommit = ratio
+
+
+def memory_total(f: Fleet, host: str) -> int:
+    return f.admin.GetHost(admin_pb2.GetHostRequest(name=f"hosts/{host}")).capacity.memory_mb_total
+
+
+def test_a_resize_that_does_not_fit_its_host_migrates_and_one_on_a_loop_volume_is_refused(fleet):
+    inst = create(fleet, "grower")
+    source = inst.host.removeprefix("hosts/")
+    target = "h-b" if source == "h-a" else "h-a"
+    marker = uuid.uuid4().hex
+    (fleet.mount(source, inst.id) / MARKER).write_text(marker)
+    # The source has room for this tiny instance (256 MB) and 100 MB more: "small" (512 MB) does not fit.
+    set_overcommit(fleet, source, (256 + 100) / memory_total(fleet, source))
+    try:
+        resized = fleet.instances.ResizeInstance(database_pb2.ResizeInstanceRequest(
+            name=inst.name, flavor="flavors/small"), metadata=fleet.md)
+        [task] = fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=inst.name)).tasks[:1]
+        assert task.kind == "migrate_instance", task.kind
+        assert wait_task(fleet, task.id).state == admin_pb2.TASK_STATE_SUCCEEDED
+        after = settled(fleet, resized.name)
+        assert after.flavor == "flavors/small"
+        assert_lives_on(fleet, inst.id, target, source, marker)
+    finally:
+        set_overcommit(fleet, source, 1.0)
+    # With room on its host, a resize stays in place.
+    fleet.instances.ResizeInstance(database_pb2.ResizeInstanceRequest(name=inst.name, flavor="flavors/medium"),
+                                   metadata=fleet.md)
+    [task] = fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=inst.name)).tasks[:1]
+    assert task.kind == "resize_instance"
+    assert wait_task(fleet, task.id).state == admin_pb2.TASK_STATE_SUCCEEDED
+    assert settled(fleet, inst.name).host == f"hosts/{target}"
+    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=fleet.md)
+    until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
+
+    # An instance on h-c's loop volume: no room there, and it cannot move; refused, nothing changes.
+    for h in ("h-a", "h-b"):
+        fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{h}", drain=True))
+    fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-c", drain=False))
+    try:
+        local = create(fleet, "rooted")
+    finally:
+        for h in ("h-a", "h-b"):
+            fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name=f"hosts/{h}", drain=False))
+        fleet.admin.DrainHost(admin_pb2.DrainHostRequest(name="hosts/h-c", drain=True))
+    assert local.host == "hosts/h-c"
+    tasks_before = len(fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=local.name)).tasks)
+    set_overcommit(fleet, "h-c", (256 + 100) / memory_total(fleet, "h-c"))
+    try:
+        with pytest.raises(grpc.RpcError) as exc:
+            fleet.instances.ResizeInstance(database_pb2.ResizeInstanceRequest(
+                name=local.name, flavor="flavors/small"), metadata=fleet.md)
+    finally:
+        set_overcommit(fleet, "h-c", 1.0)
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "cannot move" in (exc.value.details() or "") and "flavor small" in (exc.value.details() or "")
+    assert "flavor" in field_violations(exc.value)
+    same = get(fleet, local.name)
+    assert same.flavor == "flavors/tiny" and same.host == "hosts/h-c" and same.status == ACTIVE
+    assert len(fleet.admin.ListTasks(admin_pb2.ListTasksRequest(resource=local.name)).tasks) == tasks_before
+    fleet.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=local.name), metadata=fleet.md)
+    until(lambda: fleet.hostd("h-c").ListContainers(host_pb2.ListContainersRequest(), timeout=30).containers,
+          lambda cs: len(cs) == 0, timeout=60, what="its container deleted", interval=0.3)
+
+
 def netns_pids(f: Fleet, host: str) -> list[int]:
     """Every process in that host's network namespace: its hostd, its guests, its initiator daemons."""
     ns = os.stat(f.net[host].netns_path).st_ino
@@ -422,4 +494,5 @@ def test_a_lost_host_is_fenced_its_instance_comes_back_elsewhere_and_the_host_re
         until(lambda: fleet.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
     finally:
         stop_process(proc)
+
 
