@@ -207,6 +207,11 @@ class AsyncClient:
         return await self._call(self.instances.ApplyPendingMaintenance, pb.ApplyPendingMaintenanceRequest(
             name=r.instance_name(instance), kinds=list(kinds)))
 
+    async def schedule_agent_upgrade(self, instance: str, apply_now: bool = False) -> pb.Instance:
+        """Admins: upgrade the instance's guest agent to the server's build in its window (or now)."""
+        return await self._call(self.instances.ScheduleAgentUpgrade, pb.ScheduleAgentUpgradeRequest(
+            name=r.instance_name(instance), apply_now=apply_now))
+
     async def stop_instance(self, instance: str) -> pb.Instance:
         """Stops mysqld and the container (the data stays on the volume): STOPPING, then SHUTDOWN."""
         return await self._call(self.instances.StopInstance, pb.StopInstanceRequest(name=r.instance_name(instance)))

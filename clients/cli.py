@@ -550,6 +550,14 @@ def instance_apply_pending(instance: str = INSTANCE_ARG,
     run(lambda: emit(with_instance(lambda c, i: c.apply_pending_maintenance(i, kind), instance), INSTANCE_FIELDS))
 
 
+@instance_app.command("upgrade-agent")
+@output_options
+def instance_upgrade_agent(instance: str = INSTANCE_ARG,
+                           now: bool = typer.Option(False, "--now", help="Now instead of in the window.")) -> None:
+    """Admins: upgrades the instance's guest agent to the server's build; mysqld keeps running."""
+    run(lambda: emit(with_instance(lambda c, i: c.schedule_agent_upgrade(i, now), instance), INSTANCE_FIELDS))
+
+
 @instance_app.command("stop")
 @output_options
 def instance_stop(instance: str = INSTANCE_ARG,

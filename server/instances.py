@@ -376,6 +376,27 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             return maintenance.decorate(s, self._pb(s, owned_instance(s, p, request.name)))
 
     @grpc_edge
+    async def ScheduleAgentUpgrade(self, request: database_pb2.ScheduleAgentUpgradeRequest,
+                                   context: Context) -> database_pb2.Instance:
+        """Queues an upgrade of the instance's guest agent (admins only): in its window, or now."""
+        p = current_principal(context)
+        if not p.admin:
+            raise PermissionDenied("only an admin upgrades guest agents", field="name")
+
+        def queue() -> str:
+            with self.app.sessions() as s, s.begin():
+                row = owned_instance(s, p, request.name)
+                maintenance.queue(s, row.id, "agent_upgrade", "upgrade the guest agent (mysqld keeps running)",
+                                  apply_now=request.apply_now)
+                return row.id
+        iid = await asyncio.to_thread(queue)
+        if request.apply_now and await asyncio.to_thread(maintenance.tick, self.app.sessions):
+            self.engine.wake()
+        self.events.publish(iid, "task")
+        with self.app.sessions() as s:
+            return maintenance.decorate(s, self._pb(s, owned_instance(s, p, request.name)))
+
+    @grpc_edge
     async def WatchInstance(self, request: database_pb2.WatchInstanceRequest,
                             context: Context) -> AsyncIterator[database_pb2.InstanceEvent]:
         p = current_principal(context)

@@ -133,8 +133,8 @@ def _restart(s: Session, row: models.Instance, action: models.PendingMaintenance
     tasks.submit(s, "restart_instance", f"instances/{row.id}", {"maintenance": action.id}, task_id=task_id)
 
 
-# agent_upgrade, upgrade and patch are registered by the modules that carry them out; until one is, an
-# action of that kind waits (it is listed, never started).
+# agent_upgrade (server/agent_upgrade.py), upgrade and patch are registered by the modules that carry them
+# out; until one is, an action of that kind waits (it is listed, never started).
 register_action("restart", _restart)
 
 

@@ -23,6 +23,7 @@ from reddwarf.v1 import (
 )
 
 from . import maintenance, models, mysql_ca, tasks
+from .agent_upgrade import AgentUpgrades
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
 from .auth import certificate_revoked, serial_hex
@@ -88,7 +89,9 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change, on_end=wiring.metrics.task_ended)
     migrations = Migrations(instance_tasks)
-    for kind in instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds():
+    upgrades = AgentUpgrades(st, registry)
+    for kind in (instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds()
+                 + upgrades.kinds()):
         engine.register(kind)
 
     db = database_pb2.DESCRIPTOR

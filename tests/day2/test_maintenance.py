@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from reddwarf.common import agent_build
 from reddwarf.server import db, maintenance
 from reddwarf.v1 import configuration_pb2 as cpb
 from reddwarf.v1 import configuration_pb2_grpc as cpb_grpc
@@ -83,7 +84,7 @@ def test_instance_created_with_its_window_reports_it(cluster: Cluster, inst: dat
             got.maintenance_window.duration_minutes) == (3, "10:00", 60)
     assert list(got.pending_maintenance) == []
     # The agent said its version on its hello, and the server recorded it.
-    assert got.agent_version == "1"
+    assert got.agent_version == agent_build.installed_version()
 
 
 @pytest.mark.dependency(depends=["active"])
