@@ -164,10 +164,13 @@ def open_actions(s: Session, instance_id: str) -> list[models.PendingMaintenance
 
 
 def apply_now(s: Session, instance_id: str, kinds: list[str]) -> int:
-    """Marks the instance's pending actions (of `kinds`, or all) to run at the next tick; how many."""
+    """Marks the instance's pending actions (of `kinds`, or all) to run at the next tick; how many. A
+    restart a static value needs is queued first, so asking right after the change finds it."""
     for k in kinds:
         if k not in KINDS:
             raise InvalidArgument(f"kinds: {k[:40]!r} is not one of {', '.join(KINDS)}", field="kinds")
+    _finish_running(s)
+    _queue_restarts(s)
     n = 0
     for a in open_actions(s, instance_id):
         if a.state == PENDING and (not kinds or a.kind in kinds):
@@ -189,6 +192,10 @@ def decorate(s: Session, pb: database_pb2.Instance, now: dt.datetime | None = No
     pb.maintenance_window.CopyFrom(w.to_pb())
     nxt = w.next_start(now)
     for a in open_actions(s, pb.id):
+        if a.state == RUNNING and a.task_id:
+            task = s.get(models.Task, a.task_id)
+            if task is None or task.state not in tasks.ACTIVE_STATES:
+                continue  # ended: closed by the next pass
         when = now if a.apply_now or a.state == RUNNING or w.contains(now) else nxt
         pb.pending_maintenance.append(database_pb2.PendingMaintenance(
             kind=a.kind, description=a.description, apply_after=_ts(when), state=a.state,
