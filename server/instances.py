@@ -390,7 +390,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                                   apply_now=request.apply_now)
                 return row.id
         iid = await asyncio.to_thread(queue)
-        if request.apply_now and await asyncio.to_thread(maintenance.tick, self.app.sessions):
+        started = await asyncio.to_thread(maintenance.tick, self.app.sessions) if request.apply_now else []
+        if started:
             self.engine.wake()
         self.events.publish(iid, "task")
         with self.app.sessions() as s:
