@@ -63,6 +63,9 @@ class Supervisor:
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Starts the child (no-op if running) and waits until it is ready."""
         if self._task is None or self._task.done():
+            if self._proc is None and self._adopted is None:
+                # Never started by this process image: after an agent upgrade's exec our child may be running.
+                self._adopted = own_child(self.argv)
             self._stopping = False
             self._ready_event = asyncio.Event()
             self._task = asyncio.create_task(self._loop(), name=f"supervise-{self.name}")
@@ -154,6 +157,26 @@ class Supervisor:
         if self.state != ServiceState.RUNNING:
             return 0
         return int(time.monotonic() - self.started_at)
+
+
+def own_child(argv: Sequence[str]) -> int | None:
+    """A running child of this process with exactly this command line (started before an exec), if any."""
+    want = [a.encode() for a in argv]
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[1] != me or fields[0] in ("Z", "X"):
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:-1] == want:
+                    return int(entry)
+        except (OSError, IndexError):
+            continue
+    return None
 
 
 def child_exit(pid: int) -> int | None:

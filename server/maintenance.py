@@ -27,11 +27,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common.clock import now as utcnow
-from reddwarf.common.errors import InvalidArgument
+from reddwarf.common.errors import FailedPrecondition, InvalidArgument, RedDwarfError
 from reddwarf.common.states import TaskState
 from reddwarf.v1 import database_pb2
 
 from . import models, tasks
+from .instance_views import STOPPED
 
 log = logging.getLogger("reddwarf.server.maintenance")
 
@@ -41,6 +42,7 @@ _TIME = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
 KINDS = ("restart", "agent_upgrade", "upgrade", "patch")
 PENDING, RUNNING, DONE, FAILED, CANCELLED = "pending", "running", "done", "failed", "cancelled"
 OPEN = (PENDING, RUNNING)
+RETRY_AFTER = dt.timedelta(hours=1)
 # Task ids derived from action ids: one action, one task id, whichever server starts it.
 _TASK_IDS = uuid.UUID("5b0f4c36-9e53-4a43-8d3f-0c1c2f6a0d17")
 
@@ -130,6 +132,8 @@ def registered(kind: str) -> bool:
 
 
 def _restart(s: Session, row: models.Instance, action: models.PendingMaintenance, task_id: str) -> None:
+    if row.status == STOPPED:
+        raise FailedPrecondition("the instance is stopped; its restart waits until it runs", field="name")
     tasks.submit(s, "restart_instance", f"instances/{row.id}", {"maintenance": action.id}, task_id=task_id)
 
 
@@ -228,7 +232,12 @@ def _queue_restarts(s: Session) -> None:
         models.InstanceConfiguration.restart_required.is_(True), models.Instance.deleted_at.is_(None))))
     queued = {a.instance_id: a for a in s.scalars(select(models.PendingMaintenance).where(
         models.PendingMaintenance.kind == "restart", models.PendingMaintenance.state.in_(OPEN)))}
-    for iid in needing - set(queued):
+    # A restart that failed lately is not queued again at once (inside the window it would be retried every
+    # pass): the next try is after RETRY_AFTER, its fault shown on the instance meanwhile.
+    recent = set(s.scalars(select(models.PendingMaintenance.instance_id).where(
+        models.PendingMaintenance.kind == "restart", models.PendingMaintenance.state == FAILED,
+        models.PendingMaintenance.updated_at > utcnow() - RETRY_AFTER)))
+    for iid in needing - set(queued) - recent:
         try:
             with s.begin_nested():
                 queue(s, iid, "restart", "restart to apply static configuration values",
@@ -279,7 +288,12 @@ def _start_due(sessions: sessionmaker[Session], now: dt.datetime) -> list[str]:
                 s.rollback()
                 log.warning("no handler for maintenance action yet; it waits", extra={"action": aid})
                 continue
-            handler(s, row, action, task_id)
+            try:
+                handler(s, row, action, task_id)
+            except RedDwarfError as exc:  # it cannot start now: it stays pending, the next pass tries again
+                s.rollback()
+                log.info("maintenance action waits", extra={"action": aid, "reason": exc.message})
+                continue
             log.info("maintenance action started", extra={"instance": iid, "kind": action.kind, "task": task_id})
             started.append(task_id)
     return started
