@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import random
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from reddwarf.common.clock import now as utcnow
@@ -32,6 +34,7 @@ from reddwarf.common.states import TaskState
 from reddwarf.v1 import database_pb2
 
 from . import models, tasks
+from .db import run_transaction
 from .instance_views import STOPPED
 
 log = logging.getLogger("reddwarf.server.maintenance")
@@ -212,15 +215,18 @@ def decorate(s: Session, pb: database_pb2.Instance, now: dt.datetime | None = No
 
 def record_agent_version(sessions: sessionmaker[Session], instance_id: str, version: str, boot_id: str) -> None:
     """What an agent said on its hello; an agent too old to say its version is recorded as ""."""
-    with sessions() as s, s.begin():
-        if s.get(models.Instance, instance_id) is None:
-            return
-        row = s.get(models.AgentVersion, instance_id)
-        if row is None:
-            s.add(models.AgentVersion(instance_id=instance_id, version=version[:64], boot_id=boot_id[:64],
-                                      seen_at=utcnow()))
-        else:
-            row.version, row.boot_id, row.seen_at = version[:64], boot_id[:64], utcnow()
+    run_transaction(sessions, lambda s: _record_agent_version(s, instance_id, version, boot_id))
+
+
+def _record_agent_version(s: Session, instance_id: str, version: str, boot_id: str) -> None:
+    if s.get(models.Instance, instance_id) is None:
+        return
+    row = s.get(models.AgentVersion, instance_id)
+    if row is None:
+        s.add(models.AgentVersion(instance_id=instance_id, version=version[:64], boot_id=boot_id[:64],
+                                  seen_at=utcnow()))
+    else:
+        row.version, row.boot_id, row.seen_at = version[:64], boot_id[:64], utcnow()
 
 
 # ---------------------------------------------------------------------------- the scheduler
@@ -299,14 +305,28 @@ def _start_due(sessions: sessionmaker[Session], now: dt.datetime) -> list[str]:
     return started
 
 
+def _sqlite_busy(exc: OperationalError) -> bool:
+    # SQLite in WAL mode refuses at once (no busy wait) a read transaction that turns writer after another
+    # connection wrote: the transaction was rolled back, and this pass is safe to run again.
+    return "database is locked" in str(exc.orig)
+
+
 def tick(sessions: sessionmaker[Session], now: dt.datetime | None = None) -> list[str]:
     """One pass: queue restarts, close ended actions, start the due ones. Returns the tasks it submitted.
-    `now` is injectable so a test can stand inside or outside a window without waiting for the weekday."""
+    `now` is injectable so a test can stand inside or outside a window without waiting for the weekday.
+    Every step is guarded (open_key, the pending → running compare-and-set), so a pass runs again whole."""
     now = now or utcnow()
-    with sessions() as s, s.begin():
-        _queue_restarts(s)
-        _finish_running(s)
-    return _start_due(sessions, now)
+    for attempt in range(1, 9):
+        try:
+            with sessions() as s, s.begin():
+                _finish_running(s)
+                _queue_restarts(s)
+            return _start_due(sessions, now)
+        except OperationalError as exc:
+            if attempt == 8 or not _sqlite_busy(exc):
+                raise
+            time.sleep(random.uniform(0, 0.05 * attempt))
+    raise AssertionError("unreachable")
 
 
 async def run_loop(sessions: sessionmaker[Session], engine: tasks.TaskEngine, every: float,
