@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
     ("events_bench", "event history: create→ACTIVE with and without recording"),
     ("migrate_bench", "migration downtime (client-visible gap) vs an in-place restart"),
+    ("hostloss_bench", "host loss to ACTIVE elsewhere (1 and 5 SAN instances) vs MigrateInstance of the same"),
 ]
 
 
@@ -42,7 +43,7 @@ def existing_sections(path: str) -> dict[str, str]:
         return {}
     out = {}
     for chunk in ("\n" + text).split("\n## ")[1:]:
-        m = re.search(r"python -m bench\.(\w+)`", chunk)
+        m = re.search(r"python -m bench\.(\w+)[^`]*`", chunk)
         if m:
             out[m.group(1)] = "## " + chunk.strip() + "\n"
     return out
