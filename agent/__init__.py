@@ -15,6 +15,8 @@ Where things live:
   SET GLOBAL all or none, the my.cnf include, a restart pending for static values).
 - logs.py: the datastore's logs on the volume (fixed names → the agent's own files), read in pieces,
   switched on and off, rotated within their bound.
+- upgrade.py: an agent upgrade in place (the build unpacked, then exec: same PID, mysqld adopted by
+  supervisor.py from the previous image).
 - The volume is mounted where Prepare.datadir says; mysqld's datadir is its data/ directory
   (mysqld.py: datadir_on_volume), the agent's work directory beside it.
 """

@@ -10,7 +10,7 @@ from typing import NamedTuple
 from reddwarf.common.errors import FailedPrecondition, InvalidArgument, ok_status
 from reddwarf.v1 import agent_pb2
 
-from . import convert
+from . import convert, upgrade
 from .convert import Outcome
 from .datastore import Backups, DatastoreDriver
 from .logs import GuestLogs, LogList
@@ -30,6 +30,7 @@ class Call:
     backups_or_none: Backups | None
     transfer_or_none: Transfer | None
     progress: Progress
+    state_dir: str = ""  # the agent's own (agent upgrades unpack builds there)
 
     async def report(self, percent: int, message: str) -> None:
         await self.progress(percent, message, 0)
@@ -89,6 +90,7 @@ COMMANDS: dict[str, Handler] = {
     "list_logs": lambda c, cmd: _list_logs(c),
     "set_log": lambda c, cmd: _set_log(c, cmd.set_log),
     "read_log": lambda c, cmd: c.logs.read_log(convert.read_spec_from_pb(cmd.read_log)),
+    "upgrade_agent": lambda c, cmd: _upgrade_agent(c, cmd.upgrade_agent),
     "install_mysql_tls": lambda c, cmd: c.driver.install_mysql_tls(cmd.install_mysql_tls.tls_cert_pem,
                                                                    cmd.install_mysql_tls.tls_ca_pem),
 }
@@ -96,6 +98,12 @@ COMMANDS: dict[str, Handler] = {
 # Reads that change nothing: answered afresh when replayed, never kept in the results record (a tail polls
 # read_log every second; keeping each piece of a log on disk would only fill the guest).
 UNRECORDED = frozenset({"list_logs", "read_log"})
+
+
+async def _upgrade_agent(c: Call, pb: agent_pb2.UpgradeAgent) -> None:
+    if not c.state_dir:
+        raise FailedPrecondition("this agent has no state dir to unpack a build into", field="command")
+    await upgrade.upgrade(c.state_dir, pb)
 
 
 async def _list_logs(c: Call) -> LogList:
@@ -109,9 +117,10 @@ async def _set_log(c: Call, pb: agent_pb2.SetLog) -> LogList:
 class CommandRunner:
     """Runs one command through the table: its result, or the domain error it raised."""
 
-    def __init__(self, driver: DatastoreDriver, backups: Backups | None = None) -> None:
+    def __init__(self, driver: DatastoreDriver, backups: Backups | None = None, state_dir: str = "") -> None:
         self.driver = driver
         self.backups = backups
+        self.state_dir = state_dir
         self.transfer: Transfer | None = None  # set by the stream while it is connected
 
     async def run(self, cmd: agent_pb2.Command, progress: Progress) -> agent_pb2.CommandResult:
@@ -119,7 +128,8 @@ class CommandRunner:
         handler = COMMANDS.get(kind or "")
         if handler is None:
             raise InvalidArgument(f"unknown command {kind!r}", field="command")
-        res = convert.result_to_pb(await handler(Call(self.driver, self.backups, self.transfer, progress), cmd))
+        res = convert.result_to_pb(await handler(Call(self.driver, self.backups, self.transfer, progress,
+                                                      self.state_dir), cmd))
         res.command_id = cmd.command_id
         res.status.CopyFrom(ok_status())
         return res

@@ -40,6 +40,7 @@ from .commands import CommandRunner
 from .datastore import DatastoreDriver
 from .logs import rotate_loop
 from .stream import AgentStream, StreamSettings, endpoints
+from .upgrade import reexec_into_current
 
 log = logging.getLogger("reddwarf.agent")
 
@@ -242,7 +243,7 @@ async def amain(cfg: AgentConfig) -> None:
         await driver.resume()  # a container restart: bring back the mysqld prepared earlier
     except Exception:  # noqa: BLE001 - reported in health; the server can re-prepare or restart it
         log.exception("resume failed")
-    runner = CommandRunner(driver, driver.backups())
+    runner = CommandRunner(driver, driver.backups(), cfg.state_dir)
     stream = AgentStream(StreamSettings(server_address=cfg.server_address, instance_id=cfg.instance_id,
                                         tls=files, state_dir=cfg.state_dir,
                                         heartbeat_seconds=cfg.heartbeat_seconds), runner, driver.health)
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = AgentConfig.load(args.config)
     setup_logging("reddwarf-agent", cfg.log_level, instance=cfg.instance_id)
+    # An upgraded build recorded before a container restart runs instead of the template's (agent/upgrade.py).
+    reexec_into_current(cfg.state_dir)
     asyncio.run(amain(cfg))
     return 0
 

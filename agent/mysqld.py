@@ -184,10 +184,25 @@ class Mysqld:
             binary = find_binary(self._mysqld_binary, "mariadbd", "mysqld")
             self.supervisor = Supervisor("mysqld", [binary, f"--defaults-file={self.my_cnf_path}",
                                                     f"--user={self.run_as}"], ready=self.accepting)
+            running = self.running_pid()
+            if running is not None:  # started by this agent before it exec'd into a new build
+                self.supervisor.adopt(running)
         try:
             await self.supervisor.start(ready_timeout=120)
         except TimeoutError as exc:
             raise Unavailable(str(exc)) from None
+
+    def running_pid(self) -> int | None:
+        """The pid of a mysqld already running with our my.cnf (its pid file, checked against the process's
+        command line: after a container restart the file is stale and its pid may be anyone's)."""
+        try:
+            with open(os.path.join(self.run_dir, "mysqld.pid")) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return None
+        return pid if f"--defaults-file={self.my_cnf_path}".encode() in argv else None
 
     async def stop(self) -> None:
         if self.supervisor is not None:

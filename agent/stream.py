@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import grpc
 from google.rpc import code_pb2
 
+from reddwarf.common import agent_build
 from reddwarf.common.errors import Aborted, RedDwarfError, Unavailable, to_status_pb
 from reddwarf.common.log import bind
 from reddwarf.common.pki import TlsFiles
@@ -41,7 +42,8 @@ from .model import BackupChunk, GuestHealth, StoredBackup
 from .results import ResultStore
 
 log = logging.getLogger("reddwarf.agent.stream")
-AGENT_VERSION = "1"
+# The build this agent runs (agent_build: protocol generation + a digest of its sources), said on every hello.
+AGENT_VERSION = agent_build.installed_version()
 
 
 def endpoints(addresses: str) -> list[str]:

@@ -1,8 +1,12 @@
 """Keeps one long-running child (mysqld, memcached) alive: notices within a moment when it dies, restarts
-it with exponential backoff, and counts the restarts for the health report."""
+it with exponential backoff, and counts the restarts for the health report.
+
+A child started by the agent's previous process image (an agent upgrade execs in place: the child stays) is
+adopted by its pid: watched by polling waitpid (it is still our child) until it ends, then restarted as usual."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -36,14 +40,32 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._ready_event = asyncio.Event()
+        self._adopted: int | None = None
 
     @property
     def pid(self) -> int | None:
+        if self._adopted is not None:
+            return self._adopted
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    def adopt(self, pid: int) -> None:
+        """The next start watches this running child instead of spawning one."""
+        self._adopted = pid
+        log.info("service adopted", extra={"service": self.name, "pid": pid})
+
+    async def _wait_adopted(self, pid: int) -> int:
+        while True:
+            rc = child_exit(pid)
+            if rc is not None:
+                return rc
+            await asyncio.sleep(0.2)
 
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Starts the child (no-op if running) and waits until it is ready."""
         if self._task is None or self._task.done():
+            if self._proc is None and self._adopted is None:
+                # Never started by this process image: after an agent upgrade's exec our child may be running.
+                self._adopted = own_child(self.argv)
             self._stopping = False
             self._ready_event = asyncio.Event()
             self._task = asyncio.create_task(self._loop(), name=f"supervise-{self.name}")
@@ -55,6 +77,17 @@ class Supervisor:
 
     async def stop(self) -> None:
         self._stopping = True
+        adopted = self._adopted
+        if adopted is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(adopted, signal.SIGTERM)
+            deadline = time.monotonic() + self._stop_timeout
+            while child_exit(adopted) is None:
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(adopted, signal.SIGKILL)
+                await asyncio.sleep(0.2)
+            self._adopted = None
         proc = self._proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -74,8 +107,10 @@ class Supervisor:
         backoff = self._min_backoff
         while not self._stopping:
             self.state = ServiceState.BUILDING if self.restarts == 0 else ServiceState.CRASHED
+            adopted = self._adopted
             try:
-                self._proc = await runner.spawn(self.argv)
+                if adopted is None:
+                    self._proc = await runner.spawn(self.argv)
             except OSError as exc:
                 self.state = ServiceState.FAILED
                 self.last_error = f"{self.name} could not start: {exc}"
@@ -85,7 +120,12 @@ class Supervisor:
                 continue
             self.started_at = time.monotonic()
             waiter = asyncio.create_task(self._wait_ready())
-            rc = await self._proc.wait()
+            if adopted is not None:
+                rc = await self._wait_adopted(adopted)
+                self._adopted = None
+            else:
+                assert self._proc is not None
+                rc = await self._proc.wait()
             waiter.cancel()
             if self._stop_requested():  # stop() ran while we waited for the child
                 return
@@ -117,6 +157,46 @@ class Supervisor:
         if self.state != ServiceState.RUNNING:
             return 0
         return int(time.monotonic() - self.started_at)
+
+
+def own_child(argv: Sequence[str]) -> int | None:
+    """A running child of this process with exactly this command line (started before an exec), if any."""
+    want = [a.encode() for a in argv]
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if fields[1] != me or fields[0] in ("Z", "X"):
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:-1] == want:
+                    return int(entry)
+        except (OSError, IndexError):
+            continue
+    return None
+
+
+def child_exit(pid: int) -> int | None:
+    """None while `pid` runs; else its exit code (reaped here when it is our child; -1 when another reaped
+    it or it is not ours)."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None if _running(pid) else -1
+    if got == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def pid_alive(pid: int) -> bool:

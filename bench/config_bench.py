@@ -3,7 +3,12 @@ from the API call until the new value shows in SHOW GLOBAL VARIABLES, for an att
 an attached group, and a detach — next to the floor measured on the same instance in the same run, a
 direct SET GLOBAL from a client followed by the same SHOW GLOBAL VARIABLES.
 
-Run: `.venv/bin/python -m bench.config_bench [--rounds 20]` (root: LXC, loop volumes).
+The restart-required path (a static parameter, innodb_log_buffer_size): from the UpdateConfiguration call,
+through RESTART_REQUIRED and ApplyPendingMaintenance (the pending restart run at once instead of in the
+window), until the new value shows — next to a plain RestartInstance in the same run, until its task ended and
+mysqld answers again.
+
+Run: `.venv/bin/python -m bench.config_bench [--rounds 20] [--restart-rounds 5]` (root: LXC, loop volumes).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ def timed(fn: Callable[[], None], seen: Callable[[], bool]) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--restart-rounds", type=int, default=5)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="reddwarf-cfgbench-", dir="/var/tmp") as tmp, \
             start_cluster(Path(tmp)) as c:
@@ -76,6 +82,7 @@ def main() -> int:
                 direct.append(timed(lambda w=want3: cur.execute("SET GLOBAL max_connections = %s", (w,)),
                                     lambda w=want3: value() == w))
                 cur.execute("SET GLOBAL max_connections = %s", (default,))
+            static, plain = restart_path(c, cfg, inst, group, password, a.restart_rounds)
         finally:
             conn.close()
             c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=c.md)
@@ -102,7 +109,49 @@ def main() -> int:
     print(f"\nAn update through the API takes {statistics.median(update) / statistics.median(direct):.0f}× the direct "
           "SET GLOBAL; the difference is the API call (validation, the state DB's "
           "writes), the agent's stream and the include file's rewrite.")
+    print(f"\nRestart-required path ({a.restart_rounds} rounds, same instance and run): a static value "
+          "(innodb_log_buffer_size) changed with UpdateConfiguration, the instance RESTART_REQUIRED, its pending "
+          "restart applied at once with ApplyPendingMaintenance, until SHOW GLOBAL VARIABLES shows the value; "
+          "baseline: RestartInstance alone until its task ended and mysqld answers.\n")
+    print("| change | p50 | p95 | max |")
+    print("|---|---|---|---|")
+    print(row("static value: update + apply pending restart", static))
+    print(row("baseline: RestartInstance", plain))
     return 0
+
+
+def restart_path(c, cfg, inst, group, password: str, rounds: int) -> tuple[list[float], list[float]]:  # type: ignore[no-untyped-def]
+    ep = inst.endpoints[0]
+
+    def log_buffer() -> int:
+        try:
+            with pymysql.connect(host=ep.host, port=ep.port, user="root", password=password,
+                                 connect_timeout=2) as conn, conn.cursor() as cur:
+                cur.execute("SHOW GLOBAL VARIABLES LIKE 'innodb_log_buffer_size'")
+                row = cur.fetchone()
+                return int(row[1]) if row else -1
+        except pymysql.MySQLError:
+            return -1  # restarting
+
+    def restarted() -> bool:
+        i = c.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=c.md)
+        return i.status == database_pb2.INSTANCE_STATUS_ACTIVE and not i.task and log_buffer() > 0
+
+    cfg.AttachConfiguration(cpb.AttachConfigurationRequest(instance=inst.name, configuration=group.name),
+                            metadata=c.md)
+    static, plain = [], []
+    for n in range(rounds):
+        want = (24 + n) * 1024 * 1024  # never the default (16 MiB): each round needs a restart
+
+        def change(w: int = want) -> None:
+            cfg.UpdateConfiguration(cpb.UpdateConfigurationRequest(
+                name=group.name, merge=True, values={"innodb_log_buffer_size": str(w)}), metadata=c.md)
+            c.instances.ApplyPendingMaintenance(database_pb2.ApplyPendingMaintenanceRequest(
+                name=inst.name, kinds=["restart"]), metadata=c.md)
+        static.append(timed(change, lambda w=want: log_buffer() == w and restarted()))
+        plain.append(timed(lambda: c.instances.RestartInstance(database_pb2.RestartInstanceRequest(
+            name=inst.name), metadata=c.md), restarted))
+    return static, plain
 
 
 if __name__ == "__main__":

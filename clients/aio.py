@@ -24,6 +24,7 @@ from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
+from google.protobuf import field_mask_pb2
 
 from reddwarf.v1 import admin_pb2 as apb
 from reddwarf.v1 import admin_pb2_grpc as apb_grpc
@@ -153,13 +154,18 @@ class AsyncClient:
                               request_id: str = "", allowed_cidrs: Iterable[str] = (),
                               require_secure_transport: bool = False, tags: Mapping[str, str] | None = None,
                               deletion_protection: bool = False, configuration: str = "",
-                              services: Iterable[str] = ()) -> pb.Instance:
-        """`services`: extra services beside the datastore in the same container ("memcached")."""
-        return await self._call(self.instances.CreateInstance, r.create_instance_request(
+                              services: Iterable[str] = (),
+                              maintenance_window: pb.MaintenanceWindow | None = None) -> pb.Instance:
+        """`services`: extra services beside the datastore in the same container ("memcached");
+        `maintenance_window`: when pending maintenance runs (default Sunday 03:00 UTC, 60 minutes)."""
+        req = r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
             allowed_cidrs=allowed_cidrs, require_secure_transport=require_secure_transport, tags=tags,
-            deletion_protection=deletion_protection, configuration=configuration, services=services))
+            deletion_protection=deletion_protection, configuration=configuration, services=services)
+        if maintenance_window is not None:
+            req.instance.maintenance_window.CopyFrom(maintenance_window)
+        return await self._call(self.instances.CreateInstance, req)
 
     async def get_instance(self, instance: str) -> pb.Instance:
         return await self._call(self.instances.GetInstance, pb.GetInstanceRequest(name=r.instance_name(instance)))
@@ -193,6 +199,25 @@ class AsyncClient:
         return await self._call(self.instances.UpdateInstance, r.update_instance_request(
             instance, name=name, deletion_protection=deletion_protection, tags=tags, set_tags=set_tags,
             remove_tags=remove_tags))
+
+    async def set_maintenance_window(self, instance: str, weekday: int, start_time: str,
+                                     duration_minutes: int = 0) -> pb.Instance:
+        """The instance's weekly window in UTC: weekday 1 (Monday) .. 7 (Sunday), start "HH:MM",
+        duration in minutes (0: 60)."""
+        window = pb.MaintenanceWindow(weekday=weekday, start_time=start_time, duration_minutes=duration_minutes)
+        return await self._call(self.instances.UpdateInstance, pb.UpdateInstanceRequest(
+            instance=pb.Instance(name=r.instance_name(instance), maintenance_window=window),
+            update_mask=field_mask_pb2.FieldMask(paths=["maintenance_window"])))
+
+    async def apply_pending_maintenance(self, instance: str, kinds: Iterable[str] = ()) -> pb.Instance:
+        """Runs the instance's pending maintenance (of `kinds`, or all) now instead of in its window."""
+        return await self._call(self.instances.ApplyPendingMaintenance, pb.ApplyPendingMaintenanceRequest(
+            name=r.instance_name(instance), kinds=list(kinds)))
+
+    async def schedule_agent_upgrade(self, instance: str, apply_now: bool = False) -> pb.Instance:
+        """Admins: upgrade the instance's guest agent to the server's build in its window (or now)."""
+        return await self._call(self.instances.ScheduleAgentUpgrade, pb.ScheduleAgentUpgradeRequest(
+            name=r.instance_name(instance), apply_now=apply_now))
 
     async def stop_instance(self, instance: str) -> pb.Instance:
         """Stops mysqld and the container (the data stays on the volume): STOPPING, then SHUTDOWN."""

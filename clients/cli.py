@@ -241,6 +241,10 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("created", lambda i: ts(i, "create_time")), ("updated", lambda i: ts(i, "update_time")),
     ("task", lambda i: i.task_step or ""), ("fault", lambda i: i.fault.message),
     ("restored from", lambda i: short(i.restored_from) if i.restored_from else ""),
+    ("maintenance window", lambda i: _window_text(i.maintenance_window) if i.maintenance_window.weekday else ""),
+    ("pending maintenance", lambda i: "; ".join(
+        f"{m.kind} {m.state} at {m.apply_after.ToDatetime():%Y-%m-%d %H:%M} UTC" for m in i.pending_maintenance)),
+    ("agent version", lambda i: i.agent_version),
     ("tags", lambda i: tag_text(i.tags)), ("deletion protection", lambda i: "on" if i.deletion_protection else "off"),
     ("configuration", lambda i: short(i.configuration) if i.configuration else ""),
     ("host", lambda i: short(i.host) if i.host else ""), ("volume driver", lambda i: i.volume.driver),
@@ -515,6 +519,43 @@ def instance_update(instance: str = INSTANCE_ARG, name: str | None = typer.Optio
     run(lambda: emit(with_instance(lambda c, i: c.update_instance(
         i, name=name, deletion_protection=deletion_protection, tags=tags if clear_tags else None,
         set_tags=None if clear_tags else tags, remove_tags=remove_tag), instance), INSTANCE_FIELDS))
+
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _window_text(w: Message) -> str:
+    return f"{WEEKDAYS[w.weekday - 1]} {w.start_time} UTC, {w.duration_minutes} min"  # type: ignore[attr-defined]
+
+
+@instance_app.command("maintenance-window")
+@output_options
+def instance_maintenance_window(instance: str = INSTANCE_ARG,
+                                weekday: str = typer.Option(..., "--weekday", help="mon..sun or 1..7 (1 = Monday)."),
+                                start: str = typer.Option(..., "--start", help="HH:MM in UTC."),
+                                duration: int = typer.Option(60, "--duration", help="Minutes (30..1440).")) -> None:
+    """Sets when the instance's pending maintenance runs (a weekly window in UTC)."""
+    day = WEEKDAYS.index(weekday.lower()[:3]) + 1 if weekday.lower()[:3] in WEEKDAYS else \
+        int(weekday) if weekday.isdigit() else 0  # 0: the server refuses it, naming the field
+    run(lambda: emit(with_instance(lambda c, i: c.set_maintenance_window(i, day, start, duration), instance),
+                     INSTANCE_FIELDS))
+
+
+@instance_app.command("apply-pending")
+@output_options
+def instance_apply_pending(instance: str = INSTANCE_ARG,
+                           kind: list[str] = typer.Option([], "--kind", help="Only this kind (restart, "
+                                                          "agent_upgrade, upgrade, patch); repeatable.")) -> None:
+    """Runs the instance's pending maintenance now instead of in its window."""
+    run(lambda: emit(with_instance(lambda c, i: c.apply_pending_maintenance(i, kind), instance), INSTANCE_FIELDS))
+
+
+@instance_app.command("upgrade-agent")
+@output_options
+def instance_upgrade_agent(instance: str = INSTANCE_ARG,
+                           now: bool = typer.Option(False, "--now", help="Now instead of in the window.")) -> None:
+    """Admins: upgrades the instance's guest agent to the server's build; mysqld keeps running."""
+    run(lambda: emit(with_instance(lambda c, i: c.schedule_agent_upgrade(i, now), instance), INSTANCE_FIELDS))
 
 
 @instance_app.command("stop")

@@ -53,6 +53,7 @@ from reddwarf.common.tls import aio_channel
 from . import trove, trove_configurations, trove_schemas
 from .aio import AsyncClient
 from .config import ClientConfig
+from .resources import maintenance_window
 
 MAX_BODY = 1 << 20
 # Every call's deadline: longer than anything the server does before it answers (its guest commands give
@@ -377,7 +378,7 @@ class Gateway:
                                         datastore=c.datastore, datastore_version=c.datastore_version,
                                         restore_from=c.restore_from, allowed_cidrs=c.allowed_cidrs, tags=c.tags,
                                         deletion_protection=c.deletion_protection, configuration=c.configuration,
-                                        services=c.services)
+                                        services=c.services, maintenance_window=maintenance_window(c.maintenance_window))
         return JSONResponse({"instance": trove.instance(inst, request)}, status_code=200)
 
     async def list_instances(self, request: Request, rd: AsyncClient) -> Response:
@@ -394,6 +395,16 @@ class Gateway:
                 raise trove.BadInput("instance.configuration is changed on its own, not with "
                                      + ", ".join(sorted(set(body) - {"configuration"})))
             await self.apply_instance_configuration(rd, self._instance(request), body)
+            return Response(status_code=202)
+        if isinstance(body, dict) and "maintenance_window" in body:
+            # Our extension, changed on its own like `configuration`.
+            if len(body) > 1:
+                raise trove.BadInput("instance.maintenance_window is changed on its own, not with "
+                                     + ", ".join(sorted(set(body) - {"maintenance_window"})))
+            w = trove.window_field(body, "instance")
+            if w is None:
+                raise trove.BadInput("instance.maintenance_window must be an object")
+            await rd.set_maintenance_window(self._instance(request), *w)
             return Response(status_code=202)
         u = trove.update_request(body)
         await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
@@ -419,6 +430,13 @@ class Gateway:
             await rd.stop_instance(instance)
         elif "start" in body:
             await rd.start_instance(instance)
+        elif "apply_pending_maintenance" in body:  # our extension: run pending maintenance now
+            arg = body["apply_pending_maintenance"]
+            kinds = arg.get("kinds") if isinstance(arg, dict) else None
+            if kinds is not None and (not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds)):
+                raise errors.InvalidArgument("apply_pending_maintenance.kinds must be a list of strings",
+                                             field="kinds")
+            await rd.apply_pending_maintenance(instance, kinds or ())
         elif "resize" in body and isinstance(body["resize"], dict):
             r = body["resize"]
             if "flavorRef" in r:
@@ -428,7 +446,8 @@ class Gateway:
             else:
                 raise errors.InvalidArgument("resize needs flavorRef or volume.size")
         else:
-            raise errors.InvalidArgument("unknown action; expected restart, resize, stop or start")
+            raise errors.InvalidArgument("unknown action; expected restart, resize, stop, start or "
+                                         "apply_pending_maintenance")
         return Response(status_code=202)
 
     # -- databases / users / root ----------------------------------------------------------------

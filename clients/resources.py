@@ -59,6 +59,14 @@ def resource(collection: str, ident: str) -> str:
     return ident if ident.startswith(prefix) else prefix + ident
 
 
+def maintenance_window(window: tuple[int, str, int] | None) -> pb.MaintenanceWindow | None:
+    """(weekday 1..7, "HH:MM" UTC, minutes or 0 for 60) as the message; None stays None."""
+    if window is None:
+        return None
+    weekday, start, minutes = window
+    return pb.MaintenanceWindow(weekday=weekday, start_time=start, duration_minutes=minutes)
+
+
 def instance_name(ident: str) -> str:
     return resource("instances", ident)
 

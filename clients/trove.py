@@ -42,6 +42,7 @@ class InstanceCreate:
     deletion_protection: bool = False
     configuration: str = ""  # a configuration group's id (checked by the server)
     services: tuple[str, ...] = ()  # our extension: extra services in the container ("memcached")
+    maintenance_window: tuple[int, str, int] | None = None  # our extension: (weekday, "HH:MM", minutes)
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,38 @@ def instance(i: database_pb2.Instance, request: Request) -> dict[str, Any]:
         out["configuration"] = {"id": cid, "name": cid, "links": _links(request, f"configurations/{cid}")}
     if i.host:  # as Trove's management view names the compute host
         out["host"] = i.host.rsplit("/", 1)[-1]
+    # Our extensions (Trove has no maintenance windows): the window, what waits for it, the agent's build.
+    if i.maintenance_window.weekday:
+        w = i.maintenance_window
+        out["maintenance_window"] = {"weekday": w.weekday, "start_time": w.start_time,
+                                     "duration_minutes": w.duration_minutes}
+        out["pending_maintenance"] = [
+            {"kind": m.kind, "state": m.state, "description": m.description,
+             "apply_after": m.apply_after.ToJsonString() if m.HasField("apply_after") else ""}
+            for m in i.pending_maintenance]
+    if i.agent_version:
+        out["agent_version"] = i.agent_version
     return out
+
+
+def window_field(body: dict[str, Any], where: str) -> tuple[int, str, int] | None:
+    """body["maintenance_window"] (our extension): {"weekday": 1..7, "start_time": "HH:MM", "duration_minutes":
+    N}; its types are checked here, its values by the server (which names the field)."""
+    w = body.get("maintenance_window")
+    if w is None:
+        return None
+    if not isinstance(w, dict):
+        raise BadInput(f"{where}.maintenance_window must be an object")
+    weekday, start, duration = w.get("weekday"), w.get("start_time"), w.get("duration_minutes", 0)
+    if not isinstance(weekday, int) or isinstance(weekday, bool):
+        raise BadInput(f"{where}.maintenance_window.weekday must be an integer 1 (Monday) .. 7 (Sunday)")
+    if not isinstance(start, str):
+        raise BadInput(f"{where}.maintenance_window.start_time must be a string HH:MM (UTC)")
+    if duration is None:
+        duration = 0
+    if not isinstance(duration, int) or isinstance(duration, bool):
+        raise BadInput(f"{where}.maintenance_window.duration_minutes must be an integer")
+    return weekday, start, duration
 
 
 def _objects(items: Any, where: str) -> list[dict[str, Any]]:
@@ -251,7 +283,7 @@ def create_request(body: Any) -> InstanceCreate:
     configuration = ref_id(body["configuration"], "instance.configuration") if body.get("configuration") else ""
     return InstanceCreate(name, flavor_id, size, dbs, accounts, datastore, version, restore_from, tuple(cidrs),
                           tags_field(body, "instance"), bool_field(body, "deletion_protection", "instance") or False,
-                          configuration, extra_services(body.get("services")))
+                          configuration, extra_services(body.get("services")), window_field(body, "instance"))
 
 
 def tags_field(body: dict[str, Any], where: str) -> dict[str, str] | None:

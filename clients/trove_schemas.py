@@ -56,6 +56,8 @@ def nullable(s: Schema) -> Schema:
 # Inline (not $ref) forms of two components, for request members that may also be null.
 REF: Schema = {"anyOf": [{"type": "string", "minLength": 1}, INTEGER]}
 TAGS: Schema = {"type": "object", "additionalProperties": STRING}
+# Our extension: a weekly maintenance window (weekday 1 = Monday .. 7, "HH:MM" UTC, minutes 30..1440).
+WINDOW: Schema = obj({"weekday": INTEGER, "start_time": STRING}, {"duration_minutes": INTEGER})
 
 
 # What the gateway answers for an instance's status: Trove's values (DELETING and RESTORING mapped).
@@ -93,7 +95,12 @@ COMPONENTS: dict[str, Schema] = {
          "tags": ref("Tags"), "deletion_protection": BOOLEAN},
         {"fault": obj({"message": STRING, "details": STRING, "created": STRING}),
          "restorePoint": obj({"backupRef": STRING}),
-         "configuration": obj({"id": STRING, "name": STRING, "links": array(ref("Link"))})}),
+         "configuration": obj({"id": STRING, "name": STRING, "links": array(ref("Link"))}),
+         # Our extensions (Trove has no maintenance windows).
+         "maintenance_window": obj({"weekday": INTEGER, "start_time": STRING, "duration_minutes": INTEGER}),
+         "pending_maintenance": array(obj({"kind": STRING, "state": STRING, "description": STRING,
+                                           "apply_after": STRING})),
+         "agent_version": STRING}),
     "Database": obj({"name": STRING, "character_set": STRING, "collate": STRING}),
     "DatabaseName": obj({"name": STRING}),
     "User": obj({"name": STRING, "host": STRING, "databases": array(ref("DatabaseName"))}),
@@ -133,6 +140,8 @@ COMPONENTS: dict[str, Schema] = {
          "access": obj({}, {"allowed_cidrs": array(STRING), "is_public": BOOLEAN}),
          "tags": nullable(TAGS), "deletion_protection": nullable(BOOLEAN),
          "configuration": nullable(REF),
+         # Our extension (Trove has none): when pending maintenance runs, a weekly window in UTC.
+         "maintenance_window": nullable(WINDOW),
          # Our extension (Trove has none): extra services in the instance's container.
          "services": {"type": "array", "description": 'Extra services beside MySQL in the container: "memcached".',
                       "items": {"anyOf": [{"type": "string", "enum": ["memcached"]},
@@ -140,12 +149,14 @@ COMPONENTS: dict[str, Schema] = {
     # Only these members; at least one of them.
     # `configuration` (an id attaches the group, null detaches it) goes alone.
     "InstanceUpdate": {**obj({}, {"name": nullable(STRING), "deletion_protection": nullable(BOOLEAN),
-                                  "tags": nullable(TAGS), "configuration": nullable(REF)},
+                                  "tags": nullable(TAGS), "configuration": nullable(REF),
+                                  "maintenance_window": WINDOW},
                              additional=False), "minProperties": 1},
     "BackupUpdate": {**obj({}, {"name": nullable(STRING), "description": nullable(STRING),
                                 "tags": nullable(TAGS)}, additional=False), "minProperties": 1},
     "InstanceAction": {"anyOf": [
         obj({"restart": {"type": "object"}}), obj({"stop": {"type": "object"}}), obj({"start": {"type": "object"}}),
+        obj({"apply_pending_maintenance": obj({}, {"kinds": array(STRING)})}),
         obj({"resize": {"anyOf": [obj({"flavorRef": ref("Ref")}),
                                   obj({"volume": obj({"size": {"anyOf": [INTEGER, STRING]}})})]}}),
     ], "minProperties": 1, "maxProperties": 1},

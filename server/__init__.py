@@ -33,4 +33,7 @@
                           (a session hook), retention pruning
   event_history.py        the Events service (ListEvents)
   guest_logs.py           the Logs service: the guest's error/slow/general logs, read by its agent
+  maintenance.py          maintenance windows, pending actions (restart, agent_upgrade, upgrade, patch) and the
+                          scheduler that starts them in their window; register_action for other kinds
+  agent_upgrade.py        the upgrade_agent task: the server's agent build sent to a guest, its new hello
 """

@@ -98,6 +98,7 @@ class _Pending:
 class AgentRegistry:
     def __init__(self, on_health: Callable[[str, common_pb2.GuestHealth], Awaitable[None]] | None = None,
                  on_silent: Callable[[str], Awaitable[None]] | None = None,
+                 on_hello: Callable[[str, agent_pb2.Hello], Awaitable[None]] | None = None,
                  is_revoked: Callable[[int], bool] = lambda serial: False,
                  heartbeat_seconds: int = 5, heartbeat_expiry: float = 20.0,
                  heartbeat_max_bytes: int = 64 * 1024, heartbeat_flood_burst: int = 20,
@@ -107,6 +108,8 @@ class AgentRegistry:
             cluster.agents = self
         self.on_health = on_health
         self.on_silent = on_silent
+        # Told every hello (server/maintenance.py records the agent's version: the roll-out's admin view).
+        self.on_hello = on_hello
         self.is_revoked = is_revoked
         self.heartbeat_seconds = heartbeat_seconds
         self.heartbeat_expiry = heartbeat_expiry
@@ -125,6 +128,13 @@ class AgentRegistry:
     def is_connected(self, instance_id: str) -> bool:
         """Connected to this server or (several servers) to a live other one."""
         return instance_id in self._conns or (self.cluster is not None and instance_id in self.cluster.remote)
+
+    def agent_version(self, instance_id: str) -> str | None:
+        """The version the connected agent said on its hello: "" from an agent older than version
+        reporting (the field absent), None when not connected. Commands new to one version are sent only
+        to agents that said they have it; every older command stays understood by both."""
+        conn = self._conns.get(instance_id)
+        return None if conn is None else conn.hello.agent_version
 
     def last_health(self, instance_id: str) -> common_pb2.GuestHealth | None:
         return self._health.get(instance_id)
@@ -306,10 +316,16 @@ class AgentRegistry:
             await conn.outbox.put(agent_pb2.ServerMessage(command=p.command))
         if conn.hello.HasField("health"):
             await self._record_health(conn.instance_id, conn.hello.health)
+        if self.on_hello is not None:
+            try:
+                await self.on_hello(conn.instance_id, conn.hello)
+            except Exception:  # noqa: BLE001 - a state write failing must not drop the stream
+                log.exception("recording the hello failed")
         for fut in self._hello_waiters.pop(conn.instance_id, []):
             if not fut.done():
                 fut.set_result(conn.hello)
-        log.info("guest connected", extra={"instance": conn.instance_id, "pending": len(pending)})
+        log.info("guest connected", extra={"instance": conn.instance_id, "pending": len(pending),
+                                           "agent_version": conn.hello.agent_version or "unreported"})
 
     def _detach(self, conn: _Conn) -> None:
         if self._conns.get(conn.instance_id) is conn:

@@ -17,7 +17,7 @@ MAX_REQUEST_ID = 64
 # Services a create may ask for beside the datastore (Instance.services).
 EXTRA_SERVICES = ("memcached",)
 # What UpdateInstance may change ("tags.<key>" too).
-INSTANCE_PATHS = ("display_name", "deletion_protection", "tags")
+INSTANCE_PATHS = ("display_name", "deletion_protection", "maintenance_window", "tags")
 
 
 def display_name_problem(name: str) -> str | None:

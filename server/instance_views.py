@@ -195,7 +195,8 @@ def view_keys(obj: Any) -> Iterable[str] | None:
         return (obj.id,)
     if isinstance(obj, models.Task):
         return (obj.resource.removeprefix("instances/"),) if (obj.resource or "").startswith("instances/") else ()
-    if isinstance(obj, models.InstanceConfiguration):
+    if isinstance(obj, (models.InstanceConfiguration, models.MaintenanceWindow, models.PendingMaintenance,
+                        models.AgentVersion)):
         return (obj.instance_id,)
     return None
 
@@ -215,7 +216,8 @@ class InstanceViews:
     def __init__(self, sessions: sessionmaker[Session], ttl: float, heartbeat_expiry: float) -> None:
         self.sessions, self.heartbeat_expiry = sessions, heartbeat_expiry
         self.cache: ReadCache[str, View] = ReadCache(
-            ttl, sessions, (models.Instance, models.Task, models.InstanceConfiguration), keys_of=view_keys)
+            ttl, sessions, (models.Instance, models.Task, models.InstanceConfiguration, models.MaintenanceWindow,
+                            models.PendingMaintenance, models.AgentVersion), keys_of=view_keys)
 
     def _load(self, iid: str, field: str) -> View:
         with self.sessions() as s:
@@ -227,6 +229,13 @@ class InstanceViews:
                 due = (row.health_at - utcnow()).total_seconds() + self.heartbeat_expiry
                 keep = due if due > 0 else math.inf  # already due: only a write (a new heartbeat) changes it
             pb = instance_pb(s, row, self.heartbeat_expiry)
+            # The maintenance window, pending actions (whose "when" moves at the window's edges, so the entry
+            # is kept no longer than the next edge) and the agent's version.
+            from . import maintenance  # imports this module
+
+            now = utcnow()
+            maintenance.decorate(s, pb, now)
+            keep = min(keep, (maintenance.window_of(s, iid).next_change(now) - now).total_seconds())
             return View(row.tenant_id, row.deleted_at is not None, pb, keep, pb.SerializeToString(deterministic=True))
 
     def view(self, principal: Principal, name: str, field: str = "name") -> View:

@@ -27,7 +27,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 
-from . import migration, models, tags, tasks
+from . import maintenance, migration, models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -81,6 +81,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         flavor_id = resource_id(inst.flavor, "flavors", "instance.flavor")
         restore_id = resource_id(request.restore_from_backup, "backups", "restore_from_backup") \
             if request.restore_from_backup else ""
+        window = maintenance.parse_window(inst.maintenance_window, "instance.maintenance_window") \
+            if inst.HasField("maintenance_window") else None
 
         def create() -> database_pb2.Instance:
             with self.app.sessions() as s, s.begin():
@@ -136,9 +138,11 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                 s.flush()
                 if request.configuration:
                     bind_on_create(s, p, row, request.configuration)
+                if window is not None:
+                    maintenance.set_window(s, row.id, window)
                 tasks.submit(s, "create_instance", f"instances/{row.id}", {})
                 s.flush()
-                return self._pb(s, row)
+                return maintenance.decorate(s, self._pb(s, row))
         pb = await asyncio.to_thread(create)
         self._after_submit(pb.id)
         return pb
@@ -155,6 +159,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
 
     @grpc_edge
     async def GetInstance(self, request: database_pb2.GetInstanceRequest, context: Context) -> database_pb2.Instance:
+        # The cached view carries the maintenance window, pending actions and agent version too
+        # (server/instance_views.py).
         return self.views.get(current_principal(context), request.name)
 
     @grpc_edge
@@ -222,6 +228,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         p = current_principal(context)
         paths = validate_update(request)
         given = request.instance
+        window = maintenance.parse_window(given.maintenance_window, "instance.maintenance_window") \
+            if "maintenance_window" in paths else None
 
         def update() -> database_pb2.Instance:
             with self.app.sessions() as s, s.begin():
@@ -234,8 +242,10 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                     row.deletion_protection = given.deletion_protection
                 if new_tags != (row.tags or {}):
                     row.tags = new_tags
+                if window is not None:
+                    maintenance.set_window(s, row.id, window)
                 s.flush()
-                return self._pb(s, row)
+                return maintenance.decorate(s, self._pb(s, row))
         pb = await asyncio.to_thread(update)
         self.events.publish(pb.id)
         return pb
@@ -348,6 +358,49 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
         return self._action(context, request.name, "resize_volume", {"size_gb": request.size_gb}, check)
+
+    @grpc_edge
+    async def ApplyPendingMaintenance(self, request: database_pb2.ApplyPendingMaintenanceRequest,
+                                      context: Context) -> database_pb2.Instance:
+        """The instance's pending maintenance (of the kinds asked, or all) starts now, not in its window."""
+        p = current_principal(context)
+
+        def mark() -> str:
+            with self.app.sessions() as s, s.begin():
+                row = owned_instance(s, p, request.name)
+                if maintenance.apply_now(s, row.id, list(request.kinds)) == 0:
+                    raise FailedPrecondition("the instance has no pending maintenance"
+                                             + (f" of kinds {', '.join(request.kinds)}" if request.kinds else ""),
+                                             field="kinds" if request.kinds else "name")
+                return row.id
+        iid = await asyncio.to_thread(mark)
+        if await asyncio.to_thread(maintenance.tick, self.app.sessions):
+            self.engine.wake()
+        self.events.publish(iid, "task")
+        with self.app.sessions() as s:
+            return maintenance.decorate(s, self._pb(s, owned_instance(s, p, request.name)))
+
+    @grpc_edge
+    async def ScheduleAgentUpgrade(self, request: database_pb2.ScheduleAgentUpgradeRequest,
+                                   context: Context) -> database_pb2.Instance:
+        """Queues an upgrade of the instance's guest agent (admins only): in its window, or now."""
+        p = current_principal(context)
+        if not p.admin:
+            raise PermissionDenied("only an admin upgrades guest agents", field="name")
+
+        def queue() -> str:
+            with self.app.sessions() as s, s.begin():
+                row = owned_instance(s, p, request.name)
+                maintenance.queue(s, row.id, "agent_upgrade", "upgrade the guest agent (mysqld keeps running)",
+                                  apply_now=request.apply_now)
+                return row.id
+        iid = await asyncio.to_thread(queue)
+        started = await asyncio.to_thread(maintenance.tick, self.app.sessions) if request.apply_now else []
+        if started:
+            self.engine.wake()
+        self.events.publish(iid, "task")
+        with self.app.sessions() as s:
+            return maintenance.decorate(s, self._pb(s, owned_instance(s, p, request.name)))
 
     @grpc_edge
     async def WatchInstance(self, request: database_pb2.WatchInstanceRequest,

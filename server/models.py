@@ -352,3 +352,41 @@ class ServerMember(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     agent_address: Mapped[str] = mapped_column(String(255), default="")
     seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class MaintenanceWindow(Base):
+    """An instance's weekly maintenance window in UTC (server/maintenance.py); none stored = the default."""
+    __tablename__ = "maintenance_windows"
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    weekday: Mapped[int] = mapped_column(Integer)  # 1 = Monday .. 7 = Sunday
+    start_minute: Mapped[int] = mapped_column(Integer)  # minutes after 00:00 UTC
+    duration_minutes: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class PendingMaintenance(Base):
+    """One maintenance action of an instance (restart, agent_upgrade, upgrade, patch) waiting for its
+    window, running as a task, or ended. `open_key` ("<instance>:<kind>") is set while pending or running
+    and unique, so two servers cannot queue the same action twice; it is cleared when the action ends."""
+    __tablename__ = "pending_maintenance"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    description: Mapped[str] = mapped_column(String(255), default="")
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending, running, done, failed, cancelled
+    apply_now: Mapped[bool] = mapped_column(Boolean, default=False)
+    open_key: Mapped[str | None] = mapped_column(String(80), nullable=True, unique=True)
+    task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
+class AgentVersion(Base):
+    """What each instance's guest agent said on its last hello: the admin view of an agent roll-out."""
+    __tablename__ = "agent_versions"
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), default="")
+    boot_id: Mapped[str] = mapped_column(String(64), default="")
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

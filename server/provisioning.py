@@ -22,7 +22,8 @@ from reddwarf.v1 import (
     observe_pb2_grpc,
 )
 
-from . import models, mysql_ca, tasks
+from . import maintenance, models, mysql_ca, tasks
+from .agent_upgrade import AgentUpgrades
 from .agents import AgentGatewayServicer, AgentRegistry, EnrollmentServicer
 from .app import App
 from .auth import certificate_revoked, serial_hex
@@ -70,7 +71,12 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         link.start()
         notifier = WatchNotifier(app.sessions, events)
         wiring.background += [link.run, notifier.run, RevocationSync(app.sessions, app.ca).run]
+
+    async def on_hello(iid: str, hello: agent_pb2.Hello) -> None:
+        await asyncio.to_thread(maintenance.record_agent_version, app.sessions, iid, hello.agent_version,
+                                hello.boot_id)
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
+                             on_hello=on_hello,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
                              heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst,
                              cluster=link)
@@ -94,7 +100,9 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change, on_end=wiring.metrics.task_ended)
     migrations = Migrations(instance_tasks)
-    for kind in instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds():
+    upgrades = AgentUpgrades(st, registry)
+    for kind in (instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds()
+                 + upgrades.kinds()):
         engine.register(kind)
 
     instances = InstancesServicer(app, engine, events, registry, sealer, paginator)
@@ -149,6 +157,10 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
         async def run_san_reattach() -> None:
             await san.reattach_loop(st.san_reattach_seconds)
         wiring.background.append(run_san_reattach)
+    if st.maintenance_check_seconds > 0:
+        async def run_maintenance() -> None:
+            await maintenance.run_loop(app.sessions, engine, st.maintenance_check_seconds)
+        wiring.background.append(run_maintenance)
     if st.host_check_seconds > 0:
         wiring.background.append(HostWatch(app, hosts, engine).run)
     wiring.on_stop.append(hosts.close)

@@ -90,6 +90,12 @@ class Settings:
     host_check_seconds: float = 5.0
     host_lost_seconds: float = 60.0
     host_evacuate_automatically: bool = True
+    # How often the maintenance scheduler (server/maintenance.py) looks for actions due in their window.
+    # 0 = no scheduler on this server (another server, or a test with its own clock, runs it).
+    maintenance_check_seconds: float = 30.0
+    # The guest agent build an agent upgrade ships (server/agent_upgrade.py): a reddwarf wheel; default the
+    # wheelhouse's reddwarf wheel (built from the checkout, as for host enrollment).
+    agent_wheel: str = ""
     memory_overcommit: float = 1.0
     storage_overcommit: float = 1.0
     max_volume_gb: int = 1024

@@ -75,6 +75,12 @@ class Wheelhouse:
             self._dependencies(own)
             return sorted(self.dir.glob("*.whl"))
 
+    def own_wheel(self) -> Path:
+        """The reddwarf wheel alone (built when missing or stale), without the dependencies. Blocking."""
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            return self._own_wheel()
+
     def _own_wheel(self) -> Path:
         existing = sorted(self.dir.glob("reddwarf-*.whl"))
         if self.source is None:
