@@ -44,7 +44,9 @@ def new_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, new_wheel: Path) -> Iterator[Cluster]:
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_AGENT_WHEEL": str(new_wheel)}
+    # The tests run the scheduler's passes themselves, from outside the server process, as another server
+    # would: its cached instance views would show their changes only after instance_cache_seconds.
+    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0", "REDDWARF_AGENT_WHEEL": str(new_wheel)}
     with start_cluster(tmp_path_factory.mktemp("day2lxc"), server_env=env) as c:
         yield c
 

@@ -32,7 +32,9 @@ AFTER = dt.datetime(2026, 12, 2, 11, 0)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0"}
+    # The tests run the scheduler's passes themselves, from outside the server process, as another server
+    # would: its cached instance views would show their changes only after instance_cache_seconds.
+    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0"}
     with start_cluster(tmp_path_factory.mktemp("day2"), server_env=env, driver="fake") as c:
         yield c
 

@@ -16,7 +16,9 @@ from tests.fixtures.waiting import until
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0"}
+    # The tests run the scheduler's passes themselves, from outside the server process, as another server
+    # would: its cached instance views would show their changes only after instance_cache_seconds.
+    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0"}
     with start_cluster(tmp_path_factory.mktemp("day2gw"), server_env=env, driver="fake") as c, \
             start_gateway(c.server.api, c.server.gateway_files) as base:
         yield c, f"{base}/v1.0/{c.tenant}"
