@@ -36,7 +36,7 @@ from .admin import revoke_identity
 from .agents import AgentRegistry
 from .app import App
 from .backups import Backups
-from .catalog import limits_of
+from .catalog import limits_of, template_for
 from .db import update_row
 from .enrollment import Enrollment
 from .events import EventBus
@@ -157,7 +157,7 @@ class InstanceTasks:
         c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
                 id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_UNSPECIFIED,
-                volume_id=row.id, datadir=DATADIR,
+                volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version),
                 bootstrap=host_pb2.AgentBootstrap(
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
                     ca_pem=self.app.ca.cert_pem.decode(), enrollment_token=token, instance_id=row.id,
