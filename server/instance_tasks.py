@@ -157,7 +157,8 @@ class InstanceTasks:
         c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
                 id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_UNSPECIFIED,
-                volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version),
+                volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version,
+                                                                    int(ctx.params.get("template_revision") or 0)),
                 bootstrap=host_pb2.AgentBootstrap(
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
                     ca_pem=self.app.ca.cert_pem.decode(), enrollment_token=token, instance_id=row.id,

@@ -3,6 +3,7 @@ state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE; a sto
 the Instance message, and the ownership check every instance-scoped call starts with."""
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +144,13 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float,
         host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "",
         tags=row.tags or {}, deletion_protection=bool(row.deletion_protection))
     pb.services.extend(extra_services(row))
+    if row.last_upgrade:  # written by server/upgrade.py
+        u = row.last_upgrade
+        pb.last_upgrade.CopyFrom(database_pb2.UpgradeReport(
+            from_version=str(u.get("from_version", "")), to_version=str(u.get("to_version", "")),
+            outcome=str(u.get("outcome", "")), downtime_seconds=float(u.get("downtime_seconds", 0.0)),
+            backup=f"backups/{u['backup']}" if u.get("backup") else "",
+            time=ts(dt.datetime.fromisoformat(u["time"])) if u.get("time") else None))
     if row.port:
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port, service="mysql"))
         if "memcached" in pb.services:

@@ -1,0 +1,25 @@
+"""upgrade: instances.last_upgrade (the last UpgradeInstance's report, server/upgrade.py)
+
+Revision ID: 0008_upgrade
+Revises: 0004_events
+Create Date: 2026-11-26 20:55:00
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0008_upgrade'
+down_revision = '0004_events'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('instances') as batch:
+        batch.add_column(sa.Column('last_upgrade', sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('instances') as batch:
+        batch.drop_column('last_upgrade')
