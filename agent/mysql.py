@@ -328,6 +328,8 @@ class MysqlDriver(DatastoreDriver):
         await progress(40, "initialising the datadir")
         if await self.mysqld.init_datadir(self.datadir):
             self.mysqld.mark_system_tables(self.datadir, self.config.version)
+        else:
+            await asyncio.to_thread(self.mysqld.adopt_datadir, self.datadir)
         await progress(60, "starting mysqld")
         await self.start()
         await progress(70, "checking the system tables")

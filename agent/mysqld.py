@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import shutil
 from typing import Any
 
@@ -162,6 +163,25 @@ class Mysqld:
                                 "--skip-test-db"], timeout=300)
         os.unlink(marker)
         return True
+
+    def adopt_datadir(self, datadir: str) -> int:
+        """Gives the datadir's files to run_as where another owns them: a volume made in another template's
+        container (an upgrade: Debian 12's mysql user is uid 101, Debian 13's is 100). Returns the count."""
+        if self.run_as == "root" or not os.path.isdir(datadir):
+            return 0
+        pw = pwd.getpwnam(self.run_as)
+        changed = 0
+        for top, dirs, files in os.walk(datadir):
+            for path in [top, *(os.path.join(top, n) for n in dirs + files)]:
+                st = os.lstat(path)
+                if os.path.basename(path) == "lost+found" or st.st_uid == 0:
+                    continue  # root's files (the version marker, mariadb-upgrade's info) stay root's
+                if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
+                    os.lchown(path, pw.pw_uid, pw.pw_gid)
+                    changed += 1
+        if changed:
+            log.info("datadir given to the mysql user", extra={"datadir": datadir, "files": changed})
+        return changed
 
     def system_tables_version(self, datadir: str) -> str | None:
         try:

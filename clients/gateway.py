@@ -395,6 +395,16 @@ class Gateway:
                                      + ", ".join(sorted(set(body) - {"configuration"})))
             await self.apply_instance_configuration(rd, self._instance(request), body)
             return Response(status_code=202)
+        if isinstance(body, dict) and "datastore_version" in body:
+            # Trove's upgrade: PATCH {"instance": {"datastore_version": "11.8"}}, alone as in Trove.
+            if len(body) > 1:
+                raise trove.BadInput("instance.datastore_version is changed on its own, not with "
+                                     + ", ".join(sorted(set(body) - {"datastore_version"})))
+            version = body["datastore_version"]
+            if not isinstance(version, str) or not version:
+                raise trove.BadInput("instance.datastore_version must be a version name such as \"11.8\"")
+            await rd.upgrade_instance(self._instance(request), version)
+            return Response(status_code=202)
         u = trove.update_request(body)
         await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
                                  tags=u.tags)

@@ -26,7 +26,7 @@ TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": Insta
                "restart_instance": InstanceStatus.REBOOT, "resize_instance": InstanceStatus.RESIZE,
                "resize_volume": InstanceStatus.RESIZE, "create_backup": InstanceStatus.BACKUP,
                "restore_instance": InstanceStatus.RESTORING, "stop_instance": InstanceStatus.STOPPING,
-               "start_instance": InstanceStatus.STARTING}
+               "start_instance": InstanceStatus.STARTING, "upgrade_instance": InstanceStatus.UPGRADE}
 # Stored on a row StopInstance stopped (until StartInstance): shown as SHUTDOWN. Not the SHUTDOWN a silent
 # guest is stored with, which its next health report turns back into ACTIVE: a stopped instance stays
 # stopped whatever a late heartbeat says, and only it can be started.
