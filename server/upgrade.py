@@ -77,6 +77,12 @@ def submit_upgrade(s: Session, row: models.Instance, target_version: str, revisi
     if target_version != current and version_key(target_version) <= version_key(current):
         raise InvalidArgument(f"{target_version} is older than the instance's {current}; only upgrades are "
                               "possible (restore a backup into a new instance to go back)", field=field)
+    ic = s.get(models.InstanceConfiguration, row.id)
+    if ic is not None and ic.configuration_id and target_version != current:
+        # A group is made for one datastore version (its rules); the new version would start with values
+        # checked against the old one's.
+        raise FailedPrecondition(f"configuration group {ic.configuration_id} is for {row.datastore} {current}; "
+                                 "detach it before the upgrade", field="configuration")
     status, _ = derived_status(s, row, heartbeat_expiry)
     if status != InstanceStatus.ACTIVE:
         raise FailedPrecondition(f"instance is {status}; an upgrade needs ACTIVE", field="name")
@@ -218,10 +224,9 @@ class Upgrades:
     async def compensate(self, ctx: tasks.StepContext) -> None:
         """Back to the old version: its container again (started, or made anew on the same volume), and the
         pre-upgrade backup restored when the new mysqld had touched the datadir."""
-        iid = ctx.params.get("down_at") and ctx.resource_id
-        if not iid:
+        if "down_at" not in ctx.params:
             return  # failed before the stop (the backup or the checksums): nothing changed
-        it = self.it
+        iid, it = ctx.resource_id, self.it
         if ctx.params.get("replaced"):
             await self._drop_container(ctx, "instance upgrade rolled back")
             self._set_version(iid, ctx.params["from"])
