@@ -133,8 +133,11 @@ def main() -> int:
     print()
     print(f"An upgrade costs a reader {u / rb:.1f}× the gap of an in-place mysqld restart. The gap holds a clean "
           "mysqld shutdown, the old container's stop and delete, a new container from the Debian 13 template "
-          "(cached), the agent's enrollment, a prepare on the existing datadir with mariadb-upgrade, and the "
-          "health and checksum checks; the pre-upgrade backup (and its sandbox proof) is taken before the gap.")
+          "(cached), the agent's enrollment and the new mysqld's start. The server's figure is longer: it runs "
+          "until the upgrade is verified (mariadb-upgrade, the internal admin, health and the checksum "
+          "comparison), while the new mysqld already answers readers (a writer in that time fails the checksum "
+          "check and rolls the upgrade back: a known limit). The pre-upgrade backup (and its sandbox proof) is "
+          "taken before either gap.")
     return 0
 
 
