@@ -94,7 +94,10 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
             name=f"datastores/{d.id}", id=d.id, default_version=d.default_version,
             versions=[database_pb2.DatastoreVersion(name=f"datastores/{d.id}/versions/{v.version}",
                                                     version=v.version, packages=list(v.packages or []),
-                                                    active=v.active) for v in versions])
+                                                    active=v.active,
+                                                    package_versions={str(k): str(x) for k, x in
+                                                                      (v.package_versions or {}).items()})
+                      for v in versions])
 
     @grpc_edge
     async def ListFlavors(self, request: database_pb2.ListFlavorsRequest,

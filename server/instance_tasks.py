@@ -169,6 +169,17 @@ class InstanceTasks:
                                      f"network mode; host {row.host_id} placed this instance in host mode",
                                      field="instance.services")
         self._update(row.id, address=c.address, port=c.port)
+        if c.package_versions:
+            await asyncio.to_thread(self._record_package_versions, row, dict(c.package_versions))
+
+    def _record_package_versions(self, row: models.Instance, versions: dict[str, str]) -> None:
+        """The catalog shows each version's exact packages as the hosts report its template's."""
+        with self.app.sessions() as s, s.begin():
+            dv = s.scalar(select(models.DatastoreVersion).where(
+                models.DatastoreVersion.datastore_id == row.datastore,
+                models.DatastoreVersion.version == row.datastore_version))
+            if dv is not None and dv.package_versions != versions:
+                dv.package_versions = versions
 
     async def step_start_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)

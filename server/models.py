@@ -105,6 +105,8 @@ class DatastoreVersion(Base):
     version: Mapped[str] = mapped_column(String(64))
     packages: Mapped[list[Any]] = mapped_column(JSON, default=list)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The exact versions of its template's packages, as a host last reported them (server/instance_tasks.py).
+    package_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Host(Base):

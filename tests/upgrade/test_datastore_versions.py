@@ -31,6 +31,12 @@ def test_an_instance_on_11_8_runs_mariadb_11_8(cluster) -> None:
         # The first 11.8 create on a machine builds the trixie template (~2 min); later ones reuse it.
         up = wait_status(cluster, inst.name, timeout=900)
         assert up.datastore_version == "11.8"
+        # The catalog shows the exact packages of the template the host made the container from.
+        ds = database_pb2_grpc.CatalogStub(cluster.channel).GetDatastore(
+            database_pb2.GetDatastoreRequest(name="datastores/mariadb"), metadata=cluster.md)
+        v118 = {v.version: v for v in ds.versions}["11.8"]
+        assert v118.package_versions["mariadb-server"].startswith("1:11.8.")
+        assert v118.package_versions["python3"].startswith("3.13.")
         ep = up.endpoints[0]
         with pymysql.connect(host=ep.host, port=ep.port, user="app", password="s3cret-pw", database="shop",
                              connect_timeout=5) as conn, conn.cursor() as cur:

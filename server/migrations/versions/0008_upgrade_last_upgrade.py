@@ -1,4 +1,5 @@
-"""upgrade: instances.last_upgrade (the last UpgradeInstance's report, server/upgrade.py)
+"""upgrade: instances.last_upgrade (the last UpgradeInstance's report, server/upgrade.py) and
+datastore_versions.package_versions (the template's exact package versions)
 
 Revision ID: 0008_upgrade
 Revises: 0004_events
@@ -18,8 +19,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('instances') as batch:
         batch.add_column(sa.Column('last_upgrade', sa.JSON(), nullable=True))
+    with op.batch_alter_table('datastore_versions') as batch:
+        batch.add_column(sa.Column('package_versions', sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('datastore_versions') as batch:
+        batch.drop_column('package_versions')
     with op.batch_alter_table('instances') as batch:
         batch.drop_column('last_upgrade')
