@@ -2,7 +2,7 @@
 datastore_versions.package_versions (the template's exact package versions)
 
 Revision ID: 0008_upgrade
-Revises: 0004_events
+Revises: 0008_hasrv
 Create Date: 2026-11-26 20:55:00
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0008_upgrade'
-down_revision = '0004_events'
+down_revision = '0008_hasrv'
 branch_labels = None
 depends_on = None
 
