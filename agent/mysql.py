@@ -326,9 +326,14 @@ class MysqlDriver(DatastoreDriver):
         self._write_my_cnf()
         self._logs.ensure_dir()
         await progress(40, "initialising the datadir")
-        await self.mysqld.init_datadir(self.datadir)
+        if await self.mysqld.init_datadir(self.datadir):
+            self.mysqld.mark_system_tables(self.datadir, self.config.version)
+        else:
+            await asyncio.to_thread(self.mysqld.adopt_datadir, self.datadir)
         await progress(60, "starting mysqld")
         await self.start()
+        await progress(70, "checking the system tables")
+        await self.mysqld.upgrade_system_tables(self.datadir, self.config.version)
         await asyncio.to_thread(self.ensure_admin)
         await progress(80, "creating databases and users")
         # A replayed prepare (agent restarted mid-way) must converge, not fail on what it made already.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import shutil
 from typing import Any
 
@@ -19,6 +20,9 @@ from .supervisor import Supervisor
 log = logging.getLogger("reddwarf.agent.mysqld")
 
 INIT_MARKER = ".reddwarf-initialising"
+# In the datadir: the datastore version whose mysqld last upgraded (or made) its system tables. A prepare
+# with another version (an upgrade: the same volume in a container of the new version) runs mariadb-upgrade.
+VERSION_MARKER = "reddwarf_datastore_version"
 # The datadir's directory on the data volume. Not the volume's root: there ext4's lost+found would be a
 # schema ("#mysql50#lost+found") and the agent's work directory would need hiding.
 DATADIR_ON_VOLUME = "data"
@@ -158,6 +162,52 @@ class Mysqld:
                                 f"--user={self.run_as}", "--auth-root-authentication-method=socket",
                                 "--skip-test-db"], timeout=300)
         os.unlink(marker)
+        return True
+
+    def adopt_datadir(self, datadir: str) -> int:
+        """Gives the datadir's files to run_as where another owns them: a volume made in another template's
+        container (an upgrade: Debian 12's mysql user is uid 101, Debian 13's is 100). Returns the count."""
+        if self.run_as == "root" or not os.path.isdir(datadir):
+            return 0
+        pw = pwd.getpwnam(self.run_as)
+        changed = 0
+        for top, dirs, files in os.walk(datadir):
+            for path in [top, *(os.path.join(top, n) for n in dirs + files)]:
+                st = os.lstat(path)
+                if os.path.basename(path) == "lost+found" or st.st_uid == 0:
+                    continue  # root's files (the version marker, mariadb-upgrade's info) stay root's
+                if (st.st_uid, st.st_gid) != (pw.pw_uid, pw.pw_gid):
+                    os.lchown(path, pw.pw_uid, pw.pw_gid)
+                    changed += 1
+        if changed:
+            log.info("datadir given to the mysql user", extra={"datadir": datadir, "files": changed})
+        return changed
+
+    def system_tables_version(self, datadir: str) -> str | None:
+        try:
+            with open(os.path.join(datadir, VERSION_MARKER)) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return None
+
+    def mark_system_tables(self, datadir: str, version: str) -> None:
+        tmp = os.path.join(datadir, VERSION_MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(datadir, VERSION_MARKER))
+
+    async def upgrade_system_tables(self, datadir: str, version: str) -> bool:
+        """mariadb-upgrade on the running mysqld when the datadir's system tables were last made or upgraded
+        by another datastore version (or it is not known: a datadir older than the marker); True if it ran.
+        mariadb-upgrade skips what its own info file says is done, so a replay costs a second."""
+        if self.system_tables_version(datadir) == version:
+            return False
+        binary = find_binary("", "mariadb-upgrade", "mysql_upgrade")
+        # root@localhost by unix_socket, as the agent is root in the guest.
+        await runner.run_async([binary, f"--socket={self.socket}", "--user=root", "--silent"], timeout=1800)
+        self.mark_system_tables(datadir, version)
         return True
 
     # the server ----------------------------------------------------------

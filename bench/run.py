@@ -31,6 +31,7 @@ BENCHMARKS = [
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
     ("events_bench", "event history: create→ACTIVE with and without recording"),
     ("migrate_bench", "migration downtime (client-visible gap) vs an in-place restart"),
+    ("upgrade_bench", "upgrade 10.11 → 11.8 downtime (client-visible gap) vs an in-place restart"),
     ("hostloss_bench", "host loss to ACTIVE elsewhere (1 and 5 SAN instances) vs MigrateInstance of the same"),
     ("reconnect_bench", "reconnect of 200 agents after a server dies vs their first connect"),
 ]

@@ -238,6 +238,12 @@ class AsyncClient:
         return await self._call(self.instances.ResizeInstance,
                                 pb.ResizeInstanceRequest(name=r.instance_name(instance), flavor=flavor))
 
+    async def upgrade_instance(self, instance: str, datastore_version: str) -> pb.Instance:
+        """Moves the instance to a newer version of its datastore (backup first, rolled back on failure);
+        `last_upgrade` on the instance reports the outcome and the downtime."""
+        return await self._call(self.instances.UpgradeInstance, pb.UpgradeInstanceRequest(
+            name=r.instance_name(instance), datastore_version=datastore_version))
+
     async def resize_volume(self, instance: str, size_gb: int) -> pb.Instance:
         return await self._call(self.instances.ResizeVolume,
                                 pb.ResizeVolumeRequest(name=r.instance_name(instance), size_gb=size_gb))

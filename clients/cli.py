@@ -249,6 +249,9 @@ INSTANCE_FIELDS: list[Column] = INSTANCE_COLS + [
     ("configuration", lambda i: short(i.configuration) if i.configuration else ""),
     ("host", lambda i: short(i.host) if i.host else ""), ("volume driver", lambda i: i.volume.driver),
     ("services", services),
+    ("last upgrade", lambda i: (f"{i.last_upgrade.from_version} -> {i.last_upgrade.to_version} "
+                                f"{i.last_upgrade.outcome}, downtime {i.last_upgrade.downtime_seconds:.1f} s")
+     if i.HasField("last_upgrade") else ""),
 ]
 
 
@@ -595,6 +598,18 @@ def instance_resize(instance: str = INSTANCE_ARG, flavor: str = typer.Option(...
     def go() -> None:
         c = client()
         i = c.resize_flavor(c.instance_id(instance), flavor)
+        emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
+    run(go)
+
+
+@instance_app.command("upgrade")
+@output_options
+def instance_upgrade(instance: str = INSTANCE_ARG, datastore_version: str = typer.Option(..., "--datastore-version"),
+                     wait: bool = typer.Option(True, "--wait/--no-wait")) -> None:
+    """Moves the instance to a newer datastore version (a backup first; rolled back on failure)."""
+    def go() -> None:
+        c = client()
+        i = c.upgrade_instance(c.instance_id(instance), datastore_version)
         emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
     run(go)
 

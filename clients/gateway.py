@@ -406,6 +406,16 @@ class Gateway:
                 raise trove.BadInput("instance.maintenance_window must be an object")
             await rd.set_maintenance_window(self._instance(request), *w)
             return Response(status_code=202)
+        if isinstance(body, dict) and "datastore_version" in body:
+            # Trove's upgrade: PATCH {"instance": {"datastore_version": "11.8"}}, alone as in Trove.
+            if len(body) > 1:
+                raise trove.BadInput("instance.datastore_version is changed on its own, not with "
+                                     + ", ".join(sorted(set(body) - {"datastore_version"})))
+            version = body["datastore_version"]
+            if not isinstance(version, str) or not version:
+                raise trove.BadInput("instance.datastore_version must be a version name such as \"11.8\"")
+            await rd.upgrade_instance(self._instance(request), version)
+            return Response(status_code=202)
         u = trove.update_request(body)
         await rd.update_instance(self._instance(request), name=u.name, deletion_protection=u.deletion_protection,
                                  tags=u.tags)

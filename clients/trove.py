@@ -304,7 +304,7 @@ def bool_field(body: dict[str, Any], key: str, where: str) -> bool | None:
 
 
 # What an instance PUT/PATCH may carry besides `configuration` (the gateway attaches or detaches a group for
-# it). Trove's other members (replica_of, access, datastore_version) are refused by name rather than ignored.
+# it, and upgrades for `datastore_version`). Trove's other members (replica_of, access) are refused by name.
 UPDATABLE = ("name", "deletion_protection", "tags")
 
 

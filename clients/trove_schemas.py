@@ -147,10 +147,12 @@ COMPONENTS: dict[str, Schema] = {
                       "items": {"anyOf": [{"type": "string", "enum": ["memcached"]},
                                           obj({"name": {"type": "string", "enum": ["memcached"]}})]}}}),
     # Only these members; at least one of them.
-    # `configuration` (an id attaches the group, null detaches it) goes alone.
+    # `configuration` (an id attaches the group, null detaches it) goes alone, and so does `datastore_version`
+    # (Trove's upgrade: PATCH {"instance": {"datastore_version": "11.8"}}).
     "InstanceUpdate": {**obj({}, {"name": nullable(STRING), "deletion_protection": nullable(BOOLEAN),
                                   "tags": nullable(TAGS), "configuration": nullable(REF),
-                                  "maintenance_window": WINDOW},
+                                  "maintenance_window": WINDOW,
+                                  "datastore_version": {"type": "string", "minLength": 1}},
                              additional=False), "minProperties": 1},
     "BackupUpdate": {**obj({}, {"name": nullable(STRING), "description": nullable(STRING),
                                 "tags": nullable(TAGS)}, additional=False), "minProperties": 1},

@@ -173,9 +173,22 @@ MARIADB_10_11: tuple[Rule, ...] = (
     _b("performance_schema", dynamic=False),
 )
 
+# MariaDB 11.8 (Debian 13's mariadb-server), compared with 10.11 by `mariadbd --verbose --help` of both
+# templates: the same names and defaults but for these.
+# - innodb_change_buffering is gone (11.0 removed the change buffer);
+# - collation_server defaults to utf8mb4_uca1400_ai_ci, and the UCA 14.0 collations are offered;
+# - innodb_doublewrite also takes `fast` in 11.8; kept as the ON/OFF boolean, static as in 10.11 (not
+#   checked against a running 11.8 whether it became dynamic: a needless restart is the safe error).
+COLLATIONS_11_8 = COLLATIONS + ("utf8mb4_uca1400_ai_ci", "utf8mb4_uca1400_as_cs", "utf8mb4_uca1400_nopad_ai_ci")
+_DROPPED_IN_11 = {"innodb_change_buffering"}
+MARIADB_11_8: tuple[Rule, ...] = tuple(
+    _s("collation_server", COLLATIONS_11_8) if r.name == "collation_server" else r
+    for r in MARIADB_10_11 if r.name not in _DROPPED_IN_11)
+
 # (datastore, version) → its rules by name.
 RULES: dict[tuple[str, str], dict[str, Rule]] = {
     ("mariadb", "10.11"): {r.name: r for r in MARIADB_10_11},
+    ("mariadb", "11.8"): {r.name: r for r in MARIADB_11_8},
 }
 
 

@@ -31,6 +31,7 @@ class InstanceStatus(StrEnum):
     RESTORING = "RESTORING"
     STOPPING = "STOPPING"
     STARTING = "STARTING"
+    UPGRADE = "UPGRADE"  # UpgradeInstance running (Trove's own value)
 
 
 class BackupStatus(StrEnum):

@@ -24,6 +24,7 @@ from reddwarf.common.errors import (
 )
 
 from . import network
+from . import template as templates
 from .cgroups import CgroupLayout
 from .containers import (
     Bootstrap,
@@ -116,6 +117,17 @@ def _managed(kind: str, records: dict[str, R], rid: str, field: str) -> R:
 
 
 class Host:
+    def _template(self, requested: str) -> str:
+        """The template a create asked for: the host's default, a Debian release the LXC driver builds its
+        recipe for (`trixie`, `trixie-r2`: cached by recipe, so only a host's first such create builds), or
+        a template's own name."""
+        if not requested:
+            return self.default_template
+        release = templates.parse_release(requested)
+        if release is None or self.containers.name != "lxc":
+            return requested
+        return templates.build_template(self.settings, release=release[0], revision=release[1])
+
     def __init__(self, settings: Settings, containers: ContainerDriver, volumes: VolumeDriver,
                  layout: CgroupLayout | None, default_template: str) -> None:
         self.settings = settings
@@ -150,7 +162,7 @@ class Host:
             raise InvalidArgument("container.bootstrap.heartbeat_seconds must be 0..3600",
                                   field="container.bootstrap.heartbeat_seconds")
         datadir = _validate_path(req.datadir or DEFAULT_DATADIR, "container.datadir")
-        template = req.template or self.default_template
+        template = self._template(req.template)
         if not all(c.isalnum() or c in "-_." for c in template):
             raise InvalidArgument(f"container.template {template!r} is not a template name",
                                   field="container.template")

@@ -9,6 +9,7 @@ never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -34,6 +35,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.tls import RevocationList, peer_identity
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
+from . import template
 from .containers import Bootstrap, Limits, Usage
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
 from .iscsi import Chap
@@ -231,7 +233,12 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                                 heartbeat_seconds=b.heartbeat_seconds, enroll_address=b.enroll_address),
             network_mode=MODES.get(c.network_mode, "invalid"), volume_id=c.volume_id, datadir=c.datadir,
             template=c.template)
-        return container_pb(await self.run_locked(self.host.create_container, req), self._driver)
+        out = container_pb(await self.run_locked(self.host.create_container, req), self._driver)
+        if self._driver == "lxc":
+            with contextlib.suppress(OSError):  # reported when readable; a create never fails for it
+                out.package_versions.update(await asyncio.to_thread(
+                    template.package_versions, self.host.settings, out.template))
+        return out
 
     @grpc_edge
     async def GetContainer(self, request: host_pb2.ContainerRef,

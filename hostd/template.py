@@ -32,6 +32,11 @@ RELEASE = "bookworm"
 # memcached: the blueprint's second service in the container (CreateInstance services); bridge-mode guests
 # cannot reach a mirror, so prepare must find it installed.
 PACKAGES = ("python3", "python3-venv", "mariadb-server", "mariadb-backup", "zstd", "procps", "memcached")
+# The Debian releases a template can be built from, with the Python their python3 is (the agent venv's wheels
+# are fetched for it). bookworm: MariaDB 10.11, Python 3.11; trixie: MariaDB 11.8, Python 3.13.
+RELEASES = {"bookworm": "3.11", "trixie": "3.13"}
+# The packages whose exact versions the catalog shows (read from the template's dpkg status).
+REPORTED_PACKAGES = ("mariadb-server", "mariadb-backup", "python3", "memcached")
 # The agent's third-party dependencies, installed at the host venv's exact versions.
 AGENT_DISTRIBUTIONS = ("grpcio", "grpcio-status", "protobuf", "googleapis-common-protos", "pymysql",
                        "cryptography", "pyyaml")
@@ -50,11 +55,17 @@ class Recipe:
     release: str
     packages: tuple[str, ...]
     wheels: tuple[str, ...]  # "name==version"
+    # Bumped by an operator to rebuild the same recipe with the distribution's newer packages: a new template
+    # revision under a new name (revision 0 keeps the name every existing template was built under).
+    revision: int = 0
 
     @property
     def digest(self) -> str:
-        text = json.dumps({"v": RECIPE_VERSION, "release": self.release, "packages": self.packages,
-                           "wheels": self.wheels}, sort_keys=True)
+        doc: dict[str, object] = {"v": RECIPE_VERSION, "release": self.release, "packages": self.packages,
+                                  "wheels": self.wheels}
+        if self.revision:
+            doc["revision"] = self.revision
+        text = json.dumps(doc, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -62,13 +73,37 @@ class Recipe:
         return f"rdtpl-{self.digest}"
 
 
-def current_recipe() -> Recipe:
+def current_recipe(release: str = RELEASE, revision: int = 0) -> Recipe:
+    if release not in RELEASES:
+        raise ValueError(f"release {release!r} is not one of {', '.join(RELEASES)}")
     wheels = tuple(f"{d}=={metadata.version(d)}" for d in AGENT_DISTRIBUTIONS)
-    return Recipe(release=RELEASE, packages=PACKAGES, wheels=wheels)
+    return Recipe(release=release, packages=PACKAGES, wheels=wheels, revision=revision)
 
 
 def template_name(settings: Settings) -> str:
     return settings.template or current_recipe().name
+
+
+def parse_release(requested: str) -> tuple[str, int] | None:
+    """`trixie` or `trixie-r2` (release, revision), or None when `requested` names no release (a template's
+    own name then)."""
+    release, _, rev = requested.partition("-r")
+    if release not in RELEASES or (rev and not rev.isdigit()) or (_ and not rev):
+        return None
+    return release, int(rev or 0)
+
+
+def package_versions(settings: Settings, name: str) -> dict[str, str]:
+    """The exact versions of REPORTED_PACKAGES in template `name`, read from its dpkg status file."""
+    status = os.path.join(settings.template_lxc_path, name, "rootfs", "var", "lib", "dpkg", "status")
+    out: dict[str, str] = {}
+    with open(status, encoding="utf-8", errors="replace") as f:
+        for stanza in f.read().split("\n\n"):
+            fields = dict(ln.split(": ", 1) for ln in stanza.splitlines() if ": " in ln and not ln.startswith(" "))
+            pkg = fields.get("Package", "")
+            if pkg in REPORTED_PACKAGES and fields.get("Status", "").endswith(" installed"):
+                out[pkg] = fields.get("Version", "")
+    return out
 
 
 def is_ready(settings: Settings, name: str) -> bool:
@@ -84,18 +119,31 @@ def _chroot(rootfs: str, *argv: str, timeout: float = 900) -> None:
 
 
 def download_wheels(settings: Settings, recipe: Recipe) -> str:
-    """Fetches the pinned wheels (and their dependencies) on the host, where PyPI is reachable."""
-    os.makedirs(settings.wheelhouse, exist_ok=True)
-    run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", settings.wheelhouse,
-         *recipe.wheels], timeout=900)
-    return settings.wheelhouse
+    """Fetches the pinned wheels (and their dependencies) on the host, where PyPI is reachable; for a release
+    whose Python is not the host's, the wheels built for the guest's Python (its own folder)."""
+    py = RELEASES[recipe.release]
+    if py == f"{sys.version_info.major}.{sys.version_info.minor}":
+        os.makedirs(settings.wheelhouse, exist_ok=True)
+        run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", settings.wheelhouse,
+             *recipe.wheels], timeout=900)
+        return settings.wheelhouse
+    house = os.path.join(settings.wheelhouse, "py" + py)
+    os.makedirs(house, exist_ok=True)
+    tag = "cp" + py.replace(".", "")
+    platforms = [a for p in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64",
+                             "manylinux_2_34_x86_64") for a in ("--platform", p)]
+    run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", py,
+         "--implementation", "cp", "--abi", tag, "--abi", "abi3", "--abi", "none", *platforms,
+         "-d", house, *recipe.wheels], timeout=900)
+    return house
 
 
-def build_template(settings: Settings, *, force: bool = False) -> str:
+def build_template(settings: Settings, *, force: bool = False, release: str = "", revision: int = 0) -> str:
     """Builds the template if it is missing (or `force`); returns its name. Safe to call concurrently:
-    one builder at a time per template lxcpath, the others wait and reuse its result."""
-    recipe = current_recipe()
-    name = settings.template or recipe.name
+    one builder at a time per template lxcpath, the others wait and reuse its result. `release` (default:
+    the host's default template, bookworm) and `revision` choose another recipe, cached under its own name."""
+    recipe = current_recipe(release or RELEASE, revision)
+    name = recipe.name if release else (settings.template or recipe.name)
     tpath = settings.template_lxc_path
     os.makedirs(tpath, exist_ok=True)
     with open(os.path.join(tpath, f".{name}.lock"), "w") as lockf:
@@ -125,7 +173,8 @@ def build_template(settings: Settings, *, force: bool = False) -> str:
             os.makedirs(os.path.join(rootfs, d), exist_ok=True)
         _write_template_config(os.path.join(tpath, name, "config"))
         with open(os.path.join(tpath, name, READY_MARKER), "w") as f:
-            json.dump({"release": recipe.release, "packages": recipe.packages, "wheels": recipe.wheels}, f)
+            json.dump({"release": recipe.release, "packages": recipe.packages, "wheels": recipe.wheels,
+                       "revision": recipe.revision, "package_versions": package_versions(settings, name)}, f)
         log.info("template built", extra={"template": name})
         return name
 

@@ -23,6 +23,20 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# The Debian release whose template each datastore version runs in (hostd builds that release's recipe on
+# first use and caches it). "" is the host's default template (bookworm), which 10.11 has always used.
+VERSION_RELEASES: dict[tuple[str, str], str] = {("mariadb", "10.11"): "", ("mariadb", "11.8"): "trixie"}
+DEFAULT_RELEASE = "bookworm"
+
+
+def template_for(datastore: str, version: str, revision: int = 0) -> str:
+    """What CreateContainer's `template` says for a datastore version (and template revision): "" for the
+    host's default template, else a release name (`trixie`, `trixie-r2`) hostd resolves to its recipe."""
+    release = VERSION_RELEASES.get((datastore, version), "")
+    if revision:
+        return f"{release or DEFAULT_RELEASE}-r{revision}"
+    return release
+
 
 def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     if value is None:
@@ -80,7 +94,10 @@ class CatalogServicer(database_pb2_grpc.CatalogServicer):
             name=f"datastores/{d.id}", id=d.id, default_version=d.default_version,
             versions=[database_pb2.DatastoreVersion(name=f"datastores/{d.id}/versions/{v.version}",
                                                     version=v.version, packages=list(v.packages or []),
-                                                    active=v.active) for v in versions])
+                                                    active=v.active,
+                                                    package_versions={str(k): str(x) for k, x in
+                                                                      (v.package_versions or {}).items()})
+                      for v in versions])
 
     @grpc_edge
     async def ListFlavors(self, request: database_pb2.ListFlavorsRequest,

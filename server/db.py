@@ -57,7 +57,9 @@ FLAVORS = [
     {"id": "large", "display_name": "large: 2 GB", "memory_mb": 2048, "cpu_shares": 2048, "cpu_limit_millicores": 0,
          "max_processes": 4096, "max_open_files": 32768, "io_weight": 1000, "default_volume_gb": 10},
 ]
-DATASTORES = [("mariadb", "10.11", ["mariadb-server", "mariadb-backup"])]
+# The first version of a datastore is its default. 11.8 runs in the Debian 13 template (catalog.VERSION_RELEASES).
+DATASTORES = [("mariadb", "10.11", ["mariadb-server", "mariadb-backup"]),
+              ("mariadb", "11.8", ["mariadb-server", "mariadb-backup"])]
 
 
 def split_hosts(url: str) -> tuple[str, list[tuple[str, int | None]]]:

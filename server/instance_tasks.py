@@ -36,7 +36,7 @@ from .admin import revoke_identity
 from .agents import AgentRegistry
 from .app import App
 from .backups import Backups
-from .catalog import limits_of
+from .catalog import limits_of, template_for
 from .db import update_row
 from .enrollment import Enrollment
 from .events import EventBus
@@ -157,7 +157,8 @@ class InstanceTasks:
         c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
                 id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_UNSPECIFIED,
-                volume_id=row.id, datadir=DATADIR,
+                volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version,
+                                                                    int(ctx.params.get("template_revision") or 0)),
                 bootstrap=host_pb2.AgentBootstrap(
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
                     ca_pem=self.app.ca.cert_pem.decode(), enrollment_token=token, instance_id=row.id,
@@ -168,6 +169,17 @@ class InstanceTasks:
                                      f"network mode; host {row.host_id} placed this instance in host mode",
                                      field="instance.services")
         self._update(row.id, address=c.address, port=c.port)
+        if c.package_versions:
+            await asyncio.to_thread(self._record_package_versions, row, dict(c.package_versions))
+
+    def _record_package_versions(self, row: models.Instance, versions: dict[str, str]) -> None:
+        """The catalog shows each version's exact packages as the hosts report its template's."""
+        with self.app.sessions() as s, s.begin():
+            dv = s.scalar(select(models.DatastoreVersion).where(
+                models.DatastoreVersion.datastore_id == row.datastore,
+                models.DatastoreVersion.version == row.datastore_version))
+            if dv is not None and dv.package_versions != versions:
+                dv.package_versions = versions
 
     async def step_start_container(self, ctx: tasks.StepContext) -> None:
         row = self._row(ctx.resource_id)

@@ -3,6 +3,7 @@ state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE; a sto
 the Instance message, and the ownership check every instance-scoped call starts with."""
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": Insta
                "restart_instance": InstanceStatus.REBOOT, "resize_instance": InstanceStatus.RESIZE,
                "resize_volume": InstanceStatus.RESIZE, "create_backup": InstanceStatus.BACKUP,
                "restore_instance": InstanceStatus.RESTORING, "stop_instance": InstanceStatus.STOPPING,
-               "start_instance": InstanceStatus.STARTING}
+               "start_instance": InstanceStatus.STARTING, "upgrade_instance": InstanceStatus.UPGRADE}
 # Stored on a row StopInstance stopped (until StartInstance): shown as SHUTDOWN. Not the SHUTDOWN a silent
 # guest is stored with, which its next health report turns back into ACTIVE: a stopped instance stays
 # stopped whatever a late heartbeat says, and only it can be started.
@@ -146,6 +147,13 @@ def instance_pb(s: Session, row: models.Instance, heartbeat_expiry: float,
         host=f"hosts/{row.host_id}" if row.host_id else "", restored_from=row.restored_from or "",
         tags=row.tags or {}, deletion_protection=bool(row.deletion_protection))
     pb.services.extend(extra_services(row))
+    if row.last_upgrade:  # written by server/upgrade.py
+        u = row.last_upgrade
+        pb.last_upgrade.CopyFrom(database_pb2.UpgradeReport(
+            from_version=str(u.get("from_version", "")), to_version=str(u.get("to_version", "")),
+            outcome=str(u.get("outcome", "")), downtime_seconds=float(u.get("downtime_seconds", 0.0)),
+            backup=f"backups/{u['backup']}" if u.get("backup") else "",
+            time=ts(dt.datetime.fromisoformat(u["time"])) if u.get("time") else None))
     if row.port:
         pb.endpoints.append(database_pb2.Endpoint(host=row.address, port=row.port, service="mysql"))
         if "memcached" in pb.services:

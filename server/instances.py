@@ -27,7 +27,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 
-from . import maintenance, migration, models, tags, tasks
+from . import maintenance, migration, models, tags, tasks, upgrade
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -341,6 +341,19 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                                          "ACTIVE", field="name")
             # In place, or, when its host has no room for the new flavor, a migration to one that has.
             migration.submit_resize(s, row, f)
+            s.flush()
+            pb = self._pb(s, row)
+        self._after_submit(row.id)
+        return pb
+
+    @grpc_edge
+    async def UpgradeInstance(self, request: database_pb2.UpgradeInstanceRequest,
+                              context: Context) -> database_pb2.Instance:
+        p = current_principal(context)
+        with self.app.sessions() as s, s.begin():
+            row = owned_instance(s, p, request.name)
+            upgrade.submit_upgrade(s, row, request.datastore_version,
+                                   heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
             s.flush()
             pb = self._pb(s, row)
         self._after_submit(row.id)

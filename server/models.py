@@ -105,6 +105,8 @@ class DatastoreVersion(Base):
     version: Mapped[str] = mapped_column(String(64))
     packages: Mapped[list[Any]] = mapped_column(JSON, default=list)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # The exact versions of its template's packages, as a host last reported them (server/instance_tasks.py).
+    package_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Host(Base):
@@ -168,6 +170,8 @@ class Instance(Base):
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     # While set, DeleteInstance is refused (RDS's DeletionProtection).
     deletion_protection: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The last UpgradeInstance's report (server/upgrade.py): from/to version, outcome, downtime, backup.
+    last_upgrade: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

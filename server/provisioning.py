@@ -44,6 +44,7 @@ from .migration import Migrations
 from .pagination import Paginator
 from .san import SanVolumes
 from .sealing import PasswordSealer
+from .upgrade import Upgrades
 
 if TYPE_CHECKING:
     from .main import Wiring
@@ -100,9 +101,10 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
                               lease_seconds=st.task_lease_seconds, exit_after_step=st.test_exit_after_step,
                               on_change=on_change, on_end=wiring.metrics.task_ended)
     migrations = Migrations(instance_tasks)
-    upgrades = AgentUpgrades(st, registry)
+    agent_upgrades = AgentUpgrades(st, registry)
+    upgrades = Upgrades(instance_tasks)
     for kind in (instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds()
-                 + upgrades.kinds()):
+                 + agent_upgrades.kinds() + upgrades.kinds()):
         engine.register(kind)
 
     instances = InstancesServicer(app, engine, events, registry, sealer, paginator)

@@ -151,7 +151,7 @@ def test_catalog_lists_seeded_flavors_page_by_page(server):
     tiny = stub.GetFlavor(database_pb2.GetFlavorRequest(name="flavors/tiny"), metadata=md)
     assert tiny.limits.memory_mb == 256
     ds = stub.ListDatastores(database_pb2.ListDatastoresRequest(), metadata=md).datastores
-    assert [(d.id, [v.version for v in d.versions]) for d in ds] == [("mariadb", ["10.11"])]
+    assert [(d.id, [v.version for v in d.versions]) for d in ds] == [("mariadb", ["10.11", "11.8"])]
 
 
 def test_page_token_from_another_list_or_caller_is_refused(server):
