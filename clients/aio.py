@@ -238,11 +238,14 @@ class AsyncClient:
         return await self._call(self.instances.ResizeInstance,
                                 pb.ResizeInstanceRequest(name=r.instance_name(instance), flavor=flavor))
 
-    async def upgrade_instance(self, instance: str, datastore_version: str) -> pb.Instance:
+    async def upgrade_instance(self, instance: str, datastore_version: str,
+                               in_maintenance_window: bool = False) -> pb.Instance:
         """Moves the instance to a newer version of its datastore (backup first, rolled back on failure);
-        `last_upgrade` on the instance reports the outcome and the downtime."""
+        `last_upgrade` on the instance reports the outcome and the downtime. With `in_maintenance_window`
+        it is checked now and runs in the instance's next window (pending maintenance until then)."""
         return await self._call(self.instances.UpgradeInstance, pb.UpgradeInstanceRequest(
-            name=r.instance_name(instance), datastore_version=datastore_version))
+            name=r.instance_name(instance), datastore_version=datastore_version,
+            in_maintenance_window=in_maintenance_window))
 
     async def resize_volume(self, instance: str, size_gb: int) -> pb.Instance:
         return await self._call(self.instances.ResizeVolume,

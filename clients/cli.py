@@ -605,12 +605,14 @@ def instance_resize(instance: str = INSTANCE_ARG, flavor: str = typer.Option(...
 @instance_app.command("upgrade")
 @output_options
 def instance_upgrade(instance: str = INSTANCE_ARG, datastore_version: str = typer.Option(..., "--datastore-version"),
-                     wait: bool = typer.Option(True, "--wait/--no-wait")) -> None:
+                     wait: bool = typer.Option(True, "--wait/--no-wait"),
+                     in_window: bool = typer.Option(False, "--in-maintenance-window",
+                                                    help="Check now, run in the instance's next window.")) -> None:
     """Moves the instance to a newer datastore version (a backup first; rolled back on failure)."""
     def go() -> None:
         c = client()
-        i = c.upgrade_instance(c.instance_id(instance), datastore_version)
-        emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
+        i = c.upgrade_instance(c.instance_id(instance), datastore_version, in_maintenance_window=in_window)
+        emit(_progress_until(c, i.name) if wait and not in_window else i, INSTANCE_FIELDS)
     run(go)
 
 

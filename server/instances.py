@@ -352,10 +352,16 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         p = current_principal(context)
         with self.app.sessions() as s, s.begin():
             row = owned_instance(s, p, request.name)
-            upgrade.submit_upgrade(s, row, request.datastore_version,
-                                   heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
+            if request.in_maintenance_window:
+                upgrade.check_upgrade(s, row, request.datastore_version,
+                                      heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
+                maintenance.queue(s, row.id, "upgrade", f"upgrade to {row.datastore} {request.datastore_version}",
+                                  {"datastore_version": request.datastore_version})
+            else:
+                upgrade.submit_upgrade(s, row, request.datastore_version,
+                                       heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
             s.flush()
-            pb = self._pb(s, row)
+            pb = maintenance.decorate(s, self._pb(s, row))
         self._after_submit(row.id)
         return pb
 
