@@ -12,6 +12,7 @@ import pytest
 
 from reddwarf.v1 import database_pb2, database_pb2_grpc
 from tests.fixtures.cluster import Cluster, start_cluster
+from tests.fixtures.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +99,19 @@ def test_a_backup_request_id_that_is_not_a_uuid_is_invalid_argument_naming_it(cl
             metadata=cluster.md, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request_id" in (err.value.details() or "")
+
+
+def test_a_retried_create_backup_with_the_same_request_id_returns_the_same_backup(cluster: Cluster) -> None:
+    inst = create(cluster, "rid-backed", str(uuid.uuid4()))
+    until(lambda: cluster.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=cluster.md),
+          lambda i: i.status == database_pb2.INSTANCE_STATUS_ACTIVE, timeout=60, what="the instance ACTIVE")
+    backups = database_pb2_grpc.BackupsStub(cluster.channel)
+    rid = str(uuid.uuid4())
+    request = database_pb2.CreateBackupRequest(backup=database_pb2.Backup(display_name="once", instance=inst.name),
+                                               request_id=rid)
+    first = backups.CreateBackup(request, metadata=cluster.md, timeout=30)
+    # The instance is busy with that backup now: the retry still answers with it, not FAILED_PRECONDITION.
+    again = backups.CreateBackup(request, metadata=cluster.md, timeout=30)
+    assert first.id == again.id
+    listed = backups.ListBackups(database_pb2.ListBackupsRequest(instance=inst.name), metadata=cluster.md).backups
+    assert [b.id for b in listed] == [first.id]
