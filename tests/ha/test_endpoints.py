@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from reddwarf.client import Client, ClientConfig
-from reddwarf.client import endpoints
+from reddwarf.client import Client, ClientConfig, endpoints
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.mariadb import free_port
 from tests.fixtures.server import RunningServer, start_server
