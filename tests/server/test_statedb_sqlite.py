@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
@@ -29,6 +30,22 @@ def test_processes_migrating_one_sqlite_file_at_once_all_succeed(tmp_path: Path)
     finally:
         engine.dispose()
     assert versions == [ScriptDirectory.from_config(db.alembic_config(url)).get_current_head()]
+
+
+def test_the_head_read_from_the_scripts_is_alembics_and_a_migrated_database_skips_alembic(tmp_path: Path) -> None:
+    assert db.script_head() == ScriptDirectory.from_config(db.alembic_config("sqlite://")).get_current_head()
+    url = f"sqlite:///{tmp_path}/state.db"
+    db.upgrade(url)
+    # A start on a database at the head neither takes the schema lock nor imports Alembic (its cost).
+    code = ("import sys; from reddwarf.server import db; db.upgrade(sys.argv[1]); "
+            "print(any(m == 'alembic' or m.startswith('alembic.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    # One that is not at the head is migrated.
+    command.downgrade(db.alembic_config(url), "0005_san")
+    assert db._current_revision(url) == "0005_san"
+    db.upgrade(url)
+    assert db._current_revision(url) == db.script_head()
 
 
 def test_a_multi_host_url_is_split_in_order() -> None:
