@@ -103,5 +103,8 @@ def retry_service_config(several: bool) -> str:
 
 
 def channel_options(endpoint: str) -> Sequence[tuple[str, str | int]]:
-    return [("grpc.enable_retries", 1),
+    # A restarted server is dialled again within 2 s (gRPC's default backoff grows to 120 s): otherwise the
+    # channel would still hold it as failed when the other server goes away next, as in a rolling restart.
+    return [("grpc.enable_retries", 1), ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.service_config", retry_service_config(len(split_endpoints(endpoint)) > 1))]

@@ -75,7 +75,9 @@ def test_the_gateway_with_two_servers_keeps_answering_when_one_stops(pair: Pair,
             assert len(codes) > 10 and set(codes) == {200}, codes
         finally:
             pair.start(0)
-        # And when the other one stops instead, the first (restarted) carries it.
+        # And when the other one stops instead, the first (restarted) carries it, once the gateway's channel has
+        # dialled it again (within its 2 s reconnect backoff).
+        time.sleep(4)
         pair.stop(1)
         try:
             assert all(httpx.get(url, headers=headers, timeout=30).status_code == 200 for _ in range(10))
