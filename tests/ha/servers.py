@@ -45,27 +45,32 @@ class Pair:
 
 @contextmanager
 def two_servers(tmp_path: Path) -> Iterator[Pair]:
+    """Two servers on a fresh database of a real PostgreSQL of their own."""
     if not postgres.available():
         raise RuntimeError("PostgreSQL 15 (Debian's postgresql package) is needed: make setup installs it")
     with postgres.postgres_server() as pg:
         name = f"ha_{uuid.uuid4().hex[:8]}"
         pg.create_database(name)
-        env = {"REDDWARF_DB_URL": pg.url(name)}
-        with start_server(tmp_path, extra_env=env) as first:
-            api2 = f"127.0.0.1:{free_port()}"
-            ports = [(first.agent, first.enroll), (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")]
-            pair = Pair(first, env, [first.api, api2], "", "", [first.proc, first.proc], ports)
-            pair.procs[1] = subprocess.Popen(["true"])  # replaced by start(1)
-            pair.procs[1].wait()
-            try:
-                pair.start(1)
-                with first.channel(first.admin_files) as ch:
-                    admin = admin_pb2_grpc.AdminStub(ch)
-                    pair.tenant = f"t{uuid.uuid4().hex[:8]}"
-                    admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=pair.tenant)))
-                    pair.token = admin.CreateToken(
-                        admin_pb2.CreateTokenRequest(tenant=f"tenants/{pair.tenant}")).secret
-                yield pair
-            finally:
-                for p in pair.procs:
-                    stop_process(p)
+        with servers_on(tmp_path, pg.url(name)) as pair:
+            yield pair
+
+
+@contextmanager
+def servers_on(tmp_path: Path, db_url: str) -> Iterator[Pair]:
+    """Two servers on the state DB at db_url (any the server takes: a multi-host Galera URL too)."""
+    env = {"REDDWARF_DB_URL": db_url}
+    with start_server(tmp_path, extra_env=env) as first:
+        api2 = f"127.0.0.1:{free_port()}"
+        ports = [(first.agent, first.enroll), (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")]
+        pair = Pair(first, env, [first.api, api2], "", "", [first.proc, first.proc], ports)
+        try:
+            pair.start(1)
+            with first.channel(first.admin_files) as ch:
+                admin = admin_pb2_grpc.AdminStub(ch)
+                pair.tenant = f"t{uuid.uuid4().hex[:8]}"
+                admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id=pair.tenant)))
+                pair.token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant=f"tenants/{pair.tenant}")).secret
+            yield pair
+        finally:
+            for p in pair.procs:
+                stop_process(p)
