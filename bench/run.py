@@ -30,6 +30,7 @@ BENCHMARKS = [
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
     ("events_bench", "event history: create→ACTIVE with and without recording"),
     ("migrate_bench", "migration downtime (client-visible gap) vs an in-place restart"),
+    ("ha_bench", "API throughput: one control server vs two (SDK round-robin over both)"),
 ]
 
 
