@@ -3,6 +3,9 @@ them is dead or goes away, and the channel's retry policy covers exactly the cal
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +56,15 @@ def test_the_sdk_with_a_dead_and_a_live_endpoint_works(tmp_path: Path) -> None:
                 for _ in range(6):  # round-robin would land on the dead one by now, were it picked
                     assert rd.list_flavors()
                     assert rd.get_caller().admin
+        # The CLI takes the same list (--endpoint or REDDWARF_ENDPOINT).
+        f = server.client_files
+        env = {**os.environ, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert), "REDDWARF_KEY": str(f.key),
+               "REDDWARF_TOKEN": server.admin_token, "REDDWARF_CONFIG": str(tmp_path / "none.yaml")}
+        out = subprocess.run([sys.executable, "-m", "reddwarf.client.cli", "--json", "--endpoint",
+                              f"{dead},{server.api}", "flavor", "list"], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "small" in out.stdout
 
 
 @pytest.fixture(scope="module")
