@@ -12,6 +12,7 @@ and SeaweedFS launches follow tests/fixtures/galera.py and seaweed.py (tests are
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -163,7 +164,7 @@ def start_galera(p: dict[str, int]) -> None:
         (node_dir(i) / "data").mkdir(exist_ok=True)
         say(f"starting Galera node{i} on 127.0.0.1:{p[f'galera{i}']} (joins by mariabackup SST)")
         spawn(f"galera{i}", ["mariadbd", f"--defaults-file={node_dir(i)}/my.cnf"], cwd=node_dir(i))
-        wait_for(f"Galera node{i}", lambda i=i: synced(i), 300)  # type: ignore[misc]
+        wait_for(f"Galera node{i}", functools.partial(synced, i), 300)
 
 
 def db_url(p: dict[str, int]) -> str:
@@ -245,6 +246,10 @@ def server_env(p: dict[str, int], i: int) -> dict[str, str]:
             "REDDWARF_S3_BUCKET": BUCKET, "REDDWARF_S3_CREDENTIALS_FILE": str(ROOT / "s3-credentials.json")}
 
 
+def answers(stub: admin_pb2_grpc.AdminStub) -> bool:
+    return stub.ListHosts(admin_pb2.ListHostsRequest(), timeout=2) is not None
+
+
 def apis(p: dict[str, int]) -> str:
     return ",".join(f"127.0.0.1:{p[f'server{i}.api']}" for i in range(2))
 
@@ -289,8 +294,7 @@ def up() -> int:
     for i in range(2):
         with sync_channel(f"127.0.0.1:{p[f'server{i}.api']}", admin_files) as ch:
             stub = admin_pb2_grpc.AdminStub(ch)
-            wait_for(f"reddwarf-server {i}",
-                     lambda stub=stub: stub.ListHosts(admin_pb2.ListHostsRequest(), timeout=2) is not None, 120)
+            wait_for(f"reddwarf-server {i}", functools.partial(answers, stub), 120)
     wait_for("hostd", lambda: "reddwarf-hostd ready" in (ROOT / "hostd.log").read_text(errors="replace"), 900)
     with sync_channel(f"127.0.0.1:{p['server0.api']}", admin_files) as ch:
         admin = admin_pb2_grpc.AdminStub(ch)
