@@ -11,7 +11,7 @@ PROTOS := $(wildcard protos/reddwarf/v1/*.proto)
 GEN_STAMP := gen/reddwarf/v1/.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv gen test test-fast demo demo-stop demo-ha demo-ha-stop bench chaos lint clean
+.PHONY: setup apt venv gen test test-fast demo demo-stop demo-fleet demo-fleet-stop demo-ha demo-ha-stop bench chaos lint clean
 
 setup: apt venv gen $(VENV)/.installed
 
@@ -54,6 +54,14 @@ demo: setup
 
 demo-stop:
 	$(PY) -m reddwarf.client.demo down
+
+# A fleet instead of one host: two compute hosts and a SAN node, each in its own network namespace on a bridge
+# the demo makes, and an instance whose datadir is an iSCSI LUN (clients/demo_fleet.py). `make demo` stays the default.
+demo-fleet: setup
+	$(PY) -m reddwarf.client.demo_fleet up
+
+demo-fleet-stop:
+	$(PY) -m reddwarf.client.demo_fleet down
 
 # Three Galera nodes, SeaweedFS, two servers, a hostd and an instance (clients/demo_ha.py).
 demo-ha: setup

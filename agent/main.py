@@ -39,14 +39,14 @@ from reddwarf.v1 import agent_pb2, agent_pb2_grpc
 from .commands import CommandRunner
 from .datastore import DatastoreDriver
 from .logs import rotate_loop
-from .stream import AgentStream, StreamSettings
+from .stream import AgentStream, StreamSettings, endpoints
 
 log = logging.getLogger("reddwarf.agent")
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    server_address: str
+    server_address: str  # "host:port", or every server's agent endpoint comma-separated
     ca_pem_path: str
     instance_id: str
     enrollment_token: str = ""
@@ -89,11 +89,15 @@ async def enroll(cfg: AgentConfig) -> TlsFiles:
             return files
     if not cfg.enrollment_token:
         raise SystemExit("no certificate and no enrollment token: cannot join the server")
-    address = cfg.enroll_address or cfg.server_address
+    # Several servers: any of them enrolls us (the token is in the shared state DB); a dead one is skipped.
+    addresses = endpoints(cfg.enroll_address or cfg.server_address)
+    attempt = 0
     key_pem, csr_pem = make_key_and_csr(f"instance/{cfg.instance_id}")
     ca_pem = Path(cfg.ca_pem_path).read_bytes()
     delay = 0.5
     while True:
+        address = addresses[attempt % len(addresses)]
+        attempt += 1
         try:
             # Server-only TLS: we verify the server; our one-time token is our credential.
             async with grpc.aio.secure_channel(address, channel_credentials(ca_pem),
@@ -106,9 +110,10 @@ async def enroll(cfg: AgentConfig) -> TlsFiles:
             if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
                               grpc.StatusCode.INVALID_ARGUMENT):
                 raise SystemExit(f"enrollment refused: {exc.code().name}: {exc.details()}") from None
-            log.warning("enrollment failed, retrying", extra={"code": exc.code().name})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 15)
+            log.warning("enrollment failed, retrying", extra={"code": exc.code().name, "server": address})
+            if attempt % len(addresses) == 0:  # every server tried: back off before the next round
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15)
     _write_private(files.key, key_pem)
     _write_private(files.cert, resp.certificate_pem.encode())
     log.info("enrolled", extra={"instance": cfg.instance_id})
@@ -183,9 +188,16 @@ async def renew_certificate(cfg: AgentConfig, files: TlsFiles, force: bool = Fal
     if not force and not renewal_due(files.cert.read_bytes(), cfg.renew_fraction):
         return False
     key_pem, csr_pem = make_key_and_csr(f"instance/{cfg.instance_id}")
-    async with aio_channel(cfg.server_address, files) as ch:
-        resp = await agent_pb2_grpc.AgentGatewayStub(ch).RenewCertificate(
-            agent_pb2.RenewCertificateRequest(csr_pem=csr_pem.decode()), timeout=30)
+    addresses = endpoints(cfg.server_address)
+    for n, address in enumerate(addresses):
+        try:
+            async with aio_channel(address, files) as ch:
+                resp = await agent_pb2_grpc.AgentGatewayStub(ch).RenewCertificate(
+                    agent_pb2.RenewCertificateRequest(csr_pem=csr_pem.decode()), timeout=30)
+            break
+        except grpc.aio.AioRpcError as exc:  # a server that is down: any other signs as well
+            if exc.code() != grpc.StatusCode.UNAVAILABLE or n == len(addresses) - 1:
+                raise
     cert_pem = resp.certificate_pem.encode()
     check_renewed(files, cfg.instance_id, key_pem, cert_pem)
     install_renewed(files, key_pem, cert_pem)

@@ -6,6 +6,12 @@ carry ids and their results are kept on disk (agent/results.py), so a command re
 (or a restarted agent) is answered from the record instead of acting twice. Root passwords are never kept:
 a replayed EnableRoot answers FAILED_PRECONDITION rather than resetting the password a second time.
 
+Several servers: `server_address` may list every server's agent endpoint, comma-separated. The agent
+starts at a random one (so a fleet spreads over the servers), and when its stream ends or a dial fails it
+moves to the next one at once, with a short jittered pause; only after every endpoint failed in a row does
+the exponential backoff (with full jitter) grow. Every endpoint presents a `server/*` certificate of the
+same CA, which is what the channel checks, whatever address was dialled.
+
 After the agent renewed its certificate (agent/main.py), `reconnect()` ends the stream once no command is
 running (a backup upload or download runs on the stream's channel) and the next session dials with the
 new certificate files.
@@ -38,6 +44,16 @@ log = logging.getLogger("reddwarf.agent.stream")
 AGENT_VERSION = "1"
 
 
+def endpoints(addresses: str) -> list[str]:
+    """The server endpoints of a comma-separated list, in order, without blanks or repeats."""
+    out: list[str] = []
+    for item in addresses.split(","):
+        item = item.strip()
+        if item and item not in out:
+            out.append(item)
+    return out
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     server_address: str
@@ -68,6 +84,10 @@ class AgentStream:
         self._welcomed = False
         self._cycle = asyncio.Event()  # reconnect() asked for a new session (renewed certificate)
         self._cycling = False
+        self._recycled = False
+        self.endpoints = endpoints(settings.server_address) or [settings.server_address]
+        self._at = random.randrange(len(self.endpoints))  # the endpoint the next session dials
+        self.server = self.endpoints[self._at]            # the one the current (or last) session used
 
     def reconnect(self) -> None:
         """Ends the current session as soon as no command is running; the next one reads the TLS files
@@ -153,6 +173,7 @@ class AgentStream:
             await asyncio.sleep(0.5)
         self._cycle.clear()
         self._cycling = True
+        self._recycled = True  # the same server again: only the certificate changed
         self.log.info("reconnecting with the renewed certificate")
         call.cancel()
 
@@ -171,7 +192,8 @@ class AgentStream:
         # This session dials with the TLS files as they are now: a renewal installed before this point
         # needs no further reconnect.
         self._cycle.clear()
-        async with aio_channel(self.s.server_address, self.s.tls) as channel:
+        self.server = self.endpoints[self._at]
+        async with aio_channel(self.server, self.s.tls) as channel:
             stub = agent_pb2_grpc.AgentGatewayStub(channel)
             self._wire_backups(stub)
             call = stub.Connect(outgoing())
@@ -186,7 +208,7 @@ class AgentStream:
                         self._welcomed = True
                         every = msg.welcome.heartbeat_seconds or self.s.heartbeat_seconds
                         heartbeat = asyncio.create_task(self._heartbeats(every))
-                        self.log.info("connected", extra={"server": self.s.server_address})
+                        self.log.info("connected", extra={"server": self.server})
                         for cid in msg.welcome.pending_command_ids:
                             done = self.results.get(cid)
                             if done is not None:
@@ -227,6 +249,7 @@ class AgentStream:
 
     async def run_forever(self) -> None:
         delay = self.s.backoff_initial
+        failed_in_a_row = 0
         while not self._stop.is_set():
             self._welcomed = False
             try:
@@ -240,6 +263,21 @@ class AgentStream:
                 self.log.warning("stream error", extra={"error": str(exc)})
             if self._welcomed:
                 delay = self.s.backoff_initial  # it was up: the next try starts from the shortest wait
+                failed_in_a_row = 0
+            else:
+                failed_in_a_row += 1
+            recycled, self._recycled = self._recycled, False
+            if len(self.endpoints) > 1 and not recycled:
+                # Another server next: the one we had is gone (or refused us).
+                self._at = (self._at + 1) % len(self.endpoints)
+                if failed_in_a_row < len(self.endpoints):
+                    # Not every server failed yet: try the next one almost at once (jittered, so the
+                    # guests of a dead server do not arrive at the next in one burst).
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(),
+                                               timeout=random.uniform(0, self.s.backoff_initial))
+                    continue
+                failed_in_a_row = 0
             # Exponential backoff with full jitter: a restarted server is not stampeded by every guest.
             sleep = random.uniform(0, delay)
             delay = min(self.s.backoff_max, delay * 2)

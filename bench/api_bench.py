@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import subprocess
 import sys
 import tempfile
@@ -131,14 +132,19 @@ def main() -> int:
           f"every call), {a.rounds} interleaved rounds of {a.seconds:.0f} s per path, the same run. The baseline "
           "is a bare grpc.aio server in its own process on the same TLS files answering GetFlavor with a "
           "constant.\n")
-    print("| path | requests/s (mean of rounds) | rounds | p50 | p99 | share of baseline |")
-    print("|---|---|---|---|---|---|")
-    base = sum(r for r, _ in next(iter(results.values()))) / a.rounds
+    print("| path | requests/s (mean of rounds) | rounds | p50 | p99 | share of baseline (mean) | per round |")
+    print("|---|---|---|---|---|---|---|")
+    base_runs = next(iter(results.values()))
+    base = sum(r for r, _ in base_runs) / a.rounds
     for name, runs in results.items():
         rps = sum(r for r, _ in runs) / len(runs)
         lat = sorted(x for _, ls in runs for x in ls)
         spread = " / ".join(f"{r:,.0f}" for r, _ in runs)
-        print(f"| {name} | {rps:,.0f} | {spread} | {pct(lat, .5)} | {pct(lat, .99)} | {100 * rps / base:.0f}% |")
+        # Each round's path against the same round's baseline: the machine's load moves between rounds.
+        per_round = " / ".join(f"{100 * r / b:.0f}%" for (r, _), (b, _) in zip(runs, base_runs, strict=True))
+        print(f"| {name} | {rps:,.0f} | {spread} | {pct(lat, .5)} | {pct(lat, .99)} | {100 * rps / base:.0f}% "
+              f"| {per_round} |")
+    print(f"\nMachine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (shared).")
     return 0
 
 

@@ -22,6 +22,7 @@ BENCHMARKS = [
     ("api_bench", "unary API (GetFlavor, GetInstance) vs a bare grpc.aio server"),
     ("list_bench", "ListInstances paging over 10,000 instances on SQLite and MariaDB"),
     ("gateway_bench", "REST gateway overhead vs gRPC"),
+    ("watch_bench", "create→ACTIVE with and without 1,000 WatchInstance watchers"),
     ("isolation_bench", "noisy neighbour and container vs bare"),
     ("chaos_bench", "seeded random kills: convergence and lost rows"),
     ("enroll_bench", "time to enroll a host over SSH"),
@@ -30,6 +31,8 @@ BENCHMARKS = [
     ("san_bench", "MySQL on an iSCSI SAN volume vs a loop volume"),
     ("events_bench", "event history: create→ACTIVE with and without recording"),
     ("migrate_bench", "migration downtime (client-visible gap) vs an in-place restart"),
+    ("hostloss_bench", "host loss to ACTIVE elsewhere (1 and 5 SAN instances) vs MigrateInstance of the same"),
+    ("reconnect_bench", "reconnect of 200 agents after a server dies vs their first connect"),
     ("ha_bench", "API throughput: one control server vs two (SDK round-robin over both)"),
 ]
 
@@ -43,7 +46,7 @@ def existing_sections(path: str) -> dict[str, str]:
         return {}
     out = {}
     for chunk in ("\n" + text).split("\n## ")[1:]:
-        m = re.search(r"python -m bench\.(\w+)`", chunk)
+        m = re.search(r"python -m bench\.(\w+)[^`]*`", chunk)
         if m:
             out[m.group(1)] = "## " + chunk.strip() + "\n"
     return out

@@ -808,7 +808,7 @@ HOST_COLS: list[Column] = [
     ("state", lambda h: enum_name(h, "state")), ("volume driver", lambda h: h.volume_driver),
     ("memory MB", lambda h: f"{h.capacity.memory_mb_allocated}/{h.capacity.memory_mb_total}"),
     ("storage GB", lambda h: f"{h.capacity.storage_gb_allocated}/{h.capacity.storage_gb_total}"),
-    ("instances", lambda h: len(h.instances))]
+    ("instances", lambda h: len(h.instances)), ("iscsi portal", lambda h: h.iscsi_portal)]
 HOST_FIELDS: list[Column] = [
     ("id", lambda h: h.id), ("address", lambda h: h.address), ("mode", lambda h: h.mode),
     ("state", lambda h: enum_name(h, "state")),
@@ -867,7 +867,8 @@ def host_enroll(host_id: str = typer.Argument(..., metavar="NAME", help="The new
 @host_app.command("list")
 @output_options
 def host_list() -> None:
-    """Every host: state, memory and storage (allocated/total) and how many instances it runs."""
+    """Every host: mode, state, memory and storage (allocated/total), how many instances it runs, and a SAN
+    node's iSCSI portal."""
     run(lambda: emit(client().list_hosts(), HOST_COLS))
 
 

@@ -3,7 +3,8 @@
 The agreed file format (the agent engineer reads exactly this):
 
   /etc/reddwarf/agent.json   mode 0600, root-owned, a JSON object with keys
-      server_address     str   the control server's agent endpoint, "host:port"
+      server_address     str   the control server's agent endpoint, "host:port"; with several servers
+                               every server's, comma-separated (the agent dials any, moves when it dies)
       ca_pem_path        str   "/etc/reddwarf/ca.pem" (the deployment CA, PEM, mode 0644)
       enrollment_token   str   one-time token; the agent makes its own key and sends a CSR with it
       instance_id        str   the instance uuid this agent serves

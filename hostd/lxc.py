@@ -307,6 +307,8 @@ class LxcDriver(ContainerDriver):
             self._published.clear()
 
     def _reach(self, address: str) -> str:
+        if "," in address:  # every server's endpoint (several servers): each made reachable
+            return ",".join(self._reach(a.strip()) for a in address.split(",") if a.strip())
         if address not in self._published:
             self._published[address] = self.bridge.reach_host_service(address)
         return self._published[address]

@@ -14,6 +14,10 @@ heartbeat_flood_burst refilled at twice the configured rate), ends the stream wi
 Renewal: an agent renews its own certificate over this port (RenewCertificate, mTLS with its current,
 unrevoked instance certificate); the new one names the caller's id from its verified certificate, never
 anything the request says, and is recorded like enrollment's. At most RENEWALS_PER_DAY per instance.
+
+Several servers (server/cluster.py): with a ClusterLink the registry records each stream it holds in the
+state DB and posts every command to the relay as well as sending it on a stream it holds, so a guest whose
+stream is on another server (now, or after it moved mid-command) is reached through that server.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from reddwarf.common.errors import (
     DeadlineExceeded,
@@ -44,6 +48,9 @@ from reddwarf.common.tls import peer_identity
 from reddwarf.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 from .app import Context
+
+if TYPE_CHECKING:
+    from .cluster import ClusterLink
 
 log = logging.getLogger("reddwarf.server.agents")
 
@@ -66,6 +73,8 @@ class _Conn:
     counted_at: float = field(default_factory=time.monotonic)
     # Why the server ended the stream, sent to the agent as its status.
     error: RedDwarfError | None = None
+    attached_at: float = field(default_factory=time.monotonic)
+    claim: str = ""  # its row in agent_streams (several servers)
 
 
 @dataclass
@@ -91,7 +100,11 @@ class AgentRegistry:
                  on_silent: Callable[[str], Awaitable[None]] | None = None,
                  is_revoked: Callable[[int], bool] = lambda serial: False,
                  heartbeat_seconds: int = 5, heartbeat_expiry: float = 20.0,
-                 heartbeat_max_bytes: int = 64 * 1024, heartbeat_flood_burst: int = 20) -> None:
+                 heartbeat_max_bytes: int = 64 * 1024, heartbeat_flood_burst: int = 20,
+                 cluster: ClusterLink | None = None) -> None:
+        self.cluster = cluster
+        if cluster is not None:
+            cluster.agents = self
         self.on_health = on_health
         self.on_silent = on_silent
         self.is_revoked = is_revoked
@@ -106,10 +119,12 @@ class AgentRegistry:
         self._health: dict[str, common_pb2.GuestHealth] = {}
         self._silent_reported: set[str] = set()
         self._gone_since: dict[str, float] = {}
+        self._releases: set[asyncio.Task[None]] = set()
 
     # -- used by the rest of the server ----------------------------------------------------------
     def is_connected(self, instance_id: str) -> bool:
-        return instance_id in self._conns
+        """Connected to this server or (several servers) to a live other one."""
+        return instance_id in self._conns or (self.cluster is not None and instance_id in self.cluster.remote)
 
     def last_health(self, instance_id: str) -> common_pb2.GuestHealth | None:
         return self._health.get(instance_id)
@@ -124,8 +139,18 @@ class AgentRegistry:
             return conn.hello
         fut: asyncio.Future[agent_pb2.Hello] = asyncio.get_running_loop().create_future()
         self._hello_waiters.setdefault(instance_id, []).append(fut)
+        deadline = time.monotonic() + timeout
         try:
-            return await asyncio.wait_for(fut, timeout)
+            while True:
+                remote = self.cluster.remote.get(instance_id) if self.cluster is not None else None
+                if remote is not None:
+                    return remote.hello  # it said hello to another server
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                done, _ = await asyncio.wait({fut}, timeout=left if self.cluster is None else min(left, 0.25))
+                if done:
+                    return fut.result()
         except TimeoutError:
             raise DeadlineExceeded(f"the guest agent of {instance_id} did not connect within {timeout:.0f}s",
                                    field="instance") from None
@@ -146,10 +171,24 @@ class AgentRegistry:
             raise InvalidArgument("command id already used for another instance", field="command_id")
         fut: asyncio.Future[agent_pb2.CommandResult] = asyncio.get_running_loop().create_future()
         self._pending[cid] = _Pending(instance_id, command, fut, on_progress)
+        asked = False
+        try:
+            if self.cluster is not None:
+                # Posted even when the stream is here: the guest may move to another server before it
+                # answers, and that server then sends it again from the relay.
+                relayed = await self.cluster.ask(instance_id, command, on_progress)
+                asked = True
+                def settle(f: asyncio.Future[agent_pb2.CommandResult]) -> None:
+                    if not fut.done() and not f.cancelled():
+                        fut.set_result(f.result())
+                relayed.add_done_callback(settle)
+        except Exception:
+            self._pending.pop(cid, None)
+            raise
         conn = self._conns.get(instance_id)
         if conn is not None:
             await conn.outbox.put(agent_pb2.ServerMessage(command=command))
-        else:
+        elif not self.is_connected(instance_id):
             self._gone_since.setdefault(instance_id, time.monotonic())
         # else: sent when the agent (re)connects, if it does before the deadline
         try:
@@ -162,6 +201,8 @@ class AgentRegistry:
                                    f"{command.WhichOneof('command')} within {timeout:.0f}s", field="instance") from None
         finally:
             self._pending.pop(cid, None)
+            if asked and self.cluster is not None:
+                await self.cluster.done_asking(cid)
         err = from_status_pb(result.status)
         if err is not None:
             raise err
@@ -179,6 +220,10 @@ class AgentRegistry:
             done, _ = await asyncio.wait({fut}, timeout=min(1.0, left))
             if done:
                 return fut.result()
+            if self.is_connected(instance_id):
+                self._gone_since.pop(instance_id, None)
+            else:
+                self._gone_since.setdefault(instance_id, time.monotonic())
             since = self._gone_since.get(instance_id)
             if since is not None and time.monotonic() - since > grace:
                 raise Unavailable(f"the guest agent of {instance_id} went away during the command", field="instance")
@@ -197,7 +242,44 @@ class AgentRegistry:
                             await self.on_silent(iid)
 
     def disconnect(self, instance_id: str) -> None:
-        """Drops an instance's stream (e.g. its certificate was revoked at delete)."""
+        """Drops an instance's stream (e.g. its certificate was revoked at delete), on whichever server."""
+        if self.cluster is not None:
+            self.cluster.forget(instance_id)
+        self.drop_local(instance_id)
+
+    # -- used by server/cluster.py ---------------------------------------------------------------
+    def local_ids(self) -> list[str]:
+        return list(self._conns)
+
+    def attached_at(self, instance_id: str) -> float | None:
+        conn = self._conns.get(instance_id)
+        return None if conn is None else conn.attached_at
+
+    async def call_local(self, instance_id: str, command: agent_pb2.Command,
+                         on_progress: Callable[[agent_pb2.Progress], Awaitable[None]]
+                         ) -> agent_pb2.CommandResult | None:
+        """Sends another server's command on the stream held here; None when the guest left this server
+        before it answered (the server it went to sends the command again)."""
+        cid = command.command_id
+        conn = self._conns.get(instance_id)
+        if conn is None or cid in self._pending:
+            return None
+        fut: asyncio.Future[agent_pb2.CommandResult] = asyncio.get_running_loop().create_future()
+        mine = _Pending(instance_id, command, fut, on_progress)
+        self._pending[cid] = mine
+        try:
+            await conn.outbox.put(agent_pb2.ServerMessage(command=command))
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=1.0)
+                if done:
+                    return fut.result()
+                if self._conns.get(instance_id) is not conn or self._pending.get(cid) is not mine:
+                    return None  # the guest left, or this server now asks the same command itself
+        finally:
+            if self._pending.get(cid) is mine:
+                del self._pending[cid]
+
+    def drop_local(self, instance_id: str) -> None:
         conn = self._conns.pop(instance_id, None)
         if conn is not None:
             conn.outbox.put_nowait(None)
@@ -207,6 +289,10 @@ class AgentRegistry:
 
     # -- used by the servicer --------------------------------------------------------------------
     async def _attach(self, conn: _Conn) -> None:
+        if self.cluster is not None:
+            # Recorded before the stream counts here: the relay then finds it, and its previous holder
+            # (the agent moved) drops its own.
+            conn.claim = await self.cluster.claim(conn.instance_id, conn.hello)
         old = self._conns.get(conn.instance_id)
         if old is not None:
             old.outbox.put_nowait(None)  # a newer stream of the same agent wins
@@ -230,6 +316,10 @@ class AgentRegistry:
             del self._conns[conn.instance_id]
             self._gone_since[conn.instance_id] = time.monotonic()
             log.info("guest disconnected", extra={"instance": conn.instance_id})
+        if self.cluster is not None and conn.claim:
+            self._releases.add(asyncio.get_running_loop().create_task(
+                self.cluster.release(conn.instance_id, conn.claim)))
+            self._releases = {t for t in self._releases if not t.done()}
 
     async def _record_health(self, instance_id: str, health: common_pb2.GuestHealth) -> None:
         """Keeps the newest report in memory; writes it to the state at most once per heartbeat interval

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from reddwarf.agent import sandbox
@@ -48,7 +48,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.states import BackupStatus, HostState, InstanceStatus, VerifyStatus
 from reddwarf.v1 import agent_pb2, common_pb2, database_pb2, database_pb2_grpc, host_pb2
 
-from . import models, tags, tasks
+from . import db, models, tags, tasks
 from .agents import AgentRegistry
 from .app import App, Context
 from .auth import current_principal
@@ -590,37 +590,51 @@ async def schedule_loop(app: App, store: BackupStore, engine: tasks.TaskEngine, 
 def take_scheduled_backups(app: App) -> int:
     """Submits the due schedules' backups, under the same quotas as CreateBackup: a run over quota takes
     no backup and leaves its fault on the schedule (GetBackupSchedule shows it). Returns how many."""
+    return db.run_transaction(app.sessions, _take_due)
+
+
+def _take_due(s: Session) -> int:
     taken = 0
-    with app.sessions() as s, s.begin():
-        due = s.scalars(select(models.BackupSchedule).where(models.BackupSchedule.next_run.is_not(None),
-                                                            models.BackupSchedule.next_run <= now())).all()
-        for sch in due:
-            inst = s.get(models.Instance, sch.instance_id)
-            sch.next_run = now() + dt.timedelta(seconds=sch.interval_seconds)
-            if inst is None or inst.deleted_at is not None or inst.status != InstanceStatus.ACTIVE \
-                    or tasks.active_task_for(s, f"instances/{inst.id}") is not None:
-                continue
-            tenant = s.get(models.Tenant, inst.tenant_id)
-            try:
-                if tenant is None:
-                    raise PermissionDenied(f"tenant {inst.tenant_id!r} does not exist", field="tenant")
-                check_backup_quota(s, tenant)
-            except (ResourceExhausted, PermissionDenied) as err:
-                sch.fault_message, sch.fault_at = f"scheduled backup not taken: {err.message}"[:2000], now()
-                log.warning("scheduled backup refused", extra={"instance": inst.id, "reason": err.message})
-                continue
-            last = s.scalars(select(models.Backup).where(models.Backup.instance_id == inst.id,
-                                                         models.Backup.status == BackupStatus.COMPLETED)
-                             .order_by(models.Backup.created_at.desc())).first()
-            full = last is None or sch.runs % max(1, sch.full_every) == 0
-            row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
-                                display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status=BackupStatus.NEW,
-                                parent_id=None if full or last is None else last.id, kind="full" if full else "incremental",
-                                datastore=inst.datastore, datastore_version=inst.datastore_version)
-            s.add(row)
-            s.flush()
-            tasks.submit(s, "create_backup", f"instances/{inst.id}", {"backup_id": row.id})
-            sch.runs += 1
-            sch.fault_message, sch.fault_at = "", None
-            taken += 1
+    due = s.scalars(select(models.BackupSchedule).where(models.BackupSchedule.next_run.is_not(None),
+                                                        models.BackupSchedule.next_run <= now())).all()
+    for sch in due:
+        # Once across every server: the run is claimed by moving next_run on from the value read, in
+        # one conditional UPDATE. A server that read the same value concurrently updates nothing (it
+        # waits for our row lock, then finds next_run moved; on Galera the loser's commit conflicts
+        # and its retry reads the new value).
+        claimed = s.execute(update(models.BackupSchedule)
+                            .where(models.BackupSchedule.instance_id == sch.instance_id,
+                                   models.BackupSchedule.next_run == sch.next_run)
+                            .values(next_run=now() + dt.timedelta(seconds=sch.interval_seconds))
+                            .execution_options(synchronize_session=False))
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        s.refresh(sch)
+        inst = s.get(models.Instance, sch.instance_id)
+        if inst is None or inst.deleted_at is not None or inst.status != InstanceStatus.ACTIVE \
+                or tasks.active_task_for(s, f"instances/{inst.id}") is not None:
+            continue
+        tenant = s.get(models.Tenant, inst.tenant_id)
+        try:
+            if tenant is None:
+                raise PermissionDenied(f"tenant {inst.tenant_id!r} does not exist", field="tenant")
+            check_backup_quota(s, tenant)
+        except (ResourceExhausted, PermissionDenied) as err:
+            sch.fault_message, sch.fault_at = f"scheduled backup not taken: {err.message}"[:2000], now()
+            log.warning("scheduled backup refused", extra={"instance": inst.id, "reason": err.message})
+            continue
+        last = s.scalars(select(models.Backup).where(models.Backup.instance_id == inst.id,
+                                                     models.Backup.status == BackupStatus.COMPLETED)
+                         .order_by(models.Backup.created_at.desc())).first()
+        full = last is None or sch.runs % max(1, sch.full_every) == 0
+        row = models.Backup(id=str(uuid.uuid4()), tenant_id=inst.tenant_id, instance_id=inst.id,
+                            display_name=f"scheduled {now():%Y-%m-%d %H:%M}", status=BackupStatus.NEW,
+                            parent_id=None if full or last is None else last.id, kind="full" if full else "incremental",
+                            datastore=inst.datastore, datastore_version=inst.datastore_version)
+        s.add(row)
+        s.flush()
+        tasks.submit(s, "create_backup", f"instances/{inst.id}", {"backup_id": row.id})
+        sch.runs += 1
+        sch.fault_message, sch.fault_at = "", None
+        taken += 1
     return taken

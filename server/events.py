@@ -1,5 +1,6 @@
 """Instance change notifications for WatchInstance: anything that may change what a user sees of an
-instance (its row, its task's step or progress, its guest's health) pokes the bus; watchers re-read."""
+instance (its row, its task's step or progress, its guest's health) pokes the bus; watchers re-read.
+Changes made by other servers reach it through server/cluster.py's WatchNotifier, which polls what is watched."""
 from __future__ import annotations
 
 import asyncio
@@ -24,3 +25,7 @@ class EventBus:
         self._subs[instance_id].discard(q)
         if not self._subs[instance_id]:
             del self._subs[instance_id]
+
+    def watched(self) -> list[str]:
+        """The instances someone on this server watches now."""
+        return list(self._subs)

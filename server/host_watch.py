@@ -4,6 +4,9 @@ lost: an evacuate_host task fences it (certificate revoked, initiator out of eve
 else, then evacuates its instances (server/migration.py). An operator can do the same at once with
 Admin.EvacuateHost.
 
+A host back from DOWN (or first seen by this server) is told to drop containers and volumes of instances that
+live elsewhere now (a move it died in the middle of), as the server knows them; see forget_strays.
+
 A fenced host that answers again (it was cut off, not dead) is taken back once its evacuation has ended:
 containers and volumes of instances that now live elsewhere are removed there, the volumes without touching
 their data (keep_data: they are LUNs the new host uses), it gets a new certificate, and it is UP again.
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
@@ -41,6 +44,8 @@ class HostWatch:
     # Silence is counted from when this watch began at the latest: a server that was down itself for a while
     # has old last_seen times that say nothing about the hosts.
     started: dt.datetime | None = None
+    # Hosts whose strays this server has looked for since it started.
+    _checked: set[str] = field(default_factory=set, init=False)
 
     def _hosts(self) -> list[tuple[str, str, str]]:
         with self.app.sessions() as s:
@@ -63,6 +68,15 @@ class HostWatch:
                     await self.rejoin(hid)
                 except Exception as exc:  # noqa: BLE001 - tried again next round
                     log.warning("fenced host could not rejoin yet", extra={"host": hid, "error": str(exc)[:200]})
+            elif state == HostState.DOWN or hid not in self._checked:
+                # Back from an outage (or first seen by this server): what it still runs of instances that
+                # live elsewhere now (a move it died in the middle of) goes.
+                try:
+                    await self.forget_strays(hid)
+                    self._checked.add(hid)
+                except Exception as exc:  # noqa: BLE001 - tried again next round while not checked
+                    log.warning("returning host's strays not removed yet",
+                                extra={"host": hid, "error": str(exc)[:200]})
 
     def _answered(self, hid: str, cap: host_pb2.Capacity) -> None:
         with self.app.sessions() as s, s.begin():
@@ -92,6 +106,41 @@ class HostWatch:
             log.warning("host lost: fencing and evacuating", extra={"host": hid})
             if self.engine is not None:
                 self.engine.wake()
+
+    async def forget_strays(self, hid: str) -> None:
+        """The server tells a host that answers again what it should no longer run: containers and volumes of
+        instances that live on another host now, or are deleted. An instance with a task under way is left to
+        that task (a move to this host may be attaching it right now), and ids the server does not know are
+        not its to judge. Volumes go with keep_data: their LUNs are the new host's."""
+        client = self.hosts.client(hid)
+        listed = await client.ListContainers(host_pb2.ListContainersRequest(), timeout=30)
+        volumes = await client.ListVolumes(host_pb2.ListVolumesRequest(), timeout=30)
+        ids = {c.id for c in listed.containers} | {v.id for v in volumes.volumes}
+
+        def strays() -> set[str]:
+            out = set()
+            with self.app.sessions() as s:
+                for iid in ids:
+                    row = s.get(models.Instance, iid)
+                    # Only what the server knows lives elsewhere (or is deleted): an instance that lost its
+                    # host (a failed create) is its delete's to clean up.
+                    if row is None or not (row.deleted_at is not None or (row.host_id and row.host_id != hid)):
+                        continue
+                    if tasks.active_task_for(s, f"instances/{iid}") is not None:
+                        continue
+                    out.add(iid)
+            return out
+        gone = await asyncio.to_thread(strays)
+        for c in listed.containers:
+            if c.id in gone:
+                with contextlib.suppress(NotFound):
+                    await client.DeleteContainer(host_pb2.ContainerRef(id=c.id), timeout=300)
+                log.warning("stray container removed from a returning host", extra={"host": hid, "instance": c.id})
+        for v in volumes.volumes:
+            if v.id in gone:
+                with contextlib.suppress(NotFound):
+                    await client.DeleteVolume(host_pb2.DeleteVolumeRequest(id=v.id, keep_data=True), timeout=120)
+                log.warning("stray volume let go on a returning host", extra={"host": hid, "instance": v.id})
 
     async def rejoin(self, hid: str) -> None:
         """A fenced host answers again: once its evacuation has ended, it gives up what lives elsewhere now,

@@ -3,12 +3,14 @@ state, then the guest's heartbeat: a silent guest is SHUTDOWN, not ACTIVE; a sto
 the Instance message, and the ownership check every instance-scoped call starts with."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
 from sqlalchemy import bindparam, func, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from reddwarf.common import states
 from reddwarf.common.clock import now as utcnow
@@ -19,6 +21,7 @@ from reddwarf.v1 import common_pb2, database_pb2
 from . import models, tasks
 from .auth import Principal
 from .catalog import resource_id, ts
+from .readcache import ReadCache
 
 # The status an instance shows while a task of that kind runs on it.
 TASK_STATUS = {"create_instance": InstanceStatus.BUILD, "delete_instance": InstanceStatus.DELETING,
@@ -171,3 +174,72 @@ def instance_pbs(s: Session, rows: list[models.Instance], heartbeat_expiry: floa
     """The views of many instances with two queries in all (not two per instance)."""
     rel = related(s, [r.id for r in rows])
     return [instance_pb(s, r, heartbeat_expiry, rel) for r in rows]
+
+
+# -- the cached view (GetInstance, WatchInstance) ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class View:
+    """One instance's view as its owner sees it, with what the ownership check needs."""
+    tenant_id: str
+    deleted: bool
+    pb: database_pb2.Instance  # shared by every caller served from the cache: never modified
+    keep_seconds: float        # until the clock alone would change it (a heartbeat falls due); inf: never
+    key: bytes = b""           # pb serialized deterministically: WatchInstance's "did it change", made once
+
+
+def view_keys(obj: Any) -> Iterable[str] | None:
+    """The instances whose view a change to `obj` (an Instance, Task or InstanceConfiguration) may change:
+    exactly what instance_pb reads of them (the row, the tasks on `instances/<id>`, the configuration binding)."""
+    if isinstance(obj, models.Instance):
+        return (obj.id,)
+    if isinstance(obj, models.Task):
+        return (obj.resource.removeprefix("instances/"),) if (obj.resource or "").startswith("instances/") else ()
+    if isinstance(obj, models.InstanceConfiguration):
+        return (obj.instance_id,)
+    return None
+
+
+class InstanceViews:
+    """Instance views read through a ReadCache keyed by instance id (server/readcache.py). How stale an entry
+    may be:
+    - on this server never: every commit through its sessions that touches an instance's row, its tasks or its
+      configuration binding drops that instance's entry at commit (a task engine's UPDATE statement on the
+      tasks table drops every entry), before any WatchInstance is poked;
+    - a status derived from the clock (a guest whose heartbeat falls due turns SHUTDOWN) is kept only until
+      that moment;
+    - a change committed by another server sharing the state DB is seen within `ttl` seconds
+      (`instance_cache_seconds`, 1 s by default; 0 turns the cache off).
+    The ownership check runs on every call, cached or not: another tenant's instance is NOT_FOUND."""
+
+    def __init__(self, sessions: sessionmaker[Session], ttl: float, heartbeat_expiry: float) -> None:
+        self.sessions, self.heartbeat_expiry = sessions, heartbeat_expiry
+        self.cache: ReadCache[str, View] = ReadCache(
+            ttl, sessions, (models.Instance, models.Task, models.InstanceConfiguration), keys_of=view_keys)
+
+    def _load(self, iid: str, field: str) -> View:
+        with self.sessions() as s:
+            row = s.get(models.Instance, iid)
+            if row is None:
+                raise NotFound(f"instance {iid!r} does not exist", field=field)
+            keep = math.inf
+            if row.health_at is not None:
+                due = (row.health_at - utcnow()).total_seconds() + self.heartbeat_expiry
+                keep = due if due > 0 else math.inf  # already due: only a write (a new heartbeat) changes it
+            pb = instance_pb(s, row, self.heartbeat_expiry)
+            return View(row.tenant_id, row.deleted_at is not None, pb, keep, pb.SerializeToString(deterministic=True))
+
+    def view(self, principal: Principal, name: str, field: str = "name") -> View:
+        """The view of the caller's instance of that name, deleted or not (WatchInstance's last event)."""
+        iid = resource_id(name, "instances", field)
+        v = self.cache.get(iid, lambda: self._load(iid, field), lambda v: v.keep_seconds)
+        if not principal.admin and v.tenant_id != principal.tenant_id:
+            raise NotFound(f"instance {iid!r} does not exist", field=field)
+        return v
+
+    def get(self, principal: Principal, name: str, field: str = "name") -> database_pb2.Instance:
+        """GetInstance: the caller's live instance's view (owned_instance's rules: deleted is NOT_FOUND)."""
+        v = self.view(principal, name, field)
+        if v.deleted:
+            raise NotFound(f"instance {resource_id(name, 'instances', field)!r} does not exist", field=field)
+        return v.pb

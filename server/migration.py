@@ -126,6 +126,13 @@ def submit_migration(s: Session, iid: str, host: str, field: str = "host",
             field="instance")
     if not row.host_id:
         raise FailedPrecondition(f"instance {iid} is on no host", field="instance")
+    san = s.get(models.Host, row.storage_host_id)
+    if san is None or san.state != HostState.UP:
+        # Checked before anything stops: with the SAN node away the volume could be let go on the source
+        # but attached nowhere, the instance down until it returns.
+        raise FailedPrecondition(f"SAN node {row.storage_host_id} holding instance {iid}'s volume is "
+                                 f"{san.state.upper() if san is not None else 'not registered'}; the volume "
+                                 "cannot be attached anywhere until it is UP", field="instance")
     current = flavor or s.get(models.Flavor, row.flavor_id)
     memory_mb = current.memory_mb if current is not None else 0
     if host:
@@ -404,6 +411,17 @@ class Migrations:
         row = self.it._row(iid)
         if row.host_id != source:
             return
+        target = str(ctx.params.get("target") or "")
+        if target and target != source:
+            # Whatever the target made of it before the move failed goes (its session is cut off by the ACL
+            # going back to the source anyway). A target that is away is told when it answers again
+            # (HostWatch.forget_strays).
+            tc = self.it.hosts.client(target)
+            with contextlib.suppress(Exception):
+                with contextlib.suppress(NotFound):
+                    await tc.DeleteContainer(host_pb2.ContainerRef(id=iid), timeout=30)
+                with contextlib.suppress(NotFound):
+                    await tc.DeleteVolume(host_pb2.DeleteVolumeRequest(id=iid, keep_data=True), timeout=30)
         client = self.it.hosts.client(source)
         try:
             await client.GetContainer(host_pb2.ContainerRef(id=iid))

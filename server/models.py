@@ -321,3 +321,37 @@ class Event(Base):
     status: Mapped[str] = mapped_column(String(64), default="")
     previous_status: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class AgentStream(Base):
+    """Which server holds each guest agent's stream now (server/cluster.py): a server that needs the guest
+    and does not hold its stream relays the command through agent_relay to the one that does."""
+    __tablename__ = "agent_streams"
+    instance_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    server_name: Mapped[str] = mapped_column(String(128), index=True)
+    # A fresh token per stream: a server letting go of a stream deletes only its own claim, never a newer one.
+    claim: Mapped[str] = mapped_column(String(64), default="")
+    # The agent's Hello (serialized), so a server waiting for it on another server gets the same answer.
+    hello: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    connected_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class AgentRelay(Base):
+    """A command one server asked of a guest whose stream another server holds; the holder sends it and
+    writes the progress and result back here (server/cluster.py)."""
+    __tablename__ = "agent_relay"
+    command_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(36), index=True)
+    origin: Mapped[str] = mapped_column(String(128))
+    command: Mapped[bytes] = mapped_column(LargeBinary)
+    progress: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    result: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ServerMember(Base):
+    """The servers of a deployment and when each last said it was alive (server/cluster.py)."""
+    __tablename__ = "servers"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    agent_address: Mapped[str] = mapped_column(String(255), default="")
+    seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -28,6 +28,7 @@ from .app import App
 from .auth import certificate_revoked, serial_hex
 from .backup_store import BackupStore
 from .backups import Backups, BackupSink, BackupsServicer, schedule_loop
+from .cluster import ClusterLink, RevocationSync, WatchNotifier
 from .configurations import ConfigurationsServicer
 from .enrollment import Enrollment
 from .events import EventBus
@@ -61,9 +62,18 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
 
     def is_revoked(serial: int) -> bool:
         return certificate_revoked(app.sessions, serial)
+    link = None
+    notifier: WatchNotifier | None = None
+    if st.clustered:  # several servers over this state DB: streams recorded, commands relayed
+        link = ClusterLink(app.sessions, st.name, st.agent_public_address, poll_seconds=st.cluster_poll_seconds,
+                           member_expiry=st.cluster_member_expiry_seconds)
+        link.start()
+        notifier = WatchNotifier(app.sessions, events)
+        wiring.background += [link.run, notifier.run, RevocationSync(app.sessions, app.ca).run]
     registry = AgentRegistry(on_health=guests.on_health, on_silent=guests.on_silent, is_revoked=is_revoked,
                              heartbeat_seconds=st.heartbeat_seconds, heartbeat_expiry=st.heartbeat_expiry_seconds,
-                             heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst)
+                             heartbeat_max_bytes=st.heartbeat_max_bytes, heartbeat_flood_burst=st.heartbeat_flood_burst,
+                             cluster=link)
     wiring.metrics.agents = registry  # live guest health and stream count, read at scrape time
     backups = Backups(app, store, registry, hosts)
     backups.clear_scratch()  # what a killed server left of a scratch restore
@@ -87,13 +97,18 @@ def register(app: App, paginator: Paginator, hosts: HostPool, store: BackupStore
     for kind in instance_tasks.kinds() + migrations.kinds() + migrations.evacuation_kinds() + backups.kinds():
         engine.register(kind)
 
+    instances = InstancesServicer(app, engine, events, registry, sealer, paginator)
+    if notifier is not None:
+        # A change another server made: this server's cached view of the instance goes before its watchers
+        # are poked, so they read the change rather than a view cached before it.
+        notifier.on_change = lambda iid: instances.views.cache.invalidate([iid])
     db = database_pb2.DESCRIPTOR
     wiring.api += [
         (configuration_pb2_grpc.add_ConfigurationsServicer_to_server,
          ConfigurationsServicer(app, registry, events, paginator),
          full_name(configuration_pb2.DESCRIPTOR, "Configurations")),
         (database_pb2_grpc.add_InstancesServicer_to_server,
-         InstancesServicer(app, engine, events, registry, sealer, paginator), full_name(db, "Instances")),
+         instances, full_name(db, "Instances")),
         (database_pb2_grpc.add_DatabasesServicer_to_server, DatabasesServicer(app, registry),
          full_name(db, "Databases")),
         (database_pb2_grpc.add_UsersServicer_to_server, UsersServicer(app, registry), full_name(db, "Users")),

@@ -58,6 +58,13 @@ class Settings:
     backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
     heartbeat_expiry_seconds: int = 20
+    # Several servers on one state DB (server/cluster.py): "auto" turns the stream registry, the command
+    # relay and the cross-server WatchInstance on for every state DB but SQLite; "on" / "off" force it.
+    # Each server needs its own `name`. Guests get agent_public_address, which may list every server's
+    # agent endpoint ("s1:8780,s2:8780"): they dial any and move to another when theirs goes away.
+    cluster: str = "auto"
+    cluster_poll_seconds: float = 0.25
+    cluster_member_expiry_seconds: float = 10.0
     # A guest's heartbeats reach the state DB at most once per heartbeat_seconds (the excess is coalesced);
     # one larger than heartbeat_max_bytes ends its stream, and so does a flood: more than
     # heartbeat_flood_burst heartbeats beyond twice the configured rate.
@@ -99,6 +106,9 @@ class Settings:
     auth_cache_seconds: float = 1.0
     # The same bound for flavors read by GetFlavor (server/readcache.py); 0: no cache.
     catalog_cache_seconds: float = 1.0
+    # The same bound for instance views read by GetInstance and WatchInstance (server/instance_views.py:
+    # InstanceViews); 0: no cache.
+    instance_cache_seconds: float = 1.0
     # Prometheus metrics (server/metrics.py): "host:port" of the /metrics listener, "" for none. Plain HTTP
     # only on a loopback address; bound anywhere else it is TLS with the server's certificate, and a
     # scraper must present a deployment certificate of role monitor (or admin). metrics_tls = "on" makes
@@ -155,7 +165,12 @@ class Settings:
         for key in ("api_rate_limit", "api_rate_burst", "admin_rate_limit"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
-        for key in ("auth_cache_seconds", "catalog_cache_seconds"):
+        if self.cluster not in ("auto", "on", "off"):
+            raise InvalidArgument("cluster must be auto, on or off", field="cluster")
+        if self.cluster_poll_seconds <= 0 or self.cluster_member_expiry_seconds <= self.cluster_poll_seconds:
+            raise InvalidArgument("cluster_poll_seconds must be above 0 and below cluster_member_expiry_seconds",
+                                  field="cluster_poll_seconds")
+        for key in ("auth_cache_seconds", "catalog_cache_seconds", "instance_cache_seconds"):
             if getattr(self, key) < 0:
                 raise InvalidArgument(f"{key} must be 0 or more", field=key)
         if self.event_retention_days < 0:
@@ -227,3 +242,8 @@ class Settings:
         env = os.environ if env is None else env
         return config.load(cls, path=config_path or env.get("REDDWARF_CONFIG"), fmt="yaml", env=env,
                            env_prefix="REDDWARF_", overrides=overrides)
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this server coordinates with others over the state DB (see `cluster`)."""
+        return self.cluster == "on" or (self.cluster == "auto" and not self.db_url.startswith("sqlite"))

@@ -83,6 +83,16 @@ def test_an_instance_in_build_or_with_a_task_running_is_not_moved(sessions):
     assert task_count(sessions) == 1
 
 
+def test_the_san_node_down_refuses_the_migration_before_anything_stops(sessions):
+    with sessions() as s, s.begin():
+        s.get(models.Host, "san").state = HostState.DOWN  # type: ignore[union-attr]
+    with pytest.raises(FailedPrecondition) as exc, sessions() as s, s.begin():
+        submit_migration(s, "i-san", "b")
+    assert "SAN node san" in exc.value.message and "DOWN" in exc.value.message
+    assert exc.value.violations[0][0] == "instance"
+    assert task_count(sessions) == 0
+
+
 def test_without_a_host_the_scheduler_picks_an_up_iscsi_host_with_room_other_than_the_source(sessions):
     with sessions() as s, s.begin():
         task = submit_migration(s, "i-san", "")

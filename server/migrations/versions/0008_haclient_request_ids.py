@@ -1,7 +1,7 @@
 """backups.request_id: a create's idempotency key, unique per tenant (server/idempotency.py), as instances have
 
 Revision ID: 0008_haclient
-Revises: 0004_events
+Revises: 0008_hasrv
 Create Date: 2026-11-26 20:45:00
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0008_haclient'
-down_revision = '0004_events'
+down_revision = '0008_hasrv'
 branch_labels = None
 depends_on = None
 
