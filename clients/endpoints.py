@@ -32,8 +32,10 @@ _READ_PREFIXES = ("Get", "List", "Watch", "Describe", "Check", "Read", "Show")
 _FILES: tuple[FileDescriptor, ...] = (database_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR, configuration_pb2.DESCRIPTOR,
                                       observe_pb2.DESCRIPTOR)
 
-# gRPC caps maxAttempts at 5. Backoff spans a server restart's few seconds when only one server answers.
-RETRY_POLICY: dict[str, Any] = {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "2s",
+# Short: a retry is meant to land on another server (round-robin skips the one that went away), and the
+# backoffs together (at most 0.1 + 0.2 + 0.4 s, jittered) stay well inside a short deadline, so a server that
+# refuses every attempt (a TLS failure) still answers UNAVAILABLE rather than DEADLINE_EXCEEDED.
+RETRY_POLICY: dict[str, Any] = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
                                 "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
 
 
