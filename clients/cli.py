@@ -337,7 +337,9 @@ PASSWORD_ARG = typer.Option(None, "--password", hidden=True,
 
 @app.callback()
 def main_options(json_output: bool = typer.Option(False, "--json", help="Machine-readable output."),
-                 endpoint: str = typer.Option(None, "--endpoint", help="API host:port (or REDDWARF_ENDPOINT)."),
+                 endpoint: str = typer.Option(
+                     None, "--endpoint", help="API host:port, or several comma-separated: calls are spread over "
+                     "them and safe ones retried on another (or REDDWARF_ENDPOINT)."),
                  token_file: Path = typer.Option(None, "--token-file",
                                                  help="Read the token from this file (or REDDWARF_TOKEN)."),
                  _token: str = typer.Option(None, "--token", hidden=True, callback=_refuse_secret_arg(
