@@ -11,7 +11,7 @@ PROTOS := $(wildcard protos/reddwarf/v1/*.proto)
 GEN_STAMP := gen/reddwarf/v1/.stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv gen test test-fast demo demo-stop demo-fleet demo-fleet-stop bench chaos lint clean
+.PHONY: setup apt venv gen test test-fast demo demo-stop demo-fleet demo-fleet-stop demo-ha demo-ha-stop bench chaos lint clean
 
 setup: apt venv gen $(VENV)/.installed
 
@@ -62,6 +62,13 @@ demo-fleet: setup
 
 demo-fleet-stop:
 	$(PY) -m reddwarf.client.demo_fleet down
+
+# Three Galera nodes, SeaweedFS, two servers, a hostd and an instance (clients/demo_ha.py).
+demo-ha: setup
+	$(PY) -m reddwarf.client.demo_ha up
+
+demo-ha-stop:
+	$(PY) -m reddwarf.client.demo_ha down
 
 bench: setup
 	$(PY) -m bench.run

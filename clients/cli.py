@@ -337,7 +337,9 @@ PASSWORD_ARG = typer.Option(None, "--password", hidden=True,
 
 @app.callback()
 def main_options(json_output: bool = typer.Option(False, "--json", help="Machine-readable output."),
-                 endpoint: str = typer.Option(None, "--endpoint", help="API host:port (or REDDWARF_ENDPOINT)."),
+                 endpoint: str = typer.Option(
+                     None, "--endpoint", help="API host:port, or several comma-separated: calls are spread over "
+                     "them and safe ones retried on another (or REDDWARF_ENDPOINT)."),
                  token_file: Path = typer.Option(None, "--token-file",
                                                  help="Read the token from this file (or REDDWARF_TOKEN)."),
                  _token: str = typer.Option(None, "--token", hidden=True, callback=_refuse_secret_arg(
@@ -605,12 +607,14 @@ def instance_resize(instance: str = INSTANCE_ARG, flavor: str = typer.Option(...
 @instance_app.command("upgrade")
 @output_options
 def instance_upgrade(instance: str = INSTANCE_ARG, datastore_version: str = typer.Option(..., "--datastore-version"),
-                     wait: bool = typer.Option(True, "--wait/--no-wait")) -> None:
+                     wait: bool = typer.Option(True, "--wait/--no-wait"),
+                     in_window: bool = typer.Option(False, "--in-maintenance-window",
+                                                    help="Check now, run in the instance's next window.")) -> None:
     """Moves the instance to a newer datastore version (a backup first; rolled back on failure)."""
     def go() -> None:
         c = client()
-        i = c.upgrade_instance(c.instance_id(instance), datastore_version)
-        emit(_progress_until(c, i.name) if wait else i, INSTANCE_FIELDS)
+        i = c.upgrade_instance(c.instance_id(instance), datastore_version, in_maintenance_window=in_window)
+        emit(_progress_until(c, i.name) if wait and not in_window else i, INSTANCE_FIELDS)
     run(go)
 
 

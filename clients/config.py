@@ -1,8 +1,8 @@
 """Where a client finds its endpoint and credentials: explicit arguments, then the environment, then the
 config file (~/.config/reddwarf/config.yaml), in that order of precedence.
 
-The file is YAML with the same keys as `ClientConfig` (endpoint, ca, cert, key, token, server_name,
-timeout), optionally under `profiles: {name: {...}}` with `profile: name` choosing one. Loading and
+The file is YAML with the same keys as `ClientConfig` (endpoint — one host:port or several, comma-separated
+—, ca, cert, key, token, server_name, timeout), optionally under `profiles: {name: {...}}` with `profile: name` choosing one. Loading and
 type checks are reddwarf.common.config's, shared with the other processes.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ ENV_PREFIX = "REDDWARF_"
 class ClientConfig:
     """Everything needed to open a channel. `token` is the tenant's (or an admin's) bearer token."""
 
+    # host:port of the API, or several comma-separated (servers sharing one state DB): see endpoints.py.
     endpoint: str = ""
     ca: str | None = None
     cert: str | None = None

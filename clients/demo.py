@@ -32,6 +32,8 @@ GATEWAY = "127.0.0.1:8778"
 HOST_ID = "local"
 TENANT = "demo"
 DB_USER, DB_PASSWORD, DB_NAME = "demo", "demo-password-123", "demo"
+# The demo's create carries a fixed request id (a UUID, as the server requires): a re-run never makes two.
+DEMO_REQUEST_ID = "de770000-0000-4000-8000-00000000de70"
 
 
 def say(msg: str) -> None:
@@ -127,7 +129,7 @@ def up() -> int:
             instance=database_pb2.Instance(display_name="demo-db", flavor="small", volume=database_pb2.Volume(size_gb=2)),
             databases=[common_pb2.Database(database=DB_NAME)],
             users=[common_pb2.User(user=DB_USER, password=DB_PASSWORD, databases=[DB_NAME])],
-            request_id="make-demo"), metadata=md)
+            request_id=DEMO_REQUEST_ID), metadata=md)
     started = time.monotonic()
     last = ""
     while True:

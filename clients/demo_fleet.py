@@ -271,7 +271,7 @@ def up() -> int:
                                            volume=database_pb2.Volume(size_gb=1)),
             databases=[common_pb2.Database(database=DB_NAME)],
             users=[common_pb2.User(user=DB_USER, password=DB_PASSWORD, databases=[DB_NAME])],
-            request_id="make-demo-fleet"), metadata=md)
+            request_id="de770000-0000-4000-8000-0000000f1ee7"), metadata=md)
     started, last = time.monotonic(), ""
     while True:
         inst = instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=md)

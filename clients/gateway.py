@@ -48,7 +48,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
-from reddwarf.common.tls import aio_channel
 
 from . import trove, trove_configurations, trove_schemas
 from .aio import AsyncClient
@@ -281,12 +280,13 @@ class Gateway:
 
     async def start(self) -> None:
         # grpc.aio channels belong to the event loop that creates them: the server's, at startup.
-        self.channel = aio_channel(self.api_address, self.files)
-        self.client = AsyncClient(ClientConfig(endpoint=self.api_address, timeout=CALL_TIMEOUT),
-                                  channel=self.channel)
+        # The SDK's own channel: api may list several servers, balanced and retried as the SDK does.
+        self.client = AsyncClient(ClientConfig(endpoint=self.api_address, ca=str(self.files.ca),
+                                               cert=str(self.files.cert), key=str(self.files.key),
+                                               timeout=CALL_TIMEOUT))
 
     async def stop(self) -> None:
-        await self.channel.close()
+        await self.client.close()
 
     # -- plumbing --------------------------------------------------------------------------------
     async def _client(self, request: Request) -> AsyncClient:
@@ -740,7 +740,8 @@ def uvicorn_config(s: GatewaySettings) -> uvicorn.Config:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="reddwarf-gateway", description="Settings also come from "
-                                "REDDWARF_GATEWAY_<NAME> (REDDWARF_ENDPOINT and REDDWARF_CA for --api and --ca).")
+                                "REDDWARF_GATEWAY_<NAME> (REDDWARF_ENDPOINT and REDDWARF_CA for --api and --ca). --api may "
+                                "list several servers, comma-separated.")
     for name in ("listen", "api", "cert", "key", "ca", "tls-cert", "tls-key"):
         p.add_argument(f"--{name}")
     for name, kind in (("max-body", int), ("limit-concurrency", int), ("max-header-bytes", int),

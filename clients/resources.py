@@ -8,6 +8,7 @@ so a value copied from any output works as input.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from reddwarf.v1 import common_pb2 as cpb
 from reddwarf.v1 import database_pb2 as pb
 from reddwarf.v1 import observe_pb2 as opb
 
+from . import endpoints
 from .config import ClientConfig
 from .errors import FieldViolation, InstanceFailed, InvalidArgument, NotFound, WaitTimeout
 
@@ -209,7 +211,7 @@ def create_instance_request(name: str, flavor: str, size_gb: int, *,
                              deletion_protection=deletion_protection, services=list(services)),
         databases=[_database(d) for d in databases], users=[_user(u) for u in users],
         restore_from_backup=resource("backups", restore_from) if restore_from else "",
-        request_id=request_id)
+        request_id=request_id or new_request_id())
 
 
 def parameter_values(values: Mapping[str, object]) -> dict[str, str]:
@@ -241,10 +243,18 @@ def update_user_request(instance: str, user: str, host: str = "%", *, password: 
 
 
 def create_backup_request(instance: str, name: str, description: str = "",
-                          parent: str | None = None, tags: Mapping[str, str] | None = None) -> pb.CreateBackupRequest:
+                          parent: str | None = None, tags: Mapping[str, str] | None = None,
+                          request_id: str = "") -> pb.CreateBackupRequest:
     return pb.CreateBackupRequest(backup=pb.Backup(
         display_name=name, description=description, instance=instance_name(instance),
-        parent=resource("backups", parent) if parent else "", tags=dict(tags or {})))
+        parent=resource("backups", parent) if parent else "", tags=dict(tags or {})),
+        request_id=request_id or new_request_id())
+
+
+def new_request_id() -> str:
+    """A create's idempotency key: made once per call, so the channel's retries of that call all carry it
+    and the server makes one resource however many attempts reach it (clients/endpoints.py)."""
+    return str(uuid.uuid4())
 
 
 def tag_filters(tags: Iterable[str] | Mapping[str, str | None]) -> list[str]:
@@ -326,6 +336,8 @@ def channel_options(config: ClientConfig) -> Sequence[tuple[str, str | int]]:
     # The server's role name is verified whatever address was dialled: a host or instance certificate
     # cannot pose as the server (common/tls.py). server_name may pin one server: "<id>.server.reddwarf".
     options.append(("grpc.ssl_target_name_override", server_name(config)))
+    # Several endpoints balanced round-robin, and gRPC's retries of what is safe to retry.
+    options.extend(endpoints.channel_options(config.endpoint))
     return options
 
 

@@ -37,6 +37,7 @@ from reddwarf.v1 import observe_pb2_grpc as opb_grpc
 
 from . import resources as r
 from .config import ClientConfig, load_config
+from .endpoints import channel_target
 from .errors import InstanceGone, NotFound, Unimplemented, WaitTimeout, from_rpc_error
 
 Req = TypeVar("Req")
@@ -52,8 +53,10 @@ class Client:
     def __init__(self, config: ClientConfig, *, channel: grpc.Channel | None = None) -> None:
         self.config = config
         self._owns_channel = channel is None
+        # endpoint may list several servers (endpoints.py): one channel balances over them and retries
+        # the calls that are safe to repeat when one goes away.
         self._channel = channel or grpc.secure_channel(
-            config.endpoint, r.channel_credentials(config), options=r.channel_options(config))
+            channel_target(config.endpoint), r.channel_credentials(config), options=r.channel_options(config))
         self._metadata = r.call_metadata(config.token)
         self.catalog = pb_grpc.CatalogStub(self._channel)
         self.instances = pb_grpc.InstancesStub(self._channel)
@@ -155,7 +158,9 @@ class Client:
                         services: Iterable[str] = (),
                         maintenance_window: pb.MaintenanceWindow | None = None) -> pb.Instance:
         """`services`: extra services beside the datastore in the same container ("memcached");
-        `maintenance_window`: when pending maintenance runs (default Sunday 03:00 UTC, 60 minutes)."""
+        `maintenance_window`: when pending maintenance runs (default Sunday 03:00 UTC, 60 minutes).
+        request_id: the create's idempotency key (a UUID; one is made when none is given), so a retry after
+        UNAVAILABLE, by the channel or by the caller with the same id, never makes a second instance."""
         req = r.create_instance_request(
             name, flavor, size_gb, databases=databases, users=users, datastore=datastore,
             datastore_version=datastore_version, restore_from=restore_from, request_id=request_id,
@@ -236,11 +241,14 @@ class Client:
         return self._call(self.instances.ResizeInstance,
                           pb.ResizeInstanceRequest(name=r.instance_name(instance), flavor=flavor))
 
-    def upgrade_instance(self, instance: str, datastore_version: str) -> pb.Instance:
+    def upgrade_instance(self, instance: str, datastore_version: str,
+                         in_maintenance_window: bool = False) -> pb.Instance:
         """Moves the instance to a newer version of its datastore (backup first, rolled back on failure);
-        `last_upgrade` on the instance reports the outcome and the downtime."""
+        `last_upgrade` on the instance reports the outcome and the downtime. With `in_maintenance_window`
+        it is checked now and runs in the instance's next window (pending maintenance until then)."""
         return self._call(self.instances.UpgradeInstance, pb.UpgradeInstanceRequest(
-            name=r.instance_name(instance), datastore_version=datastore_version))
+            name=r.instance_name(instance), datastore_version=datastore_version,
+            in_maintenance_window=in_maintenance_window))
 
     def resize_volume(self, instance: str, size_gb: int) -> pb.Instance:
         return self._call(self.instances.ResizeVolume,
@@ -373,9 +381,11 @@ class Client:
     # ------------------------------------------------------------------ backups
 
     def create_backup(self, instance: str, name: str, description: str = "",
-                      parent: str | None = None, tags: Mapping[str, str] | None = None) -> pb.Backup:
+                      parent: str | None = None, tags: Mapping[str, str] | None = None,
+                      request_id: str = "") -> pb.Backup:
+        """request_id: the create's idempotency key (a UUID; one is made when none is given)."""
         return self._call(self.backups.CreateBackup,
-                          r.create_backup_request(instance, name, description, parent, tags))
+                          r.create_backup_request(instance, name, description, parent, tags, request_id))
 
     def get_backup(self, backup: str) -> pb.Backup:
         return self._call(self.backups.GetBackup, pb.GetBackupRequest(name=r.resource("backups", backup)))

@@ -56,6 +56,7 @@ from .backup_store import BackupStore, upload_cap
 from .catalog import resource_id, ts
 from .db import update_row
 from .hosts import HostPool
+from .idempotency import create_once, parse_request_id
 from .instance_validation import display_name_problem, mask_paths
 from .instance_views import derived_status, owned_instance
 from .pagination import Paginator
@@ -387,7 +388,15 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
         if len(req.description) > 1024:
             raise InvalidArgument("backup.description is longer than 1024 characters", field="backup.description")
         backup_tags = tags.validate_tags(req.tags, "backup.tags")
-        with self.app.sessions() as s, s.begin():
+        rid = parse_request_id(request.request_id)
+
+        def lookup(s: Session) -> database_pb2.Backup | None:
+            # Before the instance's checks: a retry finds the instance busy with the backup it asked for.
+            prior = s.scalar(select(models.Backup).where(models.Backup.tenant_id == p.tenant_id,
+                                                         models.Backup.request_id == rid))
+            return None if prior is None else backup_pb(prior)
+
+        def create(s: Session) -> database_pb2.Backup:
             inst = owned_instance(s, p, req.instance, "backup.instance")
             iid = inst.id
             status, _ = derived_status(s, inst, self.app.settings.heartbeat_expiry_seconds)
@@ -411,11 +420,13 @@ class BackupsServicer(database_pb2_grpc.BackupsServicer):
                                 status=BackupStatus.NEW,
                                 parent_id=parent_id, kind="incremental" if parent_id else "full",
                                 datastore=inst.datastore, datastore_version=inst.datastore_version,
-                                tags=backup_tags)
+                                tags=backup_tags, request_id=rid)
             s.add(row)
             s.flush()
             tasks.submit(s, "create_backup", f"instances/{iid}", {"backup_id": row.id})
-            pb = backup_pb(row)
+            return backup_pb(row)
+
+        pb = await asyncio.to_thread(create_once, self.app.sessions, rid, lookup, create)
         self.engine.wake()
         return pb
 

@@ -34,6 +34,7 @@ from .auth import current_principal
 from .catalog import resource_id
 from .configurations import bind_on_create, check_flavor
 from .events import EventBus
+from .idempotency import create_once, parse_request_id
 from .instance_validation import display_name_problem, validate_create, validate_update
 from .instance_views import STOPPED, InstanceViews, derived_status, instance_pb, instance_pbs, owned_instance
 from .mysql_ca import mysql_ca
@@ -84,66 +85,67 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         window = maintenance.parse_window(inst.maintenance_window, "instance.maintenance_window") \
             if inst.HasField("maintenance_window") else None
 
-        def create() -> database_pb2.Instance:
-            with self.app.sessions() as s, s.begin():
-                if request.request_id:
-                    prior = s.scalar(select(models.Instance).where(models.Instance.tenant_id == p.tenant_id,
-                                                                   models.Instance.request_id == request.request_id))
-                    if prior is not None:
-                        return self._pb(s, prior)  # a retried create returns what it made
-                f = s.get(models.Flavor, flavor_id)
-                if f is None:
-                    raise NotFound(f"flavor {flavor_id!r} does not exist", field="instance.flavor")
-                ds_name = inst.datastore or "mariadb"
-                ds = s.get(models.Datastore, ds_name)
-                if ds is None:
-                    raise NotFound(f"datastore {ds_name!r} does not exist", field="instance.datastore")
-                version = inst.datastore_version or ds.default_version
-                dv = s.scalar(select(models.DatastoreVersion).where(
-                    models.DatastoreVersion.datastore_id == ds.id, models.DatastoreVersion.version == version,
-                    models.DatastoreVersion.active.is_(True)))
-                if dv is None:
-                    raise NotFound(f"datastore version {ds_name} {version!r} does not exist",
-                                   field="instance.datastore_version")
-                if restore_id:
-                    b = s.get(models.Backup, restore_id)
-                    if b is None or (not p.admin and b.tenant_id != p.tenant_id):
-                        raise NotFound(f"backup {restore_id!r} does not exist", field="restore_from_backup")
-                    if b.status != BackupStatus.COMPLETED:
-                        raise FailedPrecondition(f"backup is {b.status}; only a COMPLETED backup restores",
-                                                 field="restore_from_backup")
-                    if b.datastore != ds.id:
-                        raise InvalidArgument(f"backup is of {b.datastore}, not {ds.id}", field="restore_from_backup")
-                size = inst.volume.size_gb or f.default_volume_gb
-                if not 1 <= size <= self.app.settings.max_volume_gb:
-                    raise InvalidArgument(f"instance.volume.size_gb must be 1..{self.app.settings.max_volume_gb}",
-                                          field="instance.volume.size_gb")
-                tenant = s.get(models.Tenant, p.tenant_id)
-                if tenant is None:
-                    raise PermissionDenied("the caller has no tenant", field="tenant")
-                check_instance_quota(s, tenant, f.memory_mb, size)
-                row = models.Instance(
-                    id=str(uuid.uuid4()), tenant_id=tenant.id, display_name=inst.display_name.strip(),
-                    status=InstanceStatus.BUILD, flavor_id=f.id, volume_size_gb=size, datastore=ds.id,
-                    datastore_version=version, request_id=request.request_id or None, restored_from=restore_id,
-                    tags=tags.validate_tags(inst.tags, "instance.tags"), deletion_protection=inst.deletion_protection,
-                    create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
-                                   "users": [{**json_format.MessageToDict(u), "password": self.sealer.seal(u.password)}
-                                             for u in request.users],
-                                   **({"services": list(inst.services)} if inst.services else {}),
-                                   **({"access": json_format.MessageToDict(request.access,
-                                                                           preserving_proto_field_name=True)}
-                                      if request.HasField("access") else {})})
-                s.add(row)
-                s.flush()
-                if request.configuration:
-                    bind_on_create(s, p, row, request.configuration)
-                if window is not None:
-                    maintenance.set_window(s, row.id, window)
-                tasks.submit(s, "create_instance", f"instances/{row.id}", {})
-                s.flush()
-                return maintenance.decorate(s, self._pb(s, row))
-        pb = await asyncio.to_thread(create)
+        rid = parse_request_id(request.request_id)
+
+        def lookup(s: Session) -> database_pb2.Instance | None:
+            prior = s.scalar(select(models.Instance).where(models.Instance.tenant_id == p.tenant_id,
+                                                           models.Instance.request_id == rid))
+            return None if prior is None else maintenance.decorate(s, self._pb(s, prior))
+
+        def create(s: Session) -> database_pb2.Instance:
+            f = s.get(models.Flavor, flavor_id)
+            if f is None:
+                raise NotFound(f"flavor {flavor_id!r} does not exist", field="instance.flavor")
+            ds_name = inst.datastore or "mariadb"
+            ds = s.get(models.Datastore, ds_name)
+            if ds is None:
+                raise NotFound(f"datastore {ds_name!r} does not exist", field="instance.datastore")
+            version = inst.datastore_version or ds.default_version
+            dv = s.scalar(select(models.DatastoreVersion).where(
+                models.DatastoreVersion.datastore_id == ds.id, models.DatastoreVersion.version == version,
+                models.DatastoreVersion.active.is_(True)))
+            if dv is None:
+                raise NotFound(f"datastore version {ds_name} {version!r} does not exist",
+                               field="instance.datastore_version")
+            if restore_id:
+                b = s.get(models.Backup, restore_id)
+                if b is None or (not p.admin and b.tenant_id != p.tenant_id):
+                    raise NotFound(f"backup {restore_id!r} does not exist", field="restore_from_backup")
+                if b.status != BackupStatus.COMPLETED:
+                    raise FailedPrecondition(f"backup is {b.status}; only a COMPLETED backup restores",
+                                             field="restore_from_backup")
+                if b.datastore != ds.id:
+                    raise InvalidArgument(f"backup is of {b.datastore}, not {ds.id}", field="restore_from_backup")
+            size = inst.volume.size_gb or f.default_volume_gb
+            if not 1 <= size <= self.app.settings.max_volume_gb:
+                raise InvalidArgument(f"instance.volume.size_gb must be 1..{self.app.settings.max_volume_gb}",
+                                      field="instance.volume.size_gb")
+            tenant = s.get(models.Tenant, p.tenant_id)
+            if tenant is None:
+                raise PermissionDenied("the caller has no tenant", field="tenant")
+            check_instance_quota(s, tenant, f.memory_mb, size)
+            row = models.Instance(
+                id=str(uuid.uuid4()), tenant_id=tenant.id, display_name=inst.display_name.strip(),
+                status=InstanceStatus.BUILD, flavor_id=f.id, volume_size_gb=size, datastore=ds.id,
+                datastore_version=version, request_id=rid, restored_from=restore_id,
+                tags=tags.validate_tags(inst.tags, "instance.tags"), deletion_protection=inst.deletion_protection,
+                create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
+                               "users": [{**json_format.MessageToDict(u), "password": self.sealer.seal(u.password)}
+                                         for u in request.users],
+                               **({"services": list(inst.services)} if inst.services else {}),
+                               **({"access": json_format.MessageToDict(request.access,
+                                                                       preserving_proto_field_name=True)}
+                                  if request.HasField("access") else {})})
+            s.add(row)
+            s.flush()
+            if request.configuration:
+                bind_on_create(s, p, row, request.configuration)
+            if window is not None:
+                maintenance.set_window(s, row.id, window)
+            tasks.submit(s, "create_instance", f"instances/{row.id}", {})
+            s.flush()
+            return maintenance.decorate(s, self._pb(s, row))
+        pb = await asyncio.to_thread(create_once, self.app.sessions, rid, lookup, create)
         self._after_submit(pb.id)
         return pb
 
@@ -352,10 +354,16 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         p = current_principal(context)
         with self.app.sessions() as s, s.begin():
             row = owned_instance(s, p, request.name)
-            upgrade.submit_upgrade(s, row, request.datastore_version,
-                                   heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
+            if request.in_maintenance_window:
+                upgrade.check_upgrade(s, row, request.datastore_version,
+                                      heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
+                maintenance.queue(s, row.id, "upgrade", f"upgrade to {row.datastore} {request.datastore_version}",
+                                  {"datastore_version": request.datastore_version})
+            else:
+                upgrade.submit_upgrade(s, row, request.datastore_version,
+                                       heartbeat_expiry=self.app.settings.heartbeat_expiry_seconds)
             s.flush()
-            pb = self._pb(s, row)
+            pb = maintenance.decorate(s, self._pb(s, row))
         self._after_submit(row.id)
         return pb
 

@@ -204,6 +204,8 @@ class Task(Base):
 
 class Backup(Base):
     __tablename__ = "backups"
+    # A create's request id (server/idempotency.py): a retry with the same one returns this backup.
+    __table_args__ = (UniqueConstraint("tenant_id", "request_id", name="uq_backups_tenant_request"),)
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     instance_id: Mapped[str] = mapped_column(String(36), index=True)
@@ -228,6 +230,7 @@ class Backup(Base):
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict, server_default="{}")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class BackupSchedule(Base):

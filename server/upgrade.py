@@ -34,7 +34,7 @@ from reddwarf.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from reddwarf.common.states import BackupStatus, InstanceStatus
 from reddwarf.v1 import agent_pb2, host_pb2
 
-from . import models, tasks
+from . import maintenance, models, tasks
 from .admin import revoke_identity
 from .app import App
 from .db import update_row
@@ -56,10 +56,19 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def submit_upgrade(s: Session, row: models.Instance, target_version: str, revision: int | None = None,
-                   field: str = "datastore_version", heartbeat_expiry: float = 60.0) -> models.Task:
+                   field: str = "datastore_version", heartbeat_expiry: float = 60.0,
+                   task_id: str | None = None) -> models.Task:
     """Checks the upgrade (target a newer active version of the instance's datastore, or a template revision of
     its current one; the instance ACTIVE and idle), then adds its backup row and task in the caller's
     transaction. Raises, with nothing changed, when it cannot."""
+    check_upgrade(s, row, target_version, revision, field, heartbeat_expiry)
+    return _submit(s, row, target_version, revision, task_id or str(uuid.uuid4()))
+
+
+def check_upgrade(s: Session, row: models.Instance, target_version: str, revision: int | None = None,
+                  field: str = "datastore_version", heartbeat_expiry: float = 60.0) -> None:
+    """What submit_upgrade refuses, without adding anything (a maintenance-window upgrade is checked when it
+    is asked for, and again when its window comes)."""
     if not target_version:
         raise InvalidArgument("datastore_version is required", field=field)
     if len(target_version) > 64:
@@ -90,12 +99,16 @@ def submit_upgrade(s: Session, row: models.Instance, target_version: str, revisi
     if running is not None:
         raise FailedPrecondition(f"instance {row.id} has a {running.kind} task running; try again when it has "
                                  "ended", field="name")
+
+
+def _submit(s: Session, row: models.Instance, target_version: str, revision: int | None,
+            task_id: str) -> models.Task:
+    current = row.datastore_version
     backup_id = str(uuid.uuid4())
     s.add(models.Backup(id=backup_id, tenant_id=row.tenant_id, instance_id=row.id,
                         display_name=f"before upgrade to {target_version}", description="taken by UpgradeInstance",
                         status=BackupStatus.NEW, kind="full", datastore=row.datastore,
                         datastore_version=current, tags={}))
-    task_id = str(uuid.uuid4())
     params: dict[str, Any] = {"from": current, "to": target_version, "backup_id": backup_id,
                               "token_generation": _generation(task_id)}
     if revision is not None:
@@ -117,6 +130,17 @@ def start_upgrade(app: App, instance_id: str, target_version: str, revision: int
             raise NotFound(f"instance {instance_id} does not exist", field="name")
         return submit_upgrade(s, row, target_version, revision,
                               heartbeat_expiry=app.settings.heartbeat_expiry_seconds).id
+
+
+def _in_window(s: Session, row: models.Instance, action: models.PendingMaintenance, task_id: str) -> None:
+    """A queued upgrade (UpgradeInstance with in_maintenance_window) starting in its window."""
+    revision = action.params.get("revision")
+    submit_upgrade(s, row, str(action.params.get("datastore_version", "")),
+                   int(revision) if revision is not None else None, task_id=task_id)
+
+
+maintenance.register_action("upgrade", _in_window)
+maintenance.register_action("patch", _in_window)
 
 
 @dataclass(eq=False)

@@ -19,6 +19,7 @@ from reddwarf.v1 import configuration_pb2_grpc as cpb_grpc
 from reddwarf.v1 import database_pb2
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.errors import field_violations
+from tests.fixtures.waiting import until
 from tests.functional.test_instance_flows import agent_actions, get, wait_active, wait_task
 
 RESTART_REQUIRED = database_pb2.INSTANCE_STATUS_RESTART_REQUIRED
@@ -188,3 +189,36 @@ def test_the_window_changes_with_update(cluster: Cluster, inst: database_pb2.Ins
     assert (got.maintenance_window.weekday, got.maintenance_window.start_time,
             got.maintenance_window.duration_minutes) == (6, "23:45", 60)
     assert get(cluster, inst.name).maintenance_window == got.maintenance_window
+
+
+def test_an_upgrade_asked_for_the_window_is_checked_now_and_starts_only_in_the_window(
+        cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
+    from reddwarf.server import upgrade  # noqa: F401 - registers the upgrade action's handler, as the server does
+    from reddwarf.v1 import admin_pb2
+
+    up = cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(instance=database_pb2.Instance(
+        display_name="mw-up", flavor="tiny", volume=database_pb2.Volume(size_gb=1), maintenance_window=WINDOW)),
+        metadata=cluster.md)
+    wait_active(cluster, up.name)
+    # Checked when asked: an unknown version is refused at once, and nothing is queued.
+    assert refused(lambda: cluster.instances.UpgradeInstance(database_pb2.UpgradeInstanceRequest(
+        name=up.name, datastore_version="99.9", in_maintenance_window=True), metadata=cluster.md)) \
+        == ["datastore_version"]
+    assert list(get(cluster, up.name).pending_maintenance) == []
+    queued = cluster.instances.UpgradeInstance(database_pb2.UpgradeInstanceRequest(
+        name=up.name, datastore_version="11.8", in_maintenance_window=True), metadata=cluster.md)
+    assert [(m.kind, m.state) for m in queued.pending_maintenance] == [("upgrade", "pending")]
+    assert queued.pending_maintenance[0].apply_after.ToDatetime().strftime("%a %H:%M") == "Wed 10:00"
+
+    def upgrade_tasks() -> list[str]:
+        return [t.id for t in cluster.admin.ListTasks(admin_pb2.ListTasksRequest(resource=up.name)).tasks
+                if t.kind == "upgrade_instance"]
+    assert maintenance.tick(sessions, BEFORE) == [] and upgrade_tasks() == []
+    started = maintenance.tick(sessions, INSIDE)
+    assert len(started) == 1 and upgrade_tasks() == started
+    # The fake guest takes no backups, so the task ends at its first step; the instance stays on 10.11.
+    until(lambda: cluster.admin.GetTask(admin_pb2.GetTaskRequest(name=f"tasks/{started[0]}")).state,
+          lambda st: st in (admin_pb2.TASK_STATE_SUCCEEDED, admin_pb2.TASK_STATE_FAILED), timeout=60,
+          what="the upgrade task ended", interval=0.2)
+    assert get(cluster, up.name).datastore_version == "10.11"
+    cluster.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=up.name), metadata=cluster.md)

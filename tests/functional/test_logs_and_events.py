@@ -43,7 +43,7 @@ def tail(c: Cluster, name: str, **kw: object) -> str:
 def inst(cluster: Cluster) -> database_pb2.Instance:
     return cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="logged", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
-        users=[common_pb2.User(user="app", password="Hunter2-secret")], request_id="create-logged"),
+        users=[common_pb2.User(user="app", password="Hunter2-secret")], request_id="5c0ffee0-0000-4000-8000-00000000100d"),
         metadata=(*cluster.md, ("x-request-id", "rid-create-1")))
 
 

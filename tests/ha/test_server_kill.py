@@ -95,7 +95,7 @@ def test_kill_9_of_a_server_loses_and_duplicates_nothing(ha: TwoServers) -> None
     inst2 = database_pb2_grpc.InstancesStub(ch2)
     shop = inst2.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="ha-shop", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
-        request_id=f"ha-shop-{uuid.uuid4().hex[:6]}"), metadata=md)
+        request_id=str(uuid.uuid4())), metadata=md)
     got = until(lambda: inst2.GetInstance(database_pb2.GetInstanceRequest(name=shop.name), metadata=md),
                 lambda i: i.status in DONE and not i.task, timeout=240, what="ha-shop ACTIVE", interval=0.5)
     assert got.status == database_pb2.INSTANCE_STATUS_ACTIVE, got.fault.message
@@ -182,7 +182,7 @@ def test_kill_9_of_a_server_loses_and_duplicates_nothing(ha: TwoServers) -> None
     # Submitted to the victim just before it dies: a create and a backup.
     chv = ha.channel(victim)
     inst1 = database_pb2_grpc.InstancesStub(chv)
-    request_id = f"ha-two-{uuid.uuid4().hex[:6]}"
+    request_id = str(uuid.uuid4())
     two = inst1.CreateInstance(database_pb2.CreateInstanceRequest(
         instance=database_pb2.Instance(display_name="ha-two", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
         request_id=request_id), metadata=md)
