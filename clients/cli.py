@@ -54,6 +54,8 @@ host_app = typer.Typer(help="Container hosts: enroll over SSH, list, show, drain
 admin_app.add_typer(host_app, name="host")
 admin_instance_app = typer.Typer(help="Instances, as an operator: migrate.", no_args_is_help=True)
 admin_app.add_typer(admin_instance_app, name="instance")
+admin_datastore_app = typer.Typer(help="Datastore versions, as an operator: patch.", no_args_is_help=True)
+admin_app.add_typer(admin_datastore_app, name="datastore")
 for sub, name in ((instance_app, "instance"), (database_app, "database"), (user_app, "user"), (root_app, "root"),
                   (backup_app, "backup"), (flavor_app, "flavor"), (datastore_app, "datastore"), (admin_app, "admin"),
                   (pki_app, "pki")):
@@ -975,6 +977,23 @@ def admin_instance_migrate(instance: str = typer.Argument(..., metavar="ID", hel
                                                     "picks an up host with room).")) -> None:
     """Moves an instance whose volume is on the SAN to another host; prints the migrate task."""
     run(lambda: emit(client().migrate_instance(instance, host), TASK_FIELDS))
+
+
+PATCH_FIELDS: list[Column] = [
+    ("datastore", lambda p: p.datastore), ("version", lambda p: p.version), ("revision", lambda p: p.revision),
+    ("instances", lambda p: ", ".join(p.instances))]
+
+
+@admin_datastore_app.command("patch")
+@output_options
+def admin_datastore_patch(version: str = typer.Argument(..., metavar="VERSION", help="e.g. 10.11."),
+                          revision: int = typer.Option(..., "--revision", help="The new template revision "
+                                                       "(newer than the version's current one)."),
+                          datastore: str = typer.Option("mariadb", "--datastore"),
+                          now: bool = typer.Option(False, "--now", help="Patch at once, not in each instance's "
+                                                   "maintenance window.")) -> None:
+    """Moves a datastore version onto a new template revision; its instances follow one at a time."""
+    run(lambda: emit(client().patch_datastore_version(version, revision, datastore, now), PATCH_FIELDS))
 
 
 # The flat spellings of earlier releases.

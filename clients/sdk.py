@@ -598,6 +598,14 @@ class Client:
         then moves its SAN-backed instances to hosts with room. The evacuate_host task."""
         return self._call(self.admin.EvacuateHost, apb.EvacuateHostRequest(name=r.resource("hosts", host)))
 
+    def patch_datastore_version(self, version: str, revision: int, datastore: str = "mariadb",
+                                apply_now: bool = False) -> apb.PatchDatastoreVersionResponse:
+        """Records template `revision` of a datastore version and queues a patch for each of its instances on
+        an older one: they move onto it in their maintenance windows (at once with `apply_now`), one at a
+        time."""
+        return self._call(self.admin.PatchDatastoreVersion, apb.PatchDatastoreVersionRequest(
+            datastore=datastore, version=version, revision=revision, apply_now=apply_now))
+
     def delete_host(self, host: str) -> None:
         self._call(self.admin.DeleteHost, apb.DeleteHostRequest(name=r.resource("hosts", host)))
 

@@ -402,6 +402,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             s.flush()
             return task_pb(task)
 
+    @grpc_edge
+    async def PatchDatastoreVersion(self, request: admin_pb2.PatchDatastoreVersionRequest,
+                                    context: Context) -> admin_pb2.PatchDatastoreVersionResponse:
+        """A new template revision of a version; its instances' patches are queued (server/patching.py)."""
+        from .patching import patch_version
+        with self.app.sessions() as s, s.begin():
+            p = patch_version(s, request.datastore, request.version, request.revision, request.apply_now)
+        log.info("datastore version patched", extra={"datastore": p.datastore, "version": p.version,
+                                                     "revision": p.revision, "instances": len(p.instances)})
+        return admin_pb2.PatchDatastoreVersionResponse(datastore=p.datastore, version=p.version,
+                                                       revision=p.revision, instances=p.instances)
+
     # -- tasks -----------------------------------------------------------------------------------
     @grpc_edge
     async def GetTask(self, request: admin_pb2.GetTaskRequest, context: Context) -> admin_pb2.Task:

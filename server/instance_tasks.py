@@ -154,11 +154,14 @@ class InstanceTasks:
         row = self._row(ctx.resource_id)
         token = await asyncio.to_thread(self.enrollment.issue_token, row.id, int(ctx.params.get("token_generation", 0)))
         st = self.app.settings
+        # An upgrade or patch names the template revision it moves onto; everything else (create, migration,
+        # evacuation, an upgrade's roll-back) recreates the container from the revision the instance runs.
+        revision = ctx.params.get("template_revision")
+        revision = int(revision) if revision is not None else row.template_revision
         c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
                 id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_UNSPECIFIED,
-                volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version,
-                                                                    int(ctx.params.get("template_revision") or 0)),
+                volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version, revision),
                 bootstrap=host_pb2.AgentBootstrap(
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
                     ca_pem=self.app.ca.cert_pem.decode(), enrollment_token=token, instance_id=row.id,

@@ -127,7 +127,8 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             row = models.Instance(
                 id=str(uuid.uuid4()), tenant_id=tenant.id, display_name=inst.display_name.strip(),
                 status=InstanceStatus.BUILD, flavor_id=f.id, volume_size_gb=size, datastore=ds.id,
-                datastore_version=version, request_id=rid, restored_from=restore_id,
+                datastore_version=version, template_revision=dv.template_revision, request_id=rid,
+                restored_from=restore_id,
                 tags=tags.validate_tags(inst.tags, "instance.tags"), deletion_protection=inst.deletion_protection,
                 create_params={"databases": [json_format.MessageToDict(d) for d in request.databases],
                                "users": [{**json_format.MessageToDict(u), "password": self.sealer.seal(u.password)}

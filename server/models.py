@@ -107,6 +107,9 @@ class DatastoreVersion(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # The exact versions of its template's packages, as a host last reported them (server/instance_tasks.py).
     package_versions: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The template revision new containers of this version come from (PatchDatastoreVersion raises it;
+    # server/patching.py); 0 is the version's first template.
+    template_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Host(Base):
@@ -172,6 +175,9 @@ class Instance(Base):
     deletion_protection: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # The last UpgradeInstance's report (server/upgrade.py): from/to version, outcome, downtime, backup.
     last_upgrade: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The template revision its container comes from: set on create and when an upgrade or patch finishes;
+    # a migration or evacuation recreates the container from it (server/instance_tasks.py).
+    template_revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

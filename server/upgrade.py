@@ -83,6 +83,9 @@ def check_upgrade(s: Session, row: models.Instance, target_version: str, revisio
     current = row.datastore_version
     if target_version == current and revision is None:
         raise InvalidArgument(f"the instance runs {row.datastore} {current} already", field=field)
+    if target_version == current and revision is not None and revision <= row.template_revision:
+        raise InvalidArgument(f"the instance runs template revision {row.template_revision} already; a patch "
+                              "moves onto a newer one", field="revision")
     if target_version != current and version_key(target_version) <= version_key(current):
         raise InvalidArgument(f"{target_version} is older than the instance's {current}; only upgrades are "
                               "possible (restore a backup into a new instance to go back)", field=field)
@@ -111,8 +114,12 @@ def _submit(s: Session, row: models.Instance, target_version: str, revision: int
                         datastore_version=current, tags={}))
     params: dict[str, Any] = {"from": current, "to": target_version, "backup_id": backup_id,
                               "token_generation": _generation(task_id)}
-    if revision is not None:
-        params["template_revision"] = revision
+    if revision is None:
+        # A move to another version takes that version's current template revision (0 until it is patched).
+        revision = s.scalar(select(models.DatastoreVersion.template_revision).where(
+            models.DatastoreVersion.datastore_id == row.datastore,
+            models.DatastoreVersion.version == target_version)) or 0
+    params["template_revision"] = revision
     task = tasks.submit(s, KIND, f"instances/{row.id}", params, task_id=task_id)
     row.last_upgrade = {"from_version": current, "to_version": target_version, "outcome": "RUNNING",
                         "backup": backup_id, "time": utcnow().isoformat()}
@@ -139,8 +146,42 @@ def _in_window(s: Session, row: models.Instance, action: models.PendingMaintenan
                    int(revision) if revision is not None else None, task_id=task_id)
 
 
+def patches_running(s: Session, datastore: str, version: str) -> int:
+    """How many template-revision moves (upgrade_instance tasks that stay on their version) of `version` are
+    active, cluster-wide, as the caller's transaction sees the tasks table. Locking reads: on a server
+    database they see the latest committed tasks, not the transaction's snapshot."""
+    n = 0
+    for t in s.scalars(select(models.Task).where(models.Task.kind == KIND, models.Task.state.in_(
+            tasks.ACTIVE_STATES)).with_for_update()):
+        p = t.params or {}
+        if p.get("from") != version or p.get("to") != version:
+            continue
+        inst = s.get(models.Instance, t.resource.removeprefix("instances/"))
+        if inst is not None and inst.datastore == datastore:
+            n += 1
+    return n
+
+
+def _patch(s: Session, row: models.Instance, action: models.PendingMaintenance, task_id: str) -> None:
+    """A queued patch (PatchDatastoreVersion): instances move onto a new template revision one at a time, so
+    a bad template breaks one instance, not all of a version's at once. While another patch of the version
+    runs, this one waits: FailedPrecondition leaves it pending for the scheduler's next pass.
+
+    The count runs in the transaction that claims the action and submits the task. Two servers starting
+    patches of one version at once are serialized by a lock on the version's row (SQLite has one writer
+    anyway: the claim's UPDATE already made this transaction it)."""
+    version = str(action.params.get("datastore_version", ""))
+    s.execute(select(models.DatastoreVersion.id).where(
+        models.DatastoreVersion.datastore_id == row.datastore, models.DatastoreVersion.version == version)
+        .with_for_update())
+    if patches_running(s, row.datastore, version):
+        raise FailedPrecondition(f"another instance of {row.datastore} {version} is being patched; this one "
+                                 "waits for it", field="name")
+    _in_window(s, row, action, task_id)
+
+
 maintenance.register_action("upgrade", _in_window)
-maintenance.register_action("patch", _in_window)
+maintenance.register_action("patch", _patch)
 
 
 @dataclass(eq=False)
@@ -240,7 +281,8 @@ class Upgrades:
 
     async def step_finish(self, ctx: tasks.StepContext) -> None:
         downtime = float(ctx.params.get("up_at", time.time())) - float(ctx.params["down_at"])
-        update_row(self.it.app.sessions, models.Instance, ctx.resource_id, status=InstanceStatus.ACTIVE)
+        update_row(self.it.app.sessions, models.Instance, ctx.resource_id, status=InstanceStatus.ACTIVE,
+                   template_revision=int(ctx.params.get("template_revision") or 0))
         self._report(ctx.resource_id, outcome="SUCCEEDED", downtime_seconds=round(downtime, 3))
         log.info("instance upgraded", extra={"instance": ctx.resource_id, "to": ctx.params["to"],
                                              "downtime_seconds": round(downtime, 3)})
