@@ -1,0 +1,159 @@
+"""Patching (server/patching.py): PatchDatastoreVersion records a template revision and queues a patch per
+instance; the maintenance scheduler moves instances onto it one at a time per datastore version.
+
+A real server and hostd with fake drivers (the move itself, upgrade_instance, is covered on LXC by
+tests/day2/test_day2_lxc.py); as in tests/day2/test_maintenance.py the test runs `maintenance.tick` itself
+against the state DB with its own clock. The fake guest takes no backups, so each patch task ends at its first
+step: enough to see that a second patch starts only once the first has ended."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from sqlalchemy import select
+
+from reddwarf.common.states import TaskState
+from reddwarf.server import db, maintenance, models
+from reddwarf.server import upgrade  # noqa: F401 - registers the patch action's handler, as the server does
+from reddwarf.v1 import admin_pb2, database_pb2
+from tests.fixtures.cluster import Cluster, start_cluster
+from tests.fixtures.errors import field_violations
+from tests.fixtures.waiting import until
+from tests.functional.test_instance_flows import get, wait_active
+
+WINDOW = database_pb2.MaintenanceWindow(weekday=3, start_time="10:00", duration_minutes=60)
+INSIDE = dt.datetime(2026, 12, 2, 10, 30)  # a Wednesday, inside the window
+BEFORE = dt.datetime(2026, 12, 2, 9, 0)
+ENDED = (admin_pb2.TASK_STATE_SUCCEEDED, admin_pb2.TASK_STATE_FAILED, admin_pb2.TASK_STATE_CANCELLED)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0"}
+    with start_cluster(tmp_path_factory.mktemp("patching"), server_env=env, driver="fake") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sessions(cluster: Cluster):  # type: ignore[no-untyped-def]
+    engine = db.make_engine(cluster.server.db_url)
+    try:
+        yield db.session_factory(engine)
+    finally:
+        engine.dispose()
+
+
+def create(cluster: Cluster, name: str) -> database_pb2.Instance:
+    inst = cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(instance=database_pb2.Instance(
+        display_name=name, flavor="tiny", volume=database_pb2.Volume(size_gb=1), maintenance_window=WINDOW)),
+        metadata=cluster.md)
+    return wait_active(cluster, inst.name)
+
+
+def patch(cluster: Cluster, version: str, revision: int, **kw: object) -> admin_pb2.PatchDatastoreVersionResponse:
+    return cluster.admin.PatchDatastoreVersion(admin_pb2.PatchDatastoreVersionRequest(
+        version=version, revision=revision, **kw))  # type: ignore[arg-type]
+
+
+def revisions(sessions) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    with sessions() as s:
+        return {f"{v.datastore_id} {v.version}": v.template_revision for v in s.scalars(
+            select(models.DatastoreVersion))}
+
+
+def patch_tasks(cluster: Cluster, name: str) -> list[admin_pb2.Task]:
+    return [t for t in cluster.admin.ListTasks(admin_pb2.ListTasksRequest(resource=name)).tasks
+            if t.kind == "upgrade_instance"]
+
+
+def test_bad_input_is_refused_naming_the_field_and_changes_nothing(cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
+    before = revisions(sessions)
+    for kw, field in (({"version": "99.9", "revision": 1}, "version"),
+                      ({"version": "", "revision": 1}, "version"),
+                      ({"version": "10.11", "revision": 1, "datastore": "postgres"}, "datastore"),
+                      ({"version": "10.11", "revision": 0}, "revision"),
+                      ({"version": "10.11", "revision": -3}, "revision"),
+                      ({"version": "10.11", "revision": 10_001}, "revision"),
+                      ({"version": "10.11'; DROP TABLE instances; --", "revision": 1}, "version")):
+        with pytest.raises(grpc.RpcError) as e:
+            cluster.admin.PatchDatastoreVersion(admin_pb2.PatchDatastoreVersionRequest(**kw))  # type: ignore[arg-type]
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
+        assert field_violations(e.value) == [field], kw
+    assert revisions(sessions) == before
+    with sessions() as s:
+        assert s.scalar(select(models.PendingMaintenance).where(models.PendingMaintenance.kind == "patch")) is None
+
+
+def test_patches_are_queued_per_instance_and_run_one_at_a_time(cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
+    a, b = create(cluster, "patch-a"), create(cluster, "patch-b")
+    res = patch(cluster, "10.11", 2)
+    assert (res.datastore, res.version, res.revision) == ("mariadb", "10.11", 2)
+    assert sorted(res.instances) == sorted([a.name, b.name])
+    assert revisions(sessions)["mariadb 10.11"] == 2
+    for inst in (a, b):
+        pm = get(cluster, inst.name).pending_maintenance
+        assert [(m.kind, m.state) for m in pm] == [("patch", "pending")]
+        assert "revision 2" in pm[0].description
+    # Not an older or equal revision now.
+    with pytest.raises(grpc.RpcError) as e:
+        patch(cluster, "10.11", 2)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_violations(e.value) == ["revision"]
+
+    assert maintenance.tick(sessions, BEFORE) == []
+    first = maintenance.tick(sessions, INSIDE)
+    assert len(first) == 1  # two are due; one starts
+    started = [i for i in (a, b) if patch_tasks(cluster, i.name)]
+    assert len(started) == 1
+    other = b if started[0] is a else a
+    task = patch_tasks(cluster, started[0].name)[0]
+    assert task.id == first[0]
+    with sessions() as s:
+        t = s.get(models.Task, task.id)
+        assert t is not None and (t.params["from"], t.params["to"], t.params["template_revision"]) \
+            == ("10.11", "10.11", 2)
+    until(lambda: cluster.admin.GetTask(admin_pb2.GetTaskRequest(name=f"tasks/{task.id}")).state,
+          lambda st: st in ENDED, timeout=60, what="the first patch ended", interval=0.2)
+    second = maintenance.tick(sessions, INSIDE)
+    assert len(second) == 1 and [t.id for t in patch_tasks(cluster, other.name)] == second
+    until(lambda: cluster.admin.GetTask(admin_pb2.GetTaskRequest(name=f"tasks/{second[0]}")).state,
+          lambda st: st in ENDED, timeout=60, what="the second patch ended", interval=0.2)
+    # The fake guest takes no backup: both moves stopped before touching anything; the instances stay on
+    # the revision they run, so a migration would recreate them from it.
+    with sessions() as s:
+        for inst in (a, b):
+            row = s.get(models.Instance, inst.id)
+            assert row is not None and row.template_revision == 0
+
+
+def test_the_scheduler_holds_a_patch_while_another_of_the_version_runs(cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
+    """Deterministic: a patch task of 10.11 held active in the DB (as a running one on another server)."""
+    c = create(cluster, "patch-c")
+    patch(cluster, "10.11", 3)
+    with sessions() as s, s.begin():
+        others = [r.id for r in s.scalars(select(models.Instance).where(
+            models.Instance.deleted_at.is_(None), models.Instance.id != c.id))]
+        # Leased far ahead by a server that is not there: the task engine leaves it alone.
+        holder = models.Task(id=str(uuid.uuid4()), kind="upgrade_instance", resource=f"instances/{others[0]}",
+                             state=TaskState.RUNNING, lease_owner="test-patching",
+                             lease_expires=dt.datetime.now(dt.UTC).replace(tzinfo=None) + dt.timedelta(hours=1),
+                             params={"from": "10.11", "to": "10.11", "template_revision": 3})
+        s.add(holder)
+    try:
+        assert maintenance.tick(sessions, INSIDE) == []
+        assert [(m.kind, m.state) for m in get(cluster, c.name).pending_maintenance][0] == ("patch", "pending")
+    finally:
+        with sessions() as s, s.begin():
+            s.execute(models.Task.__table__.update().where(models.Task.id == holder.id).values(state=TaskState.CANCELLED))
+    # Released: the next pass starts one patch (of whichever instance is first), still only one.
+    assert len(maintenance.tick(sessions, INSIDE)) == 1
+
+
+def test_new_instances_take_the_versions_current_revision(cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
+    d = create(cluster, "patch-d")
+    with sessions() as s:
+        row = s.get(models.Instance, d.id)
+        assert row is not None and row.template_revision == revisions(sessions)["mariadb 10.11"] == 3
+    assert [m.kind for m in get(cluster, d.name).pending_maintenance] == []
