@@ -17,7 +17,6 @@ from sqlalchemy import select
 
 from reddwarf.common.states import TaskState
 from reddwarf.server import db, maintenance, models
-from reddwarf.server import upgrade  # noqa: F401 - registers the patch action's handler, as the server does
 from reddwarf.v1 import admin_pb2, database_pb2
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.errors import field_violations
@@ -39,6 +38,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def sessions(cluster: Cluster):  # type: ignore[no-untyped-def]
+    from reddwarf.server import upgrade  # noqa: F401 - registers the patch action's handler, as the server does
     engine = db.make_engine(cluster.server.db_url)
     try:
         yield db.session_factory(engine)
