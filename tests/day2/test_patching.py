@@ -13,15 +13,18 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from sqlalchemy import select
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
-from reddwarf.common.states import TaskState
+from reddwarf.common.errors import InvalidArgument
+from reddwarf.common.states import InstanceStatus, TaskState
 from reddwarf.server import db, maintenance, models
-from reddwarf.v1 import admin_pb2, database_pb2
+from reddwarf.v1 import admin_pb2, database_pb2, host_pb2
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.errors import field_violations
 from tests.fixtures.waiting import until
-from tests.functional.test_instance_flows import get, wait_active
+from tests.functional.test_instance_flows import get, hostd, wait_active
+from tests.server.test_instance_parts import add_instance, healthy
 
 WINDOW = database_pb2.MaintenanceWindow(weekday=3, start_time="10:00", duration_minutes=60)
 INSIDE = dt.datetime(2026, 12, 2, 10, 30)  # a Wednesday, inside the window
@@ -157,3 +160,44 @@ def test_new_instances_take_the_versions_current_revision(cluster: Cluster, sess
         row = s.get(models.Instance, d.id)
         assert row is not None and row.template_revision == revisions(sessions)["mariadb 10.11"] == 3
     assert [m.kind for m in get(cluster, d.name).pending_maintenance] == []
+    # The container came from that revision's template (hostd names it; the fake driver takes it as is). A
+    # create passes no revision of its own, as a migration or evacuation does not: they take the instance's.
+    assert hostd(cluster).GetContainer(host_pb2.ContainerRef(id=d.id)).template == "bookworm-r3"
+    a = next(i for i in cluster.instances.ListInstances(database_pb2.ListInstancesRequest(),
+                                                        metadata=cluster.md).instances if i.display_name == "patch-a")
+    assert hostd(cluster).GetContainer(host_pb2.ContainerRef(id=a.id)).template == "fake"
+
+
+# ---------------------------------------------------------------------------- without a server
+
+@pytest.fixture
+def session(tmp_path) -> Iterator[Session]:  # type: ignore[no-untyped-def]
+    engine = create_engine(f"sqlite:///{tmp_path}/state.db")
+    models.Base.metadata.create_all(engine)
+    with sessionmaker(bind=engine, expire_on_commit=False)() as s:
+        db.seed(s)
+        s.add(models.Tenant(id="t1"))
+        s.flush()
+        yield s
+    engine.dispose()
+
+
+def test_a_patch_onto_a_revision_the_instance_runs_already_is_refused(session: Session) -> None:
+    from reddwarf.server.upgrade import submit_upgrade
+    row = add_instance(session, "i1", status=InstanceStatus.ACTIVE, **healthy())
+    row.template_revision = 2
+    for rev in (1, 2):
+        with pytest.raises(InvalidArgument) as exc:
+            submit_upgrade(session, row, "10.11", rev)
+        assert exc.value.violations[0][0] == "revision"
+    assert session.scalar(select(models.Task)) is None
+    assert submit_upgrade(session, row, "10.11", 3).params["template_revision"] == 3
+
+
+def test_a_version_upgrade_takes_the_target_versions_current_revision(session: Session) -> None:
+    from reddwarf.server.patching import patch_version
+    from reddwarf.server.upgrade import submit_upgrade
+    row = add_instance(session, "i1", status=InstanceStatus.ACTIVE, **healthy())
+    patched = patch_version(session, "", "11.8", 4)
+    assert patched.instances == []  # nothing runs 11.8 yet
+    assert submit_upgrade(session, row, "11.8").params["template_revision"] == 4
