@@ -47,6 +47,7 @@ def patch_version(s: Session, datastore: str, version: str, revision: int, apply
         raise InvalidArgument(f"{datastore} {dv.version} is at template revision {dv.template_revision} already; "
                               "a patch names a newer one", field="revision")
     dv.template_revision = revision
+    maintenance._finish_running(s)  # a patch whose task ended is closed, so this one is queued anew
     queued = []
     for row in s.scalars(select(models.Instance).where(
             models.Instance.datastore == datastore, models.Instance.datastore_version == dv.version,
@@ -55,9 +56,12 @@ def patch_version(s: Session, datastore: str, version: str, revision: int, apply
         action = maintenance.queue(s, row.id, "patch", f"move onto template revision {revision} of "
                                    f"{datastore} {dv.version}",
                                    {"datastore_version": dv.version, "revision": revision}, apply_now=apply_now)
-        if action.state == maintenance.PENDING:
-            # An older patch still pending is pointed at the newest revision instead of queued twice.
-            action.params = {**action.params, "revision": revision}
-            action.description = f"move onto template revision {revision} of {datastore} {dv.version}"
+        if action.state != maintenance.PENDING:
+            # Its move onto an older revision is running: once it ends, the next patch of the version
+            # (or UpgradeInstance with the revision) moves it on.
+            continue
+        # An older patch still pending is pointed at the newest revision instead of queued twice.
+        action.params = {**action.params, "revision": revision}
+        action.description = f"move onto template revision {revision} of {datastore} {dv.version}"
         queued.append(f"instances/{row.id}")
     return Patched(datastore, dv.version, revision, queued)

@@ -8,6 +8,7 @@ step: enough to see that a second patch starts only once the first has ended."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +16,9 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
 
+from reddwarf.client import cli
 from reddwarf.common.errors import InvalidArgument
 from reddwarf.common.states import InstanceStatus, TaskState
 from reddwarf.server import db, maintenance, models
@@ -167,6 +170,28 @@ def test_new_instances_take_the_versions_current_revision(cluster: Cluster, sess
                                                         metadata=cluster.md).instances if i.display_name == "patch-a")
     assert hostd(cluster).GetContainer(host_pb2.ContainerRef(id=a.id)).template == "fake"
 
+
+
+def test_the_cli_patches_a_version_and_refuses_a_revision_not_newer(cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
+    files = cluster.server.admin_files
+    env = {"REDDWARF_ENDPOINT": cluster.server.api, "REDDWARF_CA": str(files.ca), "REDDWARF_CERT": str(files.cert),
+           "REDDWARF_KEY": str(files.key), "REDDWARF_CONFIG": "/nonexistent"}
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["admin", "datastore", "patch", "10.11", "--revision", "3"], env=env)
+    assert r.exit_code != 0 and "revision" in r.output
+    assert revisions(sessions)["mariadb 10.11"] == 3
+    cli.State.factory = None
+    r = CliRunner().invoke(cli.app, ["--json", "admin", "datastore", "patch", "10.11", "--revision", "4", "--now"],
+                           env=env)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert (out["version"], out["revision"]) == ("10.11", 4) and out["instances"]
+    assert revisions(sessions)["mariadb 10.11"] == 4
+    with sessions() as s:
+        for name in out["instances"]:
+            a = s.scalar(select(models.PendingMaintenance).where(
+                models.PendingMaintenance.open_key == f"{name.removeprefix('instances/')}:patch"))
+            assert a is not None and a.apply_now and a.params["revision"] == 4
 
 # ---------------------------------------------------------------------------- without a server
 
