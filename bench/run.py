@@ -34,7 +34,7 @@ BENCHMARKS = [
     ("upgrade_bench", "upgrade 10.11 → 11.8 downtime (client-visible gap) vs an in-place restart"),
     ("hostloss_bench", "host loss to ACTIVE elsewhere (1 and 5 SAN instances) vs MigrateInstance of the same"),
     ("reconnect_bench", "reconnect of 200 agents after a server dies vs their first connect"),
-    ("ha_bench", "API throughput: one control server vs two (SDK round-robin over both)"),
+    ("ha_bench", "API throughput and create→ACTIVE: one control server vs two (PostgreSQL)"),
 ]
 
 
