@@ -121,7 +121,7 @@ def test_rest_stop_and_start_actions(rest, made):
     assert r.status_code == 202, r.text
     assert settled(rest, iid, "ACTIVE")["status"] == "ACTIVE"
     r = httpx.post(f"{url}/instances/{iid}/action", headers=h, json={"pause": {}})
-    assert r.status_code == 400 and "stop or start" in r.text
+    assert r.status_code == 400 and "stop, start" in r.text
 
 
 def test_troveclient_renames_and_stops_unmodified(cluster, rest, made):
