@@ -12,6 +12,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from reddwarf.common.errors import Unavailable
+
 from .containers import Beancounter, Limits, Usage
 
 log = logging.getLogger("reddwarf.hostd.cgroups")
@@ -156,7 +158,17 @@ def _file(layout: CgroupLayout, dirs: dict[str, str], key: str) -> str:
 
 def apply_live(layout: CgroupLayout, pid: int, limits: Limits, device: str = "") -> None:
     """Writes the limits into the running container's cgroup files (no restart)."""
-    dirs = cgroup_dirs(layout, pid)
+    try:
+        dirs = cgroup_dirs(layout, pid)
+    except (FileNotFoundError, ProcessLookupError):
+        dirs = {}
+    # A container's init that has just died (or is exiting) is gone or shows the root cgroup: never write the
+    # host's own limits; the caller retries once the container runs again (hostd restarts it).
+    mounts = {os.path.normpath(layout.root)} | {os.path.normpath(os.path.join(layout.root, m))
+                                                 for m in (os.listdir(layout.root) if os.path.isdir(layout.root) else ())}
+    if not dirs or any(os.path.normpath(d) in mounts for d in dirs.values()):
+        raise Unavailable(f"the container's init (pid {pid}) is not running in its cgroup now; retry when it is "
+                          "back", field="id")
     pending = cgroup_values(layout, limits, device)
     # memory vs memsw (v1) must keep memsw >= memory at every moment; retrying a failed write after the
     # others resolves either order (lowering writes memory first, raising needs memsw first).

@@ -34,3 +34,27 @@ def test_disk_of_finds_the_whole_disk_or_nothing():
     assert dev and os.path.isdir(f"/sys/dev/block/{dev}")
     assert not os.path.exists(f"/sys/dev/block/{dev}/partition")  # a whole disk, not a partition
     assert disk_of("/proc") == ""  # not on a block device
+
+
+def test_limits_for_an_init_in_the_root_cgroup_or_gone_are_unavailable_and_write_nothing(tmp_path):
+    """A container's init that just died shows the root cgroup (or no /proc entry): hostd must not write the
+    host's own limit files, and answers UNAVAILABLE so the resize step retries once the container is back."""
+    import subprocess
+
+    import pytest
+
+    from reddwarf.common.errors import Unavailable
+    from reddwarf.hostd import cgroups
+
+    for c in ("memory", "pids", "blkio", "cpu", "cpuacct"):
+        (tmp_path / c).mkdir()
+    layout = cgroups.CgroupLayout("v1", str(tmp_path))
+    limits = Limits(memory_mb=256, cpu_shares=256, max_processes=100)
+    # This process sits in the root cgroup of every controller here (as an exiting init does).
+    root_pid = os.getpid() if all(line.rstrip().endswith(":/") for line in open("/proc/self/cgroup")) else None
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for pid in [p for p in (root_pid, gone.pid) if p is not None]:
+        with pytest.raises(Unavailable):
+            cgroups.apply_live(layout, pid, limits)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
