@@ -12,7 +12,6 @@ import argparse
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,12 +20,15 @@ from pathlib import Path
 import grpc
 import pymysql
 
+from reddwarf.client.daemons import Daemons, say
 from reddwarf.common import states
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.common.tls import sync_channel
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
 
 ROOT = Path(os.environ.get("REDDWARF_DEMO_DIR", "/var/lib/reddwarf/demo"))
+PROCS = Daemons(ROOT, "demo")
+spawn, wait_for, _alive, _stop = PROCS.spawn, PROCS.wait_for, PROCS.alive, PROCS.stop
 API, AGENT, ENROLL, HOSTD = "127.0.0.1:8779", "127.0.0.1:8780", "127.0.0.1:8781", "127.0.0.1:8782"
 GATEWAY = "127.0.0.1:8778"
 HOST_ID = "local"
@@ -34,31 +36,6 @@ TENANT = "demo"
 DB_USER, DB_PASSWORD, DB_NAME = "demo", "demo-password-123", "demo"
 # The demo's create carries a fixed request id (a UUID, as the server requires): a re-run never makes two.
 DEMO_REQUEST_ID = "de770000-0000-4000-8000-00000000de70"
-
-
-def say(msg: str) -> None:
-    print(f"==> {msg}", flush=True)
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-    log = open(ROOT / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **(env or {})})
-    (ROOT / f"{name}.pid").write_text(str(proc.pid))
-    return proc.pid
-
-
-def wait_for(what: str, check, timeout: float = 900) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (grpc.RpcError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo: {what} did not come up; see the logs in {ROOT}")
-        time.sleep(0.5)
 
 
 def server_env() -> dict[str, str]:
@@ -179,39 +156,6 @@ Red Dwarf is up.
   stop:      make demo-stop
 """)
     return 0
-
-
-def _pid(name: str) -> int | None:
-    try:
-        return int((ROOT / f"{name}.pid").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(name: str) -> bool:
-    pid = _pid(name)
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _stop(name: str) -> None:
-    pid = _pid(name)
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(100):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    (ROOT / f"{name}.pid").unlink(missing_ok=True)
 
 
 def down() -> int:

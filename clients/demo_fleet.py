@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import glob
 import ipaddress
 import json
@@ -35,6 +36,7 @@ from pathlib import Path
 import grpc
 import pymysql
 
+from reddwarf.client.daemons import Daemons, say
 from reddwarf.common import states
 from reddwarf.common.pki import TlsFiles
 from reddwarf.common.tls import sync_channel
@@ -42,6 +44,8 @@ from reddwarf.hostd import qsd
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, common_pb2, database_pb2, database_pb2_grpc
 
 ROOT = Path(os.environ.get("REDDWARF_DEMO_FLEET_DIR", "/var/lib/reddwarf/demo-fleet"))
+PROCS = Daemons(ROOT, "demo-fleet", "make demo-fleet-stop")
+spawn, wait_for, pid_of, alive, stop = PROCS.spawn, PROCS.wait_for, PROCS.pid, PROCS.alive, PROCS.stop
 # Beside `make demo`'s 8778-8782, so both can run at once (REDDWARF_DEMO_FLEET_PORT moves all four).
 _BASE = int(os.environ.get("REDDWARF_DEMO_FLEET_PORT", "8783"))
 API_PORT, AGENT_PORT, ENROLL_PORT, HOSTD_PORT = _BASE, _BASE + 1, _BASE + 2, _BASE + 3
@@ -68,10 +72,6 @@ class Net:
 
     def argv(self, key: str, argv: list[str]) -> list[str]:
         return ["nsenter", f"--net=/var/run/netns/{self.namespaces[key]}", "--", *argv]
-
-
-def say(msg: str) -> None:
-    print(f"==> {msg}", flush=True)
 
 
 def ip(args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -124,27 +124,6 @@ def make_net() -> Net:
         ip(["-n", ns, "link", "set", "eth0", "up"])
         ip(["-n", ns, "link", "set", "lo", "up"])
     return net
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-    log = open(ROOT / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-    (ROOT / f"{name}.pid").write_text(str(proc.pid))
-    return proc.pid
-
-
-def wait_for(what: str, check, timeout: float = 900) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (grpc.RpcError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo-fleet: {what} did not come up; see the logs in {ROOT} (make demo-fleet-stop removes it)")
-        time.sleep(0.5)
 
 
 def ready(log: Path, name: str) -> bool:
@@ -241,7 +220,7 @@ def up() -> int:
     for key in (SAN, *COMPUTES):
         log = ROOT / f"hostd-{key}.log"
         # The first hostd start on a machine builds the instance template (shared by all): a few minutes.
-        wait_for(f"hostd h-{key}", lambda log=log, key=key: ready(log, f"hostd-{key}"))
+        wait_for(f"hostd h-{key}", functools.partial(ready, log, f"hostd-{key}"))
         admin.RegisterHost(admin_pb2.RegisterHostRequest(
             host=admin_pb2.Host(id=f"h-{key}", address=f"{addrs[key]}:{HOSTD_PORT}")))
     try:
@@ -316,39 +295,6 @@ def up() -> int:
   stop:      make demo-fleet-stop
 """)
     return 0
-
-
-def pid_of(name: str) -> int | None:
-    try:
-        return int((ROOT / f"{name}.pid").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def alive(name: str) -> bool:
-    pid = pid_of(name)
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def stop(name: str) -> None:
-    pid = pid_of(name)
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(150):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    (ROOT / f"{name}.pid").unlink(missing_ok=True)
 
 
 def netns_pids(ns: str) -> list[int]:

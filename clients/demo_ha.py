@@ -16,12 +16,10 @@ import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -29,11 +27,14 @@ from typing import Any
 import grpc
 import pymysql
 
+from reddwarf.client.daemons import Daemons, say
 from reddwarf.common.pki import CertificateAuthority, TlsFiles
 from reddwarf.common.tls import sync_channel
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, database_pb2_grpc
 
 ROOT = Path(os.environ.get("REDDWARF_DEMO_HA_DIR", "/var/lib/reddwarf/demo-ha"))
+PROCS = Daemons(ROOT, "demo-ha", wait_seconds=300)
+spawn, wait_for, alive, stop = PROCS.spawn, PROCS.wait_for, PROCS.alive, PROCS.stop
 PROVIDER = "/usr/lib/galera/libgalera_smm.so"
 SST_USER, SST_PASSWORD = "reddwarf_sst", "demo-ha-sst"
 DB_USER, DB_PASSWORD, DB_NAME = "reddwarf", "demo-ha-state", "reddwarf"
@@ -44,10 +45,6 @@ REQUEST_ID = "de770000-0000-4000-8000-0000000000a2"  # the instance's create: a 
 NODES = 3
 WEED_PORTS = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
 PROCESSES = ("gateway", "hostd", "server1", "server0", "weed", *(f"galera{i}" for i in reversed(range(NODES))))
-
-
-def say(msg: str) -> None:
-    print(f"==> {msg}", flush=True)
 
 
 def free_ports(n: int) -> list[int]:
@@ -71,34 +68,6 @@ def ports() -> dict[str, int]:
     chosen = dict(zip(names, free_ports(len(names)), strict=True))
     path.write_text(json.dumps(chosen))
     return chosen
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-    with open(ROOT / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd)
-    (ROOT / f"{name}.pid").write_text(str(proc.pid))
-
-
-def alive(name: str) -> bool:
-    try:
-        os.kill(int((ROOT / f"{name}.pid").read_text()), 0)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (grpc.RpcError, OSError, pymysql.err.MySQLError):
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo-ha: {what} did not come up; see the logs in {ROOT}")
-        time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------- Galera
@@ -339,22 +308,6 @@ Red Dwarf HA is up.
   stop:      make demo-ha-stop
 """)
     return 0
-
-
-def stop(name: str) -> None:
-    try:
-        pid = int((ROOT / f"{name}.pid").read_text())
-    except (OSError, ValueError):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(150):
-            os.kill(pid, 0)
-            time.sleep(0.1)
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    (ROOT / f"{name}.pid").unlink(missing_ok=True)
 
 
 def down() -> int:

@@ -14,6 +14,7 @@ import pytest
 from reddwarf.common import agent_build
 from reddwarf.server import db, maintenance
 from reddwarf.v1 import database_pb2, database_pb2_grpc
+from tests.day2.conftest import MAINTENANCE_ENV
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.functional.test_instance_flows import container_dir, get, pid_alive, wait_active, wait_task
 
@@ -30,9 +31,7 @@ def new_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, new_wheel: Path) -> Iterator[Cluster]:
-    # The tests run the scheduler's passes themselves, from outside the server process, as another server
-    # would: its cached instance views would show their changes only after instance_cache_seconds.
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0", "REDDWARF_AGENT_WHEEL": str(new_wheel)}
+    env = {**MAINTENANCE_ENV, "REDDWARF_AGENT_WHEEL": str(new_wheel)}
     with start_cluster(tmp_path_factory.mktemp("day2up"), server_env=env, driver="fake") as c:
         yield c
 

@@ -25,6 +25,7 @@ from reddwarf.server import db, maintenance
 from reddwarf.v1 import common_pb2, database_pb2, database_pb2_grpc
 from reddwarf.v1 import configuration_pb2 as cpb
 from reddwarf.v1 import configuration_pb2_grpc as cpb_grpc
+from tests.day2.conftest import MAINTENANCE_ENV
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.provisioning.test_e2e import wait_status, wait_task
 
@@ -44,9 +45,7 @@ def new_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, new_wheel: Path) -> Iterator[Cluster]:
-    # The tests run the scheduler's passes themselves, from outside the server process, as another server
-    # would: its cached instance views would show their changes only after instance_cache_seconds.
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0", "REDDWARF_AGENT_WHEEL": str(new_wheel)}
+    env = {**MAINTENANCE_ENV, "REDDWARF_AGENT_WHEEL": str(new_wheel)}
     with start_cluster(tmp_path_factory.mktemp("day2lxc"), server_env=env) as c:
         yield c
 

@@ -7,17 +7,16 @@ window without waiting for a weekday. Steps share one instance and are chained w
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from reddwarf.common import agent_build
-from reddwarf.server import db, maintenance
+from reddwarf.server import maintenance
 from reddwarf.v1 import configuration_pb2 as cpb
 from reddwarf.v1 import configuration_pb2_grpc as cpb_grpc
 from reddwarf.v1 import database_pb2
-from tests.fixtures.cluster import Cluster, start_cluster
+from tests.fixtures.cluster import Cluster
 from tests.fixtures.errors import field_violations
 from tests.fixtures.waiting import until
 from tests.functional.test_instance_flows import agent_actions, get, wait_active, wait_task
@@ -29,24 +28,6 @@ WINDOW = database_pb2.MaintenanceWindow(weekday=3, start_time="10:00", duration_
 INSIDE = dt.datetime(2026, 12, 2, 10, 30)
 BEFORE = dt.datetime(2026, 12, 2, 9, 59)
 AFTER = dt.datetime(2026, 12, 2, 11, 0)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    # The tests run the scheduler's passes themselves, from outside the server process, as another server
-    # would: its cached instance views would show their changes only after instance_cache_seconds.
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0"}
-    with start_cluster(tmp_path_factory.mktemp("day2"), server_env=env, driver="fake") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def sessions(cluster: Cluster):  # type: ignore[no-untyped-def]
-    engine = db.make_engine(cluster.server.db_url)
-    try:
-        yield db.session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +174,6 @@ def test_the_window_changes_with_update(cluster: Cluster, inst: database_pb2.Ins
 
 def test_an_upgrade_asked_for_the_window_is_checked_now_and_starts_only_in_the_window(
         cluster: Cluster, sessions) -> None:  # type: ignore[no-untyped-def]
-    from reddwarf.server import upgrade  # noqa: F401 - registers the upgrade action's handler, as the server does
     from reddwarf.v1 import admin_pb2
 
     up = cluster.instances.CreateInstance(database_pb2.CreateInstanceRequest(instance=database_pb2.Instance(

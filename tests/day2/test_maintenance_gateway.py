@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.day2.conftest import MAINTENANCE_ENV
 from tests.fixtures.cluster import Cluster, start_cluster
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.waiting import until
@@ -16,9 +17,7 @@ from tests.fixtures.waiting import until
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
-    # The tests run the scheduler's passes themselves, from outside the server process, as another server
-    # would: its cached instance views would show their changes only after instance_cache_seconds.
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0"}
+    env = dict(MAINTENANCE_ENV)
     with start_cluster(tmp_path_factory.mktemp("day2gw"), server_env=env, driver="fake") as c, \
             start_gateway(c.server.api, c.server.gateway_files) as base:
         yield c, f"{base}/v1.0/{c.tenant}"

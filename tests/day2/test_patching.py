@@ -23,7 +23,7 @@ from reddwarf.common.errors import InvalidArgument
 from reddwarf.common.states import InstanceStatus, TaskState
 from reddwarf.server import db, maintenance, models
 from reddwarf.v1 import admin_pb2, database_pb2, host_pb2
-from tests.fixtures.cluster import Cluster, start_cluster
+from tests.fixtures.cluster import Cluster
 from tests.fixtures.errors import field_violations
 from tests.fixtures.waiting import until
 from tests.functional.test_instance_flows import get, hostd, wait_active
@@ -33,23 +33,6 @@ WINDOW = database_pb2.MaintenanceWindow(weekday=3, start_time="10:00", duration_
 INSIDE = dt.datetime(2026, 12, 2, 10, 30)  # a Wednesday, inside the window
 BEFORE = dt.datetime(2026, 12, 2, 9, 0)
 ENDED = (admin_pb2.TASK_STATE_SUCCEEDED, admin_pb2.TASK_STATE_FAILED, admin_pb2.TASK_STATE_CANCELLED)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    env = {"REDDWARF_MAINTENANCE_CHECK_SECONDS": "0", "REDDWARF_INSTANCE_CACHE_SECONDS": "0"}
-    with start_cluster(tmp_path_factory.mktemp("patching"), server_env=env, driver="fake") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def sessions(cluster: Cluster):  # type: ignore[no-untyped-def]
-    from reddwarf.server import upgrade  # noqa: F401 - registers the patch action's handler, as the server does
-    engine = db.make_engine(cluster.server.db_url)
-    try:
-        yield db.session_factory(engine)
-    finally:
-        engine.dispose()
 
 
 def create(cluster: Cluster, name: str) -> database_pb2.Instance:
