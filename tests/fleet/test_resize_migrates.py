@@ -12,9 +12,6 @@ tests/fleet/test_migrate_san.py.) The fixture is also tests/fleet/test_migrate_c
 evacuation is off, so a killed hostd is only DOWN until it returns."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 
@@ -24,17 +21,10 @@ from sqlalchemy import select
 
 from reddwarf.common.errors import ResourceExhausted
 from reddwarf.common.states import InstanceStatus
-from reddwarf.hostd import qsd
 from reddwarf.server import db, models
 from reddwarf.server.migration import KIND, submit_resize
-from reddwarf.v1 import admin_pb2, admin_pb2_grpc, database_pb2, host_pb2
-from tests.fixtures.cluster import host_files
+from reddwarf.v1 import admin_pb2, database_pb2, host_pb2
 from tests.fixtures.errors import field_violations
-from tests.fixtures.fleet import recorded_host_files
-from tests.fixtures.hostd import start_hostd
-from tests.fixtures.mariadb import free_port
-from tests.fixtures.netns import host_network
-from tests.fixtures.server import start_server
 from tests.fixtures.waiting import until
 
 from .test_migrate_checks import sessions, task_count
@@ -47,6 +37,7 @@ from .test_migrate_san import (
     create,
     get,
     pytestmark,
+    san_fleet,
     settled,
     wait_task,
 )
@@ -65,51 +56,11 @@ def machine_memory_mb() -> int:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory) -> Iterator[Fleet]:
-    root = tmp_path_factory.mktemp("resize")
-    control_port = 20000 + free_port() % 10000
+    # h-a and h-c have room for SMALL_HOST_MB only; the host watch never evacuates (lost after "0": never).
     small = SMALL_HOST_MB / machine_memory_mb()
-    with host_network(["san", "a", "b", "c"]) as net:
-        env = {"REDDWARF_CAPACITY_REFRESH_SECONDS": "3600", "REDDWARF_SAN_REATTACH_SECONDS": "0",
-               "REDDWARF_HOST_CHECK_SECONDS": "1", "REDDWARF_HOST_LOST_SECONDS": "0",
-               "REDDWARF_AGENT_LISTEN": f"{net.gateway}:{free_port()}",
-               "REDDWARF_ENROLL_LISTEN": f"{net.gateway}:{free_port()}"}
-        with start_server(root, extra_env=env) as server:
-            admin = admin_pb2_grpc.AdminStub(server.channel(server.admin_files))
-            try:
-                with start_hostd(root / "san", host_files(server.ca, root / "san-tls", "h-san"), host_id="h-san",
-                                 listen_host=net["san"].address, wrap=tuple(net["san"].argv([])),
-                                 extra_args=("--mode", "storage", "--iscsi-portal", f"{net['san'].address}:3260",
-                                             "--iscsi-control-port", str(control_port))) as sanh, \
-                        start_hostd(root / "a", recorded_host_files(admin, root / "a-tls", "h-a"), host_id="h-a",
-                                    listen_host=net["a"].address, wrap=tuple(net["a"].argv([])), driver="fake",
-                                    volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as a, \
-                        start_hostd(root / "b", recorded_host_files(admin, root / "b-tls", "h-b"), host_id="h-b",
-                                    listen_host=net["b"].address, wrap=tuple(net["b"].argv([])), driver="fake",
-                                    volume_driver="iscsi", extra_args=("--iscsi-initiator", "userspace")) as b, \
-                        start_hostd(root / "c", recorded_host_files(admin, root / "c-tls", "h-c"), host_id="h-c",
-                                    listen_host=net["c"].address, wrap=tuple(net["c"].argv([])),
-                                    driver="fake") as c:
-                    for h, overcommit in ((sanh, 0.0), (a, small), (b, 0.0), (c, small)):
-                        admin.RegisterHost(admin_pb2.RegisterHostRequest(host=admin_pb2.Host(
-                            id=h.host_id, address=h.address, memory_overcommit=overcommit)))
-                    admin.CreateTenant(admin_pb2.CreateTenantRequest(tenant=admin_pb2.Tenant(id="growco")))
-                    token = admin.CreateToken(admin_pb2.CreateTokenRequest(tenant="tenants/growco")).secret
-                    f = Fleet(net, server, env, sanh, {"h-a": a, "h-b": b, "h-c": c}, control_port,
-                              (("authorization", f"Bearer {token}"),))
-                    yield f
-            finally:
-                run_dir_hosts = ("a", "b")
-                for host in run_dir_hosts:
-                    run_dir = root / host / "state" / "iscsi"  # sessions a failed test left
-                    if run_dir.is_dir():
-                        ini = qsd.UserspaceInitiator(str(run_dir))
-                        for vid in os.listdir(run_dir):
-                            ini.logout(vid)
-                subprocess.run([sys.executable, "-m", "reddwarf.hostd.main", "stop-target", "--host-id", "h-san",
-                                "--state-dir", str(root / "san" / "state"), "--iscsi-control-port",
-                                str(control_port), "--iscsi-portal", f"{net['san'].address}:3260"],
-                               check=False, timeout=60)
-
+    with san_fleet(tmp_path_factory.mktemp("resize"), "growco", host_lost_seconds="0",
+                   memory_overcommit={"h-a": small, "h-c": small}) as f:
+        yield f
 
 def only_up(f: Fleet, up: str) -> None:
     """Every compute host but `up` takes nothing new."""
