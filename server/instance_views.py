@@ -241,9 +241,9 @@ class InstanceViews:
             # is kept no longer than the next edge) and the agent's version.
             from . import maintenance  # imports this module
 
-            now = utcnow()
-            maintenance.decorate(s, pb, now)
-            keep = min(keep, (maintenance.window_of(s, iid).next_change(now) - now).total_seconds())
+            now, window = utcnow(), maintenance.window_of(s, iid)
+            maintenance.decorate(s, pb, now, window)
+            keep = min(keep, (window.next_change(now) - now).total_seconds())
             return View(row.tenant_id, row.deleted_at is not None, pb, keep, pb.SerializeToString(deterministic=True))
 
     def view(self, principal: Principal, name: str, field: str = "name") -> View:

@@ -197,10 +197,12 @@ def _ts(t: dt.datetime) -> Timestamp:
     return pb
 
 
-def decorate(s: Session, pb: database_pb2.Instance, now: dt.datetime | None = None) -> database_pb2.Instance:
-    """Adds the window, the open actions (each with when it runs) and the agent's version to a view."""
+def decorate(s: Session, pb: database_pb2.Instance, now: dt.datetime | None = None,
+             window: Window | None = None) -> database_pb2.Instance:
+    """Adds the window (`window`, when the caller read it already), the open actions (each with when it runs)
+    and the agent's version to a view."""
     now = now or utcnow()
-    w = window_of(s, pb.id)
+    w = window or window_of(s, pb.id)
     pb.maintenance_window.CopyFrom(w.to_pb())
     nxt = w.next_start(now)
     for a in open_actions(s, pb.id):
