@@ -63,10 +63,14 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
     def _pb(self, s: Session, row: models.Instance) -> database_pb2.Instance:
         return instance_pb(s, row, self.app.settings.heartbeat_expiry_seconds)
 
-    def _submit(self, s: Session, kind: str, iid: str, params: dict[str, Any] | None = None) -> None:
+    @staticmethod
+    def _refuse_busy(s: Session, iid: str) -> None:
         if tasks.active_task_for(s, f"instances/{iid}") is not None:
             raise FailedPrecondition(f"instance {iid} is busy with another operation; retry when it is ACTIVE",
                                      field="name")
+
+    def _submit(self, s: Session, kind: str, iid: str, params: dict[str, Any] | None = None) -> None:
+        self._refuse_busy(s, iid)
         tasks.submit(s, kind, f"instances/{iid}", params or {})
 
     def _after_submit(self, iid: str) -> None:
@@ -211,14 +215,20 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
         return await asyncio.to_thread(q)
 
     def _action(self, context: Context, name: str, kind: str, params: dict[str, Any] | None = None,
-                check: Check | None = None) -> database_pb2.Instance:
+                check: Check | None = None,
+                submit: Callable[[Session, models.Instance], object] | None = None) -> database_pb2.Instance:
+        """Checks, then submits the `kind` task (or calls `submit`, which adds the task(s) itself)."""
         p = current_principal(context)
         with self.app.sessions() as s, s.begin():
             row = owned_instance(s, p, name)
             status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
             if check is not None:
                 check(s, row, status)
-            self._submit(s, kind, row.id, params)
+            if submit is None:
+                self._submit(s, kind, row.id, params)
+            else:
+                self._refuse_busy(s, row.id)
+                submit(s, row)
             s.flush()
             pb = self._pb(s, row)
         self._after_submit(row.id)
@@ -327,10 +337,7 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
                              context: Context) -> database_pb2.Instance:
         flavor_id = resource_id(request.flavor, "flavors", "flavor")
 
-        p = current_principal(context)
-        with self.app.sessions() as s, s.begin():
-            row = owned_instance(s, p, request.name)
-            status, _ = derived_status(s, row, self.app.settings.heartbeat_expiry_seconds)
+        def check(s: Session, row: models.Instance, status: InstanceStatus) -> None:
             f = s.get(models.Flavor, flavor_id)
             if f is None:
                 raise NotFound(f"flavor {flavor_id!r} does not exist", field="flavor")
@@ -339,15 +346,13 @@ class InstancesServicer(database_pb2_grpc.InstancesServicer):
             check_flavor(s, row, f.memory_mb)
             if status != InstanceStatus.ACTIVE:
                 raise FailedPrecondition(f"instance is {status}; resize needs ACTIVE", field="name")
-            if tasks.active_task_for(s, f"instances/{row.id}") is not None:
-                raise FailedPrecondition(f"instance {row.id} is busy with another operation; retry when it is "
-                                         "ACTIVE", field="name")
+
+        def submit(s: Session, row: models.Instance) -> str:
             # In place, or, when its host has no room for the new flavor, a migration to one that has.
-            migration.submit_resize(s, row, f)
-            s.flush()
-            pb = self._pb(s, row)
-        self._after_submit(row.id)
-        return pb
+            flavor = s.get(models.Flavor, flavor_id)
+            assert flavor is not None  # checked above, in the same transaction
+            return migration.submit_resize(s, row, flavor)
+        return self._action(context, request.name, "resize_instance", check=check, submit=submit)
 
     @grpc_edge
     async def UpgradeInstance(self, request: database_pb2.UpgradeInstanceRequest,
