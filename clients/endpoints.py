@@ -35,8 +35,11 @@ _FILES: tuple[FileDescriptor, ...] = (database_pb2.DESCRIPTOR, admin_pb2.DESCRIP
 # Short: a retry is meant to land on another server (round-robin skips the one that went away), and the
 # backoffs together (at most 0.1 + 0.2 + 0.4 s, jittered) stay well inside a short deadline, so a server that
 # refuses every attempt (a TLS failure) still answers UNAVAILABLE rather than DEADLINE_EXCEEDED.
+# CANCELLED too: a server that stops answers CANCELLED (not UNAVAILABLE) to a call that reached it but was not
+# yet handed to a handler (gRPC core, grpc/grpc#41785), which a rolling restart hits now and then. These methods
+# are safe to repeat whatever the server did, and a cancel by the caller itself is never retried by gRPC.
 RETRY_POLICY: dict[str, Any] = {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
-                                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+                                "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}
 
 
 def split_endpoints(endpoint: str | Iterable[str]) -> list[str]:
@@ -85,7 +88,7 @@ def is_read(method: str) -> bool:
 
 
 def retried_methods() -> list[tuple[str, str]]:
-    """(service, method) of every public method a client may retry on UNAVAILABLE."""
+    """(service, method) of every public method a client may retry on UNAVAILABLE or a server's CANCELLED."""
     out = []
     for f in _FILES:
         for service in f.services_by_name.values():

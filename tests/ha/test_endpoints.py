@@ -35,9 +35,55 @@ def test_the_retry_policy_covers_reads_and_creates_with_request_ids_only() -> No
     for unsafe in ("DeleteInstance", "RestartInstance", "ResizeInstance", "UpdateInstance", "StopInstance"):
         assert f"reddwarf.v1.Instances/{unsafe}" not in retried
     assert "reddwarf.v1.Databases/CreateDatabase" not in retried  # no request id: a repeat is not known safe
-    assert all(mc["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"] for mc in cfg["methodConfig"])
+    assert all(mc["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+               for mc in cfg["methodConfig"])
     assert cfg["loadBalancingConfig"] == [{"round_robin": {}}]
     assert "loadBalancingConfig" not in json.loads(endpoints.retry_service_config(several=False))
+
+
+def test_a_server_side_cancelled_is_retried_for_safe_methods_only() -> None:
+    """A stopping server answers CANCELLED to calls it had not yet handed to a handler (grpc/grpc#41785): the
+    channel repeats a read, and never a call that is not known safe to repeat."""
+    import asyncio
+
+    import grpc
+
+    seen: dict[str, int] = {"reddwarf.v1.Catalog/ListFlavors": 0, "reddwarf.v1.Instances/DeleteInstance": 0}
+
+    async def run() -> tuple[bytes, str]:
+        def handler_for(name: str) -> grpc.RpcMethodHandler:
+            async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                seen[name] += 1
+                if seen[name] == 1:
+                    await context.abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+                return b"ok"
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+        class Generic(grpc.GenericRpcHandler):
+            def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+                name = details.method.lstrip("/")
+                return handler_for(name) if name in seen else None
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((Generic(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            async with grpc.aio.insecure_channel(target, options=endpoints.channel_options(target)) as ch:
+                read = await ch.unary_unary("/reddwarf.v1.Catalog/ListFlavors")(b"", timeout=10)
+                try:
+                    await ch.unary_unary("/reddwarf.v1.Instances/DeleteInstance")(b"", timeout=10)
+                    delete = "OK"
+                except grpc.aio.AioRpcError as exc:
+                    delete = exc.code().name
+                return read, delete
+        finally:
+            await server.stop(0)
+
+    read, delete = asyncio.run(run())
+    assert read == b"ok" and seen["reddwarf.v1.Catalog/ListFlavors"] == 2
+    assert delete == "CANCELLED" and seen["reddwarf.v1.Instances/DeleteInstance"] == 1
 
 
 def test_several_endpoints_become_one_address_list() -> None:
