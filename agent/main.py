@@ -231,9 +231,11 @@ def make_driver(cfg: AgentConfig) -> DatastoreDriver:
     if cfg.driver == "fake":
         from .fake import FakeDriver
         return FakeDriver(cfg.state_dir)
+    from .mycnf import server_id_for
     from .mysql import MysqlDriver, MysqlSettings
     return MysqlDriver(MysqlSettings(state_dir=os.path.join(cfg.state_dir, "mysql"), datadir=cfg.datadir,
-                                     port=cfg.mysql_port, bind_address=cfg.bind_address, run_as=cfg.run_as))
+                                     port=cfg.mysql_port, bind_address=cfg.bind_address, run_as=cfg.run_as,
+                                     server_id=server_id_for(cfg.instance_id)))
 
 
 async def amain(cfg: AgentConfig) -> None:

@@ -22,7 +22,7 @@ import pymysql
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from reddwarf.common import cidrs, names, parameters, pki
+from reddwarf.common import cidrs, datadir_seed, names, parameters, pki
 from reddwarf.common.errors import InvalidArgument, RedDwarfError
 from reddwarf.common.states import ServiceState
 
@@ -74,6 +74,8 @@ class MysqlSettings:
     install_db: str = ""
     # mysqld's TLS key and certificates; default /etc/mysql/reddwarf-tls (run_as root: <state_dir>/mysql-tls).
     tls_dir: str = ""
+    # mysqld's server_id (mycnf.server_id_for(instance id) in a guest); 0: MariaDB's default.
+    server_id: int = 0
 
 
 _NOT_RUNNING = (2002, 2003, 2006, 2013)  # CR_CONNECTION_ERROR, CR_CONN_HOST_ERROR, gone away, lost
@@ -97,9 +99,9 @@ class MysqlDriver(DatastoreDriver):
         self._lock = asyncio.Lock()
         os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
         self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db,
-                             settings.tls_dir)
+                             settings.tls_dir, settings.server_id)
         self.admin = MysqlAdmin(self._admin_connect)
-        self.config = ConfigurationOverrides(settings.state_dir, self._admin_socket_connect)
+        self.config = ConfigurationOverrides(settings.state_dir, self._admin_connect)
         self._logs = MysqlLogs(settings.state_dir, lambda: os.path.join(volume_work_dir(self.volume), "logs"),
                                settings.run_as, self.admin.cursor, self._mysqld_running, self._write_my_cnf)
 
@@ -113,12 +115,9 @@ class MysqlDriver(DatastoreDriver):
             return str(json.load(f)["password"])
 
     def _admin_connect(self) -> Any:
-        return pymysql.connect(unix_socket=self.mysqld.socket, user=names.ADMIN_USER,
-                               password=self.admin_password(), autocommit=True, connect_timeout=5)
-
-    def _admin_socket_connect(self) -> Any:
         # The unix socket needs no TLS; without ssl_disabled pymysql builds a default SSL context for every
-        # connection, loading the system CAs (about 140 ms here, most of a configuration change).
+        # connection, loading the system CAs (about 140 ms here, most of a configuration change; twice that
+        # under a small flavor's CPU cap), and once mysqld has a certificate, does a TLS handshake over the socket.
         return pymysql.connect(unix_socket=self.mysqld.socket, user=names.ADMIN_USER, password=self.admin_password(),
                                autocommit=True, connect_timeout=5, ssl_disabled=True)
 
@@ -326,7 +325,13 @@ class MysqlDriver(DatastoreDriver):
         self._write_my_cnf()
         self._logs.ensure_dir()
         await progress(40, "initialising the datadir")
-        if await self.mysqld.init_datadir(self.datadir):
+        # The template's datadir seed on a fresh volume (hostd/volume_seed.py) unless the configuration group
+        # sets something that shapes what mariadb-install-db writes: then the guest makes its own, as before.
+        shaped = set(spec.configuration) & datadir_seed.SHAPING_PARAMETERS
+        seed = "" if shaped else os.path.join(self.volume, datadir_seed.VOLUME_SEED_DIR)
+        if shaped:
+            await asyncio.to_thread(shutil.rmtree, os.path.join(self.volume, datadir_seed.VOLUME_SEED_DIR), True)
+        if await self.mysqld.init_datadir(self.datadir, seed):
             self.mysqld.mark_system_tables(self.datadir, self.config.version)
         else:
             await asyncio.to_thread(self.mysqld.adopt_datadir, self.datadir)

@@ -25,7 +25,7 @@ import shutil
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, Result, run
 
-from . import cgroups, firstboot, idmap, network, template
+from . import cgroups, firstboot, idmap, network, template, volume_seed
 from .containers import (
     ContainerDriver,
     ContainerSpec,
@@ -192,7 +192,11 @@ class LxcDriver(ContainerDriver):
             config = firstboot.agent_config(bootstrap, spec.network.port, spec.datadir, bind)
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
             firstboot.write_name_files(self.upper_dir(spec.id), name, spec.network.mode == "bridge")
-            if self._unprivileged(spec.id):
+            unprivileged = self._unprivileged(spec.id)
+            if spec.mount is not None:
+                self._seed_volume(spec.template, spec.mount.host_path,
+                                  self._idmap_base(spec.id) if unprivileged else 0)
+            if unprivileged:
                 base = self._idmap_base(spec.id)
                 template.shift_tree(self.upper_dir(spec.id), base)  # hostd's files become the container root's
                 if spec.mount is not None:
@@ -312,6 +316,15 @@ class LxcDriver(ContainerDriver):
         if address not in self._published:
             self._published[address] = self.bridge.reach_host_service(address)
         return self._published[address]
+
+    def _seed_volume(self, template_name: str, host_path: str, base: int) -> None:
+        """A fresh volume gets the template's datadir seed (hostd/volume_seed.py), which its guest takes over
+        instead of running mariadb-install-db; a volume with anything on it is left as it is."""
+        if not os.path.isdir(host_path):
+            return
+        seed = volume_seed.seed_for(self.settings, template_name)
+        if seed is not None and volume_seed.seed_volume(seed, host_path, base):
+            log.info("volume seeded", extra={"path": host_path, "template": template_name})
 
     def _own_volume(self, host_path: str, base: int) -> None:
         """The data volume belongs to the container's mapped ids (once: a fresh, formerly privileged or

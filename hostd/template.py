@@ -141,7 +141,16 @@ def download_wheels(settings: Settings, recipe: Recipe) -> str:
 def build_template(settings: Settings, *, force: bool = False, release: str = "", revision: int = 0) -> str:
     """Builds the template if it is missing (or `force`); returns its name. Safe to call concurrently:
     one builder at a time per template lxcpath, the others wait and reuse its result. `release` (default:
-    the host's default template, bookworm) and `revision` choose another recipe, cached under its own name."""
+    the host's default template, bookworm) and `revision` choose another recipe, cached under its own name.
+    Its datadir seed (volume_seed.py) is made here too, so that no create waits for it."""
+    from .volume_seed import seed_for  # volume_seed builds on this module
+
+    name = _build_template(settings, force=force, release=release, revision=revision)
+    seed_for(settings, name)
+    return name
+
+
+def _build_template(settings: Settings, *, force: bool, release: str, revision: int) -> str:
     recipe = current_recipe(release or RELEASE, revision)
     name = recipe.name if release else (settings.template or recipe.name)
     tpath = settings.template_lxc_path
