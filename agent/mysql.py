@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pymysql
 from cryptography import x509
@@ -27,7 +27,6 @@ from reddwarf.common.errors import InvalidArgument, RedDwarfError
 from reddwarf.common.states import ServiceState
 
 from . import convert, services
-from .backup import BackupRunner, BackupSettings, MysqlAccess
 from .configuration import ConfigurationOverrides
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
 from .logs import GuestLogs, MysqlLogs
@@ -53,6 +52,9 @@ from .model import (
 from .mycnf import MyCnf, size_for_limits, volume_work_dir
 from .mysql_admin import MysqlAdmin, create_internal_admin
 from .mysqld import INIT_MARKER, Mysqld, datadir_on_volume
+
+if TYPE_CHECKING:
+    from .backup import BackupRunner
 
 log = logging.getLogger("reddwarf.agent.mysql")
 
@@ -524,6 +526,9 @@ class MysqlBackups:
         self.driver = driver
 
     def _runner(self) -> BackupRunner:
+        # Imported on the first backup or restore, not at the agent's start (a create waits on that start).
+        from .backup import BackupRunner, BackupSettings, MysqlAccess
+
         d = self.driver
         access = MysqlAccess(socket=d.mysqld.socket, user=names.ADMIN_USER, password=d.admin_password(),
                              datadir=d.datadir, defaults_file=d.mysqld.my_cnf_path)
