@@ -49,10 +49,10 @@ from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
 
 from . import trove, trove_configurations, trove_schemas
-from .gateway_http import guarded_protocol
-from .gateway_routes import DictRouter
 from .aio import AsyncClient
 from .config import ClientConfig
+from .gateway_http import guarded_protocol
+from .gateway_routes import DictRouter
 from .resources import maintenance_window
 
 MAX_BODY = 1 << 20
@@ -170,7 +170,16 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        lengths = {v.strip() for k, v in scope["headers"] if k == b"content-length"}
+        lengths = set()
+        framed = False  # a body comes only with Content-Length or Transfer-Encoding (RFC 9112 6.3)
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                lengths.add(v.strip())
+            elif k == b"transfer-encoding":
+                framed = True
+        if not lengths and not framed:  # no body: nothing to count or wait for (most GETs and DELETEs)
+            await self.app(scope, receive, send)
+            return
         if lengths:
             # The HTTP parser already refuses a malformed or doubled Content-Length; this holds without it too.
             value = lengths.pop() if len(lengths) == 1 else b""

@@ -82,24 +82,34 @@ def guarded_protocol(max_header_bytes: int, header_seconds: float, drain_seconds
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn narrows it to Transport
             self._corked = _Corked(self.transport, self.loop)
-            self._arm()
+            self._head_started()
 
         # -- the head deadline ------------------------------------------------------------------
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(header_seconds, self._head_late)
+        # One timer per connection, not one per request: a head that starts records its start time, and the
+        # timer, when it fires, closes the connection if a head is still incomplete past its deadline, sets
+        # itself again for the head in progress, or lapses while none is (on_message_begin arms it anew).
+        _head_since = 0.0
+
+        def _head_started(self) -> None:
+            self._head_since = self.loop.time()
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_at(self._head_since + header_seconds, self._head_due)
 
         def _disarm(self) -> None:
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
 
-        def _head_late(self) -> None:
+        def _head_due(self) -> None:
             self._head_timer = None
-            if self._in_head and not self.transport.is_closing():
-                self.logger.warning("request head not complete within %s s; closing %s", header_seconds,
-                                    self.client)
-                self._corked.close()
+            if not self._in_head or self._head_since == 0.0 or self.transport.is_closing():
+                return
+            due = self._head_since + header_seconds
+            if self.loop.time() < due:
+                self._head_timer = self.loop.call_at(due, self._head_due)
+                return
+            self.logger.warning("request head not complete within %s s; closing %s", header_seconds, self.client)
+            self._corked.close()
 
         def _refuse_head(self) -> None:
             self.logger.warning("request head over %s bytes from %s; closing", max_header_bytes, self.client)
@@ -113,8 +123,6 @@ def guarded_protocol(max_header_bytes: int, header_seconds: float, drain_seconds
                 return
             self._unset_keepalive_if_required()
             if self._in_head:
-                if self._head_timer is None:  # the first byte of a request on a kept-alive connection
-                    self._arm()
                 # Counted before parsing: a read that completes a head (and carries body bytes) resets it in
                 # on_headers_complete, where the head's exact size is checked. A head that begins in the
                 # middle of a read (pipelining) is counted from the next read on: low by one read at most.
@@ -139,7 +147,11 @@ def guarded_protocol(max_header_bytes: int, header_seconds: float, drain_seconds
 
         # -- parser callbacks -------------------------------------------------------------------
         def on_message_begin(self) -> None:
+            # The first byte of a request: its head's deadline runs from here, or from the connection for
+            # the first request.
             self._in_head = True
+            if self._head_since == 0.0:
+                self._head_started()
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
@@ -147,15 +159,14 @@ def guarded_protocol(max_header_bytes: int, header_seconds: float, drain_seconds
             if size > max_header_bytes:
                 self._head_bytes = size
                 raise HeadTooLarge  # feed_data stops and raises HttpParserCallbackError
-            self._in_head, self._in_body, self._head_bytes = False, True, 0
-            self._disarm()
+            self._in_head, self._in_body, self._head_bytes, self._head_since = False, True, 0, 0.0
             super().on_headers_complete()
             if self.cycle is not None:
                 self.cycle.transport = self._corked  # type: ignore[assignment]
 
         def on_message_complete(self) -> None:
             self._in_body = False
-            self._in_head = True  # the next request's head, whenever its first byte comes (data_received arms)
+            self._in_head = True  # the next request's head, whenever its first byte comes (on_message_begin)
             super().on_message_complete()
 
         # -- the rest of an answered request's body ---------------------------------------------
