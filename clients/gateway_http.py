@@ -6,7 +6,9 @@ have, and its two writes per response made one.
 - a request head complete within header_seconds of the connection or of the first byte of its next request,
   else the connection is closed (uvicorn only times out idle keep-alive connections, and a byte resets that);
 - the body of a request already answered (a 413, say) still arriving drain_seconds after the answer: closed
-  (uvicorn's httptools protocol drops such bytes, and would take them forever).
+  (uvicorn's httptools protocol drops such bytes, and would take them forever);
+- exactly one Host header in an HTTP/1.1 request (400 otherwise), as h11 required; llhttp itself refuses a
+  doubled or malformed Content-Length and Content-Length with Transfer-Encoding (400).
 
 httptools gives no parser state, so the protocol keeps its own: `_in_head` from the start of a request to its
 headers (parser callbacks on_message_begin / on_headers_complete), `_in_body` from there to on_message_complete.
@@ -25,6 +27,10 @@ from . import trove
 
 class HeadTooLarge(Exception):
     """Raised from a parser callback: the head that just completed is over the cap."""
+
+
+class BadHost(Exception):
+    """Raised from a parser callback: no Host header in an HTTP/1.1 request, or more than one."""
 
 
 class _Corked:
@@ -155,10 +161,16 @@ def guarded_protocol(max_header_bytes: int, header_seconds: float, drain_seconds
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
-            size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            size, hosts = len(self.url), 0
+            for k, v in self.headers:
+                size += len(k) + len(v) + 4
+                hosts += k == b"host"
             if size > max_header_bytes:
                 self._head_bytes = size
-                raise HeadTooLarge  # feed_data stops and raises HttpParserCallbackError
+                raise HeadTooLarge  # feed_data stops and raises HttpParserCallbackError: 431
+            if hosts > 1 or (hosts == 0 and self.parser.get_http_version() == "1.1"):
+                # RFC 9112 3.2: exactly one Host in HTTP/1.1, as h11 (the protocol before this one) required.
+                raise BadHost  # 400, as any other malformed request
             self._in_head, self._in_body, self._head_bytes, self._head_since = False, True, 0, 0.0
             super().on_headers_complete()
             if self.cycle is not None:

@@ -282,6 +282,22 @@ def test_an_oversized_request_head_is_431_and_closed(gw):
     assert httpx.get(gw + "/").status_code == 200
 
 
+def test_malformed_framing_and_host_are_400(gw):
+    for bad in (b"GET / HTTP/1.1\r\n\r\n",                                           # no Host
+                b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",                       # two
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3x\r\n\r\nabc",
+                # a body framed two ways: the way request smuggling through a proxy starts
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n0\r\n\r\n",
+                b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n"):                # TLS on the plain port
+        with raw(gw, bad) as s:
+            assert response(s).startswith(b"HTTP/1.1 400"), bad
+            assert closed_by_peer(s)
+    with raw(gw, b"GET / HTTP/1.0\r\n\r\n") as s:  # HTTP/1.0 has no Host to require
+        assert response(s).startswith(b"HTTP/1.1 200")
+
+
 def test_shutdown_finishes_the_request_in_flight_and_closes_idle_connections(server):
     """SIGTERM: the gateway stops accepting, closes idle keep-alive connections at once, lets a request it is
     still reading finish (answered with Connection: close), then exits."""
