@@ -18,7 +18,9 @@ What a hostile client meets before any handler runs:
   max_header_bytes (431 beyond) that must be complete within header_timeout of the connection or of its first
   byte (uvicorn has only the idle keep-alive timeout, so the protocol adds this deadline), idle
   keep-alive connections closed after keep_alive_timeout. The protocol (clients/gateway_http.py) is uvicorn's
-  httptools one with these added.
+  httptools one with these added;
+- framing: a doubled or malformed Content-Length, Content-Length with Transfer-Encoding, an HTTP/1.1 request
+  without exactly one Host: 400 and the connection closed.
 """
 from __future__ import annotations
 
