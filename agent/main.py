@@ -239,8 +239,9 @@ def make_driver(cfg: AgentConfig) -> DatastoreDriver:
 
 
 async def amain(cfg: AgentConfig) -> None:
-    files = await enroll(cfg)
-    driver = make_driver(cfg)
+    # The driver (and the modules it imports) is made in a thread while enrollment waits on the server: a
+    # create waits on both.
+    files, driver = await asyncio.gather(enroll(cfg), asyncio.to_thread(make_driver, cfg))
     try:
         await driver.resume()  # a container restart: bring back the mysqld prepared earlier
     except Exception:  # noqa: BLE001 - reported in health; the server can re-prepare or restart it

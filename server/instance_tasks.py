@@ -264,15 +264,19 @@ class InstanceTasks:
 
     async def step_activate(self, ctx: tasks.StepContext) -> None:
         # ACTIVE means "accepting connections now", proven by a fresh health report, not assumed.
-        res = await self.registry.call(ctx.resource_id, agent_pb2.Command(
+        health = self.registry.call(ctx.resource_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:health", get_health=agent_pb2.GetHealth()), timeout=60)
+        if ctx.params.get("build_boost"):
+            # The flavor's caps, which the container was built without (Settings.build_boost), in place before
+            # ACTIVE; set while the health report is on its way (both idempotent, so a replay does both again).
+            row = self._row(ctx.resource_id)
+            caps = self._host(row).SetLimits(host_pb2.SetLimitsRequest(
+                id=row.id, limits=limits_of(self._flavor(row.flavor_id))))
+            res, _ = await asyncio.gather(health, caps)
+        else:
+            res = await health
         if not res.health.accepting_connections:
             raise tasks.TransientError(f"mysqld is not accepting connections yet: {res.health.last_error}")
-        if ctx.params.get("build_boost"):
-            # The flavor's caps, which the container was built without (Settings.build_boost), before ACTIVE.
-            row = self._row(ctx.resource_id)
-            await self._host(row).SetLimits(host_pb2.SetLimitsRequest(
-                id=row.id, limits=limits_of(self._flavor(row.flavor_id))))
         await self.guests.on_health(ctx.resource_id, res.health)
         self._update(ctx.resource_id, status=InstanceStatus.ACTIVE)
 
