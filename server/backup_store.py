@@ -260,6 +260,8 @@ class BackupWriter(abc.ABC):
         self._sealer = ChunkSealer(data_key, tenant_id, backup_id)
         self._started = False
         self._on_close = on_close
+        # The chunk being hashed, sealed and stored while the caller fetches the next one (at most one).
+        self._pending: asyncio.Task[None] | None = None
         self.committed = False
         self.closed = False
 
@@ -275,6 +277,9 @@ class BackupWriter(abc.ABC):
             await self._write(ciphertext)
 
     async def write(self, data: bytes) -> None:
+        """Takes one chunk. Hashing, sealing and storing it run behind this call (in a thread: hashlib drops
+        the GIL), one chunk at a time, so the next chunk is received meanwhile; a failure there is raised by
+        the next write or the commit, and nothing is published after one."""
         if self.closed:
             raise FailedPrecondition("the upload is already finished", field="backup_id")
         if not data:
@@ -284,15 +289,33 @@ class BackupWriter(abc.ABC):
             raise ResourceExhausted(f"backup {self.backup_id}: the upload passed its cap of {self.max_bytes} "
                                     "bytes (set by the instance's volume size); nothing was stored",
                                     field="data")
-        self._digest.update(data)
         self.size_bytes += len(data)
-        await self._put(self._sealer.update(data))
+        await self._settle()
+        self._pending = asyncio.create_task(self._ingest(data))
+
+    async def _ingest(self, data: bytes) -> None:
+        await self._put(await asyncio.to_thread(self._hash_and_seal, data))
+
+    def _hash_and_seal(self, data: bytes) -> bytes:
+        self._digest.update(data)
+        return self._sealer.update(data)
+
+    async def _settle(self) -> None:
+        """Waits for the chunk in flight; its error (a full disk, a refused part) is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
 
     async def commit(self, expected_sha256: str) -> StoredObject:
         """Publishes atomically iff the bytes hash to expected_sha256; otherwise discards and raises."""
         check_sha256(expected_sha256)
         if self.closed:
             raise FailedPrecondition("the upload is already finished", field="backup_id")
+        try:
+            await self._settle()
+        except BaseException:
+            await self.abort()
+            raise
         actual = self.sha256
         if actual != expected_sha256:
             await self.abort()
@@ -313,7 +336,17 @@ class BackupWriter(abc.ABC):
         if not self.closed:
             self.closed = True
             try:
-                await self._discard()
+                if self._pending is not None:
+                    pending, self._pending = self._pending, None
+                    try:
+                        # Its thread cannot be stopped: let it end before the partial object goes.
+                        await asyncio.wait([pending])
+                    finally:
+                        if pending.done() and not pending.cancelled():
+                            pending.exception()  # retrieved: the caller already has the failure that matters
+                        await self._discard()
+                else:
+                    await self._discard()
             finally:
                 self._closed()
 
@@ -555,6 +588,10 @@ def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
 
 
+def _part_digests(body: bytes) -> tuple[bytes, str]:
+    return hashlib.md5(body, usedforsecurity=False).digest(), _b64(hashlib.sha256(body).digest())
+
+
 @dataclass(frozen=True)
 class _Part:
     number: int
@@ -587,8 +624,7 @@ class _S3Writer(BackupWriter):
         return self._upload_id
 
     async def _upload_part(self, upload_id: str, number: int, body: bytes) -> _Part:
-        md5 = hashlib.md5(body, usedforsecurity=False).digest()
-        sha = _b64(hashlib.sha256(body).digest())
+        md5, sha = await asyncio.to_thread(_part_digests, body)  # 8 MiB of hashing kept off the event loop
         # Content-MD5 and x-amz-checksum-sha256 make the store refuse a part damaged on the way (BadDigest).
         resp = await self.store.call_retrying("upload_part", self.backup_id, Key=self.key, UploadId=upload_id,
                                               PartNumber=number, Body=body, ContentMD5=_b64(md5),
