@@ -267,6 +267,7 @@ class BackupWriter(abc.ABC):
 
     @property
     def sha256(self) -> str:
+        """Of the bytes hashed so far: all of them after `flush` or `commit`."""
         return self._digest.hexdigest()
 
     async def _put(self, ciphertext: bytes) -> None:
@@ -299,6 +300,10 @@ class BackupWriter(abc.ABC):
     def _hash_and_seal(self, data: bytes) -> bytes:
         self._digest.update(data)
         return self._sealer.update(data)
+
+    async def flush(self) -> None:
+        """Returns once every chunk written so far is hashed and handed to the store (`sha256` covers it)."""
+        await self._settle()
 
     async def _settle(self) -> None:
         """Waits for the chunk in flight; its error (a full disk, a refused part) is raised here."""
