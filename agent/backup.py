@@ -65,7 +65,7 @@ class MysqlAccess:
 @dataclass(frozen=True)
 class BackupSettings:
     """Tuning knobs; the agent's settings object fills them."""
-    zstd_level: int = 1
+    zstd_level: int = 1  # below 1: zstd's --fast=N levels (N = -level): less CPU, a larger stream
     zstd_threads: int = 0  # 0 = one per core
     backup_timeout: float = 6 * 3600.0
     prepare_timeout: float = 6 * 3600.0
@@ -138,6 +138,10 @@ def _read_chunk(f: io.FileIO, digest: Any) -> bytes:
         del buf[got:]
     digest.update(buf)
     return bytes(buf)
+
+
+def _zstd_level_flag(level: int) -> str:
+    return f"-{min(level, 19)}" if level >= 1 else f"--fast={max(1, -level)}"
 
 
 def _grow_pipe(fd: int) -> None:
@@ -280,7 +284,7 @@ class BackupRunner:
             with open(err_path, "wb") as err_f, open(zerr_path, "wb") as zerr_f:
                 pipeline.procs.append(await runner.spawn(argv, stdout=write_fd, stderr=err_f.fileno()))
                 pipeline.procs.append(await runner.spawn(
-                    ["zstd", "-q", "-c", f"-{self.settings.zstd_level}", f"-T{self.settings.zstd_threads}"],
+                    ["zstd", "-q", "-c", _zstd_level_flag(self.settings.zstd_level), f"-T{self.settings.zstd_threads}"],
                     stdin=read_fd, stdout=out_w, stderr=zerr_f.fileno()))
         except BaseException:
             os.close(out_r)
