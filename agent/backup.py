@@ -83,7 +83,7 @@ class BackupSettings:
 
 @dataclass
 class _Pipeline:
-    """The children of one backup, the reader of zstd's output and the side tasks; `close` ends them all."""
+    """The children of one backup, the reader of zstd's output and the side tasks; `kill` ends them all."""
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
     reader: io.FileIO | None = None
     pending: asyncio.Future[bytes] | None = None  # the read running ahead in a thread
@@ -110,15 +110,16 @@ class _Pipeline:
         # zstd is gone, so a read still running in its thread sees EOF and returns: only then is the pipe
         # closed (closing an fd under a blocked read could hand the number to someone else's open).
         if self.pending is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(asyncio.shield(self.pending), 10)
+            await asyncio.wait([self.pending], timeout=10)
         if self.reader is not None and (self.pending is None or self.pending.done()):
             self.reader.close()
         for fut in self.tasks:
-            if not fut.done():
-                fut.cancel()
-            with contextlib.suppress(BaseException):
-                await fut  # retrieved: a side task that failed after the stream did is not logged as lost
+            fut.cancel()  # a no-op when it is done
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+        for fut in [*self.tasks, *([self.pending] if self.pending else [])]:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a side failure after the one reported is not logged as lost
 
 
 def _read_chunk(f: io.FileIO, digest: Any) -> bytes:

@@ -228,3 +228,9 @@ async def test_failed_mariadb_backup_never_sends_a_final_digest(mysqld_factory, 
         await broken.backup("bad", "", upload, no_progress)
     assert True not in seen_final
     assert not await store.exists("bad")
+
+
+def test_zstd_levels_below_one_are_its_fast_levels():
+    from reddwarf.agent.backup import _zstd_level_flag
+    assert [_zstd_level_flag(n) for n in (1, 3, 25, 0, -1, -5)] == ["-1", "-3", "-19", "--fast=1", "--fast=1",
+                                                                   "--fast=5"]
