@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import importlib
@@ -573,6 +574,9 @@ class S3Settings:
     verify_tls: bool = True
     ca_file: str = ""
     part_bytes: int = 8 << 20
+    # Parts uploading at once while the next fills (memory: this many parts plus the one filling). One at a
+    # time left the store idle between a part's answer and the next request.
+    parts_in_flight: int = 3
     # An incomplete multipart upload older than this is a crashed server's leftover: clean_partials aborts
     # it. Younger ones may be another server's upload in progress (the bucket is shared) and are left alone.
     stale_upload_seconds: float = 86400.0
@@ -583,6 +587,8 @@ class S3Settings:
     def __post_init__(self) -> None:
         if self.part_bytes < S3_MIN_PART:
             raise InvalidArgument(f"S3 parts must be at least {S3_MIN_PART} bytes (5 MiB)", field="s3_part_mb")
+        if not 1 <= self.parts_in_flight <= 16:
+            raise InvalidArgument("parts in flight must be 1..16", field="parts_in_flight")
 
     def __repr__(self) -> str:  # never print the secret
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -610,7 +616,7 @@ class _Part:
 class _S3Writer(BackupWriter):
     """A multipart upload: invisible until CompleteMultipartUpload, which runs only once the plaintext digest
     matched and the store confirmed every part it holds (number, size, MD5 ETag) is the one we sent. Memory
-    is bounded: the part being filled plus at most one part in flight."""
+    is bounded: the part being filled plus at most `parts_in_flight` parts uploading."""
 
     def __init__(self, store: S3Store, backup_id: str, data_key: bytes, tenant_id: str, max_bytes: int,
                  on_close: Callable[[], None]) -> None:
@@ -620,7 +626,7 @@ class _S3Writer(BackupWriter):
         self._buf = bytearray()
         self._parts: list[_Part] = []
         self._upload_id: str | None = None
-        self._inflight: asyncio.Task[_Part] | None = None
+        self._inflight: collections.deque[asyncio.Task[_Part]] = collections.deque()  # oldest first
 
     async def _ensure_upload(self) -> str:
         if self._upload_id is None:
@@ -643,16 +649,18 @@ class _S3Writer(BackupWriter):
                            f"and checksum {echoed}, not what was sent; nothing was stored", field="backup_id")
         return _Part(number, len(body), md5, sha)
 
-    async def _drain(self) -> None:
-        if self._inflight is not None:
-            task, self._inflight = self._inflight, None
-            self._parts.append(await task)
+    async def _drain(self, keep: int = 0) -> None:
+        """Waits for the oldest parts in flight until at most `keep` remain (their order is the parts')."""
+        while len(self._inflight) > keep:
+            self._parts.append(await self._inflight[0])
+            self._inflight.popleft()
 
     async def _send(self, body: bytes) -> None:
         upload_id = await self._ensure_upload()
-        await self._drain()  # one part in flight at most: bounded memory, and the next part fills meanwhile
-        number = len(self._parts) + 1
-        self._inflight = asyncio.create_task(self._upload_part(upload_id, number, body))
+        # Bounded memory, and the store kept busy: a new part starts once fewer than the limit are in flight.
+        await self._drain(self.store.settings.parts_in_flight - 1)
+        number = len(self._parts) + len(self._inflight) + 1
+        self._inflight.append(asyncio.create_task(self._upload_part(upload_id, number, body)))
 
     async def _write(self, data: bytes) -> None:
         self._buf += data
@@ -731,11 +739,12 @@ class _S3Writer(BackupWriter):
 
     async def _discard(self) -> None:
         self._buf.clear()
-        if self._inflight is not None:
-            self._inflight.cancel()
+        inflight, self._inflight = list(self._inflight), collections.deque()
+        for task in inflight:
+            task.cancel()
+        for task in inflight:
             with contextlib.suppress(BaseException):
-                await self._inflight
-            self._inflight = None
+                await task
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
             try:

@@ -347,3 +347,10 @@ def test_the_secret_from_the_environment_is_never_shown(tmp_path):
     assert st.s3_secret_access_key == "very-secret-1" and "very-secret-1" not in repr(st)
     store = make_store(st, MemoryKeys())
     assert isinstance(store, S3Store) and "very-secret-1" not in repr(store.settings)
+
+
+def test_parts_in_flight_is_bounded():
+    for bad in (0, 17):
+        with pytest.raises(InvalidArgument) as err:
+            S3Settings("http://127.0.0.1:1", "b", "k", "s", parts_in_flight=bad)
+        assert err.value.violations[0][0] == "parts_in_flight"
