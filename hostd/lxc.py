@@ -21,6 +21,7 @@ import logging
 import os
 import shlex
 import shutil
+import threading
 
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, Result, run
@@ -71,6 +72,9 @@ class LxcDriver(ContainerDriver):
         self.bridge = network.Bridge(settings.host_bridge)
         self._bridge_ready = False
         self._published: dict[str, str] = {}  # host service address -> what a container dials for it
+        # Containers are created and destroyed in parallel (hostd/host.py); the bridge and its filter are
+        # shared by all of them: made, published into and removed under this lock.
+        self._net_lock = threading.RLock()
         if settings.unprivileged:
             template.ensure_subids()
             if settings.idmap_isolated:
@@ -183,11 +187,12 @@ class LxcDriver(ContainerDriver):
             self._rewrite_config(spec.id, self._managed_block(spec.id, spec.limits, spec.network, spec.mount))
             bootstrap = spec.bootstrap
             if spec.network.mode == "bridge":
-                self._ensure_bridge(spec.network)
-                # The agent dials the control server from its own network namespace: through the gateway.
-                bootstrap = dataclasses.replace(
-                    bootstrap, server_address=self._reach(bootstrap.server_address),
-                    enroll_address=self._reach(bootstrap.enroll_address) if bootstrap.enroll_address else "")
+                with self._net_lock:
+                    self._ensure_bridge(spec.network)
+                    # The agent dials the control server from its own network namespace: through the gateway.
+                    bootstrap = dataclasses.replace(
+                        bootstrap, server_address=self._reach(bootstrap.server_address),
+                        enroll_address=self._reach(bootstrap.enroll_address) if bootstrap.enroll_address else "")
             bind = "0.0.0.0" if spec.network.mode == "bridge" else spec.network.address
             config = firstboot.agent_config(bootstrap, spec.network.port, spec.datadir, bind)
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
@@ -334,7 +339,8 @@ class LxcDriver(ContainerDriver):
         self._mount_layer(cid)  # after a host reboot the writable layer's filesystem is not mounted
         plan = _network_from_block(self._read_block(cid))
         if plan.mode == "bridge":
-            self._ensure_bridge(plan)  # after a host reboot (or the last neighbour's delete) it is gone
+            with self._net_lock:
+                self._ensure_bridge(plan)  # after a host reboot (or the last neighbour's delete) it is gone
         if self._unprivileged(cid):
             base = self._idmap_base(cid)
             self._ensure_lower(cid)
@@ -391,9 +397,20 @@ class LxcDriver(ContainerDriver):
             if base:
                 template.revoke_search(self.path, base)
         log.info("container destroyed", extra={"container": self.container_name(cid)})
-        if bridged and not any(_network_from_block(self._read_block(o)).mode == "bridge"
-                               for o in self.list_names()):
-            # The last container on the bridge is gone: so is the bridge, with its filter table.
+        if bridged:
+            self._drop_bridge_if_unused()
+
+    def _drop_bridge_if_unused(self) -> None:
+        """The last container on the bridge is gone: so is the bridge, with its filter table. Under the network
+        lock: a create writes its bridged config before it ensures the bridge, so a create in flight either
+        is seen here (the bridge stays) or ensures the bridge again after this."""
+        with self._net_lock:
+            for other in self.list_names():
+                try:
+                    if _network_from_block(self._read_block(other)).mode == "bridge":
+                        return
+                except FileNotFoundError:
+                    continue  # destroyed meanwhile
             self.bridge.destroy()
             self._bridge_ready = False
             with contextlib.suppress(FileNotFoundError):

@@ -7,6 +7,7 @@ build-template` runs it, and the LXC driver runs it on demand when the template 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -16,6 +17,7 @@ import shutil
 import stat
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -196,6 +198,17 @@ def ensure_subids(base: int = IDMAP_BASE, size: int = IDMAP_SIZE,
 
 
 _ACL_XATTR = "system.posix_acl_access"
+# grant_search and revoke_search read, change and write back the ACLs of shared ancestors (/var, /tmp...):
+# two at once, from parallel creates or from another hostd on the machine, would lose one's entry.
+_ACL_LOCK = os.path.join(idmap.REGISTRY, ".acl.lock")
+
+
+@contextlib.contextmanager
+def _acl_edit() -> Iterator[None]:
+    os.makedirs(idmap.REGISTRY, mode=0o700, exist_ok=True)
+    with open(_ACL_LOCK, "w") as lock:  # an open file of its own per call: flock excludes threads too
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _acl_with_search(acl: bytes | None, mode: int, uid: int) -> bytes | None:
@@ -220,6 +233,11 @@ def grant_search(path: str, uid: int = IDMAP_BASE) -> list[str]:
     entry giving that one uid search (x) only — no listing, nothing for anyone else (a chmod later, as
     pytest does to its base dir, narrows the ACL's mask: the next call widens it again). Returns the
     directories changed."""
+    with _acl_edit():
+        return _grant_search(path, uid)
+
+
+def _grant_search(path: str, uid: int) -> list[str]:
     changed = []
     d = os.path.realpath(path)
     while True:
@@ -241,6 +259,11 @@ def grant_search(path: str, uid: int = IDMAP_BASE) -> list[str]:
 def revoke_search(path: str, uid: int) -> list[str]:
     """Takes back what grant_search gave `uid` on `path` and its ancestors (a container's own range, at its
     delete: entries for ranges long gone would pile up in the ACLs)."""
+    with _acl_edit():
+        return _revoke_search(path, uid)
+
+
+def _revoke_search(path: str, uid: int) -> list[str]:
     changed = []
     d = os.path.realpath(path)
     while True:
