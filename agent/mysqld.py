@@ -183,8 +183,8 @@ class Mysqld:
         if os.path.isdir(datadir) and os.listdir(datadir):
             return False  # made already (or holding something): never replaced
         source = os.path.join(seed, datadir_seed.SEED_DATA)
-        # The seed was scrubbed when made; scrubbed again here, so no instance ever starts with another's Aria
-        # uuid or run-time files whoever made the seed.
+        # The seed was scrubbed when made; scrubbed again here, so no instance ever starts with a server's run-time
+        # files (pid, logs, TLS files...) whoever made the seed.
         removed = datadir_seed.scrub(source)
         if removed:
             log.warning("removed identity files from a datadir seed", extra={"files": ",".join(removed)})

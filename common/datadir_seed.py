@@ -3,13 +3,15 @@ template's own mariadb-install-db), copied by hostd onto a fresh volume and take
 instead of running mariadb-install-db per instance (agent/mysqld.py). This module is the contract between the
 two: where the seed lies on a volume, how it is made, and what a seed may never hold.
 
-mariadb-install-db's output is the same for every instance of a template but for a few files that are one
-server's own or one run's: the Aria control file holds the server's Aria uuid (a fresh one is made at the first
-start, and mariadbd zero-fills the copied system tables to it), the buffer pool dump and anything a server
-writes as it runs. They are scrubbed from a seed when it is made and again when an agent takes one over. The
-rest of an instance's identity is never in a datadir made by mariadb-install-db: its server_id is in my.cnf
-(agent/mycnf.py), its TLS key is made in the guest, root authenticates by unix socket only (no password in
-mysql.global_priv), and the internal admin and the tenant's accounts are made after the first start.
+mariadb-install-db's output is the same for every instance of a template but for files a server writes as it
+runs (the buffer pool dump, pid, logs, sockets, TLS or binlog files should a template's install-db ever leave
+them): they are scrubbed from a seed when it is made and again when an agent takes one over. An instance's identity
+is not in such a datadir: its server_id is in my.cnf (agent/mycnf.py), its TLS key is made in the guest, root
+authenticates by unix socket only (no password in mysql.global_priv), and the internal admin and the tenant's
+accounts are made after the first start. The one per-server value a seed does carry is the Aria control file's
+uuid (instances of one template share it): without the control file and its log the system tables install-db wrote
+are not whole (mysql.proc then reads as corrupt at its first use: checked on MariaDB 10.11), and the uuid only tells
+Aria whether a table file was copied from another server; no client, replica or backup sees it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import shutil
 from typing import Any
 
-SEED_FORMAT = 1
+SEED_FORMAT = 2  # 2: the Aria control file and log kept (1 dropped them: see above)
 # On a volume: beside the datadir (mysqld.DATADIR_ON_VOLUME), never inside it.
 VOLUME_SEED_DIR = ".reddwarf-seed"
 SEED_DATA = "data"
@@ -40,8 +42,8 @@ SHAPING_PARAMETERS = frozenset({"character_set_server", "collation_server", "def
 
 # Top-level names in a datadir that are one server's own or one run's (MySQL's auto.cnf and generated TLS files
 # included, should a template's install-db ever make them).
-IDENTITY_PATTERNS = ("aria_log_control", "aria_log.*", "auto.cnf", "ib_buffer_pool", "ibtmp*", "*.pem", "*.pid",
-                     "*.err", "*.sock", "*.info", "*-bin.*", "*-relay-bin.*", "gvwstate.dat", "grastate.dat")
+IDENTITY_PATTERNS = ("auto.cnf", "ib_buffer_pool", "ibtmp*", "*.pem", "*.pid", "*.err", "*.sock", "*.info",
+                     "*-bin.*", "*-relay-bin.*", "gvwstate.dat", "grastate.dat")
 
 
 def identity_files(datadir: str) -> list[str]:

@@ -46,9 +46,11 @@ def test_the_seed_holds_system_tables_and_nothing_of_one_server_and_is_made_once
     assert manifest is not None and manifest["stamp"] == volume_seed.stamp(settings, name)
     data = Path(seed) / datadir_seed.SEED_DATA
     assert (data / "mysql" / "global_priv.MAI").exists() and (data / "ibdata1").exists()
-    # The Aria control file (the server's Aria uuid), the buffer pool dump, pid and log files: none.
+    # The buffer pool dump, pid, log and TLS files: none.
     assert datadir_seed.identity_files(str(data)) == []
-    assert not (data / "aria_log_control").exists() and not (data / "ib_buffer_pool").exists()
+    assert not (data / "ib_buffer_pool").exists()
+    # The Aria control file and log stay: the system tables install-db wrote need them (common/datadir_seed.py).
+    assert (data / "aria_log_control").exists()
     made = os.stat(Path(seed) / datadir_seed.SEED_MANIFEST).st_mtime_ns
     assert volume_seed.seed_for(settings, name) == seed
     assert os.stat(Path(seed) / datadir_seed.SEED_MANIFEST).st_mtime_ns == made  # reused, not made again
