@@ -206,24 +206,29 @@ def main() -> int:
                 singles.append(create_once(c, n))
                 delete_all(c)
             floor_cpu: list[float] = []
-            burst_floors, floor_makespan = floor_burst(work, tpl, hs.template_lxc_path, args.concurrent, floor_cpu)
             create_cpu: list[float] = []
-            procs = (c.server.proc.pid, c.hostd.proc.pid)
-            before = [process_cpu(p) for p in procs]
-            t0, burst_epoch = time.monotonic(), time.time()
-            with ThreadPoolExecutor(args.concurrent) as pool:
-                burst = list(pool.map(lambda n: create_once(c, 100 + n, create_cpu), range(args.concurrent)))
-            makespan = time.monotonic() - t0
-            server_cpu, hostd_cpu = (process_cpu(p) - b for p, b in zip(procs, before, strict=True))
-            # Where the burst's time went, from the server's step records and hostd's operation lines.
-            breakdown = analyse(c.server.log(), c.hostd.log(), burst_epoch).markdown()
-            delete_all(c)
+            burst_floors: list[float] = []
+            burst: list[float] = []
+            floor_makespan = makespan = server_cpu = hostd_cpu = 0.0
+            breakdown = ""
+            if args.concurrent > 0:  # --concurrent 0: the one-at-a-time rounds only
+                burst_floors, floor_makespan = floor_burst(work, tpl, hs.template_lxc_path, args.concurrent,
+                                                           floor_cpu)
+                procs = (c.server.proc.pid, c.hostd.proc.pid)
+                before = [process_cpu(p) for p in procs]
+                t0, burst_epoch = time.monotonic(), time.time()
+                with ThreadPoolExecutor(args.concurrent) as pool:
+                    burst = list(pool.map(lambda n: create_once(c, 100 + n, create_cpu), range(args.concurrent)))
+                makespan = time.monotonic() - t0
+                server_cpu, hostd_cpu = (process_cpu(p) - b for p, b in zip(procs, before, strict=True))
+                # Where the burst's time went, from the server's step records and hostd's operation lines.
+                breakdown = analyse(c.server.log(), c.hostd.log(), burst_epoch).markdown()
+                delete_all(c)
             if args.keep_logs:
                 os.makedirs(args.keep_logs, exist_ok=True)
                 shutil.copy(c.server.log_path, os.path.join(args.keep_logs, "server.log"))
                 shutil.copy(c.hostd.log_path, os.path.join(args.keep_logs, "hostd.log"))
         f50 = statistics.median(floors)
-        bf50 = statistics.median(burst_floors)
         print("## Provisioning: create → ACTIVE\n")
         print(f"{args.rounds} sequential creates interleaved with raw floors, then {args.concurrent} concurrent raw "
               f"floors, then {args.concurrent} concurrent creates (flavor tiny, 1 GB volume, one database and one user); "
@@ -236,17 +241,18 @@ def main() -> int:
               f"{pct(floors, 95):.2f} s | | 1.0x |")
         print(f"| Red Dwarf, one at a time | {statistics.median(singles):.2f} s | {pct(singles, 95):.2f} s | | "
               f"{statistics.median(singles) / f50:.2f}x p50 (target <= 1.0x) |")
-        print(f"| raw floor, {args.concurrent} concurrent | {bf50:.2f} s | {pct(burst_floors, 95):.2f} s | "
-              f"{floor_makespan:.2f} s | 1.0x |")
-        print(f"| Red Dwarf, {args.concurrent} concurrent | {statistics.median(burst):.2f} s | {pct(burst, 95):.2f} s | "
-              f"{makespan:.2f} s | {makespan / floor_makespan:.2f}x makespan (target <= 1.3x) |")
-        print(f"\nCPU seconds used in the bursts, summed: the {args.concurrent} floor containers "
-              f"{sum(floor_cpu):.1f} s (p50 {statistics.median(floor_cpu):.2f} s each); the {args.concurrent} "
-              f"Red Dwarf containers up to ACTIVE {sum(create_cpu):.1f} s (p50 {statistics.median(create_cpu):.2f} s "
-              f"each: agent, install-db, mariadbd); the server {server_cpu:.1f} s and hostd {hostd_cpu:.1f} s "
-              "(with the commands it ran) over the creates' burst.")
-        print(f"\nWhere the {args.concurrent} concurrent creates spent their time (server and hostd logs):\n")
-        print(breakdown)
+        if burst:
+            print(f"| raw floor, {args.concurrent} concurrent | {statistics.median(burst_floors):.2f} s | {pct(burst_floors, 95):.2f} s | "
+                  f"{floor_makespan:.2f} s | 1.0x |")
+            print(f"| Red Dwarf, {args.concurrent} concurrent | {statistics.median(burst):.2f} s | {pct(burst, 95):.2f} s | "
+                  f"{makespan:.2f} s | {makespan / floor_makespan:.2f}x makespan (target <= 1.3x) |")
+            print(f"\nCPU seconds used in the bursts, summed: the {args.concurrent} floor containers "
+                  f"{sum(floor_cpu):.1f} s (p50 {statistics.median(floor_cpu):.2f} s each); the {args.concurrent} "
+                  f"Red Dwarf containers up to ACTIVE {sum(create_cpu):.1f} s (p50 {statistics.median(create_cpu):.2f} s "
+                  f"each: agent, install-db, mariadbd); the server {server_cpu:.1f} s and hostd {hostd_cpu:.1f} s "
+                  "(with the commands it ran) over the creates' burst.")
+            print(f"\nWhere the {args.concurrent} concurrent creates spent their time (server and hostd logs):\n")
+            print(breakdown)
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
