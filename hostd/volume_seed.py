@@ -129,5 +129,10 @@ def seed_volume(seed: str, volume: str, base: int = 0) -> bool:
     run(["cp", "-a", "--sparse=always", seed, partial], timeout=300)
     if base:
         template.shift_tree(partial, base)
+    # Durable before the guest sees it: the guest's mysqld trusts these files as its own (it fsyncs what it
+    # writes, not what it found), so a host lost right after the create would otherwise leave the volume with
+    # the seed's files half on disk (a 0-byte aria_log_control: the instance never starts again elsewhere).
+    run(["sync", "--file-system", volume], timeout=300)
     os.rename(partial, target)
+    run(["sync", "--file-system", volume], timeout=300)  # and the rename with it
     return True
