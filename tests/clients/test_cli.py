@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 
 from reddwarf.client import cli
 from reddwarf.v1 import database_pb2
-from tests.fixtures.cluster import start_cluster
 from tests.fixtures.server import start_server
 
 from .tenant import new_tenant
@@ -67,26 +66,26 @@ def test_pki_init_refuses_to_overwrite(tmp_path, env):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: LXC")
-def test_instance_create_in_a_terminal_shows_progress_and_exits_zero(tmp_path):
-    with start_cluster(tmp_path) as c:
-        f = c.server.client_files
-        env = {**os.environ, "REDDWARF_ENDPOINT": c.server.api, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert),
-               "REDDWARF_KEY": str(f.key), "REDDWARF_TOKEN": c.token, "REDDWARF_CONFIG": "/nonexistent",
-               "COLUMNS": "160"}
-        child = pexpect.spawn(sys.executable, ["-m", "reddwarf.client.cli", "instance", "create", "tty-db",
-                                               "--flavor", "tiny", "--size", "1", "--database", "app"],
-                              env=env, timeout=240, encoding="utf-8")
-        child.expect("BUILD")  # the live display, driven by WatchInstance
-        child.expect("ACTIVE")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
-        r = pexpect.run(f"{sys.executable} -m reddwarf.client.cli instance show nope", env=env, withexitstatus=True,
-                        encoding="utf-8")
-        assert r[1] == 2 and "error: NOT_FOUND" in r[0]
-        for i in c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=c.md).instances:
-            c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=i.name), metadata=c.md)
-        deadline = time.monotonic() + 120
-        while c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=c.md).instances:
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+def test_instance_create_in_a_terminal_shows_progress_and_exits_zero(flow):
+    c, _ = flow
+    f = c.server.client_files
+    env = {**os.environ, "REDDWARF_ENDPOINT": c.server.api, "REDDWARF_CA": str(f.ca), "REDDWARF_CERT": str(f.cert),
+           "REDDWARF_KEY": str(f.key), "REDDWARF_TOKEN": c.token, "REDDWARF_CONFIG": "/nonexistent",
+           "COLUMNS": "160"}
+    child = pexpect.spawn(sys.executable, ["-m", "reddwarf.client.cli", "instance", "create", "tty-db",
+                                           "--flavor", "tiny", "--size", "1", "--database", "app"],
+                          env=env, timeout=240, encoding="utf-8")
+    child.expect("BUILD")  # the live display, driven by WatchInstance
+    child.expect("ACTIVE")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    r = pexpect.run(f"{sys.executable} -m reddwarf.client.cli instance show nope", env=env, withexitstatus=True,
+                    encoding="utf-8")
+    assert r[1] == 2 and "error: NOT_FOUND" in r[0]
+    for i in c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=c.md).instances:
+        c.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=i.name), metadata=c.md)
+    deadline = time.monotonic() + 120
+    while c.instances.ListInstances(database_pb2.ListInstancesRequest(), metadata=c.md).instances:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -156,8 +156,11 @@ def test_an_instance_on_an_iscsi_host_keeps_its_data_on_the_san_node(san):
     assert os.path.ismount(mnt) and any(mnt.iterdir())  # the same data, back
 
     san.instances.DeleteInstance(database_pb2.DeleteInstanceRequest(name=inst.name), metadata=san.md)
-    until(lambda: san.target().targets(), lambda t: t == [], timeout=120, what="the LUN gone", interval=0.2)
-    assert not (san.san.root / "volumes" / f"{inst.id}.lun").exists()
+    # hostd unexports the LUN, then unlinks its file: the wait is for both (the target list alone is empty
+    # a moment before the file is gone).
+    lun = san.san.root / "volumes" / f"{inst.id}.lun"
+    until(lambda: (san.target().targets(), lun.exists()), lambda t: t == ([], False), timeout=120,
+          what="the LUN and its file gone", interval=0.2)
     assert not run_dir.exists() or qsd.UserspaceInitiator(str(run_dir)).sessions() == []
     with open("/proc/mounts") as f:
         assert [line for line in f if str(san.compute.root) in line and "lun.raw" in line] == []
