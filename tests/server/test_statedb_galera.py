@@ -46,6 +46,11 @@ def test_conflicting_writes_on_two_nodes_are_retried_not_lost(galera: Galera) ->
     sessions = [db.session_factory(e) for e in engines]
     with sessions[0]() as s, s.begin():
         s.add(models.Tenant(id="counter", display_name="counter", quota_instances=0))
+    # Galera applies a write set on the other nodes after the commit returns: node 2 is made to catch up before
+    # its writer reads the row (once applied there, every connection to it sees the row).
+    with engines[1].connect() as conn:
+        conn.execute(text("SET SESSION wsrep_sync_wait = 1"))
+        assert conn.execute(text("SELECT COUNT(*) FROM tenants WHERE id = 'counter'")).scalar() == 1
     per_writer, calls, failures = 40, [0, 0], []
     start = threading.Barrier(2)
 
