@@ -5,8 +5,9 @@ Where things live:
   results.py: the record of finished commands; commands.py: the command table (Command's oneof name →
   handler); convert.py: protobufs ↔ the agent's own values (model.py), the only place that sees both.
 - datastore.py: the driver interface; mysql.py: the MySQL/MariaDB driver, composing mycnf.py (my.cnf),
-  mysqld.py (install-db, start/stop under supervisor.py) and mysql_admin.py (databases, users, grants,
-  root); fake.py: a driver with no mysqld, for tests of the stream.
+  mysqld.py (the datadir: the template's seed hostd put on the volume taken over, or install-db; start/stop
+  under supervisor.py) and mysql_admin.py (databases, users, grants, root); fake.py: a driver with no mysqld,
+  for tests of the stream.
 - backup.py: backups and restores (mariadb-backup | zstd | SHA-256); xbstream.py: what a stream may unpack
   to (file allowlist, backup-my.cnf rebuilt); verify.py: the scratch restore the server runs in the
   throw-away sandbox of sandbox.py (unprivileged uid, own namespaces, no network, secrets hidden);

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
+import io
 import logging
 import os
 import re
@@ -18,6 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 import pymysql
@@ -34,6 +37,8 @@ log = logging.getLogger("reddwarf.agent.backup")
 
 # gRPC's default message limit is 4 MiB; 1 MiB chunks keep the stream responsive and the overhead small.
 CHUNK_BYTES = 1 << 20
+PIPE_BYTES = 1 << 20
+T = TypeVar("T")
 SYSTEM_DATABASES = ("mysql", "information_schema", "performance_schema", "sys")
 _LSN_RE = re.compile(r"^[0-9]{1,20}\Z")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
@@ -60,7 +65,7 @@ class MysqlAccess:
 @dataclass(frozen=True)
 class BackupSettings:
     """Tuning knobs; the agent's settings object fills them."""
-    zstd_level: int = 1
+    zstd_level: int = 1  # below 1: zstd's --fast=N levels (N = -level): less CPU, a larger stream
     zstd_threads: int = 0  # 0 = one per core
     backup_timeout: float = 6 * 3600.0
     prepare_timeout: float = 6 * 3600.0
@@ -78,7 +83,20 @@ class BackupSettings:
 
 @dataclass
 class _Pipeline:
+    """The children of one backup, the reader of zstd's output and the side tasks; `kill` ends them all."""
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+    reader: io.FileIO | None = None
+    pending: asyncio.Future[bytes] | None = None  # the read running ahead in a thread
+    tasks: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def start_reader(self, fd: int) -> io.FileIO:
+        self.reader = io.FileIO(fd, "rb")
+        return self.reader
+
+    def task(self, aw: Awaitable[T]) -> asyncio.Future[T]:
+        fut = asyncio.ensure_future(aw)
+        self.tasks.append(fut)
+        return fut
 
     async def kill(self) -> None:
         for proc in self.procs:
@@ -89,6 +107,49 @@ class _Pipeline:
             with contextlib.suppress(Exception):
                 # Bounded: a child reaped elsewhere must not hang the command that is cleaning up.
                 await asyncio.wait_for(proc.wait(), 10)
+        # zstd is gone, so a read still running in its thread sees EOF and returns: only then is the pipe
+        # closed (closing an fd under a blocked read could hand the number to someone else's open).
+        if self.pending is not None:
+            await asyncio.wait([self.pending], timeout=10)
+        if self.reader is not None and (self.pending is None or self.pending.done()):
+            self.reader.close()
+        for fut in self.tasks:
+            fut.cancel()  # a no-op when it is done
+        if self.tasks:
+            await asyncio.wait(self.tasks)
+        for fut in [*self.tasks, *([self.pending] if self.pending else [])]:
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: a side failure after the one reported is not logged as lost
+
+
+def _read_chunk(f: io.FileIO, digest: Any) -> bytes:
+    """The next CHUNK_BYTES of the stream (less only at its end, b"" after it), hashed; runs in a thread.
+
+    readinto fills one buffer straight from the pipe, and hashlib drops the GIL for large updates, so this
+    overlaps with the upload on the event loop instead of taking turns with it."""
+    buf = bytearray(CHUNK_BYTES)
+    got = 0
+    with memoryview(buf) as view:
+        while got < CHUNK_BYTES:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    if got < CHUNK_BYTES:
+        del buf[got:]
+    digest.update(buf)
+    return bytes(buf)
+
+
+def _zstd_level_flag(level: int) -> str:
+    return f"-{min(level, 19)}" if level >= 1 else f"--fast={max(1, -level)}"
+
+
+def _grow_pipe(fd: int) -> None:
+    """A 1 MiB pipe instead of 64 KiB: a stage that is briefly descheduled (2 busy cores) no longer stops
+    the one before it at once. Best effort: a smaller pipe-max-size just keeps the default."""
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
 def _tail(path: str, limit: int = 1500) -> str:
@@ -159,8 +220,11 @@ class BackupRunner:
         return path
 
     def _connect(self) -> pymysql.connections.Connection:
+        # A unix socket never needs TLS; pymysql would otherwise build a default SSL context (loading the
+        # system CA store, ~0.1 s of CPU) for every connection.
         return pymysql.connect(unix_socket=self.access.socket, user=self.access.user,
-                               password=self.access.password, autocommit=True, connect_timeout=10)
+                               password=self.access.password, autocommit=True, connect_timeout=10,
+                               ssl_disabled=True)
 
     # ------------------------------------------------------------------ checksums
 
@@ -211,6 +275,27 @@ class BackupRunner:
 
     # ------------------------------------------------------------------ backup
 
+    async def _spawn_pipeline(self, argv: list[str], pipeline: _Pipeline, err_path: str, zerr_path: str) -> int:
+        """mariadb-backup | zstd, both pipes grown; returns the read end of zstd's output (ours to close)."""
+        read_fd, write_fd = os.pipe()
+        out_r, out_w = os.pipe()
+        for fd in (read_fd, out_r):
+            _grow_pipe(fd)
+        try:
+            with open(err_path, "wb") as err_f, open(zerr_path, "wb") as zerr_f:
+                pipeline.procs.append(await runner.spawn(argv, stdout=write_fd, stderr=err_f.fileno()))
+                pipeline.procs.append(await runner.spawn(
+                    ["zstd", "-q", "-c", _zstd_level_flag(self.settings.zstd_level), f"-T{self.settings.zstd_threads}"],
+                    stdin=read_fd, stdout=out_w, stderr=zerr_f.fileno()))
+        except BaseException:
+            os.close(out_r)
+            raise
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+            os.close(out_w)
+        return out_r
+
     async def backup(self, backup_id: str, incremental_from_lsn: str, upload: Upload,
                      progress: Progress) -> BackupResult:
         """Streams a full (or, given the parent's to_lsn, incremental) backup to `upload`.
@@ -227,7 +312,6 @@ class BackupRunner:
         sent = 0
         started = time.monotonic()
         try:
-            version = await asyncio.to_thread(self._version_sync)
             option_file = self._write_option_file(tmp)
             lsn_dir = os.path.join(tmp, "lsn")
             os.mkdir(lsn_dir)
@@ -236,22 +320,14 @@ class BackupRunner:
                     f"--extra-lsndir={lsn_dir}", f"--tmpdir={tmp}"]
             if incremental_from_lsn:
                 argv.append(f"--incremental-lsn={incremental_from_lsn}")
-            total_estimate = max(1, await asyncio.to_thread(_dir_size, self.access.datadir))
             err_path = os.path.join(tmp, "mariadb-backup.log")
             zerr_path = os.path.join(tmp, "zstd.log")
-            read_fd, write_fd = os.pipe()
-            try:
-                with open(err_path, "wb") as err_f, open(zerr_path, "wb") as zerr_f:
-                    pipeline.procs.append(await runner.spawn(argv, stdout=write_fd, stderr=err_f.fileno()))
-                    pipeline.procs.append(await runner.spawn(
-                        ["zstd", "-q", "-c", f"-{self.settings.zstd_level}", f"-T{self.settings.zstd_threads}"],
-                        stdin=read_fd, stdout=subprocess.PIPE, stderr=zerr_f.fileno()))
-            finally:
-                os.close(read_fd)
-                os.close(write_fd)
+            zout = pipeline.start_reader(await self._spawn_pipeline(argv, pipeline, err_path, zerr_path))
             mb, zstd = pipeline.procs
-            assert zstd.stdout is not None
-            zout = zstd.stdout
+            # Neither the version nor the progress estimate is needed to start: both are asked for while
+            # the stream already runs (each used to cost its own serial round before mariadb-backup began).
+            version_task = pipeline.task(asyncio.to_thread(self._version_sync))
+            estimate_task = pipeline.task(asyncio.to_thread(_dir_size, self.access.datadir))
             await progress(0, "backup started", 0)
 
             failure: list[Exception] = []
@@ -269,30 +345,24 @@ class BackupRunner:
             async def produce() -> AsyncGenerator[BackupChunk, None]:
                 nonlocal sent
                 first = True
-                buf = bytearray()
                 last_report = time.monotonic()
+                loop = asyncio.get_running_loop()
+                # One chunk is read (and hashed) ahead in a thread while the previous one is uploaded.
+                pending = pipeline.pending = loop.run_in_executor(None, _read_chunk, zout, digest)
                 while True:
-                    data = await zout.read(CHUNK_BYTES)
-                    if data:
-                        buf += data
-                        if len(buf) < CHUNK_BYTES:
-                            continue
-                    if not buf and data:
-                        continue
-                    if buf:
-                        payload = bytes(buf)
-                        buf.clear()
-                        digest.update(payload)
-                        sent += len(payload)
-                        yield BackupChunk(backup_id=backup_id if first else "", data=payload)
-                        first = False
-                        now = time.monotonic()
-                        if now - last_report >= self.settings.progress_interval:
-                            last_report = now
-                            raw = _proc_read_bytes(zstd.pid)
-                            await progress(min(99, int(raw * 100 / total_estimate)), "backing up", raw)
-                    if not data:
+                    payload = await pending
+                    if not payload:
                         break
+                    pending = pipeline.pending = loop.run_in_executor(None, _read_chunk, zout, digest)
+                    sent += len(payload)
+                    yield BackupChunk(backup_id=backup_id if first else "", data=payload)
+                    first = False
+                    now = time.monotonic()
+                    if now - last_report >= self.settings.progress_interval:
+                        last_report = now
+                        raw = _proc_read_bytes(zstd.pid)
+                        total = estimate_task.result() if estimate_task.done() else 0
+                        await progress(min(99, int(raw * 100 / total)) if total > 0 else 0, "backing up", raw)
                 rc_mb = await asyncio.wait_for(mb.wait(), self.settings.backup_timeout)
                 rc_z = await zstd.wait()
                 if rc_mb != 0:
@@ -313,6 +383,7 @@ class BackupRunner:
             finally:
                 await gen.aclose()
             sha = digest.hexdigest()
+            version = await version_task
             if response.sha256 != sha or response.size_bytes != sent:
                 raise Internal(f"the server stored {response.size_bytes} bytes with SHA-256 {response.sha256}, "
                                f"the agent sent {sent} bytes with SHA-256 {sha}")

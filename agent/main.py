@@ -231,14 +231,17 @@ def make_driver(cfg: AgentConfig) -> DatastoreDriver:
     if cfg.driver == "fake":
         from .fake import FakeDriver
         return FakeDriver(cfg.state_dir)
+    from .mycnf import server_id_for
     from .mysql import MysqlDriver, MysqlSettings
     return MysqlDriver(MysqlSettings(state_dir=os.path.join(cfg.state_dir, "mysql"), datadir=cfg.datadir,
-                                     port=cfg.mysql_port, bind_address=cfg.bind_address, run_as=cfg.run_as))
+                                     port=cfg.mysql_port, bind_address=cfg.bind_address, run_as=cfg.run_as,
+                                     server_id=server_id_for(cfg.instance_id)))
 
 
 async def amain(cfg: AgentConfig) -> None:
-    files = await enroll(cfg)
-    driver = make_driver(cfg)
+    # The driver (and the modules it imports) is made in a thread while enrollment waits on the server: a
+    # create waits on both.
+    files, driver = await asyncio.gather(enroll(cfg), asyncio.to_thread(make_driver, cfg))
     try:
         await driver.resume()  # a container restart: bring back the mysqld prepared earlier
     except Exception:  # noqa: BLE001 - reported in health; the server can re-prepare or restart it

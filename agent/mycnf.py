@@ -2,8 +2,11 @@
 its transport rule and its tmpdir on the data volume (beside the datadir, never in it)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+
+from reddwarf.common.datadir_seed import CHARACTER_SET_SERVER, COLLATION_SERVER
 
 from .model import Limits
 
@@ -53,6 +56,15 @@ class MyCnf:
     include: str = ""
     # The logs' settings and files (agent/logs.py); empty: the error log at log_error, the slow log on.
     log_lines: tuple[str, ...] = ()
+    # The instance's own server id (server_id_for); 0 leaves MariaDB's default (1), as on a bare host.
+    server_id: int = 0
+
+
+def server_id_for(instance_id: str) -> int:
+    """A server id of the instance's own, the same at every render (1..2^32-1, MariaDB's range): instances
+    made from one datadir seed, or restored from one another's backups, never share one."""
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 0xFFFFFFFF + 1
 
 
 def size_for_limits(limits: Limits) -> tuple[int, int]:
@@ -90,9 +102,10 @@ def render_my_cnf(c: MyCnf) -> str:
         f"innodb_buffer_pool_size = {c.buffer_pool_mb}M",
         f"max_connections = {c.max_connections}",
         f"open_files_limit = {c.open_files_limit}",
-        "character-set-server = utf8mb4",
-        "collation-server = utf8mb4_general_ci",
+        f"character-set-server = {CHARACTER_SET_SERVER}",
+        f"collation-server = {COLLATION_SERVER}",
         "skip-log-bin",
+        *([f"server-id = {c.server_id}"] if c.server_id else []),
         *extra,
         "",
         "[client]",

@@ -16,18 +16,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pymysql
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from reddwarf.common import cidrs, names, parameters, pki
+from reddwarf.common import cidrs, datadir_seed, names, parameters, pki
 from reddwarf.common.errors import InvalidArgument, RedDwarfError
 from reddwarf.common.states import ServiceState
 
 from . import convert, services
-from .backup import BackupRunner, BackupSettings, MysqlAccess
 from .configuration import ConfigurationOverrides
 from .datastore import Backups, DatastoreDriver, ProgressFn, no_progress
 from .logs import GuestLogs, MysqlLogs
@@ -54,6 +53,9 @@ from .mycnf import MyCnf, size_for_limits, volume_work_dir
 from .mysql_admin import MysqlAdmin, create_internal_admin
 from .mysqld import INIT_MARKER, Mysqld, datadir_on_volume
 
+if TYPE_CHECKING:
+    from .backup import BackupRunner
+
 log = logging.getLogger("reddwarf.agent.mysql")
 
 __all__ = ["INIT_MARKER", "MysqlBackups", "MysqlDriver", "MysqlSettings"]
@@ -74,6 +76,8 @@ class MysqlSettings:
     install_db: str = ""
     # mysqld's TLS key and certificates; default /etc/mysql/reddwarf-tls (run_as root: <state_dir>/mysql-tls).
     tls_dir: str = ""
+    # mysqld's server_id (mycnf.server_id_for(instance id) in a guest); 0: MariaDB's default.
+    server_id: int = 0
 
 
 _NOT_RUNNING = (2002, 2003, 2006, 2013)  # CR_CONNECTION_ERROR, CR_CONN_HOST_ERROR, gone away, lost
@@ -97,9 +101,9 @@ class MysqlDriver(DatastoreDriver):
         self._lock = asyncio.Lock()
         os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
         self.mysqld = Mysqld(settings.state_dir, settings.run_as, settings.mysqld, settings.install_db,
-                             settings.tls_dir)
+                             settings.tls_dir, settings.server_id)
         self.admin = MysqlAdmin(self._admin_connect)
-        self.config = ConfigurationOverrides(settings.state_dir, self._admin_socket_connect)
+        self.config = ConfigurationOverrides(settings.state_dir, self._admin_connect)
         self._logs = MysqlLogs(settings.state_dir, lambda: os.path.join(volume_work_dir(self.volume), "logs"),
                                settings.run_as, self.admin.cursor, self._mysqld_running, self._write_my_cnf)
 
@@ -113,12 +117,9 @@ class MysqlDriver(DatastoreDriver):
             return str(json.load(f)["password"])
 
     def _admin_connect(self) -> Any:
-        return pymysql.connect(unix_socket=self.mysqld.socket, user=names.ADMIN_USER,
-                               password=self.admin_password(), autocommit=True, connect_timeout=5)
-
-    def _admin_socket_connect(self) -> Any:
         # The unix socket needs no TLS; without ssl_disabled pymysql builds a default SSL context for every
-        # connection, loading the system CAs (about 140 ms here, most of a configuration change).
+        # connection, loading the system CAs (about 140 ms here, most of a configuration change; twice that
+        # under a small flavor's CPU cap), and once mysqld has a certificate, does a TLS handshake over the socket.
         return pymysql.connect(unix_socket=self.mysqld.socket, user=names.ADMIN_USER, password=self.admin_password(),
                                autocommit=True, connect_timeout=5, ssl_disabled=True)
 
@@ -326,7 +327,13 @@ class MysqlDriver(DatastoreDriver):
         self._write_my_cnf()
         self._logs.ensure_dir()
         await progress(40, "initialising the datadir")
-        if await self.mysqld.init_datadir(self.datadir):
+        # The template's datadir seed on a fresh volume (hostd/volume_seed.py) unless the configuration group
+        # sets something that shapes what mariadb-install-db writes: then the guest makes its own, as before.
+        shaped = set(spec.configuration) & datadir_seed.SHAPING_PARAMETERS
+        seed = "" if shaped else os.path.join(self.volume, datadir_seed.VOLUME_SEED_DIR)
+        if shaped:
+            await asyncio.to_thread(shutil.rmtree, os.path.join(self.volume, datadir_seed.VOLUME_SEED_DIR), True)
+        if await self.mysqld.init_datadir(self.datadir, seed):
             self.mysqld.mark_system_tables(self.datadir, self.config.version)
         else:
             await asyncio.to_thread(self.mysqld.adopt_datadir, self.datadir)
@@ -519,6 +526,9 @@ class MysqlBackups:
         self.driver = driver
 
     def _runner(self) -> BackupRunner:
+        # Imported on the first backup or restore, not at the agent's start (a create waits on that start).
+        from .backup import BackupRunner, BackupSettings, MysqlAccess
+
         d = self.driver
         access = MysqlAccess(socket=d.mysqld.socket, user=names.ADMIN_USER, password=d.admin_password(),
                              datadir=d.datadir, defaults_file=d.mysqld.my_cnf_path)

@@ -3,6 +3,7 @@ server itself started, watched and restarted by a Supervisor."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pwd
@@ -11,7 +12,7 @@ from typing import Any
 
 import pymysql
 
-from reddwarf.common import runner
+from reddwarf.common import datadir_seed, runner
 from reddwarf.common.errors import FailedPrecondition, Unavailable
 
 from .mycnf import VOLUME_WORK_DIR, MyCnf, Tls, mysqld_tmpdir, render_my_cnf
@@ -26,6 +27,9 @@ VERSION_MARKER = "reddwarf_datastore_version"
 # The datadir's directory on the data volume. Not the volume's root: there ext4's lost+found would be a
 # schema ("#mysql50#lost+found") and the agent's work directory would need hiding.
 DATADIR_ON_VOLUME = "data"
+# How often a starting mysqld is checked for readiness: a look for its socket file, cheap enough to do often
+# (a create waits on it; the check used to run every 0.2 s).
+READY_POLL_SECONDS = 0.02
 
 
 def datadir_on_volume(volume: str) -> str:
@@ -54,8 +58,9 @@ class Mysqld:
     """One local mysqld, configured by the my.cnf in `state_dir`, running as the OS user `run_as`."""
 
     def __init__(self, state_dir: str, run_as: str = "mysql", mysqld: str = "", install_db: str = "",
-                 tls_dir: str = "") -> None:
+                 tls_dir: str = "", server_id: int = 0) -> None:
         self.state_dir = state_dir
+        self.server_id = server_id
         self.run_as = run_as
         self._mysqld_binary = mysqld
         self._install_db_binary = install_db
@@ -110,7 +115,7 @@ class Mysqld:
                      port=port, bind_address=bind_address, buffer_pool_mb=buffer_pool_mb,
                      max_connections=max_connections, open_files_limit=open_files_limit,
                      tmpdir=mysqld_tmpdir(volume), tls=self.tls_files if self.tls_ready() else None,
-                     require_secure_transport=require_secure_transport)
+                     require_secure_transport=require_secure_transport, server_id=self.server_id)
 
     def write_my_cnf(self, cnf: MyCnf) -> None:
         with open(self.my_cnf_path, "w") as f:
@@ -132,8 +137,15 @@ class Mysqld:
 
     # the datadir ---------------------------------------------------------
 
-    async def init_datadir(self, datadir: str) -> bool:
-        """Makes the system tables in an empty datadir; False if it holds them already."""
+    async def init_datadir(self, datadir: str, seed: str = "") -> bool:
+        """Makes the system tables in an empty datadir; False if it holds them already. `seed`: a directory
+        holding a datadir seed (common/datadir_seed.py) that hostd copied onto this volume: taken over (one
+        rename) instead of running mariadb-install-db when it is whole; removed either way."""
+        if seed and os.path.isdir(seed):
+            taken = await asyncio.to_thread(self._take_seed, seed, datadir)
+            shutil.rmtree(seed, ignore_errors=True)
+            if taken:
+                return True
         # A marker on the volume spans mariadb-install-db: if the agent died inside it, the half-made
         # datadir (which cannot hold user data yet) is cleared and made again.
         marker = os.path.join(datadir, INIT_MARKER)
@@ -159,9 +171,31 @@ class Mysqld:
         self.ensure_tmpdir()
         install_db = find_binary(self._install_db_binary, "mariadb-install-db", "mysql_install_db")
         await runner.run_async([install_db, f"--defaults-file={self.my_cnf_path}", f"--datadir={datadir}",
-                                f"--user={self.run_as}", "--auth-root-authentication-method=socket",
-                                "--skip-test-db"], timeout=300)
+                                f"--user={self.run_as}", *datadir_seed.INSTALL_DB_OPTIONS], timeout=300)
         os.unlink(marker)
+        return True
+
+    def _take_seed(self, seed: str, datadir: str) -> bool:
+        """The seed's datadir becomes `datadir` when the seed is whole and `datadir` holds nothing yet."""
+        if datadir_seed.read_manifest(seed) is None:
+            log.warning("ignoring an incomplete datadir seed", extra={"seed": seed})
+            return False
+        if os.path.isdir(datadir) and os.listdir(datadir):
+            return False  # made already (or holding something): never replaced
+        source = os.path.join(seed, datadir_seed.SEED_DATA)
+        # The seed was scrubbed when made; scrubbed again here, so no instance ever starts with a server's run-time
+        # files (pid, logs, TLS files...) whoever made the seed.
+        removed = datadir_seed.scrub(source)
+        if removed:
+            log.warning("removed identity files from a datadir seed", extra={"files": ",".join(removed)})
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(datadir)
+        os.rename(source, datadir)
+        os.chmod(datadir, 0o750)
+        self.adopt_datadir(datadir)
+        if self.run_as != "root":
+            shutil.chown(datadir, self.run_as, self.run_as)
+        log.info("datadir taken over from the template's seed", extra={"datadir": datadir})
         return True
 
     def adopt_datadir(self, datadir: str) -> int:
@@ -214,12 +248,15 @@ class Mysqld:
 
     def connect_root(self) -> pymysql.connections.Connection[Any]:
         # The agent is root in the guest: root@localhost authenticates by unix_socket.
-        return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True, connect_timeout=5)
+        return pymysql.connect(unix_socket=self.socket, user="root", autocommit=True, connect_timeout=5,
+                               ssl_disabled=True)
 
     async def accepting(self) -> bool:
+        if not os.path.exists(self.socket):
+            return False  # mariadbd makes its socket as it becomes ready: no connection attempt before that
         def ping() -> bool:
             try:
-                pymysql.connect(unix_socket=self.socket, user="root", connect_timeout=1).close()
+                pymysql.connect(unix_socket=self.socket, user="root", connect_timeout=1, ssl_disabled=True).close()
                 return True
             except pymysql.err.MySQLError as exc:
                 # "Access denied" still proves the server is up and accepting connections.
@@ -233,7 +270,8 @@ class Mysqld:
         if self.supervisor is None:
             binary = find_binary(self._mysqld_binary, "mariadbd", "mysqld")
             self.supervisor = Supervisor("mysqld", [binary, f"--defaults-file={self.my_cnf_path}",
-                                                    f"--user={self.run_as}"], ready=self.accepting)
+                                                    f"--user={self.run_as}"], ready=self.accepting,
+                                         ready_poll=READY_POLL_SECONDS)
             running = self.running_pid()
             if running is not None:  # started by this agent before it exec'd into a new build
                 self.supervisor.adopt(running)

@@ -24,8 +24,23 @@ class PackageReport:
 
 
 async def installed(package: str) -> bool:
-    res = await runner.run_async(["dpkg-query", "-W", "-f=${Status}", package], check=False, timeout=30)
-    return res.returncode == 0 and "install ok installed" in res.stdout
+    return package in await installed_of([package])
+
+
+async def installed_of(packages: Sequence[str]) -> set[str]:
+    """Which of `packages` are installed: one dpkg-query for all of them (a process each cost a prepare about
+    20 ms per package under a small flavor's CPU cap). dpkg-query exits 1 when it knows one of them not at all,
+    and still lists the others."""
+    if not packages:
+        return set()
+    res = await runner.run_async(["dpkg-query", "-W", "-f=${Package}\t${Status}\n", "--", *packages],
+                                 check=False, timeout=30)
+    found = set()
+    for line in res.stdout.splitlines():
+        name, _, status = line.partition("\t")
+        if status.endswith("install ok installed"):
+            found.add(name.split(":", 1)[0])  # "name:arch" for a multi-arch package
+    return found
 
 
 async def ensure_packages(packages: Sequence[str], field: str = "services.packages") -> PackageReport:
@@ -33,7 +48,8 @@ async def ensure_packages(packages: Sequence[str], field: str = "services.packag
     for i, p in enumerate(packages):
         if not p or len(p) > 128 or p[0] == "-" or any(c not in _PKG_OK for c in p):
             raise InvalidArgument(f"not a Debian package name: {p!r}", field=f"{field}[{i}]")
-    missing = [p for p in packages if not await installed(p)]
+    present = await installed_of(packages)
+    missing = [p for p in packages if p not in present]
     skipped = tuple(p for p in packages if p not in missing)
     if missing:
         log.info("installing packages", extra={"packages": ",".join(missing)})

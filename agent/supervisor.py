@@ -24,8 +24,9 @@ class Supervisor:
 
     def __init__(self, name: str, argv: Sequence[str], *, ready: Callable[[], Awaitable[bool]] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, stable_after: float = 60.0,
-                 stop_timeout: float = 60.0) -> None:
+                 stop_timeout: float = 60.0, ready_poll: float = 0.2) -> None:
         self.name = name
+        self._ready_poll = ready_poll
         self.argv = list(argv)
         self._ready = ready
         self._min_backoff = min_backoff
@@ -151,7 +152,7 @@ class Supervisor:
                 self._ready_event.set()
                 log.info("service ready", extra={"service": self.name, "pid": self.pid})
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(self._ready_poll)
 
     def uptime(self) -> int:
         if self.state != ServiceState.RUNNING:

@@ -94,7 +94,7 @@ async def main_async(mb: int, rounds: int) -> int:
     print("## Backup store throughput: SeaweedFS (S3) vs the local folder\n")
     print(f"{mb} MiB of random bytes (a compressed backup) per operation, median of {rounds} rounds, the two "
           "stores taking turns; both encrypt (AES-256-GCM, 1 MiB chunks) and hash (SHA-256) the same way. The "
-          "S3 store uploads 8 MiB parts, one in flight while the next fills, each with Content-MD5 and "
+          "S3 store uploads 8 MiB parts, up to 3 in flight while the next fills, each with Content-MD5 and "
           "x-amz-checksum-sha256, and checks the parts (ListParts) before the create-only complete. "
           "SeaweedFS runs on this machine (master, volume, filer and S3 gateway in one `weed` process), "
           "competing for the same 2 cores.\n")

@@ -8,6 +8,10 @@ read the head, read Content-Length bytes), so that each side's client costs abou
 figure measures the gateway, not the client. httpx, a full client, is shown beside it for reference: on a
 shared 2-core machine its own CPU (≈ 1-2 ms a request here) comes out of what the gateway and server get.
 
+Beside requests per second, each path's CPU per request: the server's, the gateway's and the bench's own
+(client) process, read from /proc around each round. On a shared machine throughput moves with the load; CPU per
+request moves much less, and says where the REST path's extra cost is.
+
 Run: `.venv/bin/python -m bench.gateway_bench [--seconds 5] [--rounds 3] [--concurrency 8]`.
 """
 from __future__ import annotations
@@ -30,6 +34,37 @@ from reddwarf.common.tls import aio_channel
 from reddwarf.v1 import admin_pb2, admin_pb2_grpc
 from tests.fixtures.gateway import start_gateway
 from tests.fixtures.server import start_server
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def gateway_pid() -> int:
+    """The gateway started by start_gateway: this process's child running reddwarf.client.gateway."""
+    me = str(os.getpid())
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "stat").read_text().rsplit(")", 1)[1].split()[1] == me \
+                    and b"reddwarf.client.gateway" in (d / "cmdline").read_bytes():
+                return int(d.name)
+        except OSError:
+            continue
+    raise RuntimeError("the gateway process was not found")
+
+
+Sample = tuple[float, list[float], dict[str, float]]  # requests/s, latencies, CPU ms per request by process
+
+
+async def measured(fn: Callable[[], Awaitable[object]], seconds: float, concurrency: int,
+                   pids: dict[str, int]) -> Sample:
+    before = {k: cpu_seconds(p) for k, p in pids.items()}
+    rps, lat = await drive(fn, seconds, concurrency)
+    return rps, lat, {k: 1000 * (cpu_seconds(p) - before[k]) / max(1, len(lat)) for k, p in pids.items()}
 
 
 async def drive(fn: Callable[[], Awaitable[object]], seconds: float, concurrency: int) -> tuple[float, list[float]]:
@@ -98,7 +133,9 @@ def main() -> int:
         with start_gateway(server.api, server.gateway_files) as base:
             host, _, port = base.removeprefix("http://").rpartition(":")
 
-            async def run() -> dict[str, list[tuple[float, list[float]]]]:
+            pids = {"server": server.proc.pid, "gateway": gateway_pid(), "client": os.getpid()}
+
+            async def run() -> dict[str, list[Sample]]:
                 raw = KeepAliveHttp(host, int(port), {"X-Auth-Token": token})
                 # The SDK's AsyncClient on the gRPC side: the same client the gateway is built on.
                 async with aio_channel(server.api, server.client_files) as ch, \
@@ -115,12 +152,12 @@ def main() -> int:
                             lambda: raw.get(f"/v1.0/{tid}/flavors/small"),
                         "REST gateway, httpx client (reference)": httpx_call,
                     }
-                    results: dict[str, list[tuple[float, list[float]]]] = {k: [] for k in paths}
+                    results: dict[str, list[Sample]] = {k: [] for k in paths}
                     for fn in paths.values():
                         await drive(fn, 1, a.concurrency)  # warm every path
                     for _ in range(a.rounds):
                         for name, fn in paths.items():
-                            results[name].append(await drive(fn, a.seconds, a.concurrency))
+                            results[name].append(await measured(fn, a.seconds, a.concurrency, pids))
                     raw.close()
                     return results
 
@@ -138,13 +175,20 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     base_runs = next(iter(results.values()))
     for name, runs in results.items():
-        rps = statistics.median(r for r, _ in runs)
-        lat = sorted(x for _, ls in runs for x in ls)
-        ratios = [r / b for (r, _), (b, _) in zip(runs, base_runs, strict=True)]
-        spread = " / ".join(f"{r:,.0f}" for r, _ in runs)
+        rps = statistics.median(r for r, _, _ in runs)
+        lat = sorted(x for _, ls, _ in runs for x in ls)
+        ratios = [r / b for (r, _, _), (b, _, _) in zip(runs, base_runs, strict=True)]
+        spread = " / ".join(f"{r:,.0f}" for r, _, _ in runs)
         share = " / ".join(f"{100 * x:.0f}%" for x in ratios)
         print(f"| {name} | {rps:,.0f} | {spread} | {p(lat, .5)} | {p(lat, .99)} | "
               f"{100 * statistics.median(ratios):.0f}% ({share}) |")
+    print("\nCPU per request (median of rounds, ms; the gateway is idle on the gRPC path):\n")
+    print("| path | server | gateway | client (the bench) | total |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        cpu = {k: statistics.median(c[k] for _, _, c in runs) for k in ("server", "gateway", "client")}
+        print(f"| {name} | {cpu['server']:.2f} | {cpu['gateway']:.2f} | {cpu['client']:.2f} | "
+              f"{sum(cpu.values()):.2f} |")
     return 0
 
 

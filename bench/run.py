@@ -38,6 +38,11 @@ BENCHMARKS = [
 ]
 
 
+# In a section, everything from this line to the section's end was written by hand (what a profile showed,
+# why a target is not met, earlier runs worth keeping): a re-run replaces the generated part above it only.
+NOTES_MARK = "<!-- notes written by hand below: kept when the section is re-run -->"
+
+
 def existing_sections(path: str) -> dict[str, str]:
     """The sections of an earlier BENCHMARKS.md by benchmark name (read from each section's Command line)."""
     try:
@@ -47,10 +52,16 @@ def existing_sections(path: str) -> dict[str, str]:
         return {}
     out = {}
     for chunk in ("\n" + text).split("\n## ")[1:]:
-        m = re.search(r"python -m bench\.(\w+)[^`]*`", chunk)
+        m = re.search(r"python -m bench\.(\w+)[^`]*`", chunk.split(NOTES_MARK)[0])
         if m:
             out[m.group(1)] = "## " + chunk.strip() + "\n"
     return out
+
+
+def notes_of(section: str) -> str:
+    """The hand-written tail of a section (from NOTES_MARK on), "" when it has none."""
+    at = section.find(NOTES_MARK)
+    return "" if at < 0 else "\n" + section[at:].strip() + "\n"
 
 
 def main() -> int:
@@ -67,7 +78,7 @@ def main() -> int:
         "Every figure sits next to a baseline measured in the same run, because these machines are noisy.\n",
     ]
     out_path = os.path.join(root, "docs", "BENCHMARKS.md")
-    earlier = existing_sections(out_path) if only else {}
+    earlier = existing_sections(out_path)
     if only:
         sections[1] = (f"Produced by `make bench`; sections re-run on their own say so in their Command line (last: "
                        f"{now}); machine: {platform.platform()}, {cpu} CPUs, {mem_gb:.0f} GiB. Every figure sits "
@@ -89,7 +100,8 @@ def main() -> int:
         body = proc.stdout.strip() if proc.returncode == 0 else (
             f"## {what}\n\nFAILED (exit {proc.returncode}):\n\n```\n{proc.stderr.strip()[-1500:]}\n```")
         failed += proc.returncode != 0
-        sections.append(f"{body}\n\nCommand: `.venv/bin/python -m bench.{name}` (run by `make bench`), {now}.\n")
+        sections.append(f"{body}\n\nCommand: `.venv/bin/python -m bench.{name}` (run by `make bench`), {now}.\n"
+                        + notes_of(earlier.get(name, "")))
     os.makedirs(os.path.join(root, "docs"), exist_ok=True)
     with open(out_path, "w") as f:
         f.write("\n".join(sections))

@@ -15,9 +15,12 @@ What a hostile client meets before any handler runs:
   of the first read (408), and the rest of a refused body is discarded for at most body_timeout before
   the connection is closed;
 - connections: at most limit_concurrency (uvicorn answers 503 beyond), a request head at most
-  max_header_bytes (h11) that must be complete within header_timeout of the connection or of its first
-  byte (uvicorn has only the idle keep-alive timeout, so the protocol below adds this deadline), idle
-  keep-alive connections closed after keep_alive_timeout.
+  max_header_bytes (431 beyond) that must be complete within header_timeout of the connection or of its first
+  byte (uvicorn has only the idle keep-alive timeout, so the protocol adds this deadline), idle
+  keep-alive connections closed after keep_alive_timeout. The protocol (clients/gateway_http.py) is uvicorn's
+  httptools one with these added;
+- framing: a doubled or malformed Content-Length, Content-Length with Transfer-Encoding, an HTTP/1.1 request
+  without exactly one Host: 400 and the connection closed.
 """
 from __future__ import annotations
 
@@ -37,14 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h11
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from reddwarf.common import config, errors
 from reddwarf.common.pki import TlsFiles
@@ -52,6 +53,8 @@ from reddwarf.common.pki import TlsFiles
 from . import trove, trove_configurations, trove_schemas
 from .aio import AsyncClient
 from .config import ClientConfig
+from .gateway_http import guarded_protocol
+from .gateway_routes import DictRouter
 from .resources import maintenance_window
 
 MAX_BODY = 1 << 20
@@ -79,7 +82,7 @@ class GatewaySettings:
     tls_key: str = ""
     max_body: int = MAX_BODY            # bytes of a request body
     limit_concurrency: int = 100        # open connections + running requests; beyond them uvicorn answers 503
-    max_header_bytes: int = 16 * 1024   # a request line and its headers (h11_max_incomplete_event_size)
+    max_header_bytes: int = 16 * 1024   # a request line and its headers (431 beyond)
     header_timeout: float = 10.0        # seconds for a whole request head
     body_timeout: float = 30.0          # seconds for a whole body, from the first read of it
     keep_alive_timeout: int = 5         # seconds an idle keep-alive connection stays open
@@ -169,9 +172,18 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        lengths = {v.strip() for k, v in scope["headers"] if k == b"content-length"}
+        lengths = set()
+        framed = False  # a body comes only with Content-Length or Transfer-Encoding (RFC 9112 6.3)
+        for k, v in scope["headers"]:
+            if k == b"content-length":
+                lengths.add(v.strip())
+            elif k == b"transfer-encoding":
+                framed = True
+        if not lengths and not framed:  # no body: nothing to count or wait for (most GETs and DELETEs)
+            await self.app(scope, receive, send)
+            return
         if lengths:
-            # h11 already refuses a malformed or doubled Content-Length; this holds without it too.
+            # The HTTP parser already refuses a malformed or doubled Content-Length; this holds without it too.
             value = lengths.pop() if len(lengths) == 1 else b""
             if not value.isdigit() or len(value) > 18:
                 await error(400, "malformed Content-Length")(scope, receive, send)
@@ -209,68 +221,6 @@ class BodyLimit:
             return message
 
         await self.app(scope, capped, send)
-
-
-def header_deadline_protocol(seconds: float, drain_seconds: float = 30.0) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with deadlines: a connection that has not sent a whole request line and
-    headers within `seconds` of being made (or of the first byte of its next request) is closed, and so is
-    one still sending the body of a request already answered (a 413, say) `drain_seconds` after the
-    answer. uvicorn itself only times out idle keep-alive connections, and a byte resets even that."""
-
-    class HeaderDeadlineH11(H11Protocol):
-        _head_timer: asyncio.TimerHandle | None = None
-        _drain_timer: asyncio.TimerHandle | None = None
-        _drain_cycle: object = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn narrows it to Transport
-            self._arm()
-
-        def _arm(self) -> None:
-            self._disarm()
-            self._head_timer = self.loop.call_later(seconds, self._head_late)
-
-        def _disarm(self) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-
-        def _head_late(self) -> None:
-            self._head_timer = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                self.logger.warning("request head not complete within %s s; closing %s", seconds, self.client)
-                self.transport.close()
-
-        def data_received(self, data: bytes) -> None:
-            if self._head_timer is None and self.conn.their_state is h11.IDLE:
-                self._arm()
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:
-                self._disarm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self.conn.their_state is h11.SEND_BODY and self._drain_timer is None:
-                self._drain_cycle = self.cycle
-                self._drain_timer = self.loop.call_later(drain_seconds, self._drain_late)
-
-        def _drain_late(self) -> None:
-            self._drain_timer = None
-            # Only the answered request's body: a later request on the connection has a cycle of its own.
-            if (self.cycle is self._drain_cycle and self.conn.their_state is h11.SEND_BODY
-                    and not self.transport.is_closing()):
-                self.logger.warning("body of an answered request still arriving after %s s; closing %s",
-                                    drain_seconds, self.client)
-                self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            if self._drain_timer is not None:
-                self._drain_timer.cancel()
-                self._drain_timer = None
-            super().connection_lost(exc)
-
-    return HeaderDeadlineH11
 
 
 class Gateway:
@@ -647,9 +597,19 @@ async def versions(request: Request) -> Response:
     return JSONResponse({"versions": [v]} if request.url.path in ("", "/") else {"version": v})
 
 
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error(404, f"no such resource: {request.url.path}")
+
+
+async def not_allowed(request: Request, exc: Exception) -> Response:
+    return error(405, f"{request.method} is not allowed on {request.url.path}")
+
+
 def build_app(api_address: str, files: TlsFiles, max_body: int = MAX_BODY, body_timeout: float = 30.0) -> ASGIApp:
-    """The gateway's ASGI app: the Trove routes behind BodyLimit."""
-    return BodyLimit(build_routes(api_address, files), max_body, body_timeout)
+    """The gateway's ASGI app: the Trove routes, dispatched from a dict (clients/gateway_routes.py), behind
+    BodyLimit."""
+    return BodyLimit(DictRouter(build_routes(api_address, files), {404: not_found, 405: not_allowed}),
+                     max_body, body_timeout)
 
 
 def build_routes(api_address: str, files: TlsFiles) -> Starlette:
@@ -705,12 +665,6 @@ def build_routes(api_address: str, files: TlsFiles) -> Starlette:
     ]
     routes_spec = [(r.path, sorted((r.methods or {"GET"}) - {"HEAD"})) for r in routes if r.path != "/openapi.json"]
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return error(404, f"no such resource: {request.url.path}")
-
-    async def not_allowed(request: Request, exc: Exception) -> Response:
-        return error(405, f"{request.method} is not allowed on {request.url.path}")
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await g.start()
@@ -733,9 +687,9 @@ def uvicorn_config(s: GatewaySettings) -> uvicorn.Config:
     tls: dict[str, Any] = ({"ssl_certfile": s.tls_cert, "ssl_keyfile": s.tls_key, "ssl_context_factory": _tls12}
                            if s.tls_cert else {})
     return uvicorn.Config(app, host=host, port=port, log_level="warning", ws="none", lifespan="on",
-                          http=header_deadline_protocol(s.header_timeout, s.body_timeout),
+                          http=guarded_protocol(s.max_header_bytes, s.header_timeout, s.body_timeout),
                           limit_concurrency=s.limit_concurrency, timeout_keep_alive=s.keep_alive_timeout,
-                          h11_max_incomplete_event_size=s.max_header_bytes, server_header=False, **tls)
+                          server_header=False, **tls)
 
 
 def main(argv: list[str] | None = None) -> int:

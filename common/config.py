@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import yaml
-
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -44,6 +42,16 @@ class ConfigError(ValueError):
         self.key = key
 
 
+def _yaml_load(text: str) -> Any:
+    # Imported here: the guest agent reads JSON only, and PyYAML is a noticeable part of its start-up.
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def read_file(path: str | Path, fmt: Format = "yaml") -> dict[str, Any]:
     """The mapping at the top of a YAML or JSON settings file (an empty file is an empty mapping)."""
     try:
@@ -51,8 +59,8 @@ def read_file(path: str | Path, fmt: Format = "yaml") -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
+        data = json.loads(text) if fmt == "json" else _yaml_load(text)
+    except ValueError as exc:
         raise ConfigError(f"{path}: not valid {fmt.upper()}: {exc}") from None
     if data is None:
         return {}

@@ -2,7 +2,14 @@
 
 Every operation is idempotent by id: repeating a create with the same parameters returns what exists, the
 same id with other parameters is AlreadyExists, deleting what is absent is NotFound. Inputs are validated
-before anything changes. Callers serialise mutations (the service holds one lock around them).
+before anything changes.
+
+Safe to call from many threads at once (the service runs each call in a worker thread): an operation holds
+the locks of the container and volume it touches (locks.py), so creates of different instances run their
+mkfs, lxc-copy and lxc-start side by side, while two calls on one container or volume run one after the
+other. What instances share is picked under one short allocation lock: a container's mysqld port or bridge
+address is chosen and its intent record written (which reserves it) before the slow driver work starts
+outside that lock.
 """
 from __future__ import annotations
 
@@ -11,7 +18,10 @@ import json
 import logging
 import os
 import posixpath
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
 
@@ -40,6 +50,7 @@ from .containers import (
 )
 from .iscsi import Chap, Locator, validate_chap, validate_iqn
 from .iscsi_volumes import IscsiVolumeDriver
+from .locks import NamedLocks, container_key, volume_key
 from .loop import OnlineResizeDenied, device_numbers
 from .san import SanTargetDriver
 from .settings import Settings
@@ -136,6 +147,10 @@ class Host:
         self.layout = layout
         self.default_template = default_template
         self.state = HostState.load(settings.state_file)
+        self._locks = NamedLocks()
+        # Short: only around picks made against every container's record (port, bridge address) and the
+        # write of the record that reserves them. Taken inside NamedLocks.hold, never around it.
+        self._alloc = threading.Lock()
         # Restart backoff per container: (monotonic time of the last revival, current delay).
         self._revived: dict[str, tuple[float, float]] = {}
         for rec in list(self.state.containers.values()):
@@ -166,6 +181,11 @@ class Host:
         if not all(c.isalnum() or c in "-_." for c in template):
             raise InvalidArgument(f"container.template {template!r} is not a template name",
                                   field="container.template")
+        with self._locks.hold(container_key(req.id), volume_key(req.volume_id) if req.volume_id else ""):
+            return self._create_container(req, datadir, template)
+
+    def _create_container(self, req: CreateContainer, datadir: str, template: str) -> ContainerView:
+        b = req.bootstrap
         fingerprint = req.fingerprint()
         existing = self.state.containers.get(req.id)
         if existing is not None:
@@ -181,6 +201,23 @@ class Host:
             if vol.attached_to and vol.attached_to != req.id:
                 raise FailedPrecondition(f"volume {vol.id} is attached to {vol.attached_to}",
                                          field="container.volume_id")
+            mount = self._mount_for(req.volume_id, datadir)
+        with self._alloc:
+            rec = self._allocate(req, datadir, template, fingerprint)
+            # Intent first: if hostd dies inside the driver's create, the half-made container is still ours (a
+            # retried create finishes it, a delete removes it) instead of an "unmanaged" orphan. Written under
+            # the allocation lock, the record also reserves its port or address against concurrent creates.
+            self.state.put_container(rec)
+        if req.volume_id:
+            self.state.put_volume(self.state.volumes[req.volume_id].with_(attached_to=req.id,
+                                                                           container_path=datadir))
+        self.containers.create(self._spec(rec, b, mount))  # the slow part: outside the allocation lock
+        log.info("container created", extra={"instance": req.id, "network": req.network_mode, "port": rec.port})
+        return self.get_container(req.id)
+
+    def _allocate(self, req: CreateContainer, datadir: str, template: str, fingerprint: str) -> ContainerRecord:
+        """The new container's record with its port (host mode) or bridge address; the caller holds the
+        allocation lock until the record is written."""
         if req.network_mode == "host":
             port = network.allocate_port(self.settings.port_min, self.settings.port_max,
                                          {c.port for c in self.state.containers.values()})
@@ -190,20 +227,33 @@ class Host:
                 self.settings.host_bridge.cidr,
                 {c.address for c in self.state.containers.values() if c.network_mode == "bridge"})
             port = network.MYSQL_PORT
-        rec = ContainerRecord(id=req.id, limits=req.limits, network_mode=req.network_mode, address=address,
-                              port=port, template=template, datadir=datadir, volume_id=req.volume_id,
-                              fingerprint=fingerprint, driver=self.containers.name, desired="stopped")
-        if req.volume_id:
-            mount = self._mount_for(req.volume_id, datadir)
-        # Intent first: if hostd dies inside the driver's create, the half-made container is still ours (a
-        # retried create finishes it, a delete removes it) instead of an "unmanaged" orphan.
-        self.state.put_container(rec)
-        if req.volume_id:
-            self.state.put_volume(self.state.volumes[req.volume_id].with_(attached_to=req.id,
-                                                                           container_path=datadir))
-        self.containers.create(self._spec(rec, b, mount))
-        log.info("container created", extra={"instance": req.id, "network": req.network_mode, "port": port})
-        return self.get_container(req.id)
+        return ContainerRecord(id=req.id, limits=req.limits, network_mode=req.network_mode, address=address,
+                               port=port, template=template, datadir=datadir, volume_id=req.volume_id,
+                               fingerprint=fingerprint, driver=self.containers.name, desired="stopped")
+
+    @contextmanager
+    def _holding_container(self, cid: str) -> Iterator[None]:
+        """The locks of a container and of the volume it has (read, locked, then checked unchanged)."""
+        while True:
+            rec = self.state.containers.get(cid)
+            vid = rec.volume_id if rec is not None else ""
+            with self._locks.hold(container_key(cid), volume_key(vid) if vid else ""):
+                now = self.state.containers.get(cid)
+                if (now.volume_id if now is not None else "") == vid:
+                    yield
+                    return
+
+    @contextmanager
+    def _holding_volume(self, vid: str) -> Iterator[None]:
+        """The locks of a volume and of the container it is attached to."""
+        while True:
+            rec = self.state.volumes.get(vid)
+            cid = rec.attached_to if rec is not None else ""
+            with self._locks.hold(volume_key(vid), container_key(cid) if cid else ""):
+                now = self.state.volumes.get(vid)
+                if (now.attached_to if now is not None else "") == cid:
+                    yield
+                    return
 
     def _spec(self, rec: ContainerRecord, b: Bootstrap, mount: VolumeMount | None = None) -> ContainerSpec:
         if rec.network_mode == "bridge":
@@ -237,6 +287,10 @@ class Host:
         return views, unmanaged
 
     def start_container(self, cid: str) -> ContainerView:
+        with self._holding_container(cid):
+            return self._start_container(cid)
+
+    def _start_container(self, cid: str) -> ContainerView:
         rec = self._container(cid)
         if rec.desired != "running":
             rec = rec.with_(desired="running")
@@ -249,6 +303,10 @@ class Host:
         return self.containers.start(rec.id)
 
     def stop_container(self, cid: str, timeout: int) -> ContainerView:
+        with self._holding_container(cid):
+            return self._stop_container(cid, timeout)
+
+    def _stop_container(self, cid: str, timeout: int) -> ContainerView:
         rec = self._container(cid)
         if timeout < 0 or timeout > 3600:
             raise InvalidArgument("timeout_seconds must be 0..3600", field="timeout_seconds")
@@ -261,7 +319,7 @@ class Host:
         """Restart policy "always": a container the server wants running that stopped on its own (its PID 1,
         the agent, died; the host rebooted) is started again. One that keeps dying waits 1, 2, 4... up to
         REVIVE_MAX_DELAY seconds between attempts; a container that stayed up for that long starts afresh.
-        Returns the ids started. (hostd's loop calls the two halves itself: only the second needs its lock.)"""
+        Returns the ids started. (hostd's loop calls the two halves itself: only the second takes locks.)"""
         now = time.monotonic() if now is None else now
         return [cid for cid in self.due_for_revival(now) if self.revive_one(cid, now)]
 
@@ -287,6 +345,10 @@ class Host:
 
     def revive_one(self, cid: str, now: float) -> bool:
         """Starts one container found due (re-checked: it may have been stopped or deleted meanwhile)."""
+        with self._holding_container(cid):
+            return self._revive_one(cid, now)
+
+    def _revive_one(self, cid: str, now: float) -> bool:
         rec = self.state.containers.get(cid)
         if rec is None or rec.desired != "running" or self.containers.status(cid).state != "STOPPED":
             return False
@@ -301,6 +363,10 @@ class Host:
         return True
 
     def delete_container(self, cid: str) -> None:
+        with self._holding_container(cid):
+            self._delete_container(cid)
+
+    def _delete_container(self, cid: str) -> None:
         rec = self._container(cid)
         self.containers.destroy(cid)
         if rec.volume_id in self.state.volumes:
@@ -310,6 +376,10 @@ class Host:
         log.info("container deleted", extra={"instance": cid})
 
     def set_limits(self, cid: str, limits: Limits) -> ContainerView:
+        with self._holding_container(cid):
+            return self._set_limits(cid, limits)
+
+    def _set_limits(self, cid: str, limits: Limits) -> ContainerView:
         rec = self._container(cid)
         limits.validate("limits")
         mount = self._mount_for(rec.volume_id, rec.datadir) if rec.volume_id in self.state.volumes else None
@@ -357,6 +427,10 @@ class Host:
         if not 1 <= size_gb <= MAX_VOLUME_GB:
             raise InvalidArgument(f"volume.size_gb must be 1..{MAX_VOLUME_GB}, got {size_gb}",
                                   field="volume.size_gb")
+        with self._locks.hold(volume_key(vid)):
+            return self._create_volume(vid, size_gb)
+
+    def _create_volume(self, vid: str, size_gb: int) -> VolumeView:
         existing = self.state.volumes.get(vid)
         if existing is not None:
             if existing.size_gb != size_gb:
@@ -366,6 +440,8 @@ class Host:
         if locator in self.volumes.list_locators():
             raise AlreadyExists(f"an unmanaged backing store for {vid} exists; adopt it instead",
                                 field="volume.id")
+        # Per volume, as when creates ran one at a time (not summed over creates in flight): the files are
+        # sparse, so a volume being made takes next to nothing from the free space this reads.
         self._check_space(size_gb, "volume.size_gb")
         info = self.volumes.create(vid, size_gb)
         self.state.put_volume(VolumeRecord(id=vid, size_gb=size_gb, driver=self.volumes.name,
@@ -386,6 +462,10 @@ class Host:
         return views, [loc for loc in self.volumes.list_locators() if loc not in tracked]
 
     def resize_volume(self, vid: str, size_gb: int) -> VolumeView:
+        with self._holding_volume(vid):  # an offline grow stops and starts the container using it
+            return self._resize_volume(vid, size_gb)
+
+    def _resize_volume(self, vid: str, size_gb: int) -> VolumeView:
         rec = self._volume(vid)
         if size_gb == rec.size_gb:
             return self.get_volume(vid)  # a replayed resize is done already
@@ -418,6 +498,12 @@ class Host:
                                                 else ""})
 
     def attach_volume(self, vid: str, cid: str, mount_path: str) -> VolumeView:
+        # The volume's current container (if another) is not locked: attached elsewhere is refused, and
+        # attached_to changes only under this volume's lock.
+        with self._locks.hold(volume_key(vid), container_key(cid)):
+            return self._attach_volume(vid, cid, mount_path)
+
+    def _attach_volume(self, vid: str, cid: str, mount_path: str) -> VolumeView:
         rec = self._volume(vid)
         crec = self._container(cid, "container_id")
         path = _validate_path(mount_path or crec.datadir, "mount_path")
@@ -434,6 +520,10 @@ class Host:
         return self.get_volume(vid)
 
     def detach_volume(self, vid: str) -> VolumeView:
+        with self._holding_volume(vid):
+            return self._detach_volume(vid)
+
+    def _detach_volume(self, vid: str) -> VolumeView:
         rec = self._volume(vid)
         if not rec.attached_to:
             return self.get_volume(vid)
@@ -445,6 +535,10 @@ class Host:
         return self.get_volume(vid)
 
     def delete_volume(self, vid: str, keep_data: bool) -> None:
+        with self._holding_volume(vid):
+            self._delete_volume(vid, keep_data)
+
+    def _delete_volume(self, vid: str, keep_data: bool) -> None:
         rec = self._volume(vid)
         if rec.attached_to:
             raise FailedPrecondition(f"volume {vid} is attached to {rec.attached_to}; detach it first",
@@ -461,6 +555,12 @@ class Host:
         validate_id(vid, "id")
         if not locator:
             raise InvalidArgument("locator is required", field="locator")
+        # The locator's lock too: two adoptions of one backing store under two ids must not both pass the
+        # "already tracked under another id" check.
+        with self._locks.hold(volume_key(vid), "locator:" + locator):
+            return self._adopt_volume(vid, locator, chap, only_if_tracked)
+
+    def _adopt_volume(self, vid: str, locator: str, chap: Chap | None, only_if_tracked: bool) -> VolumeView:
         if only_if_tracked and vid not in self.state.volumes:
             raise NotFound(f"volume {vid} is not tracked by this host", field="id")
         if isinstance(self.volumes, IscsiVolumeDriver):
@@ -522,6 +622,11 @@ class Host:
         refused and cut off. An empty initiator admits nobody (detached, or its host fenced)."""
         if not isinstance(self.volumes, SanTargetDriver):
             raise FailedPrecondition("only a hostd in storage mode exports volumes", field="id")
+        with self._locks.hold(volume_key(vid)):
+            return self._export_volume(self.volumes, vid, initiator_iqn, chap)
+
+    def _export_volume(self, target: SanTargetDriver, vid: str, initiator_iqn: str,
+                       chap: Chap | None) -> VolumeView:
         rec = self._volume(vid)
         if initiator_iqn:
             validate_iqn(initiator_iqn, "initiator_iqn")
@@ -530,7 +635,7 @@ class Host:
             validate_chap(chap)
         elif chap is not None and (chap.user or chap.secret):
             raise InvalidArgument("chap must be empty when no initiator is admitted", field="chap")
-        self.volumes.allow(vid, initiator_iqn, chap if initiator_iqn else None)
+        target.allow(vid, initiator_iqn, chap if initiator_iqn else None)
         self.state.put_volume(rec.with_(initiator_iqn=initiator_iqn, chap_user=chap.user if chap else "",
                                         chap_secret=chap.secret if chap else ""))
         return self.get_volume(vid)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -138,6 +139,9 @@ class TargetHost:
         self.portal = portal
         self.control_port = control_port
         self._run = runner
+        # Target ids are picked as the highest in use + 1: exports of different volumes run in parallel
+        # (hostd/host.py locks per volume), so the pick and the target's creation go under one lock.
+        self._tid_lock = threading.Lock()
 
     def _adm(self, *args: str, check: bool = True) -> Result:
         ctl = ["-C", str(self.control_port)] if self.control_port else []
@@ -154,6 +158,10 @@ class TargetHost:
         validate_iqn(iqn)
         if not os.path.isfile(backing_path):
             raise FailedPrecondition(f"backing file {backing_path} does not exist", field="backing_path")
+        with self._tid_lock:
+            return self._export(iqn, backing_path, initiators)
+
+    def _export(self, iqn: str, backing_path: str, initiators: tuple[str, ...]) -> Locator:
         existing = self.find(iqn)
         if existing is not None:
             if [lun.backing_path for lun in existing.luns] != [backing_path]:

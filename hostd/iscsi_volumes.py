@@ -19,7 +19,7 @@ from reddwarf.common.runner import CommandError, run
 
 from . import qsd
 from .iscsi import Chap, Initiator, Locator, kernel_has_iscsi_tcp
-from .loop import LoopDriver, OnlineResizeDenied
+from .loop import LoopDriver, OnlineResizeDenied, detach, set_autoclear
 from .settings import Settings
 from .volumes import GIB, VolumeDriver, VolumeInfo
 
@@ -112,6 +112,8 @@ class IscsiVolumeDriver(VolumeDriver):
             run(["mount", "-t", "ext4", dev, mnt])
         elif current != dev:
             raise FailedPrecondition(f"{mnt} already has {current} mounted", field="id")
+        if dev != src:
+            set_autoclear(dev)  # the loop device over the user-space initiator's FUSE file
         return self.info(vid, locator)
 
     def unmount(self, vid: str, locator: str) -> None:
@@ -123,10 +125,8 @@ class IscsiVolumeDriver(VolumeDriver):
             os.rmdir(mnt)
         if self.kind == "userspace":
             src = self.userspace.device_path(vid)
-            dev = LoopDriver.loop_device(src) if os.path.exists(src) else ""
-            while dev:
-                run(["losetup", "-d", dev])
-                dev = LoopDriver.loop_device(src)
+            if os.path.exists(src):
+                detach(src)
 
     def deactivate(self, vid: str, locator: str) -> None:
         self.unmount(vid, locator)

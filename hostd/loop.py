@@ -2,8 +2,10 @@
 on the host under the state dir; grown online with truncate + `losetup -c` + resize2fs."""
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import struct
 
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, run
@@ -11,6 +13,44 @@ from reddwarf.common.runner import CommandError, run
 from .volumes import GIB, LocalVolumeDriver, VolumeInfo
 
 log = logging.getLogger("reddwarf.hostd.loop")
+
+
+# <linux/loop.h>: struct loop_info64 is 232 bytes and its lo_flags (a __u32) sits at offset 52.
+_LOOP_SET_STATUS64 = 0x4C04
+_LOOP_GET_STATUS64 = 0x4C05
+_LO_FLAGS_AUTOCLEAR = 4
+_LOOP_INFO64_SIZE = 232
+_LO_FLAGS_OFFSET = 52
+
+
+def set_autoclear(dev: str) -> None:
+    """Marks a mounted loop device to detach itself when its last user goes (as `mount -o loop` does).
+
+    Called once the filesystem is mounted: the mount is then the device's user, so an unmount frees it, and so
+    does the end of a mount namespace whose processes were all killed, which would otherwise leave the device
+    bound to a file nobody can reach (losetup shows it as "/") until someone detaches it by hand."""
+    fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        info = bytearray(_LOOP_INFO64_SIZE)
+        fcntl.ioctl(fd, _LOOP_GET_STATUS64, info, True)
+        (flags,) = struct.unpack_from("=I", info, _LO_FLAGS_OFFSET)
+        if not flags & _LO_FLAGS_AUTOCLEAR:
+            struct.pack_into("=I", info, _LO_FLAGS_OFFSET, flags | _LO_FLAGS_AUTOCLEAR)
+            fcntl.ioctl(fd, _LOOP_SET_STATUS64, bytes(info))
+    finally:
+        os.close(fd)
+
+
+def detach(locator: str) -> None:
+    """Detaches every loop device still bound to locator; one that detached itself meanwhile is no error."""
+    dev = LoopDriver.loop_device(locator)
+    while dev:
+        try:
+            run(["losetup", "-d", dev])
+        except CommandError:
+            if LoopDriver.loop_device(locator) == dev:
+                raise
+        dev = LoopDriver.loop_device(locator)
 
 
 class OnlineResizeDenied(Exception):
@@ -69,6 +109,7 @@ class LoopDriver(LocalVolumeDriver):
             run(["mount", "-t", "ext4", dev, mnt])
         elif current != dev:
             raise FailedPrecondition(f"{mnt} already has {current} mounted", field="id")
+        set_autoclear(dev)
         return self.info(vid, locator)
 
     def deactivate(self, vid: str, locator: str) -> None:
@@ -78,10 +119,7 @@ class LoopDriver(LocalVolumeDriver):
         if os.path.isdir(mnt):
             os.rmdir(mnt)
         if os.path.exists(locator):
-            dev = self.loop_device(locator)
-            while dev:
-                run(["losetup", "-d", dev])
-                dev = self.loop_device(locator)
+            detach(locator)
 
     def delete(self, vid: str, locator: str) -> None:
         self.deactivate(vid, locator)

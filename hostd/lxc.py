@@ -21,11 +21,12 @@ import logging
 import os
 import shlex
 import shutil
+import threading
 
 from reddwarf.common.errors import FailedPrecondition, NotFound
 from reddwarf.common.runner import CommandError, Result, run
 
-from . import cgroups, firstboot, idmap, network, template
+from . import cgroups, firstboot, idmap, network, template, volume_seed
 from .containers import (
     ContainerDriver,
     ContainerSpec,
@@ -71,6 +72,9 @@ class LxcDriver(ContainerDriver):
         self.bridge = network.Bridge(settings.host_bridge)
         self._bridge_ready = False
         self._published: dict[str, str] = {}  # host service address -> what a container dials for it
+        # Containers are created and destroyed in parallel (hostd/host.py); the bridge and its filter are
+        # shared by all of them: made, published into and removed under this lock.
+        self._net_lock = threading.RLock()
         if settings.unprivileged:
             template.ensure_subids()
             if settings.idmap_isolated:
@@ -183,16 +187,21 @@ class LxcDriver(ContainerDriver):
             self._rewrite_config(spec.id, self._managed_block(spec.id, spec.limits, spec.network, spec.mount))
             bootstrap = spec.bootstrap
             if spec.network.mode == "bridge":
-                self._ensure_bridge(spec.network)
-                # The agent dials the control server from its own network namespace: through the gateway.
-                bootstrap = dataclasses.replace(
-                    bootstrap, server_address=self._reach(bootstrap.server_address),
-                    enroll_address=self._reach(bootstrap.enroll_address) if bootstrap.enroll_address else "")
+                with self._net_lock:
+                    self._ensure_bridge(spec.network)
+                    # The agent dials the control server from its own network namespace: through the gateway.
+                    bootstrap = dataclasses.replace(
+                        bootstrap, server_address=self._reach(bootstrap.server_address),
+                        enroll_address=self._reach(bootstrap.enroll_address) if bootstrap.enroll_address else "")
             bind = "0.0.0.0" if spec.network.mode == "bridge" else spec.network.address
             config = firstboot.agent_config(bootstrap, spec.network.port, spec.datadir, bind)
             firstboot.write_firstboot(self.upper_dir(spec.id), config, spec.bootstrap.ca_pem)
             firstboot.write_name_files(self.upper_dir(spec.id), name, spec.network.mode == "bridge")
-            if self._unprivileged(spec.id):
+            unprivileged = self._unprivileged(spec.id)
+            if spec.mount is not None:
+                self._seed_volume(spec.template, spec.mount.host_path,
+                                  self._idmap_base(spec.id) if unprivileged else 0)
+            if unprivileged:
                 base = self._idmap_base(spec.id)
                 template.shift_tree(self.upper_dir(spec.id), base)  # hostd's files become the container root's
                 if spec.mount is not None:
@@ -313,6 +322,15 @@ class LxcDriver(ContainerDriver):
             self._published[address] = self.bridge.reach_host_service(address)
         return self._published[address]
 
+    def _seed_volume(self, template_name: str, host_path: str, base: int) -> None:
+        """A fresh volume gets the template's datadir seed (hostd/volume_seed.py), which its guest takes over
+        instead of running mariadb-install-db; a volume with anything on it is left as it is."""
+        if not os.path.isdir(host_path):
+            return
+        seed = volume_seed.seed_for(self.settings, template_name)
+        if seed is not None and volume_seed.seed_volume(seed, host_path, base):
+            log.info("volume seeded", extra={"path": host_path, "template": template_name})
+
     def _own_volume(self, host_path: str, base: int) -> None:
         """The data volume belongs to the container's mapped ids (once: a fresh, formerly privileged or
         other range's volume is shifted, one already in the range is left as it is)."""
@@ -334,7 +352,8 @@ class LxcDriver(ContainerDriver):
         self._mount_layer(cid)  # after a host reboot the writable layer's filesystem is not mounted
         plan = _network_from_block(self._read_block(cid))
         if plan.mode == "bridge":
-            self._ensure_bridge(plan)  # after a host reboot (or the last neighbour's delete) it is gone
+            with self._net_lock:
+                self._ensure_bridge(plan)  # after a host reboot (or the last neighbour's delete) it is gone
         if self._unprivileged(cid):
             base = self._idmap_base(cid)
             self._ensure_lower(cid)
@@ -391,9 +410,20 @@ class LxcDriver(ContainerDriver):
             if base:
                 template.revoke_search(self.path, base)
         log.info("container destroyed", extra={"container": self.container_name(cid)})
-        if bridged and not any(_network_from_block(self._read_block(o)).mode == "bridge"
-                               for o in self.list_names()):
-            # The last container on the bridge is gone: so is the bridge, with its filter table.
+        if bridged:
+            self._drop_bridge_if_unused()
+
+    def _drop_bridge_if_unused(self) -> None:
+        """The last container on the bridge is gone: so is the bridge, with its filter table. Under the network
+        lock: a create writes its bridged config before it ensures the bridge, so a create in flight either
+        is seen here (the bridge stays) or ensures the bridge again after this."""
+        with self._net_lock:
+            for other in self.list_names():
+                try:
+                    if _network_from_block(self._read_block(other)).mode == "bridge":
+                        return
+                except FileNotFoundError:
+                    continue  # destroyed meanwhile
             self.bridge.destroy()
             self._bridge_ready = False
             with contextlib.suppress(FileNotFoundError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -41,6 +42,7 @@ from .settings import Settings
 from .volumes import VolumeDriver
 
 log = logging.getLogger("reddwarf.hostd")
+WORKER_THREADS = 64
 
 
 def load_settings(args: argparse.Namespace, env: dict[str, str]) -> Settings:
@@ -90,9 +92,9 @@ async def revive_loop(servicer: HostAgentServicer, every: float) -> None:
         await asyncio.sleep(every)
         try:
             now = time.monotonic()
-            # Status reads without the mutation lock (they would hold up every create); starts under it.
+            # Status reads take no lock; each start holds its container's (Host.revive_one).
             for cid in await asyncio.to_thread(servicer.host.due_for_revival, now):
-                await servicer.run_locked(servicer.host.revive_one, cid, now)
+                await servicer.run_op(servicer.host.revive_one, cid, now)
         except Exception:  # noqa: BLE001 - the loop outlives any one failure
             log.exception("revive pass failed")
 
@@ -100,6 +102,11 @@ async def revive_loop(servicer: HostAgentServicer, every: float) -> None:
 async def serve(settings: Settings) -> None:
     if not (settings.cert_path and settings.key_path and settings.ca_path):
         raise SystemExit("hostd needs --cert-path, --key-path and --ca-path (its mTLS identity)")
+    # Host operations block a thread each for seconds (lxc-copy, mkfs, lxc-start) and run side by side:
+    # asyncio's default pool (cpu count + 4 threads: 6 on a 2-CPU host) would queue a burst of creates, and
+    # the reads (GetContainer, ListUsage) behind them.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(WORKER_THREADS, thread_name_prefix="hostd-op"))
     host = await asyncio.to_thread(build_host, settings)
     views, unmanaged = host.list_containers()
     vols, unmanaged_vols = host.list_volumes()

@@ -3,18 +3,18 @@
 Only the control server may call (a certificate with role `server` from the deployment CA, not revoked in
 the CA's signed CRL); everything else is PERMISSION_DENIED before any handler runs. hostd fails closed:
 until it holds a current CRL (pushed by the server, PushRevocations) every other call is refused. Host operations are
-blocking (lxc-*, mkfs, mount) and mutate one JSON state, so they run one at a time in a worker thread,
-never on the event loop.
+blocking (lxc-*, mkfs, mount), so each runs in a worker thread, never on the event loop; operations on
+different containers and volumes run at the same time (Host takes the locks each one needs).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, Any, TypeVar
 
@@ -35,7 +35,7 @@ from reddwarf.common.errors import (
 from reddwarf.common.tls import RevocationList, peer_identity
 from reddwarf.v1 import common_pb2, host_pb2, host_pb2_grpc
 
-from . import template
+from . import locks, template
 from .containers import Bootstrap, Limits, Usage
 from .host import CapacityView, ContainerView, CreateContainer, Host, VolumeView
 from .iscsi import Chap
@@ -179,7 +179,6 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
         self.host = host
         self.revocations = revocations
         self.renewer = renewer
-        self._lock = asyncio.Lock()
 
     def _renewer(self) -> CertificateRenewer:
         if self.renewer is None:
@@ -208,9 +207,24 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
         log.info("revocation list installed", extra={"crl_number": crl.number, "revoked": len(crl.serials)})
         return host_pb2.PushRevocationsResponse(crl_number=crl.number, revoked=len(crl.serials))
 
-    async def run_locked(self, fn: Callable[..., T], *args: Any) -> T:
-        async with self._lock:  # one mutation at a time: the state file and lxc are not concurrent-safe
-            return await asyncio.to_thread(functools.partial(fn, *args))
+    async def run_op(self, fn: Callable[..., T], *args: Any) -> T:
+        """A mutation in a worker thread, logged with its time (bench/provision_breakdown.py reads the line)."""
+        waited = [0.0]
+
+        def timed() -> T:
+            locks.take_waited()
+            try:
+                return fn(*args)
+            finally:
+                waited[0] = locks.take_waited()
+
+        began = time.monotonic()
+        try:
+            return await asyncio.to_thread(timed)
+        finally:
+            ran = time.monotonic() - began - waited[0]
+            log.info("host operation", extra={"op": getattr(fn, "__name__", "?"), "waited_ms": int(waited[0] * 1000),
+                                              "ran_ms": int(ran * 1000)})
 
     @property
     def _driver(self) -> str:
@@ -233,7 +247,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
                                 heartbeat_seconds=b.heartbeat_seconds, enroll_address=b.enroll_address),
             network_mode=MODES.get(c.network_mode, "invalid"), volume_id=c.volume_id, datadir=c.datadir,
             template=c.template)
-        out = container_pb(await self.run_locked(self.host.create_container, req), self._driver)
+        out = container_pb(await self.run_op(self.host.create_container, req), self._driver)
         if self._driver == "lxc":
             with contextlib.suppress(OSError):  # reported when readable; a create never fails for it
                 out.package_versions.update(await asyncio.to_thread(
@@ -255,24 +269,24 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def StartContainer(self, request: host_pb2.ContainerRef,
                              context: Context) -> host_pb2.Container:
-        return container_pb(await self.run_locked(self.host.start_container, request.id), self._driver)
+        return container_pb(await self.run_op(self.host.start_container, request.id), self._driver)
 
     @grpc_edge
     async def StopContainer(self, request: host_pb2.StopContainerRequest,
                             context: Context) -> host_pb2.Container:
-        return container_pb(await self.run_locked(self.host.stop_container, request.id, request.timeout_seconds),
+        return container_pb(await self.run_op(self.host.stop_container, request.id, request.timeout_seconds),
                             self._driver)
 
     @grpc_edge
     async def DeleteContainer(self, request: host_pb2.ContainerRef,
                               context: Context) -> empty_pb2.Empty:
-        await self.run_locked(self.host.delete_container, request.id)
+        await self.run_op(self.host.delete_container, request.id)
         return empty_pb2.Empty()
 
     @grpc_edge
     async def SetLimits(self, request: host_pb2.SetLimitsRequest,
                         context: Context) -> host_pb2.Container:
-        return container_pb(await self.run_locked(self.host.set_limits, request.id, limits_from_pb(request.limits)),
+        return container_pb(await self.run_op(self.host.set_limits, request.id, limits_from_pb(request.limits)),
                             self._driver)
 
     @grpc_edge
@@ -342,7 +356,7 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def CreateVolume(self, request: host_pb2.CreateVolumeRequest,
                            context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.create_volume, request.volume.id, request.volume.size_gb))
+        return volume_pb(await self.run_op(self.host.create_volume, request.volume.id, request.volume.size_gb))
 
     @grpc_edge
     async def GetVolume(self, request: host_pb2.VolumeRef,
@@ -358,33 +372,33 @@ class HostAgentServicer(host_pb2_grpc.HostAgentServicer):
     @grpc_edge
     async def ResizeVolume(self, request: host_pb2.ResizeVolumeHostRequest,
                            context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.resize_volume, request.id, request.size_gb))
+        return volume_pb(await self.run_op(self.host.resize_volume, request.id, request.size_gb))
 
     @grpc_edge
     async def AttachVolume(self, request: host_pb2.AttachVolumeRequest,
                            context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.attach_volume, request.id, request.container_id,
+        return volume_pb(await self.run_op(self.host.attach_volume, request.id, request.container_id,
                                          request.mount_path))
 
     @grpc_edge
     async def DetachVolume(self, request: host_pb2.DetachVolumeRequest,
                            context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.detach_volume, request.id))
+        return volume_pb(await self.run_op(self.host.detach_volume, request.id))
 
     @grpc_edge
     async def DeleteVolume(self, request: host_pb2.DeleteVolumeRequest,
                            context: Context) -> empty_pb2.Empty:
-        await self.run_locked(self.host.delete_volume, request.id, request.keep_data)
+        await self.run_op(self.host.delete_volume, request.id, request.keep_data)
         return empty_pb2.Empty()
 
     @grpc_edge
     async def AdoptVolume(self, request: host_pb2.AdoptVolumeRequest,
                           context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.adopt_volume, request.id, request.locator,
+        return volume_pb(await self.run_op(self.host.adopt_volume, request.id, request.locator,
                                                chap_from_pb(request), request.only_if_tracked))
 
     @grpc_edge
     async def ExportVolume(self, request: host_pb2.ExportVolumeRequest,
                            context: Context) -> host_pb2.HostVolume:
-        return volume_pb(await self.run_locked(self.host.export_volume, request.id, request.initiator_iqn,
+        return volume_pb(await self.run_op(self.host.export_volume, request.id, request.initiator_iqn,
                                                chap_from_pb(request)))

@@ -2,11 +2,17 @@
 
 Written atomically (temp file + fsync + rename) after every change, so a crash leaves either the old or the
 new state, never half of one. Anything found on the host that is not in here is "unmanaged".
+
+hostd changes it from several threads at once (operations on different containers and volumes run in
+parallel): every change swaps in a new dict and writes the file under one lock, so a reader iterating
+`containers` or `volumes` iterates a snapshot that no writer changes under it, and each write holds every
+change made before it.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Self
 
@@ -74,6 +80,7 @@ class HostState:
     path: str
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     volumes: dict[str, VolumeRecord] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str) -> HostState:
@@ -86,6 +93,10 @@ class HostState:
         return state
 
     def save(self) -> None:
+        with self._lock:
+            self._save()
+
+    def _save(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         data = {"containers": {k: v.to_dict() for k, v in sorted(self.containers.items())},
                 "volumes": {k: v.to_dict() for k, v in sorted(self.volumes.items())}}
@@ -97,18 +108,23 @@ class HostState:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    # Copy on write (see the module's doc): never change a dict a reader may be iterating.
     def put_container(self, rec: ContainerRecord) -> None:
-        self.containers[rec.id] = rec
-        self.save()
+        with self._lock:
+            self.containers = {**self.containers, rec.id: rec}
+            self._save()
 
     def drop_container(self, cid: str) -> None:
-        self.containers.pop(cid, None)
-        self.save()
+        with self._lock:
+            self.containers = {k: v for k, v in self.containers.items() if k != cid}
+            self._save()
 
     def put_volume(self, rec: VolumeRecord) -> None:
-        self.volumes[rec.id] = rec
-        self.save()
+        with self._lock:
+            self.volumes = {**self.volumes, rec.id: rec}
+            self._save()
 
     def drop_volume(self, vid: str) -> None:
-        self.volumes.pop(vid, None)
-        self.save()
+        with self._lock:
+            self.volumes = {k: v for k, v in self.volumes.items() if k != vid}
+            self._save()

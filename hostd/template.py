@@ -7,6 +7,7 @@ build-template` runs it, and the LXC driver runs it on demand when the template 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -16,6 +17,7 @@ import shutil
 import stat
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -141,7 +143,16 @@ def download_wheels(settings: Settings, recipe: Recipe) -> str:
 def build_template(settings: Settings, *, force: bool = False, release: str = "", revision: int = 0) -> str:
     """Builds the template if it is missing (or `force`); returns its name. Safe to call concurrently:
     one builder at a time per template lxcpath, the others wait and reuse its result. `release` (default:
-    the host's default template, bookworm) and `revision` choose another recipe, cached under its own name."""
+    the host's default template, bookworm) and `revision` choose another recipe, cached under its own name.
+    Its datadir seed (volume_seed.py) is made here too, so that no create waits for it."""
+    from .volume_seed import seed_for  # volume_seed builds on this module
+
+    name = _build_template(settings, force=force, release=release, revision=revision)
+    seed_for(settings, name)
+    return name
+
+
+def _build_template(settings: Settings, *, force: bool, release: str, revision: int) -> str:
     recipe = current_recipe(release or RELEASE, revision)
     name = recipe.name if release else (settings.template or recipe.name)
     tpath = settings.template_lxc_path
@@ -196,6 +207,17 @@ def ensure_subids(base: int = IDMAP_BASE, size: int = IDMAP_SIZE,
 
 
 _ACL_XATTR = "system.posix_acl_access"
+# grant_search and revoke_search read, change and write back the ACLs of shared ancestors (/var, /tmp...):
+# two at once, from parallel creates or from another hostd on the machine, would lose one's entry.
+_ACL_LOCK = os.path.join(idmap.REGISTRY, ".acl.lock")
+
+
+@contextlib.contextmanager
+def _acl_edit() -> Iterator[None]:
+    os.makedirs(idmap.REGISTRY, mode=0o700, exist_ok=True)
+    with open(_ACL_LOCK, "w") as lock:  # an open file of its own per call: flock excludes threads too
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _acl_with_search(acl: bytes | None, mode: int, uid: int) -> bytes | None:
@@ -220,6 +242,11 @@ def grant_search(path: str, uid: int = IDMAP_BASE) -> list[str]:
     entry giving that one uid search (x) only — no listing, nothing for anyone else (a chmod later, as
     pytest does to its base dir, narrows the ACL's mask: the next call widens it again). Returns the
     directories changed."""
+    with _acl_edit():
+        return _grant_search(path, uid)
+
+
+def _grant_search(path: str, uid: int) -> list[str]:
     changed = []
     d = os.path.realpath(path)
     while True:
@@ -241,6 +268,11 @@ def grant_search(path: str, uid: int = IDMAP_BASE) -> list[str]:
 def revoke_search(path: str, uid: int) -> list[str]:
     """Takes back what grant_search gave `uid` on `path` and its ancestors (a container's own range, at its
     delete: entries for ranges long gone would pile up in the ACLs)."""
+    with _acl_edit():
+        return _revoke_search(path, uid)
+
+
+def _revoke_search(path: str, uid: int) -> list[str]:
     changed = []
     d = os.path.realpath(path)
     while True:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import importlib
@@ -162,6 +163,8 @@ class ChunkSealer:
 
     def update(self, data: bytes) -> bytes:
         """Ciphertext for every whole chunk now available (maybe none)."""
+        if not self._buf and len(data) == self.chunk_bytes:
+            return self._seal(data, False)  # the agent sends whole chunks: no buffering, no copies
         self._buf += data
         out = bytearray()
         while len(self._buf) >= self.chunk_bytes:  # a whole chunk is never the final one
@@ -260,11 +263,14 @@ class BackupWriter(abc.ABC):
         self._sealer = ChunkSealer(data_key, tenant_id, backup_id)
         self._started = False
         self._on_close = on_close
+        # The chunk being hashed, sealed and stored while the caller fetches the next one (at most one).
+        self._pending: asyncio.Task[None] | None = None
         self.committed = False
         self.closed = False
 
     @property
     def sha256(self) -> str:
+        """Of the bytes hashed so far: all of them after `flush` or `commit`."""
         return self._digest.hexdigest()
 
     async def _put(self, ciphertext: bytes) -> None:
@@ -275,6 +281,9 @@ class BackupWriter(abc.ABC):
             await self._write(ciphertext)
 
     async def write(self, data: bytes) -> None:
+        """Takes one chunk. Hashing, sealing and storing it run behind this call (in a thread: hashlib drops
+        the GIL), one chunk at a time, so the next chunk is received meanwhile; a failure there is raised by
+        the next write or the commit, and nothing is published after one."""
         if self.closed:
             raise FailedPrecondition("the upload is already finished", field="backup_id")
         if not data:
@@ -284,15 +293,37 @@ class BackupWriter(abc.ABC):
             raise ResourceExhausted(f"backup {self.backup_id}: the upload passed its cap of {self.max_bytes} "
                                     "bytes (set by the instance's volume size); nothing was stored",
                                     field="data")
-        self._digest.update(data)
         self.size_bytes += len(data)
-        await self._put(self._sealer.update(data))
+        await self._settle()
+        self._pending = asyncio.create_task(self._ingest(data))
+
+    async def _ingest(self, data: bytes) -> None:
+        await self._put(await asyncio.to_thread(self._hash_and_seal, data))
+
+    def _hash_and_seal(self, data: bytes) -> bytes:
+        self._digest.update(data)
+        return self._sealer.update(data)
+
+    async def flush(self) -> None:
+        """Returns once every chunk written so far is hashed and handed to the store (`sha256` covers it)."""
+        await self._settle()
+
+    async def _settle(self) -> None:
+        """Waits for the chunk in flight; its error (a full disk, a refused part) is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
 
     async def commit(self, expected_sha256: str) -> StoredObject:
         """Publishes atomically iff the bytes hash to expected_sha256; otherwise discards and raises."""
         check_sha256(expected_sha256)
         if self.closed:
             raise FailedPrecondition("the upload is already finished", field="backup_id")
+        try:
+            await self._settle()
+        except BaseException:
+            await self.abort()
+            raise
         actual = self.sha256
         if actual != expected_sha256:
             await self.abort()
@@ -313,7 +344,17 @@ class BackupWriter(abc.ABC):
         if not self.closed:
             self.closed = True
             try:
-                await self._discard()
+                if self._pending is not None:
+                    pending, self._pending = self._pending, None
+                    try:
+                        # Its thread cannot be stopped: let it end before the partial object goes.
+                        await asyncio.wait([pending])
+                    finally:
+                        if pending.done() and not pending.cancelled():
+                            pending.exception()  # retrieved: the caller already has the failure that matters
+                        await self._discard()
+                else:
+                    await self._discard()
             finally:
                 self._closed()
 
@@ -533,6 +574,9 @@ class S3Settings:
     verify_tls: bool = True
     ca_file: str = ""
     part_bytes: int = 8 << 20
+    # Parts uploading at once while the next fills (memory: this many parts plus the one filling). One at a
+    # time left the store idle between a part's answer and the next request.
+    parts_in_flight: int = 3
     # An incomplete multipart upload older than this is a crashed server's leftover: clean_partials aborts
     # it. Younger ones may be another server's upload in progress (the bucket is shared) and are left alone.
     stale_upload_seconds: float = 86400.0
@@ -543,6 +587,8 @@ class S3Settings:
     def __post_init__(self) -> None:
         if self.part_bytes < S3_MIN_PART:
             raise InvalidArgument(f"S3 parts must be at least {S3_MIN_PART} bytes (5 MiB)", field="s3_part_mb")
+        if not 1 <= self.parts_in_flight <= 16:
+            raise InvalidArgument("parts in flight must be 1..16", field="parts_in_flight")
 
     def __repr__(self) -> str:  # never print the secret
         return f"S3Settings(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r}, prefix={self.prefix!r})"
@@ -553,6 +599,10 @@ S3_MIN_PART = 5 << 20   # S3's floor for every part but the last
 
 def _b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode()
+
+
+def _part_digests(body: bytes) -> tuple[bytes, str]:
+    return hashlib.md5(body, usedforsecurity=False).digest(), _b64(hashlib.sha256(body).digest())
 
 
 @dataclass(frozen=True)
@@ -566,7 +616,7 @@ class _Part:
 class _S3Writer(BackupWriter):
     """A multipart upload: invisible until CompleteMultipartUpload, which runs only once the plaintext digest
     matched and the store confirmed every part it holds (number, size, MD5 ETag) is the one we sent. Memory
-    is bounded: the part being filled plus at most one part in flight."""
+    is bounded: the part being filled plus at most `parts_in_flight` parts uploading."""
 
     def __init__(self, store: S3Store, backup_id: str, data_key: bytes, tenant_id: str, max_bytes: int,
                  on_close: Callable[[], None]) -> None:
@@ -576,7 +626,7 @@ class _S3Writer(BackupWriter):
         self._buf = bytearray()
         self._parts: list[_Part] = []
         self._upload_id: str | None = None
-        self._inflight: asyncio.Task[_Part] | None = None
+        self._inflight: collections.deque[asyncio.Task[_Part]] = collections.deque()  # oldest first
 
     async def _ensure_upload(self) -> str:
         if self._upload_id is None:
@@ -587,8 +637,7 @@ class _S3Writer(BackupWriter):
         return self._upload_id
 
     async def _upload_part(self, upload_id: str, number: int, body: bytes) -> _Part:
-        md5 = hashlib.md5(body, usedforsecurity=False).digest()
-        sha = _b64(hashlib.sha256(body).digest())
+        md5, sha = await asyncio.to_thread(_part_digests, body)  # 8 MiB of hashing kept off the event loop
         # Content-MD5 and x-amz-checksum-sha256 make the store refuse a part damaged on the way (BadDigest).
         resp = await self.store.call_retrying("upload_part", self.backup_id, Key=self.key, UploadId=upload_id,
                                               PartNumber=number, Body=body, ContentMD5=_b64(md5),
@@ -600,16 +649,18 @@ class _S3Writer(BackupWriter):
                            f"and checksum {echoed}, not what was sent; nothing was stored", field="backup_id")
         return _Part(number, len(body), md5, sha)
 
-    async def _drain(self) -> None:
-        if self._inflight is not None:
-            task, self._inflight = self._inflight, None
-            self._parts.append(await task)
+    async def _drain(self, keep: int = 0) -> None:
+        """Waits for the oldest parts in flight until at most `keep` remain (their order is the parts')."""
+        while len(self._inflight) > keep:
+            self._parts.append(await self._inflight[0])
+            self._inflight.popleft()
 
     async def _send(self, body: bytes) -> None:
         upload_id = await self._ensure_upload()
-        await self._drain()  # one part in flight at most: bounded memory, and the next part fills meanwhile
-        number = len(self._parts) + 1
-        self._inflight = asyncio.create_task(self._upload_part(upload_id, number, body))
+        # Bounded memory, and the store kept busy: a new part starts once fewer than the limit are in flight.
+        await self._drain(self.store.settings.parts_in_flight - 1)
+        number = len(self._parts) + len(self._inflight) + 1
+        self._inflight.append(asyncio.create_task(self._upload_part(upload_id, number, body)))
 
     async def _write(self, data: bytes) -> None:
         self._buf += data
@@ -688,11 +739,12 @@ class _S3Writer(BackupWriter):
 
     async def _discard(self) -> None:
         self._buf.clear()
-        if self._inflight is not None:
-            self._inflight.cancel()
+        inflight, self._inflight = list(self._inflight), collections.deque()
+        for task in inflight:
+            task.cancel()
+        for task in inflight:
             with contextlib.suppress(BaseException):
-                await self._inflight
-            self._inflight = None
+                await task
         if self._upload_id is not None:
             upload_id, self._upload_id = self._upload_id, None
             try:

@@ -94,6 +94,10 @@ class HostPool:
         self._crl_sent: dict[str, tuple[int, bytes]] = {}
         self._crl_generation = 0
         self._crl_changed: asyncio.Event | None = None
+        # One push at a time per host, the list read inside: concurrent tasks (20 deletes, each revoking a
+        # certificate) would otherwise push lists read at different moments, and an older one arriving after a
+        # newer one is refused by hostd ("older than the held"), failing the task that pushed it.
+        self._crl_locks: dict[str, asyncio.Lock] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         app.ca.crl_listeners.append(self._on_crl)
 
@@ -107,9 +111,16 @@ class HostPool:
     async def ensure_crl(self, host_id: str, force: bool = False) -> None:
         """Pushes the CA's current CRL to a host that has not yet accepted this exact list from us."""
         sent = self._crl_sent.get(host_id)
+        if not force and sent is not None and sent[0] == self._crl_generation:
+            return
+        async with self._crl_locks.setdefault(host_id, asyncio.Lock()):
+            await self._push_crl(host_id, force)
+
+    async def _push_crl(self, host_id: str, force: bool) -> None:
+        sent = self._crl_sent.get(host_id)
         generation = self._crl_generation
         if not force and sent is not None and sent[0] == generation:
-            return
+            return  # pushed by the call this one waited for
         crl = await asyncio.to_thread(self.app.ca.crl_pem)
         if not force and sent is not None and sent[1] == crl:
             self._crl_sent[host_id] = (generation, crl)

@@ -61,6 +61,14 @@ DELETED = "DELETED"
 Row = TypeVar("Row", bound=models.Base)
 
 
+def build_limits(limits: common_pb2.Limits) -> common_pb2.Limits:
+    """A flavor's limits less its CPU cap and IO caps, for a container being built (Settings.build_boost)."""
+    out = common_pb2.Limits()
+    out.CopyFrom(limits)
+    out.cpu_limit_millicores = out.io_iops = out.io_bytes_per_sec = 0
+    return out
+
+
 @dataclass(eq=False)
 class InstanceTasks:
     app: App
@@ -158,9 +166,14 @@ class InstanceTasks:
         # evacuation, an upgrade's roll-back) recreates the container from the revision the instance runs.
         revision = ctx.params.get("template_revision")
         revision = int(revision) if revision is not None else row.template_revision
+        limits = limits_of(self._flavor(row.flavor_id))
+        if st.build_boost and not ctx.params.get("build_boost"):
+            await ctx.save(build_boost=True)  # before the container exists: activate must apply the caps
+        if ctx.params.get("build_boost"):
+            limits = build_limits(limits)
         c = await self._host(row).CreateContainer(host_pb2.CreateContainerRequest(
             container=host_pb2.Container(
-                id=row.id, limits=limits_of(self._flavor(row.flavor_id)), network_mode=host_pb2.NETWORK_MODE_UNSPECIFIED,
+                id=row.id, limits=limits, network_mode=host_pb2.NETWORK_MODE_UNSPECIFIED,
                 volume_id=row.id, datadir=DATADIR, template=template_for(row.datastore, row.datastore_version, revision),
                 bootstrap=host_pb2.AgentBootstrap(
                     server_address=st.agent_public_address, enroll_address=st.enroll_public_address,
@@ -251,8 +264,17 @@ class InstanceTasks:
 
     async def step_activate(self, ctx: tasks.StepContext) -> None:
         # ACTIVE means "accepting connections now", proven by a fresh health report, not assumed.
-        res = await self.registry.call(ctx.resource_id, agent_pb2.Command(
+        health = self.registry.call(ctx.resource_id, agent_pb2.Command(
             command_id=f"{ctx.task_id}:health", get_health=agent_pb2.GetHealth()), timeout=60)
+        if ctx.params.get("build_boost"):
+            # The flavor's caps, which the container was built without (Settings.build_boost), in place before
+            # ACTIVE; set while the health report is on its way (both idempotent, so a replay does both again).
+            row = self._row(ctx.resource_id)
+            caps = self._host(row).SetLimits(host_pb2.SetLimitsRequest(
+                id=row.id, limits=limits_of(self._flavor(row.flavor_id))))
+            res, _ = await asyncio.gather(health, caps)
+        else:
+            res = await health
         if not res.health.accepting_connections:
             raise tasks.TransientError(f"mysqld is not accepting connections yet: {res.health.last_error}")
         await self.guests.on_health(ctx.resource_id, res.health)

@@ -58,6 +58,11 @@ class Settings:
     backup_upload_margin_mb: int = 512     # ... plus this margin (MiB)
     heartbeat_seconds: int = 5
     heartbeat_expiry_seconds: int = 20
+    # A new container runs without its flavor's CPU cap and IO caps (memory, processes, open files and CPU
+    # shares hold from the start) until its activate step applies them, before the instance is ACTIVE: the
+    # guest's agent start, mysqld's first start and the accounts are our code, not the tenant's, and under a
+    # small flavor's caps they took twice as long. False: the flavor's limits from the first moment.
+    build_boost: bool = True
     # Several servers on one state DB (server/cluster.py): "auto" turns the stream registry, the command
     # relay and the cross-server WatchInstance on for every state DB but SQLite; "on" / "off" force it.
     # Each server needs its own `name`. Guests get agent_public_address, which may list every server's

@@ -61,6 +61,27 @@ def write_rows(m, start: int, count: int) -> None:
         conn.close()
 
 
+def pipes_and_children() -> tuple[int, list[str]]:
+    """Our open pipe fds, and our children that are mariadb-backup or zstd (the backup pipeline's)."""
+    pipes = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            pipes += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    kids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if int(rest[1]) == os.getpid() and comm in ("mariadb-backup", "zstd") and rest[0] != "Z":
+            kids.append(f"{pid} {comm}")
+    return pipes, kids
+
+
 def checksums(runner: BackupRunner):
     import asyncio
     return {c.table: c.checksum for c in asyncio.run(runner.table_checksums())}
@@ -172,9 +193,12 @@ async def test_backup_cut_off_by_the_network_commits_nothing_and_leaves_no_files
         raise AssertionError("unreachable")
 
     from reddwarf.common.errors import RedDwarfError
+    pipes_before, _ = pipes_and_children()
     with pytest.raises(RedDwarfError) as err:
         await src.runner().backup("cut", "", flaky_upload, no_progress)
     assert "stream reset" in err.value.message
+    # The read running ahead in its thread ended with the pipeline: its pipe is closed, no child is left.
+    assert pipes_and_children() == (pipes_before, [])
     assert not await store.exists("cut")
     assert os.listdir(store.partial_dir) == []
     import glob
@@ -204,3 +228,9 @@ async def test_failed_mariadb_backup_never_sends_a_final_digest(mysqld_factory, 
         await broken.backup("bad", "", upload, no_progress)
     assert True not in seen_final
     assert not await store.exists("bad")
+
+
+def test_zstd_levels_below_one_are_its_fast_levels():
+    from reddwarf.agent.backup import _zstd_level_flag
+    assert [_zstd_level_flag(n) for n in (1, 3, 25, 0, -1, -5)] == ["-1", "-3", "-19", "--fast=1", "--fast=1",
+                                                                   "--fast=5"]

@@ -84,3 +84,33 @@ async def test_delete_is_idempotent(tmp_path):
     await store.delete("b5")
     await store.delete("b5")
     assert not await store.exists("b5")
+
+
+async def test_a_chunk_that_fails_behind_write_stops_the_commit_and_leaves_nothing(tmp_path):
+    """write() returns before its chunk is stored (the next one is received meanwhile); a failure there
+    (here a real ENOSPC from /dev/full) is raised by the next call, and nothing is published."""
+    store = LocalStore(str(tmp_path), MemoryKeys())
+    data = os.urandom(2 * 1024 * 1024)
+    w = store.open_writer("b9", "t1")
+    w._f.close()  # type: ignore[attr-defined]
+    w._f = open("/dev/full", "wb", buffering=0)  # type: ignore[attr-defined]
+    await w.write(data[:1024 * 1024])
+    with pytest.raises(OSError) as err:
+        await w.write(data[1024 * 1024:])
+        await w.commit(hashlib.sha256(data).hexdigest())
+    assert err.value.errno == 28  # ENOSPC
+    await w.abort()
+    assert not await store.exists("b9")
+    assert stored_files(store) == [".partial"]
+
+
+async def test_flush_makes_the_digest_cover_every_written_chunk(tmp_path):
+    store = LocalStore(str(tmp_path), MemoryKeys())
+    data = os.urandom(3 * 1024 * 1024)
+    async with store.open_writer("b10", "t1") as w:
+        for i in range(0, len(data), 1024 * 1024):
+            await w.write(data[i:i + 1024 * 1024])
+        await w.flush()
+        assert w.sha256 == hashlib.sha256(data).hexdigest()
+        await w.commit(w.sha256)
+    assert b"".join([c async for c in store.open_reader("b10")]) == data

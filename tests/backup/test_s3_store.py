@@ -112,7 +112,8 @@ async def test_a_failing_stream_aborts_its_upload(seaweed, store):
         pass
     with pytest.raises(SenderDied):
         async with store.open_writer("b1", "t1") as w:
-            await w.write(payload(3 * S3_MIN_PART))   # parts already in the store
+            await w.write(payload(3 * S3_MIN_PART))
+            await w.flush()   # parts already in the store
             assert seaweed.incomplete_uploads(store.settings.prefix)
             raise SenderDied()
     nothing_left(seaweed, store)
@@ -222,6 +223,7 @@ async def test_clean_partials_aborts_stale_uploads_but_not_live_ones(seaweed, st
     assert store.clean_partials() == 0   # younger than a day: maybe another server's upload in progress
     async with store.open_writer("live", "t1") as w:
         await w.write(payload(S3_MIN_PART))   # its part is on its way: an upload of this process
+        await w.flush()
         await w._drain()  # type: ignore[attr-defined]
         eager = S3Store(replace(store.settings, stale_upload_seconds=0), MemoryKeys())
         eager.open_uploads = store.open_uploads   # the same process's view
@@ -345,3 +347,10 @@ def test_the_secret_from_the_environment_is_never_shown(tmp_path):
     assert st.s3_secret_access_key == "very-secret-1" and "very-secret-1" not in repr(st)
     store = make_store(st, MemoryKeys())
     assert isinstance(store, S3Store) and "very-secret-1" not in repr(store.settings)
+
+
+def test_parts_in_flight_is_bounded():
+    for bad in (0, 17):
+        with pytest.raises(InvalidArgument) as err:
+            S3Settings("http://127.0.0.1:1", "b", "k", "s", parts_in_flight=bad)
+        assert err.value.violations[0][0] == "parts_in_flight"

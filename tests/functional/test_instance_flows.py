@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -102,6 +103,21 @@ def test_create_reaches_active_with_a_running_guest(cluster, shop):
     assert cfg["instance_id"] == shop.id and cfg["mysql_port"] == ctr.port and cfg["driver"] == "fake"
     assert os.stat(cfg_path).st_mode & 0o077 == 0
     assert agent_actions(cluster, shop.id) == ["prepare"]
+
+
+@pytest.mark.dependency(depends=["active"])
+def test_the_build_ran_without_the_flavors_caps_and_active_has_them(cluster, shop):
+    """build_boost (on by default): the container was made without the CPU and IO caps, which the activate
+    step set before the instance turned ACTIVE."""
+    with sqlite3.connect(cluster.server.state_dir / "state.db") as db:
+        params = [json.loads(p) for (p,) in db.execute(
+            "SELECT params FROM tasks WHERE resource = ? AND kind = 'create_instance'", (f"instances/{shop.id}",))]
+    assert params and params[0].get("build_boost") is True
+    limits = hostd(cluster).GetContainer(host_pb2.ContainerRef(id=shop.id)).limits
+    flavor = database_pb2_grpc.CatalogStub(cluster.channel).GetFlavor(
+        database_pb2.GetFlavorRequest(name="flavors/tiny"), metadata=cluster.md)
+    assert flavor.limits.cpu_limit_millicores > 0 and flavor.limits.io_iops > 0
+    assert limits == flavor.limits
 
 
 @pytest.mark.dependency(depends=["active"])
