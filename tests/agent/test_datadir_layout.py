@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,16 +36,6 @@ def schemas(d: MysqlDriver) -> set[str]:
     with d._admin_connect() as conn, conn.cursor() as cur:
         cur.execute("SHOW DATABASES")
         return {r[0] for r in cur.fetchall()}
-
-
-@pytest.fixture
-async def drivers() -> AsyncIterator[list[MysqlDriver]]:
-    made: list[MysqlDriver] = []
-    try:
-        yield made
-    finally:
-        for d in made:
-            await d.close()
 
 
 def test_layout_is_a_subdirectory_unless_the_volume_root_holds_an_older_datadir(tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pymysql
@@ -31,16 +30,6 @@ def seed() -> str:
     made = volume_seed.seed_for(settings, template.build_template(settings))
     assert made is not None
     return made
-
-
-@pytest.fixture
-async def drivers() -> AsyncIterator[list[MysqlDriver]]:
-    made: list[MysqlDriver] = []
-    try:
-        yield made
-    finally:
-        for d in made:
-            await d.close()
 
 
 def seeded_volume(base: Path, seed: str) -> Path:

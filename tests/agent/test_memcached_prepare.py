@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -53,16 +52,6 @@ async def maxbytes(port: int) -> int:
 def make_driver(base: Path) -> MysqlDriver:
     return MysqlDriver(MysqlSettings(state_dir=str(base / "state"), datadir=str(base / "vol"), run_as="root",
                                      port=free_port(), bind_address=ADDRESS))
-
-
-@pytest.fixture
-async def drivers() -> AsyncIterator[list[MysqlDriver]]:
-    made: list[MysqlDriver] = []
-    try:
-        yield made
-    finally:
-        for d in made:
-            await d.close()
 
 
 async def test_memcached_beside_mysqld_is_bounded_by_the_flavor_and_survives_resize_and_restart(
