@@ -20,8 +20,8 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
 
@@ -232,28 +232,29 @@ class Host:
                                fingerprint=fingerprint, driver=self.containers.name, desired="stopped")
 
     @contextmanager
-    def _holding_container(self, cid: str) -> Iterator[None]:
-        """The locks of a container and of the volume it has (read, locked, then checked unchanged)."""
+    def _holding_pair(self, key: str, partner: Callable[[], str], partner_key: Callable[[str], str]) -> Iterator[None]:
+        """The lock of `key` and of its partner's (read, locked, then checked unchanged: the partner may have
+        changed while this waited for the locks, and is then read again)."""
         while True:
-            rec = self.state.containers.get(cid)
-            vid = rec.volume_id if rec is not None else ""
-            with self._locks.hold(container_key(cid), volume_key(vid) if vid else ""):
-                now = self.state.containers.get(cid)
-                if (now.volume_id if now is not None else "") == vid:
+            other = partner()
+            with self._locks.hold(key, partner_key(other) if other else ""):
+                if partner() == other:
                     yield
                     return
 
-    @contextmanager
-    def _holding_volume(self, vid: str) -> Iterator[None]:
+    def _holding_container(self, cid: str) -> AbstractContextManager[None]:
+        """The locks of a container and of the volume it has."""
+        def volume() -> str:
+            rec = self.state.containers.get(cid)
+            return rec.volume_id if rec is not None else ""
+        return self._holding_pair(container_key(cid), volume, volume_key)
+
+    def _holding_volume(self, vid: str) -> AbstractContextManager[None]:
         """The locks of a volume and of the container it is attached to."""
-        while True:
+        def container() -> str:
             rec = self.state.volumes.get(vid)
-            cid = rec.attached_to if rec is not None else ""
-            with self._locks.hold(volume_key(vid), container_key(cid) if cid else ""):
-                now = self.state.volumes.get(vid)
-                if (now.attached_to if now is not None else "") == cid:
-                    yield
-                    return
+            return rec.attached_to if rec is not None else ""
+        return self._holding_pair(volume_key(vid), container, container_key)
 
     def _spec(self, rec: ContainerRecord, b: Bootstrap, mount: VolumeMount | None = None) -> ContainerSpec:
         if rec.network_mode == "bridge":
