@@ -23,10 +23,6 @@ class PackageReport:
     skipped: tuple[str, ...]
 
 
-async def installed(package: str) -> bool:
-    return package in await installed_of([package])
-
-
 async def installed_of(packages: Sequence[str]) -> set[str]:
     """Which of `packages` are installed: one dpkg-query for all of them (a process each cost a prepare about
     20 ms per package under a small flavor's CPU cap). dpkg-query exits 1 when it knows one of them not at all,
