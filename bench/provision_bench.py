@@ -152,16 +152,22 @@ def create_once(c, n: int, cpu: list[float] | None = None) -> float:  # type: ig
         instance=database_pb2.Instance(display_name=f"bench-{n}", flavor="tiny", volume=database_pb2.Volume(size_gb=1)),
         databases=[common_pb2.Database(database="app")],
         users=[common_pb2.User(user="app", password="bench-pw-123", databases=["app"])]), metadata=c.md)
-    while True:
-        i = c.instances.GetInstance(database_pb2.GetInstanceRequest(name=inst.name), metadata=c.md)
-        if i.status == database_pb2.INSTANCE_STATUS_ACTIVE:
-            elapsed = time.monotonic() - t0
-            if cpu is not None:
-                cpu.append(container_cpu(c.hostd.prefix + inst.name.rsplit("/", 1)[-1]))
-            return elapsed
-        if i.status == database_pb2.INSTANCE_STATUS_ERROR:
-            raise RuntimeError(i.fault.message)
-        time.sleep(0.05)
+    # Followed the way a client is told to (CreateInstance's comment): one WatchInstance stream pushes each
+    # change. Polling GetInstance every 50 ms from 20 threads was a fifth of the server's CPU in the burst
+    # (py-spy) and kept this process busy on the same 2 cores the creates run on.
+    events = c.instances.WatchInstance(database_pb2.WatchInstanceRequest(name=inst.name), metadata=c.md)
+    try:
+        for ev in events:
+            if ev.instance.status == database_pb2.INSTANCE_STATUS_ACTIVE:
+                elapsed = time.monotonic() - t0
+                if cpu is not None:
+                    cpu.append(container_cpu(c.hostd.prefix + inst.name.rsplit("/", 1)[-1]))
+                return elapsed
+            if ev.instance.status == database_pb2.INSTANCE_STATUS_ERROR:
+                raise RuntimeError(ev.instance.fault.message)
+    finally:
+        events.cancel()
+    raise RuntimeError(f"{inst.name}: the watch ended before ACTIVE")
 
 
 def delete_all(c) -> None:  # type: ignore[no-untyped-def]

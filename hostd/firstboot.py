@@ -23,9 +23,12 @@ The agreed file format (the agent engineer reads exactly this):
 """
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import shutil
+import sys
+import threading
 from dataclasses import dataclass
 
 from .containers import Bootstrap
@@ -76,6 +79,31 @@ def _package_dir(sub: str) -> str | None:
     return os.path.dirname(path) if path else None
 
 
+_compiled: set[str] = set()
+_compile_lock = threading.Lock()
+
+
+def _compile_once(src: str) -> None:
+    """Brings the bytecode beside the agent's sources up to date, once per hostd process: copied with them,
+    it spares every new agent compiling its own code at start (a fifth of its import time, and 20 agents
+    start at once in a burst of creates). Python checks each .pyc against its source's mtime and size
+    (copies keep both), so a stale or missing one only costs the compile it would have cost anyway; a guest
+    whose Python is another version finds no bytecode of its own tag and compiles, as before."""
+    with _compile_lock:
+        if src in _compiled:
+            return
+        _compiled.add(src)
+        compileall.compile_dir(src, quiet=2, workers=1)  # best effort: a read-only install is left as it is
+
+
+def _copy_ignore(directory: str, names: list[str]) -> set[str]:
+    """The sources, and in __pycache__ only this interpreter's plain .pyc files (no optimised or foreign ones)."""
+    if os.path.basename(directory) == "__pycache__":
+        keep = f".{sys.implementation.cache_tag}.pyc"
+        return {n for n in names if not n.endswith(keep)}
+    return {n for n in names if n.endswith(".pyc") or n == ".stamp"}
+
+
 def write_firstboot(rootfs_upper: str, config: AgentConfig, ca_pem: str) -> None:
     """Writes the bootstrap and the agent code into `rootfs_upper` (the container's own layer)."""
     etc = os.path.join(rootfs_upper, "etc/reddwarf")
@@ -96,8 +124,8 @@ def write_firstboot(rootfs_upper: str, config: AgentConfig, ca_pem: str) -> None
         src = _package_dir(sub)
         if src is None:
             continue  # the agent package may not exist yet on a development host
-        shutil.copytree(src, os.path.join(lib, sub), dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".stamp"))
+        _compile_once(src)
+        shutil.copytree(src, os.path.join(lib, sub), dirs_exist_ok=True, ignore=_copy_ignore)
     os.makedirs(os.path.join(rootfs_upper, AGENT_STATE_DIR.lstrip("/")), mode=0o700, exist_ok=True)
 
 
