@@ -43,7 +43,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(GEN_STAMP)
 	touch $@
 
 test: setup
-	REDDWARF_LEAK_CHECK=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
+	REDDWARF_LEAK_CHECK=1 $(VENV)/bin/pytest --durations=30 $(PYTEST_ARGS)
 
 # Local loop: everything but the slow end-to-end tests.
 test-fast: setup

@@ -8,9 +8,11 @@ limits keep a bad neighbour from hurting others.
    aggressor container on its flavor's limits burns CPU, allocates memory past its limit and writes to
    disk. Victim QPS with the neighbour is compared with its solo QPS.
 
-Targets (issue 8): container >= 95% of bare; victim >= 80% of solo.
+Targets (issue 19): container >= 98% of bare; victim >= 85% of solo (issue 8 asked 95% and 80%).
 
-Run: `.venv/bin/python -m bench.isolation_bench [--seconds N]` (as root; builds the template if missing).
+Run: `.venv/bin/python -m bench.isolation_bench [--seconds N] [--rounds N] [--noisy-rounds N] [--noisy-only]`
+(as root; builds the template if missing). The aggressor runs on the tiny flavor's limits, read from the
+flavors a new deployment is seeded with (server/db.py).
 What isolation itself costs, each against its baseline in the same run:
 `--compare` (bare vs an isolated container vs a privileged one, interleaved), `--create-idmap N`
 (LXC create -> RUNNING with a range per container, one shared range, privileged) and `--create-ab N`
@@ -35,6 +37,9 @@ from reddwarf.hostd import template
 from reddwarf.hostd.containers import Bootstrap, ContainerSpec, Limits, NetworkPlan, VolumeMount
 from reddwarf.hostd.lxc import LxcDriver
 from reddwarf.hostd.settings import Settings
+from reddwarf.server.db import FLAVORS
+
+TINY = next(f for f in FLAVORS if f["id"] == "tiny")
 
 MY_CNF = """[mariadbd]
 user = root
@@ -86,6 +91,18 @@ def sysbench(test: str, socket: str, seconds: int, action: str = "run", threads:
     if not m:
         raise RuntimeError(f"cannot read QPS from sysbench output:\n{out[-1500:]}")
     return float(m.group(1))
+
+
+def freeze(lxc: list[str], attempts: int = 10) -> None:
+    """lxc-freeze, retried: the v1 freezer can stay FREEZING for good when it catches a task mid-vfork (the
+    aggressor's shell loops fork all the time; it happened here once in the ~20 freezes of two runs), so a freeze that
+    has not finished in 10 s is thawed and tried again."""
+    for _ in range(attempts):
+        if subprocess.run(["timeout", "10", "lxc-freeze", *lxc], capture_output=True).returncode == 0:
+            return
+        subprocess.run(["lxc-unfreeze", *lxc], check=True, capture_output=True)
+        time.sleep(0.5)
+    raise RuntimeError(f"could not freeze {lxc[-1]} in {attempts} attempts")
 
 
 def io_scheduler() -> str:
@@ -343,7 +360,12 @@ def create_ab(rounds: int) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved pairs per comparison")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved pairs, container vs bare")
+    parser.add_argument("--noisy-rounds", type=int, default=9,
+                        help="alternating pairs (alone, with the neighbour) for the noisy neighbour")
+    parser.add_argument("--aggressor-shares", type=int, default=0,
+                        help="the aggressor's CPU weight instead of the tiny flavor's (to compare weights)")
+    parser.add_argument("--noisy-only", action="store_true", help="the noisy neighbour only (no container vs bare)")
     parser.add_argument("--privileged", action="store_true",
                         help="privileged containers (no user namespace), to see what isolation costs")
     parser.add_argument("--create-ab", type=int, default=0, metavar="N",
@@ -367,44 +389,52 @@ def main() -> int:
         bench = Bench(work, unprivileged=not args.privileged)
         roomy = Limits(memory_mb=1024, cpu_shares=1024, max_processes=512, io_weight=500)
 
-        # 1. container vs bare, same config. Both servers stay up and are measured in turn (bare, container,
-        # bare, container...) so drift on a noisy machine hits both; the median of each is compared. The
-        # client runs on CPU 0 and the server on CPU 1: on one 2-CPU host a client competing with the
-        # server it measures would mostly measure the scheduler (a container's threads share one CPU
-        # weight, a bare server's threads each have their own), not the container.
-        bare_root = os.path.join(work, "bare")
-        bare = bare_mysqld(bare_root, SERVER_CPU)
-        bare_sock = os.path.join(bare_root, "mysqld.sock")
-        wait_socket(bare_sock)
-        prepare_data(bare_sock)
-        sock = bench.container("solo", roomy, START_MYSQL)
-        wait_socket(sock)
-        prepare_data(sock)
-        bench.pin(bench.containers[-1], SERVER_CPU)
-        bare_runs, ct_runs = [], []
-        for _ in range(args.rounds):
-            bare_runs.append(sysbench("oltp_read_only", bare_sock, args.seconds, pin=True))
-            ct_runs.append(sysbench("oltp_read_only", sock, args.seconds, pin=True))
-        bare_qps, ct_qps = statistics.median(bare_runs), statistics.median(ct_runs)
-        kind = "privileged container" if args.privileged else "unprivileged container"
-        rows.append((f"oltp_read_only QPS: {kind} vs bare mariadbd (client and server on separate CPUs; "
-                     f"median of {args.rounds} interleaved runs)", f"{ct_qps:,.0f}", f"{bare_qps:,.0f}",
-                     f"{100 * ct_qps / bare_qps:.0f}% (target >= 95%)"))
-        # The same pair with client and server sharing both CPUs, for the record.
-        bench.pin(bench.containers[-1], "0-1")
-        subprocess.run(["taskset", "-a", "-p", "-c", "0-1", str(bare.pid)], check=True, capture_output=True)
-        shared_bare = sysbench("oltp_read_only", bare_sock, args.seconds)
-        shared_ct = sysbench("oltp_read_only", sock, args.seconds)
-        rows.append(("oltp_read_only QPS: the same, client and server sharing both CPUs (one run each)",
-                     f"{shared_ct:,.0f}", f"{shared_bare:,.0f}", f"{100 * shared_ct / shared_bare:.0f}%"))
-        stop(bare)
-        bare = None
+        bare_runs: list[float] = []
+        ct_runs: list[float] = []
+        if args.noisy_only:
+            sock = bench.container("solo", roomy, START_MYSQL)
+            wait_socket(sock)
+            prepare_data(sock)
+        else:
+            # 1. container vs bare, same config. Both servers stay up and are measured in turn (bare, container,
+            # bare, container...) so drift on a noisy machine hits both; the median of each is compared. The
+            # client runs on CPU 0 and the server on CPU 1: on one 2-CPU host a client competing with the
+            # server it measures would mostly measure the scheduler (a container's threads share one CPU
+            # weight, a bare server's threads each have their own), not the container.
+            bare_root = os.path.join(work, "bare")
+            bare = bare_mysqld(bare_root, SERVER_CPU)
+            bare_sock = os.path.join(bare_root, "mysqld.sock")
+            wait_socket(bare_sock)
+            prepare_data(bare_sock)
+            sock = bench.container("solo", roomy, START_MYSQL)
+            wait_socket(sock)
+            prepare_data(sock)
+            bench.pin(bench.containers[-1], SERVER_CPU)
+            for _ in range(args.rounds):
+                bare_runs.append(sysbench("oltp_read_only", bare_sock, args.seconds, pin=True))
+                ct_runs.append(sysbench("oltp_read_only", sock, args.seconds, pin=True))
+            bare_qps, ct_qps = statistics.median(bare_runs), statistics.median(ct_runs)
+            kind = "privileged container" if args.privileged else "unprivileged container"
+            rows.append((f"oltp_read_only QPS: {kind} vs bare mariadbd (client and server on separate CPUs; "
+                         f"median of {args.rounds} interleaved runs)", f"{ct_qps:,.0f}", f"{bare_qps:,.0f}",
+                         f"{100 * ct_qps / bare_qps:.0f}% (target >= 98%)"))
+            # The same pair with client and server sharing both CPUs, for the record.
+            bench.pin(bench.containers[-1], "0-1")
+            subprocess.run(["taskset", "-a", "-p", "-c", "0-1", str(bare.pid)], check=True, capture_output=True)
+            shared_bare = sysbench("oltp_read_only", bare_sock, args.seconds)
+            shared_ct = sysbench("oltp_read_only", sock, args.seconds)
+            rows.append(("oltp_read_only QPS: the same, client and server sharing both CPUs (one run each)",
+                         f"{shared_ct:,.0f}", f"{shared_bare:,.0f}", f"{100 * shared_ct / shared_bare:.0f}%"))
+            stop(bare)
+            bare = None
 
         # 2. noisy neighbour: the same container is the victim. The aggressor is frozen (cgroup freezer) for
         # the solo runs and thawed for the noisy ones, alternately, so both see the same drift; medians.
-        # The tiny flavor's limits (server/db.py), its IO caps included.
-        bad = Limits(memory_mb=256, swap_mb=0, cpu_shares=256, cpu_limit_millicores=500,
-                     max_processes=64, io_weight=100, io_iops=2000, io_bytes_per_sec=64 * 1024 * 1024)
+        # The tiny flavor's limits (server/db.py's seed), its IO caps included; fewer processes than the flavor's
+        # 512 only so that its fork loops cannot slow the host's own work.
+        bad = Limits(memory_mb=TINY["memory_mb"], swap_mb=0, cpu_shares=args.aggressor_shares or TINY["cpu_shares"],
+                     cpu_limit_millicores=TINY["cpu_limit_millicores"], max_processes=64, io_weight=TINY["io_weight"],
+                     io_iops=TINY["io_iops"], io_bytes_per_sec=TINY["io_bytes_per_sec"])
         bench.container("aggressor", bad, AGGRESSOR)
         aggressor = bench.containers[-1]
         lxc = ["-P", bench.settings.lxc_path, "-n", bench.driver.container_name(aggressor)]
@@ -413,17 +443,20 @@ def main() -> int:
         bench.pin(bench.containers[0], SERVER_CPU)
         bench.pin(aggressor, SERVER_CPU)
         solo_runs, noisy_runs = [], []
-        for _ in range(args.rounds):
-            subprocess.run(["lxc-freeze", *lxc], check=True, capture_output=True)
+        for _ in range(args.noisy_rounds):
+            freeze(lxc)
             solo_runs.append(sysbench("oltp_read_write", sock, args.seconds, pin=True))
             subprocess.run(["lxc-unfreeze", *lxc], check=True, capture_output=True)
             time.sleep(3)  # let the neighbour reach its limits again
             noisy_runs.append(sysbench("oltp_read_write", sock, args.seconds, pin=True))
         solo_qps, noisy_qps = statistics.median(solo_runs), statistics.median(noisy_runs)
+        # Each noisy run against the solo run just before it: the pairs' spread says how far to trust the ratio.
+        pair_ratios = sorted(100 * n / a for n, a in zip(noisy_runs, solo_runs, strict=True))
+        q1, _, q3 = statistics.quantiles(pair_ratios, n=4) if len(pair_ratios) > 1 else (pair_ratios * 3)
         # For the record: the same with client, victim and aggressor all sharing both CPUs (one pair).
         bench.pin(bench.containers[0], "0-1")
         bench.pin(aggressor, "0-1")
-        subprocess.run(["lxc-freeze", *lxc], check=True, capture_output=True)
+        freeze(lxc)
         shared_solo = sysbench("oltp_read_write", sock, args.seconds)
         subprocess.run(["lxc-unfreeze", *lxc], check=True, capture_output=True)
         time.sleep(3)
@@ -434,8 +467,10 @@ def main() -> int:
         cpu = next((b for b in usage.beancounters if b.resource == "cpu"), None)
         throttled = cpu.failcnt if cpu else 0
         rows.append(("oltp_read_write QPS: victim with a noisy neighbour vs alone (client on CPU 0, both tenants on "
-                     f"CPU 1; neighbour frozen for 'alone'; median of {args.rounds} alternating runs)", f"{noisy_qps:,.0f}",
-                     f"{solo_qps:,.0f}", f"{100 * noisy_qps / solo_qps:.0f}% (target >= 80%)"))
+                     f"CPU 1; neighbour frozen for 'alone'; median of {args.noisy_rounds} alternating runs)", f"{noisy_qps:,.0f}",
+                     f"{solo_qps:,.0f}", f"{100 * noisy_qps / solo_qps:.0f}% (target >= 85%)"))
+        rows.append(("the same, each noisy run against the solo run before it: median, and interquartile range of the "
+                     f"{len(pair_ratios)} pairs", "", "", f"{statistics.median(pair_ratios):.0f}% ({q1:.0f}-{q3:.0f}%)"))
         rows.append(("oltp_read_write QPS: the same, client and both tenants sharing both CPUs (one pair)",
                      f"{shared_noisy:,.0f}", f"{shared_solo:,.0f}", f"{100 * shared_noisy / shared_solo:.0f}%"))
         print("## Isolation: container vs bare, and the noisy neighbour\n")
@@ -444,7 +479,8 @@ def main() -> int:
               f"vs {bare_runs} QPS; noisy neighbour: {noisy_runs} vs alone {solo_runs} QPS; "
               "both mariadbd use the same my.cnf (256 MB buffer pool). The aggressor runs 4 CPU burners, "
               "a memory hog past its 256 MB limit and direct-IO writes, on the tiny flavor's limits: "
-              "cpu_shares=256, cap 0.5 CPU, IO capped at 64 MiB/s and 2,000 IOPS on its disks (its io_weight=100 "
+              f"cpu_shares={bad.cpu_shares}, cap {bad.cpu_limit_millicores / 1000:g} CPU, IO capped at "
+              f"{bad.io_bytes_per_sec >> 20} MiB/s and {bad.io_iops:,} IOPS on its disks (its io_weight={bad.io_weight} "
               f"is not honoured here: {io_scheduler()} schedules this disk, not BFQ) (its beancounters during the "
               f"run: memory failcnt {failcnt}, "
               f"CPU throttled periods {throttled}); "

@@ -44,8 +44,12 @@ T = TypeVar("T")
 # Named limit sets. cpu_limit_millicores 0 = no cap (shares only); io_weight 10..1000 (honoured only under a
 # weight-aware IO scheduler: BFQ on v1, io.weight on v2); io_iops / io_bytes_per_sec are hard caps on the
 # instance's volume and on the disk under its root filesystem (0 = none), which hold everywhere.
+# CPU weight is 1024 per GB of memory, except tiny: a burstable class (like RDS's micro instances) with a
+# weight of 128, so under contention it is entitled to an eighth of what a 1 GB instance is, and bursts up to its
+# cap (half a core) when the CPU is free. At 256 a tiny aggressor on a medium victim's core was entitled to
+# 20% of it, the whole margin of the 85% noisy-neighbour target (issue 19; docs/BENCHMARKS.md, isolation).
 FLAVORS = [
-    {"id": "tiny", "display_name": "tiny: 256 MB", "memory_mb": 256, "cpu_shares": 256, "cpu_limit_millicores": 500,
+    {"id": "tiny", "display_name": "tiny: 256 MB", "memory_mb": 256, "cpu_shares": 128, "cpu_limit_millicores": 500,
          "max_processes": 512, "max_open_files": 4096, "io_weight": 100, "io_iops": 2000,
          "io_bytes_per_sec": 64 * 1024 * 1024, "default_volume_gb": 1},
     {"id": "small", "display_name": "small: 512 MB", "memory_mb": 512, "cpu_shares": 512, "cpu_limit_millicores": 1000,
