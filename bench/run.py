@@ -18,6 +18,7 @@ BENCHMARKS = [
     ("provision_bench", "create→ACTIVE vs the raw floor"),
     ("agent_streams", "1,000 agent streams on one server"),
     ("backup_bench", "backup/restore MB/s vs raw mariadb-backup"),
+    ("compressor_bench", "compressors alone (no Python) vs raw mariadb-backup"),
     ("backup_store_bench", "backup store MiB/s: SeaweedFS (S3) vs the local folder"),
     ("api_bench", "unary API (GetFlavor, GetInstance) vs a bare grpc.aio server"),
     ("list_bench", "ListInstances paging over 10,000 instances on SQLite and MariaDB"),
