@@ -137,7 +137,10 @@ class Host(Base):
 
 class Instance(Base):
     __tablename__ = "instances"
-    __table_args__ = (UniqueConstraint("tenant_id", "request_id"), Index("ix_instances_tenant", "tenant_id"))
+    # ix_instances_live_order: ListInstances' order, so a page after a page token is a short index range
+    # (keyset paging, server/pagination.py) at any depth.
+    __table_args__ = (UniqueConstraint("tenant_id", "request_id"), Index("ix_instances_tenant", "tenant_id"),
+                      Index("ix_instances_live_order", "deleted_at", "created_at", "id"))
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     display_name: Mapped[str] = mapped_column(String(255))

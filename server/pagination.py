@@ -3,6 +3,9 @@
 The token is signed with the server's secret and bound to the method, the caller and the filter, so a
 token from another list, another caller or a changed filter is refused (INVALID_ARGUMENT on page_token)
 instead of silently returning someone else's page.
+
+A list may page by key instead of by offset (keyset paging): the token then carries the sort key of the last
+row served, and the next page is the rows after it, a short index range at any depth (ListInstances).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ MAX_PAGE_SIZE = 1000
 class Page:
     offset: int
     size: int
+    # Keyset paging: the sort key of the last row of the page before (None: the first page, or an offset list).
+    after: tuple[str, ...] | None = None
 
 
 class Paginator:
@@ -47,13 +52,19 @@ class Paginator:
         if not ok or data.get("m") != method or data.get("c") != caller or data.get("f") != filter:
             raise InvalidArgument("page_token is not a token from this list (same method, caller and "
                                   "filter); start again without it", field="page_token")
-        return Page(int(data["o"]), size)
+        after = data.get("k")
+        if after is not None and not (isinstance(after, list) and all(isinstance(v, str) for v in after)):
+            raise InvalidArgument("page_token is malformed; start again without it", field="page_token")
+        return Page(int(data["o"]), size, tuple(after) if after is not None else None)
 
-    def next_token(self, method: str, caller: str, page: Page, has_more: bool, filter: str = "") -> str:
+    def next_token(self, method: str, caller: str, page: Page, has_more: bool, filter: str = "",
+                   after: tuple[str, ...] | None = None) -> str:
         """Token for the page after this one, or "" after the last page. Query `page.size + 1` rows to know
-        whether there is more."""
+        whether there is more. `after`: the sort key of this page's last row, for a list paged by key."""
         if not has_more:
             return ""
-        body = json.dumps({"m": method, "c": caller, "f": filter, "o": page.offset + page.size},
-                          separators=(",", ":")).encode()
+        fields: dict[str, object] = {"m": method, "c": caller, "f": filter, "o": page.offset + page.size}
+        if after is not None:
+            fields["k"] = list(after)
+        body = json.dumps(fields, separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(body + b"." + self._sign(body).encode()).decode().rstrip("=")
