@@ -58,12 +58,13 @@ class EventsServicer(observe_pb2_grpc.EventsServicer):
         tenant = request.tenant if p.admin else (p.tenant_id or "")
         filt = json.dumps([resource, request.kind, since.isoformat() if since else "",
                            until.isoformat() if until else "", tenant, p.admin])
-        # Keyset paging: the token's offset is the id of the last event returned, so events recorded while
-        # a caller pages never shift what it sees.
+        # Keyset paging: the token carries the id of the last event returned, so events recorded while a
+        # caller pages never shift what it sees.
         page = self.pages.page(METHOD, p.caller_key, request.page_size, request.page_token, filt)
+        last_id = _last_id(page)
 
         def q() -> observe_pb2.ListEventsResponse:
-            query = select(models.Event).where(models.Event.id > page.offset)
+            query = select(models.Event).where(models.Event.id > last_id)
             if not p.admin or tenant:
                 query = query.where(models.Event.tenant_id == tenant)
             if resource:
@@ -79,10 +80,22 @@ class EventsServicer(observe_pb2_grpc.EventsServicer):
                 rows = s.scalars(query.order_by(models.Event.id).limit(page.size + 1)).all()
                 events = [event_pb(r) for r in rows[:page.size]]
             more = len(rows) > page.size
-            after = Page(events[-1].id - page.size if events else page.offset, page.size)
+            after = (str(events[-1].id),) if events else None
             return observe_pb2.ListEventsResponse(
-                events=events, next_page_token=self.pages.next_token(METHOD, p.caller_key, after, more, filt))
+                events=events, next_page_token=self.pages.next_token(METHOD, p.caller_key, page, more, filt, after))
         return await asyncio.to_thread(q)
+
+
+def _last_id(page: Page) -> int:
+    """The id after which this page starts: 0 for the first page. (A token made before the key had its own
+    field carried the id as its offset; read as such, it still pages on.)"""
+    if page.after is None:
+        return page.offset
+    try:
+        (key,) = page.after
+        return int(key)
+    except ValueError as e:
+        raise InvalidArgument("page_token is malformed; start again without it", field="page_token") from e
 
 
 def _like_escape(value: str) -> str:
